@@ -1,0 +1,231 @@
+"""The :class:`Adapter` object and reading / writing it in both file forms.
+
+Folder form: ``<dir>/adapter.json`` (the manifest) + ``<dir>/adapter.safetensors`` (the tensors).
+Single-file form: one ``.safetensors`` file whose ``__metadata__["adapterfmt"]`` holds the manifest JSON.
+Tensors are read lazily, one at a time, through ``safetensors.safe_open``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from . import manifest as mf
+from .atomic import atomic_dir, atomic_file, check_output
+from .errors import ChecksumError, FormatError, MissingFileError, UnsafePathError
+from .safetensors_io import ITEMSIZE, Header, data_sha256, dtype_name, encode_header, read_header, tensor_bytes
+
+MANIFEST_FILE = "adapter.json"
+TENSOR_FILE = "adapter.safetensors"
+
+
+class Adapter:
+    """An adapter: a manifest (JSON-shaped dict) plus named tensors.
+
+    Build one in memory with ``Adapter(manifest, tensors)``; read one with :func:`load`. Tensors of a
+    loaded adapter stay on disk until asked for.
+    """
+
+    def __init__(self, manifest: mf.Manifest, tensors: Mapping[str, torch.Tensor] | None = None, *,
+                 source: Path | None = None, headers: list[Header] | None = None) -> None:
+        self.manifest = manifest
+        self.source = source
+        self._memory: dict[str, torch.Tensor] = dict(tensors or {})
+        self._where: dict[str, Header] = {}
+        for header in headers or ():
+            for name in header.tensors:
+                if name in self._where or name in self._memory:
+                    raise FormatError(f"tensor {name!r} is stored twice", path=header.path)
+                self._where[name] = header
+
+    # ----- manifest views -------------------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]["name"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest["method"].setdefault("config", {})
+
+    @property
+    def modules(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["modules"]
+
+    @property
+    def base(self) -> dict[str, Any]:
+        return self.manifest.setdefault("base", {})
+
+    # ----- tensors --------------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        return sorted({*self._memory, *self._where})
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._memory:
+            return tuple(self._memory[name].shape)
+        return self._where[name].tensors[name].shape
+
+    def stored_dtype(self, name: str) -> str:
+        if name in self._memory:
+            return dtype_name(self._memory[name].dtype)
+        return self._where[name].tensors[name].dtype
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One stored tensor, read from disk on first use."""
+        if name not in self._memory:
+            header = self._where.get(name)
+            if header is None:
+                raise FormatError(f"adapter has no tensor {name!r}", path=self.source)
+            with safe_open(header.path, framework="pt") as f:
+                self._memory[name] = f.get_tensor(name)
+        return self._memory[name]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor, by name (reads all of them)."""
+        return {name: self.tensor(name) for name in self.tensor_names()}
+
+    def roles(self, module: str) -> list[str]:
+        """Roles stored for a module (decoded roles if the module's tensors are encoded)."""
+        prefix = module + "."
+        entry = self.modules[module]
+        enc = entry.get("encoding", {})
+        found = [n[len(prefix):] for n in self.tensor_names() if n.startswith(prefix)]
+        return sorted({r.split(".", 1)[0] if r.split(".", 1)[0] in enc else r for r in found})
+
+    def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
+        """Tensors of one module by role, decoded if stored with a compression codec."""
+        entry = self.modules[module]
+        enc = entry.get("encoding", {})
+        out: dict[str, torch.Tensor] = {}
+        for role in self.roles(module):
+            if role in enc:
+                from .codecs import decode
+
+                out[role] = decode(self, module, role, enc[role])
+            else:
+                out[role] = self.tensor(f"{module}.{role}")
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data (what the tensors occupy on disk, headers excluded)."""
+        return sum(math.prod(self.shape(n)) * ITEMSIZE[self.stored_dtype(n)] for n in self.tensor_names())
+
+    def __repr__(self) -> str:
+        return f"Adapter(method={self.method!r}, modules={len(self.modules)}, source={self.source})"
+
+
+# ----- reading ----------------------------------------------------------------------------------------
+def safe_member(root: Path, rel: str) -> Path:
+    """Resolve a manifest-relative file path, refusing anything that escapes ``root``."""
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or "\\" in rel or rel in ("", ".") or ":" in rel:
+        raise UnsafePathError(f"file path {rel!r} in the manifest escapes the adapter folder", path=root)
+    full = root / Path(*p.parts)
+    if not full.resolve().is_relative_to(root.resolve()):
+        raise UnsafePathError(f"file path {rel!r} in the manifest resolves outside the adapter folder", path=root)
+    return full
+
+
+def load(path: str | os.PathLike[str], *, verify: bool = True, understood: tuple[str, ...] | None = None) -> Adapter:
+    """Read an adapter in either file form (or ``hf://owner/name@rev``); checks format and, if ``verify``,
+    every checksum."""
+    if isinstance(path, str) and path.startswith("hf://"):
+        from .hub import resolve_adapter_path
+
+        path = resolve_adapter_path(path)
+    path = Path(path)
+    if understood is None:
+        from .registry import understood_extensions
+
+        understood = understood_extensions()
+    if path.is_dir():
+        mpath = path / MANIFEST_FILE
+        if not mpath.is_file():
+            raise MissingFileError(f"not an adapter folder: {MANIFEST_FILE} is missing", path=path)
+        manifest = mf.check_manifest(mf.loads(mpath.read_bytes(), path=mpath), path=mpath, understood=understood)
+        if mf.SINGLE_FILE_KEY in manifest["files"]:
+            raise FormatError(f"files key {mf.SINGLE_FILE_KEY!r} is only allowed in the single-file form", path=mpath)
+        headers = []
+        for rel, info in sorted(manifest["files"].items()):
+            fpath = safe_member(path, rel)
+            if not fpath.is_file():
+                raise MissingFileError(f"tensor file {rel!r} named in {MANIFEST_FILE} is missing", path=path)
+            header = read_header(fpath)
+            if verify:
+                _verify(fpath, header, info["sha256"])
+            headers.append(header)
+        return Adapter(manifest, source=path, headers=headers)
+    if not path.exists():
+        raise MissingFileError("no such adapter file or folder", path=path)
+    header = read_header(path)
+    text = header.metadata.get(mf.METADATA_KEY)
+    if text is None:
+        raise FormatError(f"not an adapterfmt file: __metadata__ has no {mf.METADATA_KEY!r} manifest "
+                          "(a foreign adapter? try `adapter convert`)", path=path)
+    manifest = mf.check_manifest(mf.loads(text, path=path), path=path, understood=understood)
+    if set(manifest["files"]) != {mf.SINGLE_FILE_KEY}:
+        raise FormatError(f"a single-file adapter's files must be exactly {{{mf.SINGLE_FILE_KEY!r}: ...}}", path=path)
+    if verify:
+        _verify(path, header, manifest["files"][mf.SINGLE_FILE_KEY]["sha256"])
+    return Adapter(manifest, source=path, headers=[header])
+
+
+def _verify(path: Path, header: Header, expected: str) -> None:
+    got = data_sha256(path, header)
+    if got != expected:
+        raise ChecksumError(f"checksum mismatch: tensor data has sha256 {got[:12]}..., manifest says "
+                            f"{expected[:12]}...; the file is corrupt or was modified", path=path)
+
+
+# ----- writing ----------------------------------------------------------------------------------------
+def save(adapter: Adapter, path: str | os.PathLike[str], *, single_file: bool | None = None,
+         overwrite: bool = False) -> Path:
+    """Write an adapter atomically. ``single_file`` defaults to True when ``path`` ends in ``.safetensors``.
+
+    The output is byte-for-byte determined by the manifest and tensors. An existing ``path`` is only
+    replaced with ``overwrite=True``.
+    """
+    path = Path(path)
+    if single_file is None:
+        single_file = path.suffix == ".safetensors"
+    check_output(path, overwrite)
+    tensors = adapter.tensors()
+    manifest = mf.copy_manifest(adapter.manifest)
+    sha = _sha_of(tensors)
+    if single_file:
+        manifest["files"] = {mf.SINGLE_FILE_KEY: {"sha256": sha}}
+        head, order = encode_header(tensors, {mf.METADATA_KEY: mf.dumps(manifest)})
+        if path.is_dir():
+            raise FormatError("cannot write a single-file adapter over a folder", path=path)
+        with atomic_file(path) as f:
+            f.write(head)
+            for name in order:
+                f.write(tensor_bytes(tensors[name]))
+    else:
+        manifest["files"] = {TENSOR_FILE: {"sha256": sha}}
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            with open(tmp / TENSOR_FILE, "wb") as f:
+                head, order = encode_header(tensors, None)
+                f.write(head)
+                for name in order:
+                    f.write(tensor_bytes(tensors[name]))
+            (tmp / MANIFEST_FILE).write_text(mf.dumps_pretty(manifest), encoding="utf-8")
+    adapter.manifest["files"] = manifest["files"]
+    return path
+
+
+def _sha_of(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(tensor_bytes(tensors[name]))
+    return h.hexdigest()
+
+
+def iter_modules(adapter: Adapter) -> Iterator[tuple[str, dict[str, Any]]]:
+    yield from sorted(adapter.modules.items())

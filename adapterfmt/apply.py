@@ -1,0 +1,240 @@
+"""Attaching adapters to a live torch model: unmerged (switchable, several at once, per-row ids in a
+batch) or merged into the weights, and back.
+
+Adapters act through forward hooks on the targeted modules, so module names, ``state_dict`` keys and
+the model's own code are left untouched. The math of each delta kind lives in :mod:`adapterfmt.deltas`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import Adapter
+from .errors import AdapterError, BaseMismatchError, UnsupportedError
+from .registry import get_kind
+
+STATE_ATTR = "_adapterfmt_state"
+
+
+@dataclass
+class Bound:
+    """One adapter's entry for one module, with its tensors on the module's device and dtype."""
+
+    kind: Any
+    entry: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    merged: bool = False
+    merge_state: Any = None
+
+
+class Slot:
+    """The adapters attached to one module, and the forward hook that applies the active ones."""
+
+    def __init__(self, owner: ModelState, path: str, module: nn.Module) -> None:
+        self.owner, self.path, self.module = owner, path, module
+        self.bound: dict[str, Bound] = {}
+        self.busy = False
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        if self.busy or not args:
+            return None
+        x = args[0]
+        ids = self.owner.row_ids
+        self.busy = True
+        try:
+            if ids is None:
+                y = output
+                for name in self.owner.active:
+                    b = self.bound.get(name)
+                    if b is not None and not b.merged:
+                        y = b.kind.forward(module, b.entry, b.tensors, x, y)
+                return y
+            return self._rows(module, x, output, ids)
+        finally:
+            self.busy = False
+
+    def _rows(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Per-row adapters: row i of the batch gets adapter ``names[ids[i]]`` (-1: base only)."""
+        names = self.owner.row_names
+        present = [(i, self.bound[n]) for i, n in enumerate(names) if n in self.bound]
+        if not present:
+            return y
+        batched = getattr(present[0][1].kind, "forward_rows", None)
+        if batched is not None and all(type(b.kind) is type(present[0][1].kind) for _, b in present):
+            return batched(module, present, x, y, ids)
+        out = y.clone()
+        for i, b in present:
+            rows = (ids == i).nonzero().flatten()
+            if rows.numel():
+                out[rows] = b.kind.forward(module, b.entry, b.tensors, x[rows], y[rows]).to(y.dtype)
+        return out
+
+
+@dataclass
+class ModelState:
+    """Everything attached to one model."""
+
+    slots: dict[str, Slot] = field(default_factory=dict)
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    row_ids: torch.Tensor | None = None
+    row_names: list[str] = field(default_factory=list)
+
+
+def _state(model: nn.Module, create: bool = False) -> ModelState:
+    st = model.__dict__.get(STATE_ATTR)
+    if st is None:
+        if not create:
+            raise AdapterError("no adapter is attached to this model")
+        st = ModelState()
+        model.__dict__[STATE_ATTR] = st
+    return st
+
+
+def attached(model: nn.Module) -> list[str]:
+    """Names of the adapters attached to ``model``, in attach order."""
+    st = model.__dict__.get(STATE_ATTR)
+    return list(st.adapters) if st else []
+
+
+def _bind(module: nn.Module, path: str, adapter: Adapter, entry: dict[str, Any]) -> Bound:
+    kind = get_kind(entry["kind"], path=adapter.source)
+    kind.check_module(path, entry, module)
+    ref = next((p for p in module.parameters(recurse=False)), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    tensors = {
+        role: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        for role, t in adapter.module_tensors(path).items()
+    }
+    return Bound(kind, entry, tensors)
+
+
+def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge: bool = False,
+           activate: bool = True) -> str:
+    """Attach ``adapter`` to ``model``; returns the name it is attached under (default: the method's name).
+
+    Raises :class:`BaseMismatchError` naming every targeted module the model lacks or whose shape differs.
+    """
+    name = name or adapter.method
+    st = _state(model, create=True)
+    if name in st.adapters:
+        raise AdapterError(f"an adapter named {name!r} is already attached; detach it or pick another name")
+    missing, bound = [], {}
+    for path, entry in sorted(adapter.modules.items()):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            missing.append(path)
+            continue
+        try:
+            bound[path] = (module, _bind(module, path, adapter, entry))
+        except AdapterError as e:
+            raise BaseMismatchError(e.message, path=adapter.source) from None
+    if missing:
+        raise BaseMismatchError(f"the model has no module {missing[0]!r}"
+                                + (f" (and {len(missing) - 1} more targeted modules)" if len(missing) > 1 else ""),
+                                path=adapter.source)
+    for path, (module, b) in bound.items():
+        slot = st.slots.get(path)
+        if slot is None:
+            slot = st.slots[path] = Slot(st, path, module)
+        slot.bound[name] = b
+    st.adapters[name] = adapter
+    if activate:
+        st.active.append(name)
+    if merge:
+        merge_into(model, name)
+    return name
+
+
+def _bounds(model: nn.Module, name: str) -> Iterator[tuple[Slot, Bound]]:
+    st = _state(model)
+    if name not in st.adapters:
+        raise AdapterError(f"no adapter named {name!r} is attached (attached: {', '.join(st.adapters) or 'none'})")
+    for slot in st.slots.values():
+        if name in slot.bound:
+            yield slot, slot.bound[name]
+
+
+def merge_into(model: nn.Module, name: str) -> None:
+    """Fold adapter ``name`` into the weights of the modules it targets."""
+    done: list[tuple[Slot, Bound]] = []
+    try:
+        for slot, b in _bounds(model, name):
+            if not b.merged:
+                b.merge_state = b.kind.merge(slot.module, b.entry, b.tensors)
+                b.merged = True
+                done.append((slot, b))
+    except UnsupportedError:
+        for slot, b in reversed(done):
+            b.kind.unmerge(slot.module, b.entry, b.tensors, b.merge_state)
+            b.merged = False
+        raise
+
+
+def unmerge(model: nn.Module, name: str) -> None:
+    """Take adapter ``name`` back out of the weights (it stays attached, unmerged)."""
+    for slot, b in reversed(list(_bounds(model, name))):
+        if b.merged:
+            b.kind.unmerge(slot.module, b.entry, b.tensors, b.merge_state)
+            b.merged, b.merge_state = False, None
+
+
+def detach(model: nn.Module, name: str | None = None) -> None:
+    """Remove adapter ``name`` (all adapters when None), unmerging it first; the model is left as it was."""
+    st = _state(model)
+    for n in ([name] if name else list(st.adapters)):
+        unmerge(model, n)
+        for path, slot in list(st.slots.items()):
+            slot.bound.pop(n, None)
+            if not slot.bound:
+                slot.handle.remove()
+                del st.slots[path]
+        del st.adapters[n]
+        if n in st.active:
+            st.active.remove(n)
+    if not st.adapters:
+        del model.__dict__[STATE_ATTR]
+
+
+def activate(model: nn.Module, names: str | Sequence[str] | None) -> None:
+    """Choose which attached (unmerged) adapters act; ``None`` or ``[]`` runs the bare base."""
+    st = _state(model)
+    names = [names] if isinstance(names, str) else list(names or [])
+    unknown = [n for n in names if n not in st.adapters]
+    if unknown:
+        raise AdapterError(f"no adapter named {unknown[0]!r} is attached")
+    st.active = names
+
+
+@contextlib.contextmanager
+def adapter_ids(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
+    """Within the block, batch row ``i`` uses adapter ``rows[i]`` (``None``: the bare base).
+
+    All named adapters must be attached unmerged; the rows of one forward pass are served together
+    (batched per adapter kind), not by a loop of masked forward passes.
+    """
+    st = _state(model)
+    names = [n for n in dict.fromkeys(r for r in rows if r is not None)]
+    for n in names:
+        if n not in st.adapters:
+            raise AdapterError(f"no adapter named {n!r} is attached")
+        if any(b.merged for _, b in _bounds(model, n)):
+            raise AdapterError(f"adapter {n!r} is merged; unmerge it before per-row use")
+    index = {n: i for i, n in enumerate(names)}
+    ids = torch.tensor([-1 if r is None else index[r] for r in rows], dtype=torch.int64)
+    prev = (st.row_ids, st.row_names)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    st.row_ids, st.row_names = ids.to(dev), names
+    try:
+        yield
+    finally:
+        st.row_ids, st.row_names = prev

@@ -1,0 +1,13 @@
+"""Delta kinds: the few forms every method's result takes, and their math (see the spec)."""
+
+from .base import DeltaKind
+from .dense import Dense
+from .lowrank import LowRank, function_shape, lowrank_entry
+from .prompt import Prompt
+from .sparse import Sparse
+from .vector import Vector
+
+BUILTIN_KINDS: tuple[DeltaKind, ...] = (LowRank(), Dense(), Sparse(), Vector(), Prompt())
+
+__all__ = ["DeltaKind", "LowRank", "Dense", "Sparse", "Vector", "Prompt", "BUILTIN_KINDS",
+           "function_shape", "lowrank_entry"]

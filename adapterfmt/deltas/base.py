@@ -1,0 +1,100 @@
+"""The contract every delta kind follows.
+
+A delta kind turns the tensors stored for one module (``roles``) into a change of that module: the
+weight delta ``dW`` (for additive kinds), an unmerged forward contribution, and merge / unmerge of the
+module's parameters. The spec (``spec/adapterfmt-1.md``) gives each kind's exact math; the classes in
+this package are its one implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import FormatError, UnsupportedError
+from ..modules import is_transposed
+
+Tensors = Mapping[str, torch.Tensor]
+Entry = Mapping[str, Any]
+
+
+class DeltaKind:
+    """Base class of delta kinds. Subclasses set ``name`` and override what their math needs."""
+
+    name: str = ""
+    required_roles: tuple[str, ...] = ()
+    optional_roles: tuple[str, ...] = ()
+    additive: bool = True
+    """True when the kind's effect is ``W + dW`` (so merge strategies can combine it in delta space)."""
+    layout_sensitive: bool = False
+    """True when the kind's tensors are in function layout, so ``params.transposed`` must match the module."""
+
+    # ----- schema -----------------------------------------------------------------------------------
+    def roles(self, entry: Entry) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(required, optional) tensor roles for a module entry."""
+        return self.required_roles, self.optional_roles
+
+    def check(self, module: str, entry: Entry, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Raise :class:`FormatError` when stored tensor shapes do not fit the entry."""
+
+    def check_data(self, module: str, entry: Entry, t: Tensors) -> None:
+        """Raise :class:`FormatError` when stored values break the kind's rules (read by full validation)."""
+
+    def param_count(self, entry: Entry, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        return sum(math.prod(s) for s in shapes.values())
+
+    def rank(self, entry: Entry, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+        return None
+
+    # ----- math -------------------------------------------------------------------------------------
+    def delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        """dW in the stored layout of the target parameter (fp32)."""
+        raise UnsupportedError(f"delta kind {self.name!r} has no additive weight delta")
+
+    def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Output of ``module`` with the delta applied unmerged, given its input ``x`` and base output ``y``."""
+        raise UnsupportedError(f"delta kind {self.name!r} cannot be applied unmerged")
+
+    def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
+        """Fold the delta into the module's parameters; returns what :meth:`unmerge` needs."""
+        param = getattr(module, entry.get("parameter", "weight"))
+        with torch.no_grad():
+            param.add_(self.delta(entry, t).to(param.dtype))
+        return None
+
+    def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
+        """Undo :meth:`merge`."""
+        param = getattr(module, entry.get("parameter", "weight"))
+        with torch.no_grad():
+            param.sub_(self.delta(entry, t).to(param.dtype))
+
+    def check_module(self, path: str, entry: Entry, module: nn.Module) -> None:
+        """Raise when ``module`` of the live model cannot take this entry (shape or layout mismatch)."""
+        pname = entry.get("parameter", "weight")
+        param = getattr(module, pname, None)
+        if not isinstance(param, torch.Tensor):
+            raise FormatError(f"module {path!r} has no parameter {pname!r}")
+        if list(param.shape) != list(entry["shape"]):
+            raise FormatError(f"module {path!r}: adapter expects {pname} of shape {list(entry['shape'])}, "
+                              f"the model has {list(param.shape)}")
+        if self.layout_sensitive and self.transposed(entry) != is_transposed(module):
+            raise FormatError(f"module {path!r} ({type(module).__name__}) stores its weight "
+                              f"{'[in, out]' if is_transposed(module) else '[out, in]'} but the entry says "
+                              f"params.transposed={self.transposed(entry)}")
+
+    def is_additive(self, entry: Entry, roles: Collection[str]) -> bool:
+        """Whether this entry, with tensors of these ``roles``, acts as ``W + dW`` (mergeable in delta space)."""
+        return self.additive
+
+    @staticmethod
+    def transposed(entry: Entry) -> bool:
+        """``params.transposed``: the target parameter is stored ``[in, out]`` (Conv1D, Embedding)."""
+        return bool(entry.get("params", {}).get("transposed", False))
+
+
+def fail(module: str, msg: str) -> FormatError:
+    return FormatError(f"module {module!r}: {msg}")

@@ -1,0 +1,156 @@
+"""``lowrank``: dW = scale * B @ A, with optional DoRA magnitude and LoRA bias."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modules import is_transposed, weight_function
+from .base import DeltaKind, Entry, Tensors, fail
+
+
+def function_shape(entry: Entry) -> tuple[int, ...]:
+    """Shape of the target weight in function layout (``[out, in, ...]``)."""
+    shape = tuple(entry["shape"])
+    return shape[::-1] if entry.get("params", {}).get("transposed") else shape
+
+
+def channel_view(v: torch.Tensor, y: torch.Tensor, module: nn.Module | None) -> torch.Tensor:
+    """Reshape a per-output-channel vector to broadcast against a module output ``y``."""
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and y.dim() > 2:
+        return v.reshape(1, -1, *([1] * (y.dim() - 2)))
+    return v.reshape(-1)
+
+
+class LowRank(DeltaKind):
+    name = "lowrank"
+    layout_sensitive = True
+    required_roles = ("lora_A", "lora_B")
+    optional_roles = ("magnitude", "bias")
+
+    def check(self, module: str, entry: Entry, shapes: dict[str, tuple[int, ...]]) -> None:
+        fshape = function_shape(entry)
+        if len(fshape) < 2:
+            raise fail(module, f"lowrank needs a weight of 2 or more dims, shape is {list(entry['shape'])}")
+        a, b = shapes["lora_A"], shapes["lora_B"]
+        out, n_in = fshape[0], math.prod(fshape[1:])
+        if len(a) < 2 or len(b) < 2:
+            raise fail(module, f"lora_A {list(a)} and lora_B {list(b)} must have 2 or more dims")
+        r = a[0]
+        if math.prod(a[1:]) != n_in:
+            raise fail(module, f"lora_A has shape {list(a)}, expected [r, {', '.join(map(str, fshape[1:]))}]")
+        if b[0] != out or math.prod(b[1:]) != r:
+            raise fail(module, f"lora_B has shape {list(b)}, expected [{out}, {r}] (rank from lora_A)")
+        for role in ("magnitude", "bias"):
+            if role in shapes and math.prod(shapes[role]) != out:
+                raise fail(module, f"{role} has shape {list(shapes[role])}, expected [{out}]")
+        if not isinstance(entry.get("params", {}).get("scale", 1.0), int | float):
+            raise fail(module, "lowrank params.scale must be a number")
+
+    def rank(self, entry: Entry, shapes: dict[str, tuple[int, ...]]) -> int:
+        return shapes["lora_A"][0]
+
+    def is_additive(self, entry: Entry, roles: Collection[str]) -> bool:
+        return "magnitude" not in roles
+
+    @staticmethod
+    def scale(entry: Entry) -> float:
+        return float(entry.get("params", {}).get("scale", 1.0))
+
+    def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        """scale * B @ A in function layout, fp32."""
+        a, b = t["lora_A"].float(), t["lora_B"].float()
+        r = a.shape[0]
+        fshape = function_shape(entry)
+        return (self.scale(entry) * (b.reshape(b.shape[0], r) @ a.reshape(r, -1))).reshape(fshape)
+
+    def delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        if "magnitude" in t:
+            return super().delta(entry, t)
+        fw = self.function_delta(entry, t)
+        return fw.t() if entry.get("params", {}).get("transposed") else fw
+
+    def _lora_out(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor) -> torch.Tensor:
+        a, b = t["lora_A"], t["lora_B"]
+        s = self.scale(entry)
+        if isinstance(module, nn.Conv2d):
+            b4 = b.reshape(b.shape[0], a.shape[0], 1, 1)
+            mid = F.conv2d(x, a, None, module.stride, module.padding, module.dilation, module.groups)
+            return s * F.conv2d(mid, b4)
+        if isinstance(module, nn.Embedding):
+            mid = F.embedding(x, a.t(), module.padding_idx, module.max_norm, module.norm_type,
+                              module.scale_grad_by_freq, module.sparse)
+            return s * (mid @ b.t())
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            return s * ((x @ a.t().to(x.dtype)) @ b.t().to(x.dtype))
+        return weight_function(module, x, self.function_delta(entry, t).to(x.dtype))
+
+    def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self._lora_out(module, entry, t, x).to(y.dtype)
+        if "bias" in t:
+            out = out + channel_view(self.scale(entry) * t["bias"].to(y.dtype), y, module)
+        if "magnitude" not in t:
+            return y + out
+        w = self._function_weight(module, entry)
+        norm = self._dora_norm(w, entry, t).detach()
+        mns = channel_view((t["magnitude"].reshape(-1).float() / norm).to(y.dtype), y, module)
+        base_nobias = weight_function(module, x, w.to(x.dtype))
+        return y + (mns - 1) * base_nobias + mns * out
+
+    def _function_weight(self, module: nn.Module, entry: Entry) -> torch.Tensor:
+        w = getattr(module, entry.get("parameter", "weight"))
+        return w.t() if self.transposed(entry) else w
+
+    def _dora_norm(self, w_f: torch.Tensor, entry: Entry, t: Tensors) -> torch.Tensor:
+        full = w_f.float() + self.function_delta(entry, t)
+        return full.reshape(full.shape[0], -1).norm(p=2, dim=1)
+
+    def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
+        param = getattr(module, entry.get("parameter", "weight"))
+        tr = self.transposed(entry)
+        with torch.no_grad():
+            if "bias" in t:
+                module.bias.add_((self.scale(entry) * t["bias"].float()).to(module.bias.dtype))
+            if "magnitude" not in t:
+                fw = self.function_delta(entry, t)
+                param.add_((fw.t() if tr else fw).to(param.dtype))
+                return None
+            w_f = self._function_weight(module, entry)
+            norm = self._dora_norm(w_f, entry, t)
+            full = w_f.float() + self.function_delta(entry, t)
+            scale = (t["magnitude"].reshape(-1).float() / norm).reshape(-1, *([1] * (full.dim() - 1)))
+            merged = scale * full
+            param.copy_((merged.t() if tr else merged).to(param.dtype))
+            return norm
+
+    def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
+        param = getattr(module, entry.get("parameter", "weight"))
+        tr = self.transposed(entry)
+        with torch.no_grad():
+            if "bias" in t:
+                module.bias.sub_((self.scale(entry) * t["bias"].float()).to(module.bias.dtype))
+            fw = self.function_delta(entry, t)
+            if "magnitude" not in t:
+                param.sub_((fw.t() if tr else fw).to(param.dtype))
+                return
+            w_f = self._function_weight(module, entry).float()
+            scale = (t["magnitude"].reshape(-1).float() / state).reshape(-1, *([1] * (w_f.dim() - 1)))
+            orig = w_f / scale - fw
+            param.copy_((orig.t() if tr else orig).to(param.dtype))
+
+
+def lowrank_entry(shape: list[int] | tuple[int, ...], scale: float, *, transposed: bool = False,
+                  **params: Any) -> dict[str, Any]:
+    """A module entry of kind ``lowrank``."""
+    p: dict[str, Any] = {"scale": float(scale), **params}
+    if transposed:
+        p["transposed"] = True
+    return {"kind": "lowrank", "shape": list(shape), "params": p}
+
+
+__all__ = ["LowRank", "lowrank_entry", "function_shape", "channel_view", "is_transposed"]

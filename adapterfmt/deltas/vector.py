@@ -1,0 +1,83 @@
+"""``vector``: a per-channel vector that scales (IA3) or offsets (LoFiT-style) a module's input or output."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedError
+from ..modules import weight_function
+from .base import DeltaKind, Entry, Tensors, fail
+from .lowrank import channel_view, function_shape
+
+OPS = ("scale", "offset")
+SIDES = ("output", "input")
+
+
+def _op_side(entry: Entry) -> tuple[str, str]:
+    p = entry.get("params", {})
+    return p.get("op", "scale"), p.get("side", "output")
+
+
+class Vector(DeltaKind):
+    name = "vector"
+    required_roles = ("vector",)
+    layout_sensitive = True
+
+    def is_additive(self, entry: Entry, roles: Collection[str]) -> bool:
+        return False
+
+    def check(self, module: str, entry: Entry, shapes: dict[str, tuple[int, ...]]) -> None:
+        op, side = _op_side(entry)
+        if op not in OPS or side not in SIDES:
+            raise fail(module, f"vector params op={op!r} side={side!r}; op must be one of {OPS}, side one of {SIDES}")
+        fshape = function_shape(entry)
+        n = fshape[0] if side == "output" else (fshape[1] if len(fshape) > 1 else None)
+        got = shapes["vector"]
+        if n is None or len(got) != 1 or got[0] != n:
+            raise fail(module, f"vector has shape {list(got)}, expected [{n}] ({side} side of {list(fshape)})")
+
+    def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        op, side = _op_side(entry)
+        v = t["vector"].to(y.dtype)
+        if side == "output":
+            v = channel_view(v, y, module)
+            return y * v if op == "scale" else y + v
+        w = self._weight(module, entry)
+        if op == "scale":
+            return y + weight_function(module, x * (channel_view(v, x, module) - 1), w.to(x.dtype))
+        ones = torch.ones_like(x[..., :1]) if x.dim() > 1 else x.new_ones(1)
+        return y + weight_function(module, ones * v, w.to(x.dtype))
+
+    def _weight(self, module: nn.Module, entry: Entry) -> torch.Tensor:
+        w = getattr(module, entry.get("parameter", "weight"))
+        return w.t() if self.transposed(entry) else w
+
+    def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
+        op, side = _op_side(entry)
+        w = self._weight(module, entry)
+        bias = getattr(module, "bias", None)
+        saved = {"weight": w.detach().clone(), "bias": None if bias is None else bias.detach().clone()}
+        v = t["vector"].float()
+        with torch.no_grad():
+            if op == "scale" and side == "output":
+                w.copy_((w.float() * v.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+                if bias is not None:
+                    bias.copy_((bias.float() * v).to(bias.dtype))
+            elif op == "scale":
+                w.copy_((w.float() * v.reshape(1, -1, *([1] * (w.dim() - 2)))).to(w.dtype))
+            else:
+                if bias is None:
+                    raise UnsupportedError(f"cannot merge an offset into {type(module).__name__} without a bias")
+                add = v if side == "output" else w.float().reshape(w.shape[0], -1) @ v
+                bias.add_(add.to(bias.dtype))
+        return saved
+
+    def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
+        with torch.no_grad():
+            self._weight(module, entry).copy_(state["weight"])
+            if state["bias"] is not None:
+                module.bias.copy_(state["bias"])

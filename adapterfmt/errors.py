@@ -1,0 +1,55 @@
+"""The one error hierarchy of adapterfmt.
+
+Every error the library raises on purpose is an :class:`AdapterError`. Each subclass also inherits
+the built-in exception that fits, so ``except ValueError`` keeps working for callers that do not
+know about adapterfmt. Messages name the file (when there is one) and what is wrong.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+
+class AdapterError(Exception):
+    """Base class of every error raised by adapterfmt."""
+
+    def __init__(self, message: str, *, path: str | PathLike[str] | None = None) -> None:
+        self.path = None if path is None else str(path)
+        self.message = message
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class FormatError(AdapterError, ValueError):
+    """A file or manifest does not follow the adapterfmt spec (corrupt, truncated, wrong shapes)."""
+
+
+class SpecVersionError(FormatError):
+    """The manifest declares a spec major version this reader does not implement."""
+
+
+class ChecksumError(FormatError):
+    """Tensor bytes do not match the sha256 recorded in the manifest."""
+
+
+class UnsafePathError(FormatError):
+    """A path inside an adapter escapes its folder (``../x``, absolute paths, links)."""
+
+
+class MissingFileError(AdapterError, FileNotFoundError):
+    """A file or folder that should exist does not."""
+
+
+class BaseMismatchError(AdapterError, ValueError):
+    """The adapter was made for a different base model than the one given."""
+
+
+class PluginError(AdapterError, RuntimeError):
+    """A plugin is missing, broken, or does not support what was asked of it."""
+
+
+class UnsupportedError(AdapterError, NotImplementedError):
+    """The operation is well-formed but cannot be done for this input (e.g. a field with no equivalent)."""
+
+
+class OutputExistsError(AdapterError, FileExistsError):
+    """The output path exists and overwriting was not asked for."""

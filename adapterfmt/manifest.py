@@ -1,0 +1,114 @@
+"""The manifest: building it, checking it against the JSON Schema and the spec version rules."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+from .errors import FormatError, SpecVersionError
+
+SPEC_MAJOR = 1
+SPEC_MINOR = 0
+SPEC_VERSION = f"{SPEC_MAJOR}.{SPEC_MINOR}"
+SINGLE_FILE_KEY = "."
+"""The key of the one ``files`` entry of a single-file adapter: the file itself."""
+METADATA_KEY = "adapterfmt"
+"""The ``__metadata__`` key holding the manifest JSON in the single-file form."""
+RESERVED_ROLES = frozenset({"__metadata__"})
+
+Manifest = dict[str, Any]
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The JSON Schema (2020-12) of the manifest, as shipped in ``spec/``."""
+    text = resources.files("adapterfmt.spec").joinpath("manifest.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def new_manifest(
+    method: str,
+    modules: Mapping[str, Mapping[str, Any]],
+    *,
+    method_version: str = "1",
+    config: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+    provenance: Iterable[Mapping[str, Any]] = (),
+    extensions: Mapping[str, Any] | None = None,
+    must_understand: Iterable[str] = (),
+) -> Manifest:
+    """A manifest for a new adapter; ``files`` is filled in when the adapter is saved."""
+    m: Manifest = {
+        "spec_version": SPEC_VERSION,
+        "method": {"name": method, "version": method_version, "config": dict(config or {})},
+        "base": dict(base or {"name": None, "revision": None, "fingerprint": None}),
+        "modules": {k: dict(v) for k, v in modules.items()},
+        "files": {},
+        "provenance": [dict(p) for p in provenance],
+    }
+    if extensions:
+        m["extensions"] = dict(extensions)
+    if must_understand:
+        m["must_understand"] = list(must_understand)
+    return m
+
+
+def parse_version(text: object, *, path: object = None) -> tuple[int, int]:
+    """Split ``"MAJOR.MINOR"``; refuse a major this reader does not implement."""
+    if not isinstance(text, str) or text.count(".") != 1 or not all(p.isdigit() for p in text.split(".")):
+        raise FormatError(f"spec_version must be a 'MAJOR.MINOR' string, got {text!r}", path=path)
+    major, minor = (int(p) for p in text.split("."))
+    if major != SPEC_MAJOR:
+        raise SpecVersionError(
+            f"spec_version {text} is not supported: this reader implements major version {SPEC_MAJOR} "
+            "(upgrade adapterfmt to read it)", path=path)
+    return major, minor
+
+
+def check_manifest(m: object, *, path: object = None, understood: Iterable[str] = ()) -> Manifest:
+    """Check version, schema and must-understand rules; returns the manifest."""
+    if not isinstance(m, dict):
+        raise FormatError("manifest is not a JSON object", path=path)
+    parse_version(m.get("spec_version"), path=path)
+    errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(m), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise FormatError(f"manifest field {where}: {e.message}", path=path)
+    unknown = sorted(set(m.get("must_understand", ())) - set(understood))
+    if unknown:
+        raise FormatError(f"manifest requires extensions this reader does not understand: {', '.join(unknown)}",
+                          path=path)
+    return m
+
+
+def dumps(m: Manifest) -> str:
+    """Canonical JSON text of a manifest: sorted keys, no insignificant whitespace."""
+    return json.dumps(m, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def dumps_pretty(m: Manifest) -> str:
+    """Human-readable canonical JSON (the folder form's ``adapter.json``)."""
+    return json.dumps(m, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def loads(text: str | bytes, *, path: object = None) -> Manifest:
+    """Parse manifest JSON text, naming the file when it is not JSON."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError:
+        raise FormatError("manifest is not valid UTF-8", path=path) from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"manifest is not valid JSON ({e.msg} at line {e.lineno})", path=path) from None
+
+
+def copy_manifest(m: Manifest) -> Manifest:
+    return copy.deepcopy(m)

@@ -1,0 +1,69 @@
+"""The :class:`Method` base class: the five verbs every method supplies or inherits.
+
+A method plugin subclasses :class:`Method`, sets ``name`` / ``kinds`` / ``config_schema`` and overrides
+only the verbs whose math differs from the generic delta-kind behaviour it inherits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import jsonschema
+from torch import nn
+
+from .errors import FormatError, UnsupportedError
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+
+
+class Method:
+    """An adaptation method (LoRA, IA3, task vectors ...) and its five verbs."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    summary: ClassVar[str] = ""
+    kinds: ClassVar[tuple[str, ...]] = ()
+    """Delta kinds this method's adapters are stored as."""
+    config_schema: ClassVar[dict[str, Any] | None] = None
+    """JSON Schema of ``manifest.method.config`` for this method (checked by :meth:`check_config`)."""
+
+    def check_config(self, config: dict[str, Any], *, path: object = None) -> None:
+        """Raise :class:`FormatError` when ``config`` does not follow :attr:`config_schema`."""
+        if self.config_schema is None:
+            return
+        err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(self.config_schema).iter_errors(config))
+        if err is not None:
+            where = "/".join(map(str, err.absolute_path)) or "(top level)"
+            raise FormatError(f"{self.name} config field {where}: {err.message}", path=path)
+
+    # ----- the five verbs -----------------------------------------------------------------------------
+    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> Any:
+        """Make ``model`` trainable for this method; returns a session whose ``extract()`` gives the adapter."""
+        raise UnsupportedError(f"method {self.name!r} is not trained by injection; see `adapter extract`")
+
+    def apply(self, model: nn.Module, adapter: Adapter, *, name: str | None = None, merge: bool = False) -> str:
+        """Attach ``adapter`` to a live model (unmerged, or merged into the weights); returns its name."""
+        from .apply import attach
+
+        return attach(model, adapter, name=name, merge=merge)
+
+    def merge(self, adapters: Sequence[Adapter], *, weights: Sequence[float] | None = None,
+              strategy: str = "linear", **options: Any) -> Adapter:
+        """Combine adapters into one, defined on each module's dW."""
+        from .merge import merge_adapters
+
+        return merge_adapters(adapters, weights=weights, strategy=strategy, **options)
+
+    def compress(self, adapter: Adapter, *, steps: Sequence[dict[str, Any]], **options: Any) -> Adapter:
+        """Make ``adapter`` smaller (each step a dict like ``{"method": "resize", "rank": 8}``)."""
+        from .compress import compress_adapter
+
+        return compress_adapter(adapter, steps=steps, **options)
+
+    def port(self, adapter: Adapter, *, new_base: Any, **options: Any) -> Adapter:
+        """Re-target ``adapter`` to another base model (a checkpoint path or live module)."""
+        from .port import port_adapter
+
+        return port_adapter(adapter, new_base=new_base, **options)

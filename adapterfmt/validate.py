@@ -1,0 +1,65 @@
+"""Full validation of an adapter: format, manifest, checksums, tensors present / none extra, shapes, data."""
+
+from __future__ import annotations
+
+import os
+
+from .adapter import Adapter, load
+from .errors import FormatError
+from .registry import get_kind
+
+
+def expected_tensors(adapter: Adapter) -> dict[str, tuple[str, str]]:
+    """Stored tensor names the manifest allows, mapped to (module, role); required ones are checked separately."""
+    allowed: dict[str, tuple[str, str]] = {}
+    for module, entry in adapter.modules.items():
+        kind = get_kind(entry["kind"], path=adapter.source)
+        required, optional = kind.roles(entry)
+        enc = entry.get("encoding", {})
+        for role in (*required, *optional):
+            if role in enc:
+                from .codecs import stored_parts
+
+                for part in stored_parts(role, enc[role]):
+                    allowed[f"{module}.{role}.{part}"] = (module, role)
+            else:
+                allowed[f"{module}.{role}"] = (module, role)
+    return allowed
+
+
+def check_structure(adapter: Adapter, *, deep: bool = True) -> None:
+    """Raise :class:`FormatError` unless every module's tensors are present, none extra, shapes fit the kind."""
+    where = adapter.source
+    allowed = expected_tensors(adapter)
+    names = adapter.tensor_names()
+    extra = [n for n in names if n not in allowed]
+    if extra:
+        raise FormatError(f"tensor {extra[0]!r} is not described by the manifest"
+                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""), path=where)
+    for module, entry in sorted(adapter.modules.items()):
+        kind = get_kind(entry["kind"], path=where)
+        required, _ = kind.roles(entry)
+        present = set(adapter.roles(module))
+        missing = [r for r in required if r not in present]
+        if missing:
+            raise FormatError(f"module {module!r} ({entry['kind']}): tensor {module}.{missing[0]} is missing",
+                              path=where)
+        enc = entry.get("encoding", {})
+        if enc:
+            tensors = adapter.module_tensors(module)
+            shapes = {r: tuple(t.shape) for r, t in tensors.items()}
+        else:
+            shapes = {r: adapter.shape(f"{module}.{r}") for r in present}
+        try:
+            kind.check(module, entry, shapes)
+            if deep:
+                kind.check_data(module, entry, adapter.module_tensors(module))
+        except FormatError as e:
+            raise FormatError(e.message, path=where) from None
+
+
+def validate(target: str | os.PathLike[str] | Adapter, *, deep: bool = True) -> Adapter:
+    """Check an adapter completely; returns it, or raises the specific :class:`~adapterfmt.AdapterError`."""
+    adapter = target if isinstance(target, Adapter) else load(target, verify=True)
+    check_structure(adapter, deep=deep)
+    return adapter

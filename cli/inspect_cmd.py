@@ -1,0 +1,80 @@
+"""``adapter inspect`` and ``adapter validate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+import adapterfmt as af
+from adapterfmt.summary import summarize
+
+from .common import JsonOpt, cli_errors, console, err_console, human_bytes, print_json
+
+
+@cli_errors
+def inspect(
+    path: str = typer.Argument(..., help="Adapter folder, .safetensors file, or hf://owner/name@revision."),
+    as_json: bool = JsonOpt,
+    modules: bool = typer.Option(False, "--modules", help="List every module, not just the totals."),
+) -> None:
+    """Show what an adapter is: method, spec version, base and fingerprint, modules, ranks, size, checksums."""
+    info = summarize(af.validate(path))
+    if as_json:
+        print_json(info)
+        return
+    base = info["base"]
+    fp = (base.get("fingerprint") or {})
+    t = Table(show_header=False, box=None)
+    t.add_row("path", f"{info['path']} ({info['form']})")
+    t.add_row("method", f"{info['method']['name']} v{info['method']['version']}")
+    t.add_row("spec version", info["spec_version"])
+    t.add_row("base", f"{base.get('name') or '?'}" + (f" @ {base['revision']}" if base.get("revision") else ""))
+    t.add_row("fingerprint", f"{fp.get('structure', '-')[:16]}" + (f" (values {fp['values'][:16]})" if fp.get("values") else ""))
+    t.add_row("modules", f"{len(info['modules'])} ({', '.join(f'{k}: {v}' for k, v in info['kinds'].items())})")
+    if info["ranks"]:
+        t.add_row("ranks", ", ".join(f"r={k} x{v}" for k, v in info["ranks"].items()))
+    t.add_row("parameters", f"{info['parameters']:,}")
+    t.add_row("size", f"{human_bytes(info['file_bytes'] or 0)} on disk, {human_bytes(info['tensor_bytes'])} of tensors")
+    if info["compression"]:
+        t.add_row("compression", ", ".join(f"{k}={v}" for k, v in info["compression"].items() if not isinstance(v, dict | list)))
+    t.add_row("checksums", f"[green]{info['checksums']}[/]")
+    console.print(t)
+    if modules:
+        mt = Table("module", "kind", "shape", "rank", "params")
+        for m in info["modules"]:
+            mt.add_row(m["module"], m["kind"], "x".join(map(str, m["shape"])), str(m["rank"] or "-"), f"{m['params']:,}")
+        console.print(mt)
+
+
+def validate(
+    paths: list[Path] = typer.Argument(..., help="Adapters to check (folders or .safetensors files)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check adapters completely: format, schema, checksums, tensors present and none extra, shapes.
+
+    Exit code 0 when all are valid, 1 when any is invalid, 2 on usage errors.
+    """
+    results = []
+    for p in paths:
+        try:
+            af.validate(p)
+            results.append({"path": str(p), "valid": True, "error": None, "error_type": None})
+        except af.AdapterError as e:
+            results.append({"path": str(p), "valid": False, "error": str(e), "error_type": type(e).__name__})
+    if as_json:
+        print_json(results)
+    else:
+        for r in results:
+            if r["valid"]:
+                console.print(f"[green]valid[/]   {r['path']}", highlight=False)
+            else:
+                err_console.print(f"[bold red]invalid[/] {r['error_type']}: {r['error']}", highlight=False, soft_wrap=True)
+    if not all(r["valid"] for r in results):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)
+    app.command("validate")(validate)

@@ -186,6 +186,16 @@ def verb(method: str, name: str) -> Callable[..., Any]:
     return override if override is not None else getattr(get_method(method), name)
 
 
+def add_plugin_commands(app: Any) -> None:
+    """Let each plugin add CLI commands; a plugin that fails is reported and skipped."""
+    state = _state()
+    for impl in state.pm.hook.adapterfmt_cli.get_hookimpls():
+        try:
+            impl.function(app=app)
+        except Exception as e:
+            _report(state, impl.plugin_name, f"failed in adapterfmt_cli: {type(e).__name__}: {e}")
+
+
 def plugin_info() -> list[dict[str, Any]]:
     """Loaded and broken plugins: name, distribution, version, hooks implemented (for ``adapter plugins``)."""
     state = _state()

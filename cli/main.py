@@ -26,7 +26,7 @@ COMMAND_MODULES = (
 for _name in COMMAND_MODULES:
     importlib.import_module(f"adapterfmt.cli.{_name}").register(app)
 
-registry.plugin_manager().hook.adapterfmt_cli(app=app)
+registry.add_plugin_commands(app)
 
 
 def main() -> None:

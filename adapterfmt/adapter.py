@@ -44,6 +44,7 @@ class Adapter:
                 if name in self._where or name in self._memory:
                     raise FormatError(f"tensor {name!r} is stored twice", path=header.path)
                 self._where[name] = header
+        self._all_names = frozenset(self._memory) | frozenset(self._where)
 
     # ----- manifest views -------------------------------------------------------------------------
     @property
@@ -64,7 +65,7 @@ class Adapter:
 
     # ----- tensors --------------------------------------------------------------------------------
     def tensor_names(self) -> list[str]:
-        return sorted({*self._memory, *self._where})
+        return sorted(self._all_names)
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self._memory:
@@ -91,12 +92,15 @@ class Adapter:
         return {name: self.tensor(name) for name in self.tensor_names()}
 
     def roles(self, module: str) -> list[str]:
-        """Roles stored for a module (decoded roles if the module's tensors are encoded)."""
-        prefix = module + "."
+        """Roles of the module's kind that are stored for it (an encoded role counts once, by its role name)."""
+        from .registry import get_kind
+
         entry = self.modules[module]
+        required, optional = get_kind(entry["kind"], path=self.source).roles(entry)
         enc = entry.get("encoding", {})
-        found = [n[len(prefix):] for n in self.tensor_names() if n.startswith(prefix)]
-        return sorted({r.split(".", 1)[0] if r.split(".", 1)[0] in enc else r for r in found})
+        names = self._all_names
+        return [r for r in (*required, *optional)
+                if f"{module}.{r}" in names or (r in enc and any(n.startswith(f"{module}.{r}.") for n in names))]
 
     def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
         """Tensors of one module by role, decoded if stored with a compression codec."""

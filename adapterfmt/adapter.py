@@ -2,7 +2,7 @@
 
 Folder form: ``<dir>/adapter.json`` (the manifest) + ``<dir>/adapter.safetensors`` (the tensors).
 Single-file form: one ``.safetensors`` file whose ``__metadata__["adapterfmt"]`` holds the manifest JSON.
-Tensors are read lazily, one at a time, through ``safetensors.safe_open``.
+Tensors are read lazily, one at a time, from the header this package parsed and checked itself.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from . import manifest as mf
 from .atomic import atomic_dir, atomic_file, check_output
 from .errors import ChecksumError, FormatError, MissingFileError, UnsafePathError
-from .safetensors_io import ITEMSIZE, Header, data_sha256, dtype_name, encode_header, read_header, tensor_bytes
+from .safetensors_io import (ITEMSIZE, Header, data_sha256, dtype_name, encode_header, read_header, read_tensor,
+                             tensor_bytes)
 
 MANIFEST_FILE = "adapter.json"
 TENSOR_FILE = "adapter.safetensors"
@@ -83,8 +83,7 @@ class Adapter:
             header = self._where.get(name)
             if header is None:
                 raise FormatError(f"adapter has no tensor {name!r}", path=self.source)
-            with safe_open(header.path, framework="pt") as f:
-                self._memory[name] = f.get_tensor(name)
+            self._memory[name] = read_tensor(header, name)
         return self._memory[name]
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -108,6 +108,8 @@ def loads(text: str | bytes, *, path: object = None) -> Manifest:
         raise FormatError("manifest is not valid UTF-8", path=path) from None
     except json.JSONDecodeError as e:
         raise FormatError(f"manifest is not valid JSON ({e.msg} at line {e.lineno})", path=path) from None
+    except RecursionError:
+        raise FormatError("manifest is not valid JSON (nested too deeply)", path=path) from None
 
 
 def copy_manifest(m: Manifest) -> Manifest:

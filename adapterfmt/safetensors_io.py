@@ -91,6 +91,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raise FormatError("safetensors header is not valid UTF-8", path=path) from None
     except json.JSONDecodeError as e:
         raise FormatError(f"safetensors header is not valid JSON ({e.msg} at byte {e.pos})", path=path) from None
+    except RecursionError:
+        raise FormatError("safetensors header is not valid JSON (nested too deeply)", path=path) from None
     if not isinstance(header, dict):
         raise FormatError("safetensors header is not a JSON object", path=path)
     metadata = header.pop("__metadata__", None) or {}
@@ -101,11 +103,21 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         tensors[name] = _check_entry(path, name, entry, data_start, data_len)
-    spans = sorted((t.start, t.end, t.name) for t in tensors.values())
-    for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise FormatError(f"tensors {n0!r} and {n1!r} overlap", path=path)
+    _check_tiling(path, tensors, data_start, size)
     return Header(path, metadata, tensors, data_start, size)
+
+
+def _check_tiling(path: Path, tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """Tensor data must cover the data region exactly: no overlap, no hole, nothing after the last tensor."""
+    pos = data_start
+    for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if t.start < pos:
+            raise FormatError(f"tensor {t.name!r} overlaps the tensor before it", path=path)
+        if t.start > pos:
+            raise FormatError(f"{t.start - pos} bytes before tensor {t.name!r} belong to no tensor", path=path)
+        pos = t.end
+    if pos != size:
+        raise FormatError(f"{size - pos} bytes after the last tensor belong to no tensor", path=path)
 
 
 def _check_entry(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:

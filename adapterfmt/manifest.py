@@ -21,6 +21,9 @@ SINGLE_FILE_KEY = "."
 METADATA_KEY = "adapterfmt"
 """The ``__metadata__`` key holding the manifest JSON in the single-file form."""
 RESERVED_ROLES = frozenset({"__metadata__"})
+CORE_FIELDS = frozenset({"spec_version", "method", "base", "modules", "files", "compression", "provenance",
+                         "extensions", "must_understand"})
+"""Top-level fields of spec 1.0: every 1.x reader understands them, so ``must_understand`` may name them."""
 
 Manifest = dict[str, Any]
 
@@ -81,7 +84,7 @@ def check_manifest(m: object, *, path: object = None, understood: Iterable[str] 
         e = errors[0]
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
         raise FormatError(f"manifest field {where}: {e.message}", path=path)
-    unknown = sorted(set(m.get("must_understand", ())) - set(understood))
+    unknown = sorted(set(m.get("must_understand", ())) - set(understood) - CORE_FIELDS)
     if unknown:
         raise FormatError(f"manifest requires extensions this reader does not understand: {', '.join(unknown)}",
                           path=path)

@@ -1,0 +1,171 @@
+"""The golden example adapters of ``spec/examples/``: tiny, deterministic, one per delta kind, both file forms.
+
+Values are small multiples of 1/16, exact in every float dtype, computed by formula rather than by a random
+generator, so the files depend on nothing but this module and the writer. ``python -m adapterfmt.golden
+spec/examples`` regenerates them; the tests regenerate them into a temp folder and compare bytes.
+
+:func:`golden_base` is the base model the examples target; its fingerprint is the test vector of the spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import Adapter, save
+from .fingerprint import fingerprint_module
+from .manifest import new_manifest
+
+BASE_NAME = "adapterfmt-golden-base"
+
+
+def ramp(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``((i * 5 + seed * 3) mod 17 - 8) / 16`` over the flat index ``i``: values in [-0.5, 0.5], exact in fp16/bf16."""
+    n = math.prod(shape)
+    i = torch.arange(n, dtype=torch.int64)
+    return (((i * 5 + seed * 3) % 17 - 8).to(torch.float32) / 16).reshape(shape).to(dtype)
+
+
+class GoldenBase(nn.Module):
+    """A tiny module tree with Llama-style names: an embedding, linear layers (with and without bias), a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(16, 8)
+        layer = nn.Module()
+        layer.self_attn = nn.Module()
+        layer.self_attn.q_proj = nn.Linear(8, 8, bias=False)
+        layer.self_attn.v_proj = nn.Linear(8, 4, bias=True)
+        layer.mlp = nn.Module()
+        layer.mlp.up_proj = nn.Linear(8, 12, bias=False)
+        layer.mlp.down_proj = nn.Linear(12, 8, bias=True)
+        self.model.layers = nn.ModuleList([layer])
+        self.vision = nn.Module()
+        self.vision.conv = nn.Conv2d(3, 4, 3, bias=True)
+
+
+def golden_base() -> GoldenBase:
+    """The base model of the golden examples, with formula weights (``ramp`` seeded by parameter order)."""
+    model = GoldenBase()
+    with torch.no_grad():
+        for seed, (_, p) in enumerate(sorted(model.named_parameters())):
+            p.copy_(ramp(*p.shape, seed=seed + 1))
+    return model.eval()
+
+
+Q, V, UP, DOWN = (f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj",
+                                                    "mlp.down_proj"))
+EMBED, CONV = "model.embed_tokens", "vision.conv"
+Built = tuple[str, dict[str, Any], dict[str, dict[str, Any]], dict[str, torch.Tensor]]
+
+
+def _lowrank() -> Built:
+    """LoRA in each layout: plain (fp32), bf16, with a LoRA bias, DoRA magnitude, embedding, conv."""
+    modules = {
+        Q: {"kind": "lowrank", "shape": [8, 8], "params": {"scale": 2.0}},
+        UP: {"kind": "lowrank", "shape": [12, 8], "params": {"scale": 0.5}},
+        V: {"kind": "lowrank", "shape": [4, 8], "params": {"scale": 1.0}},
+        DOWN: {"kind": "lowrank", "shape": [8, 12], "params": {"scale": 2.0}},
+        EMBED: {"kind": "lowrank", "shape": [16, 8], "params": {"scale": 2.0, "transposed": True}},
+        CONV: {"kind": "lowrank", "shape": [4, 3, 3, 3], "params": {"scale": 1.0}},
+    }
+    t = {
+        f"{Q}.lora_A": ramp(2, 8, seed=1), f"{Q}.lora_B": ramp(8, 2, seed=2),
+        f"{UP}.lora_A": ramp(2, 8, seed=3, dtype=torch.bfloat16), f"{UP}.lora_B": ramp(12, 2, seed=4, dtype=torch.bfloat16),
+        f"{V}.lora_A": ramp(1, 8, seed=5), f"{V}.lora_B": ramp(4, 1, seed=6), f"{V}.bias": ramp(4, seed=7),
+        f"{DOWN}.lora_A": ramp(2, 12, seed=8), f"{DOWN}.lora_B": ramp(8, 2, seed=9),
+        f"{DOWN}.magnitude": 1 + ramp(8, seed=10).abs(),
+        f"{EMBED}.lora_A": ramp(2, 16, seed=11), f"{EMBED}.lora_B": ramp(8, 2, seed=12),
+        f"{CONV}.lora_A": ramp(2, 3, 3, 3, seed=13), f"{CONV}.lora_B": ramp(4, 2, 1, 1, seed=14),
+    }
+    return "lora", {"r": 2, "alpha": 4}, modules, t
+
+
+def _dense() -> Built:
+    """A task vector (mode add, fp16, with a bias delta) and a replaced weight (mode replace)."""
+    modules = {
+        DOWN: {"kind": "dense", "shape": [8, 12], "params": {"mode": "add", "scale": 0.5}},
+        Q: {"kind": "dense", "shape": [8, 8], "params": {"mode": "replace"}},
+    }
+    t = {f"{DOWN}.delta": ramp(8, 12, seed=1, dtype=torch.float16), f"{DOWN}.bias_delta": ramp(8, seed=2, dtype=torch.float16),
+         f"{Q}.value": ramp(8, 8, seed=3)}
+    return "task_vector", {}, modules, t
+
+
+def _sparse() -> Built:
+    """Sorted flat row-major indices (int64) and fp32 values, with a scale."""
+    idx = torch.tensor([0, 3, 9, 10, 31, 47, 63, 64, 95], dtype=torch.int64)
+    modules = {UP: {"kind": "sparse", "shape": [12, 8], "params": {"scale": 0.25}}}
+    return "sparse_ft", {}, modules, {f"{UP}.indices": idx, f"{UP}.values": ramp(9, seed=4)}
+
+
+def _vector() -> Built:
+    """IA3-style output and input scaling, LoFiT-style output offset."""
+    modules = {
+        Q: {"kind": "vector", "shape": [8, 8], "params": {"op": "scale", "side": "output"}},
+        DOWN: {"kind": "vector", "shape": [8, 12], "params": {"op": "scale", "side": "input"}},
+        V: {"kind": "vector", "shape": [4, 8], "params": {"op": "offset", "side": "output"}},
+    }
+    t = {f"{Q}.vector": 1 + ramp(8, seed=1), f"{DOWN}.vector": 1 + ramp(12, seed=2), f"{V}.vector": ramp(4, seed=3)}
+    return "ia3", {}, modules, t
+
+
+def _prompt() -> Built:
+    """Three virtual tokens (bf16) prepended to the output of the input embedding."""
+    modules = {EMBED: {"kind": "prompt", "shape": [16, 8], "params": {"position": "prefix"}}}
+    return "prompt_tuning", {"num_virtual_tokens": 3}, modules, {f"{EMBED}.embeddings": ramp(3, 8, seed=5, dtype=torch.bfloat16)}
+
+
+def _extensions() -> Built:
+    """Optional manifest parts: a namespaced extension (not must-understand) and a provenance chain."""
+    modules = {Q: {"kind": "lowrank", "shape": [8, 8], "params": {"scale": 1.0}}}
+    return "lora", {"r": 1}, modules, {f"{Q}.lora_A": ramp(1, 8, seed=6), f"{Q}.lora_B": ramp(8, 1, seed=7)}
+
+
+EXAMPLES: dict[str, Callable[[], Built]] = {
+    "lowrank": _lowrank, "dense": _dense, "sparse": _sparse, "vector": _vector, "prompt": _prompt,
+    "extensions": _extensions,
+}
+"""Example name -> builder; each is written as ``<name>/`` (folder form) and ``<name>.safetensors``."""
+
+
+def example(name: str) -> Adapter:
+    """Golden example ``name`` as an in-memory :class:`Adapter`."""
+    method, config, modules, tensors = EXAMPLES[name]()
+    extra: dict[str, Any] = {}
+    provenance = [{"tool": "adapterfmt.golden", "example": name}]
+    if name == "extensions":
+        extra["extensions"] = {"example.note": {"text": "readers that do not know example.* ignore this"},
+                               "acme.training": {"steps": 100, "lr": 0.0001}}
+        provenance.insert(0, {"tool": "peft", "version": "0.21.2", "source": "hf://acme/q-proj-lora"})
+    base = {"name": BASE_NAME, "revision": "1", "fingerprint": fingerprint_module(golden_base())}
+    return Adapter(new_manifest(method, modules, config=config, base=base, provenance=provenance, **extra), tensors)
+
+
+def write_examples(folder: str | Path, *, overwrite: bool = True) -> list[Path]:
+    """Write every golden example in both forms into ``folder``; returns the paths written."""
+    folder = Path(folder)
+    out = []
+    for name in EXAMPLES:
+        adapter = example(name)
+        out.append(save(adapter, folder / name, single_file=False, overwrite=overwrite))
+        out.append(save(adapter, folder / f"{name}.safetensors", single_file=True, overwrite=overwrite))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Regenerate the golden example adapters of spec/examples/.")
+    parser.add_argument("folder", type=Path, nargs="?", default=Path("spec/examples"))
+    for p in write_examples(parser.parse_args().folder):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

@@ -113,6 +113,7 @@ class Adapter:
                 out[role] = decode(self, module, role, enc[role])
             else:
                 out[role] = self.tensor(f"{module}.{role}")
+        out.update({role: self.tensor(name) for role, name in shared_tensors(entry).items()})
         return out
 
     def nbytes(self) -> int:
@@ -121,6 +122,12 @@ class Adapter:
 
     def __repr__(self) -> str:
         return f"Adapter(method={self.method!r}, modules={len(self.modules)}, source={self.source})"
+
+
+def shared_tensors(entry: Mapping[str, Any]) -> dict[str, str]:
+    """``params.shared`` of a module entry: roles read from tensors stored once for several modules
+    (``{role: tensor name}``, e.g. VeRA's shared projections)."""
+    return dict(entry.get("params", {}).get("shared", {}))
 
 
 # ----- reading ----------------------------------------------------------------------------------------

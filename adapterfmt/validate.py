@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .adapter import Adapter, load
+from .adapter import Adapter, load, shared_tensors
 from .errors import FormatError
 from .registry import get_kind
 
@@ -24,6 +24,8 @@ def expected_tensors(adapter: Adapter) -> dict[str, tuple[str, str]]:
                     allowed[f"{module}.{role}.{part}"] = (module, role)
             else:
                 allowed[f"{module}.{role}"] = (module, role)
+        for role, name in shared_tensors(entry).items():
+            allowed[name] = (module, role)
     return allowed
 
 
@@ -32,6 +34,7 @@ def check_structure(adapter: Adapter, *, deep: bool = True) -> None:
     where = adapter.source
     allowed = expected_tensors(adapter)
     names = adapter.tensor_names()
+    stored = set(names)
     extra = [n for n in names if n not in allowed]
     if extra:
         raise FormatError(f"tensor {extra[0]!r} is not described by the manifest"
@@ -39,7 +42,11 @@ def check_structure(adapter: Adapter, *, deep: bool = True) -> None:
     for module, entry in sorted(adapter.modules.items()):
         kind = get_kind(entry["kind"], path=where)
         required, _ = kind.roles(entry)
-        present = set(adapter.roles(module))
+        shared = shared_tensors(entry)
+        gone = [n for n in shared.values() if n not in stored]
+        if gone:
+            raise FormatError(f"module {module!r} ({entry['kind']}): shared tensor {gone[0]!r} is missing", path=where)
+        present = set(adapter.roles(module)) | set(shared)
         missing = [r for r in required if r not in present]
         if missing:
             raise FormatError(f"module {module!r} ({entry['kind']}): tensor {module}.{missing[0]} is missing",
@@ -49,7 +56,7 @@ def check_structure(adapter: Adapter, *, deep: bool = True) -> None:
             tensors = adapter.module_tensors(module)
             shapes = {r: tuple(t.shape) for r, t in tensors.items()}
         else:
-            shapes = {r: adapter.shape(f"{module}.{r}") for r in present}
+            shapes = {r: adapter.shape(shared.get(r, f"{module}.{r}")) for r in present}
         try:
             kind.check(module, entry, shapes)
             if deep:

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "inspect_cmd",
     "plugins_cmd",
     "demo_cmd",
+    "port_cmd",
 )
 """Modules of ``adapterfmt.cli`` that each define ``register(app)``; listed in the order of ``--help``."""
 

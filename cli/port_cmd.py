@@ -46,11 +46,12 @@ def extract(
     if as_json:
         print_json({"out": str(out), "method": adapter.method, **report.as_dict()})
         return
-    t = Table("module", "kind", "rank", "stored", "captured", "rel. error", title=f"extracted {form} patch -> {out}",
+    t = Table("kind", "rank", "stored", "captured", "rel. error", title=f"extracted {form} patch -> {out}",
               title_justify="left")
+    t.add_column("module", overflow="fold")
     for m in report.modules:
-        t.add_row(m.module, m.kind, str(m.rank or "-"), f"{m.stored:,} / {m.numel:,}", f"{m.captured:.6f}",
-                  f"{m.rel_error:.2e}")
+        t.add_row(m.kind, str(m.rank or "-"), f"{m.stored:,} / {m.numel:,}", f"{m.captured:.6f}",
+                  f"{m.rel_error:.2e}", m.module)
     console.print(t)
     console.print(f"{len(report.modules)} module(s) stored, {report.unchanged} unchanged tensor(s) left out")
     if report.unplaced:

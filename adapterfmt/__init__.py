@@ -26,6 +26,8 @@ from .hookspecs import hookimpl
 from .manifest import SPEC_VERSION, new_manifest
 from .method import Method
 from .protocols import ApplyBackend, ForeignFormat, TensorCodec
+from .targets import pattern_value, select_modules
+from .train import TrainableDelta, TrainSession, adapter_dtype, inject, module_entry
 from .validate import validate
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "DeltaKind", "function_shape", "lowrank_entry", "Method", "hookimpl",
     "ForeignFormat", "TensorCodec", "ApplyBackend",
     "fingerprint_module", "fingerprint_checkpoint",
+    "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype", "select_modules", "pattern_value",
     "AdapterError", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "MissingFileError",
     "BaseMismatchError", "PluginError", "UnsupportedError", "OutputExistsError",
 ]

@@ -1,0 +1,159 @@
+"""Training by injection: trainable deltas on the targeted modules of any torch model, the rest frozen.
+
+A method's ``train`` verb selects modules (:func:`adapterfmt.targets.select_modules`), builds one
+:class:`TrainableDelta` per module and hands them to :func:`inject`. A trainable delta is a delta kind's
+module entry whose tensors are ``nn.Parameter`` s: its forward *is* the kind's unmerged forward, so what
+is trained is exactly what :func:`adapterfmt.attach` applies later. Train with any loop over
+``session.parameters()``; ``session.extract()`` returns the :class:`Adapter`; ``session.remove()`` gives
+the model back as it was (module names and ``state_dict`` keys are untouched while no session is live).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import Adapter
+from .errors import AdapterError
+from .fingerprint import fingerprint_module
+from .manifest import new_manifest
+from .modules import is_transposed
+from .registry import get_kind
+from .targets import select_modules
+
+LAYER_ATTR = "adapterfmt_delta"
+"""Name under which a trainable delta is registered as a child of its target module."""
+
+
+def module_entry(kind: str, module: nn.Module, params: Mapping[str, Any] | None = None, *,
+                 parameter: str = "weight") -> dict[str, Any]:
+    """A module entry of ``kind`` for a live module: its parameter's stored shape and, when the module
+    stores that weight ``[in, out]`` (Conv1D, Embedding), ``params.transposed``."""
+    p = dict(params or {})
+    if is_transposed(module):
+        p["transposed"] = True
+    return {"kind": kind, "shape": list(getattr(module, parameter).shape), "params": p,
+            **({"parameter": parameter} if parameter != "weight" else {})}
+
+
+def adapter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype new adapter parameters get: the module's, but fp32 for half-precision modules."""
+    ref = getattr(module, "weight", None)
+    if not isinstance(ref, torch.Tensor) or ref.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return ref.dtype
+
+
+class TrainableDelta(nn.Module):
+    """One module's delta in training: a module entry of a delta kind, its trainable roles as parameters,
+    and frozen ``shared`` roles (``{role: (tensor name, tensor)}``) stored once for the whole adapter."""
+
+    def __init__(self, entry: dict[str, Any], params: Mapping[str, torch.Tensor], *,
+                 shared: Mapping[str, tuple[str, torch.Tensor]] | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.entry = copy.deepcopy(entry)
+        self.kind = get_kind(entry["kind"])
+        self.weights = nn.ParameterDict({role: nn.Parameter(t) for role, t in params.items()})
+        self.shared_names = {role: name for role, (name, _) in (shared or {}).items()}
+        for role, (_, t) in (shared or {}).items():
+            self.register_buffer(role, t, persistent=False)
+        if self.shared_names:
+            self.entry.setdefault("params", {})["shared"] = dict(self.shared_names)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**{r: getattr(self, r) for r in self.shared_names}, **self.weights}
+
+    def forward(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.kind.forward(module, self.entry, self.tensors(), self.dropout(x), y)
+
+
+class TrainSession:
+    """A model with trainable deltas injected; see the module docstring."""
+
+    def __init__(self, model: nn.Module, method: str, config: Mapping[str, Any]) -> None:
+        self.model, self.method = model, method
+        self.config = json.loads(json.dumps(dict(config), default=list))
+        self.fingerprint = fingerprint_module(model)
+        self.layers: dict[str, TrainableDelta] = {}
+        self._handles: list[Any] = []
+        self._grad = {p: p.requires_grad for p in model.parameters()}
+        for p in self._grad:
+            p.requires_grad_(False)
+
+    def add(self, path: str, module: nn.Module, layer: TrainableDelta) -> None:
+        ref = getattr(module, "weight", None)
+        if isinstance(ref, torch.Tensor):
+            layer.to(device=ref.device)
+        module.add_module(LAYER_ATTR, layer)
+        self.layers[path] = layer
+        self._handles.append(module.register_forward_hook(lambda m, args, out: layer(m, args[0], out)))
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable parameters (pass these to your optimizer)."""
+        for _, p in self.named_parameters():
+            yield p
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for path, layer in self.layers.items():
+            for role, p in layer.weights.items():
+                yield f"{path}.{role}", p
+
+    def extract(self, *, dtype: torch.dtype | None = None, base_name: str | None = None) -> Adapter:
+        """The adapter as trained so far (tensors copied; the session goes on training)."""
+        if not self.layers:
+            raise AdapterError("this training session was removed; nothing to extract")
+        modules: dict[str, dict[str, Any]] = {}
+        tensors: dict[str, torch.Tensor] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach().to("cpu", copy=True)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t.contiguous()
+
+        for path, layer in self.layers.items():
+            modules[path] = copy.deepcopy(layer.entry)
+            tensors.update({f"{path}.{role}": keep(p) for role, p in layer.weights.items()})
+            for role, name in layer.shared_names.items():
+                if name not in tensors:
+                    tensors[name] = keep(getattr(layer, role))
+        base = {"name": base_name, "revision": None, "fingerprint": self.fingerprint}
+        manifest = new_manifest(self.method, modules, config=self.config, base=base,
+                                provenance=[{"tool": "adapterfmt train"}])
+        return Adapter(manifest, tensors)
+
+    def remove(self) -> None:
+        """Take the injected deltas out and restore every parameter's ``requires_grad``."""
+        for h in self._handles:
+            h.remove()
+        for path in self.layers:
+            delattr(self.model.get_submodule(path), LAYER_ATTR)
+        for p, flag in self._grad.items():
+            p.requires_grad_(flag)
+        self._handles, self.layers = [], {}
+
+    def __enter__(self) -> TrainSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def inject(model: nn.Module, *, method: str, config: Mapping[str, Any],
+           build: Callable[[str, nn.Module], TrainableDelta],
+           supported: tuple[type | str, ...] = (nn.Linear, "Conv1D")) -> TrainSession:
+    """Select modules by ``config`` (``target_modules``, ``exclude_modules``, ``layers_to_transform``,
+    ``layers_pattern``), freeze the model, and inject ``build(path, module)`` into each selected module."""
+    if "target_modules" not in config:
+        raise AdapterError("the training config needs target_modules (names, suffixes, a regex or 'all-linear')")
+    chosen = select_modules(model, config["target_modules"], exclude_modules=config.get("exclude_modules"),
+                            layers=config.get("layers_to_transform"), layers_pattern=config.get("layers_pattern"),
+                            supported=supported)
+    session = TrainSession(model, method, config)
+    for path, module in chosen.items():
+        session.add(path, module, build(path, module))
+    return session

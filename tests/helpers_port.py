@@ -39,4 +39,5 @@ def tiny_pair(tmp: Path, seed: int = 1) -> tuple[Path, Path, dict[str, torch.Ten
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())

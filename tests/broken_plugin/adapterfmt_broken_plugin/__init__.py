@@ -1,0 +1,1 @@
+"""Three deliberately broken plugins (see the entry points in ../pyproject.toml)."""

@@ -114,7 +114,7 @@ def _bind(module: nn.Module, path: str, adapter: Adapter, entry: dict[str, Any])
         role: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         for role, t in adapter.module_tensors(path).items()
     }
-    return Bound(kind, entry, tensors)
+    return Bound(kind, entry, kind.bind(module, entry, tensors))
 
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge: bool = False,

@@ -5,9 +5,10 @@ from .dense import Dense
 from .lowrank import LowRank, function_shape, lowrank_entry
 from .prompt import Prompt
 from .sparse import Sparse
+from .ternary import Ternary
 from .vector import Vector
 
-BUILTIN_KINDS: tuple[DeltaKind, ...] = (LowRank(), Dense(), Sparse(), Vector(), Prompt())
+BUILTIN_KINDS: tuple[DeltaKind, ...] = (LowRank(), Dense(), Sparse(), Vector(), Prompt(), Ternary())
 
-__all__ = ["DeltaKind", "LowRank", "Dense", "Sparse", "Vector", "Prompt", "BUILTIN_KINDS",
+__all__ = ["DeltaKind", "LowRank", "Dense", "Sparse", "Ternary", "Vector", "Prompt", "BUILTIN_KINDS",
            "function_shape", "lowrank_entry"]

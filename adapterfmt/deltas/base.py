@@ -51,6 +51,11 @@ class DeltaKind:
         return None
 
     # ----- math -------------------------------------------------------------------------------------
+    def bind(self, module: nn.Module, entry: Entry, t: Tensors) -> Tensors:
+        """The tensors kept while attached to ``module`` (already on its device and dtype); :meth:`delta`,
+        :meth:`forward`, :meth:`merge` and :meth:`unmerge` then receive these. Default: as stored."""
+        return t
+
     def delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
         """dW in the stored layout of the target parameter (fp32)."""
         raise UnsupportedError(f"delta kind {self.name!r} has no additive weight delta")

@@ -98,6 +98,7 @@ class FakeHub:
         self.blobs: dict[str, bytes] = {}
         self.lfs_pending: dict[str, int] = {}
         self.faults: list[Fault] = []
+        self.hooks: list[tuple[str, str, Any]] = []
         self.log: list[tuple[str, str, int]] = []
         self.lock = threading.RLock()
         self._counter = itertools.count()
@@ -137,6 +138,21 @@ class FakeHub:
         with self.lock:
             self.faults.append(fault)
         return fault
+
+    def on_request(self, pattern: str, fn: Any, *, method: str = "POST") -> None:
+        """Call ``fn(hub)`` (under the storage lock) before serving each request whose path matches ``pattern``."""
+        self.hooks.append((method.upper(), pattern, fn))
+
+    def commit_directly(self, repo_id: str, files: dict[str, bytes], title: str = "direct", branch: str = "main") -> str:
+        """Make a commit on ``branch`` without going through HTTP (another client's push, say)."""
+        with self.lock:
+            repo = self.repos[repo_id]
+            merged = dict(self.commits[repo.branches[branch]].files)
+            for path, data in files.items():
+                merged[path] = self.store(data, _is_lfs(path, len(data), data[:512]))
+            commit = self.new_commit(repo, repo.branches[branch], merged, title)
+            repo.branches[branch] = commit.oid
+            return commit.oid
 
     def tamper(self, repo_id: str, path: str, revision: str = "main") -> None:
         """Flip the last byte of a stored file in place (the commit, oid and ETag stay as they were)."""
@@ -301,6 +317,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._body()
             self._send_json(500, {"error": "Internal Error - injected fault"})
             return
+        for hook_method, pattern, fn in list(self.hub.hooks):
+            if hook_method == method and fnmatch.fnmatchcase(unquote(raw.path), pattern):
+                with self.hub.lock:
+                    fn(self.hub)
         try:
             with self.hub.lock:
                 self._route(method, segments, query, fault)

@@ -1,0 +1,423 @@
+"""Hub push / pull, driven through the real ``huggingface_hub`` client over real HTTP against the fake Hub
+server in ``tests/hubserver.py`` (127.0.0.1, random port). The HF cache lives in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+import adapterfmt as af
+from adapterfmt import hub
+from adapterfmt.cli import hub_cmd
+from adapterfmt.hub_card import parse_front_matter
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hubserver import FakeHub  # noqa: E402
+
+TOKEN = "hf_test_token"
+
+
+# ----- fixtures -------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_hub():
+    server = FakeHub({TOKEN: "alice", "hf_bob": "bob"}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_env(fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+    """Point every huggingface_hub setting at the fake server and at tmp_path."""
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    return fake_hub
+
+
+def make_adapter(path: Path, *, seed: int = 0, rank: int = 4, single_file: bool = False) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    modules, tensors = {}, {}
+    for i in range(2):
+        m = f"model.layers.{i}.self_attn.q_proj"
+        modules[m] = {"kind": "lowrank", "shape": [16, 16], "params": {"scale": 2.0}}
+        tensors[f"{m}.lora_A"] = torch.randn(rank, 16, generator=gen)
+        tensors[f"{m}.lora_B"] = torch.randn(16, rank, generator=gen)
+    manifest = af.new_manifest("lora", modules, base={"name": "org/tiny-base", "revision": None, "fingerprint": None},
+                               provenance=[{"tool": "test"}])
+    return af.save(af.Adapter(manifest, tensors), path, single_file=single_file)
+
+
+def snapshot_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(*args: str):
+    app = typer.Typer(pretty_exceptions_enable=False)
+    hub_cmd.register(app)
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+# ----- round trips ----------------------------------------------------------------------------------
+def test_push_pull_roundtrip_folder_byte_for_byte(hub_env: FakeHub, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a")
+    res = hub.push(src, "alice/lora-a")
+    assert res.created_repo and res.changed
+    assert res.commit == hub_env.head("alice/lora-a")
+    assert res.commit_url.endswith(res.commit)
+    stored = hub_env.files("alice/lora-a")
+    assert stored["adapter.json"] == (src / "adapter.json").read_bytes()
+    assert stored["adapter.safetensors"] == (src / "adapter.safetensors").read_bytes()
+    assert hub_env.requests("PUT", "/lfs-upload/"), "the safetensors file goes through LFS"
+
+    pulled = hub.pull("alice/lora-a")
+    assert pulled.commit == res.commit
+    assert pulled.path.is_relative_to(tmp_path / "hf_home" / "hub")
+    assert snapshot_bytes(pulled.path) == snapshot_bytes(src), "only the adapter's files, byte for byte"
+    assert not (pulled.path / "README.md").exists()
+
+    out = hub.pull("alice/lora-a", out=tmp_path / "out").path
+    assert out == tmp_path / "out"
+    assert (out / "adapter.safetensors").read_bytes() == (src / "adapter.safetensors").read_bytes()
+    got, want = json.loads((out / "adapter.json").read_text()), json.loads((src / "adapter.json").read_text())
+    prov = got["provenance"].pop()
+    assert got == want
+    assert prov == {"tool": "adapterfmt", "action": "pull", "source": "hf://alice/lora-a", "revision": "main",
+                    "commit": res.commit, "endpoint": hub_env.url}
+    af.validate(out)
+    # the cache copy was not rewritten by --out
+    assert snapshot_bytes(pulled.path) == snapshot_bytes(src)
+
+
+def test_push_pull_single_file(hub_env: FakeHub, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a.safetensors", single_file=True)
+    res = hub.push(src, "alice/single")
+    assert hub_env.files("alice/single")["adapter.safetensors"] == src.read_bytes()
+    pulled = hub.pull("alice/single")
+    assert pulled.form == "single-file" and pulled.path.read_bytes() == src.read_bytes()
+    out = hub.pull("alice/single", out=tmp_path / "b.safetensors").path
+    a, b = af.load(src), af.load(out)
+    assert b.manifest["provenance"][-1]["commit"] == res.commit
+    for name in a.tensor_names():
+        assert torch.equal(a.tensor(name), b.tensor(name))
+
+
+def test_model_card(hub_env: FakeHub, tmp_path: Path) -> None:
+    hub.push(make_adapter(tmp_path / "a", rank=3), "alice/carded")
+    card = hub_env.files("alice/carded")["README.md"].decode()
+    meta = parse_front_matter(card)
+    assert meta["base_model"] == "org/tiny-base"
+    assert meta["library_name"] == "adapterfmt"
+    assert {"adapterfmt", "lora", "lowrank"} <= set(meta["tags"])
+    assert meta["adapterfmt"]["method"] == "lora" and meta["adapterfmt"]["rank"] == 3
+    assert meta["adapterfmt"]["size_bytes"] > 0
+    assert 'adapterfmt.load("hf://alice/carded")' in card and "adapter pull alice/carded" in card
+
+
+def test_two_pushes_two_commits_and_pull_by_branch_tag_commit(hub_env: FakeHub, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi
+
+    a, b = make_adapter(tmp_path / "a", seed=1), make_adapter(tmp_path / "b", seed=2)
+    first = hub.push(a, "alice/versions", message="first")
+    second = hub.push(b, "alice/versions", message="second")
+    history = hub_env.history("alice/versions")
+    assert [c.oid for c in history[:2]] == [second.commit, first.commit]
+    assert [c.title for c in history[:2]] == ["second", "first"]
+    assert history[0].parent == first.commit
+
+    HfApi(endpoint=hub_env.url, token=TOKEN).create_tag("alice/versions", tag="v1", revision=first.commit)
+    dev = hub.push(a, "alice/versions", revision="dev")
+    assert dev.revision == "dev" and hub_env.head("alice/versions", "dev") == dev.commit
+    assert hub_env.head("alice/versions") == second.commit, "pushing to dev leaves main alone"
+
+    def tensors_of(ref: str, **kw) -> bytes:
+        return (hub.pull(ref, **kw).path / "adapter.safetensors").read_bytes()
+
+    a_bytes, b_bytes = (a / "adapter.safetensors").read_bytes(), (b / "adapter.safetensors").read_bytes()
+    assert tensors_of("alice/versions") == b_bytes
+    assert tensors_of("alice/versions@v1") == a_bytes
+    assert tensors_of(f"alice/versions@{first.commit}") == a_bytes
+    assert tensors_of("alice/versions", revision="dev") == a_bytes
+    assert tensors_of("hf://alice/versions@main") == b_bytes
+    assert hub.pull("alice/versions@v1").commit == first.commit
+
+
+def test_push_unchanged_makes_no_commit(hub_env: FakeHub, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a")
+    first = hub.push(src, "alice/same")
+    again = hub.push(src, "alice/same")
+    assert not again.changed and again.commit == first.commit
+
+
+def test_switching_form_removes_stale_files(hub_env: FakeHub, tmp_path: Path) -> None:
+    hub.push(make_adapter(tmp_path / "a"), "alice/forms")
+    hub.push(make_adapter(tmp_path / "a.safetensors", single_file=True), "alice/forms")
+    assert "adapter.json" not in hub_env.files("alice/forms")
+    assert hub.pull("alice/forms").form == "single-file"
+
+
+def test_concurrent_push_is_refused_not_overwritten(hub_env: FakeHub, tmp_path: Path) -> None:
+    hub.push(make_adapter(tmp_path / "a"), "alice/race")
+    raced = {}
+
+    def other_client(server: FakeHub) -> None:
+        if not raced:
+            raced["oid"] = server.commit_directly("alice/race", {"notes.txt": b"someone else"})
+
+    hub_env.on_request("/api/models/alice/race/preupload/*", other_client)
+    with pytest.raises(hub.PushConflictError, match="branch moved"):
+        hub.push(make_adapter(tmp_path / "b", seed=5), "alice/race")
+    assert hub_env.head("alice/race") == raced["oid"]
+
+
+# ----- hf:// paths and offline use -------------------------------------------------------------------
+def test_hf_paths_resolve_through_cache_and_offline(hub_env: FakeHub, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    src = make_adapter(tmp_path / "a")
+    res = hub.push(src, "alice/offline")
+    path = hub.resolve_adapter_path("hf://alice/offline@main")
+    assert snapshot_bytes(path) == snapshot_bytes(src)
+    assert af.load("hf://alice/offline").source == path  # core's loader goes through resolve_adapter_path
+
+    hub_env.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.resolve_adapter_path("hf://alice/offline") == path
+    assert hub.resolve_adapter_path(f"hf://alice/offline@{res.commit}") == path
+    assert af.validate("hf://alice/offline@main").source == path
+    with pytest.raises(hub.HubError, match="offline"):
+        hub.resolve_adapter_path("hf://alice/never-pulled")
+
+
+def test_subfolder_in_hf_path(hub_env: FakeHub, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi
+
+    src = make_adapter(tmp_path / "a")
+    api = HfApi(endpoint=hub_env.url, token=TOKEN)
+    api.create_repo("alice/multi")
+    api.upload_folder(repo_id="alice/multi", folder_path=str(src), path_in_repo="style")
+    path = hub.resolve_adapter_path("hf://alice/multi@main/style")
+    assert snapshot_bytes(path) == snapshot_bytes(src)
+
+
+# ----- failures: one clear error, nothing half-written ------------------------------------------------
+def test_repo_not_found(hub_env: FakeHub, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(hub.RepoNotFoundError, match="alice/missing"):
+        hub.pull("alice/missing", out=out)
+    assert not out.exists()
+    r = run_cli("pull", "alice/missing", "--out", str(out))
+    assert_one_line_error(r, "repository alice/missing not found")
+    assert not out.exists()
+
+
+def test_private_repo_needs_a_token_to_pull(hub_env: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.push(make_adapter(tmp_path / "a"), "alice/secret", private=True)
+    assert hub_env.repos["alice/secret"].private
+    hub.pull("alice/secret")
+    monkeypatch.setenv("HF_TOKEN", "hf_bob")
+    with pytest.raises(hub.RepoNotFoundError):
+        hub.pull("alice/secret@main", out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("rev", ["nope", "0123456789abcdef0123456789abcdef01234567"])
+def test_revision_not_found(hub_env: FakeHub, tmp_path: Path, rev: str) -> None:
+    hub.push(make_adapter(tmp_path / "a"), "alice/revs")
+    out = tmp_path / "out"
+    with pytest.raises(hub.RevisionNotFoundError, match=rev):
+        hub.pull(f"alice/revs@{rev}", out=out)
+    assert not out.exists()
+    r = run_cli("pull", "alice/revs", "--revision", rev, "--out", str(out))
+    assert_one_line_error(r, f"revision {rev!r} not found")
+    assert not out.exists()
+
+
+def test_server_error_mid_download(hub_env: FakeHub, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a")
+    hub.push(src, "alice/flaky")
+    fault = hub_env.fail("/alice/flaky/resolve/*/adapter.safetensors", "500")
+    out = tmp_path / "out"
+    with pytest.raises(hub.HubTransferError, match="HTTP 500"):
+        hub.pull("alice/flaky", out=out)
+    assert fault.hits == 1, "a download error is reported at once, not retried for minutes"
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    r = run_cli("pull", "alice/flaky", "--out", str(out))
+    assert_one_line_error(r, "HTTP 500")
+    assert not out.exists()
+    fault.times = 0  # the server recovers: the same pull now works (nothing bad was left in the cache)
+    assert (hub.pull("alice/flaky", out=out).path / "adapter.safetensors").read_bytes() == \
+        (src / "adapter.safetensors").read_bytes()
+
+
+def test_connection_cut_mid_download(hub_env: FakeHub, tmp_path: Path) -> None:
+    hub.push(make_adapter(tmp_path / "a"), "alice/cut")
+    hub_env.fail("/alice/cut/resolve/*/adapter.safetensors", "short")
+    out = tmp_path / "out"
+    with pytest.raises(hub.HubTransferError, match="cut short"):
+        hub.pull("alice/cut", out=out)
+    assert not out.exists()
+    r = run_cli("pull", "alice/cut", "--out", str(out))
+    assert_one_line_error(r, "cut short")
+    assert not out.exists()
+
+
+def test_connection_dropped_once_is_resumed(hub_env: FakeHub, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a")
+    hub.push(src, "alice/resume")
+    fault = hub_env.fail("/alice/resume/resolve/*/adapter.safetensors", "cut", times=1)
+    out = hub.pull("alice/resume", out=tmp_path / "out").path
+    assert fault.hits == 1
+    assert any(m == "GET" and s == 206 for m, p, s in hub_env.log if "adapter.safetensors" in p), "resumed by Range"
+    assert (out / "adapter.safetensors").read_bytes() == (src / "adapter.safetensors").read_bytes()
+
+
+def test_tampered_file_on_server(hub_env: FakeHub, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a")
+    hub.push(src, "alice/tampered")
+    hub_env.tamper("alice/tampered", "adapter.safetensors")
+    out = tmp_path / "out"
+    with pytest.raises(af.ChecksumError, match="checksum mismatch"):
+        hub.pull("alice/tampered", out=out)
+    assert not out.exists()
+    with pytest.raises(af.ChecksumError):
+        hub.resolve_adapter_path("hf://alice/tampered")
+    r = run_cli("pull", "alice/tampered", "--out", str(out))
+    assert_one_line_error(r, "checksum mismatch")
+    assert not out.exists()
+    hub_env.tamper("alice/tampered", "adapter.safetensors")  # flip the byte back
+    assert (hub.pull("alice/tampered", out=out).path / "adapter.safetensors").read_bytes() == \
+        (src / "adapter.safetensors").read_bytes(), "the bad copy was evicted from the cache"
+
+
+def test_tampered_by_a_later_commit(hub_env: FakeHub, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a")
+    good = hub.push(src, "alice/swapped")
+    other = make_adapter(tmp_path / "b", seed=9)
+    hub_env.commit_directly("alice/swapped", {"adapter.safetensors": (other / "adapter.safetensors").read_bytes()})
+    with pytest.raises(af.ChecksumError):
+        hub.pull("alice/swapped")
+    assert hub.pull(f"alice/swapped@{good.commit}").commit == good.commit
+
+
+def test_no_token_for_private_push(hub_env: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_TOKEN")
+    src = make_adapter(tmp_path / "a")
+    with pytest.raises(hub.HubAuthError, match="no Hugging Face token"):
+        hub.push(src, "alice/private", private=True)
+    assert "alice/private" not in hub_env.repos and not hub_env.log
+    r = run_cli("push", str(src), "alice/private", "--private")
+    assert_one_line_error(r, "no Hugging Face token")
+
+
+def test_bad_token_and_foreign_namespace(hub_env: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = make_adapter(tmp_path / "a")
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(hub.HubAuthError, match="HTTP 401"):
+        hub.push(src, "alice/x")
+    monkeypatch.setenv("HF_TOKEN", "hf_bob")
+    with pytest.raises(hub.HubAuthError, match="HTTP 403"):
+        hub.push(src, "alice/x")
+    assert not hub_env.repos
+
+
+def test_invalid_adapter_is_not_pushed(hub_env: FakeHub, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a")
+    data = bytearray((src / "adapter.safetensors").read_bytes())
+    data[-1] ^= 1
+    (src / "adapter.safetensors").write_bytes(bytes(data))
+    with pytest.raises(af.ChecksumError):
+        hub.push(src, "alice/bad")
+    assert not hub_env.repos
+
+
+def test_repo_without_adapter(hub_env: FakeHub, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub_env.url, token=TOKEN)
+    api.create_repo("alice/peft-only")
+    api.upload_file(repo_id="alice/peft-only", path_or_fileobj=b"{}", path_in_repo="adapter_config.json")
+    with pytest.raises(hub.NotAnAdapterRepoError, match="adapter convert"):
+        hub.pull("alice/peft-only")
+
+
+def test_existing_out_is_refused_before_downloading(hub_env: FakeHub, tmp_path: Path) -> None:
+    hub.push(make_adapter(tmp_path / "a"), "alice/o")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    n = len(hub_env.log)
+    with pytest.raises(af.OutputExistsError):
+        hub.pull("alice/o", out=out)
+    assert len(hub_env.log) == n and (out / "keep.txt").read_text() == "mine"
+    hub.pull("alice/o", out=out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "adapter.json").exists()
+
+
+# ----- --also-peft ------------------------------------------------------------------------------------
+def test_also_peft_uses_the_converter(hub_env: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def to_peft(adapter, folder):
+        calls.append(adapter.method)
+        (Path(folder) / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+        (Path(folder) / "adapter_model.safetensors").write_bytes(b"stub")
+
+    monkeypatch.setitem(sys.modules, "adapterfmt.convert", types.SimpleNamespace(to_peft=to_peft))
+    res = hub.push(make_adapter(tmp_path / "a"), "alice/peft", also_peft=True)
+    files = hub_env.files("alice/peft")
+    assert calls == ["lora"] and files["adapter_config.json"] == b'{"peft_type": "LORA"}'
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(res.files)
+    assert "peft" in parse_front_matter(files["README.md"].decode())["tags"]
+    hub.push(make_adapter(tmp_path / "b", seed=3), "alice/peft")  # a later push without PEFT drops stale copies
+    assert "adapter_config.json" not in hub_env.files("alice/peft")
+
+
+def test_also_peft_without_converter(hub_env: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "adapterfmt.convert", types.SimpleNamespace())
+    monkeypatch.setattr(af.registry, "formats", lambda: {})
+    with pytest.raises(af.UnsupportedError, match="PEFT converter"):
+        hub.push(make_adapter(tmp_path / "a"), "alice/nopeft", also_peft=True)
+    assert hub_env.commits and all(c.title == "initial commit" for c in hub_env.commits.values())
+
+
+# ----- CLI --------------------------------------------------------------------------------------------
+def test_cli_push_and_pull_json(hub_env: FakeHub, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a")
+    r = run_cli("push", str(src), "alice/cli", "--message", "from the CLI", "--json")
+    assert r.exit_code == 0, r.output
+    pushed = json.loads(r.stdout)
+    assert pushed["commit"] == hub_env.head("alice/cli") and pushed["created_repo"]
+    assert hub_env.history("alice/cli")[0].title == "from the CLI"
+    r = run_cli("push", str(src), "alice/cli", "--revision", "exp")
+    assert r.exit_code == 0, r.output
+    assert hub_env.head("alice/cli", "exp") in r.stdout and "alice/cli@exp" in r.stdout
+    r = run_cli("pull", f"alice/cli@{pushed['commit']}", "--out", str(tmp_path / "o"), "--json")
+    assert r.exit_code == 0, r.output
+    pulled = json.loads(r.stdout)
+    assert pulled["commit"] == pushed["commit"] and pulled["path"] == str(tmp_path / "o")
+    af.validate(tmp_path / "o")
+
+
+def test_cli_help_texts() -> None:
+    for cmd in ("push", "pull"):
+        r = run_cli(cmd, "--help")
+        assert r.exit_code == 0
+        assert "Hub" in r.stdout
+    assert "--also-peft" in run_cli("push", "--help").stdout

@@ -25,6 +25,7 @@ ENTRY_POINT_GROUP = "adapterfmt"
 BLOCK_ENV = "ADAPTERFMT_BLOCK_PLUGINS"
 BUILTIN_PLUGINS = (
     "adapterfmt.plugins.lora",
+    "adapterfmt.plugins.codecs",
     "adapterfmt.plugins.patches",
     "adapterfmt.plugins.vectors",
     "adapterfmt.plugins.prompts",

@@ -1,0 +1,179 @@
+"""Compression codecs: one logical tensor of a module stored as several parts.
+
+A module entry's ``encoding`` maps a role to a codec spec, ``{"codec": name, ...}``; the role is then
+stored as tensors ``<module>.<role>.<part>`` instead of ``<module>.<role>``. Codecs come from plugins
+through the ``adapterfmt_codecs`` hook (objects following :class:`adapterfmt.TensorCodec`); the built-in
+ones below are registered by ``adapterfmt.plugins.codecs`` exactly as a third party would register its own.
+
+Built-in layouts (every spec also records ``shape`` and ``dtype``, the logical tensor's safetensors dtype):
+
+- ``int8``: part ``q`` int8 of the tensor's shape and part ``scale`` float32 ``[C]``, ``C = shape[0]`` for
+  tensors of 2+ dims (one scale per output channel / row) and 1 otherwise; ``x = q * scale[row]``.
+  ``scale = max|row| / 127``, ``q = round(x / scale)``.
+- ``int4``: part ``q`` uint8 ``[ceil(n / 2)]``: 4-bit codes ``c`` in 1..15 of the flat row-major tensor, two
+  per byte, low nibble first (:mod:`adapterfmt.bitpack`); part ``scale`` float16 ``[ceil(n / group_size)]``
+  (spec ``group_size``, default 64); ``x[i] = (c[i] - 8) * scale[i // group_size]``, ``scale = max|group| / 7``.
+- ``ternary``: the ComPEFT sign pattern of :mod:`adapterfmt.deltas.ternary` (parts ``mask`` or ``gaps``,
+  ``signs``, ``scales``; spec ``layout``, ``count``, optional ``group_size``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import bitpack
+from .deltas.ternary import ternary_decode, ternary_encode, ternary_roles, top_k_mask
+from .errors import FormatError
+from .safetensors_io import DTYPES, dtype_name
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+    from .protocols import TensorCodec
+
+
+def get_codec(name: object, *, path: object = None) -> TensorCodec:
+    """The installed codec called ``name``."""
+    from .registry import codecs
+
+    found = codecs().get(name) if isinstance(name, str) else None
+    if found is None:
+        known = ", ".join(sorted(codecs())) or "none"
+        raise FormatError(f"unknown compression codec {name!r}: no installed plugin provides it "
+                          f"(installed: {known})", path=path)
+    return found
+
+
+def stored_parts(role: str, spec: dict[str, Any]) -> tuple[str, ...]:
+    """Part names stored for ``role`` encoded with ``spec`` (tensors ``<module>.<role>.<part>``)."""
+    return tuple(get_codec(spec.get("codec")).parts(spec))
+
+
+def encode(name: str, tensor: torch.Tensor, **options: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Encode ``tensor`` with codec ``name``; returns its parts and the spec (with ``codec``) to record."""
+    parts, spec = get_codec(name).encode(tensor, **options)
+    return parts, {"codec": name, **spec}
+
+
+def decode(adapter: Adapter, module: str, role: str, spec: dict[str, Any]) -> torch.Tensor:
+    """The logical tensor of ``module``'s ``role``, decoded from its stored parts."""
+    codec = get_codec(spec.get("codec"), path=adapter.source)
+    parts = {}
+    for part in codec.parts(spec):
+        name = f"{module}.{role}.{part}"
+        if name not in adapter.tensor_names():
+            raise FormatError(f"module {module!r}: tensor {name} ({spec['codec']} part) is missing", path=adapter.source)
+        parts[part] = adapter.tensor(name)
+    try:
+        return codec.decode(parts, spec)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        msg = e.message if isinstance(e, FormatError) else str(e)
+        raise FormatError(f"module {module!r}: {role} ({spec['codec']}): {msg}", path=adapter.source) from None
+
+
+# ----- built-in codecs -----------------------------------------------------------------------------------
+def _logical(spec: dict[str, Any]) -> tuple[tuple[int, ...], torch.dtype]:
+    shape, dtype = spec.get("shape"), spec.get("dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"spec shape must be a list of sizes, got {shape!r}")
+    if dtype not in DTYPES or not DTYPES[dtype].is_floating_point:
+        raise ValueError(f"spec dtype must be a float safetensors dtype, got {dtype!r}")
+    return tuple(shape), DTYPES[dtype]
+
+
+def _expect(parts: dict[str, torch.Tensor], part: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    t = parts[part]
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise ValueError(f"part {part!r} must be {dtype_name(dtype)} {list(shape)}, got {dtype_name(t.dtype)} "
+                         f"{list(t.shape)}")
+    return t
+
+
+def _head(t: torch.Tensor) -> dict[str, Any]:
+    return {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+
+
+class Int8Codec:
+    """Symmetric int8 with one float32 scale per output channel (row)."""
+
+    name = "int8"
+
+    def encode(self, tensor: torch.Tensor, **options: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        x = tensor.detach().float().cpu()
+        rows = x.reshape(x.shape[0] if x.dim() >= 2 else 1, -1)
+        scale = rows.abs().amax(1) / 127 if rows.numel() else torch.zeros(rows.shape[0])
+        inv = torch.where(scale > 0, 1 / scale, torch.zeros(()))
+        q = (rows * inv[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return {"q": q.reshape(x.shape).contiguous(), "scale": scale.contiguous()}, _head(tensor)
+
+    def decode(self, parts: dict[str, torch.Tensor], spec: dict[str, Any]) -> torch.Tensor:
+        shape, dtype = _logical(spec)
+        channels = shape[0] if len(shape) >= 2 else 1
+        q = _expect(parts, "q", torch.int8, shape)
+        scale = _expect(parts, "scale", torch.float32, (channels,))
+        return (q.reshape(channels, -1).float() * scale[:, None]).reshape(shape).to(dtype)
+
+    def parts(self, spec: dict[str, Any]) -> tuple[str, ...]:
+        return ("q", "scale")
+
+
+class Int4Codec:
+    """Symmetric 4-bit codes with one float16 scale per group of ``group_size`` flat elements."""
+
+    name = "int4"
+    default_group_size = 64
+
+    def encode(self, tensor: torch.Tensor, *, group_size: int | None = None,
+               **options: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        g = int(group_size or self.default_group_size)
+        flat = tensor.detach().float().cpu().reshape(-1)
+        n = flat.numel()
+        padded = torch.cat([flat, flat.new_zeros((-n) % g)]).reshape(-1, g)
+        scale = (padded.abs().amax(1) / 7).clamp(max=65504).to(torch.float16)
+        s = scale.float()
+        inv = torch.where(s > 0, 1 / s, torch.zeros(()))
+        codes = ((padded * inv[:, None]).round().clamp(-7, 7) + 8).reshape(-1)[:n]
+        return {"q": bitpack.pack_nibbles(codes), "scale": scale.contiguous()}, {**_head(tensor), "group_size": g}
+
+    def decode(self, parts: dict[str, torch.Tensor], spec: dict[str, Any]) -> torch.Tensor:
+        shape, dtype = _logical(spec)
+        g = spec.get("group_size")
+        if not isinstance(g, int) or g < 1:
+            raise ValueError(f"int4 group_size must be a positive integer, got {g!r}")
+        n = math.prod(shape)
+        q = _expect(parts, "q", torch.uint8, ((n + 1) // 2,))
+        scale = _expect(parts, "scale", torch.float16, (math.ceil(n / g),))
+        codes = bitpack.unpack_nibbles(q, n, what="int4 codes").float() - 8
+        return (codes * scale.float().repeat_interleave(g)[:n]).reshape(shape).to(dtype)
+
+    def parts(self, spec: dict[str, Any]) -> tuple[str, ...]:
+        return ("q", "scale")
+
+
+class TernaryCodec:
+    """ComPEFT: keep the top-k magnitudes' signs, one scale per tensor or group (see the ternary kind)."""
+
+    name = "ternary"
+
+    def encode(self, tensor: torch.Tensor, *, density: float | None = None, keep: torch.Tensor | None = None,
+               scale: str = "mean", factor: float = 1.0, group_size: int | None = None,
+               **options: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Keep ``keep`` (flat bool) if given, else the top ``ceil(density * n)`` magnitudes."""
+        if keep is None:
+            if density is None:
+                raise ValueError("ternary encoding needs density= or keep=")
+            keep = top_k_mask(tensor, math.ceil(density * tensor.numel()))
+        parts, params = ternary_encode(tensor, keep, scale=scale, factor=factor, group_size=group_size)
+        return parts, {**_head(tensor), **params}
+
+    def decode(self, parts: dict[str, torch.Tensor], spec: dict[str, Any]) -> torch.Tensor:
+        shape, dtype = _logical(spec)
+        return ternary_decode(parts, spec, shape).to(dtype)
+
+    def parts(self, spec: dict[str, Any]) -> tuple[str, ...]:
+        return ternary_roles(spec)
+
+
+BUILTIN_CODECS: tuple[TensorCodec, ...] = (Int8Codec(), Int4Codec(), TernaryCodec())

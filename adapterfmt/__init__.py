@@ -9,6 +9,7 @@ from . import registry
 from .adapter import Adapter, load, save
 from .apply import activate, adapter_ids, attach, attached, detach, merge_into, unmerge
 from .codecs import BUILTIN_CODECS
+from .compress import compress_adapter
 from .deltas import DeltaKind, function_shape, lowrank_entry
 from .errors import (
     AdapterError,
@@ -36,7 +37,7 @@ __all__ = [
     "Adapter", "load", "save", "validate", "new_manifest", "SPEC_VERSION",
     "attach", "attached", "detach", "activate", "merge_into", "unmerge", "adapter_ids",
     "DeltaKind", "function_shape", "lowrank_entry", "Method", "hookimpl",
-    "ForeignFormat", "TensorCodec", "ApplyBackend", "BUILTIN_CODECS",
+    "ForeignFormat", "TensorCodec", "ApplyBackend", "BUILTIN_CODECS", "compress_adapter",
     "fingerprint_module", "fingerprint_checkpoint",
     "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype", "select_modules", "pattern_value",
     "AdapterError", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "MissingFileError",

@@ -1,0 +1,355 @@
+"""``compress``: make an adapter smaller, and say what it cost.
+
+Steps run in order on every module (each a dict ``{"method": name, **options}``):
+
+- ``resize``: SVD rank reduction of ``lowrank`` modules (kohya's resize_lora) to ``rank`` and/or the rank a
+  threshold on the singular values picks: ``sv_ratio`` (keep s_i >= s_max / ratio), ``sv_fro`` (smallest rank
+  whose Frobenius-norm fraction sqrt(sum s_i^2 / sum s^2) reaches it), ``sv_cumulative`` (smallest rank whose
+  sum s_i / sum s reaches it). With several, the smallest rank wins; ``params.scale`` is kept, the
+  factors are ``U sqrt(S)`` and ``sqrt(S) V^T``.
+- ``compeft``: ComPEFT. Keep the top ``density`` fraction of magnitudes, per tensor (``scope="tensor"``) or
+  over the whole adapter (``"adapter"``), store only their signs and one scale per tensor (or per
+  ``group_size`` elements): ``scale="mean"`` (mean kept magnitude) or ``"std"`` (``factor`` x standard
+  deviation, as in the paper). ``target="params"`` encodes each stored factor (lora_A, lora_B, a dense
+  delta ...; tensors of 2+ dims) with the ``ternary`` codec; ``target="delta"`` turns each additive
+  module's dW into a ``ternary`` delta kind.
+- ``quantize``: ``bits=8`` (int8 per output channel) or ``bits=4`` (int4, ``group_size`` scales) codecs on
+  every stored float tensor of 2+ dims not already encoded.
+
+The record of what was done goes in the manifest's ``compression``: the steps, tensor bytes before and
+after, and the relative error of each module's dW, ``||dW' - dW|| / ||dW||`` (for modules without an
+additive dW, e.g. DoRA, the same over the kind's stored effect); with ``base`` also how far the model's
+outputs moved (see :func:`output_divergence`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import codecs
+from .adapter import Adapter
+from .deltas.lowrank import LowRank
+from .deltas.ternary import ternary_encode, top_k_mask
+from .errors import FormatError, UnsupportedError
+from .manifest import copy_manifest
+from .registry import get_kind
+from .safetensors_io import ITEMSIZE, dtype_name
+
+@dataclass
+class Work:
+    """One module while being compressed: its entry, logical tensors by role, and roles stored encoded."""
+
+    entry: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    encoded: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = field(default_factory=dict)
+
+    def float_roles(self) -> list[str]:
+        """Roles a codec may encode: float tensors of 2+ dims not encoded yet."""
+        return [r for r, t in sorted(self.tensors.items())
+                if t.is_floating_point() and t.dim() >= 2 and r not in self.encoded]
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        out = {r: t for r, t in self.tensors.items() if r not in self.encoded}
+        for role, (parts, _) in self.encoded.items():
+            out.update({f"{role}.{p}": t for p, t in parts.items()})
+        return out
+
+
+# ----- resize -------------------------------------------------------------------------------------------
+def resize_rank(s: torch.Tensor, *, rank: int | None = None, sv_ratio: float | None = None,
+                sv_fro: float | None = None, sv_cumulative: float | None = None) -> int:
+    """The rank kept from descending singular values ``s`` (at least 1, at most ``len(s)``)."""
+    s = s.double()
+    picks = [s.numel()]
+    if rank is not None:
+        picks.append(rank)
+    if float(s[0]) > 0:
+        if sv_ratio is not None:
+            picks.append(int((s >= s[0] / sv_ratio).sum()))
+        if sv_fro is not None:
+            frac = (s.square().cumsum(0) / s.square().sum()).sqrt()
+            picks.append(int((frac < sv_fro - 1e-12).sum()) + 1)
+        if sv_cumulative is not None:
+            frac = s.cumsum(0) / s.sum()
+            picks.append(int((frac < sv_cumulative - 1e-12).sum()) + 1)
+    return max(1, min(picks))
+
+
+def resize(works: dict[str, Work], *, rank: int | None = None, sv_ratio: float | None = None,
+           sv_fro: float | None = None, sv_cumulative: float | None = None) -> None:
+    if rank is None and sv_ratio is None and sv_fro is None and sv_cumulative is None:
+        raise UnsupportedError("resize needs rank, sv_ratio, sv_fro or sv_cumulative")
+    for w in works.values():
+        if w.entry["kind"] != "lowrank":
+            continue
+        a, b = w.tensors["lora_A"], w.tensors["lora_B"]
+        r = a.shape[0]
+        u, s, vh = torch.linalg.svd(b.double().reshape(b.shape[0], r) @ a.double().reshape(r, -1),
+                                    full_matrices=False)
+        k = min(r, resize_rank(s[:r], rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative))
+        root = s[:k].sqrt()
+        w.tensors["lora_B"] = (u[:, :k] * root).reshape(b.shape[0], k, *b.shape[2:]).to(b.dtype).contiguous()
+        w.tensors["lora_A"] = (root[:, None] * vh[:k]).reshape(k, *a.shape[1:]).to(a.dtype).contiguous()
+        w.encoded.pop("lora_A", None)
+        w.encoded.pop("lora_B", None)
+
+
+# ----- compeft ------------------------------------------------------------------------------------------
+def _keep_masks(tensors: list[torch.Tensor], density: float, scope: str) -> list[torch.Tensor]:
+    """Flat bool masks of the top ``density`` magnitudes, per tensor or over all of them together."""
+    if scope == "tensor":
+        return [top_k_mask(t, math.ceil(density * t.numel())) for t in tensors]
+    if scope != "adapter":
+        raise UnsupportedError(f"compeft scope must be 'tensor' or 'adapter', got {scope!r}")
+    flat = torch.cat([t.reshape(-1).float().abs() for t in tensors]) if tensors else torch.zeros(0)
+    mask = top_k_mask(flat, math.ceil(density * flat.numel()))
+    return list(mask.split([t.numel() for t in tensors]))
+
+
+def compeft(works: dict[str, Work], *, density: float, scope: str = "tensor", scale: str = "mean",
+            factor: float = 1.0, group_size: int | None = None, target: str = "params") -> None:
+    if not 0 <= density <= 1:
+        raise UnsupportedError(f"compeft density must be in [0, 1], got {density}")
+    opts = {"scale": scale, "factor": factor, "group_size": group_size}
+    if target == "params":
+        slots = [(w, r) for w in works.values() for r in w.float_roles()]
+        masks = _keep_masks([w.tensors[r] for w, r in slots], density, scope)
+        for (w, role), keep in zip(slots, masks, strict=True):
+            parts, spec = codecs.encode("ternary", w.tensors[role], keep=keep, **opts)
+            w.encoded[role] = (parts, spec)
+            w.tensors[role] = codecs.get_codec("ternary").decode(parts, spec)
+        return
+    if target != "delta":
+        raise UnsupportedError(f"compeft target must be 'params' or 'delta', got {target!r}")
+    deltas = {path: d for path, w in works.items() if (d := _additive_delta(w)) is not None}
+    masks = _keep_masks(list(deltas.values()), density, scope)
+    for (path, d), keep in zip(deltas.items(), masks, strict=True):
+        w = works[path]
+        parts, params = ternary_encode(d, keep, **opts)
+        entry = {"kind": "ternary", "shape": list(w.entry["shape"]), "params": params}
+        if "parameter" in w.entry:
+            entry["parameter"] = w.entry["parameter"]
+        works[path] = Work(entry, parts)
+
+
+def _additive_delta(w: Work) -> torch.Tensor | None:
+    """dW of a module that is exactly ``W + dW`` and has no bias role, else None (left as it is)."""
+    kind = get_kind(w.entry["kind"])
+    if any(r.startswith("bias") for r in w.tensors) or not kind.is_additive(w.entry, list(w.tensors)):
+        return None
+    try:
+        return kind.delta(w.entry, w.tensors)
+    except UnsupportedError:
+        return None
+
+
+# ----- quantize -----------------------------------------------------------------------------------------
+def quantize(works: dict[str, Work], *, bits: int = 8, group_size: int | None = None) -> None:
+    name = {8: "int8", 4: "int4"}.get(bits)
+    if name is None:
+        raise UnsupportedError(f"quantize supports bits=8 or bits=4, got {bits}")
+    opts = {"group_size": group_size} if bits == 4 else {}
+    for w in works.values():
+        for role in w.float_roles():
+            parts, spec = codecs.encode(name, w.tensors[role], **opts)
+            w.encoded[role] = (parts, spec)
+            w.tensors[role] = codecs.get_codec(name).decode(parts, spec)
+
+
+STEP_METHODS: dict[str, Callable[..., None]] = {"resize": resize, "compeft": compeft, "quantize": quantize}
+"""Compression step methods by name; each takes the modules being compressed and its options."""
+
+
+# ----- errors -------------------------------------------------------------------------------------------
+def module_effect(entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """What a module's tensors do, flat fp64: dW for additive entries, else the kind's stored effect
+    (for DoRA: scale * B @ A and the magnitude; otherwise the stored tensors in role order)."""
+    kind = get_kind(entry["kind"])
+    if kind.is_additive(entry, list(tensors)):
+        try:
+            return kind.delta(entry, tensors).double().reshape(-1)
+        except UnsupportedError:
+            pass
+    if isinstance(kind, LowRank):
+        return torch.cat([kind.function_delta(entry, tensors).double().reshape(-1),
+                          tensors["magnitude"].double().reshape(-1)])
+    return torch.cat([tensors[r].double().reshape(-1) for r in sorted(tensors) if tensors[r].is_floating_point()])
+
+
+def relative_error(new: torch.Tensor, old: torch.Tensor) -> float:
+    if new.shape != old.shape:
+        return math.inf
+    ref = float(old.norm())
+    diff = float((new - old).norm())
+    return diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * ITEMSIZE[dtype_name(t.dtype)] for t in tensors.values())
+
+
+# ----- the driver ---------------------------------------------------------------------------------------
+def normalize_steps(steps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Check step dicts (known method, options it takes); returns them with None options dropped."""
+    import inspect
+
+    out = []
+    for i, step in enumerate(steps):
+        step = {k: v for k, v in dict(step).items() if v is not None}
+        method = step.pop("method", None)
+        fn = STEP_METHODS.get(method)
+        if fn is None:
+            raise UnsupportedError(f"compress step {i + 1}: unknown method {method!r} "
+                                   f"(methods: {', '.join(STEP_METHODS)})")
+        takes = set(inspect.signature(fn).parameters) - {"works"}
+        unknown = sorted(set(step) - takes)
+        if unknown:
+            raise UnsupportedError(f"compress step {i + 1} ({method}): unknown option {unknown[0]!r} "
+                                   f"(options: {', '.join(sorted(takes))})")
+        out.append({"method": method, **step})
+    if not out:
+        raise UnsupportedError("compress needs at least one step (resize, compeft or quantize)")
+    return out
+
+
+def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
+                     base: nn.Module | str | os.PathLike[str] | None = None,
+                     inputs: torch.Tensor | None = None) -> Adapter:
+    """Run ``steps`` on every module of ``adapter``; returns the compressed adapter (in memory).
+
+    Its manifest's ``compression`` records the steps, tensor bytes before / after and the dW error per
+    module; with ``base`` (a live model or a checkpoint folder) also the output divergence on it.
+    """
+    plan = normalize_steps(steps)
+    originals = {path: adapter.module_tensors(path) for path in sorted(adapter.modules)}
+    works = {path: Work({k: v for k, v in entry.items() if k != "encoding"}, dict(originals[path]))
+             for path, entry in sorted(adapter.modules.items())}
+    for step in plan:
+        opts = {k: v for k, v in step.items() if k != "method"}
+        STEP_METHODS[step["method"]](works, **opts)
+    manifest = copy_manifest(adapter.manifest)
+    tensors: dict[str, torch.Tensor] = {}
+    errors: dict[str, float | None] = {}
+    for path, w in works.items():
+        entry = dict(w.entry)
+        if w.encoded:
+            entry["encoding"] = {role: spec for role, (_, spec) in sorted(w.encoded.items())}
+        manifest["modules"][path] = entry
+        tensors.update({f"{path}.{name}": t for name, t in w.stored().items()})
+        old = module_effect(adapter.modules[path], originals[path])
+        errors[path] = _finite(relative_error(module_effect(entry, w.tensors), old))
+    before = adapter.nbytes()
+    after = tensor_bytes(tensors)
+    finite = [e for e in errors.values() if e is not None]
+    record: dict[str, Any] = {
+        "steps": plan,
+        "source_tensor_bytes": before,
+        "tensor_bytes": after,
+        "ratio": round(before / after, 4) if after else None,
+        "dW_rel_error_max": max(finite, default=0.0) if len(finite) == len(errors) else None,
+        "dW_rel_error_mean": sum(finite) / len(finite) if finite else 0.0,
+        "module_errors": errors,
+    }
+    manifest["compression"] = record
+    manifest.setdefault("provenance", []).append({"tool": "adapterfmt compress", "steps": plan})
+    out = Adapter(manifest, tensors)
+    if base is not None:
+        record["output"] = output_divergence(base, adapter, out, inputs=inputs)
+    return out
+
+
+# ----- output divergence on a base model ----------------------------------------------------------------
+def load_live_model(path: str | os.PathLike[str]) -> nn.Module:
+    """A live model from a checkpoint folder: the tiny model (``adapter demo``'s) or a transformers causal LM
+    built from its ``config.json`` with the folder's safetensors weights."""
+    import json
+
+    from .fingerprint import checkpoint_files
+    from .safetensors_io import read_header, read_tensor
+
+    folder = Path(path)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FormatError("--base must be a model folder with config.json and safetensors weights", path=folder)
+    cfg = json.loads(cfg_path.read_text("utf-8"))
+    if cfg.get("model_type") == "adapterfmt-tiny":
+        from .tiny import TinyConfig, TinyLM
+
+        model: nn.Module = TinyLM(TinyConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    else:
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError:
+            raise UnsupportedError("a transformers base model needs the 'transformers' extra") from None
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    state = {}
+    for f in checkpoint_files(folder):
+        h = read_header(f)
+        state.update({n: read_tensor(h, n) for n in h.tensors})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n in missing if n.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise FormatError(f"checkpoint does not fit its config: {len(missing)} missing, {len(unexpected)} "
+                          "unexpected tensors", path=folder)
+    return model.eval()
+
+
+def _default_inputs(model: nn.Module) -> torch.Tensor:
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is None:
+        raise UnsupportedError("cannot guess inputs for this model (no embedding); pass inputs=")
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, emb.num_embeddings, (4, 32), generator=gen)
+
+
+def _run(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    out = model(inputs)
+    out = getattr(out, "logits", out)
+    return (out[0] if isinstance(out, tuple) else out).double()
+
+
+def output_divergence(base: nn.Module | str | os.PathLike[str], original: Adapter, compressed: Adapter, *,
+                      inputs: torch.Tensor | None = None) -> dict[str, float]:
+    """How far the compressed adapter moves the model's outputs from the original's, on ``inputs``
+    (default: 4 x 32 random token ids): ``rel_error`` = ||y_c - y_o|| / ||y_o - y_base||, ``max_abs``, and
+    for token logits the mean KL(p_o || p_c) and the top-1 agreement."""
+    from .apply import attach, detach
+
+    model = base if isinstance(base, nn.Module) else load_live_model(base)
+    x = _default_inputs(model) if inputs is None else inputs
+    with torch.no_grad():
+        y0 = _run(model, x)
+        outs = []
+        for i, a in enumerate((original, compressed)):
+            name = attach(model, a, name=f"__compress_{i}")
+            try:
+                outs.append(_run(model, x))
+            finally:
+                detach(model, name)
+    yo, yc = outs
+    report = {"rel_error": _finite(_ratio(yc - yo, yo - y0)),
+              "max_abs": float((yc - yo).abs().max()) if yo.numel() else 0.0}
+    if yo.dim() == 3 and yo.shape == yc.shape:
+        lo, lc = yo.log_softmax(-1), yc.log_softmax(-1)
+        report["kl"] = float((lo.exp() * (lo - lc)).sum(-1).mean())
+        report["top1_agreement"] = float((yo.argmax(-1) == yc.argmax(-1)).double().mean())
+    return report
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no infinity: an unbounded error is recorded as null."""
+    return x if math.isfinite(x) else None
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+    d = float(den.norm())
+    n = float(num.norm())
+    return n / d if d > 0 else (0.0 if n == 0 else math.inf)

@@ -10,6 +10,7 @@ from .adapter import Adapter, load, save
 from .apply import activate, adapter_ids, attach, attached, detach, merge_into, unmerge
 from .codecs import BUILTIN_CODECS
 from .compress import compress_adapter
+from .convert import base_shapes, convert, read_foreign, read_tensor_file, to_peft, write_foreign, write_tensor_file
 from .deltas import DeltaKind, function_shape, lowrank_entry
 from .errors import (
     AdapterError,
@@ -27,19 +28,22 @@ from .fingerprint import fingerprint_checkpoint, fingerprint_module
 from .hookspecs import hookimpl
 from .manifest import SPEC_VERSION, new_manifest
 from .method import Method
+from .modules import weight_function
 from .protocols import ApplyBackend, ForeignFormat, TensorCodec
-from .targets import pattern_value, select_modules
+from .targets import TARGETS_SCHEMA, matches_targets, pattern_value, select_modules
 from .train import TrainableDelta, TrainSession, adapter_dtype, inject, module_entry
 from .validate import validate
 
 __all__ = [
+    "convert", "read_foreign", "write_foreign", "to_peft", "read_tensor_file", "write_tensor_file", "base_shapes",
     "__version__", "registry",
     "Adapter", "load", "save", "validate", "new_manifest", "SPEC_VERSION",
     "attach", "attached", "detach", "activate", "merge_into", "unmerge", "adapter_ids",
     "DeltaKind", "function_shape", "lowrank_entry", "Method", "hookimpl",
     "ForeignFormat", "TensorCodec", "ApplyBackend", "BUILTIN_CODECS", "compress_adapter",
     "fingerprint_module", "fingerprint_checkpoint",
-    "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype", "select_modules", "pattern_value",
+    "weight_function", "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype", "select_modules", "matches_targets", "pattern_value",
+    "TARGETS_SCHEMA",
     "AdapterError", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "MissingFileError",
     "BaseMismatchError", "PluginError", "UnsupportedError", "OutputExistsError",
 ]

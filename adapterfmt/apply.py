@@ -17,6 +17,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .errors import AdapterError, BaseMismatchError, UnsupportedError
+from .deltas.base import ROWS_CACHE_ATTR
 from .registry import get_kind
 
 STATE_ATTR = "_adapterfmt_state"
@@ -68,7 +69,9 @@ class Slot:
             return y
         batched = getattr(present[0][1].kind, "forward_rows", None)
         if batched is not None and all(type(b.kind) is type(present[0][1].kind) for _, b in present):
-            return batched(module, present, x, y, ids)
+            out = batched(module, present, x, y, ids)
+            if out is not None:  # None: the kind cannot batch this case; group rows by adapter instead
+                return out
         out = y.clone()
         for i, b in present:
             rows = (ids == i).nonzero().flatten()
@@ -147,6 +150,7 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge
         if slot is None:
             slot = st.slots[path] = Slot(st, path, module)
         slot.bound[name] = b
+        module.__dict__.pop(ROWS_CACHE_ATTR, None)
     st.adapters[name] = adapter
     if activate:
         st.active.append(name)
@@ -195,6 +199,7 @@ def detach(model: nn.Module, name: str | None = None) -> None:
         unmerge(model, n)
         for path, slot in list(st.slots.items()):
             slot.bound.pop(n, None)
+            slot.module.__dict__.pop(ROWS_CACHE_ATTR, None)
             if not slot.bound:
                 slot.handle.remove()
                 del st.slots[path]

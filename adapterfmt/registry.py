@@ -25,10 +25,13 @@ ENTRY_POINT_GROUP = "adapterfmt"
 BLOCK_ENV = "ADAPTERFMT_BLOCK_PLUGINS"
 BUILTIN_PLUGINS = (
     "adapterfmt.plugins.lora",
+    "adapterfmt.plugins.lora_variants",
     "adapterfmt.plugins.codecs",
     "adapterfmt.plugins.patches",
     "adapterfmt.plugins.vectors",
     "adapterfmt.plugins.prompts",
+    "adapterfmt.plugins.peft_format",
+    "adapterfmt.plugins.token_rows",
 )
 VERBS = ("train", "apply", "merge", "compress", "port")
 

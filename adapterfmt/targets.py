@@ -28,6 +28,12 @@ ALL_LINEAR = "all-linear"
 LAYER_CONTAINERS = ("layers", "h", "blocks", "block", "layer")
 
 Targets = str | Sequence[str]
+_NAMES: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+TARGETS_SCHEMA: dict[str, Any] = {
+    "target_modules": _NAMES, "exclude_modules": _NAMES, "layers_pattern": _NAMES,
+    "layers_to_transform": {"anyOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}}]},
+}
+"""JSON Schema properties of the target fields every injecting method's config shares."""
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -40,7 +46,7 @@ def _item_matches(item: str, path: str) -> bool:
     return path == item or path.endswith("." + item)
 
 
-def matches(spec: Targets | None, path: str) -> bool:
+def matches_targets(spec: Targets | None, path: str) -> bool:
     """Whether ``path`` is selected by ``spec`` (a regex string or a list of names / suffixes / ``re:`` items)."""
     if spec is None:
         return False
@@ -89,8 +95,8 @@ def select_modules(model: nn.Module, target_modules: Targets, *, exclude_modules
         if target_modules == ALL_LINEAR:
             hit = is_linear(module) and module is not head
         else:
-            hit = matches(target_modules, path)
-        if not hit or matches(exclude_modules, path):
+            hit = matches_targets(target_modules, path)
+        if not hit or matches_targets(exclude_modules, path):
             continue
         if keep_layers is not None and layer_index(path, layers_pattern) not in keep_layers:
             continue

@@ -1,4 +1,4 @@
-"""LoRA: weight deltas of low rank, dW = (alpha / r) * B @ A (alpha / sqrt(r) with rsLoRA).
+"""LoRA and DoRA: weight deltas of low rank, dW = (alpha / r) * B @ A (alpha / sqrt(r) with rsLoRA).
 
 Stored as kind ``lowrank``, so apply / merge / compress / port are the kind's generic verbs; this plugin
 supplies ``train``: it injects A and B into ``nn.Linear``, ``nn.Embedding``, GPT-2's ``Conv1D`` and
@@ -22,13 +22,6 @@ import adapterfmt as af
 SUPPORTED = (nn.Linear, nn.Embedding, "Conv1D", nn.Conv2d)
 DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 8, "dropout": 0.0, "use_rslora": False, "lora_bias": False,
                             "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}
-TARGETS_SCHEMA: dict[str, Any] = {
-    "target_modules": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "exclude_modules": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "layers_to_transform": {"anyOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}}]},
-    "layers_pattern": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-}
-"""Config fields every injecting method shares (see :mod:`adapterfmt.targets`)."""
 
 
 def lowrank_params(module: nn.Module, r: int, fshape: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -59,7 +52,7 @@ class LoRA(af.Method):
             "use_dora": {"type": "boolean"},
             "rank_pattern": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1}},
             "alpha_pattern": {"type": "object", "additionalProperties": {"type": "number"}},
-            **TARGETS_SCHEMA,
+            **af.TARGETS_SCHEMA,
         },
     }
 
@@ -92,6 +85,12 @@ class LoRA(af.Method):
         return af.TrainableDelta(entry, params, dropout=0.0 if embedding else cfg["dropout"])
 
 
+class DoRA(LoRA):
+    name = "dora"
+    summary = "DoRA: LoRA with a learned per-output magnitude (weight-decomposed low-rank adaptation)"
+    defaults = {**DEFAULTS, "use_dora": True}
+
+
 @af.hookimpl
 def adapterfmt_methods() -> list[af.Method]:
-    return [LoRA()]
+    return [LoRA(), DoRA()]

@@ -18,6 +18,10 @@ from torch import nn
 from ..errors import FormatError, UnsupportedError
 from ..modules import is_transposed
 
+ROWS_CACHE_ATTR = "_adapterfmt_rows_cache"
+"""Attribute of a live module where a kind's ``forward_rows`` may cache data built from the attached
+adapters (e.g. stacked factors); :mod:`adapterfmt.apply` drops it whenever adapters are attached or detached."""
+
 Tensors = Mapping[str, torch.Tensor]
 Entry = Mapping[str, Any]
 

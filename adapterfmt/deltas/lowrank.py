@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import is_transposed, weight_function
-from .base import DeltaKind, Entry, Tensors, fail
+from .base import ROWS_CACHE_ATTR, DeltaKind, Entry, Tensors, fail
 
 
 def function_shape(entry: Entry) -> tuple[int, ...]:
@@ -86,11 +86,17 @@ class LowRank(DeltaKind):
             mid = F.embedding(x, a.t(), module.padding_idx, module.max_norm, module.norm_type,
                               module.scale_grad_by_freq, module.sparse)
             return s * (mid @ b.t())
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        if _is_linear(module):
             return s * ((x @ a.t().to(x.dtype)) @ b.t().to(x.dtype))
         return weight_function(module, x, self.function_delta(entry, t).to(x.dtype))
 
     def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if _is_linear(module) and len(t) == 2 and x.dtype == y.dtype and y.dim() >= 2:
+            # y + scale * (x A^T) B^T in one fused multiply-add over the output
+            a, b = t["lora_A"], t["lora_B"]
+            mid = x.reshape(-1, x.shape[-1]) @ a.t().to(x.dtype)
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), mid, b.t().to(x.dtype), alpha=self.scale(entry))
+            return out.reshape(y.shape)
         out = self._lora_out(module, entry, t, x).to(y.dtype)
         if "bias" in t:
             out = out + channel_view(self.scale(entry) * t["bias"].to(y.dtype), y, module)
@@ -101,6 +107,29 @@ class LowRank(DeltaKind):
         mns = channel_view((t["magnitude"].reshape(-1).float() / norm).to(y.dtype), y, module)
         base_nobias = weight_function(module, x, w.to(x.dtype))
         return y + (mns - 1) * base_nobias + mns * out
+
+    def forward_rows(self, module: nn.Module, present: list[tuple[int, Any]], x: torch.Tensor, y: torch.Tensor,
+                     ids: torch.Tensor) -> torch.Tensor | None:
+        """Per-row adapters in one batched pass: row ``i`` gets adapter ``ids[i]`` (-1: none).
+
+        The adapters' factors are stacked into a zero-padded pool (cached on the module until the set of
+        attached adapters changes) and each row's pair is gathered, so the whole batch takes two batched
+        matmuls, ``bmm(x, A[ids]^T)`` then ``baddbmm(y, ., B[ids]^T)``, whatever the mix of adapters.
+        Returns None (the caller then groups rows by adapter) for DoRA entries and non-linear modules.
+        """
+        if not _is_linear(module) or x.dim() < 2 or x.shape[0] != ids.shape[0] or x.dtype != y.dtype:
+            return None
+        if any("magnitude" in b.tensors for _, b in present):
+            return None
+        pool_a, pool_b, pool_bias = _pool(module, present)
+        zero = pool_a.shape[0] - 1
+        idx = torch.where((ids < 0) | (ids >= zero), zero, ids)
+        n = x.shape[0]
+        mid = torch.bmm(x.reshape(n, -1, x.shape[-1]), pool_a[idx].transpose(1, 2))
+        out = torch.baddbmm(y.reshape(n, -1, y.shape[-1]), mid, pool_b[idx].transpose(1, 2))
+        if pool_bias is not None:
+            out = out + pool_bias[idx].unsqueeze(1)
+        return out.reshape(y.shape)
 
     def _function_weight(self, module: nn.Module, entry: Entry) -> torch.Tensor:
         w = getattr(module, entry.get("parameter", "weight"))
@@ -142,6 +171,39 @@ class LowRank(DeltaKind):
             scale = (t["magnitude"].reshape(-1).float() / state).reshape(-1, *([1] * (w_f.dim() - 1)))
             orig = w_f / scale - fw
             param.copy_((orig.t() if tr else orig).to(param.dtype))
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _pool(module: nn.Module, present: list[tuple[int, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Stacked factors ``A [n+1, R, in]``, ``B * scale [n+1, out, R]``, bias ``[n+1, out]`` (or None) of the
+    adapters in ``present`` by slot index, zero-padded to the largest rank R; the last slot is all zeros
+    (rows without an adapter). Cached on the module, keyed by the bound adapters themselves."""
+    n = max(i for i, _ in present) + 1
+    cached = module.__dict__.get(ROWS_CACHE_ATTR)
+    if cached is not None and len(cached[0]) == len(present) and \
+            all(i == j and b is c for (i, b), (j, c) in zip(cached[0], present, strict=True)):
+        return cached[1]
+    ref = present[0][1].tensors["lora_A"]
+    r_max = max(b.tensors["lora_A"].shape[0] for _, b in present)
+    n_in = ref.reshape(ref.shape[0], -1).shape[1]
+    out = present[0][1].tensors["lora_B"].shape[0]
+    pool_a = ref.new_zeros(n + 1, r_max, n_in)
+    pool_b = ref.new_zeros(n + 1, out, r_max)
+    has_bias = any("bias" in b.tensors for _, b in present)
+    pool_bias = ref.new_zeros(n + 1, out) if has_bias else None
+    for i, b in present:
+        a, bb = b.tensors["lora_A"], b.tensors["lora_B"]
+        r, s = a.shape[0], LowRank.scale(b.entry)
+        pool_a[i, :r] = a.reshape(r, -1)
+        pool_b[i, :, :r] = s * bb.reshape(out, r)
+        if "bias" in b.tensors:
+            pool_bias[i] = s * b.tensors["bias"].reshape(-1)
+    pool = (pool_a, pool_b, pool_bias)
+    module.__dict__[ROWS_CACHE_ATTR] = (list(present), pool)
+    return pool
 
 
 def lowrank_entry(shape: list[int] | tuple[int, ...], scale: float, *, transposed: bool = False,

@@ -1,4 +1,4 @@
-"""The golden example adapters of ``spec/examples/``: tiny, deterministic, one per delta kind, both file forms.
+"""The golden example adapters of ``spec/examples/``: tiny, deterministic, every delta kind and codec, both file forms.
 
 Values are small multiples of 1/16, exact in every float dtype, computed by formula rather than by a random
 generator, so the files depend on nothing but this module and the writer. ``python -m adapterfmt.golden
@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from .adapter import Adapter, save
+from .codecs import encode
+from .deltas.ternary import ternary_encode
 from .fingerprint import fingerprint_module
 from .manifest import new_manifest
 
@@ -123,6 +125,34 @@ def _prompt() -> Built:
     return "prompt_tuning", {"num_virtual_tokens": 3}, modules, {f"{EMBED}.embeddings": ramp(3, 8, seed=5, dtype=torch.bfloat16)}
 
 
+def _ternary() -> Built:
+    """ComPEFT sign patterns: a bitmap mask with one scale per tensor, varint gaps with one scale per group."""
+    flat = torch.arange(96)
+    down, down_p = ternary_encode(ramp(8, 12, seed=1), flat % 3 == 0, layout="bitmap")
+    up, up_p = ternary_encode(ramp(12, 8, seed=2), (flat == 5) | (flat == 6) | (flat == 40) | (flat == 90),
+                              group_size=32, layout="gaps")
+    modules = {DOWN: {"kind": "ternary", "shape": [8, 12], "params": {**down_p, "scale": 0.5}},
+               UP: {"kind": "ternary", "shape": [12, 8], "params": up_p}}
+    t = {**{f"{DOWN}.{r}": v for r, v in down.items()}, **{f"{UP}.{r}": v for r, v in up.items()}}
+    return "task_vector", {}, modules, t
+
+
+def _encoded() -> Built:
+    """Compressed storage: roles stored through the int8, int4 and ternary codecs (``encoding``)."""
+    modules = {Q: {"kind": "lowrank", "shape": [8, 8], "params": {"scale": 2.0}, "encoding": {}},
+               DOWN: {"kind": "dense", "shape": [8, 12], "params": {"mode": "add"}, "encoding": {}}}
+    t: dict[str, torch.Tensor] = {}
+    for module, role, codec, tensor, options in [
+        (Q, "lora_A", "int8", ramp(2, 8, seed=1), {}),
+        (Q, "lora_B", "int4", ramp(8, 2, seed=2), {"group_size": 4}),
+        (DOWN, "delta", "ternary", ramp(8, 12, seed=3), {"density": 0.25}),
+    ]:
+        parts, spec = encode(codec, tensor, **options)
+        modules[module]["encoding"][role] = spec
+        t.update({f"{module}.{role}.{part}": v for part, v in parts.items()})
+    return "lora", {"r": 2}, modules, t
+
+
 def _extensions() -> Built:
     """Optional manifest parts: a namespaced extension (not must-understand) and a provenance chain."""
     modules = {Q: {"kind": "lowrank", "shape": [8, 8], "params": {"scale": 1.0}}}
@@ -131,7 +161,7 @@ def _extensions() -> Built:
 
 EXAMPLES: dict[str, Callable[[], Built]] = {
     "lowrank": _lowrank, "dense": _dense, "sparse": _sparse, "vector": _vector, "prompt": _prompt,
-    "extensions": _extensions,
+    "ternary": _ternary, "encoded": _encoded, "extensions": _extensions,
 }
 """Example name -> builder; each is written as ``<name>/`` (folder form) and ``<name>.safetensors``."""
 

@@ -1,5 +1,6 @@
-"""Property: any valid manifest with tensors of every core delta kind (any bit pattern, any dtype) survives
-save -> load -> save byte for byte, in both file forms and across them."""
+"""Property: any valid manifest with tensors of every core delta kind (any bit pattern, any dtype), and roles
+stored through every built-in codec, survives save -> load -> save byte for byte, in both file forms and
+across them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import adapterfmt as af
+from adapterfmt.codecs import encode
+from adapterfmt.deltas.ternary import ternary_encode
 from adapterfmt.safetensors_io import DTYPES, ITEMSIZE
 from helpers_spec import tree
 
@@ -82,7 +85,34 @@ def prompt(draw):
     return {"kind": "prompt", "shape": [vocab, dim], "params": {"position": "prefix"}}, t
 
 
-KINDS = {"lowrank": lowrank(), "dense": dense(), "sparse": sparse(), "vector": vector(), "prompt": prompt()}
+@st.composite
+def ternary(draw):
+    shape = (draw(dims), draw(dims))
+    n = math.prod(shape)
+    keep = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    group = draw(st.none() | st.integers(1, n))
+    parts, params = ternary_encode(draw(tensor(shape, ["F32"])).nan_to_num(), keep, group_size=group,
+                                   layout=draw(st.sampled_from(["bitmap", "gaps"])))
+    return {"kind": "ternary", "shape": list(shape), "params": {**params, "scale": draw(st.floats(-2, 2))}}, parts
+
+
+@st.composite
+def encoded(draw):
+    """A dense delta stored through a compression codec (roles ``delta.<part>``)."""
+    entry, t = draw(dense())
+    role = "value" if entry["params"]["mode"] == "replace" else "delta"
+    codec = draw(st.sampled_from(["int8", "int4", "ternary"]))
+    options = {"group_size": draw(st.integers(1, 8))} if codec == "int4" else {}
+    if codec == "ternary":
+        options = {"density": draw(st.floats(0, 1))}
+    parts, spec = encode(codec, t.pop(role).float().nan_to_num(), **options)
+    entry["encoding"] = {role: spec}
+    t.update({f"{role}.{part}": v for part, v in parts.items()})
+    return entry, t
+
+
+KINDS = {"lowrank": lowrank(), "dense": dense(), "sparse": sparse(), "vector": vector(), "prompt": prompt(),
+         "ternary": ternary(), "encoded": encoded()}
 module_path = st.from_regex(r"\A[A-Za-z0-9_][A-Za-z0-9_\-]{0,5}(\.[A-Za-z0-9_\-]{1,5}){0,3}\Z")
 hex64 = st.from_regex(r"\A[0-9a-f]{64}\Z")
 

@@ -84,7 +84,61 @@ def test_reference_safetensors_reader_agrees(name):
 
 # ----- the spec's math, written out in numpy ---------------------------------------------------------------
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.double().numpy()
+    return t.double().numpy() if t.is_floating_point() else t.numpy()
+
+
+def bits(b: np.ndarray, n: int) -> np.ndarray:
+    """Spec "Bit strings": bit i is bit i % 8 (least significant first) of byte i // 8."""
+    return np.unpackbits(b.astype(np.uint8), bitorder="little")[:n].astype(bool)
+
+
+def varints(b: np.ndarray) -> list[int]:
+    out, value, shift = [], 0, 0
+    for byte in b.tolist():
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            out.append(value)
+            value, shift = 0, 0
+    return out
+
+
+def ternary_dense(parts: dict[str, np.ndarray], p: dict, n: int) -> np.ndarray:
+    """Spec "ternary": +-scales[group] at the kept flat positions, 0 elsewhere (without params.scale)."""
+    if p["layout"] == "bitmap":
+        kept = np.flatnonzero(bits(parts["mask"], n))
+    else:
+        kept = np.cumsum(np.array(varints(parts["gaps"]), dtype=np.int64) + 1) - 1
+    assert len(kept) == p["count"]
+    negative = bits(parts["signs"], p["count"])
+    g = p.get("group_size") or n
+    out = np.zeros(n)
+    out[kept] = np.where(negative, -1.0, 1.0) * parts["scales"].astype(np.float64)[kept // g]
+    return out
+
+
+def spec_decode(spec: dict, parts: dict[str, np.ndarray]) -> np.ndarray:
+    """Spec "Compressed storage": the logical tensor from a codec's parts."""
+    shape, n = spec["shape"], int(np.prod(spec["shape"]))
+    if spec["codec"] == "int8":
+        rows = shape[0] if len(shape) >= 2 else 1
+        return (parts["q"].reshape(rows, -1).astype(np.float64) * parts["scale"][:, None]).reshape(shape)
+    if spec["codec"] == "int4":
+        q = parts["q"].astype(np.uint8)
+        codes = np.stack([q & 0x0F, q >> 4], 1).reshape(-1)[:n].astype(np.float64) - 8
+        return (codes * np.repeat(parts["scale"].astype(np.float64), spec["group_size"])[:n]).reshape(shape)
+    assert spec["codec"] == "ternary"
+    return ternary_dense(parts, spec, n).reshape(shape)
+
+
+def spec_tensors(adapter: af.Adapter, module: str) -> dict[str, np.ndarray]:
+    """Each role of ``module`` from the stored tensors, decoding encoded roles from their parts."""
+    prefix, enc = module + ".", adapter.modules[module].get("encoding", {})
+    raw = {n[len(prefix):]: _np(adapter.tensor(n)) for n in adapter.tensor_names() if n.startswith(prefix)}
+    out = {r: v for r, v in raw.items() if "." not in r}
+    for role, spec in enc.items():
+        out[role] = spec_decode(spec, {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith(role + ".")})
+    return out
 
 
 def spec_merged(entry: dict, t: dict[str, np.ndarray], w: np.ndarray, b: np.ndarray | None):
@@ -111,6 +165,8 @@ def spec_merged(entry: dict, t: dict[str, np.ndarray], w: np.ndarray, b: np.ndar
         flat = w.reshape(-1).copy()
         flat[t["indices"].astype(np.int64)] += scale * t["values"]
         return flat.reshape(w.shape), b
+    if kind == "ternary":
+        return w + scale * ternary_dense(t, p, w.size).reshape(w.shape), b
     if kind == "vector":
         v, op, side = t["vector"], p.get("op", "scale"), p.get("side", "output")
         if op == "scale" and side == "output":
@@ -129,7 +185,7 @@ def test_merging_each_example_follows_the_spec_math(name):
     expected = {}
     for path, entry in adapter.modules.items():
         mod = model.get_submodule(path)
-        t = {r: _np(x) for r, x in adapter.module_tensors(path).items()}
+        t = spec_tensors(adapter, path)
         bias = getattr(mod, "bias", None)
         expected[path] = spec_merged(entry, t, _np(mod.weight.detach()), None if bias is None else _np(bias.detach()))
     af.attach(model, adapter, merge=True)

@@ -33,7 +33,8 @@ def summarize(adapter: Adapter, *, checksums: str = "verified") -> dict[str, Any
         params += n
         modules.append({"module": path, "kind": entry["kind"], "shape": entry["shape"],
                         "rank": kind.rank(entry, shapes), "params": n,
-                        "encoding": sorted(entry.get("encoding", {})) or None})
+                        "encoding": {r: spec.get("codec") for r, spec in sorted(entry.get("encoding", {}).items())}
+                        or None})
     ranks = Counter(m["rank"] for m in modules if m["rank"] is not None)
     base = adapter.manifest.get("base") or {}
     return {

@@ -38,14 +38,28 @@ def inspect(
     t.add_row("parameters", f"{info['parameters']:,}")
     t.add_row("size", f"{human_bytes(info['file_bytes'] or 0)} on disk, {human_bytes(info['tensor_bytes'])} of tensors")
     if info["compression"]:
-        t.add_row("compression", ", ".join(f"{k}={v}" for k, v in info["compression"].items() if not isinstance(v, dict | list)))
+        t.add_row("compression", compression_text(info["compression"]))
     t.add_row("checksums", f"[green]{info['checksums']}[/]")
     console.print(t)
     if modules:
-        mt = Table("module", "kind", "shape", "rank", "params")
+        mt = Table("module", "kind", "shape", "rank", "params", "stored as")
         for m in info["modules"]:
-            mt.add_row(m["module"], m["kind"], "x".join(map(str, m["shape"])), str(m["rank"] or "-"), f"{m['params']:,}")
+            enc = ", ".join(f"{r}:{c}" for r, c in (m["encoding"] or {}).items()) or "plain"
+            mt.add_row(m["module"], m["kind"], "x".join(map(str, m["shape"])), str(m["rank"] or "-"), f"{m['params']:,}",
+                       enc)
         console.print(mt)
+
+
+def compression_text(record: dict) -> str:
+    """One line for a ``compression`` record: the steps, the tensor-byte ratio and the dW error."""
+    if "steps" not in record:
+        return ", ".join(f"{k}={v}" for k, v in record.items() if not isinstance(v, dict | list))
+    steps = " -> ".join(s.get("method", "?") + "(" + ", ".join(f"{k}={v}" for k, v in s.items() if k != "method") + ")"
+                        for s in record["steps"])
+    err = record.get("dW_rel_error_max")
+    return (f"{steps}; tensors {record.get('source_tensor_bytes', 0):,} -> {record.get('tensor_bytes', 0):,} B "
+            f"({record.get('tensor_ratio')}x); dW rel. error max {'unbounded' if err is None else f'{err:.3e}'}, "
+            f"mean {record.get('dW_rel_error_mean', 0):.3e}")
 
 
 def validate(

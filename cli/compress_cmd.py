@@ -1,0 +1,118 @@
+"""``adapter compress``: resize / ComPEFT / quantize an adapter and report bytes and error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+import adapterfmt as af
+from adapterfmt import registry
+from adapterfmt.atomic import check_output
+from adapterfmt.compress import compress_adapter
+from adapterfmt.summary import file_bytes
+
+from .inspect_cmd import compression_text
+from .common import JsonOpt, OverwriteOpt, cli_errors, console, human_bytes, print_json
+
+
+def _steps(rank: int | None, sv_ratio: float | None, sv_fro: float | None, sv_cumulative: float | None,
+           density: float | None, scope: str, scale: str, factor: float, group_size: int | None, target: str,
+           bits: int | None, quant_group_size: int | None, steps: str | None) -> list[dict[str, Any]]:
+    if steps is not None:
+        text = Path(steps).read_text("utf-8") if Path(steps).is_file() else steps
+        try:
+            parsed = json.loads(text)
+        except ValueError as e:
+            raise af.UnsupportedError(f"--steps is neither a JSON file nor JSON text: {e}") from None
+        if not isinstance(parsed, list) or not all(isinstance(s, dict) for s in parsed):
+            raise af.UnsupportedError('--steps must be a JSON list of objects like {"method": "resize", "rank": 8}')
+        return parsed
+    out: list[dict[str, Any]] = []
+    if any(v is not None for v in (rank, sv_ratio, sv_fro, sv_cumulative)):
+        out.append({"method": "resize", "rank": rank, "sv_ratio": sv_ratio, "sv_fro": sv_fro,
+                    "sv_cumulative": sv_cumulative})
+    if density is not None:
+        out.append({"method": "compeft", "density": density, "scope": scope, "scale": scale, "factor": factor,
+                    "group_size": group_size, "target": target})
+    if bits is not None:
+        out.append({"method": "quantize", "bits": bits, "group_size": quant_group_size})
+    return out
+
+
+@cli_errors
+def compress(
+    src: str = typer.Argument(..., help="The adapter to compress (folder, .safetensors file or hf://...)."),
+    dst: Path = typer.Argument(..., help="Where to write the result (folder, or a .safetensors file)."),
+    rank: int = typer.Option(None, "--rank", min=1, help="resize: the largest rank kept (SVD of each lowrank dW)."),
+    sv_ratio: float = typer.Option(None, "--sv-ratio", help="resize: keep singular values >= s_max / this."),
+    sv_fro: float = typer.Option(None, "--sv-fro", help="resize: smallest rank keeping this Frobenius-norm fraction."),
+    sv_cumulative: float = typer.Option(None, "--sv-cumulative",
+                                        help="resize: smallest rank keeping this fraction of sum(s)."),
+    density: float = typer.Option(None, "--density", help="compeft: fraction of magnitudes kept (e.g. 0.1)."),
+    scope: str = typer.Option("tensor", "--scope", help="compeft: top-k per 'tensor' or over the whole 'adapter'."),
+    scale: str = typer.Option("mean", "--scale", help="compeft: 'mean' of kept magnitudes or 'std' (x --factor)."),
+    factor: float = typer.Option(1.0, "--factor", help="compeft: alpha in scale = alpha * std (with --scale std)."),
+    group_size: int = typer.Option(None, "--group-size", min=1, help="compeft: one scale per this many elements."),
+    target: str = typer.Option("params", "--target", help="compeft: 'params' (each stored factor) or 'delta' "
+                                                          "(each module's dW, stored as a ternary delta)."),
+    bits: int = typer.Option(None, "--bits", help="quantize: 8 (int8 per channel) or 4 (int4, group scales)."),
+    quant_group_size: int = typer.Option(None, "--quant-group-size", min=1, help="quantize: int4 group (64)."),
+    steps: str = typer.Option(None, "--steps", help='Steps as JSON (file or text), in order, instead of the '
+                                                    'options above: [{"method": "resize", "rank": 8}, ...].'),
+    base: Path = typer.Option(None, "--base", help="Base model folder: also report the output divergence on it."),
+    modules: bool = typer.Option(False, "--modules", help="List every module's error, not just the worst 10."),
+    overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Make an adapter smaller; print bytes on disk before and after and the dW error per module.
+
+    Steps run in the order resize, compeft, quantize (or as given with --steps). The relative error is
+    ||dW' - dW|| / ||dW|| per module; with --base, the outputs of the base model with the original and
+    the compressed adapter are compared on random token ids.
+    """
+    check_output(dst, overwrite)
+    adapter = af.load(src)
+    plan = _steps(rank, sv_ratio, sv_fro, sv_cumulative, density, scope, scale, factor, group_size, target,
+                  bits, quant_group_size, steps)
+    verb = registry.verb(adapter.method, "compress") if adapter.method in registry.methods() else compress_adapter
+    out = verb(adapter, steps=plan, base=base)
+    af.save(out, dst, overwrite=overwrite)
+    record = out.manifest["compression"]
+    before, after = file_bytes(adapter), file_bytes(af.load(dst))
+    report = {"src": str(src), "dst": str(dst), **record, "bytes_before": before, "bytes_after": after,
+              "ratio": before / after if before and after else None}
+    if as_json:
+        print_json(report)
+        return
+    errs = sorted(record["module_errors"].items(), key=lambda kv: -(kv[1] if kv[1] is not None else float("inf")))
+    shown = errs if modules else errs[:10]
+    t = Table("module", "kind", "stored as", "dW rel. error", title=f"compressed {src} -> {dst}", title_justify="left")
+    for path, err in shown:
+        entry = out.modules[path]
+        enc = ", ".join(f"{r}:{s['codec']}" for r, s in sorted(entry.get("encoding", {}).items())) or "plain"
+        t.add_row(path, entry["kind"], enc, _num(err))
+    console.print(t)
+    if len(errs) > len(shown):
+        console.print(f"({len(errs) - len(shown)} more modules; --modules lists all)")
+    console.print(f"steps: {compression_text(record).split(';')[0]}", highlight=False)
+    console.print(f"on disk: {before:,} B ({human_bytes(before or 0)}) -> {after:,} B ({human_bytes(after)}), "
+                  f"ratio [bold]{report['ratio']:.2f}x[/]", highlight=False)
+    console.print(f"dW relative error: max {_num(record['dW_rel_error_max'])}, "
+                  f"mean {_num(record['dW_rel_error_mean'])}", highlight=False)
+    if "output" in record:
+        o = record["output"]
+        extra = f", KL {_num(o['kl'])}, top-1 agreement {o['top1_agreement']:.3f}" if "kl" in o else ""
+        console.print(f"output divergence on {base}: rel. error {_num(o['rel_error'])}, "
+                      f"max |dy| {_num(o['max_abs'])}" + extra, highlight=False)
+
+
+def _num(x: float | None) -> str:
+    return "unbounded" if x is None else f"{x:.3e}"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress")(compress)

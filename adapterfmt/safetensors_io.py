@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -155,15 +156,17 @@ def data_sha256(path: str | os.PathLike[str], header: Header | None = None) -> s
 
 
 def read_tensor(header: Header, name: str) -> torch.Tensor:
-    """Read one tensor's bytes from disk into a new torch tensor."""
+    """Read one tensor's bytes from disk into a new torch tensor (one copy of the data in memory)."""
     info = header.tensors[name]
-    with open(header.path, "rb") as f:
-        f.seek(info.start)
-        buf = bytearray(f.read(info.end - info.start))
-    dtype = DTYPES[info.dtype]
-    if not buf:
-        return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+    t = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+    if t.numel():
+        with open(header.path, "rb") as f:
+            f.seek(info.start)
+            got = f.readinto(t.reshape(-1).view(torch.uint8).numpy())
+        if got != info.end - info.start:
+            raise FormatError(f"tensor {name!r}: file ended after {got} of {info.end - info.start} bytes",
+                              path=header.path)
+    return t
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -174,15 +177,20 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def encode_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
-    """The header bytes (with its 8-byte length prefix) and the order tensor data follows it."""
-    order = sorted(tensors)
+TensorSpec = tuple[str, tuple[int, ...]]
+"""A tensor's safetensors dtype name and shape: all a header needs."""
+
+
+def encode_specs(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """The header bytes (with its 8-byte length prefix) for tensors of these dtypes and shapes, and the order
+    their data follows it (sorted by name)."""
+    order = sorted(specs)
     entries: dict[str, object] = {}
     offset = 0
     for name in order:
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        entries[name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        dtype, shape = specs[name]
+        n = math.prod(shape) * ITEMSIZE[dtype]
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     if metadata:
         entries["__metadata__"] = dict(sorted(metadata.items()))
@@ -191,18 +199,92 @@ def encode_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     return struct.pack("<Q", len(raw)) + raw, order
 
 
+def encode_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """The header bytes (with its 8-byte length prefix) and the order tensor data follows it."""
+    return encode_specs({n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}, metadata)
+
+
+class StreamWriter:
+    """Write a safetensors file one tensor at a time, the header first from known dtypes and shapes.
+
+    Only the tensor being written is in memory. Tensors must come in :attr:`order` (sorted names), each
+    with its declared dtype and shape, or copied as raw bytes from another file; :meth:`finish` checks that
+    every tensor was written. The bytes equal :func:`write_file`'s for the same tensors and metadata.
+    """
+
+    def __init__(self, f: BinaryIO, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None,
+                 *, sha256: bool = False) -> None:
+        head, self.order = encode_specs(specs, metadata)
+        self._f, self._specs, self._next = f, specs, 0
+        self._sha = hashlib.sha256() if sha256 else None
+        f.write(head)
+        self._pos = len(head)
+
+    def _expect(self, name: str) -> int:
+        if self._next >= len(self.order) or self.order[self._next] != name:
+            want = self.order[self._next] if self._next < len(self.order) else "nothing (all written)"
+            raise FormatError(f"stream writer got tensor {name!r}, expected {want}")
+        self._next += 1
+        dtype, shape = self._specs[name]
+        return math.prod(shape) * ITEMSIZE[dtype]
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        """Write the next tensor; its dtype and shape must be the declared ones."""
+        n = self._expect(name)
+        if (dtype_name(t.dtype), tuple(t.shape)) != (self._specs[name][0], tuple(self._specs[name][1])):
+            raise FormatError(f"tensor {name!r} is {dtype_name(t.dtype)} {list(t.shape)}, declared "
+                              f"{self._specs[name][0]} {list(self._specs[name][1])}")
+        if n:
+            view = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._f.write(view)
+            if self._sha is not None:
+                self._sha.update(view)
+        self._pos += n
+
+    def copy(self, name: str, src: int, offset: int) -> None:
+        """Write the next tensor as raw bytes read from file descriptor ``src`` at ``offset`` (kernel copy when
+        the platform has it; the bytes never enter Python)."""
+        n = self._expect(name)
+        if self._sha is not None:
+            raise FormatError("StreamWriter.copy does not hash; write the tensor instead")
+        self._f.flush()
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                os.lseek(self._f.fileno(), self._pos, os.SEEK_SET)
+                while done < n:
+                    k = os.copy_file_range(src, self._f.fileno(), n - done, offset + done)
+                    if k == 0:
+                        break
+                    done += k
+            except OSError:
+                pass  # e.g. across file systems on old kernels: fall back to reading and writing
+        self._f.seek(self._pos + done)
+        while done < n:
+            chunk = os.pread(src, min(n - done, 1 << 24), offset + done)
+            if not chunk:
+                raise FormatError(f"tensor {name!r}: source file ended after {done} of {n} bytes")
+            self._f.write(chunk)
+            done += len(chunk)
+        self._pos += n
+
+    def finish(self) -> str:
+        """Check every declared tensor was written; returns the data region's sha256 ("" when not hashing)."""
+        if self._next != len(self.order):
+            raise FormatError(f"stream writer closed with {len(self.order) - self._next} tensor(s) unwritten, "
+                              f"first {self.order[self._next]!r}")
+        return "" if self._sha is None else self._sha.hexdigest()
+
+
 def write_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
                metadata: Mapping[str, str] | None = None) -> str:
     """Write a safetensors file atomically; returns the sha256 of its data region."""
-    head, order = encode_header(tensors, metadata)
-    h = hashlib.sha256()
+    specs = {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
     with atomic_file(path) as f:
-        f.write(head)
-        for name in order:
-            b = tensor_bytes(tensors[name])
-            h.update(b)
-            f.write(b)
-    return h.hexdigest()
+        w = StreamWriter(f, specs, metadata, sha256=True)
+        for name in w.order:
+            w.write(name, tensors[name])
+        return w.finish()
 
 
 def iter_tensor_names(headers: Iterable[Header]) -> Iterable[str]:

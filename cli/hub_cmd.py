@@ -17,20 +17,24 @@ from .common import JsonOpt, OverwriteOpt, cli_errors, console, print_json
 def _quiet_hf(quiet: bool) -> Iterator[None]:
     """Keep huggingface_hub's own warnings off stderr (errors are reported as one line by us), and its
     progress bars too when ``quiet``."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
     from huggingface_hub.utils import logging as hf_logging
-    from huggingface_hub.utils import tqdm as hf_tqdm
 
     level = hf_logging.get_verbosity()
-    bars_were_off = hf_tqdm.are_progress_bars_disabled()
+    bars_were_off = are_progress_bars_disabled()
     hf_logging.set_verbosity_error()
     if quiet:
-        hf_tqdm.disable_progress_bars()
+        disable_progress_bars()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
         if quiet and not bars_were_off:
-            hf_tqdm.enable_progress_bars()
+            enable_progress_bars()
 
 
 @cli_errors
@@ -68,8 +72,8 @@ def push(
 
 @cli_errors
 def pull(
-    repo: str = typer.Argument(..., help="owner/name, owner/name@REVISION (branch, tag or commit), or "
-                                         "hf://owner/name[@REVISION][/subfolder]."),
+    repo: str = typer.Argument(..., help="owner/name, owner/name@REVISION (a branch, tag or commit), or "
+                                         "hf://owner/name@REVISION/SUBFOLDER (revision and subfolder optional)."),
     revision: str = typer.Option(None, "--revision", "-r", help="Branch, tag or commit (overrides @REVISION)."),
     out: str = typer.Option(None, "--out", "-o", help="Write the adapter here (folder form: this folder; single "
                                                       "file: this file). Default: keep it in the HF cache only."),

@@ -121,7 +121,8 @@ class FakeHub:
         Handler.hub = hub
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name="fake-hub", daemon=True)
         self._thread.start()
         return self
 
@@ -234,6 +235,8 @@ def _is_lfs(path: str, size: int, sample: bytes) -> bool:
 class _Handler(BaseHTTPRequestHandler):
     hub: FakeHub
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out without waiting for delayed ACKs
+    wbufsize = 1 << 16  # one write per response; handle_one_request flushes
 
     def log_message(self, format: str, *args: Any) -> None:  # silence stderr
         pass

@@ -202,7 +202,7 @@ class Ternary(DeltaKind):
             from ..kernels import ternary_apply
 
             return ternary_apply(x, y, t["pos"], t["neg"], t["row_scales"].to(x.dtype), entry["shape"][1])
-        d = self.delta(entry, t).to(x.dtype)
+        d = self.delta(entry, t).to(y.dtype)  # y's dtype: x holds token ids for an Embedding
         return y + weight_function(module, x, d.t() if is_transposed(module) else d)
 
 

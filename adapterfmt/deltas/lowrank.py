@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnsupportedError
 from ..modules import is_transposed, weight_function
 from .base import ROWS_CACHE_ATTR, DeltaKind, Entry, Tensors, fail
 
@@ -49,6 +50,8 @@ class LowRank(DeltaKind):
         for role in ("magnitude", "bias"):
             if role in shapes and math.prod(shapes[role]) != out:
                 raise fail(module, f"{role} has shape {list(shapes[role])}, expected [{out}]")
+        if "magnitude" in shapes and "bias" in shapes:
+            raise fail(module, "lowrank cannot have both magnitude (DoRA) and bias (LoRA bias), as in PEFT")
         if not isinstance(entry.get("params", {}).get("scale", 1.0), int | float):
             raise fail(module, "lowrank params.scale must be a number")
 
@@ -63,8 +66,8 @@ class LowRank(DeltaKind):
         return float(entry.get("params", {}).get("scale", 1.0))
 
     def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
-        """scale * B @ A in function layout, fp32."""
-        a, b = t["lora_A"].float(), t["lora_B"].float()
+        """scale * B @ A in function layout, at least fp32."""
+        a, b = wide(t["lora_A"]), wide(t["lora_B"])
         r = a.shape[0]
         fshape = function_shape(entry)
         return (self.scale(entry) * (b.reshape(b.shape[0], r) @ a.reshape(r, -1))).reshape(fshape)
@@ -104,7 +107,7 @@ class LowRank(DeltaKind):
             return y + out
         w = self._function_weight(module, entry)
         norm = self._dora_norm(w, entry, t).detach()
-        mns = channel_view((t["magnitude"].reshape(-1).float() / norm).to(y.dtype), y, module)
+        mns = channel_view((wide(t["magnitude"].reshape(-1)) / norm).to(y.dtype), y, module)
         base_nobias = weight_function(module, x, w.to(x.dtype))
         return y + (mns - 1) * base_nobias + mns * out
 
@@ -136,23 +139,26 @@ class LowRank(DeltaKind):
         return w.t() if self.transposed(entry) else w
 
     def _dora_norm(self, w_f: torch.Tensor, entry: Entry, t: Tensors) -> torch.Tensor:
-        full = w_f.float() + self.function_delta(entry, t)
+        full = wide(w_f) + self.function_delta(entry, t)
         return full.reshape(full.shape[0], -1).norm(p=2, dim=1)
 
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
         param = getattr(module, entry.get("parameter", "weight"))
         tr = self.transposed(entry)
+        if "bias" in t and getattr(module, "bias", None) is None:
+            raise UnsupportedError(f"cannot merge a LoRA bias into {type(module).__name__} without a bias; "
+                                   "keep the adapter unmerged")
         with torch.no_grad():
             if "bias" in t:
-                module.bias.add_((self.scale(entry) * t["bias"].float()).to(module.bias.dtype))
+                module.bias.add_((self.scale(entry) * wide(t["bias"])).to(module.bias.dtype))
             if "magnitude" not in t:
                 fw = self.function_delta(entry, t)
                 param.add_((fw.t() if tr else fw).to(param.dtype))
                 return None
             w_f = self._function_weight(module, entry)
             norm = self._dora_norm(w_f, entry, t)
-            full = w_f.float() + self.function_delta(entry, t)
-            scale = (t["magnitude"].reshape(-1).float() / norm).reshape(-1, *([1] * (full.dim() - 1)))
+            full = wide(w_f) + self.function_delta(entry, t)
+            scale = (wide(t["magnitude"].reshape(-1)) / norm).reshape(-1, *([1] * (full.dim() - 1)))
             merged = scale * full
             param.copy_((merged.t() if tr else merged).to(param.dtype))
             return norm
@@ -162,15 +168,20 @@ class LowRank(DeltaKind):
         tr = self.transposed(entry)
         with torch.no_grad():
             if "bias" in t:
-                module.bias.sub_((self.scale(entry) * t["bias"].float()).to(module.bias.dtype))
+                module.bias.sub_((self.scale(entry) * wide(t["bias"])).to(module.bias.dtype))
             fw = self.function_delta(entry, t)
             if "magnitude" not in t:
                 param.sub_((fw.t() if tr else fw).to(param.dtype))
                 return
-            w_f = self._function_weight(module, entry).float()
-            scale = (t["magnitude"].reshape(-1).float() / state).reshape(-1, *([1] * (w_f.dim() - 1)))
+            w_f = wide(self._function_weight(module, entry))
+            scale = (wide(t["magnitude"].reshape(-1)) / state).reshape(-1, *([1] * (w_f.dim() - 1)))
             orig = w_f / scale - fw
             param.copy_((orig.t() if tr else orig).to(param.dtype))
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least fp32 (fp64 stays fp64, so merges into fp64 models are exact to fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _is_linear(module: nn.Module) -> bool:

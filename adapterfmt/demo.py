@@ -97,6 +97,8 @@ STEPS: list[Callable[[DemoContext], None]] = [step_formats]
 """The demo's steps in order; each capability appends its own."""
 from .port_demo import step_extract, step_port  # noqa: E402
 STEPS += [step_extract, step_port]
+from .compress import step_compress  # noqa: E402
+STEPS += [step_compress]
 
 
 def run_demo(workdir: Path | None = None, *, steps: list[Callable[[DemoContext], None]] | None = None) -> DemoContext:

@@ -1,0 +1,46 @@
+"""``adapter convert``: between adapterfmt and foreign formats (PEFT, and formats plugins add)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+import adapterfmt as af
+
+from .common import JsonOpt, OverwriteOpt, cli_errors, console, print_json
+
+
+@cli_errors
+def convert(
+    src: Path = typer.Argument(..., help="The adapter to convert (format detected: adapterfmt, PEFT folder, ...)."),
+    dst: Path = typer.Argument(..., help="Where to write the result."),
+    to: str = typer.Option(None, "--to", help="Target format: adapterfmt (default for a foreign source), peft, "
+                           "or a plugin's format (see `adapter plugins`)."),
+    single_file: bool = typer.Option(None, "--single-file/--folder", help="adapterfmt output as one .safetensors "
+                                     "file or a folder (default: by DST's suffix)."),
+    base: Path = typer.Option(None, "--base", help="Base checkpoint (.safetensors file or folder): shapes a foreign "
+                              "file lacks (IA3, prompt tuning, trainable tokens) and the base fingerprint."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a PEFT adapter_model.bin (pickle) with "
+                                      "torch.load(weights_only=True)."),
+    overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Convert an adapter, checking that nothing that changes its function is lost.
+
+    PEFT folder -> adapterfmt: `adapter convert peft_dir out.safetensors`; back: `--to peft`. A config
+    field or tensor that cannot be represented is an error naming it; nothing is written then.
+    """
+    options = {"base": base} if base is not None else {}
+    if allow_pickle:
+        options["allow_pickle"] = True
+    report = af.convert(src, dst, to, overwrite=overwrite, single_file=single_file, **options)
+    if as_json:
+        print_json(report.as_dict())
+        return
+    console.print(f"converted {report.source_format} -> {report.target_format}: {src} -> {dst}", highlight=False)
+    console.print(f"method {report.method}, {report.modules} module(s), {report.tensors} tensor(s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("convert")(convert)

@@ -1,0 +1,563 @@
+"""The PEFT format for ``adapter convert``: a folder with ``adapter_config.json`` + ``adapter_model.safetensors``
+(or ``adapter_model.bin``, read only with ``allow_pickle=True`` and ``torch.load(weights_only=True)``).
+
+Mapping (PEFT -> adapterfmt; the reverse writes the same, so a round trip is tensor for tensor):
+
+- LoRA ``<m>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A`` / ``_B`` for embeddings) -> ``lowrank``
+  with ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), ``r`` and ``alpha`` per module from
+  ``rank_pattern`` / ``alpha_pattern`` under PEFT's own matching rule (first key matching a dotted suffix);
+  ``lora_B.bias`` (``lora_bias``) -> role ``bias``; ``lora_magnitude_vector`` (DoRA) -> role ``magnitude``;
+  ``fan_in_fan_out`` (GPT-2 ``Conv1D``) and embeddings -> ``params.transposed``.
+- ``modules_to_save`` -> ``dense`` mode ``replace`` (``value`` / ``bias_value``); ``bias="all"`` base biases of
+  untargeted modules -> ``dense`` replace of parameter ``bias``; ``trainable_token_indices`` -> kind ``rows``.
+- AdaLoRA -> ``lowrank`` with ``lora_E`` folded into A and ``scale = alpha / (init_r + 1e-5)`` (written back
+  as a PEFT LoRA: same function, E is not kept). IA3 ``ia3_l`` -> ``vector`` op ``scale`` (output side, or
+  input side for ``feedforward_modules``). Prompt tuning -> ``prompt`` on the input embedding.
+- ``base_model_name_or_path`` / ``revision`` -> ``base``; the PEFT config is kept in ``provenance`` so that
+  writing back reproduces it when the modules and their scales are unchanged.
+
+Module types are not in a PEFT file: shapes the file does not give (IA3's other dimension, the embedding a
+prompt or trainable tokens act on) come from ``base=`` (checkpoint path or live model); when writing, a
+transposed 2-D module is taken for an embedding if the live ``base`` says so, else by its name.
+A config field that changes the function and cannot be represented is an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import adapterfmt as af
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+PREFIX = "base_model.model."
+EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings",
+                   "token_type_embeddings", "shared", "embed", "emb", "embeddings", "embedding")
+
+IGNORED = frozenset({
+    "peft_type", "peft_version", "task_type", "inference_mode", "auto_mapping", "base_model_name_or_path",
+    "revision", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout",
+    "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_config",
+    "megatron_core", "qalora_group_size", "init_weights", "module_dropout", "rank_dropout", "init_ia3_weights",
+    "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs", "beta1",
+    "beta2", "tinit", "tfinal", "deltaT", "orth_reg_weight", "total_step", "target_r", "num_attention_heads",
+    "num_layers", "token_dim",
+})
+"""Fields that only steer training, initialisation or which modules are targeted (the tensors say that)."""
+
+NEUTRAL = (None, False, {}, [], "none", 0.0)
+LORA_FIELDS = frozenset({"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+                         "fan_in_fan_out", "bias", "lora_bias", "modules_to_save", "trainable_token_indices"})
+ADALORA_FIELDS = LORA_FIELDS | {"init_r"}
+IA3_FIELDS = frozenset({"feedforward_modules", "fan_in_fan_out", "modules_to_save"})
+PROMPT_FIELDS = frozenset({"num_virtual_tokens", "num_transformer_submodules", "modules_to_save"})
+
+
+# ----- PEFT's name rules ---------------------------------------------------------------------------------
+def peft_matches(spec: str | list[str] | None, path: str) -> bool:
+    """PEFT's target rule: a string is a full-match regex; a list holds names matched exactly or as a dotted suffix."""
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == s or path.endswith("." + s) for s in spec)
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` rule: the first key (a regex) matching a dotted suffix of ``path``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def lora_scale(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+# ----- reading ---------------------------------------------------------------------------------------------
+def _check_fields(cfg: Mapping[str, Any], mapped: frozenset[str], path: Path) -> None:
+    bad = sorted(k for k, v in cfg.items() if k not in mapped and k not in IGNORED and v not in NEUTRAL)
+    if bad:
+        raise af.UnsupportedError(f"PEFT config fields that change the function cannot be represented: "
+                                  + ", ".join(f"{k}={cfg[k]!r}" for k in bad), path=path)
+
+
+def _load_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if (path / WEIGHTS_FILE).is_file():
+        return af.read_tensor_file(path / WEIGHTS_FILE)[0]
+    if (path / PICKLE_FILE).is_file():
+        if not allow_pickle:
+            raise af.UnsupportedError(f"only {PICKLE_FILE} (a pickle) is present; pass allow_pickle=True "
+                                      "(CLI: --allow-pickle) to read it with torch.load(weights_only=True)", path=path)
+        return torch.load(path / PICKLE_FILE, map_location="cpu", weights_only=True)
+    raise af.MissingFileError(f"PEFT folder has neither {WEIGHTS_FILE} nor {PICKLE_FILE}", path=path)
+
+
+def _strip(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    bad = [k for k in tensors if not k.startswith(PREFIX)]
+    if bad:
+        raise af.FormatError(f"PEFT tensor names must start with {PREFIX!r}: {', '.join(sorted(bad)[:5])}", path=path)
+    return {k[len(PREFIX):]: v for k, v in tensors.items()}
+
+
+class _Reader:
+    """One PEFT folder being turned into module entries and tensors."""
+
+    def __init__(self, path: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Any) -> None:
+        self.path, self.cfg, self.raw = path, cfg, tensors
+        self.shapes = af.base_shapes(base) if base is not None else None
+        self.base = base
+        self.modules: dict[str, dict[str, Any]] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def add(self, module: str, entry: dict[str, Any], roles: Mapping[str, torch.Tensor]) -> None:
+        if module in self.modules:
+            raise af.UnsupportedError(f"module {module!r} carries two PEFT changes ({self.modules[module]['kind']} "
+                                      f"and {entry['kind']}); adapterfmt has one entry per module", path=self.path)
+        self.modules[module] = entry
+        self.tensors.update({f"{module}.{role}": t for role, t in roles.items()})
+
+    def base_shape(self, module: str, why: str, parameter: str = "weight") -> list[int]:
+        name = f"{module}.{parameter}"
+        if self.shapes is None:
+            raise af.UnsupportedError(f"{why}: the PEFT file does not give the shape of {name}; pass the base model "
+                                      "(base= / --base)", path=self.path)
+        if name not in self.shapes:
+            raise af.BaseMismatchError(f"the base model has no parameter {name!r}", path=self.path)
+        return list(self.shapes[name])
+
+    def input_embedding(self, dim: int) -> str:
+        """Path of the base's input embedding module (for prompt tuning / a list of trainable tokens)."""
+        if isinstance(self.base, nn.Module) and hasattr(self.base, "get_input_embeddings"):
+            emb = self.base.get_input_embeddings()
+            return next(n for n, m in self.base.named_modules() if m is emb)
+        if self.shapes is None:
+            raise af.UnsupportedError("the PEFT file does not name the input embedding; pass the base model "
+                                      "(base= / --base)", path=self.path)
+        found = [n.removesuffix(".weight") for n, s in self.shapes.items() if n.endswith(".weight") and len(s) == 2
+                 and s[1] == dim and n.removesuffix(".weight").rsplit(".", 1)[-1] in EMBEDDING_NAMES]
+        if len(found) != 1:
+            raise af.UnsupportedError(f"cannot tell the input embedding among {found or 'no candidates'}; pass the "
+                                      "live base model (base=)", path=self.path)
+        return found[0]
+
+    # ----- LoRA / AdaLoRA ------------------------------------------------------------------------------
+    def lora(self, adalora: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        _check_fields(cfg, ADALORA_FIELDS if adalora else LORA_FIELDS, self.path)
+        if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
+            raise af.UnsupportedError(f"PEFT bias={cfg['bias']!r} cannot be represented", path=self.path)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        extra: dict[str, torch.Tensor] = {}
+        suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".lora_embedding_A": "eA",
+                    ".lora_embedding_B": "eB", ".lora_magnitude_vector": "magnitude", ".lora_A": "A", ".lora_B": "B",
+                    ".lora_E": "E", ".base_layer.bias": "base_bias"}
+        for key, t in self.raw.items():
+            suffix = next((s for s in suffixes if key.endswith(s)), None)
+            if suffix is None:
+                extra[key] = t
+            else:
+                parts.setdefault(key[: -len(suffix)], {})[suffixes[suffix]] = t
+        transposed_linear = bool(cfg.get("fan_in_fan_out"))
+        rslora = bool(cfg.get("use_rslora"))
+        for module, p in sorted(parts.items()):
+            if "base_bias" in p:
+                raise af.UnsupportedError(
+                    f"PEFT bias={cfg.get('bias')!r} trains the base bias of LoRA-targeted module {module!r}; "
+                    "adapterfmt has one entry per module and cannot store it next to the low-rank delta",
+                    path=self.path)
+            embedding = "eA" in p
+            a, b = (p.get("eA"), p.get("eB")) if embedding else (p.get("A"), p.get("B"))
+            if a is None or b is None:
+                raise af.FormatError(f"module {module!r} lacks lora_A or lora_B", path=self.path)
+            r = a.shape[0]
+            if adalora:
+                init_r = int(cfg.get("init_r", r))
+                alpha = cfg.get("lora_alpha", 0)
+                scale = (alpha if alpha > 0 else float(init_r)) / (init_r + 1e-5)
+                a = a * p["E"].reshape(r, *([1] * (a.dim() - 1)))
+            else:
+                want_r = pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8))
+                if want_r != r:
+                    raise af.FormatError(f"module {module!r}: lora_A has rank {r}, the config says {want_r}",
+                                         path=self.path)
+                scale = lora_scale(pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)), r, rslora)
+            out, fin = b.shape[0], tuple(a.shape[1:])
+            transposed = embedding or (transposed_linear and a.dim() == 2)
+            shape = [*fin, out] if transposed else [out, *fin]
+            roles = {"lora_A": a, "lora_B": b}
+            if "bias" in p:
+                roles["bias"] = p["bias"]
+            if "magnitude" in p:
+                roles["magnitude"] = p["magnitude"].reshape(-1)
+            self.add(module, af.lowrank_entry(shape, scale, transposed=transposed), roles)
+        self.aux(extra)
+        method_cfg = {"r": int(cfg.get("init_r" if adalora else "r", 8)), "alpha": cfg.get("lora_alpha", 8),
+                      "use_rslora": rslora, "use_dora": bool(cfg.get("use_dora")),
+                      "lora_bias": bool(cfg.get("lora_bias"))}
+        return method_cfg
+
+    def aux(self, extra: dict[str, torch.Tensor]) -> None:
+        """modules_to_save, bias="all" biases and trainable tokens: every other tensor, or an error naming it."""
+        cfg = self.cfg
+        to_save = cfg.get("modules_to_save") or []
+        dense: dict[str, dict[str, torch.Tensor]] = {}
+        unknown = []
+        for key, t in sorted(extra.items()):
+            if key.endswith(".token_adapter.trainable_tokens_delta"):
+                self.tokens(key.removesuffix(".token_adapter.trainable_tokens_delta"), t)
+                continue
+            module, _, pname = key.rpartition(".")
+            if peft_matches(to_save, module) and pname in ("weight", "bias"):
+                dense.setdefault(module, {})[pname] = t
+            elif cfg.get("bias") == "all" and pname == "bias":
+                self.add(module, {"kind": "dense", "shape": list(t.shape), "parameter": "bias",
+                                  "params": {"mode": "replace"}}, {"value": t})
+            else:
+                unknown.append(key)
+        if unknown:
+            raise af.UnsupportedError(f"PEFT tensors this converter cannot place: {', '.join(unknown)}", path=self.path)
+        for module, ts in dense.items():
+            if "weight" not in ts:
+                raise af.UnsupportedError(f"modules_to_save module {module!r} has no weight", path=self.path)
+            roles = {"value": ts["weight"], **({"bias_value": ts["bias"]} if "bias" in ts else {})}
+            self.add(module, {"kind": "dense", "shape": list(ts["weight"].shape), "params": {"mode": "replace"}}, roles)
+
+    def tokens(self, module: str, values: torch.Tensor) -> None:
+        spec = self.cfg.get("trainable_token_indices")
+        indices = spec if isinstance(spec, list) else next(
+            (v for k, v in (spec or {}).items() if peft_matches([k], module)), None)
+        if indices is None or len(indices) != values.shape[0]:
+            raise af.FormatError(f"trainable tokens of {module!r} do not match trainable_token_indices", path=self.path)
+        idx = torch.tensor(indices, dtype=torch.int64)
+        order = torch.argsort(idx)
+        if bool((idx[order][1:] == idx[order][:-1]).any()):
+            raise af.UnsupportedError(f"trainable_token_indices of {module!r} repeat a token", path=self.path)
+        shape = self.base_shape(module, "trainable tokens")
+        entry = {"kind": "rows", "shape": shape, "params": {"peft_order": indices} if order.tolist() != list(
+            range(len(indices))) else {}}
+        self.add(module, entry, {"indices": idx[order], "values": values[order]})
+
+    # ----- IA3 -----------------------------------------------------------------------------------------------
+    def ia3(self) -> dict[str, Any]:
+        _check_fields(self.cfg, IA3_FIELDS, self.path)
+        ff = self.cfg.get("feedforward_modules")
+        extra = {}
+        for key, t in sorted(self.raw.items()):
+            if not key.endswith(".ia3_l"):
+                extra[key] = t
+                continue
+            module = key.removesuffix(".ia3_l")
+            side = "input" if peft_matches(ff, module) else "output"
+            params: dict[str, Any] = {"op": "scale", "side": side}
+            shape = self.base_shape(module, "IA3")
+            if self.cfg.get("fan_in_fan_out") and len(shape) == 2:
+                params["transposed"] = True
+            self.add(module, {"kind": "vector", "shape": shape, "params": params}, {"vector": t.reshape(-1)})
+        self.aux(extra)
+        return {}
+
+    # ----- prompt tuning -------------------------------------------------------------------------------------
+    def prompt(self) -> dict[str, Any]:
+        _check_fields(self.cfg, PROMPT_FIELDS, self.path)
+        if self.cfg.get("num_transformer_submodules", 1) != 1:
+            raise af.UnsupportedError("prompt tuning with num_transformer_submodules != 1 (encoder-decoder) "
+                                      "cannot be represented", path=self.path)
+        if set(self.raw) != {"prompt_embeddings"}:
+            raise af.UnsupportedError(f"unexpected prompt-tuning tensors: {sorted(self.raw)}", path=self.path)
+        emb = self.raw["prompt_embeddings"]
+        module = self.input_embedding(emb.shape[1])
+        shape = self.base_shape(module, "prompt tuning")
+        self.add(module, {"kind": "prompt", "shape": shape, "params": {"position": "prefix"}}, {"embeddings": emb})
+        return {}
+
+
+READERS = {"LORA": ("lora", lambda r: r.lora(False)), "ADALORA": ("lora", lambda r: r.lora(True)),
+           "IA3": ("ia3", _Reader.ia3), "PROMPT_TUNING": ("prompt_tuning", _Reader.prompt)}
+
+
+def _modules_digest(modules: Mapping[str, Mapping[str, Any]]) -> str:
+    """Digest of the module set and kinds: writing back reuses the source's target rules only if it is unchanged."""
+    text = json.dumps(sorted((m, e["kind"]) for m, e in modules.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False) -> af.Adapter:
+    """Read a PEFT adapter folder (see the module docstring for the mapping)."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise af.FormatError(f"cannot read {CONFIG_FILE}: {e}", path=path) from None
+    if not isinstance(cfg, dict):
+        raise af.FormatError(f"{CONFIG_FILE} is not a JSON object", path=path)
+    ptype = cfg.get("peft_type")
+    if ptype not in READERS:
+        raise af.UnsupportedError(f"PEFT type {ptype!r} is not supported (supported: {', '.join(READERS)})", path=path)
+    raw = _load_tensors(path, allow_pickle)
+    reader = _Reader(path, cfg, raw if ptype == "PROMPT_TUNING" else _strip(raw, path), base)
+    method, fn = READERS[ptype]
+    method_cfg = fn(reader)
+    fingerprint = None
+    if isinstance(base, nn.Module):
+        fingerprint = af.fingerprint_module(base)
+    elif isinstance(base, str | Path):
+        fingerprint = af.fingerprint_checkpoint(base)
+    prov = {"tool": "peft", "format": "peft", "peft_type": ptype, "peft_version": cfg.get("peft_version"),
+            "source": str(path), "config": cfg, "modules_sha256": _modules_digest(reader.modules)}
+    manifest = af.new_manifest(method, reader.modules, config=method_cfg, provenance=[prov],
+                               base={"name": cfg.get("base_model_name_or_path"), "revision": cfg.get("revision"),
+                                     "fingerprint": fingerprint})
+    return af.Adapter(manifest, reader.tensors)
+
+
+# ----- writing ---------------------------------------------------------------------------------------------
+def _source_config(adapter: af.Adapter, peft_type: str) -> tuple[dict[str, Any], bool]:
+    """The PEFT config of type ``peft_type`` the adapter was read from (if any), and whether its module set
+    is unchanged."""
+    for p in reversed(adapter.manifest.get("provenance", [])):
+        if p.get("format") == "peft" and isinstance(p.get("config"), dict) and p["config"].get("peft_type") == peft_type:
+            return dict(p["config"]), p.get("modules_sha256") == _modules_digest(adapter.modules)
+    return {}, False
+
+
+def _alpha_for(scale: float, r: int, rslora: bool) -> float:
+    """An alpha for which PEFT's ``alpha / r`` (or ``/ sqrt(r)``) gives exactly ``scale``."""
+    alpha = scale * (math.sqrt(r) if rslora else r)
+    if alpha == round(alpha) and lora_scale(round(alpha), r, rslora) == scale:
+        return int(round(alpha))
+    for cand in (alpha, math.nextafter(alpha, math.inf), math.nextafter(alpha, -math.inf)):
+        if lora_scale(cand, r, rslora) == scale:
+            return cand
+    return alpha
+
+
+def _is_embedding(module: str, entry: Mapping[str, Any], base: Any) -> bool:
+    if not entry.get("params", {}).get("transposed") or len(entry["shape"]) != 2:
+        return False
+    if isinstance(base, nn.Module):
+        return isinstance(base.get_submodule(module), nn.Embedding)
+    return module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+
+
+class _Writer:
+    def __init__(self, adapter: af.Adapter, base: Any) -> None:
+        self.adapter, self.base = adapter, base
+        self.src: dict[str, Any] = {}
+        self.same_modules = False
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.cfg: dict[str, Any] = {}
+        self.by_kind: dict[str, list[str]] = {}
+        for m, e in sorted(adapter.modules.items()):
+            key = e["kind"]
+            if key == "dense" and e.get("params", {}).get("mode") == "replace":
+                key = "bias" if e.get("parameter") == "bias" else "to_save"
+            self.by_kind.setdefault(key, []).append(m)
+
+    def refuse(self, allowed: set[str], method: str) -> None:
+        bad = sorted(set(self.by_kind) - allowed)
+        if bad:
+            mods = [m for k in bad for m in self.by_kind[k]]
+            raise af.UnsupportedError(f"a PEFT {method} adapter cannot hold module entries of kind "
+                                      f"{', '.join(bad)} ({', '.join(mods[:5])}{' ...' if len(mods) > 5 else ''})")
+
+    def common(self, peft_type: str) -> None:
+        self.src, self.same_modules = _source_config(self.adapter, peft_type)
+        base = self.adapter.base
+        self.cfg.update({"peft_type": peft_type, "base_model_name_or_path": base.get("name"),
+                         "revision": base.get("revision"), "inference_mode": True,
+                         "task_type": self.src.get("task_type")})
+
+    def targets(self, modules: list[str]) -> Any:
+        if self.same_modules and self.src.get("target_modules") is not None:
+            for key in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
+                if key in self.src:
+                    self.cfg[key] = self.src[key]
+            return self.cfg["target_modules"]
+        return sorted(modules)
+
+    def aux(self) -> None:
+        mods = self.adapter.modules
+        to_save = self.by_kind.get("to_save", [])
+        for m in to_save:
+            t = self.adapter.module_tensors(m)
+            self.tensors[f"{PREFIX}{m}.weight"] = t["value"]
+            if "bias_value" in t:
+                self.tensors[f"{PREFIX}{m}.bias"] = t["bias_value"]
+        src_save = self.src.get("modules_to_save") if self.same_modules else None
+        self.cfg["modules_to_save"] = src_save if src_save is not None or not to_save else to_save
+        for m in self.by_kind.get("bias", []):
+            self.tensors[f"{PREFIX}{m}.bias"] = self.adapter.module_tensors(m)["value"]
+        tokens: dict[str, list[int]] = {}
+        for m in self.by_kind.get("rows", []):
+            t = self.adapter.module_tensors(m)
+            order = mods[m].get("params", {}).get("peft_order")
+            idx, values = t["indices"], t["values"]
+            if order is not None:
+                pos = torch.argsort(torch.argsort(torch.tensor(order)))
+                idx, values = idx[pos], values[pos]
+            tokens[m] = idx.tolist()
+            self.tensors[f"{PREFIX}{m}.token_adapter.trainable_tokens_delta"] = values
+        if tokens:
+            src_tok = self.src.get("trainable_token_indices") if self.same_modules else None
+            self.cfg["trainable_token_indices"] = src_tok if src_tok is not None else tokens
+
+    # ----- LoRA ------------------------------------------------------------------------------------------------
+    def lora(self) -> None:
+        self.refuse({"lowrank", "to_save", "bias", "rows"}, "LoRA")
+        self.common("LORA")
+        mods = self.adapter.modules
+        low = self.by_kind.get("lowrank", [])
+        rslora = bool(self.src.get("use_rslora", self.adapter.config.get("use_rslora", False)))
+        ranks, alphas = {}, {}
+        dora = bias = conv1d = False
+        for m in low:
+            e, t = mods[m], self.adapter.module_tensors(m)
+            a, b = t["lora_A"], t["lora_B"]
+            r = ranks[m] = a.shape[0]
+            alphas[m] = _alpha_for(float(e.get("params", {}).get("scale", 1.0)), r, rslora)
+            if _is_embedding(m, e, self.base):
+                self.tensors[f"{PREFIX}{m}.lora_embedding_A"] = a
+                self.tensors[f"{PREFIX}{m}.lora_embedding_B"] = b
+            else:
+                conv1d |= bool(e.get("params", {}).get("transposed"))
+                self.tensors[f"{PREFIX}{m}.lora_A.weight"] = a
+                self.tensors[f"{PREFIX}{m}.lora_B.weight"] = b.reshape(b.shape[0], r, *([1] * (a.dim() - 2)))
+            if "magnitude" in t:
+                dora = True
+                nd = len(e["shape"])
+                mag = t["magnitude"].reshape(-1)
+                self.tensors[f"{PREFIX}{m}.lora_magnitude_vector"] = mag.reshape(1, -1, *([1] * (nd - 2))) if nd > 2 \
+                    else mag
+            if "bias" in t:
+                bias = True
+                self.tensors[f"{PREFIX}{m}.lora_B.bias"] = t["bias"]
+        if dora and len({"magnitude" in self.adapter.roles(m) for m in low}) > 1:
+            raise af.UnsupportedError("PEFT needs DoRA on all LoRA modules or none; this adapter mixes them")
+        if bias and len({"bias" in self.adapter.roles(m) for m in low}) > 1:
+            raise af.UnsupportedError("PEFT needs lora_bias on all LoRA modules or none; this adapter mixes them")
+        r0 = self.src.get("r") if self.src.get("r") in ranks.values() else _most_common(ranks.values(), 8)
+        a0 = self.src.get("lora_alpha") if self.src.get("lora_alpha") in alphas.values() else \
+            _most_common(alphas.values(), r0)
+        rank_pattern, alpha_pattern = self._patterns("rank_pattern", ranks, r0), self._patterns("alpha_pattern",
+                                                                                               alphas, a0)
+        self.cfg.update({"r": r0, "lora_alpha": a0, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+                         "use_rslora": rslora, "use_dora": dora, "lora_bias": bias, "fan_in_fan_out": conv1d,
+                         "bias": "all" if self.by_kind.get("bias") else "none", "lora_dropout": 0.0,
+                         "init_lora_weights": True})
+        self.cfg["target_modules"] = self.targets(low)
+        self.aux()
+
+    def _patterns(self, field: str, values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+        """The source's pattern if it gives every module its value, else one exact key per differing module."""
+        src = self.src.get(field)
+        if src is not None and self.src.get("r" if field == "rank_pattern" else "lora_alpha") == default and all(
+                pattern_value(src, m, default) == v for m, v in values.items()):
+            return src
+        return {re.escape(m): v for m, v in sorted(values.items()) if v != default}
+
+    # ----- IA3 -------------------------------------------------------------------------------------------------
+    def ia3(self) -> None:
+        self.refuse({"vector", "to_save"}, "IA3")
+        self.common("IA3")
+        mods = self.adapter.modules
+        vec = self.by_kind.get("vector", [])
+        ff, transposed = [], False
+        for m in vec:
+            e, v = mods[m], self.adapter.module_tensors(m)["vector"]
+            p = e.get("params", {})
+            if p.get("op", "scale") != "scale":
+                raise af.UnsupportedError(f"module {m!r}: a vector offset (op={p.get('op')!r}) is not IA3")
+            side = p.get("side", "output")
+            transposed |= bool(p.get("transposed"))
+            nd = len(e["shape"])
+            if side == "input":
+                ff.append(m)
+            if nd > 2:
+                shape = (1, -1, *([1] * (nd - 2)))
+            else:
+                shape = (1, -1) if side == "input" else (-1, 1)
+            self.tensors[f"{PREFIX}{m}.ia3_l"] = v.reshape(shape)
+        self.cfg.update({"fan_in_fan_out": transposed, "init_ia3_weights": True})
+        self.cfg["target_modules"] = self.targets(vec)
+        same = self.same_modules and "feedforward_modules" in self.src
+        self.cfg["feedforward_modules"] = self.src["feedforward_modules"] if same else ff
+        self.aux()
+
+    # ----- prompt tuning ---------------------------------------------------------------------------------------
+    def prompt(self) -> None:
+        self.refuse({"prompt"}, "prompt tuning")
+        mods = self.by_kind.get("prompt", [])
+        if len(mods) != 1:
+            raise af.UnsupportedError("a PEFT prompt-tuning adapter holds exactly one prompt")
+        self.common("PROMPT_TUNING")
+        emb = self.adapter.module_tensors(mods[0])["embeddings"]
+        self.tensors["prompt_embeddings"] = emb
+        self.cfg.update({"num_virtual_tokens": emb.shape[0], "token_dim": emb.shape[1],
+                         "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM",
+                         "task_type": self.src.get("task_type", "CAUSAL_LM")})
+        for key in ("num_attention_heads", "num_layers"):
+            if key in self.src:
+                self.cfg[key] = self.src[key]
+
+
+def _most_common(values: Any, default: Any) -> Any:
+    counts = Counter(values)
+    return counts.most_common(1)[0][0] if counts else default
+
+
+WRITERS = {"lora": _Writer.lora, "ia3": _Writer.ia3, "prompt_tuning": _Writer.prompt,
+           "trainable_tokens": _Writer.lora}
+
+
+def write_peft(adapter: af.Adapter, path: str | Path, *, base: Any = None) -> Path:
+    """Write ``adapter`` as a PEFT folder at ``path`` (which must not exist; :func:`adapterfmt.write_foreign`
+    makes this atomic). Methods: lora (and lowrank-only adapters of other methods), ia3, prompt_tuning."""
+    path = Path(path)
+    writer = _Writer(adapter, base)
+    method = adapter.method
+    if method not in WRITERS:
+        kinds = set(writer.by_kind)
+        method = "lora" if kinds <= {"lowrank", "to_save", "bias", "rows"} else method
+    if method not in WRITERS:
+        raise af.UnsupportedError(f"method {adapter.method!r} has no PEFT equivalent (PEFT export supports "
+                                  f"{', '.join(sorted(WRITERS))} and any adapter of lowrank modules)")
+    WRITERS[method](writer)
+    path.mkdir(parents=True)
+    af.write_tensor_file(path / WEIGHTS_FILE, {k: v.contiguous() for k, v in writer.tensors.items()},
+                         {"format": "pt"})
+    (path / CONFIG_FILE).write_text(json.dumps(writer.cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+class PeftFormat:
+    """The ``peft`` codec (:class:`adapterfmt.ForeignFormat`)."""
+
+    name = "peft"
+    summary = "Hugging Face PEFT folder: adapter_config.json + adapter_model.safetensors"
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+    def read(self, path: Path, **options: Any) -> af.Adapter:
+        return read_peft(path, **options)
+
+    def write(self, adapter: af.Adapter, path: Path, **options: Any) -> None:
+        write_peft(adapter, path, **options)
+
+
+@af.hookimpl
+def adapterfmt_formats() -> list[Any]:
+    return [PeftFormat()]

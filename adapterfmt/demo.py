@@ -99,6 +99,8 @@ from .port_demo import step_extract, step_port  # noqa: E402
 STEPS += [step_extract, step_port]
 from .compress import step_compress  # noqa: E402
 STEPS += [step_compress]
+from .convert_demo import step_convert  # noqa: E402
+STEPS += [step_convert]
 
 
 def run_demo(workdir: Path | None = None, *, steps: list[Callable[[DemoContext], None]] | None = None) -> DemoContext:

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "plugins_cmd",
     "demo_cmd",
     "port_cmd",
+    "convert_cmd",
     "compress_cmd",
 )
 """Modules of ``adapterfmt.cli`` that each define ``register(app)``; listed in the order of ``--help``."""

@@ -379,6 +379,34 @@ def _detect(listing: set[str], sub: str, what: str) -> tuple[str, str]:
                                 f"or {prefix}{TENSOR_FILE}{hint}")
 
 
+def _cached_listing(snapshot: Path, sub: str) -> set[str] | None:
+    """The cached files of a snapshot, when they hold an adapter that can be recognised without the Hub."""
+    if not snapshot.is_dir():
+        return None
+    listing = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
+    try:
+        form, first = _detect(listing, sub, "")
+    except NotAnAdapterRepoError:
+        return None
+    if form == "single-file":  # a folder adapter's tensor file alone must not pass for a single-file adapter
+        from .safetensors_io import read_header
+
+        try:
+            if mf.METADATA_KEY not in read_header(snapshot / first).metadata:
+                return None
+        except (AdapterError, OSError):
+            return None
+    else:  # every tensor file the cached manifest names must be cached too
+        try:
+            rels = json.loads((snapshot / first).read_text("utf-8"))["files"]
+            base = str(PurePosixPath(first).parent)
+            if not all((r if base == "." else f"{base}/{r}") in listing for r in rels):
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return listing
+
+
 def _evict(paths: list[Path]) -> None:
     """Drop downloaded files (snapshot entry and blob) from the cache, so a later pull fetches them again."""
     for p in paths:
@@ -413,6 +441,18 @@ def _check_rel(rel: str, root: Path) -> None:
         raise FormatError(f"file path {rel!r} in the manifest escapes the adapter folder", path=root)
 
 
+def _relabel(fn: Any, ref: HubRef, sha: str) -> Any:
+    """Run ``fn``; a format error about a local temp/cache file is re-raised naming the Hub location."""
+    try:
+        return fn()
+    except FormatError as e:
+        name = Path(e.path).name if e.path else ""
+        where = f"{SCHEME}{ref.repo_id}@{sha}" + (f"/{ref.path}" if ref.path and not ref.path.endswith(name) else "")
+        if name and not Path(e.path).is_dir():
+            where += f"/{name}" if not where.endswith(name) else ""
+        raise type(e)(e.message, path=where) from None
+
+
 def _folder_view(cache: Path, ref: HubRef, sha: str, members: dict[str, Path]) -> Path:
     """Lay the downloaded files out as a plain adapter folder, verify it, move it into place."""
     target = _view_path(ref, sha)
@@ -434,6 +474,7 @@ def _folder_view(cache: Path, ref: HubRef, sha: str, members: dict[str, Path]) -
 
 def fetch(ref: HubRef, *, token: str | None = None) -> PullResult:
     """Download the adapter at ``ref`` into the HF cache (only its files) and verify it; no copy is written."""
+    import httpx2
     from huggingface_hub import HfApi, hf_hub_download
 
     tok = hub_token(token)
@@ -445,13 +486,20 @@ def fetch(ref: HubRef, *, token: str | None = None) -> PullResult:
                                         local_files_only=offline, token=tok or False)
         sha = resolved.resolved
         snapshot = _storage_folder(cache, ref.repo_id) / "snapshots" / sha
-        if offline:
+        # A commit never changes: when the cache already holds this commit's adapter, do not ask the Hub.
+        listing = _cached_listing(snapshot, ref.path)
+        if listing is None and not offline:
+            try:
+                listing = {f.path for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True,
+                                                              token=tok or False)
+                           if type(f).__name__ == "RepoFile"}
+            except httpx2.TransportError:
+                if not snapshot.is_dir():
+                    raise
+        if listing is None:
             if not snapshot.is_dir():
                 raise HubError(f"{what}: commit {sha[:12]} is not in the local cache and HF_HUB_OFFLINE=1")
             listing = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
-        else:
-            listing = {f.path for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True, token=tok or False)
-                       if type(f).__name__ == "RepoFile"}
     form, first = _detect(listing, ref.path, what)
 
     downloaded: list[Path] = []
@@ -482,10 +530,10 @@ def fetch(ref: HubRef, *, token: str | None = None) -> PullResult:
                                            path=str(ref))
                 members[rel] = get(repo_path)
                 files.append(repo_path)
-            adapter_path = _folder_view(cache, ref, sha, members)
+            adapter_path = _relabel(lambda: _folder_view(cache, ref, sha, members), ref, sha)
         else:
             adapter_path = first_local
-            validate(adapter_path)
+            _relabel(lambda: validate(adapter_path), ref, sha)
     except AdapterError:
         _evict(downloaded)
         raise

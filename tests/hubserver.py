@@ -15,11 +15,13 @@ Not a full Hub: no PRs, no Xet, no pagination beyond one page, model repos only.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import itertools
 import json
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -102,6 +104,7 @@ class FakeHub:
         self.log: list[tuple[str, str, int]] = []
         self.lock = threading.RLock()
         self._counter = itertools.count()
+        self.connections: set[Any] = set()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -127,10 +130,14 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        """Stop serving and drop open keep-alive connections (the Hub becomes unreachable)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        for sock in list(self.connections):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     # ----- test helpers -----------------------------------------------------------------------------
     def fail(self, pattern: str, mode: str = "500", *, method: str = "GET", times: int = -1) -> Fault:
@@ -240,6 +247,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # silence stderr
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.hub.connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.hub.connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     # ----- plumbing ---------------------------------------------------------------------------------
     def do_GET(self) -> None:

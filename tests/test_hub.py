@@ -199,7 +199,12 @@ def test_hf_paths_resolve_through_cache_and_offline(hub_env: FakeHub, tmp_path: 
     assert snapshot_bytes(path) == snapshot_bytes(src)
     assert af.load("hf://alice/offline").source == path  # core's loader goes through resolve_adapter_path
 
-    hub_env.stop()
+    hub_env.stop()  # unreachable Hub, still online mode: the cached commit is used
+    assert hub.resolve_adapter_path("hf://alice/offline@main") == path
+    with pytest.raises(hub.HubTransferError, match="could not be reached"):
+        hub.pull("alice/never-pulled", out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub.resolve_adapter_path("hf://alice/offline") == path
     assert hub.resolve_adapter_path(f"hf://alice/offline@{res.commit}") == path

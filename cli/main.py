@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "plugins_cmd",
     "demo_cmd",
     "port_cmd",
+    "merge_cmd",
     "convert_cmd",
     "compress_cmd",
 )

@@ -1,0 +1,143 @@
+"""``adapter merge``: combine adapters in delta space, or bake them into a base checkpoint."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+import adapterfmt as af
+from adapterfmt import registry
+from adapterfmt.atomic import check_output
+from adapterfmt.bake import bake
+from adapterfmt.merge import STRATEGIES, merge_adapters
+from adapterfmt.recipe import Recipe, load_recipe
+
+from .common import JsonOpt, OverwriteOpt, cli_errors, console, human_bytes, print_json, progress
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise af.FormatError(f"--weights must be comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in UNITS:
+        raise af.FormatError(f"--shard-size must be a size like 5GB or 500MiB, got {text!r}")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+@cli_errors
+def merge(
+    adapters: list[str] = typer.Argument(None, help="Adapters to combine (folders, .safetensors files, hf://...)."),
+    out: Path = typer.Option(None, "--out", help="Output: an adapter, or with --into a checkpoint folder "
+                             "(or one .safetensors file)."),
+    weights: str = typer.Option(None, "--weights", help="Comma-separated weights, one per adapter (negative "
+                                "allowed: task arithmetic). Default 1 each. Write --weights=-1,1 for a "
+                                "leading minus."),
+    strategy: str = typer.Option(None, "--strategy", help=f"One of {', '.join(STRATEGIES)} (dare = dare_linear). "
+                                 "Default linear."),
+    rank: int = typer.Option(None, "--rank", min=1, help="Re-factor to this rank by SVD (svd: default the "
+                             "largest input rank; with --energy: the cap)."),
+    energy: float = typer.Option(None, "--energy", help="Re-factor to the smallest rank keeping this fraction "
+                                 "of each module's squared norm (e.g. 0.99)."),
+    density: float = typer.Option(None, "--density", help="ties / dare / magnitude_prune: fraction of entries kept."),
+    seed: int = typer.Option(None, "--seed", help="dare: seed of the drop masks (default 0)."),
+    sign: str = typer.Option(None, "--sign", help="ties: sign election by 'total' (default) or 'frequency'."),
+    dtype: str = typer.Option(None, "--dtype", help="Stored dtype of a merged adapter (F32, BF16, F16)."),
+    recipe: Path = typer.Option(None, "--recipe", help="YAML/JSON recipe with the inputs, weights and options "
+                                "(command-line options win)."),
+    into: Path = typer.Option(None, "--into", help="Bake into this safetensors checkpoint (folder or file), "
+                              "streaming tensor by tensor, instead of writing an adapter."),
+    shard_size: str = typer.Option(None, "--shard-size", help="With --into: re-shard the output (e.g. 5GB); "
+                                   "default: the base's layout."),
+    force: bool = typer.Option(False, "--force", help="Merge inputs made for different bases / bake into a "
+                               "checkpoint whose fingerprint differs or that lacks some modules."),
+    overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Combine adapters exactly in delta space (each module's dW), or bake them into a checkpoint.
+
+    Examples: `adapter merge a b --strategy svd --rank 16 --out ab`;
+    `adapter merge a b --weights 0.5,0.5 --into base-model --out merged-model`.
+    """
+    r = load_recipe(recipe) if recipe else Recipe(adapters=[], weights=[])
+    paths = list(adapters or []) or r.adapters
+    if not paths:
+        raise af.FormatError("name the adapters to merge (or give --recipe)")
+    w = _floats(weights) if weights is not None else (r.weights if not adapters else None)
+    cli = {"strategy": strategy, "rank": rank, "energy": energy, "density": density, "seed": seed, "sign": sign,
+           "dtype": dtype}
+    options = {**r.options, **{k: v for k, v in cli.items() if v is not None}}
+    out = out or r.out
+    if out is None:
+        raise af.FormatError("say where to write the result: --out (or out: in the recipe)")
+    into = into or r.into
+    force = force or r.force
+    check_output(out, overwrite)
+    if into is not None:
+        if "dtype" in options:
+            raise af.FormatError("--dtype applies to merged adapters; a bake keeps the checkpoint's dtypes")
+        size = _size(shard_size) if shard_size else r.shard_size
+        report = bake(paths, into, out, weights=w, force=force, overwrite=overwrite, shard_size=size,
+                      progress=lambda items, total: progress(items, "baking", total, quiet=as_json), **options)
+        _print_bake(report.as_dict(), as_json)
+        return
+    loaded = [af.load(p) for p in paths]
+    methods = {a.method for a in loaded}
+    one = next(iter(methods))
+    verb = registry.verb(one, "merge") if len(methods) == 1 and one in registry.methods() else merge_adapters
+    strategy_ = options.pop("strategy", "linear")
+    merged = verb(loaded, weights=w, strategy=strategy_, force=force, **options)
+    af.save(merged, out, overwrite=overwrite)
+    _print_merge(merged, out, strategy_, as_json)
+
+
+def _print_merge(merged: af.Adapter, out: Path, strategy: str, as_json: bool) -> None:
+    kinds = Counter(e["kind"] for e in merged.modules.values())
+    ranks = sorted({merged.shape(f"{m}.lora_A")[0] for m, e in merged.modules.items() if e["kind"] == "lowrank"})
+    record: dict[str, Any] = {"out": str(out), "strategy": strategy, "method": merged.method,
+                              "modules": len(merged.modules), "kinds": dict(kinds), "ranks": ranks,
+                              "bytes": merged.nbytes()}
+    if as_json:
+        print_json(record)
+        return
+    console.print(f"merged ({strategy}) -> {out}: {record['modules']} module(s), method {merged.method}, "
+                  + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+                  + (f", ranks {ranks}" if ranks else "") + f", {human_bytes(record['bytes'])}", highlight=False)
+
+
+def _print_bake(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(report)
+        return
+    t = Table("file", title=f"baked -> {report['out']}", title_justify="left")
+    for f in report["files"]:
+        t.add_row(f)
+    console.print(t)
+    rate = report["bytes"] / report["seconds"] / 1e6 if report["seconds"] else 0.0
+    console.print(f"{len(report['changed'])} of {report['tensors']} tensors changed, "
+                  f"{human_bytes(report['bytes'])} in {report['seconds']:.2f} s ({rate:.0f} MB/s); "
+                  f"base fingerprint: {', '.join(report['fingerprints'])}", highlight=False)
+    if report["copied"]:
+        console.print(f"copied: {', '.join(report['copied'])}", highlight=False)
+    if report["skipped"]:
+        console.print(f"[yellow]left out (other weight formats):[/] {', '.join(report['skipped'])}", highlight=False)
+    if report["not_found"]:
+        console.print(f"[yellow]not found in the checkpoint (not baked):[/] {', '.join(report['not_found'])}",
+                      highlight=False)
+    for note in report["notes"]:
+        console.print(f"note: {note}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge")(merge)

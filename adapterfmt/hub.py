@@ -245,6 +245,7 @@ def _peft_files(adapter: Adapter, folder: Path) -> list[Path]:
     if writer is None:
         raise UnsupportedError("--also-peft needs the PEFT converter (adapterfmt.convert.to_peft or a 'peft' "
                                "format plugin), which is not installed")
+    folder = folder / "peft"  # a fresh path: converters refuse to write over an existing one
     writer(adapter, folder)
     missing = [n for n in PEFT_FILES if not (folder / n).is_file()]
     if missing:

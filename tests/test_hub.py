@@ -385,6 +385,7 @@ def test_also_peft_uses_the_converter(hub_env: FakeHub, tmp_path: Path, monkeypa
 
     def to_peft(adapter, folder):
         calls.append(adapter.method)
+        Path(folder).mkdir(parents=True)
         (Path(folder) / "adapter_config.json").write_text('{"peft_type": "LORA"}')
         (Path(folder) / "adapter_model.safetensors").write_bytes(b"stub")
 
@@ -430,3 +431,15 @@ def test_cli_help_texts() -> None:
         assert r.exit_code == 0
         assert "Hub" in r.stdout
     assert "--also-peft" in run_cli("push", "--help").stdout
+
+
+def test_also_peft_with_the_real_converter(hub_env: FakeHub, tmp_path: Path) -> None:
+    convert = pytest.importorskip("adapterfmt.convert")
+    if not hasattr(convert, "to_peft"):
+        pytest.skip("adapterfmt.convert.to_peft not available")
+    src = make_adapter(tmp_path / "a")
+    hub.push(src, "alice/both", also_peft=True)
+    files = hub_env.files("alice/both")
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "LORA"
+    assert files["adapter_model.safetensors"][:8] and "adapter.json" in files
+    assert hub.pull("alice/both").form == "folder", "pull takes the adapterfmt files, not the PEFT copy"

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "merge_cmd",
     "convert_cmd",
     "compress_cmd",
+    "hub_cmd",
 )
 """Modules of ``adapterfmt.cli`` that each define ``register(app)``; listed in the order of ``--help``."""
 

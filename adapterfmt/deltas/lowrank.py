@@ -108,7 +108,7 @@ class LowRank(DeltaKind):
         w = self._function_weight(module, entry)
         norm = self._dora_norm(w, entry, t).detach()
         mns = channel_view((wide(t["magnitude"].reshape(-1)) / norm).to(y.dtype), y, module)
-        base_nobias = weight_function(module, x, w.to(x.dtype))
+        base_nobias = weight_function(module, x, w.to(y.dtype))
         return y + (mns - 1) * base_nobias + mns * out
 
     def forward_rows(self, module: nn.Module, present: list[tuple[int, Any]], x: torch.Tensor, y: torch.Tensor,

@@ -101,6 +101,10 @@ from .compress import step_compress  # noqa: E402
 STEPS += [step_compress]
 from .convert_demo import step_convert  # noqa: E402
 STEPS += [step_convert]
+from .train_demo import step_train  # noqa: E402
+STEPS += [step_train]
+from .merge_demo import step_merge  # noqa: E402
+STEPS += [step_merge]
 
 
 def run_demo(workdir: Path | None = None, *, steps: list[Callable[[DemoContext], None]] | None = None) -> DemoContext:

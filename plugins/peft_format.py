@@ -10,6 +10,8 @@ Mapping (PEFT -> adapterfmt; the reverse writes the same, so a round trip is ten
   ``fan_in_fan_out`` (GPT-2 ``Conv1D``) and embeddings -> ``params.transposed``.
 - ``modules_to_save`` -> ``dense`` mode ``replace`` (``value`` / ``bias_value``); ``bias="all"`` base biases of
   untargeted modules -> ``dense`` replace of parameter ``bias``; ``trainable_token_indices`` -> kind ``rows``.
+- LoHa / LoKr -> kinds ``hadamard`` / ``kronecker`` (``scale = alpha / r``), VeRA -> kind ``vera`` with the shared
+  projections stored once (kinds of the ``lora_variants`` plugin; shapes from ``base=``).
 - AdaLoRA -> ``lowrank`` with ``lora_E`` folded into A and ``scale = alpha / (init_r + 1e-5)`` (written back
   as a PEFT LoRA: same function, E is not kept). IA3 ``ia3_l`` -> ``vector`` op ``scale`` (output side, or
   input side for ``feedforward_modules``). Prompt tuning -> ``prompt`` on the input embedding.
@@ -62,6 +64,13 @@ LORA_FIELDS = frozenset({"r", "lora_alpha", "rank_pattern", "alpha_pattern", "us
 ADALORA_FIELDS = LORA_FIELDS | {"init_r"}
 IA3_FIELDS = frozenset({"feedforward_modules", "fan_in_fan_out", "modules_to_save"})
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "num_transformer_submodules", "modules_to_save"})
+LYCORIS_FIELDS = frozenset({"r", "alpha", "rank_pattern", "alpha_pattern", "modules_to_save", "decompose_both",
+                            "decompose_factor", "rank_dropout_scale"})
+VERA_FIELDS = frozenset({"r", "modules_to_save", "save_projection", "projection_prng_key", "d_initial",
+                         "vera_dropout", "bias"})
+LYCORIS_ROLES = {"LOHA": ("hadamard", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")),
+                 "LOKR": ("kronecker", ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"))}
+"""PEFT LoHa / LoKr tensor names, which are the roles of the ``lora_variants`` plugin's kinds."""
 
 
 # ----- PEFT's name rules ---------------------------------------------------------------------------------
@@ -269,6 +278,47 @@ class _Reader:
         self.aux(extra)
         return {}
 
+    # ----- LoHa / LoKr / VeRA ---------------------------------------------------------------------------------
+    def by_module(self, roles: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors named ``<module>.<role>`` grouped by module; every other tensor goes to :meth:`aux`."""
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        extra = {}
+        for key, t in self.raw.items():
+            module, _, role = key.rpartition(".")
+            if role in roles:
+                parts.setdefault(module, {})[role] = t
+            else:
+                extra[key] = t
+        self.aux(extra)
+        return parts
+
+    def lycoris(self, ptype: str) -> dict[str, Any]:
+        cfg = self.cfg
+        _check_fields(cfg, LYCORIS_FIELDS, self.path)
+        kind, roles = LYCORIS_ROLES[ptype]
+        for module, t in sorted(self.by_module(roles).items()):
+            r = pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8))
+            scale = pattern_value(cfg.get("alpha_pattern"), module, cfg.get("alpha", 8)) / r
+            self.add(module, {"kind": kind, "shape": self.base_shape(module, ptype), "params": {"scale": scale}}, t)
+        return {"r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8)}
+
+    def vera(self) -> dict[str, Any]:
+        cfg = self.cfg
+        _check_fields(cfg, VERA_FIELDS, self.path)
+        if cfg.get("bias", "none") != "none" or cfg.get("save_projection") is False:
+            raise af.UnsupportedError("VeRA with bias != 'none' or save_projection=false cannot be represented "
+                                      "(the projections must be in the file)", path=self.path)
+        shared = {"vera_A": self.raw.pop("base_model.vera_A", None), "vera_B": self.raw.pop("base_model.vera_B", None)}
+        if any(v is None for v in shared.values()):
+            raise af.FormatError("VeRA file lacks base_model.vera_A / base_model.vera_B", path=self.path)
+        self.raw = _strip(self.raw, self.path)
+        for module, t in sorted(self.by_module(("vera_lambda_b", "vera_lambda_d")).items()):
+            renamed = {role.removeprefix("vera_"): v for role, v in t.items()}
+            self.add(module, {"kind": "vera", "shape": self.base_shape(module, "VeRA"),
+                              "params": {"shared": {"vera_A": "vera_A", "vera_B": "vera_B"}}}, renamed)
+        self.tensors.update(shared)
+        return {"r": cfg.get("r", 256)}
+
     # ----- prompt tuning -------------------------------------------------------------------------------------
     def prompt(self) -> dict[str, Any]:
         _check_fields(self.cfg, PROMPT_FIELDS, self.path)
@@ -285,7 +335,9 @@ class _Reader:
 
 
 READERS = {"LORA": ("lora", lambda r: r.lora(False)), "ADALORA": ("lora", lambda r: r.lora(True)),
-           "IA3": ("ia3", _Reader.ia3), "PROMPT_TUNING": ("prompt_tuning", _Reader.prompt)}
+           "IA3": ("ia3", _Reader.ia3), "PROMPT_TUNING": ("prompt_tuning", _Reader.prompt),
+           "LOHA": ("loha", lambda r: r.lycoris("LOHA")), "LOKR": ("lokr", lambda r: r.lycoris("LOKR")),
+           "VERA": ("vera", _Reader.vera)}
 
 
 def _modules_digest(modules: Mapping[str, Mapping[str, Any]]) -> str:
@@ -307,7 +359,7 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False)
     if ptype not in READERS:
         raise af.UnsupportedError(f"PEFT type {ptype!r} is not supported (supported: {', '.join(READERS)})", path=path)
     raw = _load_tensors(path, allow_pickle)
-    reader = _Reader(path, cfg, raw if ptype == "PROMPT_TUNING" else _strip(raw, path), base)
+    reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "VERA") else _strip(raw, path), base)
     method, fn = READERS[ptype]
     method_cfg = fn(reader)
     fingerprint = None
@@ -451,8 +503,8 @@ class _Writer:
         r0 = self.src.get("r") if self.src.get("r") in ranks.values() else _most_common(ranks.values(), 8)
         a0 = self.src.get("lora_alpha") if self.src.get("lora_alpha") in alphas.values() else \
             _most_common(alphas.values(), r0)
-        rank_pattern, alpha_pattern = self._patterns("rank_pattern", ranks, r0), self._patterns("alpha_pattern",
-                                                                                               alphas, a0)
+        rank_pattern = self._patterns("rank_pattern", ranks, r0, "r")
+        alpha_pattern = self._patterns("alpha_pattern", alphas, a0, "lora_alpha")
         self.cfg.update({"r": r0, "lora_alpha": a0, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
                          "use_rslora": rslora, "use_dora": dora, "lora_bias": bias, "fan_in_fan_out": conv1d,
                          "bias": "all" if self.by_kind.get("bias") else "none", "lora_dropout": 0.0,
@@ -460,10 +512,10 @@ class _Writer:
         self.cfg["target_modules"] = self.targets(low)
         self.aux()
 
-    def _patterns(self, field: str, values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+    def _patterns(self, field: str, values: Mapping[str, Any], default: Any, default_field: str) -> dict[str, Any]:
         """The source's pattern if it gives every module its value, else one exact key per differing module."""
         src = self.src.get(field)
-        if src is not None and self.src.get("r" if field == "rank_pattern" else "lora_alpha") == default and all(
+        if src is not None and self.src.get(default_field) == default and all(
                 pattern_value(src, m, default) == v for m, v in values.items()):
             return src
         return {re.escape(m): v for m, v in sorted(values.items()) if v != default}
@@ -496,6 +548,46 @@ class _Writer:
         self.cfg["feedforward_modules"] = self.src["feedforward_modules"] if same else ff
         self.aux()
 
+    # ----- LoHa / LoKr / VeRA -----------------------------------------------------------------------------------
+    def lycoris(self, ptype: str) -> None:
+        kind, _ = LYCORIS_ROLES[ptype]
+        self.refuse({kind, "to_save"}, ptype)
+        self.common(ptype)
+        mods = self.by_kind.get(kind, [])
+        ranks, alphas = {}, {}
+        for m in mods:
+            t = self.adapter.module_tensors(m)
+            self.tensors.update({f"{PREFIX}{m}.{role}": v for role, v in t.items()})
+            r = ranks[m] = int(pattern_value(self.src.get("rank_pattern"), m, self.src.get("r", 8))) if \
+                self.same_modules else (t["hada_w1_a"].shape[1] if kind == "hadamard" else 8)
+            alphas[m] = _alpha_for(float(self.adapter.modules[m].get("params", {}).get("scale", 1.0)), r, False)
+        r0 = self.src.get("r") if self.src.get("r") in ranks.values() else _most_common(ranks.values(), 8)
+        a0 = self.src.get("alpha") if self.src.get("alpha") in alphas.values() else _most_common(alphas.values(), r0)
+        self.cfg.update({"r": r0, "alpha": a0, "rank_pattern": self._patterns("rank_pattern", ranks, r0, "r"),
+                         "alpha_pattern": self._patterns("alpha_pattern", alphas, a0, "alpha")})
+        for key in ("decompose_both", "decompose_factor", "use_effective_conv2d"):
+            if key in self.src:
+                self.cfg[key] = self.src[key]
+        self.cfg["target_modules"] = self.targets(mods)
+        self.aux()
+
+    def vera(self) -> None:
+        self.refuse({"vera", "to_save"}, "VeRA")
+        self.common("VERA")
+        mods = self.by_kind.get("vera", [])
+        names = {tuple(sorted(self.adapter.modules[m]["params"]["shared"].items())) for m in mods}
+        if len(names) != 1:
+            raise af.UnsupportedError("PEFT VeRA has one pair of shared projections; this adapter has several")
+        for m in mods:
+            t = self.adapter.module_tensors(m)
+            self.tensors[f"{PREFIX}{m}.vera_lambda_b"] = t["lambda_b"]
+            self.tensors[f"{PREFIX}{m}.vera_lambda_d"] = t["lambda_d"]
+            self.tensors["base_model.vera_A"], self.tensors["base_model.vera_B"] = t["vera_A"], t["vera_B"]
+        self.cfg.update({"r": int(self.tensors["base_model.vera_A"].shape[0]), "save_projection": True,
+                         "bias": "none", "projection_prng_key": self.src.get("projection_prng_key", 0)})
+        self.cfg["target_modules"] = self.targets(mods)
+        self.aux()
+
     # ----- prompt tuning ---------------------------------------------------------------------------------------
     def prompt(self) -> None:
         self.refuse({"prompt"}, "prompt tuning")
@@ -519,7 +611,8 @@ def _most_common(values: Any, default: Any) -> Any:
 
 
 WRITERS = {"lora": _Writer.lora, "ia3": _Writer.ia3, "prompt_tuning": _Writer.prompt,
-           "trainable_tokens": _Writer.lora}
+           "trainable_tokens": _Writer.lora, "adalora": _Writer.lora, "loha": lambda w: w.lycoris("LOHA"),
+           "lokr": lambda w: w.lycoris("LOKR"), "vera": _Writer.vera}
 
 
 def write_peft(adapter: af.Adapter, path: str | Path, *, base: Any = None) -> Path:

@@ -123,7 +123,9 @@ def load_peft(model_name: str, folder: Path, seed: int = 0) -> tuple[nn.Module, 
         pm = PeftModel.from_pretrained(build(model_name, seed), folder, config=config)
         result = set_peft_model_state_dict(pm, load_file(folder / "adapter_model.safetensors"))
     # PEFT's own rule: adapter keys are those naming the adapter; the prompt encoder is not part of a checkpoint
-    missing = [k for k in result.missing_keys if ".default" in k and "prompt_encoder" not in k]
+    # (VeRA's per-layer vera_A / vera_B are views of the shared base_model.vera_A / vera_B)
+    missing = [k for k in result.missing_keys if ".default" in k and "prompt_encoder" not in k
+               and not k.endswith((".vera_A.default", ".vera_B.default"))]
     # a prompt's one tensor is loaded into the prompt encoder strictly (shape-checked), past load_state_dict
     unexpected = [k for k in result.unexpected_keys if not (config.is_prompt_learning and k == "prompt_embeddings")]
     return pm.eval(), missing, unexpected

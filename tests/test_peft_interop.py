@@ -17,7 +17,8 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from peft import AdaLoraConfig, IA3Config, LoraConfig, PromptTuningConfig  # noqa: E402
+from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig,  # noqa: E402
+                  VeraConfig)
 from safetensors.torch import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -60,6 +61,13 @@ CASES = {
     "gpt2-ia3": ("gpt2", lambda: IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"],
                                            fan_in_fan_out=True)),
     "llama-prompt": ("llama", lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    "llama-loha": ("llama", lambda: LoHaConfig(target_modules=["q_proj", "down_proj"], r=4, alpha=6,
+                                               rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 3})),
+    "custom-loha-conv": ("custom", lambda: LoHaConfig(target_modules=["mlp.0", "conv"], r=3, alpha=5)),
+    "llama-lokr": ("llama", lambda: LoKrConfig(target_modules=["q_proj", "up_proj"], r=4, alpha=6)),
+    "custom-lokr-conv": ("custom", lambda: LoKrConfig(target_modules=["mlp.2", "conv"], r=2, alpha=3,
+                                                      decompose_both=True)),
+    "llama-vera": ("llama", lambda: VeraConfig(target_modules=["q_proj", "v_proj"], r=8)),
 }
 FUNCTION_ONLY = {
     "llama-adalora": ("llama", lambda: AdaLoraConfig(target_modules=["q_proj", "v_proj"], init_r=4, lora_alpha=6,

@@ -8,8 +8,9 @@ Three stored forms:
 - ``sparse``: the ``k`` largest-magnitude entries of each difference (method ``sparse_ft``).
 - ``dense``: the whole difference (method ``task_vector``; the PortLLM model patch).
 
-Only two tensors (one base, one fine-tuned) are in memory at a time. Modules whose difference is exactly
-zero are left out. For every module the report gives ``captured``: the fraction of the difference's
+Only one base and one fine-tuned tensor are read at a time; their difference is taken in fp32 (exact
+when the two values are within a factor of two of each other, as fine-tuning changes are). Modules
+whose difference is exactly zero are left out. For every module the report gives ``captured``: the fraction of the difference's
 squared Frobenius norm the stored form reproduces, ``1 - ||D - D_stored||^2 / ||D||^2``, measured on the
 tensors as written (after the cast to the stored dtype).
 
@@ -135,20 +136,20 @@ def choose_rank(s: torch.Tensor, *, rank: int | None, energy: float | None, max_
 
 def truncated_svd(d: torch.Tensor, *, rank: int | None, energy: float | None,
                   max_rank: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U[:, :k], S[:k], V[:, :k]`` of a 2-D ``d`` (fp32 or fp64) at the chosen rank ``k``.
+    """``U[:, :k], S[:k], V[:, :k]`` of a 2-D ``d`` at the chosen rank ``k``.
 
-    Small matrices use the exact SVD. Large ones (smaller side >= RANDOMIZED_MIN_DIM) use a randomized
+    Small matrices use the exact SVD in fp64. Large ones (smaller side >= RANDOMIZED_MIN_DIM) use a randomized
     SVD; with an energy threshold its rank is doubled until the captured energy reaches the threshold
     (the total energy is known exactly from the Frobenius norm).
     """
     if min(d.shape) < RANDOMIZED_MIN_DIM:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
         k = choose_rank(s, rank=rank, energy=energy, max_rank=max_rank)
         return u[:, :k], s[:k], vh[:k].T
     d = d.float()
     cap = min(max_rank or min(d.shape), min(d.shape))
     q = min((rank or 16) + OVERSAMPLE, cap)
-    total = float(d.double().square().sum())
+    total = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         while True:
@@ -192,7 +193,12 @@ def _dense(d: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict]:
 def _stored_delta(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     from .registry import get_kind
 
-    return get_kind(entry["kind"]).delta(entry, tensors).double()
+    return get_kind(entry["kind"]).delta(entry, tensors).float()
+
+
+def _sq(t: torch.Tensor) -> float:
+    """Squared Frobenius norm, accumulated in fp64."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
 
 
 # ----- the driver -------------------------------------------------------------------------------------
@@ -247,7 +253,7 @@ def extract_adapter(
             info = b_idx[n].tensors[n]
             if not DTYPES[info.dtype].is_floating_point:
                 continue
-            d = read_tensor(t_idx[n], n).double() - read_tensor(b_idx[n], n).double()
+            d = read_tensor(t_idx[n], n).float() - read_tensor(b_idx[n], n).float()
             if bool(d.any()):
                 diffs[n.rsplit(".", 1)[-1]] = d
             else:
@@ -268,14 +274,14 @@ def extract_adapter(
             entry, t = _dense(d, store)
         if main != "weight":
             entry["parameter"] = main
-        total = float(d.square().sum())
-        err = float((d - _stored_delta(entry, t)).square().sum())
+        total = _sq(d)
+        err = _sq(d - _stored_delta(entry, t))
         bias_role = BIAS_ROLES.get(entry["kind"]) if main == "weight" else None
         if bias_role and "bias" in diffs:  # lowrank and dense-add entries have scale 1: the role is the change
             bias = diffs.pop("bias")
             t[bias_role] = bias.to(store)
-            total += float(bias.square().sum())
-            err += float((bias - t[bias_role].double()).square().sum())
+            total += _sq(bias)
+            err += _sq(bias - t[bias_role].float())
         report.unplaced += [f"{path}.{p}" for p in sorted(diffs)]
         modules[path] = entry
         tensors.update({f"{path}.{role}": v for role, v in t.items()})

@@ -10,9 +10,9 @@ Three stored forms:
 
 Only one base and one fine-tuned tensor are read at a time; their difference is taken in fp32 (exact
 when the two values are within a factor of two of each other, as fine-tuning changes are). Modules
-whose difference is exactly zero are left out. For every module the report gives ``captured``: the fraction of the difference's
-squared Frobenius norm the stored form reproduces, ``1 - ||D - D_stored||^2 / ||D||^2``, measured on the
-tensors as written (after the cast to the stored dtype).
+whose difference is exactly zero are left out. For every module the report gives ``captured``: the
+fraction of the difference's squared Frobenius norm the stored form reproduces,
+``1 - ||D - D_stored||^2 / ||D||^2``, measured on the tensors as written (after the cast to the stored dtype).
 
 Layout: a checkpoint does not say which layers store their weight ``[in, out]`` (``nn.Embedding``,
 GPT-2's ``Conv1D``). Give ``model=`` (a live module of the architecture, weights irrelevant) to read it

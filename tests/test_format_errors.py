@@ -266,6 +266,17 @@ def test_unverified_load_still_checks_structure(tmp_path):
         af.load(bad2, verify=False)
 
 
+def test_dora_magnitude_with_a_lora_bias_is_refused(tmp_path):
+    adapter = af.load(EXAMPLES / "lowrank")
+    down = "model.layers.0.mlp.down_proj"
+    tensors = {**adapter.tensors(), f"{down}.bias": torch.zeros(8)}
+    path = af.save(af.Adapter(adapter.manifest, tensors), tmp_path / "both.safetensors")
+    with pytest.raises(FormatError, match="cannot have both magnitude .DoRA. and bias"):
+        af.validate(path)
+    r = invoke("validate", str(path))
+    assert r.exit_code == 1 and "cannot have both" in r.stderr
+
+
 def test_must_understand_passes_for_core_fields_and_is_refused_otherwise(tmp_path):
     ok = tmp_path / "ok.safetensors"
     shutil.copy(EXAMPLES / "lowrank.safetensors", ok)

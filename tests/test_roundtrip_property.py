@@ -46,8 +46,9 @@ def lowrank(draw):
     transposed = draw(st.booleans())
     params = {"scale": draw(st.floats(-4, 4, allow_nan=False)), **({"transposed": True} if transposed else {})}
     t = {"lora_A": draw(tensor((r, n_in))), "lora_B": draw(tensor((out, r)))}
-    for role in draw(st.sets(st.sampled_from(["magnitude", "bias"]))):
-        t[role] = draw(tensor((out,)))
+    extra = draw(st.sampled_from([None, "magnitude", "bias"]))  # never both (spec 6.2)
+    if extra:
+        t[extra] = draw(tensor((out,)))
     return {"kind": "lowrank", "shape": [n_in, out] if transposed else [out, n_in], "params": params}, t
 
 

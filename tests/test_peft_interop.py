@@ -99,6 +99,13 @@ def _check_applied(c, adapter):
     torch.testing.assert_close(logits(model, c.ids), plain, atol=1e-6, rtol=0)
 
 
+def _check_peft_loads(model_name, folder, c):
+    """PEFT loads ``folder`` with no missing or unexpected adapter keys and computes the expected logits."""
+    pm, missing, unexpected = load_peft(model_name, folder)
+    assert missing == [] and unexpected == []
+    torch.testing.assert_close(logits(pm, c.ids), c.expected, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_peft_to_adapterfmt_to_peft(tmp_path, name):
     model_name, make = CASES[name]
@@ -119,9 +126,7 @@ def test_peft_to_adapterfmt_to_peft(tmp_path, name):
                 "trainable_token_indices", "feedforward_modules", "num_virtual_tokens"):
         if key in src_cfg:
             assert out_cfg.get(key) == src_cfg[key], key
-    pm, missing, unexpected = load_peft(model_name, back)
-    assert missing == [] and unexpected == []
-    torch.testing.assert_close(logits(pm, c.ids), c.expected, atol=ATOL, rtol=0)
+    _check_peft_loads(model_name, back, c)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in CASES if "prompt" not in n and "tokens" not in n))
@@ -132,9 +137,7 @@ def test_synthesised_peft_config(tmp_path, name):
     adapter = af.read_foreign(c.folder, base=c.base)
     adapter.manifest["provenance"] = []
     back = af.to_peft(adapter, tmp_path / "synth")
-    pm, missing, unexpected = load_peft(model_name, back)
-    assert missing == [] and unexpected == []
-    torch.testing.assert_close(logits(pm, c.ids), c.expected, atol=ATOL, rtol=0)
+    _check_peft_loads(model_name, back, c)
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTION_ONLY))
@@ -144,9 +147,7 @@ def test_function_only_round_trip(tmp_path, name):
     adapter = af.read_foreign(c.folder, base=c.base)
     _check_applied(c, adapter)
     back = af.to_peft(adapter, tmp_path / "back")
-    pm, missing, unexpected = load_peft(model_name, back)
-    assert missing == [] and unexpected == []
-    torch.testing.assert_close(logits(pm, c.ids), c.expected, atol=ATOL, rtol=0)
+    _check_peft_loads(model_name, back, c)
 
 
 def test_records_base_and_config(tmp_path):
@@ -232,9 +233,7 @@ def test_convert_api_and_detection(tmp_path):
     with pytest.raises(af.OutputExistsError):
         af.convert(c.folder, tmp_path / "a")
     af.convert(tmp_path / "a", tmp_path / "b", to="peft")
-    pm, missing, unexpected = load_peft("custom", tmp_path / "b")
-    assert missing == [] and unexpected == []
-    torch.testing.assert_close(logits(pm, c.ids), c.expected, atol=ATOL, rtol=0)
+    _check_peft_loads("custom", tmp_path / "b", c)
     (tmp_path / "empty").mkdir()
     with pytest.raises(af.FormatError, match="not an adapter in any known format"):
         detect_format(tmp_path / "empty")

@@ -19,8 +19,6 @@ from .ternary_planes import unpack_bits
 #: by adapter (the gather copies r x (in + out) values per row).
 GATHER_MAX_ROWS = 16
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
@@ -116,8 +114,10 @@ def multi_lora_segments(x: torch.Tensor, y: torch.Tensor, A_pool: torch.Tensor, 
 
 def sparse_apply(x: torch.Tensor, y: torch.Tensor, csr: CSR) -> torch.Tensor:
     x2 = _flat(x)
-    s = torch.sparse_csr_tensor(csr.rowptr, csr.cols, csr.values.float(), size=csr.shape,
-                                check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        s = torch.sparse_csr_tensor(csr.rowptr, csr.cols, csr.values.float(), size=csr.shape,
+                                    check_invariants=False)
     delta = (s @ x2.float().t()).t()
     return (_flat(y) + delta.to(y.dtype)).reshape(y.shape)
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter
+from .adapter import Adapter, shared_tensors
 from .deltas import function_shape
 from .errors import BaseMismatchError, FormatError, UnsupportedError
 from .fingerprint import compare, fingerprint_checkpoint, fingerprint_module, read_checkpoint_headers
@@ -274,7 +274,8 @@ def port_adapter(adapter: Adapter, *, new_base: str | os.PathLike[str] | nn.Modu
                 unsupported.append(f"{path}: {e.message}")
                 continue
             entry.pop("encoding", None)
-            tensors.update({f"{target}.{role}": v for role, v in t.items()})
+            shared = shared_tensors(entry)
+            tensors.update({f"{target}.{role}": v for role, v in t.items() if role not in shared})
         else:
             actions[path] = "kept"
             prefix = path + "."
@@ -283,6 +284,8 @@ def port_adapter(adapter: Adapter, *, new_base: str | os.PathLike[str] | nn.Modu
         if entry["kind"] == "prompt":
             entry["shape"] = list(new.shapes[f"{target}.{pname}"])
         modules[target] = entry
+    owned = tuple(p + "." for p in adapter.modules)
+    tensors.update({n: adapter.tensor(n) for n in adapter.tensor_names() if not n.startswith(owned)})  # shared
     if unsupported:
         raise UnsupportedError("cannot port: " + "; ".join(unsupported)
                                + " (give the old base: port_adapter(old_base=...), CLI --old-base)")

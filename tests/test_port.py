@@ -204,3 +204,16 @@ def test_method_port_verb_and_cli(setup, tmp_path):
     assert res.exit_code == 1 and "output exists" in res.output
     res = CliRunner().invoke(app, ["port", str(src), "--to", str(setup["v2_dir"]), "--out", str(tmp_path / "p3")])
     assert res.exit_code == 0 and "change: new-weights" in res.output
+
+
+def test_shared_tensors_are_carried_over(setup):
+    patch = setup["patch"]
+    m = "model.layers.0.self_attn.q_proj"
+    t = {n: v for n, v in patch.tensors().items() if not n.startswith(m + ".lora_A")}
+    t["shared.A"] = patch.tensor(f"{m}.lora_A")
+    manifest = copy.deepcopy(patch.manifest)
+    manifest["modules"][m]["params"]["shared"] = {"lora_A": "shared.A"}
+    shared = af.validate(af.Adapter(manifest, t))
+    ported = port_adapter(shared, new_base=setup["v2_dir"])
+    assert torch.equal(ported.tensor("shared.A"), t["shared.A"]) and f"{m}.lora_A" not in ported.tensor_names()
+    af.validate(ported)

@@ -96,8 +96,9 @@ def test_a_ternary_adapter_file_round_trips_and_its_size_is_the_stored_parts(tmp
     assert loaded.nbytes() == data_region_bytes(path) == where + (k + 7) // 8 + 4 * math.ceil(n / 5)
 
 
-def test_the_ternary_kind_applies_merges_and_unmerges_like_its_dense_delta():
-    adapter, dw = ternary_adapter(density=0.2, group_size=11)
+@pytest.mark.parametrize(("group_size", "packed"), [(None, True), (11, True), (5, False)])
+def test_the_ternary_kind_applies_merges_and_unmerges_like_its_dense_delta(group_size, packed):
+    adapter, dw = ternary_adapter(density=0.2, group_size=group_size)
     model = nn.Sequential()
     model.add_module("lin", nn.Linear(11, 6))
     x = ramp(3, 11, seed=9)
@@ -105,6 +106,8 @@ def test_the_ternary_kind_applies_merges_and_unmerges_like_its_dense_delta():
         ref = model(x) + x @ dw.t()
         w0 = model.lin.weight.clone()
         af.attach(model, adapter, name="t")
+        bound = model.__dict__["_adapterfmt_state"].slots["lin"].bound["t"].tensors
+        assert ("pos" in bound) is packed  # per-tensor / per-row scales: the packed kernel path
         assert torch.allclose(model(x), ref, atol=1e-5)
         af.merge_into(model, "t")
         assert torch.allclose(model.lin.weight, w0 + dw, atol=1e-6)

@@ -1,0 +1,141 @@
+"""Compression quality: LoRAs trained here on small tasks the base model fails, compressed at several
+densities / ranks / bit widths; task accuracy against the ratio on disk (vs the fp16 LoRA file).
+
+Base: ``adapterfmt.tiny.build_tiny()`` (random weights, so it solves nothing). Tasks on sequences of 12 tokens
+drawn from 0..31: ``shift`` (predict the previous token: needs attention) and ``map`` (predict
+``(5 x + 3) mod 32`` of the current token). LoRA r=8, alpha=16 on every linear layer of both blocks, trained
+with plain torch (factors injected by forward hooks). Accuracy = next-token argmax on 512 held-out sequences.
+
+Run: ``python benchmarks/compress_quality.py`` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import adapterfmt as af
+from adapterfmt.compress import compress_adapter
+from adapterfmt.summary import file_bytes
+from adapterfmt.tiny import build_tiny
+
+SEQ, SPAN, RANK, ALPHA = 12, 32, 8, 16
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIGS: list[tuple[str, list[dict]]] = [
+    *[(f"compeft d={d}", [{"method": "compeft", "density": d}]) for d in (0.5, 0.3, 0.1, 0.03)],
+    ("compeft d=0.1 adapter-wide", [{"method": "compeft", "density": 0.1, "scope": "adapter"}]),
+    ("compeft d=0.3 std x2", [{"method": "compeft", "density": 0.3, "scale": "std", "factor": 2.0}]),
+    *[(f"compeft on dW d={d}", [{"method": "compeft", "density": d, "target": "delta"}]) for d in (0.3, 0.1)],
+    *[(f"resize r={r}", [{"method": "resize", "rank": r}]) for r in (4, 2, 1)],
+    ("int8", [{"method": "quantize", "bits": 8}]),
+    ("int4 g64", [{"method": "quantize", "bits": 4}]),
+    ("resize r=4 + compeft d=0.3", [{"method": "resize", "rank": 4}, {"method": "compeft", "density": 0.3}]),
+]
+
+
+def batch(task: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, SPAN, (n, SEQ), generator=gen)
+    if task == "shift":
+        y = torch.cat([torch.full((n, 1), -100), x[:, :-1]], 1)
+    else:
+        y = (5 * x + 3) % SPAN
+    return x, y
+
+
+def accuracy(model: nn.Module, task: str) -> float:
+    x, y = batch(task, 512, torch.Generator().manual_seed(999))
+    with torch.no_grad():
+        pred = model(x).argmax(-1)
+    keep = y != -100
+    return float((pred[keep] == y[keep]).float().mean())
+
+
+def train_lora(model: nn.Module, task: str, steps: int = 300) -> af.Adapter:
+    """Plain-torch LoRA: A, B per target module, added through forward hooks; returns the adapter (fp16)."""
+    gen = torch.Generator().manual_seed(1)
+    factors, hooks = {}, []
+    for path, mod in model.named_modules():
+        if path.rsplit(".", 1)[-1] in TARGETS:
+            a = nn.Parameter(torch.randn(RANK, mod.in_features, generator=gen) / mod.in_features ** 0.5)
+            b = nn.Parameter(torch.zeros(mod.out_features, RANK))
+            factors[path] = (a, b)
+            hooks.append(mod.register_forward_hook(
+                lambda m, args, y, a=a, b=b: y + (ALPHA / RANK) * (args[0] @ a.t()) @ b.t()))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for ab in factors.values() for p in ab]
+    opt = torch.optim.AdamW(params, lr=6e-3, weight_decay=0.0)
+    for _ in range(steps):
+        x, y = batch(task, 64, gen)
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, 128), y.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for h in hooks:
+        h.remove()
+    modules = {p: af.lowrank_entry(list(model.get_submodule(p).weight.shape), ALPHA / RANK) for p in factors}
+    tensors = {f"{p}.{r}": t.detach().half().contiguous()
+               for p, (a, b) in factors.items() for r, t in (("lora_A", a), ("lora_B", b))}
+    return af.Adapter(af.new_manifest("lora", modules, config={"r": RANK, "lora_alpha": ALPHA}), tensors)
+
+
+def with_adapter(model: nn.Module, adapter: af.Adapter, task: str) -> float:
+    af.attach(model, adapter, name="bench")
+    try:
+        return accuracy(model, task)
+    finally:
+        af.detach(model)
+
+
+def realistic_sizes(work: Path) -> None:
+    """Bytes on disk at a realistic module size (random factors: size only, no task): fp16 LoRA r=16 on
+    q/k/v/o of one 4096-wide layer, against ComPEFT at the issue's densities."""
+    gen = torch.Generator().manual_seed(0)
+    modules, tensors = {}, {}
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        path = f"model.layers.0.self_attn.{p}"
+        modules[path] = af.lowrank_entry([4096, 4096], 2.0)
+        tensors[f"{path}.lora_A"] = torch.randn(16, 4096, generator=gen).half()
+        tensors[f"{path}.lora_B"] = torch.randn(4096, 16, generator=gen).half()
+    src = af.load(af.save(af.Adapter(af.new_manifest("lora", modules), tensors), work / "big.safetensors"))
+    print("| 4096-wide layer, LoRA r=16 fp16 | bytes on disk | ratio |")
+    print("|---|---:|---:|")
+    print(f"| original | {file_bytes(src):,} | 1.00 |")
+    for d in (0.1, 0.03):
+        out = af.load(af.save(compress_adapter(src, steps=[{"method": "compeft", "density": d}]),
+                              work / f"big-{d}.safetensors"))
+        print(f"| compeft d={d} | {file_bytes(out):,} | {file_bytes(src) / file_bytes(out):.2f} |")
+    print()
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="compress-bench-"))
+    realistic_sizes(work)
+    print("| task | stored as | bytes on disk | ratio vs fp16 LoRA | tensor-data ratio | accuracy | dW rel. error (max) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for task in ("shift", "map"):
+        model = build_tiny(seed=0)
+        base_acc = accuracy(model, task)
+        t0 = time.perf_counter()
+        lora = train_lora(model, task)
+        train_s = time.perf_counter() - t0
+        src = af.load(af.save(lora, work / f"{task}-fp16.safetensors"))
+        src_bytes = file_bytes(src)
+        print(f"| {task} | base model, no adapter | - | - | - | {base_acc:.3f} | - |")
+        print(f"| {task} | LoRA r={RANK} fp16 (trained {train_s:.0f} s) | {src_bytes:,} | 1.00 | 1.00 | "
+              f"{with_adapter(model, src, task):.3f} | 0 |")
+        for label, steps in CONFIGS:
+            out = af.load(af.save(compress_adapter(src, steps=steps), work / f"{task}-{label}.safetensors"))
+            rec = out.manifest["compression"]
+            size = file_bytes(out)
+            print(f"| {task} | {label} | {size:,} | {src_bytes / size:.2f} | {rec['tensor_ratio']:.2f} | "
+                  f"{with_adapter(model, out, task):.3f} | {rec['dW_rel_error_max']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -158,3 +158,25 @@ def test_lowrank_other_dtypes(dtype: torch.dtype) -> None:
     model = model.to(dtype)
     af.attach(model, adapter_for(kind, params, tensors, [10, 12]))
     torch.testing.assert_close(model(x).double(), want, atol=TOL[dtype] * 10, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_weight_deltas_on_embedding_take_integer_ids(kind: str) -> None:
+    """Integer token ids must not decide the dtype of the delta (a float delta on an int input)."""
+    g = torch.Generator().manual_seed(11)
+    model = nn.Sequential(nn.Embedding(9, 4))
+    ids = torch.tensor([[0, 3, 8], [1, 1, 2]])
+    if kind == "sparse":
+        tensors = {"indices": torch.tensor([1, 6, 13, 30]), "values": torch.randn(4, generator=g) * 0.3}
+        params = {"scale": 1.0}
+    else:
+        tensors = {"delta": torch.randn(9, 4, generator=g) * 0.3}
+        params = {"mode": "add"}
+    adapter = adapter_for(kind, params, tensors, [9, 4])
+    af.attach(model, adapter, name="e")
+    unmerged = model(ids)
+    af.merge_into(model, "e")
+    merged = model(ids)
+    af.detach(model)
+    torch.testing.assert_close(unmerged, merged, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(unmerged, model(ids))

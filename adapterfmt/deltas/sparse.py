@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..modules import weight_function
+from ..modules import is_transposed, weight_function
 from .base import DeltaKind, Entry, Tensors, fail
 
 
@@ -40,8 +40,30 @@ class Sparse(DeltaKind):
         flat[t["indices"]] = t["values"].float()
         return (float(entry.get("params", {}).get("scale", 1.0)) * flat).reshape(shape)
 
-    def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        d = self.delta(entry, t).to(x.dtype)
-        from ..modules import is_transposed
+    def bind(self, module: nn.Module, entry: Entry, t: Tensors) -> Tensors:
+        """On a Linear layer, keep the CSR form (scale folded in) that the sparse apply kernel reads."""
+        if not isinstance(module, nn.Linear):
+            return t
+        from ..kernels import to_csr
 
+        scale = float(entry.get("params", {}).get("scale", 1.0))
+        return {**t, "csr": to_csr(t["indices"], scale * t["values"], tuple(entry["shape"]))}
+
+    def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if "csr" in t:
+            from ..kernels import sparse_apply
+
+            csr = t["csr"]
+            return sparse_apply(x, y, t["indices"], csr.values, csr.shape, csr=csr._replace(values=csr.values.to(y.dtype)))
+        d = self.delta(entry, t).to(y.dtype)
         return y + weight_function(module, x, d.t() if is_transposed(module) else d)
+
+    def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> None:
+        param = getattr(module, entry.get("parameter", "weight"))
+        if not param.is_contiguous():
+            return super().merge(module, entry, t)
+        from ..kernels import sparse_merge_
+
+        with torch.no_grad():
+            sparse_merge_(param.data, t["indices"], t["values"], float(entry.get("params", {}).get("scale", 1.0)))
+        return None

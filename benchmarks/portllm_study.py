@@ -6,7 +6,9 @@
    target task, reversal (``x  REV  reversed(x)``), which v1 fails.
 3. v2, the evolved base: v1 trained further (all weights) on other data (copy plus a new shift task,
    ``x  SHIFT  x+1``); it never sees the target task.
-4. Port: ``adapterfmt.port.port_adapter(patch, new_base=v2 checkpoint)`` — training-free.
+4. Port: ``adapterfmt.port.port_adapter(patch, new_base=v2 checkpoint)`` — training-free. The patch is
+   also ported to snapshots of the evolution after 10, 30 and 100 steps (of 300), to show how far it
+   carries as the base drifts.
 5. Baseline: the same LoRA recipe trained on v2 directly.
 
 The task metric is exact-token accuracy on the 8 answer tokens of 512 held-out sequences. The cost of the
@@ -40,6 +42,7 @@ LORA = {"target_modules": "all-linear", "r": 8, "alpha": 16}
 STEPS = {"pretrain": 600, "lora": 400, "evolve": 300}
 LR = {"pretrain": 2e-3, "lora": 3e-3, "evolve": 5e-4}
 BATCH = 64
+EVOLVE_SNAPSHOTS = (10, 30, 100)
 
 
 def config() -> Any:
@@ -69,17 +72,21 @@ def accuracy(model: torch.nn.Module, task: int) -> float:
 
 
 def train(model: torch.nn.Module, params: list[torch.nn.Parameter], tasks: list[int], steps: int, lr: float,
-          seed: int) -> float:
-    model.train()
+          seed: int, snapshots: tuple[int, ...] = ()) -> dict[int, torch.nn.Module]:
+    """Train in place; returns eval-mode copies of the model after each step count in ``snapshots``."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    kept = {}
+    for step in range(1, steps + 1):
+        model.train()
         loss = loss_of(model, torch.cat([batch(t, BATCH // len(tasks), gen) for t in tasks]))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step in snapshots:
+            kept[step] = copy.deepcopy(model).eval()
     model.eval()
-    return float(loss)
+    return kept
 
 
 def train_lora(model: torch.nn.Module, seed: int) -> Any:
@@ -141,6 +148,7 @@ def measure(path: str, workdir: Path) -> dict[str, float]:
 # ----- the study ----------------------------------------------------------------------------------------
 def run(workdir: Path) -> dict[str, Any]:
     import adapterfmt as af
+    from adapterfmt.port import port_adapter, port_record
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(1)
@@ -154,7 +162,8 @@ def run(workdir: Path) -> dict[str, Any]:
     patch.manifest["base"]["name"] = "v1"
     af.save(patch, workdir / "patch-v1", overwrite=True)
     v2 = copy.deepcopy(v1)
-    train(v2, list(v2.parameters()), [COPY, SHIFT], STEPS["evolve"], LR["evolve"], seed=2)
+    evolving = train(v2, list(v2.parameters()), [COPY, SHIFT], STEPS["evolve"], LR["evolve"], seed=2,
+                     snapshots=EVOLVE_SNAPSHOTS)
     v2.save_pretrained(workdir / "v2")
     setup_s = time.perf_counter() - t0
     costs = {"port": measure("port", workdir), "lora on v2": measure("lora", workdir)}
@@ -168,14 +177,22 @@ def run(workdir: Path) -> dict[str, Any]:
             af.detach(model)
         return out
 
-    v1w, v2w = dict(v1.named_parameters()), dict(v2.named_parameters())
-    drift = float(sum((v2w[n] - v1w[n]).double().square().sum() for n in v1w) ** 0.5
-                  / sum(p.double().square().sum() for p in v1w.values()) ** 0.5)
+    v1w = dict(v1.named_parameters())
+
+    def drift(model: torch.nn.Module) -> float:
+        w = dict(model.named_parameters())
+        return float(sum((w[n] - v1w[n]).double().square().sum() for n in v1w) ** 0.5
+                     / sum(p.double().square().sum() for p in v1w.values()) ** 0.5)
+
+    sweep = []
+    for step, snap in sorted(evolving.items()):  # how far the patch carries as the base drifts further
+        alone = accuracy(snap, REV)
+        on_snap = port_adapter(patch, new_base=snap)
+        sweep.append({"evolve_steps": step, "drift": drift(snap), "v2 alone": alone,
+                      **{f"v2 + ported patch, {k}": v for k, v in scores(snap, on_snap).items()}})
     rows = {"v1 alone": scores(v1, None), "v1 + patch": scores(v1, patch), "v2 alone": scores(v2, None),
             "v2 + ported patch": scores(v2, ported), "v2 + LoRA trained on v2": scores(v2, direct)}
-    from adapterfmt.port import port_record
-
-    return {"rows": rows, "costs": costs, "change": port_record(ported)["change"], "drift": drift,
+    return {"rows": rows, "costs": costs, "change": port_record(ported)["change"], "drift": drift(v2), "sweep": sweep,
             "patch_bytes": patch.nbytes(), "setup_seconds": setup_s,
             "params": sum(p.numel() for p in v1.parameters()),
             "lora_params": sum(math.prod(patch.shape(n)) for n in patch.tensor_names())}
@@ -198,12 +215,17 @@ def main() -> None:
     print(f"{'model':28s} {'reverse (task)':>15s} {'copy':>7s} {'shift':>7s}")
     for name, r in res["rows"].items():
         print(f"{name:28s} {r['reverse (task)']:15.3f} {r['copy']:7.3f} {r['shift']:7.3f}")
+    print(f"{'evolve steps':>12s} {'drift':>7s} {'v2 alone':>9s} {'+ ported: reverse':>18s} {'copy':>6s}")
+    for r in res["sweep"]:
+        print(f"{r['evolve_steps']:12d} {r['drift']:7.3f} {r['v2 alone']:9.3f} "
+              f"{r['v2 + ported patch, reverse (task)']:18.3f} {r['v2 + ported patch, copy']:6.3f}")
     port, lora = res["costs"]["port"], res["costs"]["lora on v2"]
     print(f"{'cost to personalise v2':28s} {'wall s':>10s} {'peak extra MiB':>15s}")
     for name, c in res["costs"].items():
         print(f"{name:28s} {c['seconds']:10.3f} {c['peak_extra_mib']:15.1f}")
-    print(f"LoRA on v2 / port: time x{lora['seconds'] / port['seconds']:.0f}, "
-          f"peak extra memory x{lora['peak_extra_mib'] / max(port['peak_extra_mib'], 0.1):.1f}")
+    mem = (f"x{lora['peak_extra_mib'] / port['peak_extra_mib']:.1f}" if port["peak_extra_mib"] >= 0.1 else
+           f"{lora['peak_extra_mib']:.1f} MiB vs under 0.1 MiB (the port's peak did not rise measurably)")
+    print(f"LoRA on v2 / port: time x{lora['seconds'] / port['seconds']:.0f}, peak extra memory {mem}")
 
 
 if __name__ == "__main__":

@@ -131,13 +131,24 @@ class _Module:
         return all(t.additive for t in self.terms)
 
 
-def _add_rows(w: torch.Tensor, x: torch.Tensor | None, y: torch.Tensor) -> None:
+class _Buffers:
+    """Memory reused for every tensor the bake changes: the tensor itself and an fp32 row chunk. (Fresh
+    allocations of the same large size each time make glibc's heap grow tensor after tensor.)"""
+
+    def __init__(self, nbytes: int) -> None:
+        self.raw = torch.empty(nbytes, dtype=torch.uint8)
+        self.acc = torch.empty(CHUNK_BYTES // 4)
+
+
+def _add_rows(w: torch.Tensor, x: torch.Tensor | None, y: torch.Tensor, buf: _Buffers) -> None:
     """``w += x @ y`` (or ``w += y`` when ``x`` is None) in fp32, row chunk by row chunk, in place in ``w``'s
     dtype. ``w`` is 2-D (a view of the tensor)."""
     rows = max(1, CHUNK_BYTES // (4 * max(1, w.shape[1])))
     for r0 in range(0, w.shape[0], rows):
         chunk = w[r0:r0 + rows]
-        acc = chunk.float()
+        if chunk.numel() > buf.acc.numel():  # one row longer than the chunk
+            buf.acc = torch.empty(chunk.numel())
+        acc = chunk if chunk.dtype == torch.float32 else buf.acc[:chunk.numel()].view(chunk.shape).copy_(chunk)
         if x is None:
             acc.add_(y[r0:r0 + rows])
         else:
@@ -146,20 +157,20 @@ def _add_rows(w: torch.Tensor, x: torch.Tensor | None, y: torch.Tensor) -> None:
             chunk.copy_(acc)
 
 
-def _apply_merged(w: torch.Tensor, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> None:
+def _apply_merged(w: torch.Tensor, entry: dict[str, Any], t: dict[str, torch.Tensor], buf: _Buffers) -> None:
     """Add a merged entry's dW to the base tensor ``w`` (stored layout) in place."""
     if entry["kind"] == "lowrank":
         a, b = t["lora_A"], t["lora_B"]
         k = a.shape[0]
         a2, b2 = a.reshape(k, -1), b.reshape(b.shape[0], k)
         if entry["params"].get("transposed"):
-            _add_rows(w, a2.T, b2.T)
+            _add_rows(w, a2.T, b2.T, buf)
         else:
-            _add_rows(w.reshape(w.shape[0], -1), b2, a2)
+            _add_rows(w.reshape(w.shape[0], -1), b2, a2, buf)
         return
     d = get_kind(entry["kind"]).delta(entry, t)
     _add_rows(w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1), None,
-              d.reshape(w.shape[0], -1) if w.dim() > 1 else d.reshape(1, -1))
+              d.reshape(w.shape[0], -1) if w.dim() > 1 else d.reshape(1, -1), buf)
 
 
 def _merged_bias(entry: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -167,23 +178,24 @@ def _merged_bias(entry: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Ten
     return t.get(role)
 
 
-def _changed(mod: _Module, name: str, read: Callable[[str], torch.Tensor], opts: MergeOptions) -> torch.Tensor:
-    """The new value of checkpoint tensor ``name`` (the module's weight or bias)."""
+def _changed(mod: _Module, name: str, where: dict[str, Header], buf: _Buffers, opts: MergeOptions) -> torch.Tensor:
+    """The new value of checkpoint tensor ``name`` (the module's weight or bias); for additive modules a view
+    of ``buf``, valid until the next call."""
     if name in mod.ready:
         return mod.ready.pop(name)
     if mod.additive:
         if mod.merged is None:
             mod.merged = merge_module(mod.path, mod.terms, opts)
         entry, t = mod.merged
-        value = read(name)
+        value = read_tensor(where[name], name, buf.raw)
         if name == mod.weight:
-            _apply_merged(value, entry, t)
+            _apply_merged(value, entry, t, buf)
         else:
-            _add_rows(value.reshape(1, -1), None, _merged_bias(entry, t).float().reshape(1, -1))
+            _add_rows(value.reshape(1, -1), None, _merged_bias(entry, t).float().reshape(1, -1), buf)
         return value
     # non-additive kinds merge themselves, in adapter order, into fp32 copies of the weight and bias
-    weight = read(mod.weight)
-    bias = read(mod.bias) if mod.bias else None
+    weight = read_tensor(where[mod.weight], mod.weight)
+    bias = read_tensor(where[mod.bias], mod.bias) if mod.bias else None
     stand = _Standin(weight.float(), None if bias is None else bias.float())
     with torch.no_grad():
         for term in mod.terms:
@@ -291,17 +303,18 @@ def bake(
     report = BakeReport(out, [f for f, _ in plan], len(where), sorted(touched), missing, [], [], verdicts)
     names = [n for _, names in plan for n in names]
     it: Iterator[str] = iter(progress(names, len(names)) if progress else names)
+    buf = _Buffers(max((where[n].tensors[n].end - where[n].tensors[n].start for n in touched), default=0))
     fds = {h.path: os.open(h.path, os.O_RDONLY) for h in headers}
     try:
         if out.suffix == ".safetensors":
             with atomic_file(out) as f:
-                report.bytes = _write_file(f, plan[0][1], where, fds, touched, opts, it)
+                report.bytes = _write_file(f, plan[0][1], where, fds, touched, buf, opts, it)
         else:
             with atomic_dir(out, overwrite=overwrite) as tmp:
                 for rel, names_ in plan:
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                     with open(tmp / rel, "wb") as f:
-                        report.bytes += _write_file(f, names_, where, fds, touched, opts, it)
+                        report.bytes += _write_file(f, names_, where, fds, touched, buf, opts, it)
                 if len(plan) > 1 or (base.is_dir() and (base / INDEX_FILE).is_file()):
                     _write_index(tmp / INDEX_FILE, plan, where, base)
                 if base.is_dir():
@@ -318,7 +331,7 @@ def bake(
 
 
 def _write_file(f: Any, names: list[str], where: dict[str, Header], fds: dict[Path, int],
-                touched: dict[str, _Module], opts: MergeOptions, it: Iterator[str]) -> int:
+                touched: dict[str, _Module], buf: _Buffers, opts: MergeOptions, it: Iterator[str]) -> int:
     infos: dict[str, TensorInfo] = {n: where[n].tensors[n] for n in names}
     meta = {"format": "pt", **where[names[0]].metadata} if names else {"format": "pt"}
     w = StreamWriter(f, {n: (i.dtype, i.shape) for n, i in infos.items()}, meta)
@@ -328,7 +341,7 @@ def _write_file(f: Any, names: list[str], where: dict[str, Header], fds: dict[Pa
         if mod is None:
             w.copy(name, fds[where[name].path], infos[name].start)
         else:
-            w.write(name, _changed(mod, name, lambda n: read_tensor(where[n], n), opts))
+            w.write(name, _changed(mod, name, where, buf, opts))
     w.finish()
     return sum(math.prod(i.shape) * ITEMSIZE[i.dtype] for i in infos.values())
 

@@ -156,17 +156,24 @@ def data_sha256(path: str | os.PathLike[str], header: Header | None = None) -> s
     return h.hexdigest()
 
 
-def read_tensor(header: Header, name: str) -> torch.Tensor:
-    """Read one tensor's bytes from disk into a new torch tensor (one copy of the data in memory)."""
+def read_tensor(header: Header, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes from disk into a new torch tensor (one copy of the data in memory), or into
+    the front of ``buffer`` (a 1-D uint8 tensor, reused across calls) and return a view of it."""
     info = header.tensors[name]
-    t = torch.empty(info.shape, dtype=DTYPES[info.dtype])
-    if t.numel():
+    n = info.end - info.start
+    dtype = DTYPES[info.dtype]
+    if buffer is None:
+        t = torch.empty(info.shape, dtype=dtype)
+        raw = t.reshape(-1).view(torch.uint8)
+    else:
+        raw = buffer[:n]
+        t = raw.view(dtype).reshape(info.shape)
+    if n:
         with open(header.path, "rb") as f:
             f.seek(info.start)
-            got = f.readinto(t.reshape(-1).view(torch.uint8).numpy())
-        if got != info.end - info.start:
-            raise FormatError(f"tensor {name!r}: file ended after {got} of {info.end - info.start} bytes",
-                              path=header.path)
+            got = f.readinto(raw.numpy())
+        if got != n:
+            raise FormatError(f"tensor {name!r}: file ended after {got} of {n} bytes", path=header.path)
     return t
 
 

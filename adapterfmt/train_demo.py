@@ -29,17 +29,19 @@ def step_train(ctx: DemoContext) -> None:
     x, y = ids[:, :-1], ids[:, 1:]
     started, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread beats two contended ones
-    with torch.enable_grad():
-        session = get_method("lora").train(ctx.model, config={"target_modules": "all-linear", "r": 4, "alpha": 8})
-        opt = torch.optim.AdamW(session.parameters(), lr=1e-2)
-        losses = []
-        for _ in range(20):
-            loss = F.cross_entropy(ctx.model(x).reshape(-1, vocab), y.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    torch.set_num_threads(threads)
+    try:
+        with torch.enable_grad():
+            session = get_method("lora").train(ctx.model, config={"target_modules": "all-linear", "r": 4, "alpha": 8})
+            opt = torch.optim.AdamW(session.parameters(), lr=1e-2)
+            losses = []
+            for _ in range(20):
+                loss = F.cross_entropy(ctx.model(x).reshape(-1, vocab), y.reshape(-1))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
     trained = ctx.model(x)
     adapter = session.extract(base_name="adapterfmt-tiny")
     session.remove()

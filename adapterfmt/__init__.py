@@ -17,17 +17,28 @@ from .errors import (
     BaseMismatchError,
     ChecksumError,
     FormatError,
+    HubAuthError,
+    HubError,
+    HubTransferError,
     MissingFileError,
+    NotAnAdapterRepoError,
     OutputExistsError,
     PluginError,
+    PushConflictError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
     SpecVersionError,
     UnsafePathError,
     UnsupportedError,
 )
+from .bake import bake
+from .extract import extract_adapter
 from .fingerprint import fingerprint_checkpoint, fingerprint_module
 from .hookspecs import hookimpl
 from .manifest import SPEC_VERSION, new_manifest
+from .merge import merge_adapters
 from .method import Method
+from .port import port_adapter
 from .modules import weight_function
 from .protocols import ApplyBackend, ForeignFormat, TensorCodec
 from .targets import TARGETS_SCHEMA, matches_targets, pattern_value, select_modules
@@ -46,4 +57,7 @@ __all__ = [
     "TARGETS_SCHEMA",
     "AdapterError", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "MissingFileError",
     "BaseMismatchError", "PluginError", "UnsupportedError", "OutputExistsError",
+    "HubError", "RepoNotFoundError", "RevisionNotFoundError", "NotAnAdapterRepoError", "HubAuthError",
+    "HubTransferError", "PushConflictError",
+    "merge_adapters", "bake", "extract_adapter", "port_adapter",
 ]

@@ -53,3 +53,31 @@ class UnsupportedError(AdapterError, NotImplementedError):
 
 class OutputExistsError(AdapterError, FileExistsError):
     """The output path exists and overwriting was not asked for."""
+
+
+class HubError(AdapterError, RuntimeError):
+    """Talking to the Hub failed (base class of the hub errors)."""
+
+
+class RepoNotFoundError(HubError, LookupError):
+    """The repository does not exist, or is private and the token cannot see it."""
+
+
+class RevisionNotFoundError(HubError, LookupError):
+    """The branch, tag or commit does not exist in the repository."""
+
+
+class NotAnAdapterRepoError(HubError, LookupError):
+    """The repository (at that revision) holds no adapterfmt adapter."""
+
+
+class HubAuthError(HubError, PermissionError):
+    """No token, or a token without the rights the operation needs."""
+
+
+class HubTransferError(HubError, ConnectionError):
+    """The server failed or the connection broke while transferring data."""
+
+
+class PushConflictError(HubError):
+    """The branch moved while pushing (another push landed first); nothing was committed."""

@@ -30,7 +30,19 @@ from typing import Any
 from . import manifest as mf
 from .adapter import MANIFEST_FILE, TENSOR_FILE, Adapter, load, safe_member, save
 from .atomic import atomic_dir, check_output
-from .errors import AdapterError, FormatError, MissingFileError, UnsupportedError
+from .errors import (
+    AdapterError,
+    FormatError,
+    HubAuthError,
+    HubError,
+    HubTransferError,
+    MissingFileError,
+    NotAnAdapterRepoError,
+    PushConflictError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    UnsupportedError,
+)
 from .validate import validate
 
 SCHEME = "hf://"
@@ -38,35 +50,6 @@ CARD_FILE = "README.md"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DEFAULT_BRANCH = "main"
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-
-
-# ----- errors ---------------------------------------------------------------------------------------
-class HubError(AdapterError, RuntimeError):
-    """Talking to the Hub failed (base class of the hub errors)."""
-
-
-class RepoNotFoundError(HubError, LookupError):
-    """The repository does not exist, or is private and the token cannot see it."""
-
-
-class RevisionNotFoundError(HubError, LookupError):
-    """The branch, tag or commit does not exist in the repository."""
-
-
-class NotAnAdapterRepoError(HubError, LookupError):
-    """The repository (at that revision) holds no adapterfmt adapter."""
-
-
-class HubAuthError(HubError, PermissionError):
-    """No token, or a token without the rights the operation needs."""
-
-
-class HubTransferError(HubError, ConnectionError):
-    """The server failed or the connection broke while transferring data."""
-
-
-class PushConflictError(HubError):
-    """The branch moved while pushing (another push landed first); nothing was committed."""
 
 
 # ----- settings, read at call time --------------------------------------------------------------------

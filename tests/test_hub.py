@@ -185,7 +185,7 @@ def test_concurrent_push_is_refused_not_overwritten(hub_env: FakeHub, tmp_path: 
             raced["oid"] = server.commit_directly("alice/race", {"notes.txt": b"someone else"})
 
     hub_env.on_request("/api/models/alice/race/preupload/*", other_client)
-    with pytest.raises(hub.PushConflictError, match="branch moved"):
+    with pytest.raises(af.PushConflictError, match="branch moved"):
         hub.push(make_adapter(tmp_path / "b", seed=5), "alice/race")
     assert hub_env.head("alice/race") == raced["oid"]
 
@@ -201,7 +201,7 @@ def test_hf_paths_resolve_through_cache_and_offline(hub_env: FakeHub, tmp_path: 
 
     hub_env.stop()  # unreachable Hub, still online mode: the cached commit is used
     assert hub.resolve_adapter_path("hf://alice/offline@main") == path
-    with pytest.raises(hub.HubTransferError, match="could not be reached"):
+    with pytest.raises(af.HubTransferError, match="could not be reached"):
         hub.pull("alice/never-pulled", out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
@@ -209,7 +209,7 @@ def test_hf_paths_resolve_through_cache_and_offline(hub_env: FakeHub, tmp_path: 
     assert hub.resolve_adapter_path("hf://alice/offline") == path
     assert hub.resolve_adapter_path(f"hf://alice/offline@{res.commit}") == path
     assert af.validate("hf://alice/offline@main").source == path
-    with pytest.raises(hub.HubError, match="offline"):
+    with pytest.raises(af.HubError, match="offline"):
         hub.resolve_adapter_path("hf://alice/never-pulled")
 
 
@@ -227,7 +227,7 @@ def test_subfolder_in_hf_path(hub_env: FakeHub, tmp_path: Path) -> None:
 # ----- failures: one clear error, nothing half-written ------------------------------------------------
 def test_repo_not_found(hub_env: FakeHub, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with pytest.raises(hub.RepoNotFoundError, match="alice/missing"):
+    with pytest.raises(af.RepoNotFoundError, match="alice/missing"):
         hub.pull("alice/missing", out=out)
     assert not out.exists()
     r = run_cli("pull", "alice/missing", "--out", str(out))
@@ -240,7 +240,7 @@ def test_private_repo_needs_a_token_to_pull(hub_env: FakeHub, tmp_path: Path, mo
     assert hub_env.repos["alice/secret"].private
     hub.pull("alice/secret")
     monkeypatch.setenv("HF_TOKEN", "hf_bob")
-    with pytest.raises(hub.RepoNotFoundError):
+    with pytest.raises(af.RepoNotFoundError):
         hub.pull("alice/secret@main", out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
@@ -249,7 +249,7 @@ def test_private_repo_needs_a_token_to_pull(hub_env: FakeHub, tmp_path: Path, mo
 def test_revision_not_found(hub_env: FakeHub, tmp_path: Path, rev: str) -> None:
     hub.push(make_adapter(tmp_path / "a"), "alice/revs")
     out = tmp_path / "out"
-    with pytest.raises(hub.RevisionNotFoundError, match=rev):
+    with pytest.raises(af.RevisionNotFoundError, match=rev):
         hub.pull(f"alice/revs@{rev}", out=out)
     assert not out.exists()
     r = run_cli("pull", "alice/revs", "--revision", rev, "--out", str(out))
@@ -262,7 +262,7 @@ def test_server_error_mid_download(hub_env: FakeHub, tmp_path: Path) -> None:
     hub.push(src, "alice/flaky")
     fault = hub_env.fail("/alice/flaky/resolve/*/adapter.safetensors", "500")
     out = tmp_path / "out"
-    with pytest.raises(hub.HubTransferError, match="HTTP 500"):
+    with pytest.raises(af.HubTransferError, match="HTTP 500"):
         hub.pull("alice/flaky", out=out)
     assert fault.hits == 1, "a download error is reported at once, not retried for minutes"
     assert not out.exists() and not list(tmp_path.glob(".out*"))
@@ -278,7 +278,7 @@ def test_connection_cut_mid_download(hub_env: FakeHub, tmp_path: Path) -> None:
     hub.push(make_adapter(tmp_path / "a"), "alice/cut")
     hub_env.fail("/alice/cut/resolve/*/adapter.safetensors", "short")
     out = tmp_path / "out"
-    with pytest.raises(hub.HubTransferError, match="cut short"):
+    with pytest.raises(af.HubTransferError, match="cut short"):
         hub.pull("alice/cut", out=out)
     assert not out.exists()
     r = run_cli("pull", "alice/cut", "--out", str(out))
@@ -328,7 +328,7 @@ def test_tampered_by_a_later_commit(hub_env: FakeHub, tmp_path: Path) -> None:
 def test_no_token_for_private_push(hub_env: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_TOKEN")
     src = make_adapter(tmp_path / "a")
-    with pytest.raises(hub.HubAuthError, match="no Hugging Face token"):
+    with pytest.raises(af.HubAuthError, match="no Hugging Face token"):
         hub.push(src, "alice/private", private=True)
     assert "alice/private" not in hub_env.repos and not hub_env.log
     r = run_cli("push", str(src), "alice/private", "--private")
@@ -338,10 +338,10 @@ def test_no_token_for_private_push(hub_env: FakeHub, tmp_path: Path, monkeypatch
 def test_bad_token_and_foreign_namespace(hub_env: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = make_adapter(tmp_path / "a")
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
-    with pytest.raises(hub.HubAuthError, match="HTTP 401"):
+    with pytest.raises(af.HubAuthError, match="HTTP 401"):
         hub.push(src, "alice/x")
     monkeypatch.setenv("HF_TOKEN", "hf_bob")
-    with pytest.raises(hub.HubAuthError, match="HTTP 403"):
+    with pytest.raises(af.HubAuthError, match="HTTP 403"):
         hub.push(src, "alice/x")
     assert not hub_env.repos
 
@@ -362,7 +362,7 @@ def test_repo_without_adapter(hub_env: FakeHub, tmp_path: Path) -> None:
     api = HfApi(endpoint=hub_env.url, token=TOKEN)
     api.create_repo("alice/peft-only")
     api.upload_file(repo_id="alice/peft-only", path_or_fileobj=b"{}", path_in_repo="adapter_config.json")
-    with pytest.raises(hub.NotAnAdapterRepoError, match="adapter convert"):
+    with pytest.raises(af.NotAnAdapterRepoError, match="adapter convert"):
         hub.pull("alice/peft-only")
 
 

@@ -51,14 +51,19 @@ def adapter_dtype(module: nn.Module) -> torch.dtype:
 
 class TrainableDelta(nn.Module):
     """One module's delta in training: a module entry of a delta kind, its trainable roles as parameters,
-    and frozen ``shared`` roles (``{role: (tensor name, tensor)}``) stored once for the whole adapter."""
+    ``frozen`` roles of this module stored as they are (e.g. a sparse delta's chosen ``indices``) and
+    frozen ``shared`` roles (``{role: (tensor name, tensor)}``) stored once for the whole adapter."""
 
     def __init__(self, entry: dict[str, Any], params: Mapping[str, torch.Tensor], *,
+                 frozen: Mapping[str, torch.Tensor] | None = None,
                  shared: Mapping[str, tuple[str, torch.Tensor]] | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         self.entry = copy.deepcopy(entry)
         self.kind = get_kind(entry["kind"])
         self.weights = nn.ParameterDict({role: nn.Parameter(t) for role, t in params.items()})
+        self.frozen_roles = tuple(frozen or ())
+        for role, t in (frozen or {}).items():
+            self.register_buffer(role, t, persistent=False)
         self.shared_names = {role: name for role, (name, _) in (shared or {}).items()}
         for role, (_, t) in (shared or {}).items():
             self.register_buffer(role, t, persistent=False)
@@ -67,7 +72,7 @@ class TrainableDelta(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {**{r: getattr(self, r) for r in self.shared_names}, **self.weights}
+        return {**{r: getattr(self, r) for r in (*self.shared_names, *self.frozen_roles)}, **self.weights}
 
     def forward(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.kind.forward(module, self.entry, self.tensors(), self.dropout(x), y)
@@ -118,6 +123,7 @@ class TrainSession:
         for path, layer in self.layers.items():
             modules[path] = copy.deepcopy(layer.entry)
             tensors.update({f"{path}.{role}": keep(p) for role, p in layer.weights.items()})
+            tensors.update({f"{path}.{role}": keep(getattr(layer, role)) for role in layer.frozen_roles})
             for role, name in layer.shared_names.items():
                 if name not in tensors:
                     tensors[name] = keep(getattr(layer, role))

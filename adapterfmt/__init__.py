@@ -31,7 +31,6 @@ from .errors import (
     UnsafePathError,
     UnsupportedError,
 )
-from .bake import bake
 from .extract import extract_adapter
 from .fingerprint import fingerprint_checkpoint, fingerprint_module
 from .hookspecs import hookimpl
@@ -59,5 +58,5 @@ __all__ = [
     "BaseMismatchError", "PluginError", "UnsupportedError", "OutputExistsError",
     "HubError", "RepoNotFoundError", "RevisionNotFoundError", "NotAnAdapterRepoError", "HubAuthError",
     "HubTransferError", "PushConflictError",
-    "merge_adapters", "bake", "extract_adapter", "port_adapter",
+    "merge_adapters", "extract_adapter", "port_adapter",
 ]

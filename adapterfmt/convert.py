@@ -12,6 +12,8 @@ which some foreign formats need to fill in ``shape`` (PEFT's IA3 vectors do not 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -24,8 +26,9 @@ from torch import nn
 from . import manifest as mf
 from .adapter import MANIFEST_FILE, Adapter, load, save
 from .atomic import atomic_dir, check_output
-from .errors import FormatError, UnsupportedError
-from .fingerprint import read_checkpoint_headers
+from .deltas import lowrank_entry
+from .errors import BaseMismatchError, FormatError, UnsupportedError
+from .fingerprint import fingerprint_checkpoint, fingerprint_module, read_checkpoint_headers
 from .registry import formats
 from .safetensors_io import read_header, read_tensor, write_file
 
@@ -182,5 +185,124 @@ def base_shapes(base: BaseLike) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-__all__ = ["ADAPTERFMT", "ConvertReport", "convert", "detect_format", "read_foreign", "write_foreign", "to_peft",
+def tensor_names(path: str | os.PathLike[str]) -> list[str]:
+    """The tensor names of a safetensors file (header only; for cheap format detection)."""
+    return list(read_header(path).tensors)
+
+
+def base_fingerprint(base: BaseLike | None) -> dict[str, Any] | None:
+    """The fingerprint of a base given as a live module or a checkpoint path (None otherwise)."""
+    if isinstance(base, nn.Module):
+        return fingerprint_module(base)
+    if isinstance(base, str | os.PathLike):
+        return fingerprint_checkpoint(base)
+    return None
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """The LoRA scale ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def alpha_for(scale: float, r: int, rslora: bool = False) -> float:
+    """An alpha for which :func:`lora_scale` gives exactly ``scale`` (an int when one does)."""
+    alpha = scale * (math.sqrt(r) if rslora else r)
+    if alpha == round(alpha) and lora_scale(round(alpha), r, rslora) == scale:
+        return int(round(alpha))
+    for cand in (alpha, math.nextafter(alpha, math.inf), math.nextafter(alpha, -math.inf)):
+        if lora_scale(cand, r, rslora) == scale:
+            return cand
+    return alpha
+
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+"""``{module: (A [r, *in], B [out, r(, 1, 1)], scale)}``, dW = scale * B @ A in function layout."""
+
+
+def lowrank_factors(adapter: Adapter, fmt: str, *, conv: bool = True) -> Factors:
+    """The LoRA factors of an adapter made only of plain ``lowrank`` entries, for codecs of LoRA-only
+    formats; every module the format ``fmt`` cannot hold (other kinds, DoRA magnitude, LoRA bias, a
+    conv weight when ``conv`` is false) is named in one :class:`UnsupportedError`."""
+    out: Factors = {}
+    bad = []
+    for module, entry in sorted(adapter.modules.items()):
+        roles = set(adapter.roles(module))
+        why = (f"kind {entry['kind']}" if entry["kind"] != "lowrank" else
+               f"role(s) {', '.join(sorted(roles - {'lora_A', 'lora_B'}))}" if roles != {"lora_A", "lora_B"} else
+               f"a {len(entry['shape'])}-D weight" if not conv and len(entry["shape"]) != 2 else None)
+        if why:
+            bad.append(f"{module} ({why})")
+            continue
+        t = adapter.module_tensors(module)
+        out[module] = (t["lora_A"], t["lora_B"], float(entry.get("params", {}).get("scale", 1.0)))
+    if bad:
+        raise UnsupportedError(f"the {fmt} format holds plain LoRA factors only; cannot represent: " + "; ".join(bad))
+    return out
+
+
+def lowrank_adapter(factors: Factors, *, method: str = "lora", config: Mapping[str, Any] | None = None,
+                    provenance: Mapping[str, Any], base: BaseLike | None = None, base_name: str | None = None,
+                    path: object = None) -> Adapter:
+    """An adapter of ``lowrank`` entries from LoRA factors read from a foreign file. The stored shape is
+    the function shape ``[out, *in]``, or its reverse (``transposed``) where ``base`` stores the weight
+    that way (GPT-2 Conv1D, embeddings); with a ``base``, a module it lacks is an error naming them all."""
+    shapes = base_shapes(base) if base is not None else None
+    modules, tensors, missing = {}, {}, []
+    for module, (a, b, scale) in sorted(factors.items()):
+        fshape = [b.shape[0], *a.shape[1:]]
+        transposed = False
+        if shapes is not None:
+            stored = shapes.get(f"{module}.weight")
+            if stored is None:
+                missing.append(module)
+                continue
+            transposed = len(fshape) == 2 and list(stored) == fshape[::-1] != fshape
+        modules[module] = lowrank_entry(fshape[::-1] if transposed else fshape, scale, transposed=transposed)
+        tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"] = a, b
+    if missing:
+        raise BaseMismatchError(f"the base model has no weight for module(s): {', '.join(missing)}", path=path)
+    manifest = mf.new_manifest(method, modules, config=config, provenance=[provenance],
+                               base={"name": base_name, "revision": None, "fingerprint": base_fingerprint(base)})
+    return Adapter(manifest, tensors)
+
+
+def attention_heads(base: BaseLike | None, n_heads: int | None = None, n_kv_heads: int | None = None,
+                    *, why: str = "") -> tuple[int, int]:
+    """``(num_attention_heads, num_key_value_heads)``: given, or from the base's config (a live
+    transformers model's ``.config``, or ``config.json`` beside a checkpoint)."""
+    if n_heads is None:
+        cfg: Any = None
+        if isinstance(base, nn.Module):
+            cfg = getattr(base, "config", None)
+            cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg) if cfg is not None else None
+        elif isinstance(base, str | os.PathLike):
+            p = Path(base)
+            p = p if p.is_dir() else p.parent
+            if (p / "config.json").is_file():
+                cfg = json.loads((p / "config.json").read_text("utf-8"))
+        if isinstance(cfg, Mapping) and cfg.get("num_attention_heads"):
+            n_heads = int(cfg["num_attention_heads"])
+            n_kv_heads = n_kv_heads or cfg.get("num_key_value_heads")
+    if n_heads is None:
+        raise UnsupportedError(f"{why}: the number of attention heads is needed; pass n_heads= (and n_kv_heads=) "
+                               "or a base whose config gives num_attention_heads")
+    return n_heads, int(n_kv_heads or n_heads)
+
+
+def rope_permute(t: torch.Tensor, n_heads: int, *, inverse: bool = False) -> torch.Tensor:
+    """Reorder the output rows of a q/k projection (or its LoRA B) between Hugging Face's rotate-half
+    RoPE layout and the interleaved layout of Meta's Llama code (used by llama.cpp and torchtune):
+    within each head, row ``j`` of the first half and row ``j`` of the second half become rows
+    ``2j`` and ``2j + 1``. ``inverse`` goes back."""
+    rows = t.shape[0]
+    if rows % (2 * n_heads):
+        raise UnsupportedError(f"{rows} rows do not split into {n_heads} heads of even size")
+    half = rows // n_heads // 2
+    split = (n_heads, half, 2) if inverse else (n_heads, 2, half)
+    return t.reshape(*split, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
+
+
+__all__ = ["tensor_names", "base_fingerprint", "lora_scale", "alpha_for", "Factors", "lowrank_factors",
+           "lowrank_adapter", "attention_heads", "rope_permute",
+           "ADAPTERFMT", "ConvertReport", "convert", "detect_format", "read_foreign", "write_foreign", "to_peft",
            "read_tensor_file", "write_tensor_file", "base_shapes", "is_adapterfmt"]

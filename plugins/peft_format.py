@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -89,10 +88,6 @@ def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any) -
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
-
-
-def lora_scale(alpha: float, r: int, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 # ----- reading ---------------------------------------------------------------------------------------------
@@ -202,7 +197,7 @@ class _Reader:
                 if want_r != r:
                     raise af.FormatError(f"module {module!r}: lora_A has rank {r}, the config says {want_r}",
                                          path=self.path)
-                scale = lora_scale(pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)), r, rslora)
+                scale = af.lora_scale(pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)), r, rslora)
             out, fin = b.shape[0], tuple(a.shape[1:])
             transposed = embedding or (transposed_linear and a.dim() == 2)
             shape = [*fin, out] if transposed else [out, *fin]
@@ -362,11 +357,7 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False)
     reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "VERA") else _strip(raw, path), base)
     method, fn = READERS[ptype]
     method_cfg = fn(reader)
-    fingerprint = None
-    if isinstance(base, nn.Module):
-        fingerprint = af.fingerprint_module(base)
-    elif isinstance(base, str | Path):
-        fingerprint = af.fingerprint_checkpoint(base)
+    fingerprint = af.base_fingerprint(base)
     prov = {"tool": "peft", "format": "peft", "peft_type": ptype, "peft_version": cfg.get("peft_version"),
             "source": str(path), "config": cfg, "modules_sha256": _modules_digest(reader.modules)}
     manifest = af.new_manifest(method, reader.modules, config=method_cfg, provenance=[prov],
@@ -383,17 +374,6 @@ def _source_config(adapter: af.Adapter, peft_type: str) -> tuple[dict[str, Any],
         if p.get("format") == "peft" and isinstance(p.get("config"), dict) and p["config"].get("peft_type") == peft_type:
             return dict(p["config"]), p.get("modules_sha256") == _modules_digest(adapter.modules)
     return {}, False
-
-
-def _alpha_for(scale: float, r: int, rslora: bool) -> float:
-    """An alpha for which PEFT's ``alpha / r`` (or ``/ sqrt(r)``) gives exactly ``scale``."""
-    alpha = scale * (math.sqrt(r) if rslora else r)
-    if alpha == round(alpha) and lora_scale(round(alpha), r, rslora) == scale:
-        return int(round(alpha))
-    for cand in (alpha, math.nextafter(alpha, math.inf), math.nextafter(alpha, -math.inf)):
-        if lora_scale(cand, r, rslora) == scale:
-            return cand
-    return alpha
 
 
 def _is_embedding(module: str, entry: Mapping[str, Any], base: Any) -> bool:
@@ -479,7 +459,7 @@ class _Writer:
             e, t = mods[m], self.adapter.module_tensors(m)
             a, b = t["lora_A"], t["lora_B"]
             r = ranks[m] = a.shape[0]
-            alphas[m] = _alpha_for(float(e.get("params", {}).get("scale", 1.0)), r, rslora)
+            alphas[m] = af.alpha_for(float(e.get("params", {}).get("scale", 1.0)), r, rslora)
             if _is_embedding(m, e, self.base):
                 self.tensors[f"{PREFIX}{m}.lora_embedding_A"] = a
                 self.tensors[f"{PREFIX}{m}.lora_embedding_B"] = b
@@ -560,7 +540,7 @@ class _Writer:
             self.tensors.update({f"{PREFIX}{m}.{role}": v for role, v in t.items()})
             r = ranks[m] = int(pattern_value(self.src.get("rank_pattern"), m, self.src.get("r", 8))) if \
                 self.same_modules else (t["hada_w1_a"].shape[1] if kind == "hadamard" else 8)
-            alphas[m] = _alpha_for(float(self.adapter.modules[m].get("params", {}).get("scale", 1.0)), r, False)
+            alphas[m] = af.alpha_for(float(self.adapter.modules[m].get("params", {}).get("scale", 1.0)), r, False)
         r0 = self.src.get("r") if self.src.get("r") in ranks.values() else _most_common(ranks.values(), 8)
         a0 = self.src.get("alpha") if self.src.get("alpha") in alphas.values() else _most_common(alphas.values(), r0)
         self.cfg.update({"r": r0, "alpha": a0, "rank_pattern": self._patterns("rank_pattern", ranks, r0, "r"),

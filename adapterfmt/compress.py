@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import codecs
-from .adapter import Adapter
+from .adapter import Adapter, shared_tensors
 from .deltas.lowrank import LowRank
 from .deltas.ternary import ternary_encode, top_k_mask
 from .errors import FormatError, UnsupportedError
@@ -51,13 +51,18 @@ class Work:
     tensors: dict[str, torch.Tensor]
     encoded: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = field(default_factory=dict)
 
+    def shared(self) -> dict[str, str]:
+        """Roles read from tensors shared by several modules (``params.shared``): stored once, left as they are."""
+        return shared_tensors(self.entry)
+
     def float_roles(self) -> list[str]:
-        """Roles a codec may encode: float tensors of 2+ dims not encoded yet."""
+        """Roles a codec may encode: float tensors of 2+ dims not encoded yet (shared ones excluded)."""
         return [r for r, t in sorted(self.tensors.items())
-                if t.is_floating_point() and t.dim() >= 2 and r not in self.encoded]
+                if t.is_floating_point() and t.dim() >= 2 and r not in self.encoded and r not in self.shared()]
 
     def stored(self) -> dict[str, torch.Tensor]:
-        out = {r: t for r, t in self.tensors.items() if r not in self.encoded}
+        """The module's own stored tensors by name suffix (shared tensors are stored under their own names)."""
+        out = {r: t for r, t in self.tensors.items() if r not in self.encoded and r not in self.shared()}
         for role, (parts, _) in self.encoded.items():
             out.update({f"{role}.{p}": t for p, t in parts.items()})
         return out
@@ -244,6 +249,7 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
             entry["encoding"] = {role: spec for role, (_, spec) in sorted(w.encoded.items())}
         manifest["modules"][path] = entry
         tensors.update({f"{path}.{name}": t for name, t in w.stored().items()})
+        tensors.update({name: adapter.tensor(name) for name in w.shared().values()})
         old = module_effect(adapter.modules[path], originals[path])
         errors[path] = _finite(relative_error(module_effect(entry, w.tensors), old))
     before = adapter.nbytes()

@@ -184,7 +184,7 @@ def ternary_apply(x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, neg: torc
     if x.shape[-1] != in_features or y.shape[-1] != pos.shape[0]:
         raise ValueError(f"x {list(x.shape)} / y {list(y.shape)} do not fit a ternary delta of shape "
                          f"{[pos.shape[0], in_features]}")
-    s = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), device=pos.device)
+    s = scale if isinstance(scale, torch.Tensor) else torch.full((1,), float(scale), device=pos.device)
     s = s.reshape(-1).to(device=pos.device)
     if s.numel() not in (1, pos.shape[0]):
         raise ValueError(f"scale must have 1 or {pos.shape[0]} values, got {s.numel()}")

@@ -125,10 +125,13 @@ def grouped_apply(x: torch.Tensor, y: torch.Tensor, A_pool: torch.Tensor, B_pool
 
 
 def group_rows(ids: torch.Tensor, n_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(order, offsets)`` for :func:`grouped_apply`: rows sorted by id (-1 first) and the group bounds."""
+    """``(order, offsets)`` for :func:`grouped_apply`: rows sorted by id (-1 first) and the group bounds.
+
+    Ids must lie in -1..n_adapters-1 (not checked: that would need a host synchronisation)."""
     ids = ids.to(torch.int64)
     order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids + 1, minlength=n_adapters + 1)[: n_adapters + 1]
+    counts = torch.zeros(n_adapters + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, ids + 1, torch.ones_like(ids))  # not bincount: no host sync, CUDA-graph safe
     offsets = torch.zeros(n_adapters + 2, dtype=torch.int64, device=ids.device)
     offsets[1:] = torch.cumsum(counts, 0)
     return order, offsets
@@ -153,7 +156,8 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
     target = out if out is not None else torch.zeros(*x.shape[:-1], B.shape[0], dtype=x.dtype, device=x.device)
     t2 = target.view(-1, target.shape[-1])
     order = torch.arange(m, device=x.device)
-    offsets = torch.tensor([0, 0, m], dtype=torch.int64, device=x.device)
-    scales = torch.tensor([float(scale)], dtype=torch.float32, device=x.device)
+    offsets = torch.zeros(3, dtype=torch.int64, device=x.device)
+    offsets[2:] = m  # fills, no host-to-device copy: CUDA-graph safe
+    scales = torch.full((1,), float(scale), dtype=torch.float32, device=x.device)
     grouped_apply(x2, t2, A.unsqueeze(0), B.unsqueeze(0), scales, order, offsets, inplace=True)
     return target

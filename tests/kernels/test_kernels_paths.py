@@ -83,6 +83,8 @@ ROWS_CASES = [  # (rows, ranks of the adapters, popularity, dtype)
     (24, [8] * 8, "uniform", torch.bfloat16),
     (40, [1, 2, 4, 8, 16, 32, 64, 5], "skewed", torch.float32),
     (33, [64, 1], "uniform", torch.float16),
+    (6, [4, 64, 2, 9, 16, 1, 32, 8], "skewed", torch.bfloat16),  # torch: gathered-pool bmm path
+    (12, [3, 5, 7, 2, 8, 1, 6, 4, 16, 9, 11, 13], "uniform", torch.float32),  # gathered: T <= n adapters
 ]
 
 

@@ -49,6 +49,19 @@ def adapter_dtype(module: nn.Module) -> torch.dtype:
     return ref.dtype
 
 
+class RoleParameters(nn.Module):
+    """A delta's trainable roles as parameters named by role (``nn.ParameterDict`` refuses role names
+    such as ``values`` or ``keys``, which are its own methods)."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        for role, t in params.items():
+            self.register_parameter(role, nn.Parameter(t))
+
+    def items(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.named_parameters(recurse=False)
+
+
 class TrainableDelta(nn.Module):
     """One module's delta in training: a module entry of a delta kind, its trainable roles as parameters,
     ``frozen`` roles of this module stored as they are (e.g. a sparse delta's chosen ``indices``) and
@@ -60,7 +73,7 @@ class TrainableDelta(nn.Module):
         super().__init__()
         self.entry = copy.deepcopy(entry)
         self.kind = get_kind(entry["kind"])
-        self.weights = nn.ParameterDict({role: nn.Parameter(t) for role, t in params.items()})
+        self.weights = RoleParameters(params)
         self.frozen_roles = tuple(frozen or ())
         for role, t in (frozen or {}).items():
             self.register_buffer(role, t, persistent=False)
@@ -72,7 +85,7 @@ class TrainableDelta(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {**{r: getattr(self, r) for r in (*self.shared_names, *self.frozen_roles)}, **self.weights}
+        return {**{r: getattr(self, r) for r in (*self.shared_names, *self.frozen_roles)}, **dict(self.weights.items())}
 
     def forward(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.kind.forward(module, self.entry, self.tensors(), self.dropout(x), y)

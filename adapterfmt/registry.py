@@ -28,9 +28,11 @@ BUILTIN_PLUGINS = (
     "adapterfmt.plugins.lora_variants",
     "adapterfmt.plugins.codecs",
     "adapterfmt.plugins.patches",
+    "adapterfmt.plugins.sparse_methods",
     "adapterfmt.plugins.vectors",
     "adapterfmt.plugins.prompts",
     "adapterfmt.plugins.peft_format",
+    "adapterfmt.plugins.mlx_format",
     "adapterfmt.plugins.token_rows",
 )
 VERBS = ("train", "apply", "merge", "compress", "port")

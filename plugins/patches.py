@@ -1,4 +1,10 @@
-"""Model patches stored as dense or sparse weight deltas: task vectors, sparse fine-tuning, PortLLM."""
+"""Model patches made from full fine-tunes, not by injection: task vectors and PortLLM patches.
+
+Both are ``finetuned - base`` (``adapter extract``, stored ``dense`` / ``lowrank`` / ``sparse``). Their
+``train`` verb is the base class's refusal pointing to ``adapter extract``; apply / merge / compress / port
+are the delta kinds' generic verbs. Task arithmetic is ``adapter merge`` with strategy ``linear``: weights
+add tasks, negative weights remove (negate) them, exactly, in delta space.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,16 @@ import adapterfmt as af
 
 class TaskVector(af.Method):
     name = "task_vector"
-    summary = "Task vector / model patch: dW = finetuned - base, stored dense"
-    kinds = ("dense",)
+    summary = "Task vector / model patch: dW = finetuned - base (task arithmetic by linear merge)"
+    kinds = ("dense", "sparse", "lowrank")
 
 
-class SparseFT(af.Method):
-    name = "sparse_ft"
-    summary = "Sparse fine-tuning: a few weights changed, stored as sorted indices + values"
-    kinds = ("sparse",)
+class PortLLM(af.Method):
+    name = "portllm"
+    summary = "PortLLM: a patch made on one base version carried to its evolved version (adapter port)"
+    kinds = ("dense", "lowrank")
 
 
 @af.hookimpl
 def adapterfmt_methods() -> list[af.Method]:
-    return [TaskVector(), SparseFT()]
+    return [TaskVector(), PortLLM()]

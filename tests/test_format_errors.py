@@ -248,7 +248,6 @@ def test_the_real_command_reports_each_bad_file_on_its_own_line(tmp_path):
     for path, line in zip(bad, lines):
         assert str(path) in line
     assert r.stdout.strip() == f"valid   {good}"
-    assert run_adapter("inspect", str(bad[0])).returncode == 1
 
 
 def test_debug_env_shows_the_traceback(tmp_path):
@@ -334,21 +333,21 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 big = af.Adapter(af.new_manifest("task_vector", {"m": {"kind": "dense", "shape": [64, 64]}}),
                  {"m.delta": torch.ones(64, 64)})
-try:
-    af.save(big, sys.argv[1], overwrite=True)
-except OSError as e:
-    print("failed:", e.errno)
+for target in sys.argv[1:]:
+    try:
+        af.save(big, target, overwrite=True)
+    except OSError as e:
+        print("failed:", e.errno)
 """
 
 
-@pytest.mark.parametrize("form", ["old.safetensors", "old-folder"])
-def test_a_write_failing_midway_leaves_the_old_output_and_no_temp_files(tmp_path, form):
+def test_a_write_failing_midway_leaves_the_old_output_and_no_temp_files(tmp_path):
     """A real failure mid-write (file size limit, EFBIG): the previous output is intact, no partial file."""
-    target = tmp_path / form
-    src = EXAMPLES / ("sparse.safetensors" if form.endswith(".safetensors") else "sparse")
-    (shutil.copy if src.is_file() else shutil.copytree)(src, target)
+    shutil.copy(EXAMPLES / "sparse.safetensors", tmp_path / "old.safetensors")
+    shutil.copytree(EXAMPLES / "sparse", tmp_path / "old-folder")
     before = tree(tmp_path)
-    r = subprocess.run([sys.executable, "-c", WRITE_FAILS, str(target)], capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "failed: 27", r.stdout + r.stderr  # EFBIG
+    targets = [str(tmp_path / "old.safetensors"), str(tmp_path / "old-folder")]
+    r = subprocess.run([sys.executable, "-c", WRITE_FAILS, *targets], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split("\n")[:2] == ["failed: 27", "failed: 27"], r.stdout + r.stderr  # EFBIG
     assert tree(tmp_path) == before
-    assert sorted(os.listdir(tmp_path)) == [form]
+    assert sorted(os.listdir(tmp_path)) == ["old-folder", "old.safetensors"]

@@ -19,7 +19,7 @@ from adapterfmt.safetensors_io import DTYPES, ITEMSIZE
 from helpers_spec import tree
 
 FLOATS = ["F32", "F16", "BF16", "F64"]
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 json_scalar = (st.none() | st.booleans() | st.integers(-(2 ** 53), 2 ** 53)
                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))

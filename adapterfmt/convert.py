@@ -107,6 +107,11 @@ def write_foreign(adapter: Adapter, path: str | os.PathLike[str], fmt: str, *, o
     return path
 
 
+SHARED_OPTIONS = ("base", "n_heads", "n_kv_heads")
+"""Options :func:`convert` hands to both the reading and the writing codec (a codec ignores those it does
+not use): the base model, and attention head counts for formats that reorder q/k rows (GGUF, torchtune)."""
+
+
 @dataclass
 class ConvertReport:
     """What :func:`convert` did."""
@@ -130,7 +135,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str | 
 
     The source format is detected. ``to`` defaults to ``"adapterfmt"`` for a foreign source; an
     adapterfmt source needs ``to``. ``options`` go to the codecs (e.g. ``base=`` for shapes the
-    foreign file lacks, ``allow_pickle=True`` for PEFT's ``.bin``); ``single_file`` picks adapterfmt's form.
+    foreign file lacks, ``allow_pickle=True`` for PEFT's ``.bin``; :data:`SHARED_OPTIONS` go to both
+    sides); ``single_file`` picks adapterfmt's form.
     """
     src, dst = Path(src), Path(dst)
     check_output(dst, overwrite)
@@ -143,8 +149,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str | 
         to = ADAPTERFMT
     if to != ADAPTERFMT:
         get_format(to)
-    read_opts = {k: v for k, v in options.items() if k in ("base", "allow_pickle")}
-    write_opts = {k: v for k, v in options.items() if k not in read_opts}
+    read_opts = {k: v for k, v in options.items() if k in ("allow_pickle", *SHARED_OPTIONS)}
+    write_opts = {k: v for k, v in options.items() if k not in read_opts or k in SHARED_OPTIONS}
     adapter = read_foreign(src, source_format, **read_opts)
     if to == ADAPTERFMT:
         save(adapter, dst, overwrite=overwrite, single_file=single_file)

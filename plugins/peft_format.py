@@ -625,10 +625,10 @@ class PeftFormat:
         return path.is_dir() and (path / CONFIG_FILE).is_file()
 
     def read(self, path: Path, **options: Any) -> af.Adapter:
-        return read_peft(path, **options)
+        return read_peft(path, base=options.get("base"), allow_pickle=options.get("allow_pickle", False))
 
     def write(self, adapter: af.Adapter, path: Path, **options: Any) -> None:
-        write_peft(adapter, path, **options)
+        write_peft(adapter, path, base=options.get("base"))
 
 
 @af.hookimpl

@@ -1,0 +1,127 @@
+"""The mlx-lm format for ``adapter convert``: a folder with ``adapters.safetensors`` + ``adapter_config.json``.
+
+mlx-lm (``mlx_lm/tuner/lora.py``) stores, for a linear layer with weight ``[out, in]``, ``<module>.lora_a``
+``[in, r]`` and ``<module>.lora_b`` ``[r, out]``, and computes ``y = W x + scale * (x @ lora_a) @ lora_b``,
+so dW = scale * (lora_a @ lora_b).T: the factors are PEFT's transposed (``A = lora_a.T``, ``B = lora_b.T``)
+and ``lora_parameters.scale`` multiplies directly (no ``alpha / r``). An embedding stores ``lora_a``
+``[vocab, r]``, ``lora_b`` ``[r, dim]`` with dW = scale * lora_a @ lora_b, which is the same transpose of
+adapterfmt's embedding factors. Module paths are the model's parameter paths (``model.layers.0.self_attn.q_proj``).
+
+One rank and one scale serve the whole adapter (``lora_parameters.rank`` / ``scale``); writing an adapter
+whose modules differ in either is an error naming them. ``fine_tune_type`` other than ``lora`` (DoRA,
+full fine-tuning) cannot be read. Written configs use ``num_layers = -1`` (all layers) and ``keys`` naming
+the adapted modules relative to their layer, so mlx-lm builds LoRA layers exactly where tensors exist
+(other layers with those keys get zero-initialised ``lora_b``, which changes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adapterfmt as af
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapters.safetensors"
+LAYER = re.compile(r"^(?:.*\.)?layers\.\d+\.(.+)$")
+KNOWN_FIELDS = frozenset({"fine_tune_type", "num_layers", "lora_parameters"})
+LORA_FIELDS = frozenset({"rank", "scale", "dropout", "keys", "alpha"})
+
+
+def _config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise af.FormatError(f"cannot read {CONFIG_FILE}: {e}", path=path) from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("lora_parameters"), dict):
+        raise af.FormatError(f"{CONFIG_FILE} has no lora_parameters object", path=path)
+    return cfg
+
+
+def read_mlx(path: str | Path, *, base: Any = None) -> af.Adapter:
+    """Read an mlx-lm LoRA adapter folder (see the module docstring for the mapping)."""
+    path = Path(path)
+    cfg = _config(path)
+    lp = cfg["lora_parameters"]
+    if cfg.get("fine_tune_type", "lora") != "lora":
+        raise af.UnsupportedError(f"mlx-lm fine_tune_type={cfg['fine_tune_type']!r} cannot be read (only 'lora')",
+                                  path=path)
+    if "scale" not in lp:
+        raise af.FormatError("lora_parameters has no scale (mlx-lm multiplies the LoRA product by scale; "
+                             "alpha is not used)", path=path)
+    tensors, _ = af.read_tensor_file(path / WEIGHTS_FILE)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, t in tensors.items():
+        module, _, role = key.rpartition(".")
+        if role in ("lora_a", "lora_b") and t.dim() == 2:
+            pairs.setdefault(module, {})[role] = t
+        else:
+            unknown.append(key)
+    incomplete = sorted(m for m, p in pairs.items() if len(p) != 2)
+    if unknown or incomplete:
+        raise af.UnsupportedError("mlx-lm tensors this converter cannot place: "
+                                  + ", ".join(sorted(unknown) + [f"{m} (lora_a or lora_b missing)" for m in incomplete]),
+                                  path=path)
+    rank, scale = int(lp.get("rank", 0)), float(lp["scale"])
+    bad = sorted(m for m, p in pairs.items() if p["lora_a"].shape[1] != rank or p["lora_b"].shape[0] != rank)
+    if bad:
+        raise af.FormatError(f"lora_parameters.rank is {rank} but these modules have another rank: {', '.join(bad)}",
+                             path=path)
+    factors = {m: (p["lora_a"].t().contiguous(), p["lora_b"].t().contiguous(), scale) for m, p in pairs.items()}
+    prov = {"tool": "mlx-lm", "format": "mlx", "source": str(path), "config": cfg}
+    return af.lowrank_adapter(factors, config={"r": rank, "scale": scale}, provenance=prov, base=base, path=path)
+
+
+def write_mlx(adapter: af.Adapter, path: str | Path) -> Path:
+    """Write ``adapter`` (plain LoRA on 2-D weights, one rank, one scale) as an mlx-lm adapter folder."""
+    path = Path(path)
+    factors = af.lowrank_factors(adapter, "mlx-lm", conv=False)
+    if not factors:
+        raise af.UnsupportedError("the adapter has no LoRA modules to write")
+    ranks = {m: a.shape[0] for m, (a, _, _) in factors.items()}
+    scales = {m: s for m, (_, _, s) in factors.items()}
+    for what, values in (("rank", ranks), ("scale", scales)):
+        if len(set(values.values())) > 1:
+            raise af.UnsupportedError(f"mlx-lm has one LoRA {what} per adapter; modules differ: "
+                                      + ", ".join(f"{m}={v}" for m, v in sorted(values.items())))
+    tensors = {}
+    for m, (a, b, _) in factors.items():
+        tensors[f"{m}.lora_a"] = a.t()
+        tensors[f"{m}.lora_b"] = b.t()
+    keys = sorted({(LAYER.match(m) or re.match(r"(.+)", m)).group(1) for m in factors})
+    src = next((p.get("config") for p in reversed(adapter.manifest.get("provenance", [])) if p.get("format") == "mlx"),
+               None) or {}
+    lp = {"rank": next(iter(ranks.values())), "scale": next(iter(scales.values())),
+          "dropout": src.get("lora_parameters", {}).get("dropout", 0.0), "keys": keys}
+    cfg = {**{k: v for k, v in src.items() if k not in KNOWN_FIELDS}, "fine_tune_type": "lora", "num_layers": -1,
+           "lora_parameters": lp}
+    path.mkdir(parents=True)
+    af.write_tensor_file(path / WEIGHTS_FILE, tensors)
+    (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+class MlxFormat:
+    """The ``mlx`` codec (:class:`adapterfmt.ForeignFormat`)."""
+
+    name = "mlx"
+    summary = "mlx-lm LoRA folder: adapters.safetensors (lora_a [in, r], lora_b [r, out]) + adapter_config.json"
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+    def read(self, path: Path, **options: Any) -> af.Adapter:
+        return read_mlx(path, base=options.get("base"))
+
+    def write(self, adapter: af.Adapter, path: Path, **options: Any) -> None:
+        write_mlx(adapter, path)
+
+
+@af.hookimpl
+def adapterfmt_formats() -> list[Any]:
+    return [MlxFormat()]

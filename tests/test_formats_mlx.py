@@ -1,0 +1,124 @@
+"""mlx-lm codec: adapters.safetensors (lora_a [in, r], lora_b [r, out]) + adapter_config.json.
+
+The dense reference uses mlx-lm's own math on the written tensors: dW = scale * (lora_a @ lora_b).T for a
+linear layer, dW = scale * lora_a @ lora_b for an embedding (mlx_lm/tuner/lora.py, LoRALinear /
+LoRAEmbedding ``fuse``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adapterfmt as af
+
+from helpers_formats import assert_same_tensors, check_function, llama, llama_modules, lora_adapter
+
+
+def _mlx_dense(folder, embeddings=()):
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    s = cfg["lora_parameters"]["scale"]
+    t = load_file(folder / "adapters.safetensors")
+    out = {}
+    for key in t:
+        if key.endswith(".lora_a"):
+            m = key.removesuffix(".lora_a")
+            prod = t[f"{m}.lora_a"] @ t[f"{m}.lora_b"]
+            out[m] = s * (prod if m in embeddings else prod.T)
+    return out
+
+
+def test_write_read_function_and_round_trip(tmp_path):
+    model = llama()
+    mods = llama_modules() + ["model.embed_tokens"]
+    adapter = lora_adapter(model, mods, r=3, scale=2.5)
+    folder = af.write_foreign(adapter, tmp_path / "mlx", "mlx")
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == "lora" and cfg["num_layers"] == -1
+    assert cfg["lora_parameters"]["rank"] == 3 and cfg["lora_parameters"]["scale"] == 2.5
+    assert "self_attn.q_proj" in cfg["lora_parameters"]["keys"] and "model.embed_tokens" in cfg["lora_parameters"]["keys"]
+    t = load_file(folder / "adapters.safetensors")
+    assert t["model.layers.0.mlp.down_proj.lora_a"].shape == (32, 3)  # [in, r]
+    assert t["model.layers.0.mlp.down_proj.lora_b"].shape == (3, 16)  # [r, out]
+    assert t["model.embed_tokens.lora_a"].shape == (48, 3)  # [vocab, r]
+
+    assert af.registry.formats()["mlx"].detect(folder)
+    back = af.read_foreign(folder, base=model)
+    assert back.modules["model.embed_tokens"]["params"]["transposed"] is True
+    check_function(model, back, _mlx_dense(folder, embeddings={"model.embed_tokens"}))
+    # the factors themselves are adapterfmt's (A = lora_a.T, B = lora_b.T), tensor for tensor
+    assert_same_tensors(back.tensors(), adapter.tensors())
+
+    # mlx -> adapterfmt (saved, reloaded) -> mlx: identical tensors and config
+    saved = af.convert(folder, tmp_path / "a.safetensors", base=model)
+    assert saved.source_format == "mlx" and saved.modules == len(mods)
+    again = af.write_foreign(af.load(tmp_path / "a.safetensors"), tmp_path / "mlx2", "mlx")
+    assert_same_tensors(load_file(again / "adapters.safetensors"), t)
+    assert json.loads((again / "adapter_config.json").read_text()) == cfg
+
+
+def test_foreign_config_fields_survive(tmp_path):
+    """Fields mlx-lm writes that adapterfmt has no use for (training settings) come back on writing."""
+    model = llama()
+    folder = af.write_foreign(lora_adapter(model, llama_modules((1,), ("q_proj", "v_proj"))), tmp_path / "m", "mlx")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update({"model": "some/llama", "iters": 100, "learning_rate": 1e-5})
+    cfg["lora_parameters"]["dropout"] = 0.05
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    out = af.write_foreign(af.read_foreign(folder), tmp_path / "m2", "mlx")
+    assert json.loads((out / "adapter_config.json").read_text()) == cfg
+
+
+def test_unrepresentable_adapters_are_refused_with_names(tmp_path):
+    model = llama()
+    mods = llama_modules((0,), ("q_proj", "v_proj"))
+    mixed = lora_adapter(model, mods, r={mods[0]: 2, mods[1]: 4})
+    with pytest.raises(af.UnsupportedError, match=r"one LoRA rank.*q_proj=2.*v_proj=4"):
+        af.write_foreign(mixed, tmp_path / "x", "mlx")
+    scales = lora_adapter(model, mods, scale={mods[0]: 1.0, mods[1]: 3.0})
+    with pytest.raises(af.UnsupportedError, match=r"one LoRA scale.*v_proj=3.0"):
+        af.write_foreign(scales, tmp_path / "x", "mlx")
+    plain = lora_adapter(model, mods)
+    dora = af.Adapter(plain.manifest, {**plain.tensors(), f"{mods[1]}.magnitude": torch.ones(16)})
+    with pytest.raises(af.UnsupportedError, match=r"v_proj \(role\(s\) magnitude\)"):
+        af.write_foreign(dora, tmp_path / "x", "mlx")
+    assert not (tmp_path / "x").exists()
+
+
+def test_unreadable_files_are_refused_with_names(tmp_path):
+    model = llama()
+    folder = af.write_foreign(lora_adapter(model, llama_modules((0,), ("q_proj",))), tmp_path / "m", "mlx")
+    t = load_file(folder / "adapters.safetensors")
+    save_file({**t, "model.norm.weight": torch.ones(16), "model.layers.1.mlp.up_proj.lora_a": torch.ones(16, 4)},
+              folder / "adapters.safetensors")
+    with pytest.raises(af.UnsupportedError, match=r"model.layers.1.mlp.up_proj \(lora_a or lora_b missing\)") as e:
+        af.read_foreign(folder)
+    assert "model.norm.weight" in str(e.value)
+    save_file(t, folder / "adapters.safetensors")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "fine_tune_type": "dora"}))
+    with pytest.raises(af.UnsupportedError, match="fine_tune_type='dora'"):
+        af.read_foreign(folder)
+    del cfg["lora_parameters"]["scale"]
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(af.FormatError, match="no scale"):
+        af.read_foreign(folder)
+
+
+def test_cli_convert(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterfmt.cli.main import app
+
+    model = llama()
+    folder = af.write_foreign(lora_adapter(model, llama_modules((0,), ("k_proj", "o_proj"))), tmp_path / "m", "mlx")
+    r = CliRunner().invoke(app, ["convert", str(folder), str(tmp_path / "a.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["source_format"] == "mlx"
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "m2"), "--to", "mlx"])
+    assert r.exit_code == 0, r.output
+    assert_same_tensors(load_file(tmp_path / "m2" / "adapters.safetensors"), load_file(folder / "adapters.safetensors"))

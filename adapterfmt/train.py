@@ -110,7 +110,19 @@ class TrainSession:
             layer.to(device=ref.device)
         module.add_module(LAYER_ATTR, layer)
         self.layers[path] = layer
-        self._handles.append(module.register_forward_hook(lambda m, args, out: layer(m, args[0], out)))
+        busy = False
+
+        def hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+            nonlocal busy
+            if busy:  # a kind whose forward calls the module again (dense: functional_call) gets the plain module
+                return None
+            busy = True
+            try:
+                return layer(m, args[0], out)
+            finally:
+                busy = False
+
+        self._handles.append(module.register_forward_hook(hook))
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The trainable parameters (pass these to your optimizer)."""

@@ -544,6 +544,7 @@ def check_method(name: str, factory: Factory | None = None, *, checks: Iterator[
 
     A failure to build the example (e.g. a kind the kit has no example of, and no factory) fails every check.
     """
+    get_method(name)  # an unknown method is an error, not 14 failed checks
     example = _cached_example(name, factory, train_config, dtype)
     return Report(name, [run_check(c, name, example) for c in (checks or CHECKS)])
 

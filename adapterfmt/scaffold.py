@@ -19,8 +19,8 @@ from pathlib import Path
 from string import Template
 
 from . import __version__
-from .atomic import atomic_dir, check_output
-from .errors import FormatError, PluginError
+from .atomic import atomic_dir
+from .errors import FormatError, OutputExistsError, PluginError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -252,7 +252,9 @@ def new_plugin(name: str, folder: str | os.PathLike[str] | None = None, *, kind:
     files = render(name, kind)
     if name in methods():
         raise PluginError(f"a method named {name!r} is already installed; pick another name")
-    folder = check_output(Path(folder) if folder is not None else Path(dist_name(name)), overwrite=False)
+    folder = Path(folder) if folder is not None else Path(dist_name(name))
+    if folder.exists():
+        raise OutputExistsError("exists; `plugin new` never writes over anything: choose another --dir", path=folder)
     with atomic_dir(folder) as tmp:
         for rel, text in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "convert_cmd",
     "compress_cmd",
     "hub_cmd",
+    "plugin_cmd",
 )
 """Modules of ``adapterfmt.cli`` that each define ``register(app)``; listed in the order of ``--help``."""
 

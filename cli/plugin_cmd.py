@@ -1,0 +1,85 @@
+"""``adapter plugin new`` (scaffold a method plugin distribution) and ``adapter plugin check`` (conformance kit)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from adapterfmt import FormatError, conformance, scaffold
+
+from .common import JsonOpt, cli_errors, console, print_json
+
+plugin_app = typer.Typer(help="Write and check method plugins.", no_args_is_help=True)
+
+STATUS_STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "skip": "[yellow]skip[/]"}
+
+
+@plugin_app.command("new")
+@cli_errors
+def new(
+    name: str = typer.Argument(..., help="Method name (lowercase letters, digits, _); also names the package."),
+    folder: Path = typer.Option(None, "--dir", help="Folder to create (default ./adapterfmt-<name>); must not exist."),
+    kind: str = typer.Option("lowrank", "--kind",
+                             help=f"Delta kind the method stores ({'|'.join(scaffold.KINDS)}; custom: a new kind)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write a complete, installable plugin distribution: pyproject.toml with the `adapterfmt` entry point,
+    a package with a Method subclass (public API only), conformance tests and a README."""
+    out = scaffold.new_plugin(name, folder, kind=kind)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    if as_json:
+        print_json({"folder": str(out), "files": files, "method": name, "kind": kind})
+        return
+    console.print(f"wrote [bold]{out}[/] ({', '.join(files)})")
+    console.print(f"next: pip install -e {out} && adapter plugin check {name}")
+
+
+def _factory(spec: str | None) -> Any:
+    if spec is None:
+        return None
+    modname, _, attr = spec.partition(":")
+    if not modname or not attr:
+        raise FormatError(f"--factory must be module:function, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(modname), attr)
+    except (ImportError, AttributeError) as e:
+        raise FormatError(f"--factory {spec}: {e}") from None
+
+
+@plugin_app.command("check")
+@cli_errors
+def check(
+    method: str = typer.Argument(..., help="An installed method (see `adapter methods`)."),
+    factory: str = typer.Option(None, "--factory",
+                                help="module:function returning an adapterfmt.conformance.Example "
+                                     "(default: the method's train verb on a tiny model, or built-in kind examples)."),
+    config: str = typer.Option(None, "--config", help="Training config for the train verb, as JSON."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Run the conformance kit on METHOD: every check passes, fails, or is skipped with the reason its
+    kinds cannot do it. Exit 1 when a check fails."""
+    try:
+        train_config = None if config is None else json.loads(config)
+    except ValueError as e:
+        raise FormatError(f"--config is not JSON: {e}") from None
+    report = conformance.check_method(method, _factory(factory), train_config=train_config)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        t = Table("check", "result", "detail", "s", title=f"conformance of {method}")
+        for r in report.results:
+            t.add_row(r.name, STATUS_STYLE[r.status], r.detail, f"{r.seconds:.2f}")
+        console.print(t)
+        counts = {s: sum(r.status == s for r in report.results) for s in STATUS_STYLE}
+        console.print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(plugin_app, name="plugin")

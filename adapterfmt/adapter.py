@@ -102,7 +102,13 @@ class Adapter:
                 if f"{module}.{r}" in names or (r in enc and any(n.startswith(f"{module}.{r}.") for n in names))]
 
     def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
-        """Tensors of one module by role, decoded if stored with a compression codec."""
+        """Tensors of one module by role, decoded if stored with a compression codec.
+
+        Raises :class:`FormatError` (naming the file) when a required role is missing, so no verb ever
+        sees an incomplete module.
+        """
+        from .registry import get_kind
+
         entry = self.modules[module]
         enc = entry.get("encoding", {})
         out: dict[str, torch.Tensor] = {}
@@ -114,6 +120,11 @@ class Adapter:
             else:
                 out[role] = self.tensor(f"{module}.{role}")
         out.update({role: self.tensor(name) for role, name in shared_tensors(entry).items()})
+        kind = get_kind(entry["kind"], path=self.source)
+        missing = [r for r in kind.roles(entry)[0] if r not in out]
+        if missing:
+            raise FormatError(f"module {module!r} ({entry['kind']}): tensor {module}.{missing[0]} is missing",
+                              path=self.source)
         return out
 
     def nbytes(self) -> int:

@@ -221,12 +221,18 @@ def test_library_raises_the_specific_error_and_writes_nothing(tmp_path, case, fo
     assert tree(tmp_path) == before, "a failed read must not write anything"
 
 
-@pytest.mark.parametrize("command", ["validate", "inspect"])
+COMMANDS = {  # commands that read an adapter; the writing ones get an output path that must stay absent
+    "validate": [], "inspect": [],
+    "convert": ["{out}", "--to", "peft"], "compress": ["{out}", "--bits", "8"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize(("case", "folder"), CASES, ids=IDS)
 def test_cli_exits_1_with_one_line_naming_the_file(tmp_path, case, folder, command):
     bad, err, pattern = make_bad(tmp_path, case, folder)
     before = tree(tmp_path)
-    r = invoke(command, str(bad))
+    r = invoke(command, str(bad), *(a.format(out=tmp_path / "out") for a in COMMANDS[command]))
     assert r.exit_code == 1, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr

@@ -555,9 +555,8 @@ _EXAMPLES: dict[tuple[Any, ...], Example] = {}
 def _cached_example(name: str, factory: Factory | None, train_config: dict[str, Any] | None,
                     dtype: torch.dtype) -> Callable[[], Example]:
     """A callable building the example once per (method, factory, config, dtype) in this process."""
-    key = (name, factory, json.dumps(train_config, sort_keys=True), dtype)
-
     def get() -> Example:
+        key = (get_method(name), factory, json.dumps(train_config, sort_keys=True), dtype)
         if key not in _EXAMPLES:
             _EXAMPLES[key] = build_example(name, factory, train_config=train_config, dtype=dtype)
         return _EXAMPLES[key]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..errors import UnsupportedError
 from ..modules import is_transposed, weight_function
 from .base import ROWS_CACHE_ATTR, DeltaKind, Entry, Tensors, fail
@@ -94,12 +95,12 @@ class LowRank(DeltaKind):
         return weight_function(module, x, self.function_delta(entry, t).to(x.dtype))
 
     def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if _is_linear(module) and len(t) == 2 and x.dtype == y.dtype and y.dim() >= 2:
-            # y + scale * (x A^T) B^T in one fused multiply-add over the output
-            a, b = t["lora_A"], t["lora_B"]
-            mid = x.reshape(-1, x.shape[-1]) @ a.t().to(x.dtype)
-            out = torch.addmm(y.reshape(-1, y.shape[-1]), mid, b.t().to(x.dtype), alpha=self.scale(entry))
-            return out.reshape(y.shape)
+        if _is_linear(module) and len(t) == 2 and x.dtype == y.dtype:
+            # y + scale * (x A^T) B^T through the kernel dispatcher (Triton on CUDA, fused addmm on the CPU)
+            a, b = t["lora_A"].to(x.dtype), t["lora_B"].to(x.dtype)
+            if y.requires_grad and torch.is_grad_enabled():
+                return y + kernels.lora_delta(x, a, b, self.scale(entry))
+            return kernels.lora_delta(x, a, b, self.scale(entry), out=y)
         out = self._lora_out(module, entry, t, x).to(y.dtype)
         if "bias" in t:
             out = out + channel_view(self.scale(entry) * t["bias"].to(y.dtype), y, module)
@@ -116,8 +117,8 @@ class LowRank(DeltaKind):
         """Per-row adapters in one batched pass: row ``i`` gets adapter ``ids[i]`` (-1: none).
 
         The adapters' factors are stacked into a zero-padded pool (cached on the module until the set of
-        attached adapters changes) and each row's pair is gathered, so the whole batch takes two batched
-        matmuls, ``bmm(x, A[ids]^T)`` then ``baddbmm(y, ., B[ids]^T)``, whatever the mix of adapters.
+        attached adapters changes) and the whole batch goes through ``kernels.multi_lora_rows`` (BGMV-style
+        Triton kernel on CUDA; gathered ``bmm`` or grouped ``index_add`` on the CPU), whatever the mix.
         Returns None (the caller then groups rows by adapter) for DoRA entries and non-linear modules.
         """
         if not _is_linear(module) or x.dim() < 2 or x.shape[0] != ids.shape[0] or x.dtype != y.dtype:
@@ -126,13 +127,12 @@ class LowRank(DeltaKind):
             return None
         pool_a, pool_b, pool_bias = _pool(module, present)
         zero = pool_a.shape[0] - 1
-        idx = torch.where((ids < 0) | (ids >= zero), zero, ids)
-        n = x.shape[0]
-        mid = torch.bmm(x.reshape(n, -1, x.shape[-1]), pool_a[idx].transpose(1, 2))
-        out = torch.baddbmm(y.reshape(n, -1, y.shape[-1]), mid, pool_b[idx].transpose(1, 2))
+        ids = torch.where(ids >= zero, -1, ids)
+        out = kernels.multi_lora_rows(x, y, pool_a, pool_b, _ones(pool_a), ids)
         if pool_bias is not None:
-            out = out + pool_bias[idx].unsqueeze(1)
-        return out.reshape(y.shape)
+            idx = torch.where(ids < 0, zero, ids)
+            out = out + pool_bias[idx].reshape(-1, *([1] * (y.dim() - 2)), y.shape[-1])
+        return out
 
     def _function_weight(self, module: nn.Module, entry: Entry) -> torch.Tensor:
         w = getattr(module, entry.get("parameter", "weight"))
@@ -177,6 +177,11 @@ class LowRank(DeltaKind):
             scale = (wide(t["magnitude"].reshape(-1)) / state).reshape(-1, *([1] * (w_f.dim() - 1)))
             orig = w_f / scale - fw
             param.copy_((orig.t() if tr else orig).to(param.dtype))
+
+
+def _ones(pool_a: torch.Tensor) -> torch.Tensor:
+    """Per-adapter scales of a pool whose B factors already carry their scale."""
+    return torch.ones(pool_a.shape[0], dtype=torch.float32, device=pool_a.device)
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:

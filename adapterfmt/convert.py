@@ -61,7 +61,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         raise MissingFileError("no such adapter file or folder", path=path)
     if is_adapterfmt(path):
         return ADAPTERFMT
-    for name, codec in sorted(formats().items()):
+    # a codec whose detect() is narrower than another's (it looks at tensor names, say) sets a higher
+    # ``detect_priority`` so that it is asked first; ties go by name
+    for _, name, codec in sorted((-getattr(c, "detect_priority", 0), n, c) for n, c in formats().items()):
         if codec.detect(path):
             return name
     known = ", ".join([ADAPTERFMT, *sorted(formats())])

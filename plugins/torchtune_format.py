@@ -1,0 +1,169 @@
+"""The torchtune format for ``adapter convert``: torchtune's own LoRA checkpoint (module names of torchtune's
+Llama-style models), a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or the
+``adapter_model.pt`` torchtune saves, read only with ``allow_pickle=True`` via ``torch.load(weights_only=True)``).
+
+Keys: ``layers.<i>.attn.q_proj.lora_a.weight`` ``[r, in]`` and ``.lora_b.weight`` ``[out, r]``
+(dW = lora_alpha / r * lora_b @ lora_a, one ``r`` and ``lora_alpha`` in the config). Module names map to
+Hugging Face Llama names as torchtune's ``convert_weights`` does: ``layers.i.`` <-> ``model.layers.i.``,
+``attn.{q,k,v}_proj`` <-> ``self_attn.{q,k,v}_proj``, ``attn.output_proj`` <-> ``self_attn.o_proj``,
+``mlp.w1`` / ``w3`` / ``w2`` <-> ``mlp.gate_proj`` / ``up_proj`` / ``down_proj``, ``output`` <-> ``lm_head``.
+torchtune permutes q/k rows into Meta's interleaved RoPE order when it loads a Hugging Face checkpoint
+(``hf_to_tune``), so its q/k ``lora_b`` rows are in that order: reading undoes it, writing does it, with
+head counts from ``n_heads`` / ``n_kv_heads`` or the base's config. DoRA ``magnitude`` tensors are refused.
+(torchtune also writes a PEFT copy, ``adapter_model.safetensors`` with ``base_model.model.`` names: that
+folder is read by the ``peft`` codec.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adapterfmt as af
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.pt"
+RENAMES = (("attn.q_proj", "self_attn.q_proj"), ("attn.k_proj", "self_attn.k_proj"),
+           ("attn.v_proj", "self_attn.v_proj"), ("attn.output_proj", "self_attn.o_proj"),
+           ("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"), ("mlp.w2", "mlp.down_proj"))
+LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+NATIVE = re.compile(r"^(layers\.\d+\.|output\.)\S*lora_a\.weight$")
+CONFIG_FIELDS = frozenset({"r", "lora_alpha", "target_modules", "peft_type", "lora_dropout", "use_dora",
+                           "quantize_base", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output"})
+
+
+def to_hf(module: str) -> str | None:
+    """The Hugging Face Llama module path of a torchtune module path (None when unknown)."""
+    if module == "output":
+        return "lm_head"
+    m = LAYER.match(module)
+    rel = dict(RENAMES).get(m.group(2)) if m else None
+    return f"model.layers.{m.group(1)}.{rel}" if rel else None
+
+
+def from_hf(module: str) -> str | None:
+    if module == "lm_head":
+        return "output"
+    m = HF_LAYER.match(module)
+    rel = {hf: tt for tt, hf in RENAMES}.get(m.group(2)) if m else None
+    return f"layers.{m.group(1)}.{rel}" if rel else None
+
+
+def _heads(modules: list[str], base: Any, n_heads: int | None, n_kv_heads: int | None) -> dict[str, int]:
+    qk = [m for m in modules if m.endswith(("self_attn.q_proj", "self_attn.k_proj"))]
+    if not qk:
+        return {}
+    n, kv = af.attention_heads(base, n_heads, n_kv_heads, why="torchtune stores q/k rows in Meta's RoPE order")
+    return {m: n if m.endswith("q_proj") else kv for m in qk}
+
+
+def read_torchtune(path: str | Path, *, base: Any = None, allow_pickle: bool = False, n_heads: int | None = None,
+                   n_kv_heads: int | None = None) -> af.Adapter:
+    """Read a torchtune LoRA folder (see the module docstring)."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise af.FormatError(f"cannot read {CONFIG_FILE}: {e}", path=path) from None
+    odd = sorted(k for k, v in cfg.items() if k not in CONFIG_FIELDS and v not in (None, False, 0, 0.0, [], {}))
+    if cfg.get("use_dora") or odd:
+        raise af.UnsupportedError("torchtune config fields that cannot be represented: "
+                                  + ", ".join(f"{k}={cfg[k]!r}" for k in (["use_dora"] if cfg.get("use_dora") else [])
+                                              + odd), path=path)
+    if (path / WEIGHTS_FILE).is_file():
+        raw = af.read_tensor_file(path / WEIGHTS_FILE)[0]
+    elif not allow_pickle:
+        raise af.UnsupportedError(f"only {PICKLE_FILE} (a pickle) is present; pass allow_pickle=True (CLI: "
+                                  "--allow-pickle) to read it with torch.load(weights_only=True)", path=path)
+    else:
+        raw = torch.load(path / PICKLE_FILE, map_location="cpu", weights_only=True)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, t in raw.items():
+        stem, _, role = key.removesuffix(".weight").rpartition(".")
+        hf = to_hf(stem)
+        if role in ("lora_a", "lora_b") and key.endswith(".weight") and hf:
+            pairs.setdefault(hf, {})[role] = t
+        else:
+            unknown.append(key)
+    unknown += [f"{from_hf(m)} (lora_a or lora_b missing)" for m, p in pairs.items() if len(p) != 2]
+    if unknown:
+        raise af.UnsupportedError("torchtune tensors this converter cannot place: " + ", ".join(sorted(unknown)),
+                                  path=path)
+    r, alpha = int(cfg.get("r", 0)), cfg.get("lora_alpha")
+    bad = sorted(m for m, p in pairs.items() if p["lora_a"].shape[0] != r)
+    if bad or alpha is None:
+        raise af.FormatError(f"config r={r}, lora_alpha={alpha!r} do not fit the tensors ({', '.join(bad)})",
+                             path=path)
+    heads = _heads(list(pairs), base, n_heads, n_kv_heads)
+    factors = {m: (p["lora_a"], af.rope_permute(p["lora_b"], heads[m], inverse=True) if m in heads else p["lora_b"],
+                   af.lora_scale(alpha, r)) for m, p in pairs.items()}
+    prov = {"tool": "torchtune", "format": "torchtune", "source": str(path), "config": cfg}
+    return af.lowrank_adapter(factors, config={"r": r, "alpha": alpha}, provenance=prov, base=base, path=path)
+
+
+def write_torchtune(adapter: af.Adapter, path: str | Path, *, base: Any = None, n_heads: int | None = None,
+                    n_kv_heads: int | None = None) -> Path:
+    """Write ``adapter`` (plain LoRA on Llama linear layers, one rank and alpha) as a torchtune folder."""
+    path = Path(path)
+    factors = af.lowrank_factors(adapter, "torchtune", conv=False)
+    names = {m: from_hf(m) for m in factors}
+    unnamed = sorted(m for m, n in names.items() if n is None)
+    if unnamed:
+        raise af.UnsupportedError("modules with no torchtune Llama name: " + ", ".join(unnamed))
+    ranks = {m: a.shape[0] for m, (a, _, _) in factors.items()}
+    alphas = {m: af.alpha_for(s, ranks[m]) for m, (_, _, s) in factors.items()}
+    for what, values in (("rank", ranks), ("alpha", alphas)):
+        if len(set(values.values())) > 1:
+            raise af.UnsupportedError(f"torchtune has one LoRA {what} per adapter; modules differ: "
+                                      + ", ".join(f"{m}={v}" for m, v in sorted(values.items())))
+    heads = _heads(list(factors), base, n_heads, n_kv_heads)
+    tensors = {}
+    for m, (a, b, _) in factors.items():
+        tensors[f"{names[m]}.lora_a.weight"] = a
+        tensors[f"{names[m]}.lora_b.weight"] = af.rope_permute(b, heads[m]) if m in heads else b
+    src = next((p.get("config") for p in reversed(adapter.manifest.get("provenance", []))
+                if p.get("format") == "torchtune"), None) or {}
+    targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
+    cfg = {**src, "r": next(iter(ranks.values())), "lora_alpha": next(iter(alphas.values())), "peft_type": "LORA",
+           "target_modules": src["target_modules"] if sorted(src.get("target_modules") or []) == targets else targets}
+    path.mkdir(parents=True)
+    af.write_tensor_file(path / WEIGHTS_FILE, tensors)
+    (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+class TorchtuneFormat:
+    """The ``torchtune`` codec (:class:`adapterfmt.ForeignFormat`)."""
+
+    name = "torchtune"
+    summary = "torchtune LoRA folder: adapter_config.json + adapter_model.safetensors/.pt with torchtune names"
+    detect_priority = 1  # narrower than PEFT's detect (same config file name): asked first
+
+    def detect(self, path: Path) -> bool:
+        if not path.is_dir() or not (path / CONFIG_FILE).is_file():
+            return False
+        if (path / WEIGHTS_FILE).is_file():
+            try:
+                return any(NATIVE.match(n) for n in af.tensor_names(path / WEIGHTS_FILE))
+            except af.AdapterError:
+                return False
+        return (path / PICKLE_FILE).is_file()
+
+    def read(self, path: Path, **options: Any) -> af.Adapter:
+        return read_torchtune(path, **{k: options[k] for k in ("base", "allow_pickle", "n_heads", "n_kv_heads")
+                                       if options.get(k) is not None})
+
+    def write(self, adapter: af.Adapter, path: Path, **options: Any) -> None:
+        write_torchtune(adapter, path, **{k: options.get(k) for k in ("base", "n_heads", "n_kv_heads")})
+
+
+@af.hookimpl
+def adapterfmt_formats() -> list[Any]:
+    return [TorchtuneFormat()]

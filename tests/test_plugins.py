@@ -5,6 +5,7 @@ failure, a hook that raises), installed by pip. Broken plugins are reported and 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.metadata as md
 import json
 import os
@@ -41,14 +42,19 @@ def _installed(dist: str) -> bool:
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder that pip installed tests/broken_plugin into (and tests/thirdparty_plugin, when the environment
     does not have it already, as `.ci/run` and the README install it). Shared by xdist workers, built once."""
-    shared = tmp_path_factory.getbasetemp().parent
-    site, done = shared / "adapterfmt-plugin-site", shared / "adapterfmt-plugin-site.done"
+    dists = ["broken_plugin"] + ([] if _installed(EXAMPLE_DIST) else ["thirdparty_plugin"])
+    digest = hashlib.sha256(repr(dists).encode())
+    for d in dists:  # the install is reused only while the plugins' sources are unchanged
+        for f in sorted((ROOT / "tests" / d).rglob("*")):
+            if f.is_file() and not {"build", "__pycache__"} & set(f.parts) and ".egg-info" not in str(f):
+                digest.update(f.relative_to(ROOT).as_posix().encode() + f.read_bytes())
+    shared, key = tmp_path_factory.getbasetemp().parent, digest.hexdigest()[:16]
+    site, done = shared / f"adapterfmt-plugin-site-{key}", shared / f"adapterfmt-plugin-site-{key}.done"
     with open(shared / "adapterfmt-plugin-site.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
-            src = shared / "adapterfmt-plugin-src"
+            src = shared / f"adapterfmt-plugin-src-{key}"
             shutil.rmtree(src, ignore_errors=True)
-            dists = ["broken_plugin"] + ([] if _installed(EXAMPLE_DIST) else ["thirdparty_plugin"])
             for d in dists:  # build from a copy: the build leaves egg-info / build folders behind
                 shutil.copytree(ROOT / "tests" / d, src / d, ignore=shutil.ignore_patterns("*.egg-info", "build"))
             subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",

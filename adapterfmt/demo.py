@@ -93,18 +93,16 @@ def step_formats(ctx: DemoContext) -> None:
                  bytes=info["file_bytes"], output_change=round(changed, 6))
 
 
-STEPS: list[Callable[[DemoContext], None]] = [step_formats]
-"""The demo's steps in order; each capability appends its own."""
-from .port_demo import step_extract, step_port  # noqa: E402
-STEPS += [step_extract, step_port]
-from .compress import step_compress  # noqa: E402
-STEPS += [step_compress]
-from .convert_demo import step_convert  # noqa: E402
-STEPS += [step_convert]
-from .train_demo import step_train  # noqa: E402
-STEPS += [step_train]
-from .merge_demo import step_merge  # noqa: E402
-STEPS += [step_merge]
+def default_steps() -> list[Callable[[DemoContext], None]]:
+    """The demo's steps in order: every kind saved and applied, then train, convert, merge + bake,
+    compress, extract and port. Each capability's step lives beside that capability."""
+    from .compress import step_compress
+    from .convert_demo import step_convert
+    from .merge_demo import step_merge
+    from .port_demo import step_extract, step_port
+    from .train_demo import step_train
+
+    return [step_formats, step_train, step_convert, step_merge, step_compress, step_extract, step_port]
 
 
 def run_demo(workdir: Path | None = None, *, steps: list[Callable[[DemoContext], None]] | None = None) -> DemoContext:
@@ -115,6 +113,6 @@ def run_demo(workdir: Path | None = None, *, steps: list[Callable[[DemoContext],
     model = build_tiny(seed=0)
     ctx = DemoContext(workdir, model, save_tiny(model, workdir / "tiny-base"), torch.randint(0, 128, (2, 12)))
     with torch.no_grad():
-        for step in steps or STEPS:
+        for step in steps or default_steps():
             step(ctx)
     return ctx

@@ -29,6 +29,7 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
     "adalora": NO_TRAIN, "task_vector": NO_TRAIN, "portllm": NO_TRAIN,
     "trainable_tokens": {"merge_verb", *NO_TRAIN},  # rows are replaced, not added
     "prompt_tuning": PREFIX, "dept": PREFIX,
+    "example_kron": NO_TRAIN,  # tests/thirdparty_plugin, when installed
 }
 """Per built-in method: the checks that are skipped. Every other check must pass."""
 REASONS = {
@@ -41,11 +42,32 @@ REASONS = {
 """What a skip's reason must say, per check."""
 
 
+def _tiny() -> torch.nn.Module:
+    return build_tiny(0, TinyConfig(vocab_size=32, hidden=16, layers=1, heads=2, intermediate=32))
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 32, (3, 4), generator=torch.Generator().manual_seed(1))
+
+
+def kron_example() -> Example:
+    """tests/thirdparty_plugin's example_kron (a kind the kit has no example of) on two projections."""
+    from adapterfmt_example_plugin import make_adapter
+
+    gen = torch.Generator().manual_seed(0)
+    factors = {f"model.layers.0.self_attn.{p}": (torch.randn(4, 4, generator=gen), torch.randn(4, 4, generator=gen) / 8)
+               for p in ("q_proj", "v_proj")}
+    return Example(_tiny(), make_adapter(factors, scale=0.5), _ids())
+
+
+FACTORIES = {"example_kron": kron_example}
+
+
 @pytest.mark.parametrize("method", sorted(registry.methods()))
 def test_builtin_method_conforms(method: str) -> None:
     if method not in EXPECTED_SKIPS:
         pytest.fail(f"method {method!r} is new: add its expected skips to EXPECTED_SKIPS")
-    report = check_method(method)
+    report = check_method(method, FACTORIES.get(method))
     assert [r.name for r in report.results] == list(CHECKS)
     assert report.by_status("fail") == {}, json.dumps(report.to_dict(), indent=1)
     skips = report.by_status("skip")
@@ -85,12 +107,12 @@ class DoubleMerge(Dense):
 
 
 def _dense_example(kind: str, scale: float = 0.02) -> Example:
-    model = build_tiny(0, TinyConfig(vocab_size=32, hidden=16, layers=1, heads=2, intermediate=32))
+    model = _tiny()
     path = "model.layers.0.self_attn.q_proj"
     modules = {path: {"kind": kind, "shape": [16, 16], "params": {"mode": "add"}}}
     tensors = {f"{path}.delta": scale * torch.randn(16, 16, generator=torch.Generator().manual_seed(0))}
     adapter = af.Adapter(af.new_manifest("broken_dense", modules), tensors)
-    return Example(model, adapter, torch.randint(0, 32, (3, 4), generator=torch.Generator().manual_seed(1)))
+    return Example(model, adapter, _ids())
 
 
 class BrokenMethod(af.Method):

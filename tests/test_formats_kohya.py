@@ -14,26 +14,7 @@ from torch import nn
 
 import adapterfmt as af
 
-from helpers_formats import assert_same_tensors, check_function, llama, llama_modules, lora_adapter
-
-
-class Pipe(nn.Module):
-    """A diffusion-pipeline-shaped toy: text_encoder (embedding + linear) -> unet (conv + linear)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.text_encoder = nn.Module()
-        self.text_encoder.text_model = nn.Sequential(nn.Embedding(48, 16), nn.Linear(16, 16))
-        self.unet = nn.Module()
-        self.unet.down_blocks = nn.ModuleList([nn.Conv2d(4, 6, 3, padding=1)])
-        self.unet.proj_out = nn.Linear(24, 8)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        b, t = ids.shape
-        h = self.text_encoder.text_model(ids).view(b, t, 4, 4).permute(0, 2, 1, 3)
-        h = self.unet.down_blocks[0](h).permute(0, 2, 1, 3).reshape(b, t, 24)
-        return self.unet.proj_out(h)
+from helpers_formats import Pipe, assert_same_tensors, check_function, llama, llama_modules, lora_adapter
 
 
 def _kohya_dense(path):

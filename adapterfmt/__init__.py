@@ -28,6 +28,7 @@ from .errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
     SpecVersionError,
+    UnknownExtensionError,
     UnsafePathError,
     UnsupportedError,
 )
@@ -54,7 +55,7 @@ __all__ = [
     "fingerprint_module", "fingerprint_checkpoint",
     "weight_function", "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype", "select_modules", "matches_targets", "pattern_value",
     "TARGETS_SCHEMA",
-    "AdapterError", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "MissingFileError",
+    "AdapterError", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "UnknownExtensionError", "MissingFileError",
     "BaseMismatchError", "PluginError", "UnsupportedError", "OutputExistsError",
     "HubError", "RepoNotFoundError", "RevisionNotFoundError", "NotAnAdapterRepoError", "HubAuthError",
     "HubTransferError", "PushConflictError",

@@ -27,6 +27,10 @@ class SpecVersionError(FormatError):
     """The manifest declares a spec major version this reader does not implement."""
 
 
+class UnknownExtensionError(FormatError):
+    """The manifest lists a ``must_understand`` extension that no installed plugin understands."""
+
+
 class ChecksumError(FormatError):
     """Tensor bytes do not match the sha256 recorded in the manifest."""
 

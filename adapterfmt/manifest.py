@@ -11,7 +11,7 @@ from typing import Any
 
 import jsonschema
 
-from .errors import FormatError, SpecVersionError
+from .errors import FormatError, SpecVersionError, UnknownExtensionError
 
 SPEC_MAJOR = 1
 SPEC_MINOR = 0
@@ -86,7 +86,7 @@ def check_manifest(m: object, *, path: object = None, understood: Iterable[str] 
         raise FormatError(f"manifest field {where}: {e.message}", path=path)
     unknown = sorted(set(m.get("must_understand", ())) - set(understood) - CORE_FIELDS)
     if unknown:
-        raise FormatError(f"manifest requires extensions this reader does not understand: {', '.join(unknown)}",
+        raise UnknownExtensionError(f"manifest requires extensions this reader does not understand: {', '.join(unknown)}",
                           path=path)
     return m
 

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import typer
 
 from adapterfmt import registry
+
+from .common import err_console
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """Warnings (a broken plugin, say) as one line on stderr, not Python's two-line source listing."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+warnings.showwarning = _show_warning
 
 app = typer.Typer(
     name="adapter",
@@ -17,14 +29,14 @@ app = typer.Typer(
 )
 
 COMMAND_MODULES = (
-    "inspect_cmd",
-    "plugins_cmd",
     "demo_cmd",
-    "port_cmd",
-    "merge_cmd",
+    "inspect_cmd",
     "convert_cmd",
+    "merge_cmd",
     "compress_cmd",
+    "port_cmd",
     "hub_cmd",
+    "plugins_cmd",
     "plugin_cmd",
 )
 """Modules of ``adapterfmt.cli`` that each define ``register(app)``; listed in the order of ``--help``."""

@@ -147,7 +147,7 @@ SINGLE_FILE_CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]
     "flipped-byte": (flip_data_byte, ChecksumError, r"checksum mismatch"),
     "spec-2.0": (spec_v2, SpecVersionError, r"spec_version 2.0 is not supported"),
     "tensor-missing": (tensor_missing, FormatError, r"tensor model\.layers\.0\.self_attn\.q_proj\.lora_B is missing"),
-    "must-understand": (must_understand, FormatError, r"does not understand: zzvendor\.magic"),
+    "must-understand": (must_understand, af.UnknownExtensionError, r"does not understand: zzvendor\.magic"),
     "metadata-not-utf8": (metadata_not_utf8, FormatError, r"header is not valid UTF-8"),
     "metadata-not-json": (metadata_not_json, FormatError, r"manifest is not valid JSON"),
     "not-adapterfmt": (metadata_absent, FormatError, r"no 'adapterfmt' manifest"),

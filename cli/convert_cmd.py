@@ -16,13 +16,17 @@ def convert(
     src: Path = typer.Argument(..., help="The adapter to convert (format detected: adapterfmt, PEFT folder, ...)."),
     dst: Path = typer.Argument(..., help="Where to write the result."),
     to: str = typer.Option(None, "--to", help="Target format: adapterfmt (default for a foreign source), peft, "
-                           "or a plugin's format (see `adapter plugins`)."),
+                           "kohya, diffusers, mlx, gguf, torchtune, or a plugin's format (see `adapter plugins`)."),
     single_file: bool = typer.Option(None, "--single-file/--folder", help="adapterfmt output as one .safetensors "
                                      "file or a folder (default: by DST's suffix)."),
     base: Path = typer.Option(None, "--base", help="Base checkpoint (.safetensors file or folder): shapes a foreign "
-                              "file lacks (IA3, prompt tuning, trainable tokens) and the base fingerprint."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a PEFT adapter_model.bin (pickle) with "
-                                      "torch.load(weights_only=True)."),
+                              "file lacks (IA3, prompt tuning, trainable tokens), module names for kohya's "
+                              "underscored keys, head counts (config.json) and the base fingerprint."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a PEFT adapter_model.bin or torchtune "
+                                      "adapter_model.pt (pickle) with torch.load(weights_only=True)."),
+    n_heads: int = typer.Option(None, "--n-heads", help="Attention heads (GGUF llama / torchtune reorder q/k rows "
+                                "for RoPE); default: from the base's config.json."),
+    n_kv_heads: int = typer.Option(None, "--n-kv-heads", help="Key/value heads (default: --n-heads)."),
     overwrite: bool = OverwriteOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -34,6 +38,7 @@ def convert(
     options = {"base": base} if base is not None else {}
     if allow_pickle:
         options["allow_pickle"] = True
+    options.update({k: v for k, v in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads)) if v is not None})
     report = af.convert(src, dst, to, overwrite=overwrite, single_file=single_file, **options)
     if as_json:
         print_json(report.as_dict())

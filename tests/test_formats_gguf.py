@@ -173,3 +173,21 @@ def test_unreadable_files_are_refused_with_names(tmp_path):
     p = _hand_written(tmp_path / "model.gguf", {}, gtype="model")
     with pytest.raises(af.UnsupportedError, match="not a GGUF LoRA adapter"):
         af.read_foreign(p)
+
+
+def test_cli_round_trip_with_head_counts(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterfmt.cli.main import app
+
+    adapter = lora_adapter(llama(), llama_modules((0,), ("q_proj", "k_proj")))
+    src = af.save(adapter, tmp_path / "a.safetensors")
+    run = CliRunner().invoke
+    r = run(app, ["convert", str(src), str(tmp_path / "a.gguf"), "--to", "gguf"])
+    assert r.exit_code != 0 and "number of attention heads" in r.output
+    r = run(app, ["convert", str(src), str(tmp_path / "a.gguf"), "--to", "gguf", "--n-heads", "2", "--n-kv-heads", "1"])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["convert", str(tmp_path / "a.gguf"), str(tmp_path / "b.safetensors"), "--n-heads", "2",
+                  "--n-kv-heads", "1"])
+    assert r.exit_code == 0, r.output
+    assert_same_tensors(af.load(tmp_path / "b.safetensors").tensors(), adapter.tensors())

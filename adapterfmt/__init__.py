@@ -10,7 +10,7 @@ from .adapter import Adapter, load, save
 from .apply import activate, adapter_ids, attach, attached, detach, merge_into, unmerge
 from .codecs import BUILTIN_CODECS
 from .compress import compress_adapter
-from .convert import (alpha_for, attention_heads, base_fingerprint, base_shapes, convert, lora_scale, lowrank_adapter, lowrank_factors, read_foreign, read_tensor_file, rope_permute, tensor_names, to_peft, write_foreign, write_tensor_file)
+from .convert import (alpha_for, attention_heads, base_fingerprint, base_shapes, convert, lora_scale, lowrank_adapter, lowrank_factors, one_value, read_foreign, read_tensor_file, rope_permute, tensor_names, to_peft, write_folder, write_foreign, write_tensor_file)
 from .deltas import DeltaKind, function_shape, lowrank_entry
 from .errors import (
     AdapterError,
@@ -46,7 +46,7 @@ from .train import TrainableDelta, TrainSession, adapter_dtype, inject, module_e
 from .validate import validate
 
 __all__ = [
-    "convert", "read_foreign", "write_foreign", "to_peft", "read_tensor_file", "write_tensor_file", "base_shapes", "alpha_for", "attention_heads", "base_fingerprint", "lora_scale", "lowrank_adapter", "lowrank_factors", "rope_permute", "tensor_names",
+    "convert", "read_foreign", "write_foreign", "to_peft", "read_tensor_file", "write_tensor_file", "base_shapes", "alpha_for", "attention_heads", "base_fingerprint", "lora_scale", "lowrank_adapter", "lowrank_factors", "rope_permute", "tensor_names", "one_value", "write_folder",
     "__version__", "registry",
     "Adapter", "load", "save", "validate", "new_manifest", "SPEC_VERSION",
     "attach", "attached", "detach", "activate", "merge_into", "unmerge", "adapter_ids",

@@ -194,8 +194,34 @@ def base_shapes(base: BaseLike) -> dict[str, tuple[int, ...]]:
 
 
 def tensor_names(path: str | os.PathLike[str]) -> list[str]:
-    """The tensor names of a safetensors file (header only; for cheap format detection)."""
-    return list(read_header(path).tensors)
+    """The tensor names of a ``.safetensors`` file, from its header (cheap, for ``detect``); empty when
+    ``path`` is not a readable ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        return []
+    try:
+        return list(read_header(path).tensors)
+    except FormatError:
+        return []
+
+
+def write_folder(path: str | os.PathLike[str], weights_file: str, tensors: Mapping[str, torch.Tensor],
+                 config_file: str, config: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> Path:
+    """Create the folder ``path`` holding a safetensors file and a JSON config (sorted keys, indented): the
+    shape of PEFT, mlx-lm and torchtune adapters."""
+    path = Path(path)
+    path.mkdir(parents=True)
+    write_tensor_file(path / weights_file, tensors, metadata)
+    (path / config_file).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def one_value(values: Mapping[str, Any], fmt: str, what: str) -> Any:
+    """The value all modules share (``{module: value}``), or an :class:`UnsupportedError` listing them all."""
+    if len(set(values.values())) > 1:
+        raise UnsupportedError(f"{fmt} has one {what} per adapter; modules differ: "
+                               + ", ".join(f"{m}={v}" for m, v in sorted(values.items())))
+    return next(iter(values.values()))
 
 
 def base_fingerprint(base: BaseLike | None) -> dict[str, Any] | None:
@@ -310,7 +336,7 @@ def rope_permute(t: torch.Tensor, n_heads: int, *, inverse: bool = False) -> tor
     return t.reshape(*split, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
 
 
-__all__ = ["tensor_names", "base_fingerprint", "lora_scale", "alpha_for", "Factors", "lowrank_factors",
+__all__ = ["tensor_names", "write_folder", "one_value", "base_fingerprint", "lora_scale", "alpha_for", "Factors", "lowrank_factors",
            "lowrank_adapter", "attention_heads", "rope_permute",
            "ADAPTERFMT", "ConvertReport", "convert", "detect_format", "read_foreign", "write_foreign", "to_peft",
            "read_tensor_file", "write_tensor_file", "base_shapes", "is_adapterfmt"]

@@ -93,12 +93,7 @@ class DiffusersFormat:
     summary = "diffusers LoRA .safetensors (unet./transformer./text_encoder. keys, lora_A/lora_B or lora.down/up)"
 
     def detect(self, path: Path) -> bool:
-        if not path.is_file() or path.suffix != ".safetensors":
-            return False
-        try:
-            names = af.tensor_names(path)
-        except af.AdapterError:
-            return False
+        names = af.tensor_names(path)
         return bool(names) and all(_split(n) for n in names)
 
     def read(self, path: Path, **options: Any) -> af.Adapter:

@@ -207,12 +207,7 @@ class KohyaFormat:
     summary = "kohya sd-scripts / LyCORIS single .safetensors (lora_unet_..., lora_te_...; LoRA, LoHa, LoKr)"
 
     def detect(self, path: Path) -> bool:
-        if not path.is_file() or path.suffix != ".safetensors":
-            return False
-        try:
-            names = af.tensor_names(path)
-        except af.AdapterError:
-            return False
+        names = af.tensor_names(path)
         return bool(names) and all(PREFIX_RE.match(n) for n in names)
 
     def read(self, path: Path, **options: Any) -> af.Adapter:

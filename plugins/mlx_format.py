@@ -83,12 +83,8 @@ def write_mlx(adapter: af.Adapter, path: str | Path) -> Path:
     factors = af.lowrank_factors(adapter, "mlx-lm", conv=False)
     if not factors:
         raise af.UnsupportedError("the adapter has no LoRA modules to write")
-    ranks = {m: a.shape[0] for m, (a, _, _) in factors.items()}
-    scales = {m: s for m, (_, _, s) in factors.items()}
-    for what, values in (("rank", ranks), ("scale", scales)):
-        if len(set(values.values())) > 1:
-            raise af.UnsupportedError(f"mlx-lm has one LoRA {what} per adapter; modules differ: "
-                                      + ", ".join(f"{m}={v}" for m, v in sorted(values.items())))
+    rank = af.one_value({m: a.shape[0] for m, (a, _, _) in factors.items()}, "mlx-lm", "LoRA rank")
+    scale = af.one_value({m: s for m, (_, _, s) in factors.items()}, "mlx-lm", "LoRA scale")
     tensors = {}
     for m, (a, b, _) in factors.items():
         tensors[f"{m}.lora_a"] = a.t()
@@ -96,14 +92,11 @@ def write_mlx(adapter: af.Adapter, path: str | Path) -> Path:
     keys = sorted({(LAYER.match(m) or re.match(r"(.+)", m)).group(1) for m in factors})
     src = next((p.get("config") for p in reversed(adapter.manifest.get("provenance", [])) if p.get("format") == "mlx"),
                None) or {}
-    lp = {"rank": next(iter(ranks.values())), "scale": next(iter(scales.values())),
+    lp = {"rank": rank, "scale": scale,
           "dropout": src.get("lora_parameters", {}).get("dropout", 0.0), "keys": keys}
     cfg = {**{k: v for k, v in src.items() if k not in KNOWN_FIELDS}, "fine_tune_type": "lora", "num_layers": -1,
            "lora_parameters": lp}
-    path.mkdir(parents=True)
-    af.write_tensor_file(path / WEIGHTS_FILE, tensors)
-    (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
+    return af.write_folder(path, WEIGHTS_FILE, tensors, CONFIG_FILE, cfg)
 
 
 class MlxFormat:

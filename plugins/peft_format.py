@@ -608,11 +608,7 @@ def write_peft(adapter: af.Adapter, path: str | Path, *, base: Any = None) -> Pa
         raise af.UnsupportedError(f"method {adapter.method!r} has no PEFT equivalent (PEFT export supports "
                                   f"{', '.join(sorted(WRITERS))} and any adapter of lowrank modules)")
     WRITERS[method](writer)
-    path.mkdir(parents=True)
-    af.write_tensor_file(path / WEIGHTS_FILE, {k: v.contiguous() for k, v in writer.tensors.items()},
-                         {"format": "pt"})
-    (path / CONFIG_FILE).write_text(json.dumps(writer.cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
+    return af.write_folder(path, WEIGHTS_FILE, writer.tensors, CONFIG_FILE, writer.cfg, {"format": "pt"})
 
 
 class PeftFormat:

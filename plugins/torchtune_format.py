@@ -117,12 +117,8 @@ def write_torchtune(adapter: af.Adapter, path: str | Path, *, base: Any = None, 
     unnamed = sorted(m for m, n in names.items() if n is None)
     if unnamed:
         raise af.UnsupportedError("modules with no torchtune Llama name: " + ", ".join(unnamed))
-    ranks = {m: a.shape[0] for m, (a, _, _) in factors.items()}
-    alphas = {m: af.alpha_for(s, ranks[m]) for m, (_, _, s) in factors.items()}
-    for what, values in (("rank", ranks), ("alpha", alphas)):
-        if len(set(values.values())) > 1:
-            raise af.UnsupportedError(f"torchtune has one LoRA {what} per adapter; modules differ: "
-                                      + ", ".join(f"{m}={v}" for m, v in sorted(values.items())))
+    rank = af.one_value({m: a.shape[0] for m, (a, _, _) in factors.items()}, "torchtune", "LoRA rank")
+    alpha = af.one_value({m: af.alpha_for(s, rank) for m, (_, _, s) in factors.items()}, "torchtune", "LoRA alpha")
     heads = _heads(list(factors), base, n_heads, n_kv_heads)
     tensors = {}
     for m, (a, b, _) in factors.items():
@@ -131,12 +127,9 @@ def write_torchtune(adapter: af.Adapter, path: str | Path, *, base: Any = None, 
     src = next((p.get("config") for p in reversed(adapter.manifest.get("provenance", []))
                 if p.get("format") == "torchtune"), None) or {}
     targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
-    cfg = {**src, "r": next(iter(ranks.values())), "lora_alpha": next(iter(alphas.values())), "peft_type": "LORA",
+    cfg = {**src, "r": rank, "lora_alpha": alpha, "peft_type": "LORA",
            "target_modules": src["target_modules"] if sorted(src.get("target_modules") or []) == targets else targets}
-    path.mkdir(parents=True)
-    af.write_tensor_file(path / WEIGHTS_FILE, tensors)
-    (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
+    return af.write_folder(path, WEIGHTS_FILE, tensors, CONFIG_FILE, cfg)
 
 
 class TorchtuneFormat:
@@ -150,10 +143,7 @@ class TorchtuneFormat:
         if not path.is_dir() or not (path / CONFIG_FILE).is_file():
             return False
         if (path / WEIGHTS_FILE).is_file():
-            try:
-                return any(NATIVE.match(n) for n in af.tensor_names(path / WEIGHTS_FILE))
-            except af.AdapterError:
-                return False
+            return any(NATIVE.match(n) for n in af.tensor_names(path / WEIGHTS_FILE))
         return (path / PICKLE_FILE).is_file()
 
     def read(self, path: Path, **options: Any) -> af.Adapter:

@@ -12,6 +12,7 @@ from typing import Any
 import jsonschema
 
 from .errors import FormatError, SpecVersionError, UnknownExtensionError
+from .jsontext import parse_json
 
 SPEC_MAJOR = 1
 SPEC_MINOR = 0
@@ -103,16 +104,7 @@ def dumps_pretty(m: Manifest) -> str:
 
 def loads(text: str | bytes, *, path: object = None) -> Manifest:
     """Parse manifest JSON text, naming the file when it is not JSON."""
-    try:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        return json.loads(text)
-    except UnicodeDecodeError:
-        raise FormatError("manifest is not valid UTF-8", path=path) from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"manifest is not valid JSON ({e.msg} at line {e.lineno})", path=path) from None
-    except RecursionError:
-        raise FormatError("manifest is not valid JSON (nested too deeply)", path=path) from None
+    return parse_json(text, "manifest", path=path)
 
 
 def copy_manifest(m: Manifest) -> Manifest:

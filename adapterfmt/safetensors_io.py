@@ -23,6 +23,7 @@ import torch
 
 from .atomic import atomic_file
 from .errors import FormatError, MissingFileError
+from .jsontext import parse_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -87,14 +88,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         if 8 + n > size:
             raise FormatError(f"truncated safetensors file: header needs {8 + n} bytes, file has {size}", path=path)
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise FormatError("safetensors header is not valid UTF-8", path=path) from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"safetensors header is not valid JSON ({e.msg} at byte {e.pos})", path=path) from None
-    except RecursionError:
-        raise FormatError("safetensors header is not valid JSON (nested too deeply)", path=path) from None
+    header = parse_json(raw, "safetensors header", path=path)
     if not isinstance(header, dict):
         raise FormatError("safetensors header is not a JSON object", path=path)
     metadata = header.pop("__metadata__", None) or {}

@@ -32,11 +32,11 @@ BUILTIN_PLUGINS = (
     "adapterfmt.plugins.vectors",
     "adapterfmt.plugins.prompts",
     "adapterfmt.plugins.peft_format",
-    "adapterfmt.plugins.diffusers_format",
-    "adapterfmt.plugins.torchtune_format",
-    "adapterfmt.plugins.kohya_format",
-    "adapterfmt.plugins.gguf_format",
     "adapterfmt.plugins.mlx_format",
+    "adapterfmt.plugins.gguf_format",
+    "adapterfmt.plugins.kohya_format",
+    "adapterfmt.plugins.torchtune_format",
+    "adapterfmt.plugins.diffusers_format",
     "adapterfmt.plugins.token_rows",
 )
 VERBS = ("train", "apply", "merge", "compress", "port")

@@ -154,8 +154,17 @@ def safe_member(root: Path, rel: str) -> Path:
 
 
 def load(path: str | os.PathLike[str], *, verify: bool = True, understood: tuple[str, ...] | None = None) -> Adapter:
-    """Read an adapter in either file form (or ``hf://owner/name@rev``); checks format and, if ``verify``,
-    every checksum."""
+    """Read an adapter in either file form (or ``hf://owner/name@rev``); checks the format and, if ``verify``,
+    every checksum and the structure (tensors present, none extra, shapes fit each kind)."""
+    adapter = _read(path, verify=verify, understood=understood)
+    if verify:
+        from .validate import check_structure
+
+        check_structure(adapter)
+    return adapter
+
+
+def _read(path: str | os.PathLike[str], *, verify: bool, understood: tuple[str, ...] | None) -> Adapter:
     if isinstance(path, str) and path.startswith("hf://"):
         from .hub import resolve_adapter_path
 

@@ -29,8 +29,9 @@ def expected_tensors(adapter: Adapter) -> dict[str, tuple[str, str]]:
     return allowed
 
 
-def check_structure(adapter: Adapter, *, deep: bool = True) -> None:
-    """Raise :class:`FormatError` unless every module's tensors are present, none extra, shapes fit the kind."""
+def check_structure(adapter: Adapter, *, deep: bool = False) -> None:
+    """Raise :class:`FormatError` unless every module's tensors are present, none extra, shapes fit the kind;
+    with ``deep``, also each kind's rules on the stored values (reads every tensor)."""
     where = adapter.source
     allowed = expected_tensors(adapter)
     names = adapter.tensor_names()
@@ -66,7 +67,14 @@ def check_structure(adapter: Adapter, *, deep: bool = True) -> None:
 
 
 def validate(target: str | os.PathLike[str] | Adapter, *, deep: bool = True) -> Adapter:
-    """Check an adapter completely; returns it, or raises the specific :class:`~adapterfmt.AdapterError`."""
-    adapter = target if isinstance(target, Adapter) else load(target, verify=True)
-    check_structure(adapter, deep=deep)
+    """Check an adapter completely; returns it, or raises the specific :class:`~adapterfmt.AdapterError`.
+
+    Loading a path already checks format, checksums and structure; this adds the per-kind data rules.
+    """
+    if isinstance(target, Adapter):
+        check_structure(target, deep=deep)
+        return target
+    adapter = load(target, verify=True)
+    if deep:
+        check_structure(adapter, deep=True)
     return adapter

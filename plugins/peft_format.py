@@ -94,7 +94,7 @@ def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any) -
 def _check_fields(cfg: Mapping[str, Any], mapped: frozenset[str], path: Path) -> None:
     bad = sorted(k for k, v in cfg.items() if k not in mapped and k not in IGNORED and v not in NEUTRAL)
     if bad:
-        raise af.UnsupportedError(f"PEFT config fields that change the function cannot be represented: "
+        raise af.UnsupportedError("PEFT config fields that change the function cannot be represented: "
                                   + ", ".join(f"{k}={cfg[k]!r}" for k in bad), path=path)
 
 

@@ -70,4 +70,5 @@ def step_convert(ctx: DemoContext) -> None:
     ctx.note("convert", train_loss=round(loss, 4), modules=to_peft.modules, peft_folder=str(peft_dir),
              round_trip_tensors_identical=identical,
              round_trip_max_diff=float((outputs["trained"] - outputs["round_trip"]).abs().max()),
-             peft_max_diff=None if peft_out is None else float((outputs["trained"] - peft_out).abs().max()))
+             peft_max_diff=("peft not installed" if peft_out is None
+                            else float((outputs["trained"] - peft_out).abs().max())))

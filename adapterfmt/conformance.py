@@ -39,8 +39,8 @@ from .adapter import Adapter, load, save
 from .apply import adapter_ids, attach, detach, merge_into, unmerge
 from .errors import UnsupportedError
 from .fingerprint import fingerprint_module
-from .merge import _one_thread as one_thread
 from .registry import get_kind, get_method, understood_extensions, verb
+from .threads import one_thread
 from .tiny import TinyConfig, build_tiny
 from .validate import validate
 

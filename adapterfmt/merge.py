@@ -28,9 +28,8 @@ dense replace) cannot be summed: :class:`UnsupportedError` lists their modules.
 
 from __future__ import annotations
 
-import contextlib
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +41,7 @@ from .errors import BaseMismatchError, FormatError, UnsupportedError
 from .extract import choose_rank, truncated_svd
 from .fingerprint import compare
 from .manifest import new_manifest
+from .threads import one_thread
 
 STRATEGIES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 ALIASES = {"dare": "dare_linear", "task_arithmetic": "linear"}
@@ -190,24 +190,12 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], opts: Merg
 
 
 # ----- factor algebra -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run small factorizations on one thread: LAPACK calls on a few hundred numbers gain nothing from
-    threads, and on a busy machine the thread barrier makes them up to 1000x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def refactor(b: torch.Tensor, a: torch.Tensor, *, rank: int | None, energy: float | None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B', A')`` with ``B' A'`` the best rank-k approximation of ``b @ a`` (k = ``rank``, or the smallest
     rank holding ``energy``, capped by ``rank`` when both are given), without forming ``b @ a`` when the
     inner rank is below both outer sizes. Singular values are split evenly: ``B' = U sqrt(S)``."""
-    with _one_thread():
+    with one_thread():
         b64, a64 = b.double(), a.double()
         if b.shape[1] >= min(b.shape[0], a.shape[1]):
             u, s, v = truncated_svd(b64 @ a64, rank=None if energy is not None else rank, energy=energy,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .adapter import load, save
 from .apply import adapter_ids, attach, detach
 from .registry import get_method
+from .threads import one_thread
 
 if TYPE_CHECKING:
     from .demo import DemoContext
@@ -27,21 +28,17 @@ def step_train(ctx: DemoContext) -> None:
         seq.append(table[seq[-1]])
     ids = torch.stack(seq, dim=1)
     x, y = ids[:, :-1], ids[:, 1:]
-    started, threads = time.perf_counter(), torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread beats two contended ones
-    try:
-        with torch.enable_grad():
-            session = get_method("lora").train(ctx.model, config={"target_modules": "all-linear", "r": 4, "alpha": 8})
-            opt = torch.optim.AdamW(session.parameters(), lr=1e-2)
-            losses = []
-            for _ in range(20):
-                loss = F.cross_entropy(ctx.model(x).reshape(-1, vocab), y.reshape(-1))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-    finally:
-        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    with one_thread(), torch.enable_grad():  # tiny matmuls: one thread beats two contended ones
+        session = get_method("lora").train(ctx.model, config={"target_modules": "all-linear", "r": 4, "alpha": 8})
+        opt = torch.optim.AdamW(session.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(20):
+            loss = F.cross_entropy(ctx.model(x).reshape(-1, vocab), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
     trained = ctx.model(x)
     adapter = session.extract(base_name="adapterfmt-tiny")
     session.remove()

@@ -35,6 +35,7 @@ from .errors import (
 from .extract import extract_adapter
 from .fingerprint import fingerprint_checkpoint, fingerprint_module
 from .hookspecs import hookimpl
+from .jsontext import read_json_object
 from .manifest import SPEC_VERSION, new_manifest
 from .merge import merge_adapters
 from .method import Method
@@ -46,7 +47,7 @@ from .train import TrainableDelta, TrainSession, adapter_dtype, inject, module_e
 from .validate import validate
 
 __all__ = [
-    "convert", "read_foreign", "write_foreign", "to_peft", "read_tensor_file", "write_tensor_file", "base_shapes", "alpha_for", "attention_heads", "base_fingerprint", "lora_scale", "lowrank_adapter", "lowrank_factors", "rope_permute", "tensor_names", "one_value", "write_folder",
+    "convert", "read_foreign", "write_foreign", "to_peft", "read_tensor_file", "write_tensor_file", "base_shapes", "alpha_for", "attention_heads", "base_fingerprint", "lora_scale", "lowrank_adapter", "lowrank_factors", "rope_permute", "tensor_names", "one_value", "write_folder", "read_json_object",
     "__version__", "registry",
     "Adapter", "load", "save", "validate", "new_manifest", "SPEC_VERSION",
     "attach", "attached", "detach", "activate", "merge_into", "unmerge", "adapter_ids",

@@ -39,6 +39,7 @@ from .adapter import Adapter, shared_tensors
 from .deltas.lowrank import LowRank
 from .deltas.ternary import ternary_encode, top_k_mask
 from .errors import FormatError, UnsupportedError
+from .jsontext import read_json_object
 from .manifest import copy_manifest
 from .registry import get_kind
 from .safetensors_io import ITEMSIZE, dtype_name
@@ -276,8 +277,6 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
 def load_live_model(path: str | os.PathLike[str]) -> nn.Module:
     """A live model from a checkpoint folder: the tiny model (``adapter demo``'s) or a transformers causal LM
     built from its ``config.json`` with the folder's safetensors weights."""
-    import json
-
     from .fingerprint import checkpoint_files
     from .safetensors_io import read_header, read_tensor
 
@@ -285,7 +284,7 @@ def load_live_model(path: str | os.PathLike[str]) -> nn.Module:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise FormatError("--base must be a model folder with config.json and safetensors weights", path=folder)
-    cfg = json.loads(cfg_path.read_text("utf-8"))
+    cfg = read_json_object(cfg_path)
     if cfg.get("model_type") == "adapterfmt-tiny":
         from .tiny import TinyConfig, TinyLM
 

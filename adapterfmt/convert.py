@@ -29,6 +29,7 @@ from .atomic import atomic_dir, check_output
 from .deltas import lowrank_entry
 from .errors import BaseMismatchError, FormatError, UnsupportedError
 from .fingerprint import fingerprint_checkpoint, fingerprint_module, read_checkpoint_headers
+from .jsontext import read_json_object
 from .registry import formats
 from .safetensors_io import read_header, read_tensor, write_file
 
@@ -313,7 +314,7 @@ def attention_heads(base: BaseLike | None, n_heads: int | None = None, n_kv_head
             p = Path(base)
             p = p if p.is_dir() else p.parent
             if (p / "config.json").is_file():
-                cfg = json.loads((p / "config.json").read_text("utf-8"))
+                cfg = read_json_object(p / "config.json")
         if isinstance(cfg, Mapping) and cfg.get("num_attention_heads"):
             n_heads = int(cfg["num_attention_heads"])
             n_kv_heads = n_kv_heads or cfg.get("num_key_value_heads")

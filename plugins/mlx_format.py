@@ -16,7 +16,6 @@ the adapted modules relative to their layer, so mlx-lm builds LoRA layers exactl
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,8 @@ LORA_FIELDS = frozenset({"rank", "scale", "dropout", "keys", "alpha"})
 
 
 def _config(path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads((path / CONFIG_FILE).read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise af.FormatError(f"cannot read {CONFIG_FILE}: {e}", path=path) from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("lora_parameters"), dict):
+    cfg = af.read_json_object(path / CONFIG_FILE)
+    if not isinstance(cfg.get("lora_parameters"), dict):
         raise af.FormatError(f"{CONFIG_FILE} has no lora_parameters object", path=path)
     return cfg
 

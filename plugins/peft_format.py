@@ -344,12 +344,7 @@ def _modules_digest(modules: Mapping[str, Mapping[str, Any]]) -> str:
 def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False) -> af.Adapter:
     """Read a PEFT adapter folder (see the module docstring for the mapping)."""
     path = Path(path)
-    try:
-        cfg = json.loads((path / CONFIG_FILE).read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise af.FormatError(f"cannot read {CONFIG_FILE}: {e}", path=path) from None
-    if not isinstance(cfg, dict):
-        raise af.FormatError(f"{CONFIG_FILE} is not a JSON object", path=path)
+    cfg = af.read_json_object(path / CONFIG_FILE)
     ptype = cfg.get("peft_type")
     if ptype not in READERS:
         raise af.UnsupportedError(f"PEFT type {ptype!r} is not supported (supported: {', '.join(READERS)})", path=path)

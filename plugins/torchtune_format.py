@@ -16,7 +16,6 @@ folder is read by the ``peft`` codec.)
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -67,10 +66,7 @@ def read_torchtune(path: str | Path, *, base: Any = None, allow_pickle: bool = F
                    n_kv_heads: int | None = None) -> af.Adapter:
     """Read a torchtune LoRA folder (see the module docstring)."""
     path = Path(path)
-    try:
-        cfg = json.loads((path / CONFIG_FILE).read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise af.FormatError(f"cannot read {CONFIG_FILE}: {e}", path=path) from None
+    cfg = af.read_json_object(path / CONFIG_FILE)
     odd = sorted(k for k, v in cfg.items() if k not in CONFIG_FIELDS and v not in (None, False, 0, 0.0, [], {}))
     if cfg.get("use_dora") or odd:
         raise af.UnsupportedError("torchtune config fields that cannot be represented: "

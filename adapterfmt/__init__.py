@@ -42,7 +42,7 @@ from .method import Method
 from .port import port_adapter
 from .modules import weight_function
 from .protocols import ApplyBackend, ForeignFormat, TensorCodec
-from .targets import TARGETS_SCHEMA, matches_targets, pattern_value, select_modules
+from .targets import TARGETS_SCHEMA, matches_targets, pattern_value, select_modules, select_targets
 from .train import TrainableDelta, TrainSession, adapter_dtype, inject, module_entry
 from .validate import validate
 
@@ -54,7 +54,7 @@ __all__ = [
     "DeltaKind", "function_shape", "lowrank_entry", "Method", "hookimpl",
     "ForeignFormat", "TensorCodec", "ApplyBackend", "BUILTIN_CODECS", "compress_adapter",
     "fingerprint_module", "fingerprint_checkpoint",
-    "weight_function", "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype", "select_modules", "matches_targets", "pattern_value",
+    "weight_function", "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype", "select_modules", "select_targets", "matches_targets", "pattern_value",
     "TARGETS_SCHEMA",
     "AdapterError", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "UnknownExtensionError", "MissingFileError",
     "BaseMismatchError", "PluginError", "UnsupportedError", "OutputExistsError",

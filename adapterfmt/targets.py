@@ -112,6 +112,17 @@ def select_modules(model: nn.Module, target_modules: Targets, *, exclude_modules
     return chosen
 
 
+def select_targets(model: nn.Module, config: Mapping[str, Any], *,
+                   supported: tuple[type | str, ...] = (nn.Linear, "Conv1D")) -> dict[str, nn.Module]:
+    """:func:`select_modules` by a method config's target fields (``target_modules``, ``exclude_modules``,
+    ``layers_to_transform``, ``layers_pattern``; see :data:`TARGETS_SCHEMA`)."""
+    if "target_modules" not in config:
+        raise FormatError("the training config needs target_modules (names, suffixes, a regex or 'all-linear')")
+    return select_modules(model, config["target_modules"], exclude_modules=config.get("exclude_modules"),
+                          layers=config.get("layers_to_transform"), layers_pattern=config.get("layers_pattern"),
+                          supported=supported)
+
+
 def _supported(module: nn.Module, supported: tuple[type | str, ...]) -> bool:
     return any(type(module).__name__ == s if isinstance(s, str) else isinstance(module, s) for s in supported)
 

@@ -1,6 +1,6 @@
 """Training by injection: trainable deltas on the targeted modules of any torch model, the rest frozen.
 
-A method's ``train`` verb selects modules (:func:`adapterfmt.targets.select_modules`), builds one
+A method's ``train`` verb selects modules (:func:`adapterfmt.targets.select_targets`), builds one
 :class:`TrainableDelta` per module and hands them to :func:`inject`. A trainable delta is a delta kind's
 module entry whose tensors are ``nn.Parameter`` s: its forward *is* the kind's unmerged forward, so what
 is trained is exactly what :func:`adapterfmt.attach` applies later. Train with any loop over
@@ -24,7 +24,7 @@ from .fingerprint import fingerprint_module
 from .manifest import new_manifest
 from .modules import is_transposed
 from .registry import get_kind
-from .targets import select_modules
+from .targets import select_targets
 
 LAYER_ATTR = "adapterfmt_delta"
 """Name under which a trainable delta is registered as a child of its target module."""
@@ -179,11 +179,7 @@ def inject(model: nn.Module, *, method: str, config: Mapping[str, Any],
            supported: tuple[type | str, ...] = (nn.Linear, "Conv1D")) -> TrainSession:
     """Select modules by ``config`` (``target_modules``, ``exclude_modules``, ``layers_to_transform``,
     ``layers_pattern``), freeze the model, and inject ``build(path, module)`` into each selected module."""
-    if "target_modules" not in config:
-        raise AdapterError("the training config needs target_modules (names, suffixes, a regex or 'all-linear')")
-    chosen = select_modules(model, config["target_modules"], exclude_modules=config.get("exclude_modules"),
-                            layers=config.get("layers_to_transform"), layers_pattern=config.get("layers_pattern"),
-                            supported=supported)
+    chosen = select_targets(model, config, supported=supported)
     session = TrainSession(model, method, config)
     for path, module in chosen.items():
         session.add(path, module, build(path, module))

@@ -249,8 +249,7 @@ class VeRA(af.Method):
         """Targets share one pair of projections sized for the largest targeted layer (seeded, frozen)."""
         cfg = {"r": 256, "d_initial": 0.1, "projection_seed": 0, **config}
         self.check_config(cfg)
-        chosen = af.select_modules(model, cfg["target_modules"], exclude_modules=cfg.get("exclude_modules"),
-                                   layers=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"))
+        chosen = af.select_targets(model, cfg)
         shapes = [af.function_shape(af.module_entry("vera", m)) for m in chosen.values()]
         gen = torch.Generator().manual_seed(cfg["projection_seed"])
         r = cfg["r"]

@@ -118,11 +118,7 @@ class SparseFT(af.Method):
         calibrated = loss_fn is not None and batches is not None
         cfg = {"selection": "gradient" if calibrated else "random", "seed": 0, **config}
         self.check_config(cfg)
-        if "target_modules" not in cfg:
-            raise af.FormatError("the training config needs target_modules")
-        chosen = af.select_modules(model, cfg["target_modules"], exclude_modules=cfg.get("exclude_modules"),
-                                   layers=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
-                                   supported=SUPPORTED)
+        chosen = af.select_targets(model, cfg, supported=SUPPORTED)
         if cfg["selection"] == "gradient":
             scores, cfg["calibration_batches"] = gradient_scores(model, chosen, loss_fn, batches)
         else:

@@ -10,10 +10,31 @@ from typing import Any
 from .errors import FormatError
 
 
+class _NotStrictJSON(ValueError):
+    """Text Python's json accepts but RFC 8259 JSON does not allow (or leaves ambiguous)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _NotStrictJSON(f"key {key!r} appears twice in one object")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotStrictJSON(f"{name} is not a JSON number")
+
+
 def parse_json(raw: str | bytes, what: str, *, path: object = None) -> Any:
-    """``json.loads`` of ``raw``; not UTF-8, not JSON or nested too deeply -> ``FormatError`` naming ``what``."""
+    """Strict ``json.loads`` of ``raw`` (no NaN/Infinity, no duplicate keys); not UTF-8, not JSON or nested too
+    deeply -> ``FormatError`` naming ``what``."""
     try:
-        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw,
+                          object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except _NotStrictJSON as e:
+        raise FormatError(f"{what} is not valid JSON ({e})", path=path) from None
     except UnicodeDecodeError:
         raise FormatError(f"{what} is not valid UTF-8", path=path) from None
     except json.JSONDecodeError as e:

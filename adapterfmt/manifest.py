@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib import resources
@@ -65,7 +66,7 @@ def new_manifest(
 
 def parse_version(text: object, *, path: object = None) -> tuple[int, int]:
     """Split ``"MAJOR.MINOR"``; refuse a major this reader does not implement."""
-    if not isinstance(text, str) or text.count(".") != 1 or not all(p.isdigit() for p in text.split(".")):
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9]+\.[0-9]+", text):
         raise FormatError(f"spec_version must be a 'MAJOR.MINOR' string, got {text!r}", path=path)
     major, minor = (int(p) for p in text.split("."))
     if major != SPEC_MAJOR:

@@ -77,16 +77,16 @@ def decode(adapter: Adapter, module: str, role: str, spec: dict[str, Any]) -> to
 def _logical(spec: dict[str, Any]) -> tuple[tuple[int, ...], torch.dtype]:
     shape, dtype = spec.get("shape"), spec.get("dtype")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ValueError(f"spec shape must be a list of sizes, got {shape!r}")
+        raise FormatError(f"spec shape must be a list of sizes, got {shape!r}")
     if dtype not in DTYPES or not DTYPES[dtype].is_floating_point:
-        raise ValueError(f"spec dtype must be a float safetensors dtype, got {dtype!r}")
+        raise FormatError(f"spec dtype must be a float safetensors dtype, got {dtype!r}")
     return tuple(shape), DTYPES[dtype]
 
 
 def _expect(parts: dict[str, torch.Tensor], part: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     t = parts[part]
     if t.dtype != dtype or tuple(t.shape) != shape:
-        raise ValueError(f"part {part!r} must be {dtype_name(dtype)} {list(shape)}, got {dtype_name(t.dtype)} "
+        raise FormatError(f"part {part!r} must be {dtype_name(dtype)} {list(shape)}, got {dtype_name(t.dtype)} "
                          f"{list(t.shape)}")
     return t
 
@@ -141,7 +141,7 @@ class Int4Codec:
         shape, dtype = _logical(spec)
         g = spec.get("group_size")
         if not isinstance(g, int) or g < 1:
-            raise ValueError(f"int4 group_size must be a positive integer, got {g!r}")
+            raise FormatError(f"int4 group_size must be a positive integer, got {g!r}")
         n = math.prod(shape)
         q = _expect(parts, "q", torch.uint8, ((n + 1) // 2,))
         scale = _expect(parts, "scale", torch.float16, (math.ceil(n / g),))

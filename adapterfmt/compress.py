@@ -124,6 +124,8 @@ def compeft(works: dict[str, Work], *, density: float, scope: str = "tensor", sc
             factor: float = 1.0, group_size: int | None = None, target: str = "params") -> None:
     if not 0 <= density <= 1:
         raise UnsupportedError(f"compeft density must be in [0, 1], got {density}")
+    if scale not in ("mean", "std"):
+        raise UnsupportedError(f"compeft scale must be 'mean' or 'std', got {scale!r}")
     opts = {"scale": scale, "factor": factor, "group_size": group_size}
     if target == "params":
         slots = [(w, r) for w in works.values() for r in w.float_roles()]
@@ -203,6 +205,10 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
 
 
 # ----- the driver ---------------------------------------------------------------------------------------
+_OPTION_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str}
+"""Python types of step options by annotation (the step functions' annotations are strings)."""
+
+
 def normalize_steps(steps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Check step dicts (known method, options it takes); returns them with None options dropped."""
     import inspect
@@ -220,6 +226,15 @@ def normalize_steps(steps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if unknown:
             raise UnsupportedError(f"compress step {i + 1} ({method}): unknown option {unknown[0]!r} "
                                    f"(options: {', '.join(sorted(takes))})")
+        params = inspect.signature(fn).parameters
+        missing = [n for n in sorted(takes) if params[n].default is inspect.Parameter.empty and n not in step]
+        if missing:
+            raise UnsupportedError(f"compress step {i + 1} ({method}): option {missing[0]!r} is required")
+        for name, value in step.items():
+            want = _OPTION_TYPES.get(params[name].annotation.split(" |")[0])
+            if want is not None and (isinstance(value, bool) or not isinstance(value, want)):
+                raise UnsupportedError(f"compress step {i + 1} ({method}): option {name!r} must be "
+                                       f"{params[name].annotation.split(' |')[0]}, got {value!r}")
         out.append({"method": method, **step})
     if not out:
         raise UnsupportedError("compress needs at least one step (resize, compeft or quantize)")

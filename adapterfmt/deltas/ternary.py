@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import bitpack
 from ..modules import is_transposed, weight_function
+from ..errors import FormatError
 from .base import DeltaKind, Entry, Tensors, fail
 
 Layout = Literal["bitmap", "gaps"]
@@ -95,13 +96,13 @@ def ternary_signs(parts: Tensors, params: Mapping[str, Any], numel: int, *, what
     """The stored pattern as a flat int8 tensor of -1 / 0 / +1 (checks every part's size)."""
     layout, k = params.get("layout"), params.get("count")
     if layout not in LAYOUT_PART:
-        raise ValueError(f"{what}: layout must be 'bitmap' or 'gaps', got {layout!r}")
+        raise FormatError(f"{what}: layout must be 'bitmap' or 'gaps', got {layout!r}")
     if not isinstance(k, int) or not 0 <= k <= numel:
-        raise ValueError(f"{what}: count must be an integer in 0..{numel}, got {k!r}")
+        raise FormatError(f"{what}: count must be an integer in 0..{numel}, got {k!r}")
     if layout == "bitmap":
         keep = bitpack.unpack_bits(parts["mask"], numel, what=f"{what} mask")
         if int(keep.sum()) != k:
-            raise ValueError(f"{what}: mask has {int(keep.sum())} bits set, count says {k}")
+            raise FormatError(f"{what}: mask has {int(keep.sum())} bits set, count says {k}")
         idx = keep.nonzero().flatten()
     else:
         idx = bitpack.decode_gaps(parts["gaps"], k, numel, what=f"{what} gaps")
@@ -116,7 +117,7 @@ def ternary_scales(parts: Tensors, params: Mapping[str, Any], numel: int, *, wha
     ngroups, group = _groups(numel, params.get("group_size"))
     s = parts["scales"].reshape(-1).float()
     if s.numel() != ngroups:
-        raise ValueError(f"{what}: scales has {s.numel()} values, expected {ngroups}")
+        raise FormatError(f"{what}: scales has {s.numel()} values, expected {ngroups}")
     return s[group.to(s.device)]
 
 

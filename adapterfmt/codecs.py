@@ -46,8 +46,8 @@ def get_codec(name: object, *, path: object = None) -> TensorCodec:
     return found
 
 
-def stored_parts(role: str, spec: dict[str, Any]) -> tuple[str, ...]:
-    """Part names stored for ``role`` encoded with ``spec`` (tensors ``<module>.<role>.<part>``)."""
+def stored_parts(spec: dict[str, Any]) -> tuple[str, ...]:
+    """Part names stored for a role encoded with ``spec`` (tensors ``<module>.<role>.<part>``)."""
     return tuple(get_codec(spec.get("codec")).parts(spec))
 
 

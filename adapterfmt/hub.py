@@ -437,7 +437,7 @@ def _relabel(fn: Any, ref: HubRef, sha: str) -> Any:
         raise type(e)(e.message, path=where) from None
 
 
-def _folder_view(cache: Path, ref: HubRef, sha: str, members: dict[str, Path]) -> Path:
+def _folder_view(ref: HubRef, sha: str, members: dict[str, Path]) -> Path:
     """Lay the downloaded files out as a plain adapter folder, verify it, move it into place."""
     target = _view_path(ref, sha)
     if target.is_dir():
@@ -514,7 +514,7 @@ def fetch(ref: HubRef, *, token: str | None = None) -> PullResult:
                                            path=str(ref))
                 members[rel] = get(repo_path)
                 files.append(repo_path)
-            adapter_path = _relabel(lambda: _folder_view(cache, ref, sha, members), ref, sha)
+            adapter_path = _relabel(lambda: _folder_view(ref, sha, members), ref, sha)
         else:
             adapter_path = first_local
             _relabel(lambda: validate(adapter_path), ref, sha)

@@ -20,7 +20,7 @@ def expected_tensors(adapter: Adapter) -> dict[str, tuple[str, str]]:
             if role in enc:
                 from .codecs import stored_parts
 
-                for part in stored_parts(role, enc[role]):
+                for part in stored_parts(enc[role]):
                     allowed[f"{module}.{role}.{part}"] = (module, role)
             else:
                 allowed[f"{module}.{role}"] = (module, role)

@@ -57,7 +57,7 @@ from .jsontext import read_json_object
 from .manifest import SPEC_VERSION, new_manifest
 from .merge import merge_adapters
 from .method import Method
-from .modules import weight_function
+from .modules import is_transposed, weight_function
 from .port import port_adapter
 from .protocols import ApplyBackend, ForeignFormat, TensorCodec
 from .targets import TARGETS_SCHEMA, matches_targets, pattern_value, select_modules, select_targets
@@ -75,7 +75,7 @@ __all__ = [
     "merge_adapters", "compress_adapter", "extract_adapter", "port_adapter",
     "fingerprint_module", "fingerprint_checkpoint",
     # writing plugins: methods, delta kinds, codecs, backends
-    "Method", "hookimpl", "DeltaKind", "function_shape", "lowrank_entry", "weight_function",
+    "Method", "hookimpl", "DeltaKind", "function_shape", "lowrank_entry", "weight_function", "is_transposed",
     "ForeignFormat", "TensorCodec", "ApplyBackend", "BUILTIN_CODECS",
     # writing a method's train verb
     "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype",

@@ -55,7 +55,7 @@ class WeightDeltaKind(af.DeltaKind):
 
     def forward(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
-        return y + af.weight_function(module, x, self.function_delta(entry, t).to(x.dtype)).to(y.dtype)
+        return y + af.weight_function(module, x, self.function_delta(entry, t).to(y.dtype))
 
 
 class Hadamard(WeightDeltaKind):
@@ -140,6 +140,8 @@ class Vera(WeightDeltaKind):
 
     def forward(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # token ids into an embedding: the generic weight path
+            return super().forward(module, entry, t, x, y)
         a, b = self._factors(entry, t)
         mid = (x @ a.t().to(x.dtype)) * t["lambda_d"].to(x.dtype)
         return y + ((mid @ b.t().to(x.dtype)) * t["lambda_b"].to(x.dtype)).to(y.dtype)

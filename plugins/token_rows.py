@@ -47,7 +47,7 @@ class Rows(af.DeltaKind):
         if isinstance(module, nn.Embedding):
             return F.embedding(x, w, module.padding_idx, module.max_norm, module.norm_type,
                                module.scale_grad_by_freq, module.sparse)
-        return af.weight_function(module, x, w.t() if self.transposed(entry) else w) + (
+        return af.weight_function(module, x, w.t() if af.is_transposed(module) else w) + (
             module.bias if getattr(module, "bias", None) is not None else 0)
 
     def merge(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> Any:

@@ -180,3 +180,37 @@ def test_weight_deltas_on_embedding_take_integer_ids(kind: str) -> None:
     af.detach(model)
     torch.testing.assert_close(unmerged, merged, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(unmerged, model(ids))
+
+
+def test_plugin_weight_kinds_on_embedding_take_integer_ids() -> None:
+    """LoHa and VeRA deltas on an nn.Embedding: unmerged equals merged (integer ids never set the dtype)."""
+    g = torch.Generator().manual_seed(12)
+    cases = {
+        "hadamard": ({"hada_w1_a": torch.randn(4, 2, generator=g), "hada_w1_b": torch.randn(2, 9, generator=g),
+                      "hada_w2_a": torch.randn(4, 2, generator=g), "hada_w2_b": torch.randn(2, 9, generator=g)},
+                     {"scale": 0.3, "transposed": True}),
+        "vera": ({"lambda_b": torch.randn(4, generator=g), "lambda_d": torch.randn(3, generator=g),
+                  "vera_A": torch.randn(3, 9, generator=g), "vera_B": torch.randn(4, 3, generator=g)},
+                 {"transposed": True, "shared": {"vera_A": "vera_A", "vera_B": "vera_B"}}),
+    }
+    ids = torch.tensor([[0, 3, 8], [1, 1, 2]])
+    for kind, (tensors, params) in cases.items():
+        model = nn.Sequential(nn.Embedding(9, 4))
+        shared = params.get("shared", {})
+        stored = {(n if n in shared else f"0.{n}"): v for n, v in tensors.items()}
+        adapter = af.Adapter(af.new_manifest("test", {"0": {"kind": kind, "shape": [9, 4], "params": params}}), stored)
+        base = model(ids)
+        af.attach(model, adapter, name="e")
+        unmerged = model(ids)
+        af.merge_into(model, "e")
+        merged = model(ids)
+        af.detach(model)
+        torch.testing.assert_close(unmerged, merged, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(unmerged, base), kind
+
+
+def test_input_offset_is_refused_on_a_convolution() -> None:
+    entry = {"kind": "vector", "shape": [4, 3, 3, 3], "params": {"op": "offset", "side": "input"}}
+    adapter = af.Adapter(af.new_manifest("test", {"0": entry}), {"0.vector": torch.ones(3)})
+    with pytest.raises(af.FormatError, match="input-side offset is defined for linear maps"):
+        af.validate(adapter)

@@ -35,6 +35,8 @@ class Vector(DeltaKind):
         if op not in OPS or side not in SIDES:
             raise fail(module, f"vector params op={op!r} side={side!r}; op must be one of {OPS}, side one of {SIDES}")
         fshape = function_shape(entry)
+        if op == "offset" and side == "input" and len(fshape) != 2:
+            raise fail(module, f"an input-side offset is defined for linear maps (2-D weights), shape is {list(fshape)}")
         n = fshape[0] if side == "output" else (fshape[1] if len(fshape) > 1 else None)
         got = shapes["vector"]
         if n is None or len(got) != 1 or got[0] != n:

@@ -104,8 +104,8 @@ class Adapter:
     def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
         """Tensors of one module by role, decoded if stored with a compression codec.
 
-        Raises :class:`FormatError` (naming the file) when a required role is missing, so no verb ever
-        sees an incomplete module.
+        Raises :class:`FormatError` (naming the file) when a required role is missing or the values break the
+        kind's rules (unsorted sparse indices ...), so no verb ever sees an incomplete or invalid module.
         """
         from .registry import get_kind
 
@@ -125,6 +125,10 @@ class Adapter:
         if missing:
             raise FormatError(f"module {module!r} ({entry['kind']}): tensor {module}.{missing[0]} is missing",
                               path=self.source)
+        try:
+            kind.check_data(module, entry, out)
+        except FormatError as e:
+            raise FormatError(e.message, path=self.source) from None
         return out
 
     def nbytes(self) -> int:

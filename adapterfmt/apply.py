@@ -109,7 +109,10 @@ def attached(model: nn.Module) -> list[str]:
 
 def _bind(module: nn.Module, path: str, adapter: Adapter, entry: dict[str, Any]) -> Bound:
     kind = get_kind(entry["kind"], path=adapter.source)
-    kind.check_module(path, entry, module)
+    try:
+        kind.check_module(path, entry, module)
+    except AdapterError as e:
+        raise BaseMismatchError(e.message, path=adapter.source) from None
     ref = next((p for p in module.parameters(recurse=False)), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
@@ -137,10 +140,7 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge
         except AttributeError:
             missing.append(path)
             continue
-        try:
-            bound[path] = (module, _bind(module, path, adapter, entry))
-        except AdapterError as e:
-            raise BaseMismatchError(e.message, path=adapter.source) from None
+        bound[path] = (module, _bind(module, path, adapter, entry))
     if missing:
         raise BaseMismatchError(f"the model has no module {missing[0]!r}"
                                 + (f" (and {len(missing) - 1} more targeted modules)" if len(missing) > 1 else ""),

@@ -60,10 +60,10 @@ def check_structure(adapter: Adapter, *, deep: bool = False) -> None:
             shapes = {r: adapter.shape(shared.get(r, f"{module}.{r}")) for r in present}
         try:
             kind.check(module, entry, shapes)
-            if deep:
-                kind.check_data(module, entry, adapter.module_tensors(module))
         except FormatError as e:
             raise FormatError(e.message, path=where) from None
+        if deep:
+            adapter.module_tensors(module)  # reads the values and checks the kind's data rules
 
 
 def validate(target: str | os.PathLike[str] | Adapter, *, deep: bool = True) -> Adapter:

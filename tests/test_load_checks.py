@@ -41,3 +41,20 @@ def test_every_command_reports_it_in_one_line(tmp_path, command: list[str]) -> N
     assert "lora_B has shape [64, 3]" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_data_rules_are_checked_wherever_values_are_used(tmp_path) -> None:
+    """Unsorted sparse indices pass the shape checks of load, and are refused when any verb reads them."""
+    entry = {"kind": "sparse", "shape": [4, 4], "params": {}}
+    af.save(af.Adapter(af.new_manifest("sparse_ft", {"0": entry}),
+                       {"0.indices": torch.tensor([5, 2]), "0.values": torch.ones(2)}), tmp_path / "s")
+    adapter = af.load(tmp_path / "s")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(af.FormatError, match="strictly increasing") as e:
+        af.attach(model, adapter)
+    assert str(tmp_path / "s") in str(e.value)
+    assert af.attached(model) == []
+    with pytest.raises(af.FormatError, match="strictly increasing"):
+        af.merge_adapters([adapter, adapter])
+    with pytest.raises(af.FormatError, match="strictly increasing"):
+        af.validate(tmp_path / "s")

@@ -16,7 +16,6 @@ call is made. Every failure is raised as a :class:`HubError` subclass with a one
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import re
@@ -215,19 +214,14 @@ class PushResult:
 
 
 def _peft_files(adapter: Adapter, folder: Path) -> list[Path]:
-    """Write the adapter in PEFT's format into ``folder`` through the PEFT converter, looked up now."""
-    writer = None
-    with contextlib.suppress(ImportError):
-        writer = getattr(importlib.import_module("adapterfmt.convert"), "to_peft", None)
-    if writer is None:
-        from . import registry
+    """Write the adapter in PEFT's format into ``folder`` through the ``peft`` format plugin."""
+    from . import registry
 
-        fmt = registry.formats().get("peft")
-        if fmt is not None:
-            writer = fmt.write
-    if writer is None:
-        raise UnsupportedError("--also-peft needs the PEFT converter (adapterfmt.convert.to_peft or a 'peft' "
-                               "format plugin), which is not installed")
+    fmt = registry.formats().get("peft")
+    if fmt is None:
+        raise UnsupportedError("--also-peft needs the 'peft' format plugin, which is not loaded "
+                               f"(blocked by {registry.BLOCK_ENV}?)")
+    writer = fmt.write
     folder = folder / "peft"  # a fresh path: converters refuse to write over an existing one
     writer(adapter, folder)
     missing = [n for n in PEFT_FILES if not (folder / n).is_file()]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -380,30 +379,16 @@ def test_existing_out_is_refused_before_downloading(hub_env: FakeHub, tmp_path: 
 
 
 # ----- --also-peft ------------------------------------------------------------------------------------
-def test_also_peft_uses_the_converter(hub_env: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-
-    def to_peft(adapter, folder):
-        calls.append(adapter.method)
-        Path(folder).mkdir(parents=True)
-        (Path(folder) / "adapter_config.json").write_text('{"peft_type": "LORA"}')
-        (Path(folder) / "adapter_model.safetensors").write_bytes(b"stub")
-
-    monkeypatch.setitem(sys.modules, "adapterfmt.convert", types.SimpleNamespace(to_peft=to_peft))
-    res = hub.push(make_adapter(tmp_path / "a"), "alice/peft", also_peft=True)
-    files = hub_env.files("alice/peft")
-    assert calls == ["lora"] and files["adapter_config.json"] == b'{"peft_type": "LORA"}'
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(res.files)
-    assert "peft" in parse_front_matter(files["README.md"].decode())["tags"]
-    hub.push(make_adapter(tmp_path / "b", seed=3), "alice/peft")  # a later push without PEFT drops stale copies
-    assert "adapter_config.json" not in hub_env.files("alice/peft")
-
-
-def test_also_peft_without_converter(hub_env: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "adapterfmt.convert", types.SimpleNamespace())
-    monkeypatch.setattr(af.registry, "formats", lambda: {})
-    with pytest.raises(af.UnsupportedError, match="PEFT converter"):
-        hub.push(make_adapter(tmp_path / "a"), "alice/nopeft", also_peft=True)
+def test_also_peft_without_the_peft_plugin(hub_env: FakeHub, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAPTERFMT_BLOCK_PLUGINS", "peft_format")
+    af.registry.reset()
+    try:
+        with pytest.raises(af.UnsupportedError, match="'peft' format plugin"):
+            hub.push(make_adapter(tmp_path / "a"), "alice/nopeft", also_peft=True)
+    finally:
+        monkeypatch.delenv("ADAPTERFMT_BLOCK_PLUGINS")
+        af.registry.reset()
     assert hub_env.commits and all(c.title == "initial commit" for c in hub_env.commits.values())
 
 
@@ -435,10 +420,12 @@ def test_cli_help_texts() -> None:
 
 def test_also_peft_with_the_real_converter(hub_env: FakeHub, tmp_path: Path) -> None:
     src = make_adapter(tmp_path / "a")
-    hub.push(src, "alice/both", also_peft=True)
+    res = hub.push(src, "alice/both", also_peft=True)
     files = hub_env.files("alice/both")
     assert json.loads(files["adapter_config.json"])["peft_type"] == "LORA"
     assert "adapter.json" in files
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(res.files)
+    assert "peft" in parse_front_matter(files["README.md"].decode())["tags"]
     peft_dir = tmp_path / "peft-copy"
     peft_dir.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -450,3 +437,5 @@ def test_also_peft_with_the_real_converter(hub_env: FakeHub, tmp_path: Path) -> 
         torch.testing.assert_close(kind.delta(back.modules[m], back.module_tensors(m)),
                                    kind.delta(entry, original.module_tensors(m)), rtol=0, atol=0)
     assert hub.pull("alice/both").form == "folder", "pull takes the adapterfmt files, not the PEFT copy"
+    hub.push(make_adapter(tmp_path / "b", seed=3), "alice/both")  # a later push without PEFT drops stale copies
+    assert "adapter_config.json" not in hub_env.files("alice/both")

@@ -10,7 +10,7 @@ from .adapter import Adapter, load, save
 from .apply import activate, adapter_ids, attach, attached, detach, merge_into, unmerge
 from .codecs import BUILTIN_CODECS
 from .compress import compress_adapter
-from .convert import (
+from .conversion import (
     alpha_for,
     attention_heads,
     base_fingerprint,

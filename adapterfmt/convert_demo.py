@@ -10,7 +10,7 @@ import torch
 
 from .adapter import load, save
 from .apply import attach, detach
-from .convert import convert
+from .conversion import convert
 from .registry import verb
 
 if TYPE_CHECKING:

@@ -50,7 +50,7 @@ def test_write_read_function_and_round_trip(tmp_path):
                                 "unet.down_blocks.0.alpha", "unet.proj_out.lora_A.weight", "unet.proj_out.lora_B.weight",
                                 "text_encoder.text_model.1.lora_A.weight", "text_encoder.text_model.1.lora_B.weight",
                                 "text_encoder.text_model.1.alpha"])  # no alpha where the scale is 1 (alpha = r)
-    from adapterfmt.convert import detect_format
+    from adapterfmt.conversion import detect_format
 
     assert detect_format(path) == "diffusers"
     back = af.read_foreign(path, base=model)

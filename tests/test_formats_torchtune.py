@@ -56,7 +56,7 @@ def test_write_read_function_and_round_trip(tmp_path):
     assert t["layers.1.mlp.w2.lora_b.weight"].shape == (16, 4) and "output.lora_b.weight" in t
     cfg = json.loads((folder / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["peft_type"] == "LORA"
-    from adapterfmt.convert import detect_format
+    from adapterfmt.conversion import detect_format
 
     assert detect_format(folder) == "torchtune"
     peft_dir = af.write_foreign(adapter, tmp_path / "peft", "peft")

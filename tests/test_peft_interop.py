@@ -222,7 +222,7 @@ def test_ia3_needs_base_shapes(tmp_path):
 
 def test_convert_api_and_detection(tmp_path):
     c = case(tmp_path, "custom", CASES["custom-emb-mlp-conv"][1]())
-    from adapterfmt.convert import detect_format
+    from adapterfmt.conversion import detect_format
 
     assert detect_format(c.folder) == "peft"
     report = af.convert(c.folder, tmp_path / "a")

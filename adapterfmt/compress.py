@@ -188,7 +188,8 @@ def module_effect(entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
             pass
     if isinstance(kind, LowRank):
         return torch.cat([kind.function_delta(entry, tensors).double().reshape(-1),
-                          tensors["magnitude"].double().reshape(-1)])
+                          *(tensors[r].double().reshape(-1) for r in ("magnitude", "bias", "bias_value")
+                            if r in tensors)])
     return torch.cat([tensors[r].double().reshape(-1) for r in sorted(tensors) if tensors[r].is_floating_point()])
 
 

@@ -22,8 +22,9 @@ Element-wise strategies give dense outputs (sparse when smaller); asking a ``ran
 strategy re-factors its result by SVD into a lowrank output. Bias deltas (LoRA bias, dense
 ``bias_delta``) are combined by the same strategy. Outputs have ``scale`` 1 (each input's scale, rsLoRA
 or not, is folded into ``B``), and a ``lora`` output's config says ``alpha = r`` per module, so the
-config and the stored scale agree. Kinds that are not ``W + dW`` (DoRA magnitude, vector, prompt,
-dense replace) cannot be summed: :class:`UnsupportedError` lists their modules.
+config and the stored scale agree. Kinds that are not ``W + dW`` (DoRA magnitude, a lowrank
+``bias_value`` replacing the module's bias, vector, prompt, dense replace) cannot be summed:
+:class:`UnsupportedError` lists their modules.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ ELEMENTWISE = frozenset({"ties", "dare_linear", "dare_ties", "magnitude_prune"})
 SIGN_METHODS = ("total", "frequency")
 BIAS_ROLES = {"lowrank": "bias", "dense": "bias_delta"}
 """Roles holding a bias delta (times the entry's scale) in the built-in additive kinds."""
+NOT_ADDITIVE_ROLES = frozenset({"magnitude", "bias_value"})
+"""Roles that make a ``lowrank`` entry something other than ``W + dW`` (named when a merge refuses it)."""
 
 
 @dataclass(frozen=True)
@@ -344,7 +347,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, weights: Sequence[float] | No
     w = resolve_weights(len(adapters), weights)
     base = check_bases(adapters, force=force)
     terms = collect_terms(adapters, w)
-    blocked = sorted(f"{m} ({t.kind.name}{', magnitude' if t.kind.name == 'lowrank' else ''})"
+    blocked = sorted(f"{m} ({', '.join([t.kind.name, *sorted(NOT_ADDITIVE_ROLES.intersection(t.tensors))])})"
                      for m, ts in terms.items() for t in ts if not t.additive)
     if blocked:
         raise UnsupportedError("cannot merge in delta space: these modules are not W + dW "

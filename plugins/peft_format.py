@@ -7,6 +7,8 @@ Mapping (PEFT -> adapterfmt; the reverse writes the same, so a round trip is ten
   with ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), ``r`` and ``alpha`` per module from
   ``rank_pattern`` / ``alpha_pattern`` under PEFT's own matching rule (first key matching a dotted suffix);
   ``lora_B.bias`` (``lora_bias``) -> role ``bias``; ``lora_magnitude_vector`` (DoRA) -> role ``magnitude``;
+  ``base_layer.bias`` (the trained base bias of a targeted module, ``bias="lora_only"`` / ``"all"``) -> role
+  ``bias_value``;
   ``fan_in_fan_out`` (GPT-2 ``Conv1D``) and embeddings -> ``params.transposed``.
 - ``modules_to_save`` -> ``dense`` mode ``replace`` (``value`` / ``bias_value``); ``bias="all"`` base biases of
   untargeted modules -> ``dense`` replace of parameter ``bias``; ``trainable_token_indices`` -> kind ``rows``.
@@ -177,11 +179,6 @@ class _Reader:
         transposed_linear = bool(cfg.get("fan_in_fan_out"))
         rslora = bool(cfg.get("use_rslora"))
         for module, p in sorted(parts.items()):
-            if "base_bias" in p:
-                raise af.UnsupportedError(
-                    f"PEFT bias={cfg.get('bias')!r} trains the base bias of LoRA-targeted module {module!r}; "
-                    "adapterfmt has one entry per module and cannot store it next to the low-rank delta",
-                    path=self.path)
             embedding = "eA" in p
             a, b = (p.get("eA"), p.get("eB")) if embedding else (p.get("A"), p.get("B"))
             if a is None or b is None:
@@ -206,6 +203,8 @@ class _Reader:
                 roles["bias"] = p["bias"]
             if "magnitude" in p:
                 roles["magnitude"] = p["magnitude"].reshape(-1)
+            if "base_bias" in p:
+                roles["bias_value"] = p["base_bias"]
             self.add(module, af.lowrank_entry(shape, scale, transposed=transposed), roles)
         self.aux(extra)
         method_cfg = {"r": int(cfg.get("init_r" if adalora else "r", 8)), "alpha": cfg.get("lora_alpha", 8),
@@ -449,7 +448,7 @@ class _Writer:
         low = self.by_kind.get("lowrank", [])
         rslora = bool(self.src.get("use_rslora", self.adapter.config.get("use_rslora", False)))
         ranks, alphas = {}, {}
-        dora = bias = conv1d = False
+        dora = bias = base_bias = conv1d = False
         for m in low:
             e, t = mods[m], self.adapter.module_tensors(m)
             a, b = t["lora_A"], t["lora_B"]
@@ -471,6 +470,9 @@ class _Writer:
             if "bias" in t:
                 bias = True
                 self.tensors[f"{PREFIX}{m}.lora_B.bias"] = t["bias"]
+            if "bias_value" in t:
+                base_bias = True
+                self.tensors[f"{PREFIX}{m}.base_layer.bias"] = t["bias_value"]
         if dora and len({"magnitude" in self.adapter.roles(m) for m in low}) > 1:
             raise af.UnsupportedError("PEFT needs DoRA on all LoRA modules or none; this adapter mixes them")
         if bias and len({"bias" in self.adapter.roles(m) for m in low}) > 1:
@@ -482,10 +484,19 @@ class _Writer:
         alpha_pattern = self._patterns("alpha_pattern", alphas, a0, "lora_alpha")
         self.cfg.update({"r": r0, "lora_alpha": a0, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
                          "use_rslora": rslora, "use_dora": dora, "lora_bias": bias, "fan_in_fan_out": conv1d,
-                         "bias": "all" if self.by_kind.get("bias") else "none", "lora_dropout": 0.0,
+                         "bias": self._bias_mode(base_bias), "lora_dropout": 0.0,
                          "init_lora_weights": True})
         self.cfg["target_modules"] = self.targets(low)
         self.aux()
+
+    def _bias_mode(self, base_bias: bool) -> str:
+        """PEFT ``bias``: "all" when untargeted biases are stored, "lora_only" when only targeted modules'
+        biases are (or the source's "all", which then saved the same tensors), else "none"."""
+        if self.by_kind.get("bias"):
+            return "all"
+        if not base_bias:
+            return "none"
+        return "all" if self.same_modules and self.src.get("bias") == "all" else "lora_only"
 
     def _patterns(self, field: str, values: Mapping[str, Any], default: Any, default_field: str) -> dict[str, Any]:
         """The source's pattern if it gives every module its value, else one exact key per differing module."""

@@ -36,16 +36,19 @@ class Custom(nn.Module):
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
-    """A tiny fp32 model in eval mode: ``llama``, ``gpt2`` (Conv1D), ``bert`` (encoder classifier) or ``custom``."""
+    """A tiny fp32 model in eval mode: ``llama`` (``llama-bias``: with attention and MLP biases), ``gpt2``
+    (Conv1D), ``bert`` (encoder classifier) or ``custom``."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if name == "llama":
+        if name in ("llama", "llama-bias"):
             from transformers import LlamaConfig, LlamaForCausalLM
 
+            bias = name == "llama-bias"
             model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
-                                                 max_position_embeddings=64, tie_word_embeddings=False))
+                                                 max_position_embeddings=64, tie_word_embeddings=False,
+                                                 attention_bias=bias, mlp_bias=bias))
         elif name == "gpt2":
             from transformers import GPT2Config, GPT2LMHeadModel
 

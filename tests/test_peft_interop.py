@@ -68,6 +68,16 @@ CASES = {
     "custom-lokr-conv": ("custom", lambda: LoKrConfig(target_modules=["mlp.2", "conv"], r=2, alpha=3,
                                                       decompose_both=True)),
     "llama-vera": ("llama", lambda: VeraConfig(target_modules=["q_proj", "v_proj"], r=8)),
+    # bias="lora_only" / "all": PEFT trains and saves the base bias of targeted modules (role bias_value)
+    "gpt2-conv1d-bias-lora-only": ("gpt2", lambda: LoraConfig(target_modules=["c_attn", "c_fc"], r=4, lora_alpha=8,
+                                                              fan_in_fan_out=True, bias="lora_only")),
+    "gpt2-conv1d-dora-bias-all": ("gpt2", lambda: LoraConfig(target_modules=["c_attn", "c_proj"], r=2, lora_alpha=3,
+                                                             fan_in_fan_out=True, use_dora=True, bias="all")),
+    "llama-bias-lora-only-lora-bias": ("llama-bias", lambda: LoraConfig(
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], r=4, lora_alpha=8, bias="lora_only",
+        lora_bias=True)),
+    "custom-bias-all": ("custom", lambda: LoraConfig(target_modules=["emb", "mlp.0", "conv"], r=3, lora_alpha=5,
+                                                     bias="all")),
 }
 FUNCTION_ONLY = {
     "llama-adalora": ("llama", lambda: AdaLoraConfig(target_modules=["q_proj", "v_proj"], init_r=4, lora_alpha=6,
@@ -180,10 +190,49 @@ def test_unrepresentable_field_is_an_error_naming_it(tmp_path, field, value):
         af.read_foreign(c.folder, base=c.base)
 
 
-def test_base_bias_of_targeted_module_is_refused(tmp_path):
-    c = case(tmp_path, "bert", LoraConfig(target_modules=["query"], r=2, bias="lora_only"))
-    with pytest.raises(af.UnsupportedError, match="base bias of LoRA-targeted module"):
-        af.read_foreign(c.folder, base=c.base)
+def test_base_bias_of_targeted_module_is_bias_value(tmp_path):
+    """bias="lora_only": the trained base bias is the lowrank entry's bias_value; it replaces the module's bias
+    (merged and unmerged), unmerge restores weights and biases, and delta-space merges refuse it."""
+    c = case(tmp_path, "llama-bias", CASES["llama-bias-lora-only-lora-bias"][1]())
+    adapter = af.read_foreign(c.folder, base=c.base)
+    q = "model.layers.0.self_attn.q_proj"
+    assert set(adapter.roles(q)) == {"lora_A", "lora_B", "bias", "bias_value"}
+    src = _peft_tensors(c.folder)
+    assert torch.equal(adapter.module_tensors(q)["bias_value"], src[f"base_model.model.{q}.base_layer.bias"])
+    assert not torch.equal(adapter.module_tensors(q)["bias_value"], c.base.get_submodule(q).bias)
+    before = {k: v.clone() for k, v in c.base.state_dict().items()}
+    af.attach(c.base, adapter, name="x")
+    af.merge_into(c.base, "x")
+    lin = c.base.get_submodule(q)
+    scale = adapter.modules[q]["params"]["scale"]
+    want = adapter.module_tensors(q)["bias_value"] + scale * adapter.module_tensors(q)["bias"]
+    torch.testing.assert_close(lin.bias.detach(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(c.base, c.ids), c.expected, atol=ATOL, rtol=0)
+    af.unmerge(c.base, "x")
+    after = c.base.state_dict()
+    for k, v in before.items():
+        if k.endswith(".bias"):
+            assert torch.equal(after[k], v), k
+        else:
+            torch.testing.assert_close(after[k], v, atol=1e-6, rtol=0)
+    # per-row adapters fall back to grouping rows by adapter
+    with af.adapter_ids(c.base, ["x", None]):
+        rows = logits(c.base, c.ids)
+    torch.testing.assert_close(rows[0], c.expected[0], atol=ATOL, rtol=0)
+    af.detach(c.base)
+    torch.testing.assert_close(rows[1], logits(c.base, c.ids)[1], atol=ATOL, rtol=0)
+    with pytest.raises(af.UnsupportedError, match=rf"{q} \(lowrank, bias_value\)"):
+        af.merge_adapters([adapter, adapter])
+
+
+def test_bias_value_on_module_without_bias_is_refused(tmp_path):
+    c = case(tmp_path, "llama", CASES["llama-dora"][1]())
+    adapter = af.read_foreign(c.folder, base=c.base)
+    q = "model.layers.0.self_attn.q_proj"
+    adapter = af.Adapter(adapter.manifest, {**adapter.tensors(),
+                                            f"{q}.bias_value": torch.zeros(adapter.modules[q]["shape"][0])})
+    with pytest.raises(af.UnsupportedError, match="bias_value replaces the module's bias"):
+        af.attach(c.base, adapter, name="x")
 
 
 def test_wrong_rank_against_config_is_an_error(tmp_path):

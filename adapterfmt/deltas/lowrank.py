@@ -1,4 +1,4 @@
-"""``lowrank``: dW = scale * B @ A, with optional DoRA magnitude and LoRA bias."""
+"""``lowrank``: dW = scale * B @ A, with optional DoRA magnitude, LoRA bias and a replaced module bias."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class LowRank(DeltaKind):
     name = "lowrank"
     layout_sensitive = True
     required_roles = ("lora_A", "lora_B")
-    optional_roles = ("magnitude", "bias")
+    optional_roles = ("magnitude", "bias", "bias_value")
 
     def check(self, module: str, entry: Entry, shapes: dict[str, tuple[int, ...]]) -> None:
         fshape = function_shape(entry)
@@ -48,7 +48,7 @@ class LowRank(DeltaKind):
             raise fail(module, f"lora_A has shape {list(a)}, expected [r, {', '.join(map(str, fshape[1:]))}]")
         if b[0] != out or math.prod(b[1:]) != r:
             raise fail(module, f"lora_B has shape {list(b)}, expected [{out}, {r}] (rank from lora_A)")
-        for role in ("magnitude", "bias"):
+        for role in ("magnitude", "bias", "bias_value"):
             if role in shapes and math.prod(shapes[role]) != out:
                 raise fail(module, f"{role} has shape {list(shapes[role])}, expected [{out}]")
         if "magnitude" in shapes and "bias" in shapes:
@@ -60,7 +60,7 @@ class LowRank(DeltaKind):
         return shapes["lora_A"][0]
 
     def is_additive(self, entry: Entry, roles: Collection[str]) -> bool:
-        return "magnitude" not in roles
+        return "magnitude" not in roles and "bias_value" not in roles
 
     @staticmethod
     def scale(entry: Entry) -> float:
@@ -74,7 +74,7 @@ class LowRank(DeltaKind):
         return (self.scale(entry) * (b.reshape(b.shape[0], r) @ a.reshape(r, -1))).reshape(fshape)
 
     def delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
-        if "magnitude" in t:
+        if "magnitude" in t or "bias_value" in t:
             return super().delta(entry, t)
         fw = self.function_delta(entry, t)
         return fw.t() if entry.get("params", {}).get("transposed") else fw
@@ -94,6 +94,12 @@ class LowRank(DeltaKind):
             return s * ((x @ a.t().to(x.dtype)) @ b.t().to(x.dtype))
         return weight_function(module, x, self.function_delta(entry, t).to(x.dtype))
 
+    def bind(self, module: nn.Module, entry: Entry, t: Tensors) -> Tensors:
+        if "bias_value" in t and getattr(module, "bias", None) is None:
+            raise UnsupportedError(f"a lowrank bias_value replaces the module's bias, but this "
+                                   f"{type(module).__name__} has none")
+        return t
+
     def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if _is_linear(module) and len(t) == 2 and x.dtype == y.dtype:
             # y + scale * (x A^T) B^T through the kernel dispatcher (Triton on CUDA, fused addmm on the CPU)
@@ -101,6 +107,8 @@ class LowRank(DeltaKind):
             if y.requires_grad and torch.is_grad_enabled():
                 return y + kernels.lora_delta(x, a, b, self.scale(entry))
             return kernels.lora_delta(x, a, b, self.scale(entry), out=y)
+        if "bias_value" in t:  # the module's bias b is replaced: y - b + bias_value
+            y = y + channel_view((t["bias_value"] - module.bias).to(y.dtype), y, module)
         out = self._lora_out(module, entry, t, x).to(y.dtype)
         if "bias" in t:
             out = out + channel_view(self.scale(entry) * t["bias"].to(y.dtype), y, module)
@@ -119,11 +127,12 @@ class LowRank(DeltaKind):
         The adapters' factors are stacked into a zero-padded pool (cached on the module until the set of
         attached adapters changes) and the whole batch goes through ``kernels.multi_lora_rows`` (BGMV-style
         Triton kernel on CUDA; gathered ``bmm`` or grouped ``index_add`` on the CPU), whatever the mix.
-        Returns None (the caller then groups rows by adapter) for DoRA entries and non-linear modules.
+        Returns None (the caller then groups rows by adapter) for DoRA entries, entries replacing the
+        module's bias (``bias_value``) and non-linear modules.
         """
         if not _is_linear(module) or x.dim() < 2 or x.shape[0] != ids.shape[0] or x.dtype != y.dtype:
             return None
-        if any("magnitude" in b.tensors for _, b in present):
+        if any("magnitude" in b.tensors or "bias_value" in b.tensors for _, b in present):
             return None
         pool_a, pool_b, pool_bias = _pool(module, present)
         zero = pool_a.shape[0] - 1
@@ -143,11 +152,21 @@ class LowRank(DeltaKind):
         return full.reshape(full.shape[0], -1).norm(p=2, dim=1)
 
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
-        param = getattr(module, entry.get("parameter", "weight"))
-        tr = self.transposed(entry)
+        """Returns ``(weight state, the replaced bias or None)`` for :meth:`unmerge`."""
         if "bias" in t and getattr(module, "bias", None) is None:
             raise UnsupportedError(f"cannot merge a LoRA bias into {type(module).__name__} without a bias; "
                                    "keep the adapter unmerged")
+        old_bias = None
+        if "bias_value" in t:
+            self.bind(module, entry, t)
+            old_bias = module.bias.detach().clone()
+            with torch.no_grad():
+                module.bias.copy_(t["bias_value"].reshape(module.bias.shape).to(module.bias.dtype))
+        return self._merge_weight(module, entry, t), old_bias
+
+    def _merge_weight(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
+        param = getattr(module, entry.get("parameter", "weight"))
+        tr = self.transposed(entry)
         with torch.no_grad():
             if "bias" in t:
                 module.bias.add_((self.scale(entry) * wide(t["bias"])).to(module.bias.dtype))
@@ -164,10 +183,13 @@ class LowRank(DeltaKind):
             return norm
 
     def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
+        state, old_bias = state
         param = getattr(module, entry.get("parameter", "weight"))
         tr = self.transposed(entry)
         with torch.no_grad():
-            if "bias" in t:
+            if old_bias is not None:
+                module.bias.copy_(old_bias)
+            elif "bias" in t:
                 module.bias.sub_((self.scale(entry) * wide(t["bias"])).to(module.bias.dtype))
             fw = self.function_delta(entry, t)
             if "magnitude" not in t:

@@ -130,8 +130,7 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge
     Raises :class:`BaseMismatchError` naming every targeted module the model lacks or whose shape differs.
     """
     name = name or adapter.method
-    st = _state(model, create=True)
-    if name in st.adapters:
+    if name in attached(model):
         raise AdapterError(f"an adapter named {name!r} is already attached; detach it or pick another name")
     missing, bound = [], {}
     for path, entry in sorted(adapter.modules.items()):
@@ -145,6 +144,7 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge
         raise BaseMismatchError(f"the model has no module {missing[0]!r}"
                                 + (f" (and {len(missing) - 1} more targeted modules)" if len(missing) > 1 else ""),
                                 path=adapter.source)
+    st = _state(model, create=True)  # only once everything bound: a failed attach leaves the model untouched
     for path, (module, b) in bound.items():
         slot = st.slots.get(path)
         if slot is None:

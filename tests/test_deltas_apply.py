@@ -143,6 +143,8 @@ def test_attach_names_missing_modules_and_shape_mismatch() -> None:
     with pytest.raises(af.BaseMismatchError, match=r"shape \[10, 13\]"):
         af.attach(model, wrong)
     assert af.attached(model) == []
+    assert "_adapterfmt_state" not in model.__dict__, "a failed attach must leave the model untouched"
+    assert not model[0]._forward_hooks
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

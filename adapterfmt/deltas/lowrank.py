@@ -91,7 +91,7 @@ class LowRank(DeltaKind):
                               module.scale_grad_by_freq, module.sparse)
             return s * (mid @ b.t())
         if _is_linear(module):
-            return s * ((x @ a.t().to(x.dtype)) @ b.t().to(x.dtype))
+            return kernels.lora_delta(x, a.to(x.dtype), b.to(x.dtype), s)
         return weight_function(module, x, self.function_delta(entry, t).to(x.dtype))
 
     def bind(self, module: nn.Module, entry: Entry, t: Tensors) -> Tensors:

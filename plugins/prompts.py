@@ -11,7 +11,10 @@ plugin supplies kind ``dept`` (roles ``embeddings [n, dim]``, ``offset_A [max_le
 ``y [batch, T, dim]`` becomes ``concat(embeddings, y + scale * (offset_A @ offset_B)[:T])`` — the update is
 per *position* (as in the paper: ``E + A B`` on the padded ``[s, dim]`` input), positions past
 ``max_length`` are left as they are; inputs should be right-padded. ``offset_B`` starts at zero, so
-training starts at plain prompt tuning. Neither kind merges into weights (attach unmerged).
+training starts at plain prompt tuning. Training writes ``scale = alpha / sqrt(r)`` with ``alpha = 8``, as the
+authors' code does (``PromptEmbeddingLoRA.scaling`` in DePT's ``peft/tuners/prompt_tuning_lora.py``, whose
+``lora_alpha`` keeps its default 8); the applied scale is always the file's ``params.scale``. Neither kind
+merges into weights (attach unmerged).
 
 The model's sequence grows by ``n`` positions: pass no attention mask, or one extended by ``n`` ones in
 front (``torch.cat([mask.new_ones(batch, n), mask], 1)``, which is what PEFT builds); outputs for the
@@ -120,11 +123,11 @@ class DePT(PromptTuning):
     config_schema = {"type": "object", "properties": {
         **_PROMPT_SCHEMA, "r": {"type": "integer", "minimum": 1}, "alpha": {"type": "number"},
         "max_length": {"type": "integer", "minimum": 1}}}
-    defaults = {**PromptTuning.defaults, "num_virtual_tokens": 4, "r": 4, "alpha": 4, "max_length": 256}
+    defaults = {**PromptTuning.defaults, "num_virtual_tokens": 4, "r": 4, "alpha": 8, "max_length": 256}
 
     def layer(self, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
         entry = {"kind": "dept", "shape": list(module.weight.shape),
-                 "params": {"position": "prefix", "scale": cfg["alpha"] / cfg["r"]}}
+                 "params": {"position": "prefix", "scale": cfg["alpha"] / math.sqrt(cfg["r"])}}
         dtype = af.adapter_dtype(module)
         a = torch.empty(cfg["max_length"], cfg["r"], dtype=dtype)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))

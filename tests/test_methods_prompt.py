@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -100,7 +101,8 @@ def test_dept_kind_math_and_checks() -> None:
     t = adapter.module_tensors(EMBED)
     ids = torch.randint(0, 128, (2, 7))
     plain = model.model.embed_tokens(ids)
-    offset = 2.0 * (t["offset_A"] @ t["offset_B"])  # scale = alpha / r
+    assert adapter.modules[EMBED]["params"]["scale"] == 4 / math.sqrt(2)  # alpha / sqrt(r), as DePT's code
+    offset = (4 / math.sqrt(2)) * (t["offset_A"] @ t["offset_B"])
     expected = torch.cat([t["embeddings"].expand(2, 2, -1),
                           plain + torch.cat([offset, torch.zeros(2, plain.shape[-1])])], 1)
     af.attach(model, adapter)
@@ -112,3 +114,34 @@ def test_dept_kind_math_and_checks() -> None:
     bad_tensors = {**adapter.tensors(), f"{EMBED}.offset_B": torch.zeros(3, 64)}
     with pytest.raises(af.FormatError, match="offset_A"):
         af.validate(af.Adapter(bad, bad_tensors))
+
+
+def test_dept_default_scale_is_the_authors_alpha_over_sqrt_r() -> None:
+    """DePT's ``PromptEmbeddingLoRA`` (peft/tuners/prompt_tuning_lora.py) sets ``scaling = lora_alpha /
+    math.sqrt(r)`` with ``lora_alpha`` left at its default 8 by the authors' train.py."""
+    model = build_tiny(seed=0)
+    session = DEPT.train(model, config={"r": 16})
+    params = session.extract().modules[EMBED]["params"]
+    session.remove()
+    assert params["scale"] == 8 / math.sqrt(16) == 2.0
+
+
+def test_a_dept_file_applies_the_scale_it_records(tmp_path) -> None:
+    """A file written under the old ``alpha / r`` default (scale 1.0 for alpha 4, r 4) applies that scale."""
+    model = build_tiny(seed=0)
+    session = DEPT.train(model, config={"num_virtual_tokens": 2, "r": 4, "max_length": 6})
+    with torch.no_grad():
+        for p in session.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    adapter = session.extract()
+    session.remove()
+    manifest = copy.deepcopy(adapter.manifest)
+    manifest["modules"][EMBED]["params"]["scale"] = 1.0
+    loaded = af.load(af.save(af.Adapter(manifest, adapter.tensors()), tmp_path / "old"))
+    t = loaded.module_tensors(EMBED)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    plain = model.model.embed_tokens(ids)
+    af.attach(model, loaded)
+    with torch.no_grad():
+        got = model.model.embed_tokens(ids)
+    torch.testing.assert_close(got[:, 2:], plain + t["offset_A"] @ t["offset_B"], atol=1e-6, rtol=1e-6)

@@ -195,11 +195,18 @@ def build_example(name: str, factory: Factory | None = None, *, train_config: di
                                    "not an adapterfmt.conformance.Example")
         return example
     if _trainable(name):
-        return _trained_example(name, dict(train_config or TRAIN_CONFIG), dtype)
+        return _trained_example(name, train_config or _default_train_config(method), dtype)
     return _kind_example(name, tuple(method.kinds), dtype)
 
 
 # ----- helpers ------------------------------------------------------------------------------------------
+def _default_train_config(method: Any) -> dict[str, Any]:
+    """:data:`TRAIN_CONFIG` less the keys the method's config schema does not know (prompt methods take no
+    target modules, and unknown keys are refused)."""
+    known = (method.config_schema or {}).get("properties")
+    return {k: v for k, v in TRAIN_CONFIG.items() if known is None or k in known}
+
+
 def _output(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(inputs)
@@ -458,7 +465,7 @@ def _train(name: str, ex: Example) -> tuple[float, float, nn.Module, Any]:
     if not _trainable(name):
         raise Skip(f"method {name!r} has no train verb (its adapters are made by extract or convert)")
     model = copy.deepcopy(ex.model)
-    session = verb(name, "train")(model, config=dict(ex.train_config or TRAIN_CONFIG))
+    session = verb(name, "train")(model, config=dict(ex.train_config or _default_train_config(get_method(name))))
     target = torch.randn(_output(model, ex.inputs).shape, generator=torch.Generator().manual_seed(4))
     opt = torch.optim.Adam(list(session.parameters()), lr=1e-2)
     losses = []

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import difflib
+
 import jsonschema
 from torch import nn
 
@@ -30,9 +32,19 @@ class Method:
     """JSON Schema of ``manifest.method.config`` for this method (checked by :meth:`check_config`)."""
 
     def check_config(self, config: dict[str, Any], *, path: object = None) -> None:
-        """Raise :class:`FormatError` when ``config`` does not follow :attr:`config_schema`."""
+        """Raise :class:`FormatError` when ``config`` does not follow :attr:`config_schema`.
+
+        Unknown top-level keys are refused, naming the nearest known key, unless the schema allows extra
+        properties explicitly: a misspelt option must never fall back to its default silently.
+        """
         if self.config_schema is None:
             return
+        known = self.config_schema.get("properties")
+        if known is not None and self.config_schema.get("additionalProperties", False) is False:
+            unknown = sorted(set(config) - set(known))
+            if unknown:
+                raise FormatError(f"{self.name} config has unknown key(s): "
+                                  + ", ".join(_unknown_key(k, known) for k in unknown), path=path)
         err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(self.config_schema).iter_errors(config))
         if err is not None:
             where = "/".join(map(str, err.absolute_path)) or "(top level)"
@@ -67,3 +79,8 @@ class Method:
         from .port import port_adapter
 
         return port_adapter(adapter, new_base=new_base, **options)
+
+
+def _unknown_key(key: str, known: Any) -> str:
+    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"{key!r} (did you mean {near[0]!r}?)" if near else f"{key!r} (known: {', '.join(sorted(known))})"

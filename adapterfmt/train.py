@@ -176,10 +176,14 @@ class TrainSession:
 
 def inject(model: nn.Module, *, method: str, config: Mapping[str, Any],
            build: Callable[[str, nn.Module], TrainableDelta],
-           supported: tuple[type | str, ...] = (nn.Linear, "Conv1D")) -> TrainSession:
+           supported: tuple[type | str, ...] = (nn.Linear, "Conv1D"),
+           targets: Mapping[str, Any] | None = None) -> TrainSession:
     """Select modules by ``config`` (``target_modules``, ``exclude_modules``, ``layers_to_transform``,
-    ``layers_pattern``), freeze the model, and inject ``build(path, module)`` into each selected module."""
-    chosen = select_targets(model, config, supported=supported)
+    ``layers_pattern``), freeze the model, and inject ``build(path, module)`` into each selected module.
+
+    ``targets`` replaces ``config`` for the selection only, for methods whose modules follow from other
+    fields (a prompt's embedding module); ``config`` is what the adapter records."""
+    chosen = select_targets(model, config if targets is None else targets, supported=supported)
     session = TrainSession(model, method, config)
     for path, module in chosen.items():
         session.add(path, module, build(path, module))

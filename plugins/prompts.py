@@ -68,9 +68,8 @@ class PromptTuning(af.Method):
         if cfg["init"] == "tokens" and not cfg.get("init_token_ids"):
             raise af.FormatError("init 'tokens' needs init_token_ids")
         cfg["embedding_module"] = _embedding_path(model, cfg)
-        cfg["target_modules"] = re.escape(cfg["embedding_module"])
         return af.inject(model, method=self.name, config=cfg, build=lambda p, m: self.layer(m, cfg),
-                         supported=(nn.Embedding,))
+                         supported=(nn.Embedding,), targets={"target_modules": re.escape(cfg["embedding_module"])})
 
     def layer(self, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
         entry = {"kind": self.kinds[0], "shape": list(module.weight.shape), "params": {"position": "prefix"}}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -277,21 +277,22 @@ def lowrank_factors(adapter: Adapter, fmt: str, *, conv: bool = True) -> Factors
 
 def lowrank_adapter(factors: Factors, *, method: str = "lora", config: Mapping[str, Any] | None = None,
                     provenance: Mapping[str, Any], base: BaseLike | None = None, base_name: str | None = None,
-                    path: object = None) -> Adapter:
+                    embeddings: Collection[str] = (), path: object = None) -> Adapter:
     """An adapter of ``lowrank`` entries from LoRA factors read from a foreign file. The stored shape is
-    the function shape ``[out, *in]``, or its reverse (``transposed``) where ``base`` stores the weight
-    that way (GPT-2 Conv1D, embeddings); with a ``base``, a module it lacks is an error naming them all."""
+    the function shape ``[out, *in]``, or its reverse (``transposed``) for the modules in ``embeddings``
+    (known to be embeddings, ``[num, dim]``, whatever the shapes) and where ``base`` stores the weight
+    that way (GPT-2 Conv1D); with a ``base``, a module it lacks is an error naming them all."""
     shapes = base_shapes(base) if base is not None else None
     modules, tensors, missing = {}, {}, []
     for module, (a, b, scale) in sorted(factors.items()):
         fshape = [b.shape[0], *a.shape[1:]]
-        transposed = False
+        transposed = module in embeddings
         if shapes is not None:
             stored = shapes.get(f"{module}.weight")
             if stored is None:
                 missing.append(module)
                 continue
-            transposed = len(fshape) == 2 and list(stored) == fshape[::-1] != fshape
+            transposed = transposed or len(fshape) == 2 and list(stored) == fshape[::-1] != fshape
         modules[module] = lowrank_entry(fshape[::-1] if transposed else fshape, scale, transposed=transposed)
         tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"] = a, b
     if missing:
@@ -301,21 +302,27 @@ def lowrank_adapter(factors: Factors, *, method: str = "lora", config: Mapping[s
     return Adapter(manifest, tensors)
 
 
+def base_config(base: BaseLike | None) -> dict[str, Any]:
+    """The base model's config: a live transformers model's ``.config``, or ``config.json`` beside a
+    checkpoint; empty when there is none."""
+    if isinstance(base, nn.Module):
+        cfg = getattr(base, "config", None)
+        return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg)) if cfg is not None else {}
+    if isinstance(base, str | os.PathLike):
+        p = Path(base)
+        p = p if p.is_dir() else p.parent
+        if (p / "config.json").is_file():
+            return read_json_object(p / "config.json")
+    return {}
+
+
 def attention_heads(base: BaseLike | None, n_heads: int | None = None, n_kv_heads: int | None = None,
                     *, why: str = "") -> tuple[int, int]:
     """``(num_attention_heads, num_key_value_heads)``: given, or from the base's config (a live
     transformers model's ``.config``, or ``config.json`` beside a checkpoint)."""
     if n_heads is None:
-        cfg: Any = None
-        if isinstance(base, nn.Module):
-            cfg = getattr(base, "config", None)
-            cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg) if cfg is not None else None
-        elif isinstance(base, str | os.PathLike):
-            p = Path(base)
-            p = p if p.is_dir() else p.parent
-            if (p / "config.json").is_file():
-                cfg = read_json_object(p / "config.json")
-        if isinstance(cfg, Mapping) and cfg.get("num_attention_heads"):
+        cfg = base_config(base)
+        if cfg.get("num_attention_heads"):
             n_heads = int(cfg["num_attention_heads"])
             n_kv_heads = n_kv_heads or cfg.get("num_key_value_heads")
     if n_heads is None:
@@ -338,6 +345,6 @@ def rope_permute(t: torch.Tensor, n_heads: int, *, inverse: bool = False) -> tor
 
 
 __all__ = ["tensor_names", "write_folder", "one_value", "base_fingerprint", "lora_scale", "alpha_for", "Factors", "lowrank_factors",
-           "lowrank_adapter", "attention_heads", "rope_permute",
+           "lowrank_adapter", "base_config", "attention_heads", "rope_permute",
            "ADAPTERFMT", "ConvertReport", "convert", "detect_format", "read_foreign", "write_foreign", "to_peft",
            "read_tensor_file", "write_tensor_file", "base_shapes", "is_adapterfmt"]

@@ -7,6 +7,13 @@ and ``lora_parameters.scale`` multiplies directly (no ``alpha / r``). An embeddi
 ``[vocab, r]``, ``lora_b`` ``[r, dim]`` with dW = scale * lora_a @ lora_b, which is the same transpose of
 adapterfmt's embedding factors. Module paths are the model's parameter paths (``model.layers.0.self_attn.q_proj``).
 
+Shapes cannot tell an embedding from a linear layer (``[vocab, r]`` / ``[r, dim]`` against ``[in, r]`` /
+``[r, out]``, the same when vocab equals dim), so a module is an embedding when the live ``base`` says so
+(``nn.Embedding``), or else by its name (``embed_tokens``, ``wte`` ...). On a base that ties its output head to
+the input embedding, mlx-lm applies an embedding LoRA to the head as well (``LoRAEmbedding.as_linear``), which
+an adapterfmt or PEFT embedding entry does not: such an adapter is refused, and reading an embedding LoRA
+needs the base (a live module, or a checkpoint whose ``config.json`` gives ``tie_word_embeddings``).
+
 One rank and one scale serve the whole adapter (``lora_parameters.rank`` / ``scale``); writing an adapter
 whose modules differ in either is an error naming them. ``fine_tune_type`` other than ``lora`` (DoRA,
 full fine-tuning) cannot be read. Written configs use ``num_layers = -1`` (all layers) and ``keys`` naming
@@ -21,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import adapterfmt as af
 
@@ -29,6 +37,9 @@ WEIGHTS_FILE = "adapters.safetensors"
 LAYER = re.compile(r"^(?:.*\.)?layers\.\d+\.(.+)$")
 KNOWN_FIELDS = frozenset({"fine_tune_type", "num_layers", "lora_parameters"})
 LORA_FIELDS = frozenset({"rank", "scale", "dropout", "keys", "alpha"})
+EMBEDDING_NAMES = frozenset({"embed_tokens", "wte", "wpe", "tok_embeddings", "word_embeddings", "embed_in",
+                             "embeddings", "embedding"})
+"""Last path components of the embedding modules in mlx-lm's models (used without a live base)."""
 
 
 def _config(path: Path) -> dict[str, Any]:
@@ -69,8 +80,32 @@ def read_mlx(path: str | Path, *, base: Any = None) -> af.Adapter:
         raise af.FormatError(f"lora_parameters.rank is {rank} but these modules have another rank: {', '.join(bad)}",
                              path=path)
     factors = {m: (p["lora_a"].t().contiguous(), p["lora_b"].t().contiguous(), scale) for m, p in pairs.items()}
+    embeddings = _embeddings(list(pairs), base, path)
     prov = {"tool": "mlx-lm", "format": "mlx", "source": str(path), "config": cfg}
-    return af.lowrank_adapter(factors, config={"r": rank, "scale": scale}, provenance=prov, base=base, path=path)
+    return af.lowrank_adapter(factors, config={"r": rank, "scale": scale}, provenance=prov, base=base,
+                              embeddings=embeddings, path=path)
+
+
+def _embeddings(modules: list[str], base: Any, path: Path) -> set[str]:
+    """The embedding modules among ``modules``; refused where the base ties one to its output head."""
+    if isinstance(base, nn.Module):
+        subs = dict(base.named_modules())
+        found = {m for m in modules if isinstance(subs.get(m), nn.Embedding)}
+        weights = [w for _, w in base.named_parameters(remove_duplicate=False)]
+        tied = sorted(m for m in found if sum(w is subs[m].weight for w in weights) > 1)
+    else:
+        found = {m for m in modules if m.rsplit(".", 1)[-1] in EMBEDDING_NAMES}
+        tie = af.base_config(base).get("tie_word_embeddings") if base is not None else None
+        if found and not isinstance(tie, bool):
+            raise af.UnsupportedError(f"mlx-lm LoRA on embedding {', '.join(sorted(found))}: mlx-lm also applies it to "
+                                      "the output head when the base ties word embeddings; pass the base (--base, "
+                                      "with a config.json giving tie_word_embeddings) to tell", path=path)
+        tied = sorted(found) if tie else []
+    if tied:
+        raise af.UnsupportedError(f"mlx-lm LoRA on embedding {', '.join(tied)} of a base with tie_word_embeddings: "
+                                  "mlx-lm applies it to the output head too (LoRAEmbedding.as_linear), which "
+                                  "adapterfmt and PEFT embedding LoRA do not", path=path)
+    return found
 
 
 def write_mlx(adapter: af.Adapter, path: str | Path) -> Path:

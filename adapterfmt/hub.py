@@ -16,11 +16,15 @@ call is made. Every failure is raised as a :class:`HubError` subclass with a one
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -31,6 +35,7 @@ from .adapter import MANIFEST_FILE, TENSOR_FILE, Adapter, load, safe_member, sav
 from .atomic import atomic_dir, check_output
 from .errors import (
     AdapterError,
+    ChecksumError,
     FormatError,
     HubAuthError,
     HubError,
@@ -40,8 +45,10 @@ from .errors import (
     PushConflictError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    UnsafePathError,
     UnsupportedError,
 )
+from .safetensors_io import MAX_HEADER_BYTES
 from .validate import validate
 
 SCHEME = "hf://"
@@ -49,6 +56,11 @@ CARD_FILE = "README.md"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DEFAULT_BRANCH = "main"
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+TIMEOUT_ENV = "ADAPTERFMT_HUB_TIMEOUT"
+DEFAULT_TIMEOUT = 600.0
+"""Seconds one file's download may take in all, unless ``ADAPTERFMT_HUB_TIMEOUT`` or ``--timeout`` says otherwise."""
+REFS_FILE = "refs.json"
 
 
 # ----- settings, read at call time --------------------------------------------------------------------
@@ -285,10 +297,9 @@ def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = N
                 raise HubError(f"push {ref.repo_id}: {branch!r} is a tag; push to a branch")
             if branch not in {b.name for b in refs.branches}:
                 api.create_branch(ref.repo_id, branch=branch, revision=DEFAULT_BRANCH, exist_ok=True)
-        info = api.repo_info(ref.repo_id, revision=branch)
-        parent = info.sha
-        existing = {f.path for f in api.list_repo_tree(ref.repo_id, revision=parent, recursive=True)
-                    if type(f).__name__ == "RepoFile"}
+        parent = _check_commit(api.repo_info(ref.repo_id, revision=branch).sha, f"push {ref.repo_id}", "commit id")
+    listing = _tree(api, ref, parent, "push", tok)
+    existing = set(listing)
 
     with tempfile.TemporaryDirectory(prefix="adapterfmt-push-") as tmp:
         files = _adapter_upload_files(adapter)
@@ -302,10 +313,11 @@ def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = N
         ours = {MANIFEST_FILE, TENSOR_FILE, *PEFT_FILES}
         old_manifest_files: set[str] = set()
         if MANIFEST_FILE in existing:  # tensor files named by the manifest already there are ours too
-            with _translated(ref, "push", file=MANIFEST_FILE), contextlib.suppress(ValueError, AttributeError):
-                old = _hf().hf_hub_download(ref.repo_id, MANIFEST_FILE, revision=parent, endpoint=ep, token=tok,
-                                            cache_dir=str(hub_cache_dir()))
-                old_manifest_files = set(json.loads(Path(old).read_text("utf-8")).get("files", {}))
+            old = Path(tmp) / "old-manifest.json"
+            _download(ref, parent, _remote_file(listing, MANIFEST_FILE, _what(ref, "push")), old, action="push",
+                      tok=tok, timeout=download_timeout(), limit=MAX_HEADER_BYTES)
+            with contextlib.suppress(ValueError, AttributeError):
+                old_manifest_files = set(json.loads(old.read_text("utf-8")).get("files", {}))
         stale = sorted((ours | old_manifest_files) & existing - set(files) - {CARD_FILE})
         ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
         what = f"{adapter.method} adapter"
@@ -326,7 +338,7 @@ class PullResult:
     revision: str | None
     commit: str
     path: Path
-    """The adapter (folder or file): the written copy with ``out``, else the verified copy in the HF cache."""
+    """The adapter (folder or file): the written copy with ``out``, else the verified copy in the store."""
     cache_path: Path
     files: list[str] = field(default_factory=list)
     form: str = "folder"
@@ -337,8 +349,278 @@ class PullResult:
         return d
 
 
-def _storage_folder(cache: Path, repo_id: str) -> Path:
-    return cache / ("models--" + repo_id.replace("/", "--"))
+def download_timeout(explicit: float | None = None) -> float:
+    """Seconds one file's download may take in all: ``explicit``, else ``ADAPTERFMT_HUB_TIMEOUT``, else 600."""
+    value: Any = explicit
+    if value is None:
+        value = os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise HubError(f"download timeout {value!r} ({TIMEOUT_ENV} or --timeout) is not a positive number of seconds")
+    return seconds
+
+
+def store_dir() -> Path:
+    """Where pulled adapters are kept, verified: ``ADAPTERFMT_HUB_VIEWS``, else ``$HF_HUB_CACHE/../adapterfmt-hub``.
+
+    Per repository ``models--owner--name/``: ``refs.json`` (revision -> commit, for offline use) and, per
+    commit, ``root/`` (a folder-form adapter at the repo root), ``sub/<folder>/`` (one in a subfolder) and
+    ``file/<repo path>`` (a single-file adapter). Each entry is moved into place only once it verified.
+    """
+    env = os.environ.get("ADAPTERFMT_HUB_VIEWS")
+    return Path(env).expanduser() if env else hub_cache_dir().parent / "adapterfmt-hub"
+
+
+def _repo_store(repo_id: str) -> Path:
+    return store_dir() / ("models--" + repo_id.replace("/", "--"))
+
+
+def _check_rel(rel: str, what: str) -> None:
+    """Refuse a repo path that is not a plain relative path (it becomes a local path)."""
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or "\\" in rel or rel in ("", ".") or ":" in rel or "\0" in rel:
+        raise UnsafePathError(f"{what}: file path {rel!r} escapes the adapter folder")
+
+
+def _targets(ref: HubRef, sha: str) -> tuple[Path, Path]:
+    """Where the adapter of ``ref`` at commit ``sha`` is stored: (folder form, single-file form)."""
+    base = _repo_store(ref.repo_id) / sha
+    return (base / "sub" / ref.path if ref.path else base / "root"), base / "file" / _single_path(ref)
+
+
+def _single_path(ref: HubRef) -> str:
+    """The repo path of the single-file adapter ``ref`` names."""
+    return ref.path if ref.path.endswith(".safetensors") else (f"{ref.path}/" if ref.path else "") + TENSOR_FILE
+
+
+def _read_refs(repo_dir: Path) -> dict[str, str]:
+    try:
+        refs = json.loads((repo_dir / REFS_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in refs.items() if isinstance(v, str) and _COMMIT_RE.match(v)} if isinstance(refs, dict) else {}
+
+
+def _record_ref(repo_dir: Path, revision: str, sha: str) -> None:
+    """Remember ``revision -> sha`` for offline use (best effort: a read-only store just is not updated)."""
+    refs = _read_refs(repo_dir)
+    if refs.get(revision) == sha:
+        return
+    refs[revision] = sha
+    with contextlib.suppress(OSError):
+        repo_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".refs.", suffix=".tmp", dir=repo_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(refs, f, indent=1, sort_keys=True)
+        os.replace(tmp, repo_dir / REFS_FILE)
+
+
+def _check_commit(value: object, what: str, source: str) -> str:
+    if not isinstance(value, str) or not _COMMIT_RE.match(value):
+        raise HubError(f"{what}: the server gave {source} {str(value)[:80]!r}, not a commit id (40 hex digits); refused")
+    return value
+
+
+def _resolve_commit(api: Any, ref: HubRef, what: str, offline: bool, tok: str | None) -> str:
+    """The commit ``ref`` names: asked of the Hub, else (offline or unreachable) the one recorded at the last pull."""
+    import httpx2
+    from huggingface_hub import errors as hfe
+
+    revision = ref.revision or DEFAULT_BRANCH
+    if _COMMIT_RE.match(revision):
+        return revision
+    repo_dir = _repo_store(ref.repo_id)
+    unreachable: BaseException | None = None
+    if not offline:
+        with _translated(ref, "pull"):
+            try:
+                sha = _check_commit(api.repo_info(ref.repo_id, revision=revision, token=tok or False).sha,
+                                    what, "commit id")
+            except (httpx2.TransportError, hfe.OfflineModeIsEnabled) as e:
+                unreachable = e
+            except hfe.HfHubHTTPError as e:
+                if e.response is None or e.response.status_code < 500:
+                    raise
+                unreachable = e
+            except (KeyError, TypeError, ValueError) as e:
+                raise HubError(f"{what}: malformed repository info from the server ({type(e).__name__})") from None
+            else:
+                _record_ref(repo_dir, revision, sha)
+                return sha
+    recorded = _read_refs(repo_dir).get(revision)
+    if recorded is not None:
+        return recorded
+    if unreachable is not None:
+        raise HubTransferError(f"{what}: the Hub could not be reached and the files are not in the local cache "
+                               f"({_first_line(unreachable)})")
+    raise HubError(f"{what}: not in the local cache and offline (HF_HUB_OFFLINE=1); pull it once while online")
+
+
+@dataclass(frozen=True)
+class _RemoteFile:
+    """A file of the commit as the tree listing gives it: its size and the hash its bytes must have."""
+
+    path: str
+    size: int
+    sha256: str | None  # LFS/Xet files: SHA-256 of the content
+    git_oid: str  # regular files: the git blob id (SHA-1 of "blob <size>\0" + content)
+
+
+def _tree(api: Any, ref: HubRef, sha: str, action: str, tok: str | None) -> dict[str, Any]:
+    """Repo path -> the listing's file object, at commit ``sha`` (checked only when a file is fetched)."""
+    with _translated(ref, action):
+        try:
+            return {f.path: f for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True, token=tok or False)
+                    if type(f).__name__ == "RepoFile"}
+        except (KeyError, TypeError, ValueError) as e:
+            raise HubError(f"{action} {ref.repo_id}: malformed file listing from the server ({type(e).__name__})") from None
+
+
+def _remote_file(listing: dict[str, Any], path: str, what: str) -> _RemoteFile:
+    f = listing[path]
+    lfs = getattr(f, "lfs", None)
+    size = lfs.size if lfs is not None else f.size
+    sha256 = lfs.sha256 if lfs is not None else None
+    if (not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(f.blob_id, str)
+            or not _COMMIT_RE.match(f.blob_id)
+            or (sha256 is not None and not (isinstance(sha256, str) and _SHA256_RE.match(sha256)))):
+        raise HubError(f"{what}: the listing gives {path} an invalid size or hash; refused")
+    return _RemoteFile(path, size, sha256, f.blob_id)
+
+
+class _Hasher:
+    """The hash the Hub lists for a file: SHA-256 of an LFS file, the git blob id of a regular one."""
+
+    def __init__(self, remote: _RemoteFile) -> None:
+        self.remote = remote
+        self.reset()
+
+    def reset(self) -> None:
+        if self.remote.sha256 is not None:
+            self.h = hashlib.sha256()
+        else:
+            self.h = hashlib.sha1(b"blob %d\0" % self.remote.size)
+
+    def matches(self) -> bool:
+        return self.h.hexdigest() == (self.remote.sha256 or self.remote.git_oid)
+
+
+def _what(ref: HubRef, action: str) -> str:
+    return f"{action} {ref.repo_id}" + (f"@{ref.revision}" if ref.revision else "")
+
+
+def _download(ref: HubRef, sha: str, remote: _RemoteFile, dest: Path, *, action: str, tok: str | None,
+              timeout: float, limit: int | None = None) -> None:
+    """Stream one file of commit ``sha`` into the new file ``dest`` (in a folder this module created).
+
+    Refused, with one line naming the file: a body or ``Content-Length`` beyond the size the listing gives
+    (or ``limit``), an ``X-Repo-Commit`` other than ``sha``, bytes whose hash differs from the listing's,
+    and a transfer not finished within ``timeout`` seconds. The transfer runs in a worker thread, so the
+    deadline holds even while a read is blocked; the worker stops writing as soon as the deadline passed.
+    """
+    what = _what(ref, action)
+    if limit is not None and remote.size > limit:
+        raise HubError(f"{what}: {remote.path} is listed as {remote.size} bytes, more than the {limit} allowed; refused")
+    stop = threading.Event()
+    outcome: list[BaseException] = []
+    with open(dest, "xb") as f:
+        def work() -> None:
+            try:
+                _transfer(ref, sha, remote, f, stop, what=what, tok=tok, timeout=timeout)
+            except BaseException as e:  # handed to the calling thread
+                outcome.append(e)
+
+        worker = threading.Thread(target=work, name=f"adapterfmt-pull {remote.path}", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            stop.set()
+            raise HubTransferError(f"{what}: download of {remote.path} did not finish within {timeout:g} s "
+                                   f"(set {TIMEOUT_ENV} or --timeout for a longer limit)")
+        if outcome:
+            with _translated(ref, action, file=remote.path):
+                raise outcome[0]
+        f.flush()
+        os.fsync(f.fileno())
+
+
+_RETRIES = 3
+"""Consecutive attempts without progress before a broken transfer is given up."""
+
+
+def _transfer(ref: HubRef, sha: str, remote: _RemoteFile, f: Any, stop: threading.Event, *, what: str,
+              tok: str | None, timeout: float) -> None:
+    import httpx2
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    url = hf_hub_url(ref.repo_id, remote.path, revision=sha, endpoint=hub_endpoint())
+    headers = build_hf_headers(token=tok or False, library_name="adapterfmt")
+    headers["Accept-Encoding"] = "identity"
+    hasher = _Hasher(remote)
+    where = f"{what}: {remote.path}"
+    got, failures, last = 0, 0, None
+    while True:
+        start = got
+        try:
+            with get_session().stream("GET", url, headers={**headers, **({"Range": f"bytes={got}-"} if got else {})},
+                                      timeout=min(timeout, constants.HF_HUB_DOWNLOAD_TIMEOUT)) as r:
+                _check_response(r, sha, remote, got, where)
+                if got and r.status_code == 200:  # the server ignored the range: start over
+                    f.seek(0)
+                    f.truncate()
+                    got, start = 0, 0
+                    hasher.reset()
+                for chunk in r.iter_raw():
+                    if stop.is_set():
+                        return
+                    if got + len(chunk) > remote.size:
+                        raise HubTransferError(f"{where}: the server sent more than the {remote.size} bytes the "
+                                               "commit lists for it; refused")
+                    f.write(chunk)
+                    hasher.h.update(chunk)
+                    got += len(chunk)
+            if got == remote.size:
+                break
+        except (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError) as e:
+            if stop.is_set():
+                return
+            last = e
+        failures = 0 if got > start else failures + 1
+        if failures >= _RETRIES:
+            raise HubTransferError(f"{where}: download cut short ({got} of {remote.size} bytes"
+                                   + (f"; {_first_line(last)})" if last is not None else ")"))
+        if failures:
+            time.sleep(0.2)
+    if not hasher.matches():
+        kind, want = ("sha256", remote.sha256) if remote.sha256 else ("git blob id", remote.git_oid)
+        raise ChecksumError(f"checksum mismatch: the bytes received do not have the {kind} {want[:12]}... the commit "
+                            "lists", path=f"{SCHEME}{ref.repo_id}@{sha}/{remote.path}")
+
+
+def _check_response(r: Any, sha: str, remote: _RemoteFile, got: int, where: str) -> None:
+    """Refuse an error status, a commit other than ``sha`` and a declared length beyond the listed size."""
+    for resp in (*r.history, r):
+        commit = resp.headers.get("X-Repo-Commit")
+        if commit is not None and commit != sha:
+            raise HubError(f"{where}: the server answered for commit {commit[:80]!r}, not {sha}; refused")
+    status = r.status_code
+    if status in (401, 403):
+        raise HubAuthError(f"{where}: the Hub refused (HTTP {status}); check your token (HF_TOKEN or `hf auth login`)")
+    if status == 404:
+        raise NotAnAdapterRepoError(f"{where}: not found at commit {sha}")
+    if status not in (200, 206) or (status == 206) != bool(got):
+        message = r.headers.get("X-Error-Message", "")
+        raise HubTransferError(f"{where}: the server answered HTTP {status}" + (f": {message[:200]}" if message else ""))
+    declared = r.headers.get("Content-Length")
+    if declared is not None and (not declared.isdigit() or int(declared) > remote.size - (got if status == 206 else 0)):
+        raise HubTransferError(f"{where}: the server announces {declared[:40]} bytes, but the commit lists "
+                               f"{remote.size}; refused")
+    if status == 206 and not r.headers.get("Content-Range", "").startswith(f"bytes {got}-"):
+        raise HubTransferError(f"{where}: the server resumed at the wrong offset ({r.headers.get('Content-Range')!r})")
 
 
 def _detect(listing: set[str], sub: str, what: str) -> tuple[str, str]:
@@ -357,68 +639,6 @@ def _detect(listing: set[str], sub: str, what: str) -> tuple[str, str]:
                                 f"or {prefix}{TENSOR_FILE}{hint}")
 
 
-def _cached_listing(snapshot: Path, sub: str) -> set[str] | None:
-    """The cached files of a snapshot, when they hold an adapter that can be recognised without the Hub."""
-    if not snapshot.is_dir():
-        return None
-    listing = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
-    try:
-        form, first = _detect(listing, sub, "")
-    except NotAnAdapterRepoError:
-        return None
-    if form == "single-file":  # a folder adapter's tensor file alone must not pass for a single-file adapter
-        from .safetensors_io import read_header
-
-        try:
-            if mf.METADATA_KEY not in read_header(snapshot / first).metadata:
-                return None
-        except (AdapterError, OSError):
-            return None
-    else:  # every tensor file the cached manifest names must be cached too
-        try:
-            rels = json.loads((snapshot / first).read_text("utf-8"))["files"]
-            base = str(PurePosixPath(first).parent)
-            if not all((r if base == "." else f"{base}/{r}") in listing for r in rels):
-                return None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return listing
-
-
-def _evict(paths: list[Path]) -> None:
-    """Drop downloaded files (snapshot entry and blob) from the cache, so a later pull fetches them again."""
-    for p in paths:
-        with contextlib.suppress(OSError):
-            blob = p.resolve() if p.is_symlink() else None
-            p.unlink()
-            if blob is not None:
-                blob.unlink()
-
-
-def views_dir() -> Path:
-    """Where verified folder-form adapters from the HF cache are laid out as plain files.
-
-    The HF cache stores a snapshot's files as symlinks into ``blobs/``, which the adapter reader refuses
-    inside an adapter folder (a link could point anywhere). So a folder-form adapter is exposed as a
-    *view*: hard links to the same blobs (a copy where linking fails) in
-    ``<ADAPTERFMT_HUB_VIEWS or $HF_HUB_CACHE/../adapterfmt-hub>/models--owner--name/<commit>/...``, made
-    once per commit after every checksum verified. The HF cache itself is never modified.
-    """
-    env = os.environ.get("ADAPTERFMT_HUB_VIEWS")
-    return Path(env).expanduser() if env else hub_cache_dir().parent / "adapterfmt-hub"
-
-
-def _view_path(ref: HubRef, sha: str) -> Path:
-    base = views_dir() / ("models--" + ref.repo_id.replace("/", "--")) / sha
-    return base / "root" if not ref.path else base / "sub" / ref.path
-
-
-def _check_rel(rel: str, root: Path) -> None:
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or "\\" in rel or rel in ("", ".") or ":" in rel:
-        raise FormatError(f"file path {rel!r} in the manifest escapes the adapter folder", path=root)
-
-
 def _relabel(fn: Any, ref: HubRef, sha: str) -> Any:
     """Run ``fn``; a format error about a local temp/cache file is re-raised naming the Hub location."""
     try:
@@ -431,109 +651,97 @@ def _relabel(fn: Any, ref: HubRef, sha: str) -> Any:
         raise type(e)(e.message, path=where) from None
 
 
-def _folder_view(ref: HubRef, sha: str, members: dict[str, Path]) -> Path:
-    """Lay the downloaded files out as a plain adapter folder, verify it, move it into place."""
-    target = _view_path(ref, sha)
-    if target.is_dir():
-        validate(target)
-        return target
-    with atomic_dir(target, overwrite=False) as tmp:
-        for rel, local in members.items():
-            dst = tmp / Path(*PurePosixPath(rel).parts)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            blob = local.resolve()
-            try:
-                os.link(blob, dst)
-            except OSError:
-                shutil.copyfile(blob, dst)
-        validate(tmp)
-    return target
+def _place(staged: Path, target: Path) -> None:
+    """Move a verified file or folder into the store (a concurrent pull that placed it first wins)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(staged, target)
+    except OSError:
+        if not target.exists():
+            raise
 
 
-def fetch(ref: HubRef, *, token: str | None = None) -> PullResult:
-    """Download the adapter at ``ref`` into the HF cache (only its files) and verify it; no copy is written."""
-    import httpx2
-    from huggingface_hub import HfApi, hf_hub_download
+def fetch(ref: HubRef, *, token: str | None = None, timeout: float | None = None) -> PullResult:
+    """Download the adapter at ``ref`` into the store (only its files), verified; no other copy is written."""
+    seconds = download_timeout(timeout)
+    what = _what(ref, "pull")
+    if ref.path:
+        _check_rel(ref.path, what)
+    from huggingface_hub import HfApi
 
     tok = hub_token(token)
-    ep, cache, offline = hub_endpoint(), hub_cache_dir(), hub_offline()
-    api = HfApi(endpoint=ep, token=tok or False)
-    what = f"pull {ref.repo_id}" + (f"@{ref.revision}" if ref.revision else "")
-    with _translated(ref, "pull"):
-        resolved = api.resolve_revision(ref.repo_id, revision=ref.revision, cache_dir=str(cache),
-                                        local_files_only=offline, token=tok or False)
-        sha = resolved.resolved
-        snapshot = _storage_folder(cache, ref.repo_id) / "snapshots" / sha
-        # A commit never changes: when the cache already holds this commit's adapter, do not ask the Hub.
-        listing = _cached_listing(snapshot, ref.path)
-        if listing is None and not offline:
-            try:
-                listing = {f.path for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True,
-                                                              token=tok or False)
-                           if type(f).__name__ == "RepoFile"}
-            except httpx2.TransportError:
-                if not snapshot.is_dir():
-                    raise
-        if listing is None:
-            if not snapshot.is_dir():
-                raise HubError(f"{what}: commit {sha[:12]} is not in the local cache and HF_HUB_OFFLINE=1")
-            listing = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
-    form, first = _detect(listing, ref.path, what)
-
-    downloaded: list[Path] = []
-
-    def get(repo_path: str) -> Path:
-        with _translated(ref, "pull", file=repo_path):
-            local = Path(hf_hub_download(ref.repo_id, repo_path, revision=sha, cache_dir=str(cache), endpoint=ep,
-                                         token=tok or False, local_files_only=offline))
-        downloaded.append(local)
-        return local
-
+    offline = hub_offline()
+    api = HfApi(endpoint=hub_endpoint(), token=tok or False)
+    sha = _resolve_commit(api, ref, what, offline, tok)
+    folder_target, file_target = _targets(ref, sha)
+    for form, target in (("folder", folder_target), ("single-file", file_target)):
+        if target.exists():  # a commit never changes: what verified once is used without asking the Hub
+            adapter = _relabel(lambda t=target: validate(t), ref, sha)
+            prefix = f"{ref.path}/" if ref.path else ""
+            files = ([prefix + r for r in (MANIFEST_FILE, *sorted(adapter.manifest["files"]))] if form == "folder"
+                     else [_single_path(ref)])
+            return PullResult(repo_id=ref.repo_id, revision=ref.revision, commit=sha, path=target,
+                              cache_path=target, files=files, form=form)
+    if offline:
+        raise HubError(f"{what}: commit {sha[:12]} is not in the local cache and HF_HUB_OFFLINE=1")
+    listing = _tree(api, ref, sha, "pull", tok)
+    form, first = _detect(set(listing), ref.path, what)
+    repo_dir = _repo_store(ref.repo_id)
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".pull-", suffix=".tmp", dir=repo_dir))
     try:
-        first_local = get(first)
+        def get(repo_path: str, dest: Path, limit: int | None = None) -> Path:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _download(ref, sha, _remote_file(listing, repo_path, what), dest, action="pull", tok=tok,
+                      timeout=seconds, limit=limit)
+            return dest
+
         files = [first]
         if form == "folder":
-            folder = first_local.parent
-            manifest = mf.loads(first_local.read_bytes(), path=first_local)
+            staged = staging / "adapter"
+            mpath = get(first, staged / MANIFEST_FILE, limit=MAX_HEADER_BYTES)
+            manifest = _relabel(lambda: mf.loads(mpath.read_bytes(), path=mpath), ref, sha)
             rels = manifest.get("files") if isinstance(manifest, dict) else None
             if not isinstance(rels, dict):
-                raise FormatError(f"{MANIFEST_FILE} has no files table", path=first_local)
+                raise FormatError(f"{MANIFEST_FILE} has no files table", path=f"{SCHEME}{ref.repo_id}@{sha}/{first}")
             base = str(PurePosixPath(first).parent)
-            members = {MANIFEST_FILE: first_local}
             for rel in sorted(rels):
-                _check_rel(rel, folder)  # refuse ../ before downloading anything
+                _check_rel(rel, what)  # refuse ../ before downloading anything
                 repo_path = rel if base == "." else f"{base}/{rel}"
                 if repo_path not in listing:
                     raise MissingFileError(f"{MANIFEST_FILE} names {rel!r}, which is not in the repository",
                                            path=str(ref))
-                members[rel] = get(repo_path)
+                get(repo_path, staged / Path(*PurePosixPath(rel).parts))
                 files.append(repo_path)
-            adapter_path = _relabel(lambda: _folder_view(ref, sha, members), ref, sha)
+            _relabel(lambda: validate(staged), ref, sha)
+            target = folder_target
         else:
-            adapter_path = first_local
-            _relabel(lambda: validate(adapter_path), ref, sha)
-    except AdapterError:
-        _evict(downloaded)
-        raise
-    return PullResult(repo_id=ref.repo_id, revision=ref.revision, commit=sha, path=adapter_path,
-                      cache_path=adapter_path, files=files, form=form)
+            staged = get(first, staging / TENSOR_FILE)
+            _relabel(lambda: validate(staged), ref, sha)
+            target = file_target
+        _place(staged, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return PullResult(repo_id=ref.repo_id, revision=ref.revision, commit=sha, path=target, cache_path=target,
+                      files=files, form=form)
 
 
 def pull(repo: str, *, revision: str | None = None, out: str | os.PathLike[str] | None = None,
-         overwrite: bool = False, token: str | None = None) -> PullResult:
+         overwrite: bool = False, token: str | None = None, timeout: float | None = None) -> PullResult:
     """Download and verify the adapter in ``repo`` (``owner/name[@rev]`` or ``hf://...``).
 
-    Without ``out`` the verified adapter stays in the HF cache (``result.path``). With ``out`` a copy is
+    Without ``out`` the verified adapter stays in the store (``result.path``, see :func:`store_dir`). With ``out`` a copy is
     written there atomically (folder form: ``out`` is the folder; single-file form: ``out`` is the file, or
     ``out/adapter.safetensors`` when ``out`` is an existing empty folder), with a provenance entry naming the
     repository and the resolved commit. Nothing is written to ``out`` unless everything was verified.
+    ``timeout`` bounds each file's download in seconds (default: :func:`download_timeout`).
     """
     ref = parse_ref(repo, revision)
     target = Path(out) if out is not None else None
     empty_dir = target is not None and target.is_dir() and not any(target.iterdir())
     if target is not None and not empty_dir:
         check_output(target, overwrite)  # before downloading anything
-    result = fetch(ref, token=token)
+    result = fetch(ref, token=token, timeout=timeout)
     if target is None:
         return result
     entry = {"tool": "adapterfmt", "action": "pull", "source": f"{SCHEME}{ref.repo_id}" + (f"/{ref.path}" if ref.path else ""),

@@ -7,7 +7,10 @@ transfer), list trees and refs, create branches and tags, and download files thr
 
 Storage is git-like and in memory: content-addressed blobs, immutable commits (a full file map each) and
 refs (branches, tags). Faults can be injected per request (``FakeHub.fail``) and stored bytes tampered
-with (``FakeHub.tamper``) to test what a client does when the server misbehaves.
+with (``FakeHub.tamper``) to test what a client does when the server misbehaves, or is hostile: ETags,
+``X-Repo-Commit`` headers and ``repo_info`` commit ids that are paths, endless or slow bodies, lying
+``Content-Length`` (see ``Fault.mode``). Streamed bodies are sent outside the storage lock, so a client
+stuck on one does not block the server.
 
 Not a full Hub: no PRs, no Xet, no pagination beyond one page, model repos only.
 """
@@ -23,6 +26,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,12 +79,29 @@ class Repo:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+STREAM_CAP_S = 30.0
+"""An endless or dripping body stops after this many seconds, whatever the client does."""
+
+
 @dataclass
 class Fault:
+    """How matching requests misbehave. ``mode``:
+
+    - ``500``: an internal error; ``cut`` / ``short``: half the body, then the connection drops (with / without
+      the full ``Content-Length``);
+    - ``etag`` / ``commit``: a file's ``ETag`` (and ``X-Linked-Etag``) / ``X-Repo-Commit`` header is ``value``;
+    - ``sha``: ``repo_info`` answers with commit id ``value``;
+    - ``endless``: the file's bytes, then zeros forever, with no ``Content-Length``;
+    - ``huge``: ``Content-Length: value`` (a huge number) and zeros trickling out every ``delay`` seconds;
+    - ``drip``: the true headers, then the body one byte every ``delay`` seconds.
+    """
+
     method: str
     pattern: str
-    mode: str  # "500", "cut" (declared length, body cut short), "short" (no length, body cut short)
+    mode: str
     times: int  # how many more requests it hits; -1 = forever
+    value: str = ""
+    delay: float = 0.0
     hits: int = 0
 
 
@@ -140,9 +161,10 @@ class FakeHub:
                 sock.shutdown(socket.SHUT_RDWR)
 
     # ----- test helpers -----------------------------------------------------------------------------
-    def fail(self, pattern: str, mode: str = "500", *, method: str = "GET", times: int = -1) -> Fault:
-        """Make requests whose path matches ``pattern`` (fnmatch on the unquoted path) misbehave."""
-        fault = Fault(method.upper(), pattern, mode, times)
+    def fail(self, pattern: str, mode: str = "500", *, method: str = "GET", times: int = -1, value: str = "",
+             delay: float = 0.0) -> Fault:
+        """Make requests whose path matches ``pattern`` (fnmatch on the unquoted path) misbehave (see ``Fault``)."""
+        fault = Fault(method.upper(), pattern, mode, times, value, delay)
         with self.lock:
             self.faults.append(fault)
         return fault
@@ -340,9 +362,12 @@ class _Handler(BaseHTTPRequestHandler):
             if hook_method == method and fnmatch.fnmatchcase(unquote(raw.path), pattern):
                 with self.hub.lock:
                     fn(self.hub)
+        self._stream: tuple[int, bytes, dict[str, str], Fault] | None = None
         try:
             with self.hub.lock:
                 self._route(method, segments, query, fault)
+            if self._stream is not None:
+                self._send_stream(*self._stream)
         except HubHTTPError as e:
             headers = dict(e.headers)
             if e.code:
@@ -365,9 +390,9 @@ class _Handler(BaseHTTPRequestHandler):
             repo_id = f"{seg[2]}/{seg[3]}"
             rest = seg[4:]
             if method == "GET" and not rest:
-                return self._model_info(repo_id, "main")
+                return self._model_info(repo_id, "main", fault)
             if method == "GET" and rest[0] == "revision" and len(rest) == 2:
-                return self._model_info(repo_id, rest[1])
+                return self._model_info(repo_id, rest[1], fault)
             if method == "GET" and rest[0] == "tree" and len(rest) >= 2:
                 return self._tree(repo_id, rest[1], "/".join(rest[2:]), query.get("recursive") in ("True", "true", "1"))
             if method == "GET" and rest == ["refs"]:
@@ -423,13 +448,13 @@ class _Handler(BaseHTTPRequestHandler):
                 errors.append({"message": f"invalid YAML: {e}"})
         self._send_json(400 if errors else 200, {"errors": errors, "warnings": []})
 
-    def _model_info(self, repo_id: str, rev: str) -> None:
+    def _model_info(self, repo_id: str, rev: str, fault: Fault | None) -> None:
         repo = self._repo(repo_id)
         oid = self.hub.resolve(repo, rev)
         commit = self.hub.commits[oid]
         self._send_json(200, {
             "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
-            "author": repo.owner, "sha": oid, "lastModified": commit.date, "private": repo.private,
+            "author": repo.owner, "sha": fault.value if fault is not None and fault.mode == "sha" else oid, "lastModified": commit.date, "private": repo.private,
             "gated": False, "disabled": False, "tags": [], "library_name": None,
             "siblings": [{"rfilename": p} for p in sorted(commit.files)],
         })
@@ -562,13 +587,16 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(repo_id)
         oid = self.hub.resolve(repo, rev)
         entry = self.hub.commits[oid].files.get(path)
+        commit_header = fault.value if fault is not None and fault.mode == "commit" else oid
         if entry is None:
-            raise HubHTTPError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": oid})
+            raise HubHTTPError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit_header})
         data = self.hub.blobs[entry.sha256]
         etag = entry.sha256 if entry.lfs else entry.git_oid(self.hub)
-        headers = {"X-Repo-Commit": oid, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
+        if fault is not None and fault.mode == "etag":
+            etag = fault.value
+        headers = {"X-Repo-Commit": commit_header, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         if entry.lfs:
-            headers["X-Linked-Etag"] = f'"{entry.sha256}"'
+            headers["X-Linked-Etag"] = f'"{etag}"'
             headers["X-Linked-Size"] = str(entry.size)
         status = 200
         rng = self.headers.get("Range")
@@ -579,7 +607,38 @@ class _Handler(BaseHTTPRequestHandler):
             data, status = data[start:end + 1], 206
         if method == "GET" and fault is not None and fault.mode in ("cut", "short"):
             return self._send_cut(status, data, headers, declare_length=fault.mode == "cut")
+        if method == "GET" and fault is not None and fault.mode in ("endless", "huge", "drip"):
+            self._stream = (status, data, headers, fault)  # sent by _dispatch once the lock is released
+            return
         self._send(status, data, headers, content_type="application/octet-stream")
+
+    def _send_stream(self, status: int, data: bytes, headers: dict[str, str], fault: Fault) -> None:
+        """An endless body, a huge declared length trickled out, or the true body dripped byte by byte."""
+        self.hub.log.append((self.command, self.path, status))
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        if fault.mode == "huge":
+            self.send_header("Content-Length", fault.value)
+        elif fault.mode == "drip":
+            self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.close_connection = True
+        if fault.mode == "drip":
+            chunks: Any = (data[i:i + 1] for i in range(len(data)))
+        else:
+            chunks = itertools.chain([data] if fault.mode == "endless" else [], itertools.repeat(b"\0" * 4096))
+        deadline = time.monotonic() + STREAM_CAP_S
+        with contextlib.suppress(OSError):
+            for chunk in chunks:
+                if time.monotonic() > deadline:
+                    break
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                if fault.delay:
+                    time.sleep(fault.delay)
 
     def _send_cut(self, status: int, data: bytes, headers: dict[str, str], *, declare_length: bool) -> None:
         """Send half the body and drop the connection."""

@@ -88,10 +88,10 @@ def test_push_pull_roundtrip_folder_byte_for_byte(hub_env: FakeHub, tmp_path: Pa
 
     pulled = hub.pull("alice/lora-a")
     assert pulled.commit == res.commit
-    assert pulled.path.is_relative_to(tmp_path / "hf_home"), "nothing outside the test's HF_HOME"
-    snap = tmp_path / "hf_home" / "hub" / "models--alice--lora-a" / "snapshots" / res.commit
-    assert sorted(p.name for p in snap.iterdir()) == ["adapter.json", "adapter.safetensors"]
-    assert (pulled.path / "adapter.safetensors").stat().st_ino == (snap / "adapter.safetensors").resolve().stat().st_ino
+    store = tmp_path / "hf_home" / "adapterfmt-hub" / "models--alice--lora-a"
+    assert pulled.path == store / res.commit / "root"
+    assert sorted(p.name for p in store.iterdir()) == [res.commit, "refs.json"], "no temp folder left behind"
+    assert json.loads((store / "refs.json").read_text()) == {"main": res.commit}
     assert snapshot_bytes(pulled.path) == snapshot_bytes(src), "only the adapter's files, byte for byte"
     assert not (pulled.path / "README.md").exists()
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +69,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     for _, name, codec in sorted((-getattr(c, "detect_priority", 0), n, c) for n, c in formats().items()):
         if codec.detect(path):
             return name
+    if path.is_file() and path.suffix == ".safetensors":
+        read_header(path)  # a broken safetensors file: its own error (truncated, bad header ...) naming it
     known = ", ".join([ADAPTERFMT, *sorted(formats())])
     raise FormatError(f"not an adapter in any known format (known: {known})", path=path)
 
@@ -139,10 +143,16 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str | 
     The source format is detected. ``to`` defaults to ``"adapterfmt"`` for a foreign source; an
     adapterfmt source needs ``to``. ``options`` go to the codecs (e.g. ``base=`` for shapes the
     foreign file lacks, ``allow_pickle=True`` for PEFT's ``.bin``; :data:`SHARED_OPTIONS` go to both
-    sides); ``single_file`` picks adapterfmt's form.
+    sides); ``single_file`` picks adapterfmt's form. ``src`` may be ``hf://owner/name[@rev][/subfolder]``
+    (an adapterfmt adapter, fetched and verified through the HF cache).
     """
-    src, dst = Path(src), Path(dst)
+    shown, dst = str(src), Path(dst)
     check_output(dst, overwrite)
+    if isinstance(src, str) and src.startswith("hf://"):
+        from .hub import resolve_adapter_path
+
+        src = resolve_adapter_path(src)
+    src = Path(src)
     source_format = source_format or detect_format(src)
     if to is None:
         if source_format == ADAPTERFMT:
@@ -159,7 +169,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str | 
         save(adapter, dst, overwrite=overwrite, single_file=single_file)
     else:
         write_foreign(adapter, dst, to, overwrite=overwrite, **write_opts)
-    return ConvertReport(str(src), str(dst), source_format, to, adapter.method, len(adapter.modules),
+    return ConvertReport(shown, str(dst), source_format, to, adapter.method, len(adapter.modules),
                          len(adapter.tensor_names()))
 
 
@@ -173,6 +183,36 @@ def read_tensor_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     """Every tensor of a safetensors file, and its ``__metadata__``, through the checked reader."""
     header = read_header(path)
     return {name: read_tensor(header, name) for name in header.tensors}, dict(header.metadata)
+
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def read_pickle_tensors(path: str | os.PathLike[str], *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The ``{name: tensor}`` dict of a PyTorch pickle (PEFT's ``adapter_model.bin``, torchtune's
+    ``adapter_model.pt``), read only when ``allow_pickle`` and only with ``torch.load(weights_only=True)``.
+    A pickle that asks for anything but tensors (code to run, say), a corrupt file, or other contents
+    are one :class:`FormatError` naming the file; nothing in it is executed."""
+    path = Path(path)
+    if not allow_pickle:
+        raise UnsupportedError(f"only {path.name} (a pickle) is present; pass --allow-pickle (allow_pickle=True in "
+                               "Python) to read it with torch.load(weights_only=True)", path=path.parent)
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the outcome is reported below
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)), lines[0] if lines else "")
+        raise FormatError(f"refused to unpickle {path.name}: {reason}", path=path) from None
+    except Exception as e:  # torch.load's many ways to fail on a file that is not a readable checkpoint
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise FormatError(f"cannot read {path.name} as a PyTorch checkpoint: {type(e).__name__}: {first}",
+                          path=path) from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        raise FormatError(f"{path.name} does not hold a {{name: tensor}} dict", path=path)
+    return data
 
 
 def write_tensor_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
@@ -317,17 +357,18 @@ def base_config(base: BaseLike | None) -> dict[str, Any]:
 
 
 def attention_heads(base: BaseLike | None, n_heads: int | None = None, n_kv_heads: int | None = None,
-                    *, why: str = "") -> tuple[int, int]:
+                    *, why: str = "", path: str | os.PathLike[str] | None = None) -> tuple[int, int]:
     """``(num_attention_heads, num_key_value_heads)``: given, or from the base's config (a live
-    transformers model's ``.config``, or ``config.json`` beside a checkpoint)."""
+    transformers model's ``.config``, or ``config.json`` beside a checkpoint); the error names ``path``."""
     if n_heads is None:
         cfg = base_config(base)
         if cfg.get("num_attention_heads"):
             n_heads = int(cfg["num_attention_heads"])
             n_kv_heads = n_kv_heads or cfg.get("num_key_value_heads")
     if n_heads is None:
-        raise UnsupportedError(f"{why}: the number of attention heads is needed; pass n_heads= (and n_kv_heads=) "
-                               "or a base whose config gives num_attention_heads")
+        raise UnsupportedError(f"{why}: the number of attention heads is needed; pass --n-heads/--n-kv-heads "
+                               "(n_heads= / n_kv_heads= in Python) or a --base whose config.json gives "
+                               "num_attention_heads", path=path)
     return n_heads, int(n_kv_heads or n_heads)
 
 
@@ -347,4 +388,4 @@ def rope_permute(t: torch.Tensor, n_heads: int, *, inverse: bool = False) -> tor
 __all__ = ["tensor_names", "write_folder", "one_value", "base_fingerprint", "lora_scale", "alpha_for", "Factors", "lowrank_factors",
            "lowrank_adapter", "base_config", "attention_heads", "rope_permute",
            "ADAPTERFMT", "ConvertReport", "convert", "detect_format", "read_foreign", "write_foreign", "to_peft",
-           "read_tensor_file", "write_tensor_file", "base_shapes", "is_adapterfmt"]
+           "read_tensor_file", "read_pickle_tensors", "write_tensor_file", "base_shapes", "is_adapterfmt"]

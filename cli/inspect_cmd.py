@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.table import Table
 
@@ -63,7 +61,8 @@ def compression_text(record: dict) -> str:
 
 
 def validate(
-    paths: list[Path] = typer.Argument(..., help="Adapters to check (folders or .safetensors files)."),
+    paths: list[str] = typer.Argument(..., help="Adapters to check (folders, .safetensors files or "
+                                      "hf://owner/name[@revision][/subfolder])."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Check adapters completely: format, schema, checksums, tensors present and none extra, shapes.

@@ -104,10 +104,7 @@ def _load_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if (path / WEIGHTS_FILE).is_file():
         return af.read_tensor_file(path / WEIGHTS_FILE)[0]
     if (path / PICKLE_FILE).is_file():
-        if not allow_pickle:
-            raise af.UnsupportedError(f"only {PICKLE_FILE} (a pickle) is present; pass allow_pickle=True "
-                                      "(CLI: --allow-pickle) to read it with torch.load(weights_only=True)", path=path)
-        return torch.load(path / PICKLE_FILE, map_location="cpu", weights_only=True)
+        return af.read_pickle_tensors(path / PICKLE_FILE, allow_pickle=allow_pickle)
     raise af.MissingFileError(f"PEFT folder has neither {WEIGHTS_FILE} nor {PICKLE_FILE}", path=path)
 
 

@@ -158,7 +158,7 @@ class TernaryCodec:
     name = "ternary"
 
     def encode(self, tensor: torch.Tensor, *, density: float | None = None, keep: torch.Tensor | None = None,
-               scale: str = "mean", factor: float = 1.0, group_size: int | None = None,
+               scale: str | float = "mean", factor: float = 1.0, group_size: int | None = None,
                **options: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Keep ``keep`` (flat bool) if given, else the top ``ceil(density * n)`` magnitudes."""
         if keep is None:

@@ -7,12 +7,16 @@ Steps run in order on every module (each a dict ``{"method": name, **options}``)
   whose Frobenius-norm fraction sqrt(sum s_i^2 / sum s^2) reaches it), ``sv_cumulative`` (smallest rank whose
   sum s_i / sum s reaches it). With several, the smallest rank wins; ``params.scale`` is kept, the
   factors are ``U sqrt(S)`` and ``sqrt(S) V^T``.
-- ``compeft``: ComPEFT. Keep the top ``density`` fraction of magnitudes, per tensor (``scope="tensor"``) or
-  over the whole adapter (``"adapter"``), store only their signs and one scale per tensor (or per
-  ``group_size`` elements): ``scale="mean"`` (mean kept magnitude) or ``"std"`` (``factor`` x standard
-  deviation, as in the paper). ``target="params"`` encodes each stored factor (lora_A, lora_B, a dense
-  delta ...; tensors of 2+ dims) with the ``ternary`` codec; ``target="delta"`` turns each additive
-  module's dW into a ``ternary`` delta kind.
+- ``compeft``: ComPEFT (Yadav et al. 2023) as its reference code computes it (``get_compressed_lora_weights``
+  in ``src/qlora/ties_utils.py``): the update tau is every stored factor of the adapter (lora_A, lora_B, a
+  dense delta ...; float tensors of 2+ dims, concatenated in sorted name order); keep the magnitudes at or
+  above the ``(n - int(n * density))``-th smallest (``topk_values_mask``, ties kept), store their signs and
+  ONE scale ``factor * std(tau)`` (alpha; ``torch.std``) for all of them. Options: ``scope="tensor"``
+  takes the top-k and the scale per tensor instead; ``scale="stc"`` (older spelling ``"mean"``) is the STC
+  baseline, the mean kept magnitude; ``group_size`` gives one scale per that many elements of each tensor.
+  ``target="params"`` (default, as the reference: on the factors) encodes each factor with the
+  ``ternary`` codec; ``target="delta"`` turns each additive module's dW into a ``ternary`` delta kind.
+  1-D roles (DoRA magnitude, biases, IA3 vectors) are left as stored and are not part of tau.
 - ``quantize``: ``bits=8`` (int8 per output channel) or ``bits=4`` (int4, ``group_size`` scales) codecs on
   every stored float tensor of 2+ dims not already encoded.
 
@@ -37,7 +41,7 @@ from torch import nn
 from . import codecs
 from .adapter import Adapter, shared_tensors
 from .deltas.lowrank import LowRank
-from .deltas.ternary import ternary_encode, top_k_mask
+from .deltas.ternary import ternary_encode
 from .errors import FormatError, UnsupportedError
 from .jsontext import read_json_object
 from .manifest import copy_manifest
@@ -109,39 +113,72 @@ def resize(works: dict[str, Work], *, rank: int | None = None, sv_ratio: float |
 
 
 # ----- compeft ------------------------------------------------------------------------------------------
-def _keep_masks(tensors: list[torch.Tensor], density: float, scope: str) -> list[torch.Tensor]:
-    """Flat bool masks of the top ``density`` magnitudes, per tensor or over all of them together."""
-    if scope == "tensor":
-        return [top_k_mask(t, math.ceil(density * t.numel())) for t in tensors]
-    if scope != "adapter":
-        raise UnsupportedError(f"compeft scope must be 'tensor' or 'adapter', got {scope!r}")
-    flat = torch.cat([t.reshape(-1).float().abs() for t in tensors]) if tensors else torch.zeros(0)
-    mask = top_k_mask(flat, math.ceil(density * flat.numel()))
-    return list(mask.split([t.numel() for t in tensors]))
+SCALE_RULES = {"std": "std", "stc": "mean", "mean": "mean"}
+"""compeft ``scale`` options and the ternary rule each stands for (``"mean"`` is the older spelling of ``"stc"``)."""
 
 
-def compeft(works: dict[str, Work], *, density: float, scope: str = "tensor", scale: str = "mean",
+def compeft_keep(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Flat bool mask of what ComPEFT keeps of ``t``: ``topk_values_mask`` of the reference code (every
+    magnitude >= the ``(n - int(n * density))``-th smallest, ties included; all when that is 0), less exact
+    zeros, whose sign is 0."""
+    flat = t.reshape(-1).float()
+    n = flat.numel()
+    rank = n - int(n * density)
+    if rank <= 0:
+        return flat != 0
+    return (flat.abs() >= flat.abs().kthvalue(rank).values) & (flat != 0)
+
+
+def _scale_value(flat: torch.Tensor, keep: torch.Tensor, rule: str, factor: float) -> float:
+    """One scale over ``flat`` (fp32): ``factor * std`` (``torch.std``, as the reference) or the mean kept magnitude."""
+    if rule == "std":
+        return float(factor * flat.std()) if flat.numel() > 1 else 0.0
+    return float(flat[keep].abs().mean()) if bool(keep.any()) else 0.0
+
+
+def _keep_and_scale(tensors: list[torch.Tensor], *, density: float, scope: str, rule: str, factor: float,
+                    group_size: int | None) -> list[tuple[torch.Tensor, str | float]]:
+    """Per tensor: the keep mask and the ``scale`` argument of :func:`ternary_encode`, both taken over all
+    ``tensors`` together (``scope="adapter"``) or over each one; with ``group_size``, the rule (per group)."""
+    if scope == "adapter":
+        flat = torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
+        keep = compeft_keep(flat, density)
+        masks = list(keep.split([t.numel() for t in tensors]))
+        scales = [_scale_value(flat, keep, rule, factor)] * len(tensors)
+    elif scope == "tensor":
+        masks = [compeft_keep(t, density) for t in tensors]
+        scales = [_scale_value(t.reshape(-1).float(), m, rule, factor) for t, m in zip(tensors, masks, strict=True)]
+    else:
+        raise UnsupportedError(f"compeft scope must be 'adapter' or 'tensor', got {scope!r}")
+    return [(m, rule if group_size else s) for m, s in zip(masks, scales, strict=True)]
+
+
+def compeft(works: dict[str, Work], *, density: float, scope: str = "adapter", scale: str = "std",
             factor: float = 1.0, group_size: int | None = None, target: str = "params") -> None:
     if not 0 <= density <= 1:
         raise UnsupportedError(f"compeft density must be in [0, 1], got {density}")
-    if scale not in ("mean", "std"):
-        raise UnsupportedError(f"compeft scale must be 'mean' or 'std', got {scale!r}")
-    opts = {"scale": scale, "factor": factor, "group_size": group_size}
+    rule = SCALE_RULES.get(scale)
+    if rule is None:
+        raise UnsupportedError(f"compeft scale must be 'std' (ComPEFT) or 'stc' (alias 'mean'), got {scale!r}")
+    opts = {"density": density, "scope": scope, "rule": rule, "factor": factor, "group_size": group_size}
     if target == "params":
-        slots = [(w, r) for w in works.values() for r in w.float_roles()]
-        masks = _keep_masks([w.tensors[r] for w, r in slots], density, scope)
-        for (w, role), keep in zip(slots, masks, strict=True):
-            parts, spec = codecs.encode("ternary", w.tensors[role], keep=keep, **opts)
+        slots = sorted(((path, r) for path, w in works.items() for r in w.float_roles()),
+                       key=lambda pr: f"{pr[0]}.{pr[1]}")  # the order of the reference's sorted state dict
+        picks = _keep_and_scale([works[p].tensors[r] for p, r in slots], **opts)
+        for (path, role), (keep, how) in zip(slots, picks, strict=True):
+            w = works[path]
+            parts, spec = codecs.encode("ternary", w.tensors[role], keep=keep, scale=how, factor=factor,
+                                        group_size=group_size)
             w.encoded[role] = (parts, spec)
             w.tensors[role] = codecs.get_codec("ternary").decode(parts, spec)
         return
     if target != "delta":
         raise UnsupportedError(f"compeft target must be 'params' or 'delta', got {target!r}")
-    deltas = {path: d for path, w in works.items() if (d := _additive_delta(w)) is not None}
-    masks = _keep_masks(list(deltas.values()), density, scope)
-    for (path, d), keep in zip(deltas.items(), masks, strict=True):
+    deltas = {path: d for path, w in sorted(works.items()) if (d := _additive_delta(w)) is not None}
+    picks = _keep_and_scale(list(deltas.values()), **opts)
+    for (path, d), (keep, how) in zip(deltas.items(), picks, strict=True):
         w = works[path]
-        parts, params = ternary_encode(d, keep, **opts)
+        parts, params = ternary_encode(d, keep, scale=how, factor=factor, group_size=group_size)
         entry = {"kind": "ternary", "shape": list(w.entry["shape"]), "params": params}
         if "parameter" in w.entry:
             entry["parameter"] = w.entry["parameter"]

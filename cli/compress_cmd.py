@@ -53,9 +53,11 @@ def compress(
     sv_cumulative: float = typer.Option(None, "--sv-cumulative",
                                         help="resize: smallest rank keeping this fraction of sum(s)."),
     density: float = typer.Option(None, "--density", help="compeft: fraction of magnitudes kept (e.g. 0.1)."),
-    scope: str = typer.Option("tensor", "--scope", help="compeft: top-k per 'tensor' or over the whole 'adapter'."),
-    scale: str = typer.Option("mean", "--scale", help="compeft: 'mean' of kept magnitudes or 'std' (x --factor)."),
-    factor: float = typer.Option(1.0, "--factor", help="compeft: alpha in scale = alpha * std (with --scale std)."),
+    scope: str = typer.Option("adapter", "--scope", help="compeft: top-k and scale over the whole 'adapter' "
+                                                         "(ComPEFT) or per 'tensor'."),
+    scale: str = typer.Option("std", "--scale", help="compeft: 'std' (ComPEFT: alpha x std of the update) or "
+                                                     "'stc' (STC baseline: mean kept magnitude; alias 'mean')."),
+    factor: float = typer.Option(1.0, "--factor", help="compeft: ComPEFT's alpha in scale = alpha * std."),
     group_size: int = typer.Option(None, "--group-size", min=1, help="compeft: one scale per this many elements."),
     target: str = typer.Option("params", "--target", help="compeft: 'params' (each stored factor) or 'delta' "
                                                           "(each module's dW, stored as a ternary delta)."),

@@ -77,18 +77,79 @@ def test_resize_thresholds_pick_the_rank_numpy_gives(option, value):
 
 
 # ----- compeft --------------------------------------------------------------------------------------------
-def test_compeft_per_tensor_keeps_ceil_density_n_of_each_factor():
-    src = lora(hidden=20, r=3)
-    out = compress_adapter(src, steps=[{"method": "compeft", "density": 0.1}])
+def reference_compeft(state_dict: dict[str, torch.Tensor], k: float, replace_factor: float) -> dict[str, torch.Tensor]:
+    """ComPEFT's reference code, transcribed: ``get_compressed_lora_weights`` (replace_factor > 0 branch) with
+    ``state_dict_to_vector``, ``topk_values_mask`` and ``vector_to_state_dict``, all in
+    prateeky2806/ComPEFT ``src/qlora/ties_utils.py``. ``k`` is the density in percent."""
+    keys = sorted(state_dict)
+    tv = torch.nn.utils.parameters_to_vector([state_dict[key].reshape(-1) for key in keys])
+    std = tv.std()
+    K = k / 100 if k > 1 else k
+    M = tv.unsqueeze(0)
+    d = M.shape[1]
+    kth_values, _ = M.abs().kthvalue(d - int(d * K), dim=1, keepdim=True)
+    mask = (M.abs() >= kth_values).squeeze()
+    updated = (replace_factor * std) * (tv * mask).sign()
+    return dict(zip(keys, updated.split([state_dict[key].numel() for key in keys]), strict=True))
+
+
+def peft_state_dict(adapter: af.Adapter) -> dict[str, torch.Tensor]:
+    """The adapter's factors under PEFT's state-dict names."""
+    return {f"base_model.model.{p}.{r}.weight": adapter.tensor(f"{p}.{r}") for p in adapter.modules
+            for r in ("lora_A", "lora_B")}
+
+
+@pytest.mark.parametrize(("pct", "alpha"), [(5, 1.0), (30, 2.5), (99.5, 0.5)])
+def test_compeft_default_is_the_reference_bit_for_bit_one_scale_over_the_whole_lora(pct, alpha):
+    src = lora(hidden=8, r=2, layers=12, seed=5)  # 12 layers: "layers.1" < "layers.10" < "layers.2" by name
+    tensors = src.tensors()
+    tensors["model.layers.3.self_attn.v_proj.lora_B"] = torch.zeros(8, 2)  # zeros: sign 0 when kept (99.5%)
+    src = af.Adapter(src.manifest, tensors)
+    want = reference_compeft(peft_state_dict(src), pct, alpha)
+    out = compress_adapter(src, steps=[{"method": "compeft", "density": pct / 100, "factor": alpha}])
+    alpha_std = float(alpha * torch.cat([t.reshape(-1) for _, t in sorted(peft_state_dict(src).items())]).std())
+    kept = 0
     for path, entry in out.modules.items():
         assert set(entry["encoding"]) == {"lora_A", "lora_B"}
-        for spec in entry["encoding"].values():
-            assert spec["codec"] == "ternary" and spec["count"] == math.ceil(0.1 * 60)
+        for role, spec in entry["encoding"].items():
+            got, ref = out.module_tensors(path)[role], want[f"base_model.model.{path}.{role}.weight"]
+            assert torch.equal(got, ref.reshape(got.shape))  # signs, mask and the scale, bit for bit
+            assert torch.equal(got != 0, ref.reshape(got.shape) != 0)
+            assert out.tensor(f"{path}.{role}.scales").tolist() == [alpha_std]  # the one scale, in every tensor
+            kept += spec["count"]
+    assert kept == sum(int((t != 0).sum()) for t in want.values())
+
+
+def test_compeft_stc_is_a_named_option_and_mean_its_old_spelling():
+    src = lora(hidden=20, r=3, layers=2, seed=4)
+    stc = compress_adapter(src, steps=[{"method": "compeft", "density": 0.2, "scale": "stc"}])
+    old = compress_adapter(src, steps=[{"method": "compeft", "density": 0.2, "scale": "mean"}])
+    flat = torch.cat([t.reshape(-1) for _, t in sorted(src.tensors().items())])
+    keep = flat.abs() >= flat.abs().kthvalue(flat.numel() - int(flat.numel() * 0.2)).values
+    for path in src.modules:
+        for role in ("lora_A", "lora_B"):
+            assert torch.equal(stc.tensor(f"{path}.{role}.scales"), old.tensor(f"{path}.{role}.scales"))
+            assert float(stc.tensor(f"{path}.{role}.scales")) == pytest.approx(float(flat[keep].abs().mean()))
+    with pytest.raises(af.UnsupportedError, match="'std' \\(ComPEFT\\) or 'stc'.*got 'median'"):
+        compress_adapter(src, steps=[{"method": "compeft", "density": 0.2, "scale": "median"}])
+    with pytest.raises(af.UnsupportedError, match="scope must be 'adapter' or 'tensor'"):
+        compress_adapter(src, steps=[{"method": "compeft", "density": 0.2, "scope": "layer"}])
+
+
+def test_compeft_per_tensor_keeps_the_references_top_k_and_std_of_each_factor():
+    src = lora(hidden=20, r=3)
+    out = compress_adapter(src, steps=[{"method": "compeft", "density": 0.5, "scope": "tensor", "factor": 2.5}])
+    for path, entry in out.modules.items():
+        for role, spec in entry["encoding"].items():
+            orig = src.tensor(f"{path}.{role}")
+            want = reference_compeft({"t": orig}, 50, 2.5)["t"].reshape(orig.shape)
+            assert spec["count"] == int(0.5 * 60) + 1  # the reference keeps |x| >= the k-th smallest
+            assert torch.equal(out.module_tensors(path)[role], want)
 
 
 def test_compeft_over_the_adapter_keeps_the_global_top_magnitudes():
     src = lora(hidden=20, r=3, seed=4)
-    out = compress_adapter(src, steps=[{"method": "compeft", "density": 0.2, "scope": "adapter"}])
+    out = compress_adapter(src, steps=[{"method": "compeft", "density": 0.2}])
     kept, dropped, count = [], [], 0
     for path, entry in out.modules.items():
         for role, spec in entry["encoding"].items():
@@ -97,25 +158,19 @@ def test_compeft_over_the_adapter_keeps_the_global_top_magnitudes():
             kept.append(orig[mask])
             dropped.append(orig[~mask])
             count += spec["count"]
-    assert count == math.ceil(0.2 * 8 * 60)
+    assert count == int(0.2 * 8 * 60) + 1
     assert float(torch.cat(kept).min()) >= float(torch.cat(dropped).max())
-
-
-def test_compeft_std_scale_is_factor_times_the_tensors_std():
-    src = lora(hidden=20, r=3)
-    out = compress_adapter(src, steps=[{"method": "compeft", "density": 0.5, "scale": "std", "factor": 2.5}])
-    path = "model.layers.0.self_attn.q_proj"
-    got = out.module_tensors(path)["lora_A"]
-    want = 2.5 * float(src.tensor(f"{path}.lora_A").std(correction=0))
-    assert float(got.abs().max()) == pytest.approx(want, rel=1e-6)
 
 
 def test_compeft_on_dw_stores_ternary_modules_that_apply_like_their_delta():
     model = build_tiny(seed=1)
     src = lora(hidden=64, r=4, layers=2, seed=2)
     out = compress_adapter(src, steps=[{"method": "compeft", "density": 0.05, "target": "delta"}])
-    for path, entry in out.modules.items():
-        assert entry["kind"] == "ternary" and entry["params"]["count"] == math.ceil(0.05 * 64 * 64)
+    assert {e["kind"] for e in out.modules.values()} == {"ternary"}
+    assert sum(e["params"]["count"] for e in out.modules.values()) == int(0.05 * 8 * 64 * 64) + 1
+    scales = {float(out.tensor(f"{path}.scales")) for path in out.modules}
+    deltas = torch.cat([dw(src, path).float().reshape(-1) for path in sorted(src.modules)])
+    assert scales == {float(deltas.std())}  # one alpha * std over every module's dW
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         af.attach(model, out, name="c")
@@ -145,7 +200,8 @@ def test_steps_compose_and_later_steps_skip_encoded_roles(tmp_path):
                                        {"method": "quantize", "bits": 8}])
     entry = out.modules["model.layers.0.self_attn.q_proj"]
     assert {s["codec"] for s in entry["encoding"].values()} == {"ternary"}
-    assert out.shape("model.layers.0.self_attn.q_proj.lora_A.signs")[0] == math.ceil(math.ceil(0.3 * 96) / 8)
+    count = entry["encoding"]["lora_A"]["count"]
+    assert out.shape("model.layers.0.self_attn.q_proj.lora_A.signs")[0] == math.ceil(count / 8)
     loaded = af.validate(af.save(out, tmp_path / "c"))
     for path in src.modules:  # the reported error is the one the saved file gives
         err = float((dw(loaded, path) - dw(src, path)).norm() / dw(src, path).norm())
@@ -214,6 +270,14 @@ def test_cli_prints_sizes_errors_and_output_divergence(tmp_path):
     assert inspected.exit_code == 0 and "lora_A:ternary" in inspected.stdout and "resize(rank=2)" in inspected.stdout
     refused = runner.invoke(app, ["compress", str(src), str(dst), "--bits", "8"])
     assert refused.exit_code == 1 and "exists" in refused.output
+    unknown = runner.invoke(app, ["compress", str(src), str(tmp_path / "u"), "--density", "0.2", "--scale", "median"])
+    assert unknown.exit_code == 1 and "got 'median'" in unknown.output and not (tmp_path / "u").exists()
+    assert len(unknown.output.strip().splitlines()) == 1
+    old = runner.invoke(app, ["compress", str(src), str(tmp_path / "m"), "--density", "0.2", "--scale", "mean",
+                              "--scope", "tensor", "--json"])
+    assert old.exit_code == 0, old.output
+    assert json.loads(old.stdout)["steps"] == [{"method": "compeft", "density": 0.2, "scope": "tensor",
+                                                "scale": "mean", "factor": 1.0, "target": "params"}]
 
 
 def test_cli_steps_json_runs_in_the_given_order(tmp_path):

@@ -35,7 +35,7 @@ def expected_ternary(t: torch.Tensor, keep: torch.Tensor, group_size: int | None
         if rule == "mean":
             s = flat[sl][kept].abs().mean() if kept.any() else 0.0
         else:
-            s = 2.0 * flat[sl].std(correction=0)
+            s = 2.0 * flat[sl].std() if flat[sl].numel() > 1 else 0.0
         out[sl] = torch.where(kept, torch.sign(flat[sl]) * s, torch.zeros(()))
     return out.reshape(t.shape)
 

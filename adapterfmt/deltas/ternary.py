@@ -50,32 +50,35 @@ def _groups(n: int, group_size: int | None) -> tuple[int, torch.Tensor]:
     return max(1, math.ceil(n / g)), torch.arange(n) // g
 
 
-def ternary_encode(t: torch.Tensor, keep: torch.Tensor, *, scale: ScaleRule = "mean", factor: float = 1.0,
+def ternary_encode(t: torch.Tensor, keep: torch.Tensor, *, scale: ScaleRule | float = "mean", factor: float = 1.0,
                    group_size: int | None = None, layout: Layout | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Encode the signs of ``t`` where ``keep`` (flat bool) is set, with one scale per tensor or group.
 
-    ``scale="mean"``: a group's scale is the mean magnitude of its kept elements; ``"std"``: ``factor`` times
-    the (population) standard deviation of all the group's elements of ``t``, as in ComPEFT. ``layout``
-    None picks the smaller of ``bitmap`` and ``gaps``. Returns the parts and the params (``layout``,
-    ``count``, ``group_size`` when grouped).
+    ``scale="mean"``: a group's scale is the mean magnitude of its kept elements (STC); ``"std"``: ``factor``
+    times the sample standard deviation (``torch.std``; 0 for a one-element group) of all the group's elements
+    of ``t``, ComPEFT's rule; a number: that scale for every group (``factor`` unused). ``layout`` None picks
+    the smaller of ``bitmap`` and ``gaps``. Returns the parts and the params (``layout``, ``count``,
+    ``group_size`` when grouped).
     """
     flat = t.reshape(-1).float().cpu()
     keep = keep.reshape(-1).cpu()
     n = flat.numel()
     idx = keep.nonzero().flatten()
     ngroups, group = _groups(n, group_size)
-    if scale == "mean":
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        scales = torch.full((ngroups,), float(scale))
+    elif scale == "mean":
         total = torch.zeros(ngroups).index_add_(0, group[idx], flat[idx].abs())
         count = torch.zeros(ngroups).index_add_(0, group[idx], torch.ones(idx.numel()))
         scales = torch.where(count > 0, total / count.clamp(min=1), torch.zeros(()))
     elif scale == "std":
-        count = torch.zeros(ngroups).index_add_(0, group, torch.ones(n)).clamp(min=1)
-        mean = torch.zeros(ngroups).index_add_(0, group, flat) / count
-        var = torch.zeros(ngroups).index_add_(0, group, (flat - mean[group]) ** 2) / count
+        count = torch.zeros(ngroups).index_add_(0, group, torch.ones(n))
+        mean = torch.zeros(ngroups).index_add_(0, group, flat) / count.clamp(min=1)
+        var = torch.zeros(ngroups).index_add_(0, group, (flat - mean[group]) ** 2) / (count - 1).clamp(min=1)
         scales = factor * var.sqrt()
     else:
-        raise ValueError(f"unknown ternary scale rule {scale!r} (use 'mean' or 'std')")
+        raise ValueError(f"unknown ternary scale rule {scale!r} (use 'mean', 'std' or a number)")
     if layout is None:
         layout = "gaps" if bitpack.gaps_size(idx) < bitpack.packed_bits_size(n) else "bitmap"
     where = bitpack.pack_bits(keep) if layout == "bitmap" else bitpack.encode_gaps(idx)

@@ -13,8 +13,7 @@ from .common import JsonOpt, OverwriteOpt, cli_errors, console, print_json
 
 @cli_errors
 def convert(
-    src: str = typer.Argument(..., help="The adapter to convert (format detected: adapterfmt, PEFT folder, ...; "
-                              "an adapterfmt adapter also as hf://owner/name[@revision][/subfolder])."),
+    src: Path = typer.Argument(..., help="The adapter to convert (format detected: adapterfmt, PEFT folder, ...)."),
     dst: Path = typer.Argument(..., help="Where to write the result."),
     to: str = typer.Option(None, "--to", help="Target format: adapterfmt (default for a foreign source), peft, "
                            "kohya, diffusers, mlx, gguf, torchtune, or a plugin's format (see `adapter plugins`)."),
@@ -28,6 +27,8 @@ def convert(
     n_heads: int = typer.Option(None, "--n-heads", help="Attention heads (GGUF llama / torchtune reorder q/k rows "
                                 "for RoPE); default: from the base's config.json."),
     n_kv_heads: int = typer.Option(None, "--n-kv-heads", help="Key/value heads (default: --n-heads)."),
+    arch: str = typer.Option(None, "--arch", help="llama.cpp architecture for --to gguf (llama, qwen2, qwen3); "
+                             "default: the source GGUF's, else from the base's config.json model_type."),
     overwrite: bool = OverwriteOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -39,7 +40,8 @@ def convert(
     options = {"base": base} if base is not None else {}
     if allow_pickle:
         options["allow_pickle"] = True
-    options.update({k: v for k, v in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads)) if v is not None})
+    options.update({k: v for k, v in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("arch", arch))
+                    if v is not None})
     report = af.convert(src, dst, to, overwrite=overwrite, single_file=single_file, **options)
     if as_json:
         print_json(report.as_dict())

@@ -5,17 +5,25 @@ A llama.cpp LoRA is one ``.gguf`` file with ``general.type = "adapter"``, ``adap
 ``<llama.cpp tensor name>.weight.lora_a`` / ``.lora_b`` (``blk.0.attn_q.weight.lora_a`` ...). GGUF lists
 dimensions innermost first (ggml's ``ne``); in row-major (numpy / torch) order ``lora_a`` is ``[r, in]``
 and ``lora_b`` ``[out, r]`` — PEFT's layout — except ``token_embd``, whose ``lora_a`` is stored transposed
-(``[vocab, r]``). llama.cpp scales each pair by ``alpha / r`` (r = ``lora_b``'s inner dimension), or by 1
-when alpha is 0.
+(``[vocab, r]``); the name says it is an embedding, so it is read as one whatever the shapes. llama.cpp scales
+each pair by ``alpha / r`` (r = ``lora_b``'s inner dimension), or by 1 when alpha is 0. An aLoRA
+(``adapter.alora.invocation_tokens``: active only after those tokens) is refused, as in the PEFT codec.
+``general.name`` is the adapter's own name (kept in provenance and written back); the base is
+``general.base_model.0.*``: its ``repo_url`` (a Hugging Face URL gives the repository id) or ``name`` is
+read as the base's name, and writing gives ``name`` (and ``repo_url`` for a hub id).
 
 Module names map through gguf's own ``TensorNameMap`` for the architecture (as llama.cpp's
 ``convert_lora_to_gguf.py`` does); reading maps back onto the base model's module names (``base=``) or,
 without a base, onto Hugging Face Llama names. For ``llama``, llama.cpp's converter reorders the output
 rows of q and k for its interleaved RoPE (``permute`` in ``convert_hf_to_gguf.py``), which for a LoRA
 reorders the rows of ``lora_b``: reading undoes it and writing does it, with the head counts from
-``n_heads`` / ``n_kv_heads`` or the base's config. Only f32 / f16 tensors are read (bf16 is written as
-f32, losslessly); quantized adapters are refused. One alpha per file: an adapter whose modules need
-different alphas (``scale * r`` differs) is refused, naming them, unless every scale is 1 (alpha 0).
+``n_heads`` / ``n_kv_heads`` or the base's config; ``qwen2`` / ``qwen3`` (NeoX RoPE) are not permuted.
+Writing takes the architecture from ``arch=``, else the GGUF file the adapter came from, else the base's
+``model_type`` (:data:`MODEL_TYPES`); other architectures are refused. f32, f16 and bf16 tensors are read
+exactly (bf16 is written as bf16); quantized adapters are refused. Any failure of the gguf reader (a
+truncated or corrupt file) is a :class:`adapterfmt.FormatError` naming the file. One alpha per file: an
+adapter whose modules need different alphas (``scale * r`` differs) is refused, naming them, unless every
+scale is 1 (alpha 0).
 """
 
 from __future__ import annotations
@@ -29,9 +37,12 @@ import torch
 
 import adapterfmt as af
 
-ARCHS = {"llama": True, "qwen2": False}
+ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
 """Architectures whose q/k row order is known: True where llama.cpp's converter permutes it for RoPE."""
-FLOAT_TYPES = ("F32", "F16")
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+"""Hugging Face ``model_type`` -> llama.cpp architecture (as ``convert_hf_to_gguf.py`` registers them)."""
+FLOAT_TYPES = ("F32", "F16", "BF16")
+HF_URL = "https://huggingface.co/"
 EMBEDDING = "token_embd"
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
@@ -49,6 +60,52 @@ def _arch(gguf: Any, name: str, path: object = None) -> Any:
         raise af.UnsupportedError(f"GGUF architecture {name!r}: q/k row order not verified (supported: "
                                   f"{', '.join(ARCHS)})", path=path)
     return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == name)
+
+
+def _write_arch(adapter: af.Adapter, arch: str | None, base: Any) -> str:
+    """The llama.cpp architecture to write: given, from the GGUF source, or from the base's model_type."""
+    src = next((p for p in reversed(adapter.manifest.get("provenance", [])) if p.get("format") == "gguf"), {})
+    if arch or src.get("architecture"):
+        return str(arch or src["architecture"])
+    model_type = af.base_config(base).get("model_type")
+    if model_type is None:
+        raise af.UnsupportedError("GGUF records the base's architecture: pass --arch (arch=; one of "
+                                  f"{', '.join(ARCHS)}) or a --base whose config.json gives model_type")
+    if model_type not in MODEL_TYPES:
+        raise af.UnsupportedError(f"base model_type {model_type!r} has no verified llama.cpp architecture "
+                                  f"(known: {', '.join(sorted(MODEL_TYPES))}); pass --arch to name one")
+    return MODEL_TYPES[model_type]
+
+
+def _open(gguf: Any, path: Path) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+    """The reader, its key/values and its tensors; whatever the gguf reader raises (a truncated or
+    corrupt file) becomes one FormatError naming the file."""
+    try:
+        reader = gguf.GGUFReader(path)
+        kv = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+        tensors = {t.name: _tensor(t, reader.byte_order) for t in reader.tensors
+                   if t.tensor_type.name in FLOAT_TYPES}
+    except af.AdapterError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the gguf reader raises ValueError, IndexError, struct errors ...
+        raise af.FormatError(f"not a readable GGUF file ({type(e).__name__}: {e})", path=path) from None
+    return reader, kv, tensors
+
+
+def _tensor(t: Any, byte_order: str) -> torch.Tensor:
+    if t.tensor_type.name != "BF16":
+        return torch.from_numpy(np.array(t.data))
+    # the reader hands bf16 over as raw bytes [rows, 2 * cols]
+    u16 = np.dtype(np.uint16).newbyteorder("S" if byte_order == "S" else "=")
+    return torch.from_numpy(np.ascontiguousarray(t.data).view(u16).astype(np.uint16).view(np.int16)).view(
+        torch.bfloat16)
+
+
+def _base_name(kv: dict[str, Any]) -> str | None:
+    url = kv.get("general.base_model.0.repo_url")
+    if isinstance(url, str) and url.startswith(HF_URL):
+        return url.removeprefix(HF_URL).strip("/")
+    return kv.get("general.base_model.0.name") or url
 
 
 def _hf_llama_names(n_blocks: int) -> list[str]:
@@ -83,23 +140,25 @@ def read_gguf(path: str | Path, *, base: Any = None, n_heads: int | None = None,
     """Read a llama.cpp LoRA adapter (see the module docstring for the mapping)."""
     gguf = _gguf()
     path = Path(path)
-    reader = gguf.GGUFReader(path)
-    kv = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    reader, kv, tensors = _open(gguf, path)
     if kv.get("general.type") != "adapter" or kv.get("adapter.type") != "lora":
         raise af.UnsupportedError(f"not a GGUF LoRA adapter (general.type={kv.get('general.type')!r}, "
                                   f"adapter.type={kv.get('adapter.type')!r})", path=path)
+    if gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS in kv:
+        raise af.UnsupportedError(f"GGUF {gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS}: an activated LoRA (aLoRA, "
+                                  "active only after its invocation tokens) cannot be read", path=path)
     arch_name = kv.get("general.architecture")
     arch = _arch(gguf, arch_name, path)
     quantized = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type.name not in FLOAT_TYPES]
     if quantized:
-        raise af.UnsupportedError("quantized GGUF LoRA tensors cannot be read (f32/f16 only): " + ", ".join(quantized),
-                                  path=path)
+        raise af.UnsupportedError("quantized GGUF LoRA tensors cannot be read (f32/f16/bf16 only): "
+                                  + ", ".join(quantized), path=path)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for t in reader.tensors:
         stem, _, role = t.name.rpartition(".weight.")
-        if role in ("lora_a", "lora_b") and len(t.data.shape) == 2:
-            pairs.setdefault(stem, {})[role] = torch.from_numpy(np.array(t.data))
+        if role in ("lora_a", "lora_b") and len(t.shape) == 2:
+            pairs.setdefault(stem, {})[role] = tensors[t.name]
         else:
             unknown.append(t.name)
     unknown += [f"{g}.weight (lora_a or lora_b missing)" for g, p in pairs.items() if len(p) != 2]
@@ -128,7 +187,8 @@ def read_gguf(path: str | Path, *, base: Any = None, n_heads: int | None = None,
     prov = {"tool": "llama.cpp", "format": "gguf", "source": str(path), "architecture": arch_name,
             "alpha": alpha, "kv": {k: v for k, v in kv.items() if isinstance(v, str | int | float)}}
     return af.lowrank_adapter(factors, config={"alpha": alpha}, provenance=prov, base=base,
-                              base_name=kv.get("general.name"), path=path)
+                              base_name=_base_name(kv), embeddings={m for m, g in names.items() if g == EMBEDDING},
+                              path=path)
 
 
 def write_gguf(adapter: af.Adapter, path: str | Path, *, base: Any = None, arch: str | None = None,
@@ -136,8 +196,7 @@ def write_gguf(adapter: af.Adapter, path: str | Path, *, base: Any = None, arch:
     """Write ``adapter`` (plain LoRA on 2-D weights) as a llama.cpp LoRA ``.gguf`` file."""
     gguf = _gguf()
     path = Path(path)
-    src = next((p for p in reversed(adapter.manifest.get("provenance", [])) if p.get("format") == "gguf"), {})
-    arch_name = arch or src.get("architecture") or "llama"
+    arch_name = _write_arch(adapter, arch, base)
     arch_id = _arch(gguf, arch_name)
     factors = af.lowrank_factors(adapter, "GGUF", conv=False)
     names = _name_map(gguf, arch_id, list(factors))
@@ -157,22 +216,32 @@ def write_gguf(adapter: af.Adapter, path: str | Path, *, base: Any = None, arch:
     dtypes = {m: a.dtype for m, (a, b, _) in factors.items() if a.dtype not in (torch.float32, torch.float16,
                                                                               torch.bfloat16)}
     if dtypes:
-        raise af.UnsupportedError("GGUF LoRA tensors are f32 or f16; cannot write " +
+        raise af.UnsupportedError("GGUF LoRA tensors are f32, f16 or bf16; cannot write " +
                                   ", ".join(f"{m} ({d})" for m, d in sorted(dtypes.items())))
     writer = gguf.GGUFWriter(str(path), arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    src = next((p for p in reversed(adapter.manifest.get("provenance", [])) if p.get("format") == "gguf"), {})
+    if isinstance(src.get("kv", {}).get(gguf.Keys.General.NAME), str):
+        writer.add_name(src["kv"][gguf.Keys.General.NAME])
     if adapter.base.get("name"):
-        writer.add_name(str(adapter.base["name"]))
+        base_name = str(adapter.base["name"])
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, base_name)
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", base_name):
+            writer.add_base_model_repo_url(0, HF_URL + base_name)
     for m, (a, b, _) in sorted(factors.items(), key=lambda kv: names[kv[0]]):
         if names[m] == EMBEDDING:
             a = a.t()
         if m in heads:
             b = af.rope_permute(b, heads[m])
         for role, t in (("lora_a", a), ("lora_b", b)):
-            t = t.float() if t.dtype == torch.bfloat16 else t
-            writer.add_tensor(f"{names[m]}.weight.{role}", t.contiguous().numpy())
+            if t.dtype == torch.bfloat16:
+                writer.add_tensor(f"{names[m]}.weight.{role}", t.contiguous().view(torch.int16).numpy().view(np.uint16),
+                                  raw_dtype=gguf.GGMLQuantizationType.BF16)
+            else:
+                writer.add_tensor(f"{names[m]}.weight.{role}", t.contiguous().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

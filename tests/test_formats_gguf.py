@@ -41,7 +41,7 @@ def _hf_rows(n_rows: int, heads: int) -> torch.Tensor:
     return idx
 
 
-def _llama_cpp_dense(path):
+def _llama_cpp_dense(path, permuted=True):
     kv, t = _read(path)
     alpha = kv["adapter.lora.alpha"]
     out = {}
@@ -56,7 +56,7 @@ def _llama_cpp_dense(path):
             continue
         dw = scale * b @ a
         parts = stem.split(".")
-        if parts[-1] in ("attn_q", "attn_k"):
+        if permuted and parts[-1] in ("attn_q", "attn_k"):
             dw = dw[_hf_rows(dw.shape[0], N_HEADS if parts[-1] == "attn_q" else N_KV)]
         module = HF[parts[-1]] if len(parts) == 1 else f"model.layers.{parts[1]}.{HF[parts[2]]}"
         out[module] = dw.float()
@@ -96,7 +96,7 @@ def test_write_read_function_and_round_trip(tmp_path):
 def test_without_base_hf_llama_names_and_explicit_heads(tmp_path):
     model = llama()
     adapter = lora_adapter(model, llama_modules((1,), ("q_proj", "k_proj", "up_proj")), r=2, scale=0.5)
-    path = af.write_foreign(adapter, tmp_path / "a.gguf", "gguf", n_heads=N_HEADS, n_kv_heads=N_KV)
+    path = af.write_foreign(adapter, tmp_path / "a.gguf", "gguf", arch="llama", n_heads=N_HEADS, n_kv_heads=N_KV)
     back = af.read_foreign(path, n_heads=N_HEADS, n_kv_heads=N_KV)
     assert_same_tensors(back.tensors(), adapter.tensors())
     assert back.base["fingerprint"] is None
@@ -104,7 +104,7 @@ def test_without_base_hf_llama_names_and_explicit_heads(tmp_path):
         af.read_foreign(path)
     # without q/k no head count is needed
     up = lora_adapter(model, llama_modules((1,), ("up_proj",)))
-    p2 = af.write_foreign(up, tmp_path / "up.gguf", "gguf")
+    p2 = af.write_foreign(up, tmp_path / "up.gguf", "gguf", arch="llama")
     assert_same_tensors(af.read_foreign(p2).tensors(), up.tensors())
 
 
@@ -113,7 +113,7 @@ def test_f16_round_trip_and_alpha_zero(tmp_path):
     mods = llama_modules((0,), ("v_proj", "down_proj"))
     adapter = lora_adapter(model, mods, r={mods[0]: 2, mods[1]: 5}, scale=1.0)
     half = af.Adapter(adapter.manifest, {k: v.half() for k, v in adapter.tensors().items()})
-    path = af.write_foreign(half, tmp_path / "a.gguf", "gguf")
+    path = af.write_foreign(half, tmp_path / "a.gguf", "gguf", arch="llama")
     kv, t = _read(path)
     assert kv["adapter.lora.alpha"] == 0.0 and t["blk.0.attn_v.weight.lora_a"].dtype == torch.float16
     back = af.read_foreign(path, base=model)
@@ -126,7 +126,7 @@ def test_unrepresentable_adapters_are_refused_with_names(tmp_path):
     mods = llama_modules((0,), ("v_proj", "up_proj"))
     adapter = lora_adapter(model, mods, r=2, scale={mods[0]: 1.0, mods[1]: 3.0})
     with pytest.raises(af.UnsupportedError, match=r"one alpha per file.*up_proj=6.*v_proj=2"):
-        af.write_foreign(adapter, tmp_path / "x.gguf", "gguf")
+        af.write_foreign(adapter, tmp_path / "x.gguf", "gguf", arch="llama")
     odd = lora_adapter(model, mods)
     odd.manifest["modules"]["model.layers.0.mlp.extra_proj"] = odd.manifest["modules"].pop(mods[0])
     renamed = af.Adapter(odd.manifest, {k.replace(mods[0], "model.layers.0.mlp.extra_proj"): v for k, v in odd.tensors().items()})
@@ -137,11 +137,14 @@ def test_unrepresentable_adapters_are_refused_with_names(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def _hand_written(path, tensors, *, alpha=4.0, gtype="adapter"):
+def _hand_written(path, tensors, *, alpha=4.0, gtype="adapter", kv=None):
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_type(gtype)
     w.add_string("adapter.type", "lora")
     w.add_float32("adapter.lora.alpha", alpha)
+    for key, value in (kv or {}).items():
+        w.add_key_value(key, value, gguf.GGUFValueType.get_type(value), gguf.GGUFValueType.INT32
+                        if isinstance(value, list) else None)
     for name, (arr, raw) in tensors.items():
         w.add_tensor(name, arr, raw_dtype=raw)
     w.write_header_to_file()
@@ -183,11 +186,158 @@ def test_cli_round_trip_with_head_counts(tmp_path):
     adapter = lora_adapter(llama(), llama_modules((0,), ("q_proj", "k_proj")))
     src = af.save(adapter, tmp_path / "a.safetensors")
     run = CliRunner().invoke
-    r = run(app, ["convert", str(src), str(tmp_path / "a.gguf"), "--to", "gguf"])
+    r = run(app, ["convert", str(src), str(tmp_path / "a.gguf"), "--to", "gguf", "--arch", "llama"])
     assert r.exit_code != 0 and "number of attention heads" in r.output
-    r = run(app, ["convert", str(src), str(tmp_path / "a.gguf"), "--to", "gguf", "--n-heads", "2", "--n-kv-heads", "1"])
+    r = run(app, ["convert", str(src), str(tmp_path / "a.gguf"), "--to", "gguf", "--arch", "llama", "--n-heads", "2",
+                  "--n-kv-heads", "1"])
     assert r.exit_code == 0, r.output
     r = run(app, ["convert", str(tmp_path / "a.gguf"), str(tmp_path / "b.safetensors"), "--n-heads", "2",
                   "--n-kv-heads", "1"])
     assert r.exit_code == 0, r.output
     assert_same_tensors(af.load(tmp_path / "b.safetensors").tensors(), adapter.tensors())
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from adapterfmt.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _pair(rng, r=2, fin=32, fout=16):
+    return (rng.standard_normal((r, fin), dtype=np.float32), None), (rng.standard_normal((fout, r), dtype=np.float32), None)
+
+
+def test_alora_is_refused(tmp_path):
+    """An activated LoRA only acts after its invocation tokens; read as a plain LoRA it would act everywhere."""
+    a, b = _pair(np.random.default_rng(0))
+    p = _hand_written(tmp_path / "alora.gguf", {"blk.0.ffn_down.weight.lora_a": a, "blk.0.ffn_down.weight.lora_b": b},
+                      kv={"adapter.alora.invocation_tokens": [5, 9, 2]})
+    with pytest.raises(af.UnsupportedError, match="adapter.alora.invocation_tokens"):
+        af.read_foreign(p)
+    r = _cli("convert", p, tmp_path / "out.safetensors")
+    assert r.exit_code == 1 and "adapter.alora.invocation_tokens" in r.output and not (tmp_path / "out.safetensors").exists()
+
+
+def test_token_embd_is_an_embedding_without_a_base(tmp_path):
+    """A LoRA on token_embd converted to PEFT with head counts but no base: PEFT must apply it (as
+    lora_embedding_A/B), giving llama.cpp's function."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from helpers_formats import ids
+    from helpers_peft import logits
+
+    model = llama()
+    adapter = lora_adapter(model, ["model.embed_tokens", *llama_modules((0,), ("q_proj", "k_proj", "up_proj"))], r=3)
+    path = af.write_foreign(adapter, tmp_path / "a.gguf", "gguf", base=model)
+    r = _cli("convert", path, tmp_path / "peft", "--to", "peft", "--n-heads", N_HEADS, "--n-kv-heads", N_KV)
+    assert r.exit_code == 0, r.output
+    keys = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in keys
+    ref = llama()
+    with torch.no_grad():
+        for m, dw in _llama_cpp_dense(path).items():
+            ref.get_submodule(m).weight += dw
+    got = logits(PeftModel.from_pretrained(llama(), tmp_path / "peft").eval(), ids())
+    assert (logits(ref, ids()) - logits(llama(), ids())).abs().max() > 1e-3
+    torch.testing.assert_close(got, logits(ref, ids()), atol=1e-5, rtol=0)
+
+
+def _qwen2(folder=None):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=48,
+                                         max_position_embeddings=64, tie_word_embeddings=False)).float().eval()
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model
+
+
+def test_architecture_from_the_base_and_arch_option(tmp_path):
+    """A Qwen2 adapter is written as qwen2 (llama.cpp's converter does not permute Qwen2's q/k rows);
+    --arch names it without a base; an unknown architecture is refused in one line."""
+    model = _qwen2(tmp_path / "qwen")
+    adapter = lora_adapter(model, llama_modules((0, 1), ("q_proj", "k_proj", "v_proj", "down_proj")), r=2)
+    src = af.save(adapter, tmp_path / "a.safetensors")
+    for extra in (["--base", tmp_path / "qwen"], ["--arch", "qwen2"]):
+        out = tmp_path / "q.gguf"
+        r = _cli("convert", src, out, "--to", "gguf", "--overwrite", *extra)
+        assert r.exit_code == 0, r.output
+        kv, t = _read(out)
+        assert kv["general.architecture"] == "qwen2"
+        assert torch.equal(t["blk.0.attn_q.weight.lora_b"], adapter.tensor("model.layers.0.self_attn.q_proj.lora_B"))
+        check_function(model, af.read_foreign(out), _llama_cpp_dense(out, permuted=False))
+    # a llama base still gets llama's permutation
+    llama().save_pretrained(tmp_path / "llama")
+    r = _cli("convert", src, tmp_path / "l.gguf", "--to", "gguf", "--base", tmp_path / "llama")
+    assert r.exit_code == 0, r.output
+    assert _read(tmp_path / "l.gguf")[0]["general.architecture"] == "llama"
+    cfg = tmp_path / "qwen" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"model_type": "qwen2"', '"model_type": "gpt_neox"'))
+    for extra, msg in ((["--base", tmp_path / "qwen"], "model_type 'gpt_neox'"), (["--arch", "gpt2"], "'gpt2'"), ([], "--arch")):
+        r = _cli("convert", src, tmp_path / "x.gguf", "--to", "gguf", *extra)
+        assert r.exit_code == 1 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / "x.gguf").exists()
+
+
+def test_truncated_files_give_one_line_errors(tmp_path):
+    model = llama()
+    adapter = lora_adapter(model, ["model.embed_tokens", *llama_modules((0,), ("q_proj", "up_proj"))], r=2)
+    path = af.write_foreign(adapter, tmp_path / "a.gguf", "gguf", base=model)
+    data = path.read_bytes()
+    reader = gguf.GGUFReader(path)
+    data_end = max(t.data_offset + t.n_bytes for t in reader.tensors)
+    cuts = sorted({*range(0, data_end, 13), *range(0, 40), data_end - 1})
+    for cut in cuts:
+        cut_path = tmp_path / f"cut{cut}.gguf"
+        cut_path.write_bytes(data[:cut])
+        r = _cli("convert", cut_path, tmp_path / "out.safetensors", "--n-heads", N_HEADS, "--n-kv-heads", N_KV)
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (cut, r.output, r.exception)
+        assert str(cut_path) in r.output.replace("\n", "") and "Traceback" not in r.output, (cut, r.output)
+        assert not (tmp_path / "out.safetensors").exists()
+    assert len(cuts) > 50
+
+
+def test_bf16_is_read_exactly_and_written_as_bf16(tmp_path):
+    model = llama()
+    mods = llama_modules((0,), ("v_proj", "down_proj"))
+    adapter = lora_adapter(model, mods, r=2)
+    bf = af.Adapter(adapter.manifest, {k: v.bfloat16() for k, v in adapter.tensors().items()})
+    path = af.write_foreign(bf, tmp_path / "a.gguf", "gguf", arch="llama")
+    assert {t.tensor_type for t in gguf.GGUFReader(path).tensors} == {gguf.GGMLQuantizationType.BF16}
+    assert_same_tensors(af.read_foreign(path, base=model).tensors(), bf.tensors())
+    # a file written by gguf itself (bf16 as llama.cpp stores it): the exact float values
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((2, 32), dtype=np.float32), rng.standard_normal((16, 2), dtype=np.float32)
+    qa, qb = (gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16) for x in (a, b))
+    p = _hand_written(tmp_path / "h.gguf", {"blk.0.ffn_down.weight.lora_a": (qa, gguf.GGMLQuantizationType.BF16),
+                                            "blk.0.ffn_down.weight.lora_b": (qb, gguf.GGMLQuantizationType.BF16)})
+    got = af.read_foreign(p).tensors()
+    want_a = gguf.quants.dequantize(qa, gguf.GGMLQuantizationType.BF16)
+    assert got["model.layers.0.mlp.down_proj.lora_A"].dtype == torch.bfloat16
+    assert np.array_equal(got["model.layers.0.mlp.down_proj.lora_A"].float().numpy(), want_a)
+    assert np.array_equal(got["model.layers.0.mlp.down_proj.lora_B"].float().numpy(),
+                          gguf.quants.dequantize(qb, gguf.GGMLQuantizationType.BF16))
+
+
+def test_adapter_name_and_base_model_keys(tmp_path):
+    """general.name names the adapter; the base is general.base_model.0.* (gguf.Keys.General)."""
+    G = gguf.Keys.General
+    a, b = _pair(np.random.default_rng(2))
+    p = _hand_written(tmp_path / "n.gguf", {"blk.0.ffn_down.weight.lora_a": a, "blk.0.ffn_down.weight.lora_b": b},
+                      kv={G.NAME: "My Adapter", G.BASE_MODEL_COUNT: 1,
+                          G.BASE_MODEL_NAME.format(id=0): "Llama 3 8B",
+                          G.BASE_MODEL_ORGANIZATION.format(id=0): "Meta Llama",
+                          G.BASE_MODEL_REPO_URL.format(id=0): "https://huggingface.co/meta-llama/Meta-Llama-3-8B"})
+    adapter = af.read_foreign(p)
+    assert adapter.base["name"] == "meta-llama/Meta-Llama-3-8B"
+    out = af.write_foreign(adapter, tmp_path / "o.gguf", "gguf")
+    kv, _ = _read(out)
+    assert kv[G.NAME] == "My Adapter" and kv[G.BASE_MODEL_COUNT] == 1
+    assert kv[G.BASE_MODEL_NAME.format(id=0)] == "meta-llama/Meta-Llama-3-8B"
+    assert kv[G.BASE_MODEL_REPO_URL.format(id=0)] == "https://huggingface.co/meta-llama/Meta-Llama-3-8B"
+    assert af.read_foreign(out).base["name"] == "meta-llama/Meta-Llama-3-8B"

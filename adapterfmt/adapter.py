@@ -19,6 +19,7 @@ import torch
 from . import manifest as mf
 from .atomic import atomic_dir, atomic_file, check_output
 from .errors import ChecksumError, FormatError, MissingFileError, UnsafePathError
+from .jsontext import read_json_bytes
 from .safetensors_io import (ITEMSIZE, Header, data_sha256, dtype_name, encode_header, read_header, read_tensor,
                              tensor_bytes)
 
@@ -182,7 +183,8 @@ def _read(path: str | os.PathLike[str], *, verify: bool, understood: tuple[str, 
         mpath = path / MANIFEST_FILE
         if not mpath.is_file():
             raise MissingFileError(f"not an adapter folder: {MANIFEST_FILE} is missing", path=path)
-        manifest = mf.check_manifest(mf.loads(mpath.read_bytes(), path=mpath), path=mpath, understood=understood)
+        safe_member(path, MANIFEST_FILE)  # a link out of the folder is refused, as for the tensor files
+        manifest = mf.check_manifest(mf.loads(read_json_bytes(mpath), path=mpath), path=mpath, understood=understood)
         if mf.SINGLE_FILE_KEY in manifest["files"]:
             raise FormatError(f"files key {mf.SINGLE_FILE_KEY!r} is only allowed in the single-file form", path=mpath)
         headers = []
@@ -237,7 +239,7 @@ def save(adapter: Adapter, path: str | os.PathLike[str], *, single_file: bool | 
         head, order = encode_header(tensors, {mf.METADATA_KEY: mf.dumps(manifest)})
         if path.is_dir():
             raise FormatError("cannot write a single-file adapter over a folder", path=path)
-        with atomic_file(path) as f:
+        with atomic_file(path, overwrite=overwrite) as f:
             f.write(head)
             for name in order:
                 f.write(tensor_bytes(tensors[name]))

@@ -307,7 +307,7 @@ def bake(
     fds = {h.path: os.open(h.path, os.O_RDONLY) for h in headers}
     try:
         if out.suffix == ".safetensors":
-            with atomic_file(out) as f:
+            with atomic_file(out, overwrite=overwrite) as f:
                 report.bytes = _write_file(f, plan[0][1], where, fds, touched, buf, opts, it)
         else:
             with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -2,15 +2,29 @@
 
 - :func:`push` uploads an adapter (either file form) with a generated model card in one commit, guarded
   by ``parent_commit`` so that two concurrent pushes cannot silently overwrite each other.
-- :func:`pull` downloads only the adapter's files at a branch, tag or commit into the local HF cache,
-  verifies every checksum of the manifest, and optionally writes a copy elsewhere with the resolved commit
-  recorded in its provenance (the cache itself is never rewritten).
+- :func:`pull` downloads only the adapter's files at a branch, tag or commit into adapterfmt's store
+  (:func:`store_dir`), verifies every checksum of the manifest, and optionally writes a copy elsewhere with
+  the resolved commit recorded in its provenance (the store itself is never rewritten).
 - :func:`resolve_adapter_path` turns ``hf://owner/name[@revision][/subfolder]`` into a local path through
-  the cache; once pulled it works offline (``HF_HUB_OFFLINE=1``).
+  the store; once pulled it works offline (``HF_HUB_OFFLINE=1``).
 
-Token, endpoint, cache and offline mode come from the usual ``huggingface_hub`` settings (``HF_TOKEN`` or
-``hf auth login``, ``HF_ENDPOINT``, ``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``), read when each
-call is made. Every failure is raised as a :class:`HubError` subclass with a one-line message.
+**The server is not trusted.** ``huggingface_hub``'s ``hf_hub_download`` builds cache paths from what the
+server says: the ``ETag`` becomes ``blobs/<etag>`` and ``X-Repo-Commit`` becomes ``snapshots/<commit>``,
+unchecked, and it writes there before returning; a check of the metadata beforehand (a ``HEAD``) cannot help,
+since the download makes its own request, which may be answered differently. So pulls do not use it:
+``huggingface_hub`` is used for the API calls (``repo_info``, ``list_repo_tree``, its HTTP session and auth
+headers) and the files are streamed by :func:`_download` into a temp folder this module makes inside the
+store, then moved into place once verified. Nothing the server says becomes a path: a commit id must be 40
+lowercase hex digits before it names a folder; ``ETag`` is ignored; ``X-Repo-Commit``, when sent, must equal
+the commit asked for. Each file must match the size and hash (SHA-256 of an LFS file, git blob id of a
+regular one) the commit's listing gives, must not run past that size (or :data:`MAX_MANIFEST_BYTES` for
+``adapter.json``), and must arrive within :func:`download_timeout` seconds (``ADAPTERFMT_HUB_TIMEOUT``,
+``--timeout``). On any refusal only that temp folder is removed; the tool never deletes anything else.
+
+Token, endpoint and offline mode come from the usual ``huggingface_hub`` settings (``HF_TOKEN`` or
+``hf auth login``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``; the store sits beside ``HF_HUB_CACHE``), read when
+each call is made. Every failure is raised as a :class:`HubError` subclass (or a :class:`FormatError` for
+bad adapter bytes) with a one-line message.
 """
 
 from __future__ import annotations
@@ -48,7 +62,6 @@ from .errors import (
     UnsafePathError,
     UnsupportedError,
 )
-from .safetensors_io import MAX_HEADER_BYTES
 from .validate import validate
 
 SCHEME = "hf://"
@@ -60,6 +73,8 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 TIMEOUT_ENV = "ADAPTERFMT_HUB_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0
 """Seconds one file's download may take in all, unless ``ADAPTERFMT_HUB_TIMEOUT`` or ``--timeout`` says otherwise."""
+MAX_MANIFEST_BYTES = 100 * 1024 * 1024
+"""The most an ``adapter.json`` may be to be downloaded (the tensor files are bounded by the listed sizes)."""
 REFS_FILE = "refs.json"
 
 
@@ -184,11 +199,7 @@ def _translated(ref: HubRef, action: str, *, file: str | None = None) -> Iterato
                                 "(if it is private, use a token that can read it)") from None
     except hfe.RemoteEntryNotFoundError:
         raise NotAnAdapterRepoError(f"{what}: file {file or '?'} not found in {where}") from None
-    except (hfe.OfflineModeIsEnabled, hfe.LocalEntryNotFoundError, hfe.RevisionResolutionError) as e:
-        cause = e.__cause__
-        if cause is not None and not isinstance(cause, hfe.OfflineModeIsEnabled):
-            raise HubTransferError(f"{what}: the Hub could not be reached and the files are not in the local cache "
-                                   f"({_first_line(cause)})") from None
+    except hfe.OfflineModeIsEnabled:
         raise HubError(f"{what}: not in the local cache and offline (HF_HUB_OFFLINE=1); pull it once while online") from None
     except hfe.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
@@ -202,10 +213,6 @@ def _translated(ref: HubRef, action: str, *, file: str | None = None) -> Iterato
                                + (f": {_first_line(Exception(e.server_message))}" if e.server_message else "")) from None
     except httpx2.HTTPError as e:
         raise HubTransferError(f"{what}: connection failed: {_first_line(e)} ({type(e).__name__})") from None
-    except OSError as e:
-        if "Consistency check failed" in str(e):
-            raise HubTransferError(f"{what}: download cut short: {_first_line(e)}") from None
-        raise
 
 
 # ----- push -------------------------------------------------------------------------------------------
@@ -315,7 +322,7 @@ def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = N
         if MANIFEST_FILE in existing:  # tensor files named by the manifest already there are ours too
             old = Path(tmp) / "old-manifest.json"
             _download(ref, parent, _remote_file(listing, MANIFEST_FILE, _what(ref, "push")), old, action="push",
-                      tok=tok, timeout=download_timeout(), limit=MAX_HEADER_BYTES)
+                      tok=tok, timeout=download_timeout(), limit=MAX_MANIFEST_BYTES)
             with contextlib.suppress(ValueError, AttributeError):
                 old_manifest_files = set(json.loads(old.read_text("utf-8")).get("files", {}))
         stale = sorted((ours | old_manifest_files) & existing - set(files) - {CARD_FILE})
@@ -699,7 +706,7 @@ def fetch(ref: HubRef, *, token: str | None = None, timeout: float | None = None
         files = [first]
         if form == "folder":
             staged = staging / "adapter"
-            mpath = get(first, staged / MANIFEST_FILE, limit=MAX_HEADER_BYTES)
+            mpath = get(first, staged / MANIFEST_FILE, limit=MAX_MANIFEST_BYTES)
             manifest = _relabel(lambda: mf.loads(mpath.read_bytes(), path=mpath), ref, sha)
             rels = manifest.get("files") if isinstance(manifest, dict) else None
             if not isinstance(rels, dict):

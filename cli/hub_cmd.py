@@ -78,19 +78,23 @@ def pull(
     out: str = typer.Option(None, "--out", "-o", help="Write the adapter here (folder form: this folder; single "
                                                       "file: this file). Default: keep it in the HF cache only."),
     overwrite: bool = OverwriteOpt,
+    timeout: float = typer.Option(None, "--timeout", help="Seconds each file's download may take in all "
+                                                          "(default: ADAPTERFMT_HUB_TIMEOUT, else 600)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Download an adapter from the Hub and verify every checksum in its manifest.
 
-    Only the adapter's files are downloaded (not the card or PEFT copies), into the local Hugging Face
-    cache, where `hf://owner/name@REVISION` paths find it afterwards, offline too (HF_HUB_OFFLINE=1).
-    With --out, a copy is written there with a provenance entry recording the repository and the resolved
-    commit; nothing is written unless the download completed and verified.
+    Only the adapter's files are downloaded (not the card or PEFT copies), each bounded by the size the
+    commit lists and by --timeout, into adapterfmt's store beside the Hugging Face cache
+    (ADAPTERFMT_HUB_VIEWS or $HF_HOME/adapterfmt-hub), where `hf://owner/name@REVISION` paths find it
+    afterwards, offline too (HF_HUB_OFFLINE=1). With --out, a copy is written there with a provenance
+    entry recording the repository and the resolved commit; nothing is written unless the download
+    completed and verified.
 
     Prints the path and the resolved commit. Exit code 1 on any error, with one line on stderr.
     """
     with _quiet_hf(as_json):
-        result = hub.pull(repo, revision=revision, out=out, overwrite=overwrite)
+        result = hub.pull(repo, revision=revision, out=out, overwrite=overwrite, timeout=timeout)
     if as_json:
         print_json(result.as_dict())
         return

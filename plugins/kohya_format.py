@@ -3,22 +3,26 @@
 Tensor names are ``<prefix><module path with "." replaced by "_">.<role>``: prefixes ``lora_unet_``,
 ``lora_te_`` (``lora_te1_`` / ``lora_te2_`` for two text encoders) and ``lora_transformer_``; LLM-style
 modules take ``lora_unet_`` unless ``prefix=`` says otherwise. Roles and math (per module, r as noted,
-``alpha`` a scalar tensor, absent => alpha = r, i.e. scale 1):
+``alpha`` a scalar tensor; absent or 0 => alpha = r, i.e. scale 1, as sd-scripts and LyCORIS read it):
 
 - LoRA: ``lora_down.weight`` ``[r, in(, kh, kw)]`` = A, ``lora_up.weight`` ``[out, r(, 1, 1)]`` = B;
   dW = alpha / r * up @ down -> kind ``lowrank``.
 - LyCORIS LoHa: ``hada_w1_a`` ``[out, r]``, ``hada_w1_b`` ``[r, in]``, ``hada_w2_a``, ``hada_w2_b``;
   dW = alpha / r * (w1_a @ w1_b) * (w2_a @ w2_b) -> kind ``hadamard``.
 - LyCORIS LoKr: ``lokr_w1`` or ``lokr_w1_a`` @ ``lokr_w1_b``, ``lokr_w2`` or ``lokr_w2_a`` @ ``lokr_w2_b``;
-  dW = scale * kron(w1, w2) with scale = alpha / r (r = the inner dim of w2's pair, else of w1's), or 1
-  when both are full matrices -> kind ``kronecker``.
+  dW = scale * kron(w1, w2) with scale = alpha / r (r = the inner dim of the decomposed pair; two pairs
+  of different inner dims are refused, as LyCORIS cannot load them), or 1 when both are full matrices
+  (LyCORIS ignores their alpha; 1 is written where none was read) -> kind ``kronecker``.
 
 Underscored names are ambiguous (``down_blocks_0`` could be ``down_blocks.0`` or ``down.blocks_0``), so
 reading resolves them against a base model's module names (``base=``: checkpoint or live module; module
 paths under ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` / ``transformer.`` match their component's
 prefix) and names every key it cannot resolve. Files written here carry the module paths and shapes in
 their ``__metadata__`` (``adapterfmt_modules``), so they read back without a base. Tucker factors
-(``hada_t1``, ``lokr_t2``), DoRA's ``dora_scale`` and any other tensor are refused by name.
+(``hada_t1``, ``lokr_t2``, ``lora_mid``), DoRA's ``dora_scale`` and any other tensor are refused by name.
+Writing gives every module an ``alpha`` (LyCORIS cannot load a module without one); a scale of 0 cannot
+be written (alpha 0 means scale 1 to sd-scripts and LyCORIS). Alphas read that do not set a scale (0, or
+on a LoKr of two full factors) are kept in the provenance and written back.
 """
 
 from __future__ import annotations
@@ -48,12 +52,15 @@ def _flat(module: str) -> str:
 
 
 def _rank(kind: str, t: dict[str, torch.Tensor]) -> int | None:
+    """The r of ``alpha / r``; None for a LoKr of two full factors (scale 1 whatever its alpha)."""
     if kind == "lowrank":
         return t["lora_down.weight"].shape[0]
     if kind == "hadamard":
         return t["hada_w1_b"].shape[0]
-    pair = "lokr_w2_a" if "lokr_w2_a" in t else "lokr_w1_a" if "lokr_w1_a" in t else None
-    return t[pair].shape[1] if pair else None
+    dims = {t[pair].shape[1] for pair in ("lokr_w1_a", "lokr_w2_a") if pair in t}
+    if len(dims) > 1:
+        raise ValueError(f"LoKr pairs of different inner dims {sorted(dims)}")
+    return dims.pop() if dims else None
 
 
 def _function_shape(kind: str, t: dict[str, torch.Tensor]) -> list[int]:
@@ -115,15 +122,19 @@ def read_kohya(path: str | Path, *, base: Any = None) -> af.Adapter:
                "they match no module of the base model, or several")
         raise af.UnsupportedError(f"kohya module names not resolved ({why}): " + ", ".join(
             f"{k}{' (' + ' or '.join(names[k]) + ')' if names.get(k) else ''}" for k in unresolved), path=path)
-    modules, tensors, no_alpha = {}, {}, []
+    modules, tensors, inert_alpha, bad = {}, {}, {}, []
     for kname, kind in sorted(kinds.items()):
         t = dict(groups[kname])
         alpha_t = t.pop("alpha", None)
-        r = _rank(kind, t)
+        try:
+            r = _rank(kind, t)
+        except ValueError as e:
+            bad.append(f"{kname} ({e})")
+            continue
         alpha = float(alpha_t) if alpha_t is not None else None
-        if alpha is None:
-            no_alpha.append(kname)
-        scale = 1.0 if r is None or alpha is None else alpha / r
+        if alpha is not None and (r is None or alpha == 0):
+            inert_alpha[kname] = alpha
+        scale = 1.0 if r is None or not alpha else alpha / r
         if kname in known:
             module, shape, transposed = known[kname]["module"], known[kname]["shape"], known[kname]["transposed"]
         else:
@@ -137,9 +148,11 @@ def read_kohya(path: str | Path, *, base: Any = None) -> af.Adapter:
         if kind == "lowrank":
             t = {"lora_A": t["lora_down.weight"], "lora_B": t["lora_up.weight"]}
         tensors.update({f"{module}.{role}": v for role, v in t.items()})
+    if bad:
+        raise af.UnsupportedError("kohya modules this converter cannot read: " + ", ".join(bad), path=path)
     prov = {"tool": "kohya", "format": "kohya", "source": str(path), "metadata": {k: v for k, v in meta.items()
                                                                                   if k != META_KEY},
-            "no_alpha": no_alpha}
+            "inert_alpha": inert_alpha}
     method = {"lowrank": "lora", "hadamard": "loha", "kronecker": "lokr"}
     used = {m["kind"] for m in modules.values()}
     manifest = af.new_manifest(method[used.pop()] if len(used) == 1 else "lora", modules, provenance=[prov],
@@ -185,13 +198,22 @@ def write_kohya(adapter: af.Adapter, path: str | Path, *, prefix: str | None = N
             a, b = t["lora_A"], t["lora_B"]
             t = {"lora_down.weight": a, "lora_up.weight": b.reshape(b.shape[0], a.shape[0], *[1] * (a.dim() - 2))}
         scale = float(e.get("params", {}).get("scale", 1.0))
-        r = _rank(kind, t)
+        try:
+            r = _rank(kind, t)
+        except ValueError as err:
+            bad.append(f"{m} ({err})")
+            continue
         if r is None and scale != 1.0:
             bad.append(f"{m} (LoKr with two full factors has scale 1 in LyCORIS, this one has {scale})")
             continue
+        if scale == 0.0:
+            bad.append(f"{m} (scale 0: alpha 0 means scale 1 to sd-scripts and LyCORIS)")
+            continue
         tensors.update({f"{kname}.{role}": v for role, v in t.items()})
-        if r is not None and not (scale == 1.0 and kname in src.get("no_alpha", [])):
-            tensors[f"{kname}.alpha"] = torch.tensor(float(af.alpha_for(scale, r)), dtype=torch.float32)
+        inert = src.get("inert_alpha", {})
+        alpha = (inert[kname] if scale == 1.0 and kname in inert else
+                 float(af.alpha_for(scale, r)) if r is not None else 1.0)
+        tensors[f"{kname}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         meta_modules[kname] = {"module": m, "shape": e["shape"], "transposed": bool(e.get("params", {}).get("transposed"))}
     if bad:
         raise af.UnsupportedError("the kohya format cannot represent: " + "; ".join(bad))

@@ -2,10 +2,13 @@
 
 Dense references use sd-scripts / LyCORIS math on the written tensors: LoRA dW = alpha / r * up @ down
 (conv: over the flattened input dims), LoHa dW = alpha / r * (w1_a @ w1_b) * (w2_a @ w2_b) with r =
-w1_b's rows, LoKr dW = alpha / r * kron(w1, w2_a @ w2_b) with r = w2_a's columns.
+w1_b's rows, LoKr dW = alpha / r * kron(w1, w2_a @ w2_b) with r = w2_a's columns. LyCORIS itself
+(lycoris-lora) is the oracle for files it writes and reads: LoCon, LoHa and full-factor LoKr.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from torch import nn
 
 import adapterfmt as af
 
-from helpers_formats import Pipe, assert_same_tensors, check_function, llama, llama_modules, lora_adapter
+from helpers_formats import ATOL, Pipe, assert_same_tensors, check_function, llama, llama_modules, lora_adapter
 
 
 def _kohya_dense(path):
@@ -36,7 +39,7 @@ def _kohya_dense(path):
             dw = torch.kron(t[key], t[f"{kname}.lokr_w2_a"] @ t[f"{kname}.lokr_w2_b"])
         else:
             continue
-        out[kname] = (alpha / r if alpha is not None else 1.0) * dw
+        out[kname] = (alpha / r if alpha else 1.0) * dw  # absent or 0: scale 1, as sd-scripts reads it
     return out
 
 
@@ -137,3 +140,114 @@ def test_unrepresentable_adapters_are_refused_with_names(tmp_path):
     with pytest.raises(af.UnsupportedError, match=r"v_proj \(kind vector\)"):
         af.write_foreign(vec, tmp_path / "x.safetensors", "kohya")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+class Tiny(nn.Module):
+    """Linear -> 3x3 conv -> linear, the module kinds LyCORIS adapts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.conv, self.fc2 = nn.Linear(16, 24), nn.Conv2d(4, 8, 3, padding=1), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(self.fc1(x).view(x.shape[0], 4, 2, 3))
+        return self.fc2(h.flatten(1)[:, :32])
+
+
+@pytest.fixture
+def lycoris_net(monkeypatch, tmp_path):
+    """``make(algo, **kw)``: a LyCORIS network (kohya ``lora_unet_`` names, linear alpha 2 != dim 4) on a
+    fresh :class:`Tiny`, its weights perturbed, saved by LyCORIS; returns the file's path."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    for attr in ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "LORA_PREFIX"):
+        monkeypatch.setattr(LycorisNetwork, attr, getattr(LycorisNetwork, attr))  # restored after the test
+    preset = tmp_path / "preset.toml"
+    preset.write_text('target_module = ["Linear", "Conv2d"]\nlora_prefix = "lora_unet"\n')
+
+    def make(algo: str, **kw) -> Path:
+        net = create_lycoris(Tiny(), 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, preset=str(preset), **kw)
+        net.apply_to()  # registers the modules, so that they are saved
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        net.save_weights(str(tmp_path / f"{algo}.safetensors"), torch.float32, {})
+        return tmp_path / f"{algo}.safetensors"
+
+    return make
+
+
+def _lycoris_out(path: Path, x: torch.Tensor) -> torch.Tensor:
+    """Tiny's output with the file at ``path`` loaded and applied by LyCORIS."""
+    from lycoris.wrapper import create_lycoris_from_weights
+
+    model = Tiny()
+    net, _ = create_lycoris_from_weights(1.0, str(path), model)
+    assert len(net.loras) == 3
+    net.apply_to()
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("algo, kw, kind, scale", [
+    ("locon", {}, "lowrank", 0.5),
+    ("loha", {}, "hadamard", 0.5),
+    ("lokr", {"full_matrix": True, "factor": 4}, "kronecker", 1.0),  # two full factors: LyCORIS's scale is 1
+])
+def test_lycoris_files_convert_and_round_trip(tmp_path, lycoris_net, algo, kw, kind, scale):
+    src = lycoris_net(algo, **kw)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(4))
+    expected = _lycoris_out(src, x)
+    assert (expected - Tiny()(x)).abs().max() > 1e-2
+    af.convert(src, tmp_path / "a.safetensors", base=Tiny())
+    ours = af.load(tmp_path / "a.safetensors")
+    assert {(e["kind"], e["params"]["scale"]) for e in ours.modules.values()} == {(kind, scale)}
+    model = Tiny()
+    af.attach(model, ours)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=ATOL, rtol=0)
+    # back to kohya: every key LyCORIS wrote (alphas included), the same values, and LyCORIS loads it
+    back = af.write_foreign(ours, tmp_path / "k.safetensors", "kohya")
+    assert_same_tensors(load_file(back), load_file(src))
+    torch.testing.assert_close(_lycoris_out(back, x), expected, atol=ATOL, rtol=0)
+
+
+def test_full_factor_lokr_from_elsewhere_gets_an_alpha_lycoris_loads(tmp_path, lycoris_net):
+    ours = af.read_foreign(lycoris_net("lokr", full_matrix=True, factor=4), base=Tiny())
+    fresh = af.Adapter(af.new_manifest("lokr", ours.modules), ours.tensors())  # no kohya provenance
+    t = load_file(af.write_foreign(fresh, tmp_path / "k.safetensors", "kohya"))
+    assert {k for k in t if k.endswith(".alpha")} == {f"lora_unet_{m}.alpha" for m in ("fc1", "conv", "fc2")}
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(4))
+    model = Tiny()
+    af.attach(model, ours)
+    with torch.no_grad():
+        torch.testing.assert_close(_lycoris_out(tmp_path / "k.safetensors", x), model(x), atol=ATOL, rtol=0)
+
+
+def test_alpha_zero_is_scale_one_and_scale_zero_is_refused(tmp_path, lycoris_net):
+    t = load_file(lycoris_net("locon"))
+    t["lora_unet_fc1.alpha"] = torch.tensor(0.0)  # sd-scripts and LyCORIS: alpha 0 means alpha = r
+    save_file(t, tmp_path / "zero.safetensors")
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(4))
+    ours = af.read_foreign(tmp_path / "zero.safetensors", base=Tiny())
+    assert ours.modules["fc1"]["params"]["scale"] == 1.0
+    model = Tiny()
+    af.attach(model, ours)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _lycoris_out(tmp_path / "zero.safetensors", x), atol=ATOL, rtol=0)
+    assert_same_tensors(load_file(af.write_foreign(ours, tmp_path / "k.safetensors", "kohya")), t)
+    ours.modules["fc2"]["params"]["scale"] = 0.0
+    with pytest.raises(af.UnsupportedError, match=r"fc2 \(scale 0: alpha 0 means scale 1"):
+        af.write_foreign(ours, tmp_path / "k0.safetensors", "kohya")
+
+
+def test_lokr_pairs_of_different_inner_dims_are_refused(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t = {"lora_unet_fc1.lokr_w1_a": torch.randn(4, 2, generator=g), "lora_unet_fc1.lokr_w1_b": torch.randn(2, 4, generator=g),
+         "lora_unet_fc1.lokr_w2_a": torch.randn(6, 3, generator=g), "lora_unet_fc1.lokr_w2_b": torch.randn(3, 4, generator=g),
+         "lora_unet_fc1.alpha": torch.tensor(2.0)}
+    save_file(t, tmp_path / "k.safetensors")
+    with pytest.raises(af.UnsupportedError, match=r"lora_unet_fc1 \(LoKr pairs of different inner dims \[2, 3\]\)"):
+        af.read_foreign(tmp_path / "k.safetensors", base=Tiny())

@@ -8,9 +8,10 @@ and ``lora_b`` ``[out, r]`` — PEFT's layout — except ``token_embd``, whose `
 (``[vocab, r]``); the name says it is an embedding, so it is read as one whatever the shapes. llama.cpp scales
 each pair by ``alpha / r`` (r = ``lora_b``'s inner dimension), or by 1 when alpha is 0. An aLoRA
 (``adapter.alora.invocation_tokens``: active only after those tokens) is refused, as in the PEFT codec.
-``general.name`` is the adapter's own name (kept in provenance and written back); the base is
-``general.base_model.0.*``: its ``repo_url`` (a Hugging Face URL gives the repository id) or ``name`` is
-read as the base's name, and writing gives ``name`` (and ``repo_url`` for a hub id).
+``general.name`` is the adapter's own name; it and ``adapter.lora.task_name`` / ``prompt_prefix`` are kept
+in provenance and written back to GGUF (other formats have no place for them). The base is
+``general.base_model.0.*``: its ``repo_url`` (a Hugging Face URL gives the repository id) or ``name`` is read
+as the base's name; writing gives the source's keys again, or ``name`` alone for another base.
 
 Module names map through gguf's own ``TensorNameMap`` for the architecture (as llama.cpp's
 ``convert_lora_to_gguf.py`` does); reading maps back onto the base model's module names (``base=``) or,
@@ -62,9 +63,14 @@ def _arch(gguf: Any, name: str, path: object = None) -> Any:
     return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == name)
 
 
+def _source(adapter: af.Adapter) -> dict[str, Any]:
+    """The provenance record of the GGUF file the adapter was read from (empty if none)."""
+    return next((p for p in reversed(adapter.manifest.get("provenance", [])) if p.get("format") == "gguf"), {})
+
+
 def _write_arch(adapter: af.Adapter, arch: str | None, base: Any) -> str:
     """The llama.cpp architecture to write: given, from the GGUF source, or from the base's model_type."""
-    src = next((p for p in reversed(adapter.manifest.get("provenance", [])) if p.get("format") == "gguf"), {})
+    src = _source(adapter)
     if arch or src.get("architecture"):
         return str(arch or src["architecture"])
     model_type = af.base_config(base).get("model_type")
@@ -101,11 +107,30 @@ def _tensor(t: Any, byte_order: str) -> torch.Tensor:
         torch.bfloat16)
 
 
-def _base_name(kv: dict[str, Any]) -> str | None:
-    url = kv.get("general.base_model.0.repo_url")
+def _base_name(gguf: Any, kv: dict[str, Any]) -> str | None:
+    """The first base model's Hugging Face id (from its repo_url), else its name."""
+    url = kv.get(gguf.Keys.General.BASE_MODEL_REPO_URL.format(id=0))
     if isinstance(url, str) and url.startswith(HF_URL):
         return url.removeprefix(HF_URL).strip("/")
-    return kv.get("general.base_model.0.name") or url
+    return kv.get(gguf.Keys.General.BASE_MODEL_NAME.format(id=0)) or url
+
+
+def _write_names(gguf: Any, writer: Any, adapter: af.Adapter) -> None:
+    """``general.name`` and the adapter's task keys from the GGUF source; the base as general.base_model.0.*
+    (the source's keys where the base is unchanged)."""
+    kv = _source(adapter).get("kv", {})
+    for key in (gguf.Keys.General.NAME, gguf.Keys.Adapter.LORA_TASK_NAME, gguf.Keys.Adapter.LORA_PROMPT_PREFIX):
+        if isinstance(kv.get(key), str):
+            writer.add_string(key, kv[key])
+    name = adapter.base.get("name")
+    if name and _base_name(gguf, kv) == name:
+        writer.add_base_model_count(1)
+        for key, value in kv.items():
+            if key.startswith("general.base_model.0.") and isinstance(value, str):
+                writer.add_string(key, value)
+    elif name:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, str(name))
 
 
 def _hf_llama_names(n_blocks: int) -> list[str]:
@@ -187,8 +212,8 @@ def read_gguf(path: str | Path, *, base: Any = None, n_heads: int | None = None,
     prov = {"tool": "llama.cpp", "format": "gguf", "source": str(path), "architecture": arch_name,
             "alpha": alpha, "kv": {k: v for k, v in kv.items() if isinstance(v, str | int | float)}}
     return af.lowrank_adapter(factors, config={"alpha": alpha}, provenance=prov, base=base,
-                              base_name=_base_name(kv), embeddings={m for m, g in names.items() if g == EMBEDDING},
-                              path=path)
+                              base_name=_base_name(gguf, kv), path=path,
+                              embeddings={m for m, g in names.items() if g == EMBEDDING})
 
 
 def write_gguf(adapter: af.Adapter, path: str | Path, *, base: Any = None, arch: str | None = None,
@@ -222,15 +247,7 @@ def write_gguf(adapter: af.Adapter, path: str | Path, *, base: Any = None, arch:
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    src = next((p for p in reversed(adapter.manifest.get("provenance", [])) if p.get("format") == "gguf"), {})
-    if isinstance(src.get("kv", {}).get(gguf.Keys.General.NAME), str):
-        writer.add_name(src["kv"][gguf.Keys.General.NAME])
-    if adapter.base.get("name"):
-        base_name = str(adapter.base["name"])
-        writer.add_base_model_count(1)
-        writer.add_base_model_name(0, base_name)
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", base_name):
-            writer.add_base_model_repo_url(0, HF_URL + base_name)
+    _write_names(gguf, writer, adapter)
     for m, (a, b, _) in sorted(factors.items(), key=lambda kv: names[kv[0]]):
         if names[m] == EMBEDDING:
             a = a.t()

@@ -206,7 +206,8 @@ def _cli(*args):
 
 
 def _pair(rng, r=2, fin=32, fout=16):
-    return (rng.standard_normal((r, fin), dtype=np.float32), None), (rng.standard_normal((fout, r), dtype=np.float32), None)
+    a, b = rng.standard_normal((r, fin), dtype=np.float32), rng.standard_normal((fout, r), dtype=np.float32)
+    return (a, None), (b, None)
 
 
 def test_alora_is_refused(tmp_path):
@@ -217,7 +218,8 @@ def test_alora_is_refused(tmp_path):
     with pytest.raises(af.UnsupportedError, match="adapter.alora.invocation_tokens"):
         af.read_foreign(p)
     r = _cli("convert", p, tmp_path / "out.safetensors")
-    assert r.exit_code == 1 and "adapter.alora.invocation_tokens" in r.output and not (tmp_path / "out.safetensors").exists()
+    assert r.exit_code == 1 and "adapter.alora.invocation_tokens" in r.output
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_token_embd_is_an_embedding_without_a_base(tmp_path):
@@ -278,7 +280,8 @@ def test_architecture_from_the_base_and_arch_option(tmp_path):
     assert _read(tmp_path / "l.gguf")[0]["general.architecture"] == "llama"
     cfg = tmp_path / "qwen" / "config.json"
     cfg.write_text(cfg.read_text().replace('"model_type": "qwen2"', '"model_type": "gpt_neox"'))
-    for extra, msg in ((["--base", tmp_path / "qwen"], "model_type 'gpt_neox'"), (["--arch", "gpt2"], "'gpt2'"), ([], "--arch")):
+    refusals = ((["--base", tmp_path / "qwen"], "model_type 'gpt_neox'"), (["--arch", "gpt2"], "'gpt2'"), ([], "--arch"))
+    for extra, msg in refusals:
         r = _cli("convert", src, tmp_path / "x.gguf", "--to", "gguf", *extra)
         assert r.exit_code == 1 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert not (tmp_path / "x.gguf").exists()
@@ -329,15 +332,21 @@ def test_adapter_name_and_base_model_keys(tmp_path):
     G = gguf.Keys.General
     a, b = _pair(np.random.default_rng(2))
     p = _hand_written(tmp_path / "n.gguf", {"blk.0.ffn_down.weight.lora_a": a, "blk.0.ffn_down.weight.lora_b": b},
-                      kv={G.NAME: "My Adapter", G.BASE_MODEL_COUNT: 1,
+                      kv={G.NAME: "My Adapter", G.BASE_MODEL_COUNT: 1, "adapter.lora.task_name": "summarize",
                           G.BASE_MODEL_NAME.format(id=0): "Llama 3 8B",
                           G.BASE_MODEL_ORGANIZATION.format(id=0): "Meta Llama",
                           G.BASE_MODEL_REPO_URL.format(id=0): "https://huggingface.co/meta-llama/Meta-Llama-3-8B"})
     adapter = af.read_foreign(p)
     assert adapter.base["name"] == "meta-llama/Meta-Llama-3-8B"
     out = af.write_foreign(adapter, tmp_path / "o.gguf", "gguf")
-    kv, _ = _read(out)
+    assert _read(out)[0] == _read(p)[0]
+    # another base: its name under general.base_model.0.name, no adapter name
+    adapter.manifest["base"]["name"] = "org/other-model"
+    kv, _ = _read(af.write_foreign(adapter, tmp_path / "o2.gguf", "gguf"))
     assert kv[G.NAME] == "My Adapter" and kv[G.BASE_MODEL_COUNT] == 1
-    assert kv[G.BASE_MODEL_NAME.format(id=0)] == "meta-llama/Meta-Llama-3-8B"
-    assert kv[G.BASE_MODEL_REPO_URL.format(id=0)] == "https://huggingface.co/meta-llama/Meta-Llama-3-8B"
-    assert af.read_foreign(out).base["name"] == "meta-llama/Meta-Llama-3-8B"
+    assert kv[G.BASE_MODEL_NAME.format(id=0)] == "org/other-model" and G.BASE_MODEL_REPO_URL.format(id=0) not in kv
+    assert af.read_foreign(tmp_path / "o2.gguf").base["name"] == "org/other-model"
+    plain = lora_adapter(llama(), llama_modules((0,), ("up_proj",)))
+    plain.manifest["base"]["name"] = "org/base"
+    kv, _ = _read(af.write_foreign(plain, tmp_path / "o3.gguf", "gguf", arch="llama"))
+    assert G.NAME not in kv and kv[G.BASE_MODEL_NAME.format(id=0)] == "org/base"

@@ -8,10 +8,18 @@ Hugging Face Llama names as torchtune's ``convert_weights`` does: ``layers.i.`` 
 ``attn.{q,k,v}_proj`` <-> ``self_attn.{q,k,v}_proj``, ``attn.output_proj`` <-> ``self_attn.o_proj``,
 ``mlp.w1`` / ``w3`` / ``w2`` <-> ``mlp.gate_proj`` / ``up_proj`` / ``down_proj``, ``output`` <-> ``lm_head``.
 torchtune permutes q/k rows into Meta's interleaved RoPE order when it loads a Hugging Face checkpoint
-(``hf_to_tune``), so its q/k ``lora_b`` rows are in that order: reading undoes it, writing does it, with
-head counts from ``n_heads`` / ``n_kv_heads`` or the base's config. DoRA ``magnitude`` tensors are refused.
-(torchtune also writes a PEFT copy, ``adapter_model.safetensors`` with ``base_model.model.`` names: that
-folder is read by the ``peft`` codec.)
+(``hf_to_tune``), so its q/k ``lora_b`` rows are in that order: reading undoes it, writing does it. The
+head counts come from ``n_heads`` / ``n_kv_heads`` (CLI ``--n-heads`` / ``--n-kv-heads``), else from the
+``config.json`` beside the checkpoint, else from the base's config. DoRA ``magnitude`` tensors are refused.
+
+What torchtune 0.6's Hugging Face checkpointer writes into each ``epoch_<n>/``: ``adapter_model.pt``
+(torchtune names), the same weights in PEFT names (``base_model.model.`` prefix, Hugging Face row order) as
+``adapter_model.safetensors`` (``.bin`` without safe serialization), ``adapter_config.json`` (``r``,
+``lora_alpha``, ``target_modules`` in Hugging Face names, ``peft_type``, and ``base_model_name_or_path``
+when the repo id is known: recorded as the base name), and copies of the base's other files, among them
+``config.json`` (``num_attention_heads``, ``num_key_value_heads``, ``hidden_size``, maybe ``head_dim``;
+the head dimension must fit the q/k rows, as torchtune's own conversion needs). With the safetensors copy
+present the folder is read by the ``peft`` codec; with only the pickles, by this one (``--allow-pickle``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 import adapterfmt as af
 
 CONFIG_FILE = "adapter_config.json"
+MODEL_CONFIG = "config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.pt"
 RENAMES = (("attn.q_proj", "self_attn.q_proj"), ("attn.k_proj", "self_attn.k_proj"),
@@ -33,7 +42,8 @@ RENAMES = (("attn.q_proj", "self_attn.q_proj"), ("attn.k_proj", "self_attn.k_pro
 LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 NATIVE = re.compile(r"^(layers\.\d+\.|output\.)\S*lora_a\.weight$")
-CONFIG_FIELDS = frozenset({"r", "lora_alpha", "target_modules", "peft_type", "lora_dropout", "use_dora",
+CONFIG_FIELDS = frozenset({"r", "lora_alpha", "target_modules", "peft_type", "base_model_name_or_path",
+                           "lora_dropout", "use_dora",
                            "quantize_base", "lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output"})
 
 
@@ -54,11 +64,30 @@ def from_hf(module: str) -> str | None:
     return f"layers.{m.group(1)}.{rel}" if rel else None
 
 
-def _heads(modules: list[str], base: Any, n_heads: int | None, n_kv_heads: int | None) -> dict[str, int]:
-    qk = [m for m in modules if m.endswith(("self_attn.q_proj", "self_attn.k_proj"))]
+def _heads(rows: dict[str, int], base: Any, n_heads: int | None, n_kv_heads: int | None,
+           folder: Path | None = None) -> dict[str, int]:
+    """Head counts of the q/k modules among ``rows`` (``{module: rows of lora_b}``): given, else from the
+    ``config.json`` torchtune copies into ``folder`` (checked against the rows as torchtune's own
+    conversion needs them to fit), else from the base's config."""
+    qk = [m for m in rows if m.endswith(("self_attn.q_proj", "self_attn.k_proj"))]
     if not qk:
         return {}
-    n, kv = af.attention_heads(base, n_heads, n_kv_heads, why="torchtune stores q/k rows in Meta's RoPE order")
+    beside = folder / MODEL_CONFIG if folder is not None and n_heads is None else None
+    if beside is not None and beside.is_file():
+        n, kv = af.attention_heads(folder, None, n_kv_heads, why=f"{MODEL_CONFIG} has no num_attention_heads",
+                                   path=beside)
+        cfg = af.read_json_object(beside)
+        hidden, head_dim = cfg.get("hidden_size"), cfg.get("head_dim")
+        head_dim = head_dim if isinstance(head_dim, int) else hidden // n if isinstance(hidden, int) else None
+        misfit = [f"{from_hf(m)} has {rows[m]}" for m in qk
+                  if head_dim is not None and rows[m] != head_dim * (n if m.endswith("q_proj") else kv)]
+        if misfit:
+            raise af.FormatError(f"num_attention_heads={n}, num_key_value_heads={kv}, head dim {head_dim} do not fit "
+                                 f"the q/k lora_b rows ({'; '.join(misfit)}): is this the model's config?", path=beside)
+    else:
+        n, kv = af.attention_heads(base, n_heads, n_kv_heads, path=folder,
+                                   why="torchtune stores q/k rows in Meta's RoPE order"
+                                   + (f" and there is no {MODEL_CONFIG} beside the checkpoint" if folder else ""))
     return {m: n if m.endswith("q_proj") else kv for m in qk}
 
 
@@ -74,11 +103,8 @@ def read_torchtune(path: str | Path, *, base: Any = None, allow_pickle: bool = F
                                               + odd), path=path)
     if (path / WEIGHTS_FILE).is_file():
         raw = af.read_tensor_file(path / WEIGHTS_FILE)[0]
-    elif not allow_pickle:
-        raise af.UnsupportedError(f"only {PICKLE_FILE} (a pickle) is present; pass allow_pickle=True (CLI: "
-                                  "--allow-pickle) to read it with torch.load(weights_only=True)", path=path)
     else:
-        raw = torch.load(path / PICKLE_FILE, map_location="cpu", weights_only=True)
+        raw = af.read_pickle_tensors(path / PICKLE_FILE, allow_pickle=allow_pickle)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, t in raw.items():
@@ -97,11 +123,12 @@ def read_torchtune(path: str | Path, *, base: Any = None, allow_pickle: bool = F
     if bad or alpha is None:
         raise af.FormatError(f"config r={r}, lora_alpha={alpha!r} do not fit the tensors ({', '.join(bad)})",
                              path=path)
-    heads = _heads(list(pairs), base, n_heads, n_kv_heads)
+    heads = _heads({m: p["lora_b"].shape[0] for m, p in pairs.items()}, base, n_heads, n_kv_heads, path)
     factors = {m: (p["lora_a"], af.rope_permute(p["lora_b"], heads[m], inverse=True) if m in heads else p["lora_b"],
                    af.lora_scale(alpha, r)) for m, p in pairs.items()}
     prov = {"tool": "torchtune", "format": "torchtune", "source": str(path), "config": cfg}
-    return af.lowrank_adapter(factors, config={"r": r, "alpha": alpha}, provenance=prov, base=base, path=path)
+    return af.lowrank_adapter(factors, config={"r": r, "alpha": alpha}, provenance=prov, base=base, path=path,
+                              base_name=cfg.get("base_model_name_or_path"))
 
 
 def write_torchtune(adapter: af.Adapter, path: str | Path, *, base: Any = None, n_heads: int | None = None,
@@ -115,7 +142,7 @@ def write_torchtune(adapter: af.Adapter, path: str | Path, *, base: Any = None, 
         raise af.UnsupportedError("modules with no torchtune Llama name: " + ", ".join(unnamed))
     rank = af.one_value({m: a.shape[0] for m, (a, _, _) in factors.items()}, "torchtune", "LoRA rank")
     alpha = af.one_value({m: af.alpha_for(s, rank) for m, (_, _, s) in factors.items()}, "torchtune", "LoRA alpha")
-    heads = _heads(list(factors), base, n_heads, n_kv_heads)
+    heads = _heads({m: b.shape[0] for m, (_, b, _) in factors.items()}, base, n_heads, n_kv_heads)
     tensors = {}
     for m, (a, b, _) in factors.items():
         tensors[f"{names[m]}.lora_a.weight"] = a

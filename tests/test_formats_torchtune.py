@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import adapterfmt as af
 
 from helpers_formats import assert_same_tensors, check_function, llama, llama_modules, lora_adapter
+from test_cli_paths import assert_refused, cli
 
 HEADS = {"q_proj": 2, "k_proj": 1}
 TO_HF = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
@@ -23,9 +24,7 @@ TO_HF = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "
          "mlp.w2": "mlp.down_proj"}
 
 
-def _tune_dense(folder):
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    t = load_file(folder / "adapter_model.safetensors")
+def _tune_dense(cfg, t):
     out = {}
     for key in t:
         if not key.endswith(".lora_a.weight"):
@@ -63,7 +62,7 @@ def test_write_read_function_and_round_trip(tmp_path):
     assert detect_format(peft_dir) == "peft"
 
     back = af.read_foreign(folder, base=model)
-    check_function(model, back, _tune_dense(folder))
+    check_function(model, back, _tune_dense(cfg, t))
     assert_same_tensors(back.tensors(), adapter.tensors())
     af.convert(folder, tmp_path / "a.safetensors", base=model)
     again = af.write_foreign(af.load(tmp_path / "a.safetensors"), tmp_path / "tt2", "torchtune", n_heads=2,
@@ -99,3 +98,47 @@ def test_refusals_name_what_is_in_the_way(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True, "rank_pattern": {"v": 2}}))
     with pytest.raises(af.UnsupportedError, match=r"use_dora=True, rank_pattern=\{'v': 2\}"):
         af.read_foreign(folder)
+
+
+def _epoch_folder(tmp_path, model, adapter):
+    """A folder as torchtune 0.6's Hugging Face checkpointer leaves it with safe_serialization=False
+    (torchtune/training/checkpointing/_checkpointer.py): adapter_model.pt (torchtune names), adapter_model.bin
+    (PEFT names), adapter_config.json as tune_to_peft_adapter_config writes it, the base's config.json copied."""
+    folder = af.write_foreign(adapter, tmp_path / "epoch_0", "torchtune", base=model)
+    torch.save(load_file(folder / "adapter_model.safetensors"), folder / "adapter_model.pt")
+    (folder / "adapter_model.safetensors").unlink()
+    peft = af.write_foreign(adapter, tmp_path / "peft", "peft")
+    torch.save(load_file(peft / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {k: cfg[k] for k in ("r", "lora_alpha", "target_modules")} | {"peft_type": "LORA",
+                                                                       "base_model_name_or_path": "org/tiny-llama"}))
+    model.config.to_json_file(folder / "config.json")
+    return folder
+
+
+def test_epoch_folder_head_counts_from_its_config_json(tmp_path):
+    model = llama()
+    folder = _epoch_folder(tmp_path, model, lora_adapter(model, llama_modules(), r=4, scale=2.0))
+    assert af.conversion.detect_format(folder) == "torchtune"
+    r = cli("convert", folder, tmp_path / "a.safetensors", "--allow-pickle")  # no --n-heads, no --base
+    assert r.exit_code == 0, r.output
+    back = af.load(tmp_path / "a.safetensors")
+    assert back.base["name"] == "org/tiny-llama"
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    check_function(model, back, _tune_dense(cfg, torch.load(folder / "adapter_model.pt", weights_only=True)))
+
+
+def test_head_count_errors_name_the_cli_flags_and_the_config(tmp_path):
+    model = llama()
+    folder = _epoch_folder(tmp_path, model, lora_adapter(model, llama_modules((0,), ("q_proj", "k_proj")), r=2))
+    config = folder / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_key_value_heads": 2}))
+    out = tmp_path / "a.safetensors"
+    assert_refused(cli("convert", folder, out, "--allow-pickle"), str(config), "num_key_value_heads=2",
+                   "layers.0.attn.k_proj has 8")
+    assert cli("convert", folder, out, "--allow-pickle", "--n-heads", "2", "--n-kv-heads", "1").exit_code == 0
+    config.unlink()
+    line = assert_refused(cli("convert", folder, out, "--overwrite", "--allow-pickle"), str(folder),
+                          "pass --n-heads/--n-kv-heads (n_heads= / n_kv_heads= in Python)", "no config.json beside")
+    assert "n_heads= (and" not in line

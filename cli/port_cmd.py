@@ -60,7 +60,7 @@ def extract(
 
 @cli_errors
 def port(
-    patch: str = typer.Argument(..., help="The adapter to re-target (folder or .safetensors file)."),
+    patch: str = typer.Argument(..., help="The adapter to re-target (folder, .safetensors file or hf://...)."),
     to: Path = typer.Option(..., "--to", help="The new base checkpoint (.safetensors file or folder)."),
     out: Path = typer.Option(..., "--out", help="Where to write the ported adapter."),
     old_base: Path = typer.Option(None, "--old-base", help="The base the patch was made for: enables mapping "

@@ -20,8 +20,8 @@ from . import manifest as mf
 from .atomic import atomic_dir, atomic_file, check_output
 from .errors import ChecksumError, FormatError, MissingFileError, UnsafePathError
 from .jsontext import read_json_bytes
-from .safetensors_io import (ITEMSIZE, Header, data_sha256, dtype_name, encode_header, read_header, read_tensor,
-                             tensor_bytes)
+from .safetensors_io import (ITEMSIZE, Header, data_sha256, dtype_name, encode_header, header_table, layout,
+                             read_header, read_tensor, table_sha256, tensor_bytes)
 
 MANIFEST_FILE = "adapter.json"
 TENSOR_FILE = "adapter.safetensors"
@@ -194,7 +194,7 @@ def _read(path: str | os.PathLike[str], *, verify: bool, understood: tuple[str, 
                 raise MissingFileError(f"tensor file {rel!r} named in {MANIFEST_FILE} is missing", path=path)
             header = read_header(fpath)
             if verify:
-                _verify(fpath, header, info["sha256"])
+                _verify(fpath, header, info, manifest["spec_version"])
             headers.append(header)
         return Adapter(manifest, source=path, headers=headers)
     if not path.exists():
@@ -208,15 +208,23 @@ def _read(path: str | os.PathLike[str], *, verify: bool, understood: tuple[str, 
     if set(manifest["files"]) != {mf.SINGLE_FILE_KEY}:
         raise FormatError(f"a single-file adapter's files must be exactly {{{mf.SINGLE_FILE_KEY!r}: ...}}", path=path)
     if verify:
-        _verify(path, header, manifest["files"][mf.SINGLE_FILE_KEY]["sha256"])
+        _verify(path, header, manifest["files"][mf.SINGLE_FILE_KEY], manifest["spec_version"])
     return Adapter(manifest, source=path, headers=[header])
 
 
-def _verify(path: Path, header: Header, expected: str) -> None:
+def _verify(path: Path, header: Header, info: Mapping[str, Any], version: str) -> None:
+    """Check a tensor file against its ``files`` entry: the tensor table (spec >= 1.1), then the data."""
+    table = info.get("table_sha256")
+    if table is None and mf.parse_version(version, path=path) >= (1, 1):
+        raise ChecksumError(f"spec_version {version} requires table_sha256 in the files entry; it is missing",
+                            path=path)
+    if table is not None and (got := table_sha256(header_table(header))) != table:
+        raise ChecksumError(f"checksum mismatch: tensor table (names, dtypes, shapes, offsets) has sha256 "
+                            f"{got[:12]}..., manifest says {table[:12]}...; the header was modified", path=path)
     got = data_sha256(path, header)
-    if got != expected:
+    if got != info["sha256"]:
         raise ChecksumError(f"checksum mismatch: tensor data has sha256 {got[:12]}..., manifest says "
-                            f"{expected[:12]}...; the file is corrupt or was modified", path=path)
+                            f"{info['sha256'][:12]}...; the file is corrupt or was modified", path=path)
 
 
 # ----- writing ----------------------------------------------------------------------------------------
@@ -233,9 +241,12 @@ def save(adapter: Adapter, path: str | os.PathLike[str], *, single_file: bool | 
     check_output(path, overwrite)
     tensors = adapter.tensors()
     manifest = mf.copy_manifest(adapter.manifest)
-    sha = _sha_of(tensors)
+    sums = {"sha256": _sha_of(tensors),
+            "table_sha256": table_sha256(layout({n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}))}
+    if mf.parse_version(manifest["spec_version"]) < (mf.SPEC_MAJOR, mf.SPEC_MINOR):
+        manifest["spec_version"] = mf.SPEC_VERSION  # the checksums below follow this version's rules
     if single_file:
-        manifest["files"] = {mf.SINGLE_FILE_KEY: {"sha256": sha}}
+        manifest["files"] = {mf.SINGLE_FILE_KEY: sums}
         head, order = encode_header(tensors, {mf.METADATA_KEY: mf.dumps(manifest)})
         if path.is_dir():
             raise FormatError("cannot write a single-file adapter over a folder", path=path)
@@ -244,7 +255,7 @@ def save(adapter: Adapter, path: str | os.PathLike[str], *, single_file: bool | 
             for name in order:
                 f.write(tensor_bytes(tensors[name]))
     else:
-        manifest["files"] = {TENSOR_FILE: {"sha256": sha}}
+        manifest["files"] = {TENSOR_FILE: sums}
         with atomic_dir(path, overwrite=overwrite) as tmp:
             with open(tmp / TENSOR_FILE, "wb") as f:
                 head, order = encode_header(tensors, None)

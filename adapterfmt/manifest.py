@@ -16,7 +16,7 @@ from .errors import FormatError, SpecVersionError, UnknownExtensionError
 from .jsontext import parse_json
 
 SPEC_MAJOR = 1
-SPEC_MINOR = 0
+SPEC_MINOR = 1
 SPEC_VERSION = f"{SPEC_MAJOR}.{SPEC_MINOR}"
 SINGLE_FILE_KEY = "."
 """The key of the one ``files`` entry of a single-file adapter: the file itself."""

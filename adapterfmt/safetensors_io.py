@@ -186,19 +186,47 @@ TensorSpec = tuple[str, tuple[int, ...]]
 def encode_specs(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
     """The header bytes (with its 8-byte length prefix) for tensors of these dtypes and shapes, and the order
     their data follows it (sorted by name)."""
-    order = sorted(specs)
-    entries: dict[str, object] = {}
-    offset = 0
-    for name in order:
-        dtype, shape = specs[name]
-        n = math.prod(shape) * ITEMSIZE[dtype]
-        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
+    table = layout(specs)
+    order = list(table)
+    entries: dict[str, object] = {name: {"dtype": d, "shape": list(s), "data_offsets": [b, e]}
+                                  for name, (d, s, b, e) in table.items()}
     if metadata:
         entries["__metadata__"] = dict(sorted(metadata.items()))
     raw = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % 8)
     return struct.pack("<Q", len(raw)) + raw, order
+
+
+def layout(specs: Mapping[str, TensorSpec]) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Where the writer puts each tensor: ``{name: (dtype, shape, begin, end)}`` in data order (sorted
+    names), offsets relative to the data region."""
+    table = {}
+    offset = 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        n = math.prod(shape) * ITEMSIZE[dtype]
+        table[name] = (dtype, tuple(shape), offset, offset + n)
+        offset += n
+    return table
+
+
+def table_sha256(table: Mapping[str, tuple[str, tuple[int, ...], int, int]]) -> str:
+    """sha256 (hex) of a tensor table (spec section 8): for each tensor in name order, the UTF-8 name, the
+    dtype, the shape and the data offsets, each length-prefixed as unsigned 64-bit little-endian."""
+    h = hashlib.sha256()
+    for name in sorted(table):
+        dtype, shape, begin, end = table[name]
+        for text in (name, dtype):
+            raw = text.encode("utf-8")
+            h.update(struct.pack("<Q", len(raw)) + raw)
+        h.update(struct.pack(f"<{len(shape) + 3}Q", len(shape), *shape, begin, end))
+    return h.hexdigest()
+
+
+def header_table(header: Header) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """The tensor table of a parsed header, offsets relative to its data region."""
+    return {n: (i.dtype, tuple(i.shape), i.start - header.data_start, i.end - header.data_start)
+            for n, i in header.tensors.items()}
 
 
 def encode_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
@@ -289,10 +317,11 @@ def _preallocate(f: BinaryIO, size: int) -> None:
 
 
 def write_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
-               metadata: Mapping[str, str] | None = None) -> str:
-    """Write a safetensors file atomically; returns the sha256 of its data region."""
+               metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> str:
+    """Write a safetensors file atomically (replacing an existing one only with ``overwrite``); returns the
+    sha256 of its data region."""
     specs = {n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
-    with atomic_file(path) as f:
+    with atomic_file(path, overwrite=overwrite) as f:
         w = StreamWriter(f, specs, metadata, sha256=True)
         for name in w.order:
             w.write(name, tensors[name])

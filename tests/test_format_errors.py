@@ -24,6 +24,7 @@ from adapterfmt.errors import (
     SpecVersionError,
     UnsafePathError,
 )
+from adapterfmt.safetensors_io import table_sha256
 from helpers_spec import EXAMPLES, invoke, run_adapter, tree
 
 
@@ -111,6 +112,8 @@ def tensor_missing(p: Path) -> None:
 
     m = json.loads(header["__metadata__"]["adapterfmt"])
     m["files"]["."]["sha256"] = hashlib.sha256(data).hexdigest()
+    m["files"]["."]["table_sha256"] = table_sha256(  # resealed: the structure check must catch it
+        {k: (v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items() if k != "__metadata__"})
     header["__metadata__"]["adapterfmt"] = json.dumps(m)
     join(p, header, data)
 

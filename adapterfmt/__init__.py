@@ -18,6 +18,7 @@ from .conversion import (
     base_shapes,
     base_tensor,
     convert,
+    factor_shape,
     lora_scale,
     lowrank_adapter,
     lowrank_factors,
@@ -86,7 +87,7 @@ __all__ = [
     # writing a foreign-format codec
     "read_tensor_file", "read_pickle_tensors", "write_tensor_file", "read_json_object", "write_folder", "tensor_names",
     "base_shapes", "base_fingerprint", "one_value", "lora_scale", "alpha_for", "lowrank_factors", "lowrank_adapter",
-    "base_config", "base_tensor", "attention_heads", "rope_permute",
+    "base_config", "base_tensor", "factor_shape", "attention_heads", "rope_permute",
     # errors (adapterfmt.errors)
     "AdapterError", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "UnknownExtensionError",
     "MissingFileError", "BaseMismatchError", "PluginError", "UnsupportedError", "OutputExistsError",

@@ -39,10 +39,10 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from . import manifest as mf
 from .adapter import MANIFEST_FILE, TENSOR_FILE, Adapter, load, safe_member, save
@@ -76,6 +76,7 @@ DEFAULT_TIMEOUT = 600.0
 MAX_MANIFEST_BYTES = 100 * 1024 * 1024
 """The most an ``adapter.json`` may be to be downloaded (the tensor files are bounded by the listed sizes)."""
 REFS_FILE = "refs.json"
+_T = TypeVar("_T")
 
 
 # ----- settings, read at call time --------------------------------------------------------------------
@@ -284,6 +285,7 @@ def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = N
     if _COMMIT_RE.match(branch) or branch.startswith("refs/"):
         raise HubError(f"can only push to a branch name, not {branch!r}")
     adapter = validate(path)
+    seconds = download_timeout()
     tok = hub_token(token)
     if tok is None:
         raise HubAuthError(f"push {ref.repo_id}: no Hugging Face token; set HF_TOKEN or run `hf auth login`"
@@ -305,7 +307,7 @@ def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = N
             if branch not in {b.name for b in refs.branches}:
                 api.create_branch(ref.repo_id, branch=branch, revision=DEFAULT_BRANCH, exist_ok=True)
         parent = _check_commit(api.repo_info(ref.repo_id, revision=branch).sha, f"push {ref.repo_id}", "commit id")
-    listing = _tree(api, ref, parent, "push", tok)
+    listing = _tree(api, ref, parent, "push", tok, seconds)
     existing = set(listing)
 
     with tempfile.TemporaryDirectory(prefix="adapterfmt-push-") as tmp:
@@ -322,7 +324,7 @@ def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = N
         if MANIFEST_FILE in existing:  # tensor files named by the manifest already there are ours too
             old = Path(tmp) / "old-manifest.json"
             _download(ref, parent, _remote_file(listing, MANIFEST_FILE, _what(ref, "push")), old, action="push",
-                      tok=tok, timeout=download_timeout(), limit=MAX_MANIFEST_BYTES)
+                      tok=tok, timeout=seconds, limit=MAX_MANIFEST_BYTES)
             with contextlib.suppress(ValueError, AttributeError):
                 old_manifest_files = set(json.loads(old.read_text("utf-8")).get("files", {}))
         stale = sorted((ours | old_manifest_files) & existing - set(files) - {CARD_FILE})
@@ -425,13 +427,40 @@ def _record_ref(repo_dir: Path, revision: str, sha: str) -> None:
         os.replace(tmp, repo_dir / REFS_FILE)
 
 
+def _bounded(fn: Callable[[threading.Event], _T], seconds: float, late: str) -> _T:
+    """``fn(stop)`` run in a worker thread, waited for at most ``seconds``; past that ``stop`` is set (``fn``
+    checks it between reads) and :class:`HubTransferError` ``late`` is raised, even while a read is blocked."""
+    stop = threading.Event()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = fn(stop)
+        except BaseException as e:  # handed to the calling thread
+            box["error"] = e
+
+    worker = threading.Thread(target=work, name="adapterfmt-hub", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        stop.set()
+        raise HubTransferError(late)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _late(what: str, seconds: float, doing: str) -> str:
+    return f"{what}: {doing} did not finish within {seconds:g} s (set {TIMEOUT_ENV} or --timeout for a longer limit)"
+
+
 def _check_commit(value: object, what: str, source: str) -> str:
     if not isinstance(value, str) or not _COMMIT_RE.match(value):
         raise HubError(f"{what}: the server gave {source} {str(value)[:80]!r}, not a commit id (40 hex digits); refused")
     return value
 
 
-def _resolve_commit(api: Any, ref: HubRef, what: str, offline: bool, tok: str | None) -> str:
+def _resolve_commit(api: Any, ref: HubRef, what: str, offline: bool, tok: str | None, seconds: float) -> str:
     """The commit ``ref`` names: asked of the Hub, else (offline or unreachable) the one recorded at the last pull."""
     import httpx2
     from huggingface_hub import errors as hfe
@@ -444,8 +473,9 @@ def _resolve_commit(api: Any, ref: HubRef, what: str, offline: bool, tok: str | 
     if not offline:
         with _translated(ref, "pull"):
             try:
-                sha = _check_commit(api.repo_info(ref.repo_id, revision=revision, token=tok or False).sha,
-                                    what, "commit id")
+                info = _bounded(lambda _: api.repo_info(ref.repo_id, revision=revision, token=tok or False),
+                                seconds, _late(what, seconds, "asking the Hub for the commit"))
+                sha = _check_commit(info.sha, what, "commit id")
             except (httpx2.TransportError, hfe.OfflineModeIsEnabled) as e:
                 unreachable = e
             except hfe.HfHubHTTPError as e:
@@ -476,12 +506,14 @@ class _RemoteFile:
     git_oid: str  # regular files: the git blob id (SHA-1 of "blob <size>\0" + content)
 
 
-def _tree(api: Any, ref: HubRef, sha: str, action: str, tok: str | None) -> dict[str, Any]:
+def _tree(api: Any, ref: HubRef, sha: str, action: str, tok: str | None, seconds: float) -> dict[str, Any]:
     """Repo path -> the listing's file object, at commit ``sha`` (checked only when a file is fetched)."""
     with _translated(ref, action):
         try:
-            return {f.path: f for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True, token=tok or False)
-                    if type(f).__name__ == "RepoFile"}
+            entries = _bounded(lambda _: list(api.list_repo_tree(ref.repo_id, revision=sha, recursive=True,
+                                                                 token=tok or False)),
+                               seconds, _late(_what(ref, action), seconds, "listing the files"))
+            return {f.path: f for f in entries if type(f).__name__ == "RepoFile"}
         except (KeyError, TypeError, ValueError) as e:
             raise HubError(f"{action} {ref.repo_id}: malformed file listing from the server ({type(e).__name__})") from None
 
@@ -525,31 +557,16 @@ def _download(ref: HubRef, sha: str, remote: _RemoteFile, dest: Path, *, action:
 
     Refused, with one line naming the file: a body or ``Content-Length`` beyond the size the listing gives
     (or ``limit``), an ``X-Repo-Commit`` other than ``sha``, bytes whose hash differs from the listing's,
-    and a transfer not finished within ``timeout`` seconds. The transfer runs in a worker thread, so the
-    deadline holds even while a read is blocked; the worker stops writing as soon as the deadline passed.
+    and a transfer not finished within ``timeout`` seconds (see :func:`_bounded`: the deadline holds even
+    while a read is blocked, and the worker stops writing once it passed).
     """
     what = _what(ref, action)
     if limit is not None and remote.size > limit:
         raise HubError(f"{what}: {remote.path} is listed as {remote.size} bytes, more than the {limit} allowed; refused")
-    stop = threading.Event()
-    outcome: list[BaseException] = []
     with open(dest, "xb") as f:
-        def work() -> None:
-            try:
-                _transfer(ref, sha, remote, f, stop, what=what, tok=tok, timeout=timeout)
-            except BaseException as e:  # handed to the calling thread
-                outcome.append(e)
-
-        worker = threading.Thread(target=work, name=f"adapterfmt-pull {remote.path}", daemon=True)
-        worker.start()
-        worker.join(timeout)
-        if worker.is_alive():
-            stop.set()
-            raise HubTransferError(f"{what}: download of {remote.path} did not finish within {timeout:g} s "
-                                   f"(set {TIMEOUT_ENV} or --timeout for a longer limit)")
-        if outcome:
-            with _translated(ref, action, file=remote.path):
-                raise outcome[0]
+        with _translated(ref, action, file=remote.path):
+            _bounded(lambda stop: _transfer(ref, sha, remote, f, stop, what=what, tok=tok, timeout=timeout),
+                     timeout, _late(what, timeout, f"download of {remote.path}"))
         f.flush()
         os.fsync(f.fileno())
 
@@ -679,7 +696,7 @@ def fetch(ref: HubRef, *, token: str | None = None, timeout: float | None = None
     tok = hub_token(token)
     offline = hub_offline()
     api = HfApi(endpoint=hub_endpoint(), token=tok or False)
-    sha = _resolve_commit(api, ref, what, offline, tok)
+    sha = _resolve_commit(api, ref, what, offline, tok, seconds)
     folder_target, file_target = _targets(ref, sha)
     for form, target in (("folder", folder_target), ("single-file", file_target)):
         if target.exists():  # a commit never changes: what verified once is used without asking the Hub
@@ -691,7 +708,7 @@ def fetch(ref: HubRef, *, token: str | None = None, timeout: float | None = None
                               cache_path=target, files=files, form=form)
     if offline:
         raise HubError(f"{what}: commit {sha[:12]} is not in the local cache and HF_HUB_OFFLINE=1")
-    listing = _tree(api, ref, sha, "pull", tok)
+    listing = _tree(api, ref, sha, "pull", tok, seconds)
     form, first = _detect(set(listing), ref.path, what)
     repo_dir = _repo_store(ref.repo_id)
     repo_dir.mkdir(parents=True, exist_ok=True)

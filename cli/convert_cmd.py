@@ -8,7 +8,7 @@ import typer
 
 import adapterfmt as af
 
-from .common import JsonOpt, OverwriteOpt, cli_errors, console, print_json
+from .common import JsonOpt, OverwriteOpt, cli_errors, console, err_console, print_json
 
 
 @cli_errors
@@ -43,6 +43,8 @@ def convert(
     options.update({k: v for k, v in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("arch", arch))
                     if v is not None})
     report = af.convert(src, dst, to, overwrite=overwrite, single_file=single_file, **options)
+    for note in report.notes:
+        err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
     if as_json:
         print_json(report.as_dict())
         return

@@ -94,7 +94,8 @@ class Fault:
     - ``sha``: ``repo_info`` answers with commit id ``value``;
     - ``endless``: the file's bytes, then zeros forever, with no ``Content-Length``;
     - ``huge``: ``Content-Length: value`` (a huge number) and zeros trickling out every ``delay`` seconds;
-    - ``drip``: the true headers, then the body one byte every ``delay`` seconds.
+    - ``drip``: the true headers, then the body one byte every ``delay`` seconds;
+    - ``stall``: the answer only after ``delay`` seconds.
     """
 
     method: str
@@ -362,6 +363,8 @@ class _Handler(BaseHTTPRequestHandler):
         segments = [unquote(s) for s in raw.path.split("/")[1:]]
         query = {k: v[-1] for k, v in parse_qs(raw.query).items()}
         fault = self._fault(method, unquote(raw.path))
+        if fault is not None and fault.mode == "stall":
+            time.sleep(fault.delay)
         if fault is not None and fault.mode == "500":
             self._body()
             self._send_json(500, {"error": "Internal Error - injected fault"})

@@ -164,6 +164,18 @@ def test_slow_drip_hits_the_deadline(hub_env: FakeHub, pushed, tmp_path: Path, m
     assert_recovers(hub_env, src, tmp_path)
 
 
+@pytest.mark.parametrize("api", ["revision/*", "tree/*"])
+def test_stalled_api_answer_hits_the_deadline(hub_env: FakeHub, pushed, tmp_path: Path, api: str) -> None:
+    src, before = pushed
+    hub_env.fail(f"/api/models/alice/x/{api}", "stall", delay=8)
+    t0 = time.monotonic()
+    with pytest.raises(af.HubTransferError, match=r"pull alice/x: .* did not finish within 1 s"):
+        hub.pull("alice/x", timeout=1)
+    assert time.monotonic() - t0 < 4
+    assert_nothing_new_outside_store(tmp_path, before)
+    assert_recovers(hub_env, src, tmp_path)
+
+
 def test_slow_but_within_the_deadline_succeeds(hub_env: FakeHub, pushed, tmp_path: Path) -> None:
     src, _ = pushed
     hub_env.fail("/alice/x/resolve/*/adapter.json", "drip", delay=0.001)

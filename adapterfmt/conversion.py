@@ -18,7 +18,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Collection, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,8 @@ class ConvertReport:
     method: str
     modules: int
     tensors: int
+    notes: list[str] = field(default_factory=list)
+    """What the reading codec noted (e.g. a stored base weight dropped as equal to the base's)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,7 +172,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str | 
     else:
         write_foreign(adapter, dst, to, overwrite=overwrite, **write_opts)
     return ConvertReport(shown, str(dst), source_format, to, adapter.method, len(adapter.modules),
-                         len(adapter.tensor_names()))
+                         len(adapter.tensor_names()),
+                         [] if source_format == ADAPTERFMT else
+                         list((adapter.manifest.get("provenance") or [{}])[-1].get("notes", [])))
 
 
 def to_peft(adapter: Adapter, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -232,6 +236,34 @@ def base_shapes(base: BaseLike) -> dict[str, tuple[int, ...]]:
     for header in read_checkpoint_headers(base):
         shapes.update({n: tuple(info.shape) for n, info in header.tensors.items()})
     return shapes
+
+
+def base_tensor(base: BaseLike, name: str) -> torch.Tensor:
+    """The value of tensor ``name`` of a base model (a safetensors checkpoint or a live module), for
+    foreign formats whose meaning depends on the base weights (PEFT's PiSSA / OLoRA, stored embeddings)."""
+    if isinstance(base, nn.Module):
+        found = dict((*base.named_parameters(), *base.named_buffers())).get(name)
+        if found is None:
+            raise BaseMismatchError(f"the base model has no tensor {name!r}")
+        return found.detach()
+    if isinstance(base, Mapping):
+        raise UnsupportedError(f"the values of {name!r} are needed, and the base is given by shapes only")
+    for header in read_checkpoint_headers(base):
+        if name in header.tensors:
+            return read_tensor(header, name)
+    raise BaseMismatchError(f"the base checkpoint has no tensor {name!r}", path=base)
+
+
+def factor_shape(kind: str, roles: Mapping[str, torch.Tensor]) -> list[int]:
+    """The function-layout weight shape that LoHa (``hadamard``) or LoKr (``kronecker``) factors imply:
+    a Linear weight's for 2-D factors (a conv's flattened ``[out, n_in]``), a conv's for LoKr's 4-D ``lokr_w2``."""
+    if kind == "hadamard":
+        return [roles["hada_w1_a"].shape[0], roles["hada_w1_b"].shape[1]]
+    w1 = list(roles["lokr_w1"].shape) if "lokr_w1" in roles else [roles["lokr_w1_a"].shape[0],
+                                                                    roles["lokr_w1_b"].shape[1]]
+    w2 = list(roles["lokr_w2"].shape) if "lokr_w2" in roles else [roles["lokr_w2_a"].shape[0],
+                                                                    *roles["lokr_w2_b"].shape[1:]]
+    return [w1[0] * w2[0], *(a * b for a, b in zip(w1[1:] + [1] * (len(w2) - len(w1)), w2[1:]))]
 
 
 def tensor_names(path: str | os.PathLike[str]) -> list[str]:
@@ -385,7 +417,7 @@ def rope_permute(t: torch.Tensor, n_heads: int, *, inverse: bool = False) -> tor
     return t.reshape(*split, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
 
 
-__all__ = ["tensor_names", "write_folder", "one_value", "base_fingerprint", "lora_scale", "alpha_for", "Factors", "lowrank_factors",
+__all__ = ["tensor_names", "base_tensor", "factor_shape", "write_folder", "one_value", "base_fingerprint", "lora_scale", "alpha_for", "Factors", "lowrank_factors",
            "lowrank_adapter", "base_config", "attention_heads", "rope_permute",
            "ADAPTERFMT", "ConvertReport", "convert", "detect_format", "read_foreign", "write_foreign", "to_peft",
            "read_tensor_file", "read_pickle_tensors", "write_tensor_file", "base_shapes", "is_adapterfmt"]

@@ -67,12 +67,7 @@ def _function_shape(kind: str, t: dict[str, torch.Tensor]) -> list[int]:
     """The weight shape the factors imply (exact for LoRA and 2-D LoHa / LoKr)."""
     if kind == "lowrank":
         return [t["lora_up.weight"].shape[0], *t["lora_down.weight"].shape[1:]]
-    if kind == "hadamard":
-        return [t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]]
-    w1 = t.get("lokr_w1", None)
-    w1s = list(w1.shape) if w1 is not None else [t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1]]
-    w2s = list(t["lokr_w2"].shape) if "lokr_w2" in t else [t["lokr_w2_a"].shape[0], *t["lokr_w2_b"].shape[1:]]
-    return [w1s[0] * w2s[0], *(a * b for a, b in zip(w1s[1:] + [1] * (len(w2s) - len(w1s)), w2s[1:]))]
+    return af.factor_shape(kind, t)
 
 
 def _candidates(base: Any) -> dict[str, list[str]]:

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import torch
 from torch import nn
 
@@ -92,6 +93,106 @@ def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any) -
     return default
 
 
+# ----- the config: types, then meaning -----------------------------------------------------------------------
+_STRINGS: dict[str, Any] = {"type": "array", "items": {"type": "string"}}
+_NAMES: dict[str, Any] = {"anyOf": [{"type": "null"}, {"type": "string", "format": "regex"}, _STRINGS]}
+_INTS: dict[str, Any] = {"type": "array", "items": {"type": "integer"}}
+
+
+def _patterns_of(value: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [{"type": "null"}, {"type": "object", "propertyNames": {"format": "regex"},
+                                         "additionalProperties": value}]}
+
+
+CONFIG_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["peft_type"],
+    "properties": {
+        "peft_type": {"type": "string"},
+        "base_model_name_or_path": {"type": ["string", "null"]},
+        "revision": {"type": ["string", "null"]},
+        "r": {"type": "integer", "minimum": 1},
+        "init_r": {"type": "integer", "minimum": 1},
+        "lora_alpha": {"type": "number"},
+        "alpha": {"type": "number"},
+        "rank_pattern": _patterns_of({"type": "integer", "minimum": 1}),
+        "alpha_pattern": _patterns_of({"type": "number"}),
+        **dict.fromkeys(("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "decompose_both",
+                         "save_projection"), {"type": "boolean"}),
+        "bias": {"type": "string"},
+        "init_lora_weights": {"type": ["boolean", "string"]},
+        "target_modules": _NAMES, "exclude_modules": _NAMES, "feedforward_modules": _NAMES,
+        "modules_to_save": {"anyOf": [{"type": "null"}, _STRINGS]},
+        "layers_to_transform": {"anyOf": [{"type": "null"}, {"type": "integer"}, _INTS]},
+        "layers_pattern": {"anyOf": [{"type": "null"}, {"type": "string"}, _STRINGS]},
+        "trainable_token_indices": {"anyOf": [{"type": "null"}, _INTS,
+                                              {"type": "object", "additionalProperties": _INTS}]},
+        "num_virtual_tokens": {"type": "integer", "minimum": 1},
+        "num_transformer_submodules": {"type": ["integer", "null"]},
+        "decompose_factor": {"type": "integer"},
+    },
+}
+"""JSON Schema of the PEFT config fields this codec reads: a value of the wrong type is one error naming it."""
+
+
+def _check_types(cfg: Mapping[str, Any], path: Path) -> None:
+    validator = jsonschema.Draft202012Validator(CONFIG_SCHEMA, format_checker=jsonschema.FormatChecker())
+    err = jsonschema.exceptions.best_match(validator.iter_errors(cfg))
+    if err is not None:
+        where = ".".join(str(p) for p in err.absolute_path) or "the top level"
+        raise af.FormatError(f"field {where}: {err.message}", path=path)
+
+
+def peft_targets(cfg: Mapping[str, Any], module: str) -> bool:
+    """Whether PEFT wraps ``module`` when it loads an adapter with this config (its own rule: exclusions,
+    ``modules_to_save``, ``target_modules`` as a full-match regex or names matched exactly or as a dotted
+    suffix, then ``layers_to_transform`` / ``layers_pattern`` for a list). A module it does not wrap has its
+    tensors ignored by PEFT. ``target_modules`` null (PEFT's per-model default) or ``"all-linear"`` cannot
+    be decided from the file and count as targeting every module."""
+    if peft_matches(cfg.get("exclude_modules"), module) or any(
+            re.match(rf"(^|.*\.){m}($|\..*)", module) for m in cfg.get("modules_to_save") or []):
+        return False
+    targets = cfg.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str) or not peft_matches(targets, module):
+        return peft_matches(targets, module)
+    layers = cfg.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = cfg.get("layers_pattern")
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        found = next((m for p in ([patterns] if isinstance(patterns, str) else patterns)
+                      if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+    if found is None:
+        return False
+    return int(found["idx"]) in ([layers] if isinstance(layers, int) else layers)
+
+
+def _base_rewrite(init: bool | str, path: Path) -> str | None:
+    """What PEFT's ``init_lora_weights`` does to the base when PEFT loads a LoRA adapter (its layer code):
+    None when nothing (True, False, "gaussian", "eva", "orthogonal", "mica": they only set the initial
+    factors, which the file's replace); "pissa" / "olora" when it subtracts a product computed from the base
+    (reproduced exactly given the base); an error for the rest."""
+    if isinstance(init, bool) or init in ("eva", "orthogonal") or init.lower() in ("gaussian", "mica"):
+        return None
+    if init == "pissa" or init.lower() == "olora":
+        return "pissa" if init == "pissa" else "olora"
+    convert = "; convert the plain LoRA PEFT writes with save_pretrained(path_initial_model_for_weight_conversion=...)"
+    why = ("rewrites the base with a randomised SVD when PEFT loads the adapter, which cannot be reproduced" + convert
+           if init.startswith("pissa_niter_") else
+           "rewrites the base from a dataset's activation statistics (PEFT cannot reload it without them)" + convert
+           if init.startswith("corda") else
+           "replaces the base by a bitsandbytes-quantised residual when PEFT loads the adapter, which is not "
+           "reproduced here" if init == "loftq" else
+           "was trained against a base rewritten from gradients, which PEFT does not redo when it loads the "
+           "adapter" + convert if init == "lora_ga" else
+           "is not an initialisation PEFT can load")
+    raise af.UnsupportedError(f"init_lora_weights={init!r} {why}", path=path)
+
+
 # ----- reading ---------------------------------------------------------------------------------------------
 def _check_fields(cfg: Mapping[str, Any], mapped: frozenset[str], path: Path) -> None:
     bad = sorted(k for k, v in cfg.items() if k not in mapped and k not in IGNORED and v not in NEUTRAL)
@@ -124,6 +225,7 @@ class _Reader:
         self.base = base
         self.modules: dict[str, dict[str, Any]] = {}
         self.tensors: dict[str, torch.Tensor] = {}
+        self.notes: list[str] = []
 
     def add(self, module: str, entry: dict[str, Any], roles: Mapping[str, torch.Tensor]) -> None:
         if module in self.modules:
@@ -131,6 +233,13 @@ class _Reader:
                                       f"and {entry['kind']}); adapterfmt has one entry per module", path=self.path)
         self.modules[module] = entry
         self.tensors.update({f"{module}.{role}": t for role, t in roles.items()})
+
+    def targeted(self, module: str) -> None:
+        """Refuse tensors of a module PEFT would not wrap under this config (it would ignore them)."""
+        if not peft_targets(self.cfg, module):
+            raise af.UnsupportedError(f"module {module!r} has adapter tensors but the config's target_modules / "
+                                      "exclude_modules / layers_to_transform / layers_pattern / modules_to_save do "
+                                      "not target it (PEFT ignores its tensors)", path=self.path)
 
     def base_shape(self, module: str, why: str, parameter: str = "weight") -> list[int]:
         name = f"{module}.{parameter}"
@@ -162,11 +271,12 @@ class _Reader:
         _check_fields(cfg, ADALORA_FIELDS if adalora else LORA_FIELDS, self.path)
         if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
             raise af.UnsupportedError(f"PEFT bias={cfg['bias']!r} cannot be represented", path=self.path)
+        init = None if adalora else _base_rewrite(cfg.get("init_lora_weights", True), self.path)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         extra: dict[str, torch.Tensor] = {}
         suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".lora_embedding_A": "eA",
                     ".lora_embedding_B": "eB", ".lora_magnitude_vector": "magnitude", ".lora_A": "A", ".lora_B": "B",
-                    ".lora_E": "E", ".base_layer.bias": "base_bias"}
+                    ".lora_E": "E", ".base_layer.bias": "base_bias", ".base_layer.weight": "base_weight"}
         for key, t in self.raw.items():
             suffix = next((s for s in suffixes if key.endswith(s)), None)
             if suffix is None:
@@ -180,6 +290,11 @@ class _Reader:
             a, b = (p.get("eA"), p.get("eB")) if embedding else (p.get("A"), p.get("B"))
             if a is None or b is None:
                 raise af.FormatError(f"module {module!r} lacks lora_A or lora_B", path=self.path)
+            if ("E" in p) != adalora:
+                raise af.FormatError(f"module {module!r}: lora_E (AdaLoRA's singular values) is "
+                                     f"{'missing' if adalora else 'present'} but peft_type is {cfg['peft_type']!r}",
+                                     path=self.path)
+            self.targeted(module)
             r = a.shape[0]
             if adalora:
                 init_r = int(cfg.get("init_r", r))
@@ -195,6 +310,12 @@ class _Reader:
             out, fin = b.shape[0], tuple(a.shape[1:])
             transposed = embedding or (transposed_linear and a.dim() == 2)
             shape = [*fin, out] if transposed else [out, *fin]
+            stored = p.get("base_weight")
+            if stored is not None and not self.same_as_base(module, f"{PREFIX}{module}.base_layer.weight", stored):
+                self.replace_lora(module, p, stored, af.lowrank_entry(shape, scale, transposed=transposed))
+                continue
+            if init is not None and not embedding and stored is None:
+                a, b = self.rewrite(init, module, a, b, scale, transposed)
             roles = {"lora_A": a, "lora_B": b}
             if "bias" in p:
                 roles["bias"] = p["bias"]
@@ -208,6 +329,65 @@ class _Reader:
                       "use_rslora": rslora, "use_dora": bool(cfg.get("use_dora")),
                       "lora_bias": bool(cfg.get("lora_bias"))}
         return method_cfg
+
+    def rewrite(self, init: str, module: str, a: torch.Tensor, b: torch.Tensor, scale: float,
+                transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """PiSSA / OLoRA: PEFT subtracts ``scale * B0 @ A0`` (computed from the base weight) from the base when
+        it loads the adapter, so the file means ``dW = scale * (B A - B0 A0)``: the rank-2r factors
+        ``[A; A0]``, ``[B, -B0]`` (in float32, as PEFT computes B0 and A0)."""
+        key = f"init_lora_weights={self.cfg['init_lora_weights']!r}"
+        if a.dim() != 2:
+            raise af.UnsupportedError(f"{key} on the convolution {module!r}: PEFT cannot load it either",
+                                      path=self.path)
+        if self.base is None:
+            raise af.UnsupportedError(f"{key} rewrites the base weights when PEFT loads the adapter (W - scale * "
+                                      "B0 A0 computed from the base); pass the base model (base= / --base BASE) to "
+                                      "convert it exactly", path=self.path)
+        w = af.base_tensor(self.base, f"{module}.weight").to(torch.float32)
+        r = a.shape[0]
+        if init == "pissa":  # the top-r singular triplets of the function-layout weight, sqrt(S / scale) on each side
+            u, s, vh = torch.linalg.svd(w.t() if transposed else w, full_matrices=False)
+            root = torch.sqrt(s[:r] / scale)
+            b0, a0 = u[:, :r] * root, root[:, None] * vh[:r]
+        else:  # OLoRA: the first r columns of Q and rows of R of the stored weight's QR decomposition
+            q, rr = torch.linalg.qr(w)
+            b0, a0 = (rr[:r].t(), q[:, :r].t()) if transposed else (q[:, :r], rr[:r])
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        return torch.cat([a.to(dtype), a0.to(dtype)]), torch.cat([b.to(dtype), -b0.to(dtype)], dim=1)
+
+    def same_as_base(self, module: str, key: str, stored: torch.Tensor) -> bool:
+        """A base weight PEFT saved in the file (``save_embedding_layers``), which PEFT loads over the base's:
+        True when it equals the base's (it is then dropped), False when it differs (the caller stores a
+        replacement); either is noted in the provenance."""
+        if self.base is None:
+            raise af.UnsupportedError(f"{key}: PEFT saved the base weight of {module!r} (save_embedding_layers); "
+                                      "pass the base model (base= / --base BASE) to compare it with the base's",
+                                      path=self.path)
+        base = af.base_tensor(self.base, f"{module}.weight")
+        if tuple(base.shape) != tuple(stored.shape):
+            raise af.BaseMismatchError(f"{key} has shape {list(stored.shape)}, the base's {module}.weight "
+                                       f"{list(base.shape)} (a resized embedding: resize the base first)",
+                                       path=self.path)
+        if torch.equal(stored.to(base.dtype), base):
+            self.notes.append(f"{key} equals the base weight: dropped")
+            return True
+        self.notes.append(f"{key} differs from the base weight: stored as a dense replacement of {module}.weight")
+        return False
+
+    def replace_lora(self, module: str, p: Mapping[str, torch.Tensor], stored: torch.Tensor,
+                     entry: dict[str, Any]) -> None:
+        """A LoRA module whose base weight PEFT replaces by ``stored``: one dense ``replace`` entry with
+        ``stored + dW`` (PEFT computes ``f(x; stored) + scale * B A x``)."""
+        if {"magnitude", "bias", "E"} & set(p):
+            raise af.UnsupportedError(f"{PREFIX}{module}.base_layer.weight replaces the base weight of a module "
+                                      "with DoRA or a LoRA bias; this cannot be represented", path=self.path)
+        a, b = p.get("eA", p.get("A")), p.get("eB", p.get("B"))
+        dw = af.registry.get_kind("lowrank").delta(entry, {"lora_A": a, "lora_B": b})
+        dtype = torch.promote_types(stored.dtype, torch.float32)
+        roles = {"value": stored.to(dtype) + dw.to(dtype)}
+        if "base_bias" in p:
+            roles["bias_value"] = p["base_bias"]
+        self.add(module, {"kind": "dense", "shape": list(stored.shape), "params": {"mode": "replace"}}, roles)
 
     def aux(self, extra: dict[str, torch.Tensor]) -> None:
         """modules_to_save, bias="all" biases and trainable tokens: every other tensor, or an error naming it."""
@@ -225,6 +405,10 @@ class _Reader:
             elif cfg.get("bias") == "all" and pname == "bias":
                 self.add(module, {"kind": "dense", "shape": list(t.shape), "parameter": "bias",
                                   "params": {"mode": "replace"}}, {"value": t})
+            elif pname == "weight":  # an embedding PEFT saved whole (save_embedding_layers, not targeted)
+                if not self.same_as_base(module, PREFIX + key, t):
+                    self.add(module, {"kind": "dense", "shape": list(t.shape), "params": {"mode": "replace"}},
+                             {"value": t})
             else:
                 unknown.append(key)
         if unknown:
@@ -260,6 +444,7 @@ class _Reader:
                 extra[key] = t
                 continue
             module = key.removesuffix(".ia3_l")
+            self.targeted(module)
             side = "input" if peft_matches(ff, module) else "output"
             params: dict[str, Any] = {"op": "scale", "side": side}
             shape = self.base_shape(module, "IA3")
@@ -288,9 +473,13 @@ class _Reader:
         _check_fields(cfg, LYCORIS_FIELDS, self.path)
         kind, roles = LYCORIS_ROLES[ptype]
         for module, t in sorted(self.by_module(roles).items()):
+            self.targeted(module)
             r = pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8))
             scale = pattern_value(cfg.get("alpha_pattern"), module, cfg.get("alpha", 8)) / r
-            self.add(module, {"kind": kind, "shape": self.base_shape(module, ptype), "params": {"scale": scale}}, t)
+            # 2-D factors carry a Linear weight's shape; with the base, its own shape (a conv's included)
+            shape = self.base_shape(module, ptype) if self.shapes is not None or any(v.dim() != 2 for v in t.values()) \
+                else af.factor_shape(kind, t)
+            self.add(module, {"kind": kind, "shape": shape, "params": {"scale": scale}}, t)
         return {"r": cfg.get("r", 8), "alpha": cfg.get("alpha", 8)}
 
     def vera(self) -> dict[str, Any]:
@@ -304,6 +493,7 @@ class _Reader:
             raise af.FormatError("VeRA file lacks base_model.vera_A / base_model.vera_B", path=self.path)
         self.raw = _strip(self.raw, self.path)
         for module, t in sorted(self.by_module(("vera_lambda_b", "vera_lambda_d")).items()):
+            self.targeted(module)
             renamed = {role.removeprefix("vera_"): v for role, v in t.items()}
             self.add(module, {"kind": "vera", "shape": self.base_shape(module, "VeRA"),
                               "params": {"shared": {"vera_A": "vera_A", "vera_B": "vera_B"}}}, renamed)
@@ -341,6 +531,7 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False)
     """Read a PEFT adapter folder (see the module docstring for the mapping)."""
     path = Path(path)
     cfg = af.read_json_object(path / CONFIG_FILE)
+    _check_types(cfg, path / CONFIG_FILE)
     ptype = cfg.get("peft_type")
     if ptype not in READERS:
         raise af.UnsupportedError(f"PEFT type {ptype!r} is not supported (supported: {', '.join(READERS)})", path=path)
@@ -351,6 +542,8 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False)
     fingerprint = af.base_fingerprint(base)
     prov = {"tool": "peft", "format": "peft", "peft_type": ptype, "peft_version": cfg.get("peft_version"),
             "source": str(path), "config": cfg, "modules_sha256": _modules_digest(reader.modules)}
+    if reader.notes:
+        prov["notes"] = reader.notes
     manifest = af.new_manifest(method, reader.modules, config=method_cfg, provenance=[prov],
                                base={"name": cfg.get("base_model_name_or_path"), "revision": cfg.get("revision"),
                                      "fingerprint": fingerprint})

@@ -42,6 +42,7 @@ from .errors import (
     HubAuthError,
     HubError,
     HubTransferError,
+    LimitError,
     MissingFileError,
     NotAnAdapterRepoError,
     OutputExistsError,
@@ -90,7 +91,7 @@ __all__ = [
     "base_config", "base_tensor", "factor_shape", "attention_heads", "rope_permute",
     # errors (adapterfmt.errors)
     "AdapterError", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "UnknownExtensionError",
-    "MissingFileError", "BaseMismatchError", "PluginError", "UnsupportedError", "OutputExistsError",
+    "LimitError", "MissingFileError", "BaseMismatchError", "PluginError", "UnsupportedError", "OutputExistsError",
     "HubError", "RepoNotFoundError", "RevisionNotFoundError", "NotAnAdapterRepoError", "HubAuthError",
     "HubTransferError", "PushConflictError",
 ]

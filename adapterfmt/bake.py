@@ -32,6 +32,7 @@ from .adapter import Adapter, load
 from .atomic import atomic_dir, atomic_file, check_output
 from .errors import BaseMismatchError, FormatError, UnsupportedError
 from .fingerprint import checkpoint_files, compare, fingerprint_checkpoint
+from .limits import check_dense
 from .merge import MergeOptions, Term, collect_terms, merge_module, resolve_weights
 from .registry import get_kind
 from .safetensors_io import DTYPES, ITEMSIZE, Header, StreamWriter, TensorInfo, read_header, read_tensor
@@ -194,6 +195,7 @@ def _changed(mod: _Module, name: str, where: dict[str, Header], buf: _Buffers, o
             _add_rows(value.reshape(1, -1), None, _merged_bias(entry, t).float().reshape(1, -1), buf)
         return value
     # non-additive kinds merge themselves, in adapter order, into fp32 copies of the weight and bias
+    check_dense(where[mod.weight].tensors[mod.weight].shape, f"module {mod.path!r}")
     weight = read_tensor(where[mod.weight], mod.weight)
     bias = read_tensor(where[mod.bias], mod.bias) if mod.bias else None
     stand = _Standin(weight.float(), None if bias is None else bias.float())

@@ -27,6 +27,7 @@ import torch
 from . import bitpack
 from .deltas.ternary import ternary_decode, ternary_encode, ternary_roles, top_k_mask
 from .errors import FormatError
+from .limits import check_dense
 from .safetensors_io import DTYPES, dtype_name
 
 if TYPE_CHECKING:
@@ -69,18 +70,27 @@ def decode(adapter: Adapter, module: str, role: str, spec: dict[str, Any]) -> to
     try:
         return codec.decode(parts, spec)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        msg = e.message if isinstance(e, FormatError) else str(e)
-        raise FormatError(f"module {module!r}: {role} ({spec['codec']}): {msg}", path=adapter.source) from None
+        msg, err = (e.message, type(e)) if isinstance(e, FormatError) else (str(e), FormatError)
+        raise err(f"module {module!r}: {role} ({spec['codec']}): {msg}", path=adapter.source) from None
 
 
 # ----- built-in codecs -----------------------------------------------------------------------------------
 def _logical(spec: dict[str, Any]) -> tuple[tuple[int, ...], torch.dtype]:
+    """The spec's logical shape and dtype, refused past the dense limit before anything is decoded."""
     shape, dtype = spec.get("shape"), spec.get("dtype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise FormatError(f"spec shape must be a list of sizes, got {shape!r}")
-    if dtype not in DTYPES or not DTYPES[dtype].is_floating_point:
-        raise FormatError(f"spec dtype must be a float safetensors dtype, got {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise FormatError(f"spec shape must be a list of sizes, got {str(shape)[:60]}")
+    if not isinstance(dtype, str) or dtype not in DTYPES or not DTYPES[dtype].is_floating_point:
+        raise FormatError(f"spec dtype must be a float safetensors dtype, got {str(dtype)[:40]!r}")
+    check_dense(shape, "decoded tensor")
     return tuple(shape), DTYPES[dtype]
+
+
+def _finite(t: torch.Tensor, part: str) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise FormatError(f"part {part!r} holds a non-finite scale")
+    return t
 
 
 def _expect(parts: dict[str, torch.Tensor], part: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -112,7 +122,7 @@ class Int8Codec:
         shape, dtype = _logical(spec)
         channels = shape[0] if len(shape) >= 2 else 1
         q = _expect(parts, "q", torch.int8, shape)
-        scale = _expect(parts, "scale", torch.float32, (channels,))
+        scale = _finite(_expect(parts, "scale", torch.float32, (channels,)), "scale")
         return (q.reshape(channels, -1).float() * scale[:, None]).reshape(shape).to(dtype)
 
     def parts(self, spec: dict[str, Any]) -> tuple[str, ...]:
@@ -140,13 +150,13 @@ class Int4Codec:
     def decode(self, parts: dict[str, torch.Tensor], spec: dict[str, Any]) -> torch.Tensor:
         shape, dtype = _logical(spec)
         g = spec.get("group_size")
-        if not isinstance(g, int) or g < 1:
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
             raise FormatError(f"int4 group_size must be a positive integer, got {g!r}")
         n = math.prod(shape)
         q = _expect(parts, "q", torch.uint8, ((n + 1) // 2,))
-        scale = _expect(parts, "scale", torch.float16, (math.ceil(n / g),))
+        scale = _finite(_expect(parts, "scale", torch.float16, (-(-n // g),)), "scale")
         codes = bitpack.unpack_nibbles(q, n, what="int4 codes").float() - 8
-        return (codes * scale.float().repeat_interleave(g)[:n]).reshape(shape).to(dtype)
+        return (codes * scale.float().repeat_interleave(min(g, max(n, 1)))[:n]).reshape(shape).to(dtype)
 
     def parts(self, spec: dict[str, Any]) -> tuple[str, ...]:
         return ("q", "scale")

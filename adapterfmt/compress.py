@@ -44,6 +44,7 @@ from .deltas.lowrank import LowRank
 from .deltas.ternary import ternary_encode
 from .errors import FormatError, UnsupportedError
 from .jsontext import read_json_object
+from .limits import check_dense
 from .manifest import copy_manifest
 from .registry import get_kind
 from .safetensors_io import ITEMSIZE, dtype_name
@@ -289,6 +290,10 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
     """
     plan = normalize_steps(steps)
     originals = {path: adapter.module_tensors(path) for path in sorted(adapter.modules)}
+    for path, entry in sorted(adapter.modules.items()):  # module_effect forms these modules' dW in fp64
+        kind = get_kind(entry["kind"])
+        if isinstance(kind, LowRank) or kind.is_additive(entry, list(originals[path])):
+            check_dense(entry["shape"], f"module {path!r}", itemsize=8, path=adapter.source)
     works = {path: Work({k: v for k, v in entry.items() if k != "encoding"}, dict(originals[path]))
              for path, entry in sorted(adapter.modules.items())}
     for step in plan:

@@ -31,6 +31,11 @@ class UnknownExtensionError(FormatError):
     """The manifest lists a ``must_understand`` extension that no installed plugin understands."""
 
 
+class LimitError(FormatError):
+    """An input exceeds a reader limit (header or JSON size, entry count, name length, dense size); the message
+    names the environment variable that raises it (:mod:`adapterfmt.limits`)."""
+
+
 class ChecksumError(FormatError):
     """Tensor bytes do not match the sha256 recorded in the manifest."""
 

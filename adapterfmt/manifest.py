@@ -14,6 +14,7 @@ import jsonschema
 
 from .errors import FormatError, SpecVersionError, UnknownExtensionError
 from .jsontext import parse_json
+from .limits import MAX_PATH_COMPONENT_BYTES, MODULES, check_name
 
 SPEC_MAJOR = 1
 SPEC_MINOR = 1
@@ -66,8 +67,10 @@ def new_manifest(
 
 def parse_version(text: object, *, path: object = None) -> tuple[int, int]:
     """Split ``"MAJOR.MINOR"``; refuse a major this reader does not implement."""
-    if not isinstance(text, str) or not re.fullmatch(r"[0-9]+\.[0-9]+", text):
-        raise FormatError(f"spec_version must be a 'MAJOR.MINOR' string, got {text!r}", path=path)
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}", text):
+        shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:40] + "..."
+        raise FormatError(f"spec_version must be a 'MAJOR.MINOR' string of at most 9 digits each, got {shown}",
+                          path=path)
     major, minor = (int(p) for p in text.split("."))
     if major != SPEC_MAJOR:
         raise SpecVersionError(
@@ -81,6 +84,7 @@ def check_manifest(m: object, *, path: object = None, understood: Iterable[str] 
     if not isinstance(m, dict):
         raise FormatError("manifest is not a JSON object", path=path)
     parse_version(m.get("spec_version"), path=path)
+    _check_sizes(m, path=path)
     errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(m), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
@@ -91,6 +95,22 @@ def check_manifest(m: object, *, path: object = None, understood: Iterable[str] 
         raise UnknownExtensionError(f"manifest requires extensions this reader does not understand: {', '.join(unknown)}",
                           path=path)
     return m
+
+
+def _check_sizes(m: Manifest, *, path: object) -> None:
+    """Reader limits checked before the (slow) schema: module count, name lengths, file path components."""
+    modules, files = m.get("modules"), m.get("files")
+    if isinstance(modules, dict):
+        MODULES.check(len(modules), "manifest has", path=path)
+        for name in modules:
+            check_name(name, "module path", path=path)
+    for rel in files if isinstance(files, dict) else ():
+        check_name(rel, "file path", path=path)
+        if any(ord(c) < 0x20 or c == "\x7f" for c in rel):
+            raise FormatError(f"file path {rel!r} in the manifest holds a control character", path=path)
+        if any(len(part.encode("utf-8")) > MAX_PATH_COMPONENT_BYTES for part in rel.split("/")):
+            raise FormatError(f"file path {rel[:60]!r}... has a component longer than {MAX_PATH_COMPONENT_BYTES} "
+                              "bytes", path=path)
 
 
 def dumps(m: Manifest) -> str:

@@ -41,6 +41,7 @@ from .deltas import DeltaKind, function_shape, lowrank_entry
 from .errors import BaseMismatchError, FormatError, UnsupportedError
 from .extract import choose_rank, truncated_svd
 from .fingerprint import compare
+from .limits import check_dense
 from .manifest import new_manifest
 from .threads import one_thread
 
@@ -244,6 +245,7 @@ def merge_module(module: str, terms: Sequence[Term], opts: MergeOptions) -> tupl
             rank = opts.rank if opts.rank is not None or opts.energy is not None else max(p[1].shape[0] for p in pairs)
             b, a = refactor(b, a, rank=rank, energy=opts.energy)
         return _lowrank_out(shape, param, fshape, transposed, b, a, bias, dtype, terms)
+    check_dense(shape, f"module {module!r}")
     d = combine([t.delta() for t in terms], weights, opts, module)
     if opts.refactor:
         rank = opts.rank

@@ -24,8 +24,7 @@ import torch
 from .atomic import atomic_file
 from .errors import FormatError, MissingFileError
 from .jsontext import parse_json
-
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+from .limits import HEADER_BYTES, TENSORS, check_name
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -83,14 +82,16 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         if len(head) < 8:
             raise FormatError(f"truncated safetensors file ({size} bytes, no header length)", path=path)
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            raise FormatError(f"header claims {n} bytes (limit {MAX_HEADER_BYTES}); file is corrupt", path=path)
+        if 8 + n > size and n > HEADER_BYTES.value():
+            raise FormatError(f"header claims {n} bytes, more than the file's {size}; file is corrupt", path=path)
         if 8 + n > size:
             raise FormatError(f"truncated safetensors file: header needs {8 + n} bytes, file has {size}", path=path)
+        HEADER_BYTES.check(n, "header claims", path=path)
         raw = f.read(n)
-    header = parse_json(raw, "safetensors header", path=path)
+    header = parse_json(raw, "safetensors header", path=path, limit=HEADER_BYTES)
     if not isinstance(header, dict):
         raise FormatError("safetensors header is not a JSON object", path=path)
+    TENSORS.check(len(header) - ("__metadata__" in header), "safetensors header lists", path=path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise FormatError("safetensors __metadata__ must map strings to strings", path=path)
@@ -117,15 +118,16 @@ def _check_tiling(path: Path, tensors: dict[str, TensorInfo], data_start: int, s
 
 
 def _check_entry(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    check_name(name, "tensor name", path=path)
     if not isinstance(entry, dict):
         raise FormatError(f"tensor {name!r}: header entry is not an object", path=path)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise FormatError(f"tensor {name!r}: unknown dtype {dtype!r}", path=path)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise FormatError(f"tensor {name!r}: unknown dtype {str(dtype)[:40]!r}", path=path)
+    if not isinstance(shape, list) or not all(_natural(d) for d in shape):
         raise FormatError(f"tensor {name!r}: shape must be a list of non-negative integers", path=path)
     if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+            or not all(_natural(o) for o in offsets) or offsets[0] > offsets[1]):
         raise FormatError(f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end", path=path)
     begin, end = offsets
     if end > data_len:
@@ -137,6 +139,11 @@ def _check_entry(path: Path, name: str, entry: object, data_start: int, data_len
         raise FormatError(f"tensor {name!r}: {end - begin} bytes for shape {shape} of {dtype} (needs {expected})",
                           path=path)
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _natural(x: object) -> bool:
+    """A non-negative JSON integer (``true`` is not one)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def data_sha256(path: str | os.PathLike[str], header: Header | None = None) -> str:

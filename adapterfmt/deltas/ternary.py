@@ -26,6 +26,7 @@ from torch import nn
 from .. import bitpack
 from ..modules import is_transposed, weight_function
 from ..errors import FormatError
+from ..limits import check_dense
 from .base import DeltaKind, Entry, Tensors, fail
 
 Layout = Literal["bitmap", "gaps"]
@@ -44,10 +45,18 @@ def top_k_mask(t: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def _groups(n: int, group_size: int | None) -> tuple[int, torch.Tensor]:
-    """Number of scale groups and the group of each flat element."""
-    g = group_size or max(n, 1)
-    return max(1, math.ceil(n / g)), torch.arange(n) // g
+def _group_size(n: int, group_size: object, what: str = "ternary") -> int:
+    """Elements per scale group: ``group_size``, or all ``n`` (at least 1) without one."""
+    if group_size is None:
+        return max(n, 1)
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise FormatError(f"{what}: group_size must be a positive integer, got {group_size!r}")
+    return group_size
+
+
+def _ngroups(n: int, group_size: object, what: str = "ternary") -> int:
+    """Number of scale groups, counted without touching the elements."""
+    return max(1, -(-n // _group_size(n, group_size, what)))
 
 
 def ternary_encode(t: torch.Tensor, keep: torch.Tensor, *, scale: ScaleRule | float = "mean", factor: float = 1.0,
@@ -65,7 +74,7 @@ def ternary_encode(t: torch.Tensor, keep: torch.Tensor, *, scale: ScaleRule | fl
     keep = keep.reshape(-1).cpu()
     n = flat.numel()
     idx = keep.nonzero().flatten()
-    ngroups, group = _groups(n, group_size)
+    ngroups, group = _ngroups(n, group_size), torch.arange(n) // _group_size(n, group_size)
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         scales = torch.full((ngroups,), float(scale))
     elif scale == "mean":
@@ -95,12 +104,14 @@ def ternary_roles(params: Mapping[str, Any]) -> tuple[str, ...]:
     return (LAYOUT_PART.get(params.get("layout"), "mask"), "signs", "scales")
 
 
-def ternary_signs(parts: Tensors, params: Mapping[str, Any], numel: int, *, what: str = "ternary") -> torch.Tensor:
-    """The stored pattern as a flat int8 tensor of -1 / 0 / +1 (checks every part's size)."""
+def ternary_kept(parts: Tensors, params: Mapping[str, Any], numel: int, *,
+                 what: str = "ternary") -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept flat indices (int64, increasing) and their signs (bool, True = negative), checking every part
+    against the params; memory grows with the stored parts, never with ``numel``."""
     layout, k = params.get("layout"), params.get("count")
     if layout not in LAYOUT_PART:
         raise FormatError(f"{what}: layout must be 'bitmap' or 'gaps', got {layout!r}")
-    if not isinstance(k, int) or not 0 <= k <= numel:
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= numel:
         raise FormatError(f"{what}: count must be an integer in 0..{numel}, got {k!r}")
     if layout == "bitmap":
         keep = bitpack.unpack_bits(parts["mask"], numel, what=f"{what} mask")
@@ -109,7 +120,12 @@ def ternary_signs(parts: Tensors, params: Mapping[str, Any], numel: int, *, what
         idx = keep.nonzero().flatten()
     else:
         idx = bitpack.decode_gaps(parts["gaps"], k, numel, what=f"{what} gaps")
-    neg = bitpack.unpack_bits(parts["signs"], k, what=f"{what} signs")
+    return idx, bitpack.unpack_bits(parts["signs"], k, what=f"{what} signs")
+
+
+def ternary_signs(parts: Tensors, params: Mapping[str, Any], numel: int, *, what: str = "ternary") -> torch.Tensor:
+    """The stored pattern as a flat int8 tensor of -1 / 0 / +1 (checks every part's size)."""
+    idx, neg = ternary_kept(parts, params, numel, what=what)
     out = torch.zeros(numel, dtype=torch.int8)
     out[idx] = 1 - 2 * neg.to(torch.int8)
     return out
@@ -117,16 +133,18 @@ def ternary_signs(parts: Tensors, params: Mapping[str, Any], numel: int, *, what
 
 def ternary_scales(parts: Tensors, params: Mapping[str, Any], numel: int, *, what: str = "ternary") -> torch.Tensor:
     """The per-element scale (flat fp32) from the ``scales`` part."""
-    ngroups, group = _groups(numel, params.get("group_size"))
+    g = _group_size(numel, params.get("group_size"), what)
     s = parts["scales"].reshape(-1).float()
-    if s.numel() != ngroups:
-        raise FormatError(f"{what}: scales has {s.numel()} values, expected {ngroups}")
-    return s[group.to(s.device)]
+    if s.numel() != _ngroups(numel, g, what):
+        raise FormatError(f"{what}: scales has {s.numel()} values, expected {_ngroups(numel, g, what)}")
+    return s.repeat_interleave(g)[:numel] if g < numel else s.expand(numel)
 
 
 def ternary_decode(parts: Tensors, params: Mapping[str, Any], shape: tuple[int, ...] | list[int], *,
                    what: str = "ternary") -> torch.Tensor:
-    """The dense fp32 tensor a ternary encoding stands for (without ``params.scale``)."""
+    """The dense fp32 tensor a ternary encoding stands for (without ``params.scale``); refuses a shape past
+    the dense limit before allocating (:func:`adapterfmt.limits.check_dense`)."""
+    check_dense(shape, what)
     n = math.prod(shape)
     signs = ternary_signs(parts, params, n, what=what).to(parts["scales"].device)
     return (signs.float() * ternary_scales(parts, params, n, what=what)).reshape(tuple(shape))
@@ -158,7 +176,7 @@ class Ternary(DeltaKind):
         g = p.get("group_size")
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
             raise fail(module, f"ternary params.group_size must be a positive integer, got {g!r}")
-        expect = {"signs": (bitpack.packed_bits_size(k),), "scales": (_groups(n, g)[0],)}
+        expect = {"signs": (bitpack.packed_bits_size(k),), "scales": (_ngroups(n, g),)}
         if p["layout"] == "bitmap":
             expect["mask"] = (bitpack.packed_bits_size(n),)
         for role, shape in expect.items():
@@ -169,7 +187,7 @@ class Ternary(DeltaKind):
 
     def check_data(self, module: str, entry: Entry, t: Tensors) -> None:
         try:
-            ternary_signs(t, entry["params"], math.prod(entry["shape"]), what=f"module {module!r}")
+            ternary_kept(t, entry["params"], math.prod(entry["shape"]), what=f"module {module!r}")
         except ValueError as e:
             raise fail(module, str(e).removeprefix(f"module {module!r}: ")) from None
         if t["scales"].dtype != torch.float32 or not bool(torch.isfinite(t["scales"]).all()):
@@ -210,4 +228,4 @@ class Ternary(DeltaKind):
         return y + weight_function(module, x, d.t() if is_transposed(module) else d)
 
 
-__all__ = ["Ternary", "ternary_encode", "ternary_decode", "ternary_signs", "ternary_roles", "top_k_mask"]
+__all__ = ["Ternary", "ternary_encode", "ternary_decode", "ternary_kept", "ternary_signs", "ternary_roles", "top_k_mask"]

@@ -139,10 +139,10 @@ def test_malicious_pickle_is_refused_in_one_line(tmp_path: Path, fmt: str) -> No
 
     model = llama()
     folder = af.write_foreign(lora_adapter(model, llama_modules((0,), ("v_proj",))), tmp_path / "src", fmt)
-    weights, pickle_name = folder / "adapter_model.safetensors", {"peft": "adapter_model.bin",
-                                                                 "torchtune": "adapter_model.pt"}[fmt]
+    weights = folder / "adapter_model.safetensors"
+    pickle_name = {"peft": "adapter_model.bin", "torchtune": "adapter_model.pt"}[fmt]
     marker = tmp_path / "executed"
-    payload = {name: t for name, t in load_file(weights).items()}
+    payload: dict[str, object] = dict(load_file(weights))
     payload[next(iter(payload))] = _RunsShell(f"touch {shlex.quote(str(marker))}")
     torch.save(payload, folder / pickle_name)
     weights.unlink()

@@ -233,7 +233,8 @@ def save(adapter: Adapter, path: str | os.PathLike[str], *, single_file: bool | 
     """Write an adapter atomically. ``single_file`` defaults to True when ``path`` ends in ``.safetensors``.
 
     The output is byte-for-byte determined by the manifest and tensors. An existing ``path`` is only
-    replaced with ``overwrite=True``.
+    replaced with ``overwrite=True``. An adapter that :func:`~adapterfmt.validate` would refuse is not
+    written (:class:`FormatError` naming ``path``), so no command can hand back a file that does not load.
     """
     path = Path(path)
     if single_file is None:
@@ -245,6 +246,7 @@ def save(adapter: Adapter, path: str | os.PathLike[str], *, single_file: bool | 
             "table_sha256": table_sha256(layout({n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}))}
     if mf.parse_version(manifest["spec_version"]) < (mf.SPEC_MAJOR, mf.SPEC_MINOR):
         manifest["spec_version"] = mf.SPEC_VERSION  # the checksums below follow this version's rules
+    _check_output_adapter(adapter, {**manifest, "files": {TENSOR_FILE: sums}}, path)
     if single_file:
         manifest["files"] = {mf.SINGLE_FILE_KEY: sums}
         head, order = encode_header(tensors, {mf.METADATA_KEY: mf.dumps(manifest)})
@@ -265,6 +267,17 @@ def save(adapter: Adapter, path: str | os.PathLike[str], *, single_file: bool | 
             (tmp / MANIFEST_FILE).write_text(mf.dumps_pretty(manifest), encoding="utf-8")
     adapter.manifest["files"] = manifest["files"]
     return path
+
+
+def _check_output_adapter(adapter: Adapter, manifest: dict[str, Any], path: Path) -> None:
+    from .registry import understood_extensions
+    from .validate import check_structure
+
+    try:
+        mf.check_manifest(manifest, path=path, understood=understood_extensions())
+        check_structure(adapter, deep=True)
+    except FormatError as e:
+        raise FormatError(f"not written, the adapter is invalid: {e.message}", path=path) from None
 
 
 def _sha_of(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -12,8 +12,18 @@ Mapping (PEFT -> adapterfmt; the reverse writes the same, so a round trip is ten
   ``fan_in_fan_out`` (GPT-2 ``Conv1D``) and embeddings -> ``params.transposed``.
 - ``modules_to_save`` -> ``dense`` mode ``replace`` (``value`` / ``bias_value``); ``bias="all"`` base biases of
   untargeted modules -> ``dense`` replace of parameter ``bias``; ``trainable_token_indices`` -> kind ``rows``.
+- ``init_lora_weights="pissa"`` / ``"olora"``: PEFT subtracts ``scale * B0 A0`` (top-r SVD / QR of the base
+  weight) from the base when it loads the file, so with ``base=`` each Linear module becomes the rank-2r
+  ``lowrank`` ``[A; A0]``, ``[B, -B0]`` (B0, A0 recomputed in float32 as PEFT does); without it, an error.
+  Values that only set the initial factors are read as plain LoRA; the rest (randomised SVD, CorDA, LoftQ,
+  LoRA-GA) are refused by name.
+- ``<m>.base_layer.weight`` / ``<m>.weight`` outside ``modules_to_save`` (embeddings saved whole,
+  ``save_embedding_layers``), which PEFT loads over the base's: compared with ``base=`` (needed); equal ->
+  dropped, else ``dense`` replace (of ``stored + dW`` on a LoRA-targeted module); both noted in the
+  provenance (``notes``, shown by ``adapter convert``).
 - LoHa / LoKr -> kinds ``hadamard`` / ``kronecker`` (``scale = alpha / r``), VeRA -> kind ``vera`` with the shared
-  projections stored once (kinds of the ``lora_variants`` plugin; shapes from ``base=``).
+  projections stored once (kinds of the ``lora_variants`` plugin; shapes from ``base=``, or for LoHa / LoKr
+  from 2-D factors: a Linear's).
 - AdaLoRA -> ``lowrank`` with ``lora_E`` folded into A and ``scale = alpha / (init_r + 1e-5)`` (written back
   as a PEFT LoRA: same function, E is not kept). IA3 ``ia3_l`` -> ``vector`` op ``scale`` (output side, or
   input side for ``feedforward_modules``). Prompt tuning -> ``prompt`` on the input embedding.
@@ -23,7 +33,9 @@ Mapping (PEFT -> adapterfmt; the reverse writes the same, so a round trip is ten
 Module types are not in a PEFT file: shapes the file does not give (IA3's other dimension, the embedding a
 prompt or trainable tokens act on) come from ``base=`` (checkpoint path or live model); when writing, a
 transposed 2-D module is taken for an embedding if the live ``base`` says so, else by its name.
-A config field that changes the function and cannot be represented is an error naming it.
+The config is type-checked (:data:`CONFIG_SCHEMA`) before use; tensors of a module the config's target fields
+do not target (PEFT ignores them) and a config field that changes the function and cannot be represented
+are errors naming them.
 """
 
 from __future__ import annotations
@@ -58,7 +70,9 @@ IGNORED = frozenset({
     "beta2", "tinit", "tfinal", "deltaT", "orth_reg_weight", "total_step", "target_r", "num_attention_heads",
     "num_layers", "token_dim",
 })
-"""Fields that only steer training, initialisation or which modules are targeted (the tensors say that)."""
+"""Fields read elsewhere or that only steer training: the target fields are checked against the tensors
+(:func:`peft_targets`), ``init_lora_weights`` by :func:`_base_rewrite` (its ``*_config`` companions matter
+only with their value), dropouts act only in training, the rest are metadata or training schedules."""
 
 NEUTRAL = (None, False, {}, [], "none", 0.0)
 LORA_FIELDS = frozenset({"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
@@ -138,9 +152,19 @@ CONFIG_SCHEMA: dict[str, Any] = {
 def _check_types(cfg: Mapping[str, Any], path: Path) -> None:
     validator = jsonschema.Draft202012Validator(CONFIG_SCHEMA, format_checker=jsonschema.FormatChecker())
     err = jsonschema.exceptions.best_match(validator.iter_errors(cfg))
-    if err is not None:
-        where = ".".join(str(p) for p in err.absolute_path) or "the top level"
-        raise af.FormatError(f"field {where}: {err.message}", path=path)
+    if err is None:
+        return
+    message = err.message
+    if err.validator == "anyOf":  # say what is wrong inside the value, or which types would do
+        inner = [e for e in err.context if e.relative_path or e.validator != "type"]
+        if inner:
+            err = jsonschema.exceptions.best_match(inner)
+            message = err.message
+        else:
+            types = [t for option in err.validator_value for t in [option.get("type")] if t]
+            message = f"{json.dumps(err.instance)} is not {' or '.join(map(str, types))}"
+    where = ".".join(str(p) for p in err.absolute_path) or "the top level"
+    raise af.FormatError(f"field {where}: {message}", path=path)
 
 
 def peft_targets(cfg: Mapping[str, Any], module: str) -> bool:

@@ -101,6 +101,9 @@ def test_base_rewriting_init_is_converted_exactly(tmp_path, name):
         a = src.get(f"base_model.model.{module}.lora_A.weight")
         if a is not None:
             assert adapter.shape(f"{module}.lora_A")[0] == 2 * a.shape[0]
+    back = af.to_peft(adapter, tmp_path / "back")  # a plain LoRA: PEFT gives the same on the original base
+    assert json.loads((back / "adapter_config.json").read_text())["init_lora_weights"] is True
+    torch.testing.assert_close(logits(load_peft(model_name, back)[0], IDS), expected, atol=ATOL, rtol=0)
     peft_conv = _attached(base, af.read_foreign(converted, base=base))
     if peft_conversion_right:
         torch.testing.assert_close(got, peft_conv, atol=ATOL, rtol=0)

@@ -245,9 +245,9 @@ def test_alpha_zero_is_scale_one_and_scale_zero_is_refused(tmp_path, lycoris_net
 
 def test_lokr_pairs_of_different_inner_dims_are_refused(tmp_path):
     g = torch.Generator().manual_seed(0)
-    t = {"lora_unet_fc1.lokr_w1_a": torch.randn(4, 2, generator=g), "lora_unet_fc1.lokr_w1_b": torch.randn(2, 4, generator=g),
-         "lora_unet_fc1.lokr_w2_a": torch.randn(6, 3, generator=g), "lora_unet_fc1.lokr_w2_b": torch.randn(3, 4, generator=g),
-         "lora_unet_fc1.alpha": torch.tensor(2.0)}
+    shapes = {"lokr_w1_a": (4, 2), "lokr_w1_b": (2, 4), "lokr_w2_a": (6, 3), "lokr_w2_b": (3, 4)}
+    t = {f"lora_unet_fc1.{role}": torch.randn(*shape, generator=g) for role, shape in shapes.items()}
+    t["lora_unet_fc1.alpha"] = torch.tensor(2.0)
     save_file(t, tmp_path / "k.safetensors")
     with pytest.raises(af.UnsupportedError, match=r"lora_unet_fc1 \(LoKr pairs of different inner dims \[2, 3\]\)"):
         af.read_foreign(tmp_path / "k.safetensors", base=Tiny())

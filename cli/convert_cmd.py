@@ -13,7 +13,8 @@ from .common import JsonOpt, OverwriteOpt, cli_errors, console, err_console, pri
 
 @cli_errors
 def convert(
-    src: Path = typer.Argument(..., help="The adapter to convert (format detected: adapterfmt, PEFT folder, ...)."),
+    src: str = typer.Argument(..., help="The adapter to convert (format detected: adapterfmt, PEFT folder, ...; "
+                              "an adapterfmt adapter also as hf://owner/name\\[@revision]\\[/subfolder])."),
     dst: Path = typer.Argument(..., help="Where to write the result."),
     to: str = typer.Option(None, "--to", help="Target format: adapterfmt (default for a foreign source), peft, "
                            "kohya, diffusers, mlx, gguf, torchtune, or a plugin's format (see `adapter plugins`)."),

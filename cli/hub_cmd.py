@@ -40,7 +40,7 @@ def _quiet_hf(quiet: bool) -> Iterator[None]:
 @cli_errors
 def push(
     path: str = typer.Argument(..., help="Adapter to upload: a folder (adapter.json + tensors), a .safetensors file "
-                                         "or hf://owner/name[@revision][/subfolder]."),
+                                         "or hf://owner/name\\[@revision]\\[/subfolder]."),
     repo_id: str = typer.Argument(..., help="Target repository, owner/name. Created if it does not exist."),
     revision: str = typer.Option(None, "--revision", "-r", help="Branch to commit to (default: main); created from "
                                                                "main if missing."),

@@ -62,7 +62,7 @@ def compression_text(record: dict) -> str:
 
 def validate(
     paths: list[str] = typer.Argument(..., help="Adapters to check (folders, .safetensors files or "
-                                      "hf://owner/name[@revision][/subfolder])."),
+                                      "hf://owner/name\\[@revision]\\[/subfolder])."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Check adapters completely: format, schema, checksums, tensors present and none extra, shapes.

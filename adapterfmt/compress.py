@@ -16,7 +16,8 @@ Steps run in order on every module (each a dict ``{"method": name, **options}``)
   baseline, the mean kept magnitude (as STC defines it; the reference's STC branch averages signed
   values); ``group_size`` gives one scale per that many elements of each tensor. ``target="params"``
   (default, as the reference: on the factors) encodes each factor with the ``ternary`` codec;
-  ``target="delta"`` turns each additive module's dW into a ``ternary`` delta kind. 1-D roles (DoRA magnitude, biases, IA3 vectors) are left as stored and are not part of tau.
+  ``target="delta"`` turns each additive module's dW into a ``ternary`` delta kind. 1-D roles (DoRA
+  magnitude, biases, IA3 vectors) are left as stored and are not part of tau.
 - ``quantize``: ``bits=8`` (int8 per output channel) or ``bits=4`` (int4, ``group_size`` scales) codecs on
   every stored float tensor of 2+ dims not already encoded.
 

@@ -3,6 +3,7 @@ stderr naming the file), and nothing is written. Writes are atomic and never rep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -100,6 +101,17 @@ def spec_v2(p: Path) -> None:
     edit_manifest(p, lambda m: m.update(spec_version="2.0"))
 
 
+def reseal(p: Path, header: dict, data: bytes) -> None:
+    """Write a single-file adapter with both checksums matching its (edited) tensors, as another writer
+    might: what is wrong with it must then be caught by the structure checks."""
+    m = json.loads(header["__metadata__"]["adapterfmt"])
+    m["files"]["."]["sha256"] = hashlib.sha256(data).hexdigest()
+    m["files"]["."]["table_sha256"] = table_sha256(
+        {k: (v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items() if k != "__metadata__"})
+    header["__metadata__"]["adapterfmt"] = json.dumps(m)
+    join(p, header, data)
+
+
 def tensor_missing(p: Path) -> None:
     header, data = split(p)
     victim = "model.layers.0.self_attn.q_proj.lora_B"
@@ -108,14 +120,7 @@ def tensor_missing(p: Path) -> None:
     for k, v in header.items():
         if k != "__metadata__" and v["data_offsets"][0] >= end:
             v["data_offsets"] = [o - (end - start) for o in v["data_offsets"]]
-    import hashlib
-
-    m = json.loads(header["__metadata__"]["adapterfmt"])
-    m["files"]["."]["sha256"] = hashlib.sha256(data).hexdigest()
-    m["files"]["."]["table_sha256"] = table_sha256(  # resealed: the structure check must catch it
-        {k: (v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items() if k != "__metadata__"})
-    header["__metadata__"]["adapterfmt"] = json.dumps(m)
-    join(p, header, data)
+    reseal(p, header, data)
 
 
 def must_understand(p: Path) -> None:
@@ -278,7 +283,14 @@ def test_dora_magnitude_with_a_lora_bias_is_refused(tmp_path):
     adapter = af.load(EXAMPLES / "lowrank")
     down = "model.layers.0.mlp.down_proj"
     tensors = {**adapter.tensors(), f"{down}.bias": torch.zeros(8)}
-    path = af.save(af.Adapter(adapter.manifest, tensors), tmp_path / "both.safetensors")
+    path = tmp_path / "both.safetensors"
+    with pytest.raises(FormatError, match="not written.*cannot have both magnitude .DoRA. and bias"):
+        af.save(af.Adapter(adapter.manifest, tensors), path)
+    assert not path.exists()
+    shutil.copy(EXAMPLES / "lowrank.safetensors", path)  # the same file made by another writer
+    header, data = split(path)
+    header[f"{down}.bias"] = {"dtype": "F32", "shape": [8], "data_offsets": [len(data), len(data) + 32]}
+    reseal(path, header, data + bytes(32))
     with pytest.raises(FormatError, match="cannot have both magnitude .DoRA. and bias"):
         af.validate(path)
     r = invoke("validate", str(path))

@@ -32,6 +32,7 @@ from .adapter import Adapter, load
 from .atomic import atomic_dir, atomic_file, check_output
 from .errors import BaseMismatchError, FormatError, UnsupportedError
 from .fingerprint import checkpoint_files, compare, fingerprint_checkpoint
+from .jsontext import parse_json, read_json_bytes
 from .limits import check_dense
 from .merge import MergeOptions, Term, collect_terms, merge_module, resolve_weights
 from .registry import get_kind
@@ -353,8 +354,8 @@ def _write_index(path: Path, plan: list[tuple[str, list[str]]], where: dict[str,
     old = base / INDEX_FILE if base.is_dir() else None
     if old is not None and old.is_file():
         try:
-            meta = dict(json.loads(old.read_text("utf-8")).get("metadata") or {})
-        except (ValueError, AttributeError):
+            meta = dict(parse_json(read_json_bytes(old), INDEX_FILE, path=old).get("metadata") or {})
+        except (ValueError, AttributeError, TypeError):  # an unreadable old index: its metadata is not carried over
             meta = {}
     total = sum(where[n].tensors[n].end - where[n].tensors[n].start for _, names in plan for n in names)
     index = {"metadata": {**meta, "total_size": total},

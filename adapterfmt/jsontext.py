@@ -8,6 +8,8 @@ than its size limit (:mod:`adapterfmt.limits`).
 
 from __future__ import annotations
 
+import gc
+import itertools
 import json
 import math
 import os
@@ -56,15 +58,28 @@ def _float(text: str) -> float:
     return value
 
 
-def parse_json(raw: str | bytes, what: str, *, path: object = None, limit: Limit = JSON_BYTES) -> Any:
+def parse_json(raw: str | bytes, what: str, *, path: object = None, limit: Limit = JSON_BYTES,
+               objects: tuple[Limit, int] | None = None) -> Any:
     """Strict ``json.loads`` of ``raw`` (see the module docstring); not UTF-8, not JSON, nested too deeply or
-    larger than ``limit`` -> ``FormatError`` naming ``what``."""
+    larger than ``limit`` -> ``FormatError`` naming ``what``. ``objects=(limit, extra)`` stops the parse as
+    soon as it has met more than ``limit + extra`` JSON objects (a safetensors header: one per tensor, plus
+    the header and ``__metadata__``), so a text of many small objects costs no more than the limit allows."""
     limit.check(len(raw), f"{what} has", path=path)
+    hook = _no_duplicates
+    if objects is not None:
+        most, seen = objects[0].value() + objects[1], itertools.count(1)
+
+        def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            if next(seen) > most:
+                objects[0].check(most + 1 - objects[1], f"{what} lists at least", path=path)
+            return _no_duplicates(pairs)
+    collecting = gc.isenabled()
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         if isinstance(raw, str) and _SURROGATE.search(text):
             raise UnicodeError
-        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+        gc.disable()  # parsing makes no cycles; collecting during a big parse more than doubles its time
+        data = json.loads(text, object_pairs_hook=hook, parse_constant=_no_constant,
                           parse_int=_int, parse_float=_float)
         if _SURROGATE_ESCAPE.search(text) and _SURROGATE.search(json.dumps(data, ensure_ascii=False)):
             raise _NotStrictJSON("a string holds a lone surrogate escape (\\ud800-\\udfff), not a character")
@@ -78,6 +93,9 @@ def parse_json(raw: str | bytes, what: str, *, path: object = None, limit: Limit
                           path=path) from None
     except RecursionError:
         raise FormatError(f"{what} is not valid JSON (nested too deeply)", path=path) from None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def read_json_bytes(path: str | os.PathLike[str]) -> bytes:

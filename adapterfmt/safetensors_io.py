@@ -88,7 +88,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             raise FormatError(f"truncated safetensors file: header needs {8 + n} bytes, file has {size}", path=path)
         HEADER_BYTES.check(n, "header claims", path=path)
         raw = f.read(n)
-    header = parse_json(raw, "safetensors header", path=path, limit=HEADER_BYTES)
+    header = parse_json(raw, "safetensors header", path=path, limit=HEADER_BYTES, objects=(TENSORS, 2))
     if not isinstance(header, dict):
         raise FormatError("safetensors header is not a JSON object", path=path)
     TENSORS.check(len(header) - ("__metadata__" in header), "safetensors header lists", path=path)

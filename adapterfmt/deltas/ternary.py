@@ -99,18 +99,24 @@ def ternary_encode(t: torch.Tensor, keep: torch.Tensor, *, scale: ScaleRule | fl
     return parts, params
 
 
+def _layout(params: Mapping[str, Any]) -> str | None:
+    """``params.layout`` when it is one of the layouts, else None."""
+    layout = params.get("layout")
+    return layout if isinstance(layout, str) and layout in LAYOUT_PART else None
+
+
 def ternary_roles(params: Mapping[str, Any]) -> tuple[str, ...]:
     """Stored parts of a ternary encoding with these params."""
-    return (LAYOUT_PART.get(params.get("layout"), "mask"), "signs", "scales")
+    return (LAYOUT_PART[_layout(params) or "bitmap"], "signs", "scales")
 
 
 def ternary_kept(parts: Tensors, params: Mapping[str, Any], numel: int, *,
                  what: str = "ternary") -> tuple[torch.Tensor, torch.Tensor]:
     """The kept flat indices (int64, increasing) and their signs (bool, True = negative), checking every part
     against the params; memory grows with the stored parts, never with ``numel``."""
-    layout, k = params.get("layout"), params.get("count")
-    if layout not in LAYOUT_PART:
-        raise FormatError(f"{what}: layout must be 'bitmap' or 'gaps', got {layout!r}")
+    layout, k = _layout(params), params.get("count")
+    if layout is None:
+        raise FormatError(f"{what}: layout must be 'bitmap' or 'gaps', got {params.get('layout')!r}")
     if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= numel:
         raise FormatError(f"{what}: count must be an integer in 0..{numel}, got {k!r}")
     if layout == "bitmap":
@@ -169,7 +175,7 @@ class Ternary(DeltaKind):
         p = entry.get("params", {})
         n = math.prod(entry["shape"])
         k = p.get("count")
-        if p.get("layout") not in LAYOUT_PART:
+        if _layout(p) is None:
             raise fail(module, f"ternary params.layout must be 'bitmap' or 'gaps', got {p.get('layout')!r}")
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= n:
             raise fail(module, f"ternary params.count must be an integer in 0..{n}, got {k!r}")

@@ -115,12 +115,20 @@ def _check_sizes(m: Manifest, *, path: object) -> None:
 
 def dumps(m: Manifest) -> str:
     """Canonical JSON text of a manifest: sorted keys, no insignificant whitespace."""
-    return json.dumps(m, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _dumps(m, separators=(",", ":"))
 
 
 def dumps_pretty(m: Manifest) -> str:
     """Human-readable canonical JSON (the folder form's ``adapter.json``)."""
-    return json.dumps(m, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return _dumps(m, indent=2) + "\n"
+
+
+def _dumps(m: Manifest, **layout: Any) -> str:
+    """``json.dumps`` of a manifest; a NaN or infinity in it (which JSON cannot hold) is a ``FormatError``."""
+    try:
+        return json.dumps(m, sort_keys=True, ensure_ascii=False, allow_nan=False, **layout)
+    except ValueError as e:
+        raise FormatError(f"manifest cannot be written as JSON: {e}") from None
 
 
 def loads(text: str | bytes, *, path: object = None) -> Manifest:

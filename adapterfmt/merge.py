@@ -29,6 +29,7 @@ config and the stored scale agree. Kinds that are not ``W + dW`` (DoRA magnitude
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -325,7 +326,10 @@ def resolve_weights(n: int, weights: Sequence[float] | None) -> list[float]:
         return [1.0] * n
     if len(weights) != n:
         raise FormatError(f"{len(weights)} weight(s) for {n} adapter(s)")
-    return [float(w) for w in weights]
+    out = [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in out):
+        raise FormatError(f"merge weights must be finite numbers, got {', '.join(map(str, out))}")
+    return out
 
 
 def merge_adapters(adapters: Sequence[Adapter], *, weights: Sequence[float] | None = None, strategy: str = "linear",

@@ -329,3 +329,12 @@ def test_peft_config_with_a_huge_integer_is_refused(tmp_path):
     assert r.exit_code == 1, r.output
     assert "adapter_config.json is not valid JSON (integer 1111" in r.stderr and "Traceback" not in r.stderr
     assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("weight", ["nan", "1e999", "-inf"])
+def test_non_finite_merge_weights_are_refused(tmp_path, weight):
+    """A weight JSON cannot hold would end in an unwritable provenance: refused up front, nothing written."""
+    r = invoke("merge", str(EXAMPLES / "sparse.safetensors"), "--weights", weight, "--out", str(tmp_path / "o.safetensors"))
+    assert r.exit_code == 1, r.output
+    assert "merge weights must be finite numbers" in r.stderr and "Traceback" not in r.stderr
+    assert tree(tmp_path) == {}

@@ -3,8 +3,9 @@
 Steps run in order on every module (each a dict ``{"method": name, **options}``):
 
 - ``resize``: SVD rank reduction of ``lowrank`` modules (kohya's resize_lora) to ``rank`` and/or the rank a
-  threshold on the singular values picks: ``sv_ratio`` (keep s_i >= s_max / ratio), ``sv_fro`` (smallest rank
-  whose Frobenius-norm fraction sqrt(sum s_i^2 / sum s^2) reaches it), ``sv_cumulative`` (smallest rank whose
+  threshold on the singular values picks: ``energy`` (smallest rank whose energy fraction sum s_i^2 / sum s^2
+  reaches it, as ``merge`` and ``extract`` count it), ``sv_ratio`` (keep s_i >= s_max / ratio), ``sv_fro``
+  (kohya's: the same rule on the unsquared fraction sqrt(sum s_i^2 / sum s^2)), ``sv_cumulative`` (smallest rank whose
   sum s_i / sum s reaches it). With several, the smallest rank wins; ``params.scale`` is kept, the
   factors are ``U sqrt(S)`` and ``sqrt(S) V^T``.
 - ``compeft``: ComPEFT (Yadav et al. 2023) as its reference code computes it (``get_compressed_lora_weights``
@@ -76,8 +77,8 @@ class Work:
 
 
 # ----- resize -------------------------------------------------------------------------------------------
-def resize_rank(s: torch.Tensor, *, rank: int | None = None, sv_ratio: float | None = None,
-                sv_fro: float | None = None, sv_cumulative: float | None = None) -> int:
+def resize_rank(s: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
+                sv_ratio: float | None = None, sv_fro: float | None = None, sv_cumulative: float | None = None) -> int:
     """The rank kept from descending singular values ``s`` (at least 1, at most ``len(s)``)."""
     s = s.double()
     picks = [s.numel()]
@@ -86,6 +87,9 @@ def resize_rank(s: torch.Tensor, *, rank: int | None = None, sv_ratio: float | N
     if float(s[0]) > 0:
         if sv_ratio is not None:
             picks.append(int((s >= s[0] / sv_ratio).sum()))
+        if energy is not None:
+            frac = s.square().cumsum(0) / s.square().sum()
+            picks.append(int((frac < energy - 1e-12).sum()) + 1)
         if sv_fro is not None:
             frac = (s.square().cumsum(0) / s.square().sum()).sqrt()
             picks.append(int((frac < sv_fro - 1e-12).sum()) + 1)
@@ -95,10 +99,10 @@ def resize_rank(s: torch.Tensor, *, rank: int | None = None, sv_ratio: float | N
     return max(1, min(picks))
 
 
-def resize(works: dict[str, Work], *, rank: int | None = None, sv_ratio: float | None = None,
-           sv_fro: float | None = None, sv_cumulative: float | None = None) -> None:
-    if rank is None and sv_ratio is None and sv_fro is None and sv_cumulative is None:
-        raise UnsupportedError("resize needs rank, sv_ratio, sv_fro or sv_cumulative")
+def resize(works: dict[str, Work], *, rank: int | None = None, energy: float | None = None,
+           sv_ratio: float | None = None, sv_fro: float | None = None, sv_cumulative: float | None = None) -> None:
+    if rank is None and energy is None and sv_ratio is None and sv_fro is None and sv_cumulative is None:
+        raise UnsupportedError("resize needs rank, energy, sv_ratio, sv_fro or sv_cumulative")
     for w in works.values():
         if w.entry["kind"] != "lowrank":
             continue
@@ -106,7 +110,8 @@ def resize(works: dict[str, Work], *, rank: int | None = None, sv_ratio: float |
         r = a.shape[0]
         u, s, vh = torch.linalg.svd(b.double().reshape(b.shape[0], r) @ a.double().reshape(r, -1),
                                     full_matrices=False)
-        k = min(r, resize_rank(s[:r], rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative))
+        k = min(r, resize_rank(s[:r], rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
+                               sv_cumulative=sv_cumulative))
         root = s[:k].sqrt()
         w.tensors["lora_B"] = (u[:, :k] * root).reshape(b.shape[0], k, *b.shape[2:]).to(b.dtype).contiguous()
         w.tensors["lora_A"] = (root[:, None] * vh[:k]).reshape(k, *a.shape[1:]).to(a.dtype).contiguous()

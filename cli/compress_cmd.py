@@ -7,49 +7,58 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 import adapterfmt as af
 from adapterfmt import registry
 from adapterfmt.atomic import check_output
-from adapterfmt.compress import compress_adapter
 from adapterfmt.summary import file_bytes
 
 from .inspect_cmd import compression_text
-from .common import JsonOpt, OverwriteOpt, cli_errors, console, human_bytes, print_json
+from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, deprecated, hidden_alias, human_bytes,
+                     out_option, print_json, print_table, renamed, require)
 
 
-def _steps(rank: int | None, sv_ratio: float | None, sv_fro: float | None, sv_cumulative: float | None,
-           density: float | None, scope: str, scale: str, factor: float, group_size: int | None, target: str,
-           bits: int | None, quant_group_size: int | None, steps: str | None) -> list[dict[str, Any]]:
+def _steps(resize: dict[str, float | None], density: float | None, scope: str, scale: str, factor: float,
+           group_size: int | None, target: str, bits: int | None, quant_group_size: int | None,
+           steps: str | None) -> list[dict[str, Any]]:
     if steps is not None:
+        given = [name for name, v in (*resize.items(), ("density", density), ("bits", bits)) if v is not None]
+        if given:
+            raise UsageError(f"--steps replaces the step options; --{given[0].replace('_', '-')} was given too")
         text = Path(steps).read_text("utf-8") if Path(steps).is_file() else steps
         try:
             parsed = json.loads(text)
         except ValueError as e:
-            raise af.UnsupportedError(f"--steps is neither a JSON file nor JSON text: {e}") from None
+            raise UsageError(f"--steps is neither a JSON file nor JSON text: {e}") from None
         if not isinstance(parsed, list) or not all(isinstance(s, dict) for s in parsed):
-            raise af.UnsupportedError('--steps must be a JSON list of objects like {"method": "resize", "rank": 8}')
+            raise UsageError('--steps must be a JSON list of objects like {"method": "resize", "rank": 8}')
         return parsed
     out: list[dict[str, Any]] = []
-    if any(v is not None for v in (rank, sv_ratio, sv_fro, sv_cumulative)):
-        out.append({"method": "resize", "rank": rank, "sv_ratio": sv_ratio, "sv_fro": sv_fro,
-                    "sv_cumulative": sv_cumulative})
+    if any(v is not None for v in resize.values()):
+        out.append({"method": "resize", **resize})
     if density is not None:
         out.append({"method": "compeft", "density": density, "scope": scope, "scale": scale, "factor": factor,
                     "group_size": group_size, "target": target})
     if bits is not None:
         out.append({"method": "quantize", "bits": bits, "group_size": quant_group_size})
+    if not out:
+        raise UsageError("say how to compress: --rank / --energy / --sv-ratio / --sv-cumulative (resize), "
+                         "--density (compeft), --bits (quantize) or --steps")
     return out
 
 
 @cli_errors
 def compress(
     src: str = typer.Argument(..., help="The adapter to compress (folder, .safetensors file or hf://...)."),
-    dst: Path = typer.Argument(..., help="Where to write the result (folder, or a .safetensors file)."),
+    dst: Path = typer.Argument(None, hidden=True, help="Where to write the result (same as --out)."),
+    out: Path = out_option("Where to write the result: a folder, or a .safetensors file (also accepted as a "
+                           "second argument: SRC DST)."),
     rank: int = typer.Option(None, "--rank", min=1, help="resize: the largest rank kept (SVD of each lowrank dW)."),
+    energy: float = typer.Option(None, "--energy", min=0.0, max=1.0,
+                                 help="resize: smallest rank keeping this fraction of each module's energy, "
+                                      "sum s_i^2 / sum s^2 (its squared Frobenius norm; e.g. 0.99)."),
     sv_ratio: float = typer.Option(None, "--sv-ratio", help="resize: keep singular values >= s_max / this."),
-    sv_fro: float = typer.Option(None, "--sv-fro", help="resize: smallest rank keeping this Frobenius-norm fraction."),
+    sv_fro: float = hidden_alias("--sv-fro"),
     sv_cumulative: float = typer.Option(None, "--sv-cumulative",
                                         help="resize: smallest rank keeping this fraction of sum(s)."),
     density: float = typer.Option(None, "--density", help="compeft: fraction of magnitudes kept (e.g. 0.1)."),
@@ -76,14 +85,19 @@ def compress(
     ||dW' - dW|| / ||dW|| per module; with --base, the outputs of the base model with the original and
     the compressed adapter are compared on random token ids.
     """
+    dst = require(renamed(out, dst, new="--out", old="DST", warn=False), "say where to write the result: --out")
+    if sv_fro is not None:  # kohya's threshold on the (unsquared) Frobenius norm: --energy x^2 keeps the same rank
+        deprecated("--sv-fro", "--energy", f"--sv-fro {sv_fro} keeps the rank --energy {sv_fro ** 2:.6g} keeps "
+                   "(energy is the squared-norm fraction)")
+    resize = {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro, "sv_cumulative": sv_cumulative}
+    plan = _steps({k: v for k, v in resize.items() if v is not None}, density, scope, scale, factor, group_size,
+                  target, bits, quant_group_size, steps)
     check_output(dst, overwrite)
     adapter = af.load(src)
-    plan = _steps(rank, sv_ratio, sv_fro, sv_cumulative, density, scope, scale, factor, group_size, target,
-                  bits, quant_group_size, steps)
-    verb = registry.verb(adapter.method, "compress") if adapter.method in registry.methods() else compress_adapter
-    out = verb(adapter, steps=plan, base=base)
-    af.save(out, dst, overwrite=overwrite)
-    record = out.manifest["compression"]
+    verb = registry.verb(adapter.method, "compress") if adapter.method in registry.methods() else af.compress_adapter
+    small = verb(adapter, steps=plan, base=base)
+    af.save(small, dst, overwrite=overwrite)
+    record = small.manifest["compression"]
     before, after = file_bytes(adapter), file_bytes(af.load(dst))
     report = {"src": str(src), "dst": str(dst), **record, "bytes_before": before, "bytes_after": after,
               "ratio": before / after if before and after else None}
@@ -92,12 +106,12 @@ def compress(
         return
     errs = sorted(record["module_errors"].items(), key=lambda kv: -(kv[1] if kv[1] is not None else float("inf")))
     shown = errs if modules else errs[:10]
-    t = Table("module", "kind", "stored as", "dW rel. error", title=f"compressed {src} -> {dst}", title_justify="left")
+    rows = []
     for path, err in shown:
-        entry = out.modules[path]
+        entry = small.modules[path]
         enc = ", ".join(f"{r}:{s['codec']}" for r, s in sorted(entry.get("encoding", {}).items())) or "plain"
-        t.add_row(path, entry["kind"], enc, _num(err))
-    console.print(t)
+        rows.append((path, entry["kind"], enc, _num(err)))
+    print_table(("module", "kind", "stored as", "dW rel. error"), rows, f"compressed {src} -> {dst}")
     if len(errs) > len(shown):
         console.print(f"({len(errs) - len(shown)} more modules; --modules lists all)")
     console.print(f"steps: {compression_text(record).split(';')[0]}", highlight=False)

@@ -8,14 +8,16 @@ import typer
 
 import adapterfmt as af
 
-from .common import JsonOpt, OverwriteOpt, cli_errors, console, err_console, print_json
+from .common import (JsonOpt, OverwriteOpt, cli_errors, console, err_console, out_option, print_json, renamed,
+                     require)
 
 
 @cli_errors
 def convert(
     src: str = typer.Argument(..., help="The adapter to convert (format detected: adapterfmt, PEFT folder, ...; "
                               "an adapterfmt adapter also as hf://owner/name\\[@revision]\\[/subfolder])."),
-    dst: Path = typer.Argument(..., help="Where to write the result."),
+    dst: Path = typer.Argument(None, hidden=True, help="Where to write the result (same as --out)."),
+    out: Path = out_option("Where to write the result (also accepted as a second argument: SRC DST)."),
     to: str = typer.Option(None, "--to", help="Target format: adapterfmt (default for a foreign source), peft, "
                            "kohya, diffusers, mlx, gguf, torchtune, or a plugin's format (see `adapter plugins`)."),
     single_file: bool = typer.Option(None, "--single-file/--folder", help="adapterfmt output as one .safetensors "
@@ -35,9 +37,10 @@ def convert(
 ) -> None:
     """Convert an adapter, checking that nothing that changes its function is lost.
 
-    PEFT folder -> adapterfmt: `adapter convert peft_dir out.safetensors`; back: `--to peft`. A config
+    PEFT folder -> adapterfmt: `adapter convert peft_dir -o out.safetensors`; back: `--to peft`. A config
     field or tensor that cannot be represented is an error naming it; nothing is written then.
     """
+    dst = require(renamed(out, dst, new="--out", old="DST", warn=False), "say where to write the result: --out")
     options = {"base": base} if base is not None else {}
     if allow_pickle:
         options["allow_pickle"] = True

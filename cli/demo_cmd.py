@@ -5,19 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
+import adapterfmt as af
 from adapterfmt.demo import run_demo
 
-from .common import JsonOpt, cli_errors, console, print_json
+from .common import JsonOpt, cli_errors, console, print_json, print_table, table_fits
 
 
 @cli_errors
 def demo(
-    workdir: Path = typer.Option(None, "--workdir", help="Where to write the demo's files (default: a temp folder)."),
+    workdir: Path = typer.Option(None, "--workdir", help="Where to write the demo's files (default: a new temp "
+                                 "folder); a folder that holds files needs --overwrite."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the demo's files in a --workdir that holds "
+                                   "files."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Build a tiny model, make adapters of every kind and run each capability on them; print what it did."""
+    if workdir is not None and workdir.is_dir() and any(workdir.iterdir()) and not overwrite:
+        raise af.OutputExistsError("the folder holds files the demo would replace; pass --overwrite", path=workdir)
     ctx = run_demo(workdir)
     if as_json:
         print_json({"workdir": str(ctx.workdir), "report": ctx.report})
@@ -26,17 +31,12 @@ def demo(
     for step in dict.fromkeys(r["step"] for r in ctx.report):
         rows = [r for r in ctx.report if r["step"] == step]
         keys = list(dict.fromkeys(k for r in rows for k in r if k != "step"))
-        widths = [max(len(k), *(len(_cell(r.get(k, ""))) for r in rows)) + 3 for k in keys]
-        if sum(widths) < console.width:
-            t = Table(*keys, title=step, title_justify="left")
-            for r in rows:
-                t.add_row(*(_cell(r.get(k, "")) for k in keys))
+        cells = [[_cell(r.get(k, "")) for k in keys] for r in rows]
+        if table_fits(keys, cells):
+            print_table(keys, cells, step)
         else:  # wide rows read better as one column per row
-            t = Table("", *(str(i + 1) for i in range(len(rows))), title=step, title_justify="left",
-                      show_header=len(rows) > 1)
-            for k in keys:
-                t.add_row(k, *(_cell(r.get(k, "")) for r in rows))
-        console.print(t)
+            print_table(["", *(str(i + 1) for i in range(len(rows)))],
+                        [[k, *(c[j] for c in cells)] for j, k in enumerate(keys)], step, show_header=len(rows) > 1)
     console.print("[green]demo finished[/]")
 
 

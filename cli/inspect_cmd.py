@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 import adapterfmt as af
 from adapterfmt.summary import summarize
 
-from .common import JsonOpt, cli_errors, console, err_console, human_bytes, print_json
+from .common import JsonOpt, cli_errors, console, err_console, human_bytes, print_json, print_table
 
 
 @cli_errors
@@ -24,28 +24,27 @@ def inspect(
         return
     base = info["base"]
     fp = (base.get("fingerprint") or {})
-    t = Table(show_header=False, box=None)
-    t.add_row("path", f"{info['path']} ({info['form']})")
-    t.add_row("method", f"{info['method']['name']} v{info['method']['version']}")
-    t.add_row("spec version", info["spec_version"])
-    t.add_row("base", f"{base.get('name') or '?'}" + (f" @ {base['revision']}" if base.get("revision") else ""))
-    t.add_row("fingerprint", f"{fp.get('structure', '-')[:16]}" + (f" (values {fp['values'][:16]})" if fp.get("values") else ""))
-    t.add_row("modules", f"{len(info['modules'])} ({', '.join(f'{k}: {v}' for k, v in info['kinds'].items())})")
-    if info["ranks"]:
-        t.add_row("ranks", ", ".join(f"r={k} x{v}" for k, v in info["ranks"].items()))
-    t.add_row("parameters", f"{info['parameters']:,}")
-    t.add_row("size", f"{human_bytes(info['file_bytes'] or 0)} on disk, {human_bytes(info['tensor_bytes'])} of tensors")
-    if info["compression"]:
-        t.add_row("compression", compression_text(info["compression"]))
-    t.add_row("checksums", f"[green]{info['checksums']}[/]")
-    console.print(t)
+    rows = [
+        ("path", f"{info['path']} ({info['form']})"),
+        ("method", f"{info['method']['name']} v{info['method']['version']}"),
+        ("spec version", info["spec_version"]),
+        ("base", f"{base.get('name') or '?'}" + (f" @ {base['revision']}" if base.get("revision") else "")),
+        ("fingerprint", f"{fp.get('structure', '-')[:16]}"
+                        + (f" (values {fp['values'][:16]})" if fp.get("values") else "")),
+        ("modules", f"{len(info['modules'])} ({', '.join(f'{k}: {v}' for k, v in info['kinds'].items())})"),
+        *([("ranks", ", ".join(f"r={k} x{v}" for k, v in info["ranks"].items()))] if info["ranks"] else []),
+        ("parameters", f"{info['parameters']:,}"),
+        ("size", f"{human_bytes(info['file_bytes'] or 0)} on disk, {human_bytes(info['tensor_bytes'])} of tensors"),
+        *([("compression", compression_text(info["compression"]))] if info["compression"] else []),
+    ]
+    for key, value in rows:  # one line each: long values (paths) stay whole
+        console.print(Text(f"{key:<13} {value}"))
+    console.print(Text(f"{'checksums':<13} ").append(str(info["checksums"]), style="green"))
     if modules:
-        mt = Table("module", "kind", "shape", "rank", "params", "stored as")
-        for m in info["modules"]:
-            enc = ", ".join(f"{r}:{c}" for r, c in (m["encoding"] or {}).items()) or "plain"
-            mt.add_row(m["module"], m["kind"], "x".join(map(str, m["shape"])), str(m["rank"] or "-"), f"{m['params']:,}",
-                       enc)
-        console.print(mt)
+        print_table(("module", "kind", "shape", "rank", "params", "stored as"),
+                    [(m["module"], m["kind"], "x".join(map(str, m["shape"])), str(m["rank"] or "-"),
+                      f"{m['params']:,}", ", ".join(f"{r}:{c}" for r, c in (m["encoding"] or {}).items()) or "plain")
+                     for m in info["modules"]])
 
 
 def compression_text(record: dict) -> str:
@@ -83,7 +82,7 @@ def validate(
             if r["valid"]:
                 console.print(f"[green]valid[/]   {r['path']}", highlight=False)
             else:
-                err_console.print(f"[bold red]invalid[/] {r['error_type']}: {r['error']}", highlight=False, soft_wrap=True)
+                err_console.print(f"[bold red]invalid[/] {r['error_type']}: {r['error']}")
     if not all(r["valid"] for r in results):
         raise typer.Exit(1)
 

@@ -7,9 +7,10 @@ import warnings
 
 import typer
 
+import adapterfmt as af
 from adapterfmt import registry
 
-from .common import err_console
+from .common import App, console, err_console
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -20,7 +21,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 warnings.showwarning = _show_warning
 
-app = typer.Typer(
+app = App(
     name="adapter",
     help="Inspect, validate, convert, merge, compress, port and share parameter-efficient adapters.",
     no_args_is_help=True,
@@ -40,6 +41,22 @@ COMMAND_MODULES = (
     "plugin_cmd",
 )
 """Modules of ``adapterfmt.cli`` that each define ``register(app)``; listed in the order of ``--help``."""
+
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"adapter (adapterfmt) {af.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="Print the version and exit."),
+) -> None:
+    """Inspect, validate, convert, merge, compress, port and share parameter-efficient adapters."""
+
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"adapterfmt.cli.{_name}").register(app)

@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 import adapterfmt as af
 from adapterfmt import registry
 from adapterfmt.atomic import check_output
 from adapterfmt.bake import bake
-from adapterfmt.merge import STRATEGIES, merge_adapters
+from adapterfmt.merge import STRATEGIES
 from adapterfmt.recipe import Recipe, load_recipe
 
-from .common import JsonOpt, OverwriteOpt, cli_errors, console, human_bytes, print_json, progress
+from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, hidden_alias, human_bytes, out_option,
+                     print_json, print_table, progress, renamed, require)
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -26,21 +26,20 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise af.FormatError(f"--weights must be comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"--weights must be comma-separated numbers, got {text!r}") from None
 
 
 def _size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in UNITS:
-        raise af.FormatError(f"--shard-size must be a size like 5GB or 500MiB, got {text!r}")
+        raise UsageError(f"--shard-size must be a size like 5GB or 500MiB, got {text!r}")
     return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
 @cli_errors
 def merge(
     adapters: list[str] = typer.Argument(None, help="Adapters to combine (folders, .safetensors files, hf://...)."),
-    out: Path = typer.Option(None, "--out", help="Output: an adapter, or with --into a checkpoint folder "
-                             "(or one .safetensors file)."),
+    out: Path = out_option("Output: an adapter, or with --base a checkpoint folder (or one .safetensors file)."),
     weights: str = typer.Option(None, "--weights", help="Comma-separated weights, one per adapter (negative "
                                 "allowed: task arithmetic). Default 1 each. Write --weights=-1,1 for a "
                                 "leading minus."),
@@ -48,17 +47,19 @@ def merge(
                                  "Default linear."),
     rank: int = typer.Option(None, "--rank", min=1, help="Re-factor to this rank by SVD (svd: default the "
                              "largest input rank; with --energy: the cap)."),
-    energy: float = typer.Option(None, "--energy", help="Re-factor to the smallest rank keeping this fraction "
-                                 "of each module's squared norm (e.g. 0.99)."),
+    energy: float = typer.Option(None, "--energy", min=0.0, max=1.0, help="Re-factor to the smallest rank keeping "
+                                 "this fraction of each module's energy, sum s_i^2 / sum s^2 (its squared Frobenius "
+                                 "norm; e.g. 0.99)."),
     density: float = typer.Option(None, "--density", help="ties / dare / magnitude_prune: fraction of entries kept."),
     seed: int = typer.Option(None, "--seed", help="dare: seed of the drop masks (default 0)."),
     sign: str = typer.Option(None, "--sign", help="ties: sign election by 'total' (default) or 'frequency'."),
     dtype: str = typer.Option(None, "--dtype", help="Stored dtype of a merged adapter (F32, BF16, F16)."),
     recipe: Path = typer.Option(None, "--recipe", help="YAML/JSON recipe with the inputs, weights and options "
                                 "(command-line options win)."),
-    into: Path = typer.Option(None, "--into", help="Bake into this safetensors checkpoint (folder or file), "
+    base: Path = typer.Option(None, "--base", help="Bake into this base checkpoint (safetensors folder or file), "
                               "streaming tensor by tensor, instead of writing an adapter."),
-    shard_size: str = typer.Option(None, "--shard-size", help="With --into: re-shard the output (e.g. 5GB); "
+    into: Path = hidden_alias("--into"),
+    shard_size: str = typer.Option(None, "--shard-size", help="With --base: re-shard the output (e.g. 5GB); "
                                    "default: the base's layout."),
     force: bool = typer.Option(False, "--force", help="Merge inputs made for different bases / bake into a "
                                "checkpoint whose fingerprint differs or that lacks some modules."),
@@ -68,34 +69,35 @@ def merge(
     """Combine adapters exactly in delta space (each module's dW), or bake them into a checkpoint.
 
     Examples: `adapter merge a b --strategy svd --rank 16 --out ab`;
-    `adapter merge a b --weights 0.5,0.5 --into base-model --out merged-model`.
+    `adapter merge a b --weights 0.5,0.5 --base base-model --out merged-model`.
     """
+    base = renamed(base, into, new="--base", old="--into")
     r = load_recipe(recipe) if recipe else Recipe(adapters=[], weights=[])
     paths = list(adapters or []) or r.adapters
     if not paths:
-        raise af.FormatError("name the adapters to merge (or give --recipe)")
+        raise UsageError("name the adapters to merge (or give --recipe)")
     w = _floats(weights) if weights is not None else (r.weights if not adapters else None)
     cli = {"strategy": strategy, "rank": rank, "energy": energy, "density": density, "seed": seed, "sign": sign,
            "dtype": dtype}
     options = {**r.options, **{k: v for k, v in cli.items() if v is not None}}
-    out = out or r.out
-    if out is None:
-        raise af.FormatError("say where to write the result: --out (or out: in the recipe)")
-    into = into or r.into
+    out = require(out or r.out, "say where to write the result: --out (or out: in the recipe)")
+    base = base or r.into
     force = force or r.force
+    if base is None and shard_size is not None:
+        raise UsageError("--shard-size applies to a bake (--base); a merged adapter is one file or folder")
+    if base is not None and "dtype" in options:
+        raise UsageError("--dtype applies to merged adapters; a bake keeps the checkpoint's dtypes")
     check_output(out, overwrite)
-    if into is not None:
-        if "dtype" in options:
-            raise af.FormatError("--dtype applies to merged adapters; a bake keeps the checkpoint's dtypes")
+    if base is not None:
         size = _size(shard_size) if shard_size else r.shard_size
-        report = bake(paths, into, out, weights=w, force=force, overwrite=overwrite, shard_size=size,
+        report = bake(paths, base, out, weights=w, force=force, overwrite=overwrite, shard_size=size,
                       progress=lambda items, total: progress(items, "baking", total, quiet=as_json), **options)
         _print_bake(report.as_dict(), as_json)
         return
     loaded = [af.load(p) for p in paths]
     methods = {a.method for a in loaded}
     one = next(iter(methods))
-    verb = registry.verb(one, "merge") if len(methods) == 1 and one in registry.methods() else merge_adapters
+    verb = registry.verb(one, "merge") if len(methods) == 1 and one in registry.methods() else af.merge_adapters
     strategy_ = options.pop("strategy", "linear")
     merged = verb(loaded, weights=w, strategy=strategy_, force=force, **options)
     af.save(merged, out, overwrite=overwrite)
@@ -120,10 +122,7 @@ def _print_bake(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(report)
         return
-    t = Table("file", title=f"baked -> {report['out']}", title_justify="left")
-    for f in report["files"]:
-        t.add_row(f)
-    console.print(t)
+    print_table(("file",), [(f,) for f in report["files"]], f"baked -> {report['out']}")
     rate = report["bytes"] / report["seconds"] / 1e6 if report["seconds"] else 0.0
     console.print(f"{len(report['changed'])} of {report['tensors']} tensors changed, "
                   f"{human_bytes(report['bytes'])} in {report['seconds']:.2f} s ({rate:.0f} MB/s); "

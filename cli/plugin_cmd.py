@@ -8,29 +8,32 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
-from adapterfmt import FormatError, conformance, scaffold
+from adapterfmt import conformance, scaffold
 
-from .common import JsonOpt, cli_errors, console, print_json
+from .common import (App, JsonOpt, UsageError, cli_errors, console, hidden_alias, out_option, print_json, print_table,
+                     renamed)
 
-plugin_app = typer.Typer(help="Write and check method plugins.", no_args_is_help=True)
+plugin_app = App(help="Write and check method plugins.", no_args_is_help=True)
 
-STATUS_STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "skip": "[yellow]skip[/]"}
+STATUS_STYLE = {"pass": Text("pass", style="green"), "fail": Text("FAIL", style="bold red"),
+                "skip": Text("skip", style="yellow")}
 
 
 @plugin_app.command("new")
 @cli_errors
 def new(
     name: str = typer.Argument(..., help="Method name (lowercase letters, digits, _); also names the package."),
-    folder: Path = typer.Option(None, "--dir", help="Folder to create (default ./adapterfmt-<name>); must not exist."),
+    folder: Path = out_option("Folder to create (default ./adapterfmt-<name>); must not exist."),
+    old_folder: Path = hidden_alias("--dir"),
     kind: str = typer.Option("lowrank", "--kind",
                              help=f"Delta kind the method stores ({'|'.join(scaffold.KINDS)}; custom: a new kind)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Write a complete, installable plugin distribution: pyproject.toml with the `adapterfmt` entry point,
     a package with a Method subclass (public API only), conformance tests and a README."""
-    out = scaffold.new_plugin(name, folder, kind=kind)
+    out = scaffold.new_plugin(name, renamed(folder, old_folder, new="--out", old="--dir"), kind=kind)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     if as_json:
         print_json({"folder": str(out), "files": files, "method": name, "kind": kind})
@@ -44,11 +47,11 @@ def _factory(spec: str | None) -> Any:
         return None
     modname, _, attr = spec.partition(":")
     if not modname or not attr:
-        raise FormatError(f"--factory must be module:function, got {spec!r}")
+        raise UsageError(f"--factory must be module:function, got {spec!r}")
     try:
         return getattr(importlib.import_module(modname), attr)
     except (ImportError, AttributeError) as e:
-        raise FormatError(f"--factory {spec}: {e}") from None
+        raise UsageError(f"--factory {spec}: {e}") from None
 
 
 @plugin_app.command("check")
@@ -66,15 +69,14 @@ def check(
     try:
         train_config = None if config is None else json.loads(config)
     except ValueError as e:
-        raise FormatError(f"--config is not JSON: {e}") from None
+        raise UsageError(f"--config is not JSON: {e}") from None
     report = conformance.check_method(method, _factory(factory), train_config=train_config)
     if as_json:
         print_json(report.to_dict())
     else:
-        t = Table("check", "result", "detail", "s", title=f"conformance of {method}")
-        for r in report.results:
-            t.add_row(r.name, STATUS_STYLE[r.status], r.detail, f"{r.seconds:.2f}")
-        console.print(t)
+        print_table(("check", "result", "detail", "s"),
+                    [(r.name, STATUS_STYLE[r.status], r.detail, f"{r.seconds:.2f}") for r in report.results],
+                    f"conformance of {method}")
         counts = {s: sum(r.status == s for r in report.results) for s in STATUS_STYLE}
         console.print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
     if not report.ok:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from adapterfmt import Method, registry
 
-from .common import JsonOpt, cli_errors, console, print_json
+from .common import JsonOpt, cli_errors, print_json, print_table
 
 
 @cli_errors
@@ -17,11 +17,13 @@ def plugins(as_json: bool = JsonOpt) -> None:
     if as_json:
         print_json(rows)
         return
-    t = Table("plugin", "distribution", "version", "hooks", "status")
+    cells = []
     for r in rows:
-        status = "[green]loaded[/]" if r["status"] == "loaded" else f"[red]broken[/]: {r.get('error', '')}"
-        t.add_row(r["name"], r["distribution"] or "?", r["version"] or "?", ", ".join(h.removeprefix("adapterfmt_") for h in r["hooks"]), status)
-    console.print(t)
+        status = (Text("loaded", style="green") if r["status"] == "loaded"
+                  else Text("broken", style="red").append(f": {r.get('error', '')}", style=""))
+        cells.append((r["name"], r["distribution"] or "?", r["version"] or "?",
+                      ", ".join(h.removeprefix("adapterfmt_") for h in r["hooks"]), status))
+    print_table(("plugin", "distribution", "version", "hooks", "status"), cells)
 
 
 @cli_errors
@@ -35,10 +37,8 @@ def methods(as_json: bool = JsonOpt) -> None:
     if as_json:
         print_json(rows)
         return
-    t = Table("method", "kinds", "own verbs", "summary")
-    for r in rows:
-        t.add_row(r["name"], ", ".join(r["kinds"]), ", ".join(r["overrides"]) or "-", r["summary"])
-    console.print(t)
+    print_table(("method", "kinds", "own verbs", "summary"),
+                [(r["name"], ", ".join(r["kinds"]), ", ".join(r["overrides"]) or "-", r["summary"]) for r in rows])
 
 
 def register(app: typer.Typer) -> None:

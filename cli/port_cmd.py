@@ -4,29 +4,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Literal
+
 import typer
-from rich.table import Table
 
 import adapterfmt as af
 from adapterfmt import registry
 from adapterfmt.atomic import check_output
-from adapterfmt.extract import extract_adapter
-from adapterfmt.port import port_adapter, port_record
+from adapterfmt.port import port_record
 
-from .common import JsonOpt, OverwriteOpt, cli_errors, console, print_json, progress
+from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, hidden_alias, one_of, out_option,
+                     print_json, print_table, progress, renamed, require)
+
+FORM_OPTIONS = {"lowrank": ("rank", "energy", "max_rank"), "sparse": ("density", "top_k"), "dense": ()}
+"""The options each extract --form takes; the first two of lowrank and sparse exclude each other, one is needed."""
 
 
 @cli_errors
 def extract(
     base: Path = typer.Option(..., "--base", help="Base checkpoint: a .safetensors file or a folder of them."),
     finetuned: Path = typer.Option(..., "--finetuned", help="The fully fine-tuned checkpoint (same architecture)."),
-    out: Path = typer.Option(..., "--out", help="Where to write the patch (folder, or a .safetensors file)."),
-    form: str = typer.Option("lowrank", "--form", help="lowrank (SVD per module), sparse (top-k) or dense."),
+    out: Path = out_option("Where to write the patch (folder, or a .safetensors file)."),
+    form: Literal["lowrank", "sparse", "dense"] = typer.Option("lowrank", "--form", help="lowrank (SVD per "
+                                                               "module), sparse (top-k) or dense."),
     rank: int = typer.Option(None, "--rank", min=1, help="lowrank: the rank of every module."),
-    energy: float = typer.Option(None, "--energy", help="lowrank: keep the smallest rank holding this fraction "
-                                                          "of each difference's energy (e.g. 0.99)."),
+    energy: float = typer.Option(None, "--energy", min=0.0, max=1.0,
+                                 help="lowrank: keep the smallest rank holding this fraction of each difference's "
+                                      "energy, sum s_i^2 / sum s^2 (its squared Frobenius norm; e.g. 0.99)."),
     max_rank: int = typer.Option(None, "--max-rank", min=1, help="lowrank: cap on a module's rank with --energy."),
-    density: float = typer.Option(None, "--density", help="sparse: fraction of each tensor's entries kept."),
+    density: float = typer.Option(None, "--density", min=0.0, max=1.0,
+                                  help="sparse: fraction of each tensor's entries kept."),
     top_k: int = typer.Option(None, "--top-k", min=1, help="sparse: entries kept per tensor."),
     dtype: str = typer.Option(None, "--dtype", help="Stored dtype (F32, BF16, F16); default: the checkpoint's."),
     base_name: str = typer.Option(None, "--base-name", help="Base name to record (default: the --base path)."),
@@ -37,8 +44,20 @@ def extract(
 
     Modules whose difference is zero are left out. 'captured' is 1 - ||D - D_stored||^2 / ||D||^2.
     """
+    out = require(out, "say where to write the patch: --out")
+    given = {"rank": rank, "energy": energy, "max_rank": max_rank, "density": density, "top_k": top_k}
+    for name, value in given.items():
+        if value is not None and name not in FORM_OPTIONS[form]:
+            raise UsageError(f"--{name.replace('_', '-')} does not apply to --form {form}")
+    if form != "dense":
+        first, second = FORM_OPTIONS[form][:2]
+        one_of(**{first: given[first], second: given[second]})
+        if given[first] is None and given[second] is None:
+            raise UsageError(f"--form {form} needs --{first} or --{second.replace('_', '-')}")
+    if max_rank is not None and energy is None:
+        raise UsageError("--max-rank caps the rank --energy picks: give --energy too")
     check_output(out, overwrite)
-    adapter, report = extract_adapter(
+    adapter, report = af.extract_adapter(
         base, finetuned, form=form, rank=rank, energy=energy, max_rank=max_rank, density=density, top_k=top_k,
         dtype=dtype, base_name=base_name,
         progress=lambda items, total: progress(items, "extracting", total, quiet=as_json))
@@ -46,13 +65,9 @@ def extract(
     if as_json:
         print_json({"out": str(out), "method": adapter.method, **report.as_dict()})
         return
-    t = Table("kind", "rank", "stored", "captured", "rel. error", title=f"extracted {form} patch -> {out}",
-              title_justify="left")
-    t.add_column("module", overflow="fold")
-    for m in report.modules:
-        t.add_row(m.kind, str(m.rank or "-"), f"{m.stored:,} / {m.numel:,}", f"{m.captured:.6f}",
-                  f"{m.rel_error:.2e}", m.module)
-    console.print(t)
+    rows = [(m.module, m.kind, str(m.rank or "-"), f"{m.stored:,} / {m.numel:,}", f"{m.captured:.6f}",
+             f"{m.rel_error:.2e}") for m in report.modules]
+    print_table(("module", "kind", "rank", "stored", "captured", "rel. error"), rows, f"extracted {form} patch -> {out}")
     console.print(f"{len(report.modules)} module(s) stored, {report.unchanged} unchanged tensor(s) left out")
     if report.unplaced:
         console.print(f"[yellow]not representable in this form (change lost):[/] {', '.join(report.unplaced)}")
@@ -61,25 +76,28 @@ def extract(
 @cli_errors
 def port(
     patch: str = typer.Argument(..., help="The adapter to re-target (folder, .safetensors file or hf://...)."),
-    to: Path = typer.Option(..., "--to", help="The new base checkpoint (.safetensors file or folder)."),
-    out: Path = typer.Option(..., "--out", help="Where to write the ported adapter."),
+    base: Path = typer.Option(None, "--base", help="The new base checkpoint (.safetensors file or folder)."),
+    to: Path = hidden_alias("--to"),
+    out: Path = out_option("Where to write the ported adapter."),
     old_base: Path = typer.Option(None, "--old-base", help="The base the patch was made for: enables mapping "
                                   "by position and recomputing base-dependent tensors (DoRA, replace patches)."),
     mapping: Path = typer.Option(None, "--mapping", help="JSON/YAML file of old module path -> new module path "
                                  "(a key ending in '.' renames a prefix)."),
-    base_name: str = typer.Option(None, "--base-name", help="Base name to record (default: the --to path)."),
+    base_name: str = typer.Option(None, "--base-name", help="Base name to record (default: the --base path)."),
     overwrite: bool = OverwriteOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Re-target a patch to a new base: compare fingerprints, map modules, check shapes, recompute.
 
-    Refuses (writing nothing) when a module is missing or its shape differs, listing every one.
+    Refuses (writing nothing) when a module is missing or its shape differs, naming the first few and the count.
     """
+    base = require(renamed(base, to, new="--base", old="--to"), "name the new base: --base")
+    out = require(out, "say where to write the ported adapter: --out")
     check_output(out, overwrite)
     adapter = af.load(patch)
     options = {"old_base": old_base, "mapping": mapping, "base_name": base_name}
-    verb = registry.verb(adapter.method, "port") if adapter.method in registry.methods() else port_adapter
-    ported = verb(adapter, new_base=to, **options)
+    verb = registry.verb(adapter.method, "port") if adapter.method in registry.methods() else af.port_adapter
+    ported = verb(adapter, new_base=base, **options)
     af.save(ported, out, overwrite=overwrite)
     record = port_record(ported)
     if as_json:

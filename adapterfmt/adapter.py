@@ -277,7 +277,7 @@ def _check_output_adapter(adapter: Adapter, manifest: dict[str, Any], path: Path
         mf.check_manifest(manifest, path=path, understood=understood_extensions())
         check_structure(adapter, deep=True)
     except FormatError as e:
-        raise FormatError(f"not written, the adapter is invalid: {e.message}", path=path) from None
+        raise type(e)(f"not written, the adapter is invalid: {e.message}", path=path) from None
 
 
 def _sha_of(tensors: Mapping[str, torch.Tensor]) -> str:

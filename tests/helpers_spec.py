@@ -37,3 +37,14 @@ def invoke(*args: str):
 def tree(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden temp files included) by relative path, with its bytes."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def save_unchecked(adapter, path: Path) -> Path:
+    """Write ``adapter`` as a tool that does not validate might (``af.save`` refuses invalid adapters)."""
+    import pytest
+
+    from adapterfmt import adapter as adapter_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(adapter_module, "_check_output_adapter", lambda *args: None)
+        return adapter_module.save(adapter, path)

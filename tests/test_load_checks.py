@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adapterfmt as af
-from helpers_spec import invoke
+from helpers_spec import invoke, save_unchecked
 
 
 def misshapen(path) -> None:
@@ -15,7 +15,7 @@ def misshapen(path) -> None:
     modules = {"model.layers.0.self_attn.q_proj": af.lowrank_entry([64, 64], 1.0)}
     tensors = {"model.layers.0.self_attn.q_proj.lora_A": torch.ones(4, 64),
                "model.layers.0.self_attn.q_proj.lora_B": torch.ones(64, 3)}
-    af.save(af.Adapter(af.new_manifest("lora", modules), tensors), path)
+    save_unchecked(af.Adapter(af.new_manifest("lora", modules), tensors), path)
 
 
 @pytest.mark.parametrize("name", ["bad", "bad.safetensors"])
@@ -46,8 +46,8 @@ def test_every_command_reports_it_in_one_line(tmp_path, command: list[str]) -> N
 def test_data_rules_are_checked_wherever_values_are_used(tmp_path) -> None:
     """Unsorted sparse indices pass the shape checks of load, and are refused when any verb reads them."""
     entry = {"kind": "sparse", "shape": [4, 4], "params": {}}
-    af.save(af.Adapter(af.new_manifest("sparse_ft", {"0": entry}),
-                       {"0.indices": torch.tensor([5, 2]), "0.values": torch.ones(2)}), tmp_path / "s")
+    save_unchecked(af.Adapter(af.new_manifest("sparse_ft", {"0": entry}),
+                              {"0.indices": torch.tensor([5, 2]), "0.values": torch.ones(2)}), tmp_path / "s")
     adapter = af.load(tmp_path / "s")
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(af.FormatError, match="strictly increasing") as e:

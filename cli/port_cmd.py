@@ -9,9 +9,9 @@ from typing import Literal
 import typer
 
 import adapterfmt as af
-from adapterfmt import registry
-from adapterfmt.atomic import check_output
-from adapterfmt.port import port_record
+from adapterfmt.plugin import registry
+from adapterfmt.format.atomic import check_output
+from adapterfmt.verbs.port import port_record
 
 from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, hidden_alias, one_of, out_option,
                      print_json, print_table, progress, renamed, require)
@@ -67,7 +67,8 @@ def extract(
         return
     rows = [(m.module, m.kind, str(m.rank or "-"), f"{m.stored:,} / {m.numel:,}", f"{m.captured:.6f}",
              f"{m.rel_error:.2e}") for m in report.modules]
-    print_table(("module", "kind", "rank", "stored", "captured", "rel. error"), rows, f"extracted {form} patch -> {out}")
+    print_table(("module", "kind", "rank", "stored", "captured", "rel. error"), rows,
+                f"extracted {form} patch -> {out}")
     console.print(f"{len(report.modules)} module(s) stored, {report.unchanged} unchanged tensor(s) left out")
     if report.unplaced:
         console.print(f"[yellow]not representable in this form (change lost):[/] {', '.join(report.unplaced)}")

@@ -3,14 +3,44 @@
 The public API is what this module exports; plugins (built-in ones included) use nothing else.
 """
 
-__version__ = "0.1.0"
+from pathlib import Path
 
-from . import registry
-from .adapter import Adapter, load, save
-from .apply import activate, adapter_ids, attach, attached, detach, merge_into, unmerge
-from .codecs import BUILTIN_CODECS
-from .compress import compress_adapter
-from .conversion import (
+from ._version import __version__
+from .deltas import DeltaKind, function_shape, lowrank_entry
+from .deltas.modules import is_transposed, weight_function
+from .errors import (
+    AdapterError,
+    BaseMismatchError,
+    ChecksumError,
+    FormatError,
+    HubAuthError,
+    HubError,
+    HubTransferError,
+    LimitError,
+    MissingFileError,
+    NotAnAdapterRepoError,
+    OutputExistsError,
+    PluginError,
+    PushConflictError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    SpecVersionError,
+    UnknownExtensionError,
+    UnsafePathError,
+    UnsupportedError,
+)
+from .format.adapter import Adapter, load, register_resolver, save
+from .format.codecs import BUILTIN_CODECS
+from .format.fingerprint import fingerprint_checkpoint, fingerprint_module
+from .format.jsontext import read_json_object
+from .format.manifest import SPEC_VERSION, new_manifest
+from .format.validate import validate
+from .plugin import registry
+from .plugin.hookspecs import hookimpl
+from .plugin.protocols import ApplyBackend, ForeignFormat, TensorCodec
+from .verbs.apply import activate, adapter_ids, attach, attached, detach, merge_into, unmerge
+from .verbs.compress import compress_adapter
+from .verbs.conversion import (
     alpha_for,
     attention_heads,
     base_config,
@@ -33,41 +63,21 @@ from .conversion import (
     write_foreign,
     write_tensor_file,
 )
-from .deltas import DeltaKind, function_shape, lowrank_entry
-from .errors import (
-    AdapterError,
-    BaseMismatchError,
-    ChecksumError,
-    FormatError,
-    HubAuthError,
-    HubError,
-    HubTransferError,
-    LimitError,
-    MissingFileError,
-    NotAnAdapterRepoError,
-    OutputExistsError,
-    PluginError,
-    PushConflictError,
-    RepoNotFoundError,
-    RevisionNotFoundError,
-    SpecVersionError,
-    UnknownExtensionError,
-    UnsafePathError,
-    UnsupportedError,
-)
-from .extract import extract_adapter
-from .fingerprint import fingerprint_checkpoint, fingerprint_module
-from .hookspecs import hookimpl
-from .jsontext import read_json_object
-from .manifest import SPEC_VERSION, new_manifest
-from .merge import merge_adapters
-from .method import Method
-from .modules import is_transposed, weight_function
-from .port import port_adapter
-from .protocols import ApplyBackend, ForeignFormat, TensorCodec
-from .targets import TARGETS_SCHEMA, matches_targets, pattern_value, select_modules, select_targets
-from .train import TrainableDelta, TrainSession, adapter_dtype, inject, module_entry
-from .validate import validate
+from .verbs.extract import extract_adapter
+from .verbs.merge import merge_adapters
+from .verbs.method import Method
+from .verbs.port import port_adapter
+from .verbs.targets import TARGETS_SCHEMA, matches_targets, pattern_value, select_modules, select_targets
+from .verbs.train import TrainableDelta, TrainSession, adapter_dtype, inject, module_entry
+
+
+def _resolve_hub_path(uri: str) -> Path:
+    from .hub.client import resolve_adapter_path
+
+    return resolve_adapter_path(uri)
+
+
+register_resolver("hf://", _resolve_hub_path)  # the composition root wires the Hub into the format layer
 
 __all__ = [
     "__version__", "registry",

@@ -33,7 +33,7 @@ class UnknownExtensionError(FormatError):
 
 class LimitError(FormatError):
     """An input exceeds a reader limit (header or JSON size, entry count, name length, dense size); the message
-    names the environment variable that raises it (:mod:`adapterfmt.limits`)."""
+    names the environment variable that raises it (:mod:`adapterfmt.format.limits`)."""
 
 
 class ChecksumError(FormatError):
@@ -90,3 +90,8 @@ class HubTransferError(HubError, ConnectionError):
 
 class PushConflictError(HubError):
     """The branch moved while pushing (another push landed first); nothing was committed."""
+
+
+def first_few(items: list[str], n: int = 3) -> str:
+    """``items`` for a one-line message: the first ``n`` joined by "; ", then how many more there are."""
+    return "; ".join(items[:n]) + (f"; and {len(items) - n} more" if len(items) > n else "")

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from llama_lora import checkpoint_bytes, largest_tensor_bytes, llama, lora, save_checkpoint  # noqa: E402
 
 import adapterfmt as af  # noqa: E402
-from adapterfmt.fingerprint import read_checkpoint_headers  # noqa: E402
-from adapterfmt.safetensors_io import read_tensor  # noqa: E402
+from adapterfmt.format.fingerprint import read_checkpoint_headers  # noqa: E402
+from adapterfmt.format.safetensors_io import read_tensor  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, warnings
@@ -39,7 +39,7 @@ mode, threads, base, adapter, out = sys.argv[1:6]
 torch.set_num_threads(int(threads))
 wall = 0.0
 if mode == "ours":
-    from adapterfmt.bake import bake
+    from adapterfmt.verbs.bake import bake
     t0 = time.perf_counter()
     bake([adapter], base, out)
     wall = time.perf_counter() - t0

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 import adapterfmt as af
-from adapterfmt.compress import compress_adapter
-from adapterfmt.summary import file_bytes
 from adapterfmt.tiny import build_tiny
+from adapterfmt.verbs.compress import compress_adapter
+from adapterfmt.verbs.summary import file_bytes
 
 SEQ, SPAN, RANK, ALPHA = 12, 32, 8, 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

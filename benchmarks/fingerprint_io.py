@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 import adapterfmt as af
-from adapterfmt.fingerprint import checkpoint_files
-from adapterfmt.safetensors_io import read_header
+from adapterfmt.format.fingerprint import checkpoint_files
+from adapterfmt.format.safetensors_io import read_header
 
 
 def io_counters() -> dict[str, int]:

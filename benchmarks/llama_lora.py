@@ -52,7 +52,7 @@ def lora(model: torch.nn.Module, folder: Path, seed: int, r: int = 16) -> torch.
 
 
 def largest_tensor_bytes(folder: Path) -> int:
-    from adapterfmt.fingerprint import read_checkpoint_headers
+    from adapterfmt.format.fingerprint import read_checkpoint_headers
 
     return max(t.end - t.start for h in read_checkpoint_headers(folder) for t in h.tensors.values())
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llama_lora import lora, llama  # noqa: E402
+from llama_lora import llama, lora  # noqa: E402
 
 import adapterfmt as af  # noqa: E402
-from adapterfmt.merge import merge_adapters, relative_error  # noqa: E402
+from adapterfmt.verbs.merge import merge_adapters, relative_error  # noqa: E402
 
 WEIGHTS = [0.6, 0.4]
 RANK = 16

@@ -6,7 +6,7 @@
    target task, reversal (``x  REV  reversed(x)``), which v1 fails.
 3. v2, the evolved base: v1 trained further (all weights) on other data (copy plus a new shift task,
    ``x  SHIFT  x+1``); it never sees the target task.
-4. Port: ``adapterfmt.port.port_adapter(patch, new_base=v2 checkpoint)`` — training-free. The patch is
+4. Port: ``adapterfmt.verbs.port.port_adapter(patch, new_base=v2 checkpoint)`` — training-free. The patch is
    also ported to snapshots of the evolution after 10, 30 and 100 steps (of 300), to show how far it
    carries as the base drifts.
 5. Baseline: the same LoRA recipe trained on v2 directly.
@@ -116,7 +116,7 @@ def _rss_kib(field: str) -> int:
 def _measure(path: str, workdir: str, queue: Any) -> None:
     torch.set_num_threads(1)
     import adapterfmt as af
-    from adapterfmt.port import port_adapter
+    from adapterfmt.verbs.port import port_adapter
 
     work = Path(workdir)
     v2 = load_model(work / "v2")
@@ -147,9 +147,10 @@ def measure(path: str, workdir: Path) -> dict[str, float]:
 
 # ----- the study ----------------------------------------------------------------------------------------
 def run(workdir: Path) -> dict[str, Any]:
-    import adapterfmt as af
-    from adapterfmt.port import port_adapter, port_record
     from transformers import LlamaForCausalLM
+
+    import adapterfmt as af
+    from adapterfmt.verbs.port import port_adapter, port_record
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

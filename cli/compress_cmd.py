@@ -9,9 +9,9 @@ from typing import Any
 import typer
 
 import adapterfmt as af
-from adapterfmt import registry
-from adapterfmt.atomic import check_output
-from adapterfmt.summary import file_bytes
+from adapterfmt.plugin import registry
+from adapterfmt.format.atomic import check_output
+from adapterfmt.verbs.summary import file_bytes
 
 from .inspect_cmd import compression_text
 from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, deprecated, hidden_alias, human_bytes,

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 import adapterfmt as af
-from adapterfmt.demo import run_demo
+from adapterfmt.demo.run import run_demo
 
 from .common import JsonOpt, cli_errors, console, print_json, print_table, table_fits
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import typer
 
-from adapterfmt import hub
+from adapterfmt.hub import client as hub
 
 from .common import JsonOpt, OverwriteOpt, cli_errors, console, print_json
 

@@ -6,7 +6,7 @@ import typer
 from rich.text import Text
 
 import adapterfmt as af
-from adapterfmt.summary import summarize
+from adapterfmt.verbs.summary import summarize
 
 from .common import JsonOpt, cli_errors, console, err_console, human_bytes, print_json, print_table
 

@@ -8,7 +8,7 @@ import warnings
 import typer
 
 import adapterfmt as af
-from adapterfmt import registry
+from adapterfmt.plugin import registry
 
 from .common import App, console, err_console
 

@@ -10,11 +10,11 @@ from typing import Any
 import typer
 
 import adapterfmt as af
-from adapterfmt import registry
-from adapterfmt.atomic import check_output
-from adapterfmt.bake import bake
-from adapterfmt.merge import STRATEGIES
-from adapterfmt.recipe import Recipe, load_recipe
+from adapterfmt.plugin import registry
+from adapterfmt.format.atomic import check_output
+from adapterfmt.verbs.bake import bake
+from adapterfmt.verbs.merge import STRATEGIES
+from adapterfmt.verbs.recipe import Recipe, load_recipe
 
 from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, hidden_alias, human_bytes, out_option,
                      print_json, print_table, progress, renamed, require)

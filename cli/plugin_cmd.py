@@ -10,7 +10,8 @@ from typing import Any
 import typer
 from rich.text import Text
 
-from adapterfmt import conformance, scaffold
+from adapterfmt.authoring import conformance
+from adapterfmt.authoring import scaffold
 
 from .common import (App, JsonOpt, UsageError, cli_errors, console, hidden_alias, out_option, print_json, print_table,
                      renamed)
@@ -59,7 +60,7 @@ def _factory(spec: str | None) -> Any:
 def check(
     method: str = typer.Argument(..., help="An installed method (see `adapter methods`)."),
     factory: str = typer.Option(None, "--factory",
-                                help="module:function returning an adapterfmt.conformance.Example "
+                                help="module:function returning an adapterfmt.authoring.conformance.Example "
                                      "(default: the method's train verb on a tiny model, or built-in kind examples)."),
     config: str = typer.Option(None, "--config", help="Training config for the train verb, as JSON."),
     as_json: bool = JsonOpt,

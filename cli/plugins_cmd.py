@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 from rich.text import Text
 
-from adapterfmt import Method, registry
+from adapterfmt import Method
+from adapterfmt.plugin import registry
 
 from .common import JsonOpt, cli_errors, print_json, print_table
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from helpers_spec import invoke
 
 import adapterfmt as af
 from adapterfmt.tiny import build_tiny, save_tiny
-
-from helpers_spec import invoke
 
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import copy
 
 import torch
+from helpers_peft import VOCAB, build, logits
 from torch import nn
 
 import adapterfmt as af
-
-from helpers_peft import VOCAB, build, logits
 
 ATOL = 1e-5
 LLAMA_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

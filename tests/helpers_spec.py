@@ -43,7 +43,7 @@ def save_unchecked(adapter, path: Path) -> Path:
     """Write ``adapter`` as a tool that does not validate might (``af.save`` refuses invalid adapters)."""
     import pytest
 
-    from adapterfmt import adapter as adapter_module
+    from adapterfmt.format import adapter as adapter_module
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(adapter_module, "_check_output_adapter", lambda *args: None)

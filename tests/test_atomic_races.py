@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_spec import EXAMPLES
 
 import adapterfmt as af
-from adapterfmt.atomic import atomic_dir, atomic_file, clean_stale
-
-from helpers_spec import EXAMPLES
+from adapterfmt.format.atomic import atomic_dir, atomic_file, clean_stale
 
 
 def test_file_that_appears_meanwhile_is_not_replaced(tmp_path):
@@ -60,7 +59,7 @@ def test_save_race_single_file(tmp_path):
 
 KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
-    from adapterfmt.atomic import atomic_dir, atomic_file
+    from adapterfmt.format.atomic import atomic_dir, atomic_file
     out = sys.argv[1]
     if sys.argv[2] == "dir":
         with atomic_dir(out) as tmp:

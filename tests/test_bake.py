@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapterfmt.cli.main import app
+from helpers_peft import VOCAB, build, logits, randomize
 from peft import LoraConfig, get_peft_model
 from typer.testing import CliRunner
 
 import adapterfmt as af
-from adapterfmt.bake import INDEX_FILE, bake
-from adapterfmt.cli.main import app
-from adapterfmt.merge import merge_adapters
-from adapterfmt.safetensors_io import StreamWriter, dtype_name, read_header, read_tensor, write_file
-from helpers_peft import VOCAB, build, logits, randomize
+from adapterfmt.format.safetensors_io import StreamWriter, dtype_name, read_header, read_tensor, write_file
+from adapterfmt.verbs.bake import INDEX_FILE, bake
+from adapterfmt.verbs.merge import merge_adapters
 
 IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
 EXTRAS = {"tokenizer.json": '{"version": "1.0"}', "generation_config.json": '{"do_sample": false}'}
@@ -218,7 +218,7 @@ def test_fingerprint_mismatch_missing_modules_and_misfits_are_refused(llama, tmp
 def test_a_failed_bake_leaves_nothing(llama, tmp_path, monkeypatch):
     tmp, base = llama
     adapter, _ = peft_adapter(tmp, "llama", base)
-    import adapterfmt.bake as bk
+    import adapterfmt.verbs.bake as bk
 
     calls = {"n": 0}
     real = bk._changed

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapterfmt import bitpack
 from adapterfmt.errors import FormatError
+from adapterfmt.format import bitpack
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 15, 16, 17, 100])

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
 from adapterfmt.cli.main import app
-
 from helpers_spec import invoke
 
 COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)

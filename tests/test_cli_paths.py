@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapterfmt.cli.main import app
 from safetensors.torch import load_file, save_file
+from test_hub import FakeHub, fake_hub, hub_env, make_adapter  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 import adapterfmt as af
-from adapterfmt import hub
-from adapterfmt.cli.main import app
-
-from test_hub import FakeHub, fake_hub, hub_env, make_adapter  # noqa: F401  (fixtures)
+from adapterfmt.hub import client as hub
 
 
 def cli(*args: str | Path):

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import typer
+from adapterfmt.cli.main import app
+from helpers_cli import cli, tiny_setup
 
 import adapterfmt as af
-from adapterfmt.cli.main import app
-
-from helpers_cli import cli, tiny_setup
 
 
 @pytest.fixture(scope="module")

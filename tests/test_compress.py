@@ -9,13 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from adapterfmt.cli.main import app
 from typer.testing import CliRunner
 
 import adapterfmt as af
-from adapterfmt.cli.main import app
-from adapterfmt.compress import compress_adapter, resize_rank
-from adapterfmt.summary import file_bytes
 from adapterfmt.tiny import build_tiny, save_tiny
+from adapterfmt.verbs.compress import compress_adapter, resize_rank
+from adapterfmt.verbs.summary import file_bytes
 
 runner = CliRunner()
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import adapterfmt as af
-from adapterfmt import bitpack
-from adapterfmt.codecs import encode, get_codec
-from adapterfmt.deltas.ternary import ternary_decode, ternary_encode, top_k_mask
+from adapterfmt.format import bitpack
+from adapterfmt.format.codecs import encode, get_codec
+from adapterfmt.format.ternary import ternary_decode, ternary_encode, top_k_mask
 
 SHAPES = [(1,), (3, 5), (7, 13), (2, 3, 4), (1, 257)]
 DENSITIES = [0.0, 0.05, 0.5, 1.0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import adapterfmt as af
-from adapterfmt import registry
+from adapterfmt.plugin import registry
 
 WITH_SCHEMA = sorted(n for n, m in registry.methods().items() if m.config_schema is not None)
 

@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 import torch
+from helpers_spec import invoke
 
 import adapterfmt as af
-from adapterfmt import conformance, registry
-from adapterfmt.conformance import CHECKS, Example, check_method, conformance_cases
+from adapterfmt.authoring import conformance
+from adapterfmt.authoring.conformance import CHECKS, Example, check_method, conformance_cases
 from adapterfmt.deltas.dense import Dense
+from adapterfmt.plugin import registry
 from adapterfmt.tiny import TinyConfig, build_tiny
-from helpers_spec import invoke
 
 NO_TRAIN = {"train", "train_extract"}
 NO_WEIGHT_MERGE = {"merge_equals_unmerged", "unmerge_restores"}

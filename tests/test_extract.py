@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapterfmt.cli.main import app
+from helpers_port import CHANGED, TRUE_RANK, lowrank_change, rel, tiny_pair, tuned_copy
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import adapterfmt as af
-from adapterfmt import extract as ex
-from adapterfmt.cli.main import app
 from adapterfmt.tiny import build_tiny
-
-from helpers_port import CHANGED, TRUE_RANK, lowrank_change, rel, tiny_pair, tuned_copy
+from adapterfmt.verbs import extract as ex
 
 
 @pytest.fixture
@@ -174,7 +173,7 @@ def test_dense_with_biases_and_norms_merges_to_the_finetune(tmp_path):
 def test_sparse_cannot_hold_a_bias_beside_its_weight_and_says_so(tmp_path):
     from torch import nn
 
-    from adapterfmt.safetensors_io import write_file
+    from adapterfmt.format.safetensors_io import write_file
 
     lin = nn.Linear(4, 3)
     state = {f"lin.{k}": v.detach().clone() for k, v in lin.state_dict().items()}

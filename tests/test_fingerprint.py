@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import adapterfmt as af
-from adapterfmt.fingerprint import SAMPLES, compare, sample_positions
+from adapterfmt.format.fingerprint import SAMPLES, compare, sample_positions
 from adapterfmt.tiny import build_tiny
 
 

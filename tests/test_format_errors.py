@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_spec import EXAMPLES, invoke, run_adapter, tree
 
 import adapterfmt as af
 from adapterfmt.errors import (
@@ -25,8 +26,7 @@ from adapterfmt.errors import (
     SpecVersionError,
     UnsafePathError,
 )
-from adapterfmt.safetensors_io import table_sha256
-from helpers_spec import EXAMPLES, invoke, run_adapter, tree
+from adapterfmt.format.safetensors_io import table_sha256
 
 
 # ----- making broken files from the golden examples --------------------------------------------------------

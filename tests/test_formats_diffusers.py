@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+from helpers_formats import ATOL, Pipe, assert_same_tensors, check_function, llama, llama_modules, lora_adapter
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
@@ -21,8 +22,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import adapterfmt as af
-
-from helpers_formats import ATOL, Pipe, assert_same_tensors, check_function, llama, llama_modules, lora_adapter
 
 
 def _adapter(scale_conv=0.5):
@@ -75,7 +74,7 @@ def test_write_read_function_and_round_trip(tmp_path):
     assert fields["unet.r"] == 2 and fields["unet.lora_alpha"] == 1.0 and fields["unet.alpha_pattern"] == {
         r"^proj_out": 3}
     assert fields["text_encoder.target_modules"] == ["text_model.1"]
-    from adapterfmt.conversion import detect_format
+    from adapterfmt.verbs.conversion import detect_format
 
     assert detect_format(path) == "diffusers"
     back = af.read_foreign(path, base=model)

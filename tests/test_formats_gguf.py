@@ -14,9 +14,9 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-import adapterfmt as af  # noqa: E402
-
 from helpers_formats import assert_same_tensors, check_function, llama, llama_modules, lora_adapter  # noqa: E402
+
+import adapterfmt as af  # noqa: E402
 
 N_HEADS, N_KV = 2, 1  # helpers_peft's tiny Llama
 HF = {"token_embd": "model.embed_tokens", "output": "lm_head", "attn_q": "self_attn.q_proj",
@@ -179,9 +179,8 @@ def test_unreadable_files_are_refused_with_names(tmp_path):
 
 
 def test_cli_round_trip_with_head_counts(tmp_path):
-    from typer.testing import CliRunner
-
     from adapterfmt.cli.main import app
+    from typer.testing import CliRunner
 
     adapter = lora_adapter(llama(), llama_modules((0,), ("q_proj", "k_proj")))
     src = af.save(adapter, tmp_path / "a.safetensors")
@@ -198,9 +197,8 @@ def test_cli_round_trip_with_head_counts(tmp_path):
 
 
 def _cli(*args):
-    from typer.testing import CliRunner
-
     from adapterfmt.cli.main import app
+    from typer.testing import CliRunner
 
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -225,11 +223,10 @@ def test_alora_is_refused(tmp_path):
 def test_token_embd_is_an_embedding_without_a_base(tmp_path):
     """A LoRA on token_embd converted to PEFT with head counts but no base: PEFT must apply it (as
     lora_embedding_A/B), giving llama.cpp's function."""
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
     from helpers_formats import ids
     from helpers_peft import logits
+    from peft import PeftModel
+    from safetensors.torch import load_file
 
     model = llama()
     adapter = lora_adapter(model, ["model.embed_tokens", *llama_modules((0,), ("q_proj", "k_proj", "up_proj"))], r=3)

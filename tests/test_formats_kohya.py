@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_formats import ATOL, Pipe, assert_same_tensors, check_function, llama, llama_modules, lora_adapter
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import adapterfmt as af
-
-from helpers_formats import ATOL, Pipe, assert_same_tensors, check_function, llama, llama_modules, lora_adapter
 
 
 def _kohya_dense(path):

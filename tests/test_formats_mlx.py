@@ -11,12 +11,11 @@ import json
 
 import pytest
 import torch
+from helpers_formats import assert_same_tensors, check_function, llama, llama_modules, lora_adapter
+from helpers_peft import logits
 from safetensors.torch import load_file, save_file
 
 import adapterfmt as af
-
-from helpers_formats import assert_same_tensors, check_function, llama, llama_modules, lora_adapter
-from helpers_peft import logits
 
 
 def _mlx_dense(folder, embeddings=()):
@@ -111,9 +110,8 @@ def test_unreadable_files_are_refused_with_names(tmp_path):
 
 
 def test_cli_convert(tmp_path):
-    from typer.testing import CliRunner
-
     from adapterfmt.cli.main import app
+    from typer.testing import CliRunner
 
     model = llama()
     folder = af.write_foreign(lora_adapter(model, llama_modules((0,), ("k_proj", "o_proj"))), tmp_path / "m", "mlx")
@@ -183,9 +181,8 @@ def _mlx_logits(base_folder, adapter_folder, x):
 
 
 def _cli(*args):
-    from typer.testing import CliRunner
-
     from adapterfmt.cli.main import app
+    from typer.testing import CliRunner
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -11,12 +11,12 @@ import json
 
 import pytest
 import torch
+from helpers_formats import assert_same_tensors, check_function, llama, llama_modules, lora_adapter
 from safetensors.torch import load_file
+from test_cli_paths import assert_refused, cli
 
 import adapterfmt as af
-
-from helpers_formats import assert_same_tensors, check_function, llama, llama_modules, lora_adapter
-from test_cli_paths import assert_refused, cli
+from adapterfmt.verbs.conversion import detect_format
 
 HEADS = {"q_proj": 2, "k_proj": 1}
 TO_HF = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
@@ -55,7 +55,7 @@ def test_write_read_function_and_round_trip(tmp_path):
     assert t["layers.1.mlp.w2.lora_b.weight"].shape == (16, 4) and "output.lora_b.weight" in t
     cfg = json.loads((folder / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["peft_type"] == "LORA"
-    from adapterfmt.conversion import detect_format
+    from adapterfmt.verbs.conversion import detect_format
 
     assert detect_format(folder) == "torchtune"
     peft_dir = af.write_foreign(adapter, tmp_path / "peft", "peft")
@@ -120,7 +120,7 @@ def _epoch_folder(tmp_path, model, adapter):
 def test_epoch_folder_head_counts_from_its_config_json(tmp_path):
     model = llama()
     folder = _epoch_folder(tmp_path, model, lora_adapter(model, llama_modules(), r=4, scale=2.0))
-    assert af.conversion.detect_format(folder) == "torchtune"
+    assert detect_format(folder) == "torchtune"
     r = cli("convert", folder, tmp_path / "a.safetensors", "--allow-pickle")  # no --n-heads, no --base
     assert r.exit_code == 0, r.output
     back = af.load(tmp_path / "a.safetensors")

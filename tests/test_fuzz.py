@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers_spec import EXAMPLES
 from torch import nn
 
 import adapterfmt as af
-from helpers_spec import EXAMPLES
 
 CASES_PER_SOURCE = int(os.environ.get("FUZZ_CASES", "20"))
 SEED = os.environ.get("FUZZ_SEED", "")

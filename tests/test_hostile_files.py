@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_spec import EXAMPLES, invoke, tree
 
 import adapterfmt as af
-from adapterfmt import bitpack
-from adapterfmt import safetensors_io as sio
-from helpers_spec import EXAMPLES, invoke, tree
+from adapterfmt.format import bitpack, codecs, limits
+from adapterfmt.format import safetensors_io as sio
 
 BIG = [65536, 65536]  # 2^32 elements: 16 GiB as fp32
 
@@ -150,7 +150,7 @@ def test_dense_limit_is_raised_by_its_variable(tmp_path, monkeypatch):
         af.merge_adapters([af.load(path)])
     monkeypatch.delenv("ADAPTERFMT_MAX_DENSE_GIB")
     half = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    assert af.limits.DENSE_BYTES.value() == half
+    assert limits.DENSE_BYTES.value() == half
 
 
 def test_cli_merge_of_a_sparse_bomb_says_one_line(tmp_path):
@@ -160,14 +160,14 @@ def test_cli_merge_of_a_sparse_bomb_says_one_line(tmp_path):
     assert r.exit_code == 1, r.output
     assert r.stderr.strip().splitlines() == [
         "error: module 'm': a dense [1048576, 1048576] tensor would need 4.1e+03 GiB (limit "
-        f"{af.limits.DENSE_BYTES.value() / (1 << 30):.3g} GiB; set ADAPTERFMT_MAX_DENSE_GIB to raise it)"]
+        f"{limits.DENSE_BYTES.value() / (1 << 30):.3g} GiB; set ADAPTERFMT_MAX_DENSE_GIB to raise it)"]
     assert tree(tmp_path) == before
 
 
 def test_codec_with_a_huge_group_size_decodes_without_expanding_it(tmp_path):
     """int4's group_size near 2^62 (one group) must not be expanded to 2^62 scales."""
-    parts, spec = af.codecs.encode("int4", torch.ones(2, 3), group_size=64)
-    one_group = af.codecs.get_codec("int4").decode(parts, spec)
+    parts, spec = codecs.encode("int4", torch.ones(2, 3), group_size=64)
+    one_group = codecs.get_codec("int4").decode(parts, spec)
     spec["group_size"] = 1 << 62
     tensors = {f"m.lora_A.{p}": t for p, t in parts.items()} | {"m.lora_B": torch.ones(4, 2)}
     path = save_adapter(tmp_path / "g.safetensors", {"m": {"kind": "lowrank", "shape": [4, 3],
@@ -177,7 +177,7 @@ def test_codec_with_a_huge_group_size_decodes_without_expanding_it(tmp_path):
 
 @pytest.mark.parametrize("codec", ["int8", "int4"])
 def test_non_finite_codec_scales_are_refused(tmp_path, codec):
-    parts, spec = af.codecs.encode(codec, torch.ones(2, 3))
+    parts, spec = codecs.encode(codec, torch.ones(2, 3))
     parts["scale"][0] = float("inf")
     tensors = {f"m.lora_A.{p}": t for p, t in parts.items()} | {"m.lora_B": torch.ones(4, 2)}
     path = save_adapter(tmp_path / "s.safetensors", {"m": {"kind": "lowrank", "shape": [4, 3],

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import typer
+from adapterfmt.cli import hub_cmd
 from typer.testing import CliRunner
 
 import adapterfmt as af
-from adapterfmt import hub
-from adapterfmt.cli import hub_cmd
-from adapterfmt.hub_card import parse_front_matter
+from adapterfmt.hub import client as hub
+from adapterfmt.hub.card import parse_front_matter
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hubserver import FakeHub  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import adapterfmt as af
-from adapterfmt import hub
+from adapterfmt.hub import client as hub
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hubserver import FakeHub  # noqa: E402

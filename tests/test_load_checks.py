@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_spec import invoke, save_unchecked
 
 import adapterfmt as af
-from helpers_spec import invoke, save_unchecked
 
 
 def misshapen(path) -> None:

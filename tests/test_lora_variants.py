@@ -10,11 +10,11 @@ import copy
 
 import pytest
 import torch
+from adapterfmt.plugins.methods.lora_variants import adalora_factors, factorization
 from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig, get_peft_model
 from torch import nn
 
 import adapterfmt as af
-from adapterfmt.plugins.lora_variants import adalora_factors, factorization
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
 

@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from adapterfmt.cli.main import app
+from helpers_merge import CONV1D, CONV2D, LINEAR, adapter_delta, dense, lowrank, make, ref_bias, ref_delta, sparse
 from peft.utils import merge_utils
 from typer.testing import CliRunner
 
 import adapterfmt as af
-from adapterfmt.cli.main import app
-from adapterfmt.merge import merge_adapters, module_seed, relative_error
-from helpers_merge import CONV1D, CONV2D, LINEAR, adapter_delta, dense, lowrank, make, ref_bias, ref_delta, sparse
+from adapterfmt.verbs.merge import merge_adapters, module_seed, relative_error
 
 WEIGHTS = [0.7, -1.3, 2.0]
 

@@ -7,13 +7,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-
-import adapterfmt as af
-from adapterfmt.plugins.vectors import INIT_STD, rank_heads
-from adapterfmt.tiny import TinyConfig, build_tiny, save_tiny
-
+from adapterfmt.plugins.methods.vectors import INIT_STD, rank_heads
 from helpers_methods import lm_loss, lm_task, one_thread, train  # noqa: F401 (fixture)
 from helpers_port import tuned_copy
+
+import adapterfmt as af
+from adapterfmt.tiny import TinyConfig, build_tiny, save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOFIT = af.registry.get_method("lofit")

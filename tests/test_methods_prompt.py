@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
+from helpers_methods import lm_loss, lm_task, one_thread, train  # noqa: F401 (fixture)
 
 import adapterfmt as af
 from adapterfmt.tiny import build_tiny
-
-from helpers_methods import lm_loss, lm_task, one_thread, train  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = af.registry.get_method("prompt_tuning")

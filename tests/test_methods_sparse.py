@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_methods import lm_loss, lm_task, one_thread, train  # noqa: F401 (fixture)
 from torch import nn
 
 import adapterfmt as af
 from adapterfmt.tiny import build_tiny
-
-from helpers_methods import lm_loss, lm_task, one_thread, train  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SPARSE = af.registry.get_method("sparse_ft")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers_peft import case
+from helpers_spec import EXAMPLES, invoke
 from peft import IA3Config, LoraConfig
 
 import adapterfmt as af
-
-from helpers_peft import case
-from helpers_spec import EXAMPLES, invoke
 
 
 def test_save_refuses_an_invalid_manifest_and_writes_nothing(tmp_path):

@@ -15,13 +15,12 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
+from helpers_peft import VOCAB, build, case, load_peft, logits, randomize  # noqa: E402
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import adapterfmt as af  # noqa: E402
-
-from helpers_peft import VOCAB, build, case, load_peft, logits, randomize  # noqa: E402
 
 ATOL = 1e-4
 IDS = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -17,14 +17,12 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig,  # noqa: E402
-                  VeraConfig)
+from helpers_peft import build, case, load_peft, logits  # noqa: E402
+from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig, VeraConfig  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import adapterfmt as af  # noqa: E402
-
-from helpers_peft import build, case, load_peft, logits  # noqa: E402
 
 ATOL = 1e-5
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -271,7 +269,7 @@ def test_ia3_needs_base_shapes(tmp_path):
 
 def test_convert_api_and_detection(tmp_path):
     c = case(tmp_path, "custom", CASES["custom-emb-mlp-conv"][1]())
-    from adapterfmt.conversion import detect_format
+    from adapterfmt.verbs.conversion import detect_format
 
     assert detect_format(c.folder) == "peft"
     report = af.convert(c.folder, tmp_path / "a")

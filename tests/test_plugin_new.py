@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from adapterfmt import registry, scaffold
-from adapterfmt.conformance import CHECKS, check_method
 from helpers_spec import invoke, run_adapter
+
+from adapterfmt.authoring import scaffold
+from adapterfmt.authoring.conformance import CHECKS, check_method
+from adapterfmt.plugin import registry
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_spec import EXAMPLES, ROOT, example_paths, invoke, run_adapter
 from torch import nn
 
 import adapterfmt as af
-from adapterfmt import registry
-from helpers_spec import EXAMPLES, ROOT, example_paths, invoke, run_adapter
+from adapterfmt.plugin import registry
 
 pytestmark = pytest.mark.filterwarnings("ignore:adapterfmt plugin:UserWarning")  # the broken ones, on purpose
 

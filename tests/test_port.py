@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapterfmt.cli.main import app
 from helpers_port import CHANGED, rel, tiny_pair
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import adapterfmt as af
-from adapterfmt.cli.main import app
-from adapterfmt.extract import extract_adapter
-from adapterfmt.port import port_adapter, port_record
 from adapterfmt.tiny import TinyConfig, build_tiny, save_tiny
+from adapterfmt.verbs.extract import extract_adapter
+from adapterfmt.verbs.port import port_adapter, port_record
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 

@@ -9,14 +9,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from helpers_spec import tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import adapterfmt as af
-from adapterfmt.codecs import encode
-from adapterfmt.deltas.ternary import ternary_encode
-from adapterfmt.safetensors_io import DTYPES, ITEMSIZE
-from helpers_spec import tree
+from adapterfmt.format.codecs import encode
+from adapterfmt.format.safetensors_io import DTYPES, ITEMSIZE
+from adapterfmt.format.ternary import ternary_encode
 
 FLOATS = ["F32", "F16", "BF16", "F64"]
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

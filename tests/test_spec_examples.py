@@ -11,18 +11,18 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers_spec import EXAMPLES, SPEC, example_paths, run_adapter, tree
 from safetensors import safe_open
 
 import adapterfmt as af
-from adapterfmt import golden
 from adapterfmt.deltas import BUILTIN_KINDS
-from helpers_spec import EXAMPLES, SPEC, example_paths, run_adapter, tree
+from adapterfmt.format import golden
 
 
 def test_regenerating_the_examples_gives_identical_bytes(tmp_path):
     golden.write_examples(tmp_path)
     committed, fresh = tree(EXAMPLES), tree(tmp_path)
-    assert sorted(fresh) == sorted(committed), "spec/examples/ is stale: run `python -m adapterfmt.golden`"
+    assert sorted(fresh) == sorted(committed), "spec/examples/ is stale: run `python -m adapterfmt.format.golden`"
     changed = [name for name in fresh if fresh[name] != committed[name]]
     assert not changed, f"regenerated files differ from spec/examples/: {changed}"
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_spec_examples import _np
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import adapterfmt as af
-from test_spec_examples import _np
 
 ATOL = 1e-5  # float32
 

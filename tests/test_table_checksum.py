@@ -8,10 +8,9 @@ import shutil
 import struct
 
 import pytest
+from helpers_spec import EXAMPLES
 
 import adapterfmt as af
-
-from helpers_spec import EXAMPLES
 
 
 def _spec_table_sha256(raw_header: dict) -> str:

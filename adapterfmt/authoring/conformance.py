@@ -34,15 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import manifest as mf
-from .adapter import Adapter, load, save
-from .apply import adapter_ids, attach, detach, merge_into, unmerge
-from .errors import UnsupportedError
-from .fingerprint import fingerprint_module
-from .registry import get_kind, get_method, understood_extensions, verb
-from .threads import one_thread
-from .tiny import TinyConfig, build_tiny
-from .validate import validate
+from ..errors import UnsupportedError
+from ..format import manifest as mf
+from ..format.adapter import Adapter, load, save
+from ..format.fingerprint import fingerprint_module
+from ..format.validate import validate
+from ..plugin.registry import get_kind, get_method, understood_extensions, verb
+from ..threads import one_thread
+from ..tiny import TinyConfig, build_tiny
+from ..verbs.apply import adapter_ids, attach, detach, merge_into, unmerge
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 """Relative tolerance (of the reference output's largest magnitude) when two computations of one output
@@ -176,7 +176,7 @@ def _kind_example(name: str, kinds: tuple[str, ...], dtype: torch.dtype) -> Exam
 
 
 def _trainable(name: str) -> bool:
-    from .method import Method
+    from ..verbs.method import Method
 
     override = verb(name, "train")
     return getattr(override, "__func__", None) is not Method.train
@@ -192,7 +192,7 @@ def build_example(name: str, factory: Factory | None = None, *, train_config: di
         example = factory()
         if not isinstance(example, Example):
             raise UnsupportedError(f"the conformance factory of {name!r} returned {type(example).__name__}, "
-                                   "not an adapterfmt.conformance.Example")
+                                   "not an adapterfmt.authoring.conformance.Example")
         return example
     if _trainable(name):
         return _trained_example(name, train_config or _default_train_config(method), dtype)

@@ -18,9 +18,9 @@ import re
 from pathlib import Path
 from string import Template
 
-from . import __version__
-from .atomic import atomic_dir
-from .errors import FormatError, OutputExistsError, PluginError
+from .._version import __version__
+from ..errors import FormatError, OutputExistsError, PluginError
+from ..format.atomic import atomic_dir
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -175,7 +175,7 @@ _TEST = '''"""The adapterfmt conformance kit on $name: every verb of the toolkit
 
 import pytest
 
-from adapterfmt.conformance import conformance_cases
+from adapterfmt.authoring.conformance import conformance_cases
 
 
 @pytest.mark.parametrize("case", conformance_cases("$name"), ids=str)
@@ -247,7 +247,7 @@ def render(name: str, kind: str = "lowrank") -> dict[str, str]:
 def new_plugin(name: str, folder: str | os.PathLike[str] | None = None, *, kind: str = "lowrank") -> Path:
     """Write a new plugin distribution for method ``name`` into ``folder`` (default ``./adapterfmt-<name>``),
     atomically; an existing folder is refused. Returns the folder."""
-    from .registry import methods
+    from ..plugin.registry import methods
 
     files = render(name, kind)
     if name in methods():

@@ -1,4 +1,8 @@
-"""Delta kinds: the few forms every method's result takes, and their math (see the spec)."""
+"""Delta kinds (layer 3): the few forms every method's result takes and their math (spec section 6), and
+how a weight reaches a torch module (:mod:`.modules`).
+
+May import: ``adapterfmt.errors``, ``plugin``, ``format``, ``kernels``.
+"""
 
 from .base import DeltaKind
 from .dense import Dense

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from ..errors import FormatError, UnsupportedError
-from ..modules import is_transposed
+from .modules import is_transposed
 
 ROWS_CACHE_ATTR = "_adapterfmt_rows_cache"
 """Attribute of a live module where a kind's ``forward_rows`` may cache data built from the attached
-adapters (e.g. stacked factors); :mod:`adapterfmt.apply` drops it whenever adapters are attached or detached."""
+adapters (e.g. stacked factors); :mod:`adapterfmt.verbs.apply` drops it whenever adapters are attached or detached."""
 
 Tensors = Mapping[str, torch.Tensor]
 Entry = Mapping[str, Any]

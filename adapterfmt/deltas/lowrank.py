@@ -12,8 +12,8 @@ from torch import nn
 
 from .. import kernels
 from ..errors import UnsupportedError
-from ..modules import is_transposed, weight_function
 from .base import ROWS_CACHE_ATTR, DeltaKind, Entry, Tensors, fail
+from .modules import is_transposed, weight_function
 
 
 def function_shape(entry: Entry) -> tuple[int, ...]:

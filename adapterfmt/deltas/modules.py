@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UnsupportedError
+from ..errors import UnsupportedError
 
 
 def is_transposed(module: nn.Module) -> bool:
@@ -44,6 +44,6 @@ def find_module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
-        from .errors import BaseMismatchError
+        from ..errors import BaseMismatchError
 
         raise BaseMismatchError(f"the model has no module {path!r}") from None

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from ..modules import is_transposed, weight_function
 from .base import DeltaKind, Entry, Tensors, fail
+from .modules import is_transposed, weight_function
 
 
 class Sparse(DeltaKind):

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedError
-from ..modules import weight_function
 from .base import DeltaKind, Entry, Tensors, fail
 from .lowrank import channel_view, function_shape
+from .modules import weight_function
 
 OPS = ("scale", "offset")
 SIDES = ("output", "input")

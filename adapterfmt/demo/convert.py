@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .adapter import load, save
-from .apply import attach, detach
-from .conversion import convert
-from .registry import verb
+from ..format.adapter import load, save
+from ..plugin.registry import verb
+from ..verbs.apply import attach, detach
+from ..verbs.conversion import convert
 
 if TYPE_CHECKING:
-    from .demo import DemoContext
+    from .context import DemoContext
 
 LORA_CONFIG = {"target_modules": ["q_proj", "v_proj", "down_proj"], "r": 4, "alpha": 8,
                "rank_pattern": {"down_proj": 2}, "alpha_pattern": {"v_proj": 3}}
@@ -44,7 +44,7 @@ def _peft_output(ctx: DemoContext, folder: object) -> torch.Tensor | None:
         from peft import PeftModel
     except ImportError:
         return None
-    from .tiny import build_tiny
+    from ..tiny import build_tiny
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .adapter import load, save
-from .apply import attach, detach
-from .bake import bake
-from .merge import merge_adapters, relative_error
-from .registry import get_kind
-from .tiny import build_tiny
+from ..format.adapter import load, save
+from ..plugin.registry import get_kind
+from ..tiny import build_tiny
+from ..verbs.apply import attach, detach
+from ..verbs.bake import bake
+from ..verbs.merge import merge_adapters, relative_error
 
 if TYPE_CHECKING:
-    from .adapter import Adapter
-    from .demo import DemoContext
+    from ..format.adapter import Adapter
+    from .context import DemoContext
 
 WEIGHTS = (0.7, 0.5)
 

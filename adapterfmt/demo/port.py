@@ -1,4 +1,4 @@
-"""The demo steps of ``adapter extract`` and ``adapter port`` (see :mod:`adapterfmt.demo`)."""
+"""The demo steps of ``adapter extract`` and ``adapter port`` (see :mod:`adapterfmt.demo.run`)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .adapter import save
-from .apply import attach, detach
-from .errors import BaseMismatchError
-from .extract import extract_adapter
-from .port import port_adapter, port_record
-from .tiny import TinyConfig, build_tiny, save_tiny
+from ..errors import BaseMismatchError
+from ..format.adapter import save
+from ..tiny import TinyConfig, build_tiny, save_tiny
+from ..verbs.apply import attach, detach
+from ..verbs.extract import extract_adapter
+from ..verbs.port import port_adapter, port_record
 
 if TYPE_CHECKING:
-    from .demo import DemoContext
+    from .context import DemoContext
 
 DEMO_RANK = 4
 TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
@@ -59,7 +59,7 @@ def step_port(ctx: DemoContext) -> None:
     for p in v2.parameters():
         p.add_(0.01 * torch.randn(p.shape, generator=gen))
     v2_dir = save_tiny(v2, ctx.workdir / "tiny-v2")
-    from .adapter import load
+    from ..format.adapter import load
 
     patch = load(ctx.adapters["extracted-lowrank"])
     ported = port_adapter(patch, new_base=v2_dir, base_name="adapterfmt-tiny-v2")
@@ -75,5 +75,5 @@ def step_port(ctx: DemoContext) -> None:
     try:
         port_adapter(patch, new_base=save_tiny(other, ctx.workdir / "tiny-h32"))
     except BaseMismatchError as e:
-        ctx.note("port", to="h32 (other arch)", change="refused", mapped=f"{e.message.count('expects')} misfits",
+        ctx.note("port", to="h32 (other arch)", change="refused", mapped=f"{e.message.split(' module(s) do not fit')[0].split()[-1]} misfits",
                  output_change="-", written="nothing")

@@ -7,34 +7,18 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .adapter import Adapter, save
-from .apply import attach, detach
-from .fingerprint import fingerprint_module
-from .manifest import new_manifest
-from .summary import summarize
-from .tiny import TinyLM, build_tiny, save_tiny
-from .validate import validate
-
-
-@dataclass
-class DemoContext:
-    """What the demo steps share: a work folder, the tiny base model, adapters made so far, and the report."""
-
-    workdir: Path
-    model: TinyLM
-    base_dir: Path
-    inputs: torch.Tensor
-    adapters: dict[str, Path] = field(default_factory=dict)
-    report: list[dict[str, Any]] = field(default_factory=list)
-
-    def note(self, step: str, **facts: Any) -> None:
-        self.report.append({"step": step, **facts})
+from ..format.adapter import Adapter, save
+from ..format.fingerprint import fingerprint_module
+from ..format.manifest import new_manifest
+from ..format.validate import validate
+from ..tiny import TinyLM, build_tiny, save_tiny
+from ..verbs.apply import attach, detach
+from ..verbs.summary import summarize
+from .context import DemoContext
 
 
 def _example_tensors(kind: str, gen: torch.Generator, model: TinyLM) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
@@ -97,10 +81,10 @@ def default_steps() -> list[Callable[[DemoContext], None]]:
     """The demo's steps in order: every kind saved and applied, then train, convert, merge + bake,
     compress, extract and port. Each capability's step lives beside that capability."""
     from .compress import step_compress
-    from .convert_demo import step_convert
-    from .merge_demo import step_merge
-    from .port_demo import step_extract, step_port
-    from .train_demo import step_train
+    from .convert import step_convert
+    from .merge import step_merge
+    from .port import step_extract, step_port
+    from .train import step_train
 
     return [step_formats, step_train, step_convert, step_merge, step_compress, step_extract, step_port]
 

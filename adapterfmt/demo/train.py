@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .adapter import load, save
-from .apply import adapter_ids, attach, detach
-from .registry import get_method
-from .threads import one_thread
+from ..format.adapter import load, save
+from ..plugin.registry import get_method
+from ..threads import one_thread
+from ..verbs.apply import adapter_ids, attach, detach
 
 if TYPE_CHECKING:
-    from .demo import DemoContext
+    from .context import DemoContext
 
 
 def step_train(ctx: DemoContext) -> None:

@@ -10,18 +10,30 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
+from ..errors import ChecksumError, FormatError, MissingFileError, UnsafePathError
 from . import manifest as mf
 from .atomic import atomic_dir, atomic_file, check_output
-from .errors import ChecksumError, FormatError, MissingFileError, UnsafePathError
 from .jsontext import read_json_bytes
-from .safetensors_io import (ITEMSIZE, Header, data_sha256, dtype_name, encode_header, header_table, layout,
-                             read_header, read_tensor, table_sha256, tensor_bytes)
+from .safetensors_io import (
+    ITEMSIZE,
+    Header,
+    data_sha256,
+    dtype_name,
+    encode_header,
+    header_table,
+    layout,
+    read_header,
+    read_tensor,
+    table_sha256,
+    tensor_bytes,
+)
+from .structure import check_structure
 
 MANIFEST_FILE = "adapter.json"
 TENSOR_FILE = "adapter.safetensors"
@@ -93,7 +105,7 @@ class Adapter:
 
     def roles(self, module: str) -> list[str]:
         """Roles of the module's kind that are stored for it (an encoded role counts once, by its role name)."""
-        from .registry import get_kind
+        from ..plugin.registry import get_kind
 
         entry = self.modules[module]
         required, optional = get_kind(entry["kind"], path=self.source).roles(entry)
@@ -108,7 +120,7 @@ class Adapter:
         Raises :class:`FormatError` (naming the file) when a required role is missing or the values break the
         kind's rules (unsorted sparse indices ...), so no verb ever sees an incomplete or invalid module.
         """
-        from .registry import get_kind
+        from ..plugin.registry import get_kind
 
         entry = self.modules[module]
         enc = entry.get("encoding", {})
@@ -120,7 +132,7 @@ class Adapter:
                 out[role] = decode(self, module, role, enc[role])
             else:
                 out[role] = self.tensor(f"{module}.{role}")
-        out.update({role: self.tensor(name) for role, name in shared_tensors(entry).items()})
+        out.update({role: self.tensor(name) for role, name in mf.shared_tensors(entry).items()})
         kind = get_kind(entry["kind"], path=self.source)
         missing = [r for r in kind.roles(entry)[0] if r not in out]
         if missing:
@@ -140,12 +152,6 @@ class Adapter:
         return f"Adapter(method={self.method!r}, modules={len(self.modules)}, source={self.source})"
 
 
-def shared_tensors(entry: Mapping[str, Any]) -> dict[str, str]:
-    """``params.shared`` of a module entry: roles read from tensors stored once for several modules
-    (``{role: tensor name}``, e.g. VeRA's shared projections)."""
-    return dict(entry.get("params", {}).get("shared", {}))
-
-
 # ----- reading ----------------------------------------------------------------------------------------
 def safe_member(root: Path, rel: str) -> Path:
     """Resolve a manifest-relative file path, refusing anything that escapes ``root``."""
@@ -163,20 +169,33 @@ def load(path: str | os.PathLike[str], *, verify: bool = True, understood: tuple
     every checksum and the structure (tensors present, none extra, shapes fit each kind)."""
     adapter = _read(path, verify=verify, understood=understood)
     if verify:
-        from .validate import check_structure
-
         check_structure(adapter)
     return adapter
 
 
-def _read(path: str | os.PathLike[str], *, verify: bool, understood: tuple[str, ...] | None) -> Adapter:
-    if isinstance(path, str) and path.startswith("hf://"):
-        from .hub import resolve_adapter_path
+Resolver = Callable[[str], Path]
+_RESOLVERS: dict[str, Resolver] = {}
 
-        path = resolve_adapter_path(path)
-    path = Path(path)
+
+def register_resolver(scheme: str, resolver: Resolver) -> None:
+    """Let :func:`load` (and every verb that reads adapters) accept paths that start with ``scheme``
+    (``"hf://"``): ``resolver`` turns one into a local path. The package root registers the Hub's."""
+    _RESOLVERS[scheme] = resolver
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """A local path for ``path``, through the resolver registered for its scheme if it has one."""
+    if isinstance(path, str):
+        for scheme, resolver in _RESOLVERS.items():
+            if path.startswith(scheme):
+                return resolver(path)
+    return Path(path)
+
+
+def _read(path: str | os.PathLike[str], *, verify: bool, understood: tuple[str, ...] | None) -> Adapter:
+    path = resolve_path(path)
     if understood is None:
-        from .registry import understood_extensions
+        from ..plugin.registry import understood_extensions
 
         understood = understood_extensions()
     if path.is_dir():
@@ -233,7 +252,7 @@ def save(adapter: Adapter, path: str | os.PathLike[str], *, single_file: bool | 
     """Write an adapter atomically. ``single_file`` defaults to True when ``path`` ends in ``.safetensors``.
 
     The output is byte-for-byte determined by the manifest and tensors. An existing ``path`` is only
-    replaced with ``overwrite=True``. An adapter that :func:`~adapterfmt.validate` would refuse is not
+    replaced with ``overwrite=True``. An adapter that :func:`~adapterfmt.format.validate` would refuse is not
     written (:class:`FormatError` naming ``path``), so no command can hand back a file that does not load.
     """
     path = Path(path)
@@ -270,9 +289,7 @@ def save(adapter: Adapter, path: str | os.PathLike[str], *, single_file: bool | 
 
 
 def _check_output_adapter(adapter: Adapter, manifest: dict[str, Any], path: Path) -> None:
-    from .registry import understood_extensions
-    from .validate import check_structure
-
+    from ..plugin.registry import understood_extensions
     try:
         mf.check_manifest(manifest, path=path, understood=understood_extensions())
         check_structure(adapter, deep=True)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputExistsError
+from ..errors import OutputExistsError
 
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import FormatError
+from ..errors import FormatError
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 MAX_VARINT_BYTES = 9

@@ -11,7 +11,7 @@ Built-in layouts (every spec also records ``shape`` and ``dtype``, the logical t
   tensors of 2+ dims (one scale per output channel / row) and 1 otherwise; ``x = q * scale[row]``.
   ``scale = max|row| / 127``, ``q = round(x / scale)``.
 - ``int4``: part ``q`` uint8 ``[ceil(n / 2)]``: 4-bit codes ``c`` in 1..15 of the flat row-major tensor, two
-  per byte, low nibble first (:mod:`adapterfmt.bitpack`); part ``scale`` float16 ``[ceil(n / group_size)]``
+  per byte, low nibble first (:mod:`adapterfmt.format.bitpack`); part ``scale`` float16 ``[ceil(n / group_size)]``
   (spec ``group_size``, default 64); ``x[i] = (c[i] - 8) * scale[i // group_size]``, ``scale = max|group| / 7``.
 - ``ternary``: the ComPEFT sign pattern of :mod:`adapterfmt.deltas.ternary` (parts ``mask`` or ``gaps``,
   ``signs``, ``scales``; spec ``layout``, ``count``, optional ``group_size``).
@@ -24,20 +24,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import FormatError
 from . import bitpack
-from .deltas.ternary import ternary_decode, ternary_encode, ternary_roles, top_k_mask
-from .errors import FormatError
 from .limits import check_dense
 from .safetensors_io import DTYPES, dtype_name
+from .ternary import ternary_decode, ternary_encode, ternary_roles, top_k_mask
 
 if TYPE_CHECKING:
+    from ..plugin.protocols import TensorCodec
     from .adapter import Adapter
-    from .protocols import TensorCodec
 
 
 def get_codec(name: object, *, path: object = None) -> TensorCodec:
     """The installed codec called ``name``."""
-    from .registry import codecs
+    from ..plugin.registry import codecs
 
     found = codecs().get(name) if isinstance(name, str) else None
     if found is None:

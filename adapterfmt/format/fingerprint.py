@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FormatError, MissingFileError
+from ..errors import FormatError, MissingFileError
 from .safetensors_io import ITEMSIZE, Header, dtype_name, read_header, tensor_bytes
 
 ALGORITHM = "adapterfmt-fp1"

@@ -1,7 +1,7 @@
 """The golden example adapters of ``spec/examples/``: tiny, deterministic, every delta kind and codec, both file forms.
 
 Values are small multiples of 1/16, exact in every float dtype, computed by formula rather than by a random
-generator, so the files depend on nothing but this module and the writer. ``python -m adapterfmt.golden
+generator, so the files depend on nothing but this module and the writer. ``python -m adapterfmt.format.golden
 spec/examples`` regenerates them; the tests regenerate them into a temp folder and compare bytes.
 
 :func:`golden_base` is the base model the examples target; its fingerprint is the test vector of the spec.
@@ -20,9 +20,9 @@ from torch import nn
 
 from .adapter import Adapter, save
 from .codecs import encode
-from .deltas.ternary import ternary_encode
 from .fingerprint import fingerprint_module
 from .manifest import new_manifest
+from .ternary import ternary_encode
 
 BASE_NAME = "adapterfmt-golden-base"
 
@@ -170,7 +170,7 @@ def example(name: str) -> Adapter:
     """Golden example ``name`` as an in-memory :class:`Adapter`."""
     method, config, modules, tensors = EXAMPLES[name]()
     extra: dict[str, Any] = {}
-    provenance = [{"tool": "adapterfmt.golden", "example": name}]
+    provenance = [{"tool": "adapterfmt.format.golden", "example": name}]
     if name == "extensions":
         extra["extensions"] = {"example.note": {"text": "readers that do not know example.* ignore this"},
                                "acme.training": {"steps": 100, "lr": 0.0001}}

@@ -3,7 +3,7 @@
 Strict beyond RFC 8259's minimum (spec section 4.2): no ``NaN``/``Infinity`` literals, no duplicate keys,
 integers in ``[-2^63, 2^64)``, numbers finite (``1e999`` is refused, not read as infinity), no lone
 surrogate escapes (``"\\ud800"``: text that could not be written back as UTF-8), and the text no larger
-than its size limit (:mod:`adapterfmt.limits`).
+than its size limit (:mod:`adapterfmt.format.limits`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError
+from ..errors import FormatError
 from .limits import JSON_BYTES, Limit
 
 INT_MIN, INT_END = -(1 << 63), 1 << 64

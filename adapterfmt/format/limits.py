@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import LimitError
+from ..errors import LimitError
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -12,7 +12,7 @@ from typing import Any
 
 import jsonschema
 
-from .errors import FormatError, SpecVersionError, UnknownExtensionError
+from ..errors import FormatError, SpecVersionError, UnknownExtensionError
 from .jsontext import parse_json
 from .limits import MAX_PATH_COMPONENT_BYTES, MODULES, check_name
 
@@ -138,3 +138,9 @@ def loads(text: str | bytes, *, path: object = None) -> Manifest:
 
 def copy_manifest(m: Manifest) -> Manifest:
     return copy.deepcopy(m)
+
+
+def shared_tensors(entry: Mapping[str, Any]) -> dict[str, str]:
+    """``params.shared`` of a module entry: roles read from tensors stored once for several modules
+    (``{role: tensor name}``, e.g. VeRA's shared projections)."""
+    return dict(entry.get("params", {}).get("shared", {}))

@@ -21,8 +21,8 @@ from typing import BinaryIO
 
 import torch
 
+from ..errors import FormatError, MissingFileError
 from .atomic import atomic_file
-from .errors import FormatError, MissingFileError
 from .jsontext import parse_json
 from .limits import HEADER_BYTES, TENSORS, check_name
 
@@ -82,6 +82,9 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         if len(head) < 8:
             raise FormatError(f"truncated safetensors file ({size} bytes, no header length)", path=path)
         (n,) = struct.unpack("<Q", head)
+        if 8 + n > size and f.read(1) != b"{":  # no JSON header follows: some other kind of file
+            raise FormatError("not a safetensors file (no header length and JSON header at its start)", path=path)
+        f.seek(8)
         if 8 + n > size and n > HEADER_BYTES.value():
             raise FormatError(f"header claims {n} bytes, more than the file's {size}; file is corrupt", path=path)
         if 8 + n > size:

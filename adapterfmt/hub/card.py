@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from .adapter import Adapter
-from .summary import summarize
+from ..format.adapter import Adapter
+from ..verbs.summary import summarize
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

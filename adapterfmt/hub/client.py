@@ -44,10 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from . import manifest as mf
-from .adapter import MANIFEST_FILE, TENSOR_FILE, Adapter, load, safe_member, save
-from .atomic import atomic_dir, check_output
-from .errors import (
+from ..errors import (
     AdapterError,
     ChecksumError,
     FormatError,
@@ -62,7 +59,10 @@ from .errors import (
     UnsafePathError,
     UnsupportedError,
 )
-from .validate import validate
+from ..format import manifest as mf
+from ..format.adapter import MANIFEST_FILE, TENSOR_FILE, Adapter, load, safe_member, save
+from ..format.atomic import atomic_dir, check_output
+from ..format.validate import validate
 
 SCHEME = "hf://"
 CARD_FILE = "README.md"
@@ -235,7 +235,7 @@ class PushResult:
 
 def _peft_files(adapter: Adapter, folder: Path) -> list[Path]:
     """Write the adapter in PEFT's format into ``folder`` through the ``peft`` format plugin."""
-    from . import registry
+    from ..plugin import registry
 
     fmt = registry.formats().get("peft")
     if fmt is None:
@@ -275,7 +275,7 @@ def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = N
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub import errors as hfe
 
-    from .hub_card import render_card
+    from .card import render_card
 
     ref = parse_ref(repo_id, revision)
     if ref.path:

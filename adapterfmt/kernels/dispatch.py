@@ -35,7 +35,7 @@ def backend_setting() -> str:
 
 
 def _plugin_backend(name: str, op: str, t: torch.Tensor) -> Callable[..., Any] | None:
-    from .. import registry
+    from ..plugin import registry
 
     found = registry.backends()
     if name not in found:

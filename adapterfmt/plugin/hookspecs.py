@@ -16,8 +16,8 @@ import pluggy
 if TYPE_CHECKING:
     import typer
 
-    from .deltas import DeltaKind
-    from .method import Method
+    from ..deltas import DeltaKind
+    from ..verbs.method import Method
 
 hookspec = pluggy.HookspecMarker("adapterfmt")
 hookimpl = pluggy.HookimplMarker("adapterfmt")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
-    from .adapter import Adapter
+    from ..format.adapter import Adapter
 
 
 @runtime_checkable

@@ -18,27 +18,32 @@ from typing import Any
 
 import pluggy
 
+from .._version import __version__
+from ..errors import FormatError, PluginError
 from . import hookspecs
-from .errors import FormatError, PluginError
 
 ENTRY_POINT_GROUP = "adapterfmt"
 BLOCK_ENV = "ADAPTERFMT_BLOCK_PLUGINS"
-BUILTIN_PLUGINS = (
-    "adapterfmt.plugins.lora",
-    "adapterfmt.plugins.lora_variants",
-    "adapterfmt.plugins.codecs",
-    "adapterfmt.plugins.patches",
-    "adapterfmt.plugins.sparse_methods",
-    "adapterfmt.plugins.vectors",
-    "adapterfmt.plugins.prompts",
-    "adapterfmt.plugins.peft_format",
-    "adapterfmt.plugins.mlx_format",
-    "adapterfmt.plugins.gguf_format",
-    "adapterfmt.plugins.kohya_format",
-    "adapterfmt.plugins.torchtune_format",
-    "adapterfmt.plugins.diffusers_format",
-    "adapterfmt.plugins.token_rows",
-)
+BUILTIN_PLUGINS = {
+    "lora": "adapterfmt.plugins.methods.lora",
+    "lora_variants": "adapterfmt.plugins.methods.lora_variants",
+    "codecs": "adapterfmt.plugins.codecs",
+    "patches": "adapterfmt.plugins.methods.patches",
+    "sparse_methods": "adapterfmt.plugins.methods.sparse",
+    "vectors": "adapterfmt.plugins.methods.vectors",
+    "prompts": "adapterfmt.plugins.methods.prompts",
+    "peft_format": "adapterfmt.plugins.formats.peft",
+    "mlx_format": "adapterfmt.plugins.formats.mlx",
+    "gguf_format": "adapterfmt.plugins.formats.gguf",
+    "kohya_format": "adapterfmt.plugins.formats.kohya",
+    "torchtune_format": "adapterfmt.plugins.formats.torchtune",
+    "diffusers_format": "adapterfmt.plugins.formats.diffusers",
+    "token_rows": "adapterfmt.plugins.methods.token_rows",
+}
+"""Built-in plugins: the name ``adapter plugins`` shows and ``ADAPTERFMT_BLOCK_PLUGINS`` takes -> module.
+They are loaded by module name, like entry points, so this layer imports none of them."""
+BUILTIN_KINDS_MODULE = "adapterfmt.deltas"
+"""Where the core delta kinds live (a higher layer, looked up by name like the plugins)."""
 VERBS = ("train", "apply", "merge", "compress", "port")
 
 
@@ -79,10 +84,7 @@ def _state() -> PluginState:
     pm.add_hookspecs(hookspecs)
     state = PluginState(pm)
     skip = blocked()
-    from . import __version__
-
-    for modname in BUILTIN_PLUGINS:
-        name = modname.rsplit(".", 1)[1]
+    for name, modname in BUILTIN_PLUGINS.items():
         if name in skip:
             continue
         state.distributions[name] = ("adapterfmt", __version__)
@@ -120,9 +122,7 @@ def _collect(hook: str) -> dict[str, Any]:
     """Items from every plugin's ``hook``, by name; built-ins first, a later duplicate is reported and skipped."""
     items: dict[str, Any] = {}
     if hook == "adapterfmt_delta_kinds":
-        from .deltas import BUILTIN_KINDS
-
-        items.update({k.name: k for k in BUILTIN_KINDS})
+        items.update({k.name: k for k in importlib.import_module(BUILTIN_KINDS_MODULE).BUILTIN_KINDS})
     state = _state()
     for impl in getattr(state.pm.hook, hook).get_hookimpls():
         try:

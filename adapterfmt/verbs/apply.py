@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter
-from .errors import AdapterError, BaseMismatchError, UnsupportedError
-from .deltas.base import ROWS_CACHE_ATTR
-from .registry import get_kind
+from ..deltas.base import ROWS_CACHE_ATTR
+from ..errors import AdapterError, BaseMismatchError, UnsupportedError
+from ..format.adapter import Adapter
+from ..plugin.registry import get_kind
 
 STATE_ATTR = "_adapterfmt_state"
 

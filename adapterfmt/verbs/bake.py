@@ -2,7 +2,7 @@
 
 Each output tensor is either copied byte for byte from the base (the kernel copies it; it never enters
 Python) or, when an adapter touches it, read alone, changed in fp32 and written back in the base's dtype:
-``W + dW`` where ``dW`` is the merge (any strategy of :mod:`adapterfmt.merge`) of the adapters' entries
+``W + dW`` where ``dW`` is the merge (any strategy of :mod:`adapterfmt.verbs.merge`) of the adapters' entries
 for that module, added in row chunks (a lowrank ``dW`` is never formed: each chunk gets ``B[rows] @ A``).
 Kinds that are not ``W + dW`` (DoRA, IA3 vectors, dense replace) are merged by their own kind against the
 base tensor, in adapter order (linear strategy, weight 1). Peak memory is about one base tensor, one fp32
@@ -28,15 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter, load
-from .atomic import atomic_dir, atomic_file, check_output
-from .errors import BaseMismatchError, FormatError, UnsupportedError
-from .fingerprint import checkpoint_files, compare, fingerprint_checkpoint
-from .jsontext import parse_json, read_json_bytes
-from .limits import check_dense
+from ..errors import BaseMismatchError, FormatError, UnsupportedError, first_few
+from ..format.adapter import Adapter, load
+from ..format.atomic import atomic_dir, atomic_file, check_output
+from ..format.fingerprint import checkpoint_files, compare, fingerprint_checkpoint
+from ..format.jsontext import parse_json, read_json_bytes
+from ..format.limits import check_dense
+from ..format.safetensors_io import DTYPES, ITEMSIZE, Header, StreamWriter, TensorInfo, read_header, read_tensor
+from ..plugin.registry import get_kind
 from .merge import MergeOptions, Term, collect_terms, merge_module, resolve_weights
-from .registry import get_kind
-from .safetensors_io import DTYPES, ITEMSIZE, Header, StreamWriter, TensorInfo, read_header, read_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
@@ -63,7 +63,7 @@ class BakeReport:
     skipped: list[str]
     """Weight files of other formats in the base folder, left out of the output."""
     fingerprints: list[str]
-    """For each adapter: same, new-weights, different or unknown (see :func:`adapterfmt.fingerprint.compare`)."""
+    """For each adapter: same, new-weights, different or unknown (see :func:`adapterfmt.format.fingerprint.compare`)."""
     bytes: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -292,13 +292,14 @@ def bake(
              if v in ("different", "new-weights")]
     if wrong and not force:
         raise BaseMismatchError("the checkpoint's fingerprint does not match the base recorded in "
-                                f"{', '.join(wrong)}; pass force=True (CLI: --force) to bake anyway", path=base)
+                                f"{first_few(wrong)}; pass force=True (CLI: --force) to bake anyway", path=base)
     terms = collect_terms(loaded, resolve_weights(len(loaded), weights))
     touched, missing, misfit = _modules(terms, where, opts)
     if misfit:
-        raise BaseMismatchError("adapter modules do not fit the checkpoint: " + "; ".join(misfit), path=base)
+        raise BaseMismatchError(f"{len(misfit)} adapter module(s) do not fit the checkpoint: {first_few(misfit)}",
+                                path=base)
     if missing and (not force or not touched):
-        raise BaseMismatchError(f"the checkpoint has no tensor {', '.join(missing)}"
+        raise BaseMismatchError(f"the checkpoint has no tensor {first_few(missing)}"
                                 + ("" if touched else " (no adapter module found)")
                                 + ("; pass force=True (CLI: --force) to bake the others" if touched else ""),
                                 path=base)

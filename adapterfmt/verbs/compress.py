@@ -40,16 +40,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import codecs
-from .adapter import Adapter, shared_tensors
-from .deltas.lowrank import LowRank
-from .deltas.ternary import ternary_encode
-from .errors import FormatError, UnsupportedError
-from .jsontext import read_json_object
-from .limits import check_dense
-from .manifest import copy_manifest
-from .registry import get_kind
-from .safetensors_io import ITEMSIZE, dtype_name
+from ..deltas.lowrank import LowRank
+from ..errors import FormatError, UnsupportedError
+from ..format import codecs
+from ..format.adapter import Adapter
+from ..format.jsontext import read_json_object
+from ..format.limits import check_dense
+from ..format.manifest import copy_manifest, shared_tensors
+from ..format.safetensors_io import ITEMSIZE, dtype_name
+from ..format.ternary import ternary_encode
+from ..plugin.registry import get_kind
+
 
 @dataclass
 class Work:
@@ -341,8 +342,8 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
 def load_live_model(path: str | os.PathLike[str]) -> nn.Module:
     """A live model from a checkpoint folder: the tiny model (``adapter demo``'s) or a transformers causal LM
     built from its ``config.json`` with the folder's safetensors weights."""
-    from .fingerprint import checkpoint_files
-    from .safetensors_io import read_header, read_tensor
+    from ..format.fingerprint import checkpoint_files
+    from ..format.safetensors_io import read_header, read_tensor
 
     folder = Path(path)
     cfg_path = folder / "config.json"
@@ -350,7 +351,7 @@ def load_live_model(path: str | os.PathLike[str]) -> nn.Module:
         raise FormatError("--base must be a model folder with config.json and safetensors weights", path=folder)
     cfg = read_json_object(cfg_path)
     if cfg.get("model_type") == "adapterfmt-tiny":
-        from .tiny import TinyConfig, TinyLM
+        from ..tiny import TinyConfig, TinyLM
 
         model: nn.Module = TinyLM(TinyConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
     else:
@@ -425,26 +426,3 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
 
 
 # ----- the demo step ------------------------------------------------------------------------------------
-DEMO_PLANS = {
-    "dense": [{"method": "compeft", "density": 0.05}],
-    "lowrank": [{"method": "resize", "rank": 2}, {"method": "quantize", "bits": 8}],
-}
-
-
-def step_compress(ctx: Any) -> None:
-    """``adapter demo``: compress the demo's dense patch (ComPEFT) and LoRA (resize + int8); report bytes on
-    disk, the dW error and the output divergence on the tiny model."""
-    from .adapter import load, save
-    from .summary import file_bytes
-
-    for kind, plan in DEMO_PLANS.items():
-        src = load(ctx.adapters[kind])
-        out = save(compress_adapter(src, steps=plan, base=ctx.model, inputs=ctx.inputs),
-                   ctx.workdir / f"{kind}-compressed", overwrite=True)
-        rec = load(out).manifest["compression"]
-        before, after = file_bytes(src), file_bytes(load(out))
-        ctx.note("compress", kind=kind, steps=" -> ".join(s["method"] for s in plan), bytes_before=before,
-                 bytes_after=after, ratio=round(before / after, 2),
-                 dW_rel_error_max=round(rec["dW_rel_error_max"], 4),
-                 output_rel_error=round(rec["output"]["rel_error"], 4),
-                 top1_agreement=rec["output"].get("top1_agreement"))

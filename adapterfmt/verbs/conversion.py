@@ -25,15 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import manifest as mf
-from .adapter import MANIFEST_FILE, Adapter, load, save
-from .atomic import atomic_dir, check_output
-from .deltas import lowrank_entry
-from .errors import BaseMismatchError, FormatError, UnsupportedError
-from .fingerprint import fingerprint_checkpoint, fingerprint_module, read_checkpoint_headers
-from .jsontext import read_json_object
-from .registry import formats
-from .safetensors_io import read_header, read_tensor, write_file
+from ..deltas import lowrank_entry
+from ..errors import BaseMismatchError, FormatError, UnsupportedError, first_few
+from ..format import manifest as mf
+from ..format.adapter import MANIFEST_FILE, Adapter, load, resolve_path, save
+from ..format.atomic import atomic_dir, check_output
+from ..format.fingerprint import fingerprint_checkpoint, fingerprint_module, read_checkpoint_headers
+from ..format.jsontext import read_json_object
+from ..format.safetensors_io import read_header, read_tensor, write_file
+from ..plugin.registry import formats
 
 ADAPTERFMT = "adapterfmt"
 """The name ``convert`` uses for this package's own format."""
@@ -59,7 +59,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     """The name of the format at ``path``: ``"adapterfmt"`` or a foreign codec's name."""
     path = Path(path)
     if not path.exists():
-        from .errors import MissingFileError
+        from ..errors import MissingFileError
 
         raise MissingFileError("no such adapter file or folder", path=path)
     if is_adapterfmt(path):
@@ -150,11 +150,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str | 
     """
     shown, dst = str(src), Path(dst)
     check_output(dst, overwrite)
-    if isinstance(src, str) and src.startswith("hf://"):
-        from .hub import resolve_adapter_path
-
-        src = resolve_adapter_path(src)
-    src = Path(src)
+    src = resolve_path(src)
     source_format = source_format or detect_format(src)
     if to is None:
         if source_format == ADAPTERFMT:
@@ -368,7 +364,8 @@ def lowrank_adapter(factors: Factors, *, method: str = "lora", config: Mapping[s
         modules[module] = lowrank_entry(fshape[::-1] if transposed else fshape, scale, transposed=transposed)
         tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"] = a, b
     if missing:
-        raise BaseMismatchError(f"the base model has no weight for module(s): {', '.join(missing)}", path=path)
+        raise BaseMismatchError(f"the base model has no weight for {len(missing)} module(s): {first_few(missing)}",
+                                path=path)
     manifest = mf.new_manifest(method, modules, config=config, provenance=[provenance],
                                base={"name": base_name, "revision": None, "fingerprint": base_fingerprint(base)})
     return Adapter(manifest, tensors)

@@ -33,13 +33,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .adapter import Adapter
-from .deltas import lowrank_entry
-from .errors import BaseMismatchError, FormatError
-from .fingerprint import fingerprint_checkpoint, read_checkpoint_headers
-from .manifest import new_manifest
-from .modules import is_transposed
-from .safetensors_io import DTYPES, Header, read_tensor
+from ..deltas import lowrank_entry
+from ..deltas.modules import is_transposed
+from ..errors import BaseMismatchError, FormatError, first_few
+from ..format.adapter import Adapter
+from ..format.fingerprint import fingerprint_checkpoint, read_checkpoint_headers
+from ..format.manifest import new_manifest
+from ..format.safetensors_io import DTYPES, Header, read_tensor
 
 Form = Literal["lowrank", "sparse", "dense"]
 FORM_METHODS: dict[str, str] = {"lowrank": "lora", "sparse": "sparse_ft", "dense": "task_vector"}
@@ -95,8 +95,8 @@ def _pair_checkpoints(base: dict[str, Header], tuned: dict[str, Header]) -> list
         if bs != ts:
             problems.append(f"{n}: base {list(bs)}, fine-tuned {list(ts)}")
     if problems:
-        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise BaseMismatchError(f"the fine-tuned checkpoint does not have the base's architecture: {shown}")
+        raise BaseMismatchError(f"the fine-tuned checkpoint does not have the base's architecture "
+                                f"({len(problems)} tensor(s) differ): {first_few(problems)}")
     return sorted(base)
 
 
@@ -191,7 +191,7 @@ def _dense(d: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict]:
 
 
 def _stored_delta(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    from .registry import get_kind
+    from ..plugin.registry import get_kind
 
     return get_kind(entry["kind"]).delta(entry, tensors).float()
 

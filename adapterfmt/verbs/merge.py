@@ -37,14 +37,14 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter
-from .deltas import DeltaKind, function_shape, lowrank_entry
-from .errors import BaseMismatchError, FormatError, UnsupportedError
+from ..deltas import DeltaKind, function_shape, lowrank_entry
+from ..errors import BaseMismatchError, FormatError, UnsupportedError, first_few
+from ..format.adapter import Adapter
+from ..format.fingerprint import compare
+from ..format.limits import check_dense
+from ..format.manifest import new_manifest
+from ..threads import one_thread
 from .extract import choose_rank, truncated_svd
-from .fingerprint import compare
-from .limits import check_dense
-from .manifest import new_manifest
-from .threads import one_thread
 
 STRATEGIES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 ALIASES = {"dare": "dare_linear", "task_arithmetic": "linear"}
@@ -139,7 +139,7 @@ def module_seed(seed: int, key: str, index: int) -> int:
 def collect_terms(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[Term]]:
     """Every module any adapter touches, with each adapter's term (in adapter order); checks the entries agree
     on target shape, parameter and layout."""
-    from .registry import get_kind
+    from ..plugin.registry import get_kind
 
     terms: dict[str, list[Term]] = {}
     for i, (ad, w) in enumerate(zip(adapters, weights, strict=True)):
@@ -159,7 +159,8 @@ def collect_terms(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict
         if len(flags) > 1:
             problems.append(f"{module}: inputs disagree on params.transposed")
     if problems:
-        raise FormatError("inputs do not target the same parameters: " + "; ".join(problems))
+        raise FormatError(f"inputs do not target the same parameters ({len(problems)} module(s)): "
+                          + first_few(problems))
     return terms
 
 
@@ -344,7 +345,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, weights: Sequence[float] | No
     if not adapters:
         raise FormatError("merge needs at least one adapter")
     if isinstance(dtype, str):
-        from .safetensors_io import DTYPES
+        from ..format.safetensors_io import DTYPES
 
         if dtype not in DTYPES:
             raise FormatError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")

@@ -6,18 +6,17 @@ only the verbs whose math differs from the generic delta-kind behaviour it inher
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
-
-import difflib
 
 import jsonschema
 from torch import nn
 
-from .errors import FormatError, UnsupportedError
+from ..errors import FormatError, UnsupportedError
 
 if TYPE_CHECKING:
-    from .adapter import Adapter
+    from ..format.adapter import Adapter
 
 
 class Method:

@@ -36,13 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter, shared_tensors
-from .deltas import function_shape
-from .errors import BaseMismatchError, FormatError, UnsupportedError
-from .fingerprint import compare, fingerprint_checkpoint, fingerprint_module, read_checkpoint_headers
-from .manifest import copy_manifest
-from .registry import get_kind
-from .safetensors_io import Header, read_tensor
+from ..deltas import function_shape
+from ..errors import BaseMismatchError, FormatError, UnsupportedError, first_few
+from ..format.adapter import Adapter
+from ..format.fingerprint import compare, fingerprint_checkpoint, fingerprint_module, read_checkpoint_headers
+from ..format.manifest import copy_manifest, shared_tensors
+from ..format.safetensors_io import Header, read_tensor
+from ..plugin.registry import get_kind
 
 CHANGES = ("same", "new-weights", "renamed-modules", "changed-shapes", "other-structure", "unknown")
 """What a port reports about the new base, from the recorded fingerprint and the module mapping."""
@@ -185,7 +185,7 @@ def plan_port(adapter: Adapter, new: BaseModel, *, old: BaseModel | None = None,
         what = {"different": " (a different architecture: its tensor names or shapes differ)",
                 "unknown": " (the patch records no base fingerprint)"}.get(fp, "")
         raise BaseMismatchError(f"cannot port to {new.name}{what}: {len(problems)} module(s) do not fit: "
-                                + "; ".join(problems))
+                                + first_few(problems))
     renamed = any(plan.targets[p] != p for p in plan.targets)
     if fp in ("same", "new-weights") and not renamed:
         plan.change = fp

@@ -1,7 +1,7 @@
 """Merge recipes: one YAML or JSON file naming a merge's inputs, their weights and its options.
 
 ```yaml
-strategy: ties          # any strategy of adapterfmt.merge
+strategy: ties          # any strategy of adapterfmt.verbs.merge
 density: 0.5            # rank, energy, density, seed, sign, dtype as merge_adapters takes them
 adapters:
   - path: math-lora     # relative paths are read from the recipe's folder
@@ -22,7 +22,7 @@ from typing import Any
 
 import jsonschema
 
-from .errors import FormatError, MissingFileError
+from ..errors import FormatError, MissingFileError
 
 OPTION_KEYS = ("strategy", "rank", "energy", "density", "seed", "sign", "dtype")
 SCHEMA: dict[str, Any] = {
@@ -54,7 +54,7 @@ class Recipe:
     adapters: list[str]
     weights: list[float]
     options: dict[str, Any] = field(default_factory=dict)
-    """Keyword options of :func:`adapterfmt.merge.merge_adapters` (strategy, rank, ...)."""
+    """Keyword options of :func:`adapterfmt.verbs.merge.merge_adapters` (strategy, rank, ...)."""
     into: Path | None = None
     out: Path | None = None
     force: bool = False

@@ -6,8 +6,8 @@ import math
 from collections import Counter
 from typing import Any
 
-from .adapter import Adapter
-from .registry import get_kind
+from ..format.adapter import Adapter
+from ..plugin.registry import get_kind
 
 
 def file_bytes(adapter: Adapter) -> int | None:

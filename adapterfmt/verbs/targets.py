@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import FormatError, UnsupportedError
+from ..errors import FormatError, UnsupportedError
 
 ALL_LINEAR = "all-linear"
 LAYER_CONTAINERS = ("layers", "h", "blocks", "block", "layer")

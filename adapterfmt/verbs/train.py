@@ -1,6 +1,6 @@
 """Training by injection: trainable deltas on the targeted modules of any torch model, the rest frozen.
 
-A method's ``train`` verb selects modules (:func:`adapterfmt.targets.select_targets`), builds one
+A method's ``train`` verb selects modules (:func:`adapterfmt.verbs.targets.select_targets`), builds one
 :class:`TrainableDelta` per module and hands them to :func:`inject`. A trainable delta is a delta kind's
 module entry whose tensors are ``nn.Parameter`` s: its forward *is* the kind's unmerged forward, so what
 is trained is exactly what :func:`adapterfmt.attach` applies later. Train with any loop over
@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter
-from .errors import AdapterError
-from .fingerprint import fingerprint_module
-from .manifest import new_manifest
-from .modules import is_transposed
-from .registry import get_kind
+from ..deltas.modules import is_transposed
+from ..errors import AdapterError
+from ..format.adapter import Adapter
+from ..format.fingerprint import fingerprint_module
+from ..format.manifest import new_manifest
+from ..plugin.registry import get_kind
 from .targets import select_targets
 
 LAYER_ATTR = "adapterfmt_delta"

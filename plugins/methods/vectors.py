@@ -203,7 +203,7 @@ class LoFiT(af.Method):
     def conformance_example(self) -> Any:
         """The conformance kit's example: both steps for real on a tiny Llama-shaped model; the kit's own
         training (which has no calibration data) reuses the heads step 1 chose."""
-        from adapterfmt.conformance import Example
+        from adapterfmt.authoring.conformance import Example
         from adapterfmt.tiny import TinyConfig, build_tiny
 
         model = build_tiny(0, TinyConfig(vocab_size=32, hidden=16, layers=2, heads=2, intermediate=32))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import adapterfmt as af
-from adapterfmt.compress import compress_adapter
+from adapterfmt.verbs.compress import compress_adapter
 
 
 def _model() -> nn.Sequential:

@@ -10,9 +10,9 @@ import torch
 
 import adapterfmt
 from adapterfmt import kernels as K
-from adapterfmt import registry
 from adapterfmt.kernels import reference as R
 from adapterfmt.kernels._triton import interpreting, triton_available
+from adapterfmt.plugin import registry
 
 
 def test_auto_picks_torch_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

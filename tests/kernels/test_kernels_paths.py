@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DTYPES
 
 from adapterfmt import kernels as K
 from adapterfmt.kernels import reference as R
-from conftest import DTYPES
 
 BACKENDS = ["torch", "triton"]
 

@@ -1,0 +1,70 @@
+"""Structure checks of an adapter against its manifest: every module's tensors present, none extra, shapes
+that fit each kind and, with ``deep``, each kind's rules on the stored values."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import FormatError
+from ..plugin.registry import get_kind
+from .manifest import shared_tensors
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+
+
+def expected_tensors(adapter: Adapter) -> dict[str, tuple[str, str]]:
+    """Stored tensor names the manifest allows, mapped to (module, role); required ones are checked separately."""
+    allowed: dict[str, tuple[str, str]] = {}
+    for module, entry in adapter.modules.items():
+        kind = get_kind(entry["kind"], path=adapter.source)
+        required, optional = kind.roles(entry)
+        enc = entry.get("encoding", {})
+        for role in (*required, *optional):
+            if role in enc:
+                from .codecs import stored_parts
+
+                for part in stored_parts(enc[role]):
+                    allowed[f"{module}.{role}.{part}"] = (module, role)
+            else:
+                allowed[f"{module}.{role}"] = (module, role)
+        for role, name in shared_tensors(entry).items():
+            allowed[name] = (module, role)
+    return allowed
+
+
+def check_structure(adapter: Adapter, *, deep: bool = False) -> None:
+    """Raise :class:`FormatError` unless every module's tensors are present, none extra, shapes fit the kind;
+    with ``deep``, also each kind's rules on the stored values (reads every tensor)."""
+    where = adapter.source
+    allowed = expected_tensors(adapter)
+    names = adapter.tensor_names()
+    stored = set(names)
+    extra = [n for n in names if n not in allowed]
+    if extra:
+        raise FormatError(f"tensor {extra[0]!r} is not described by the manifest"
+                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""), path=where)
+    for module, entry in sorted(adapter.modules.items()):
+        kind = get_kind(entry["kind"], path=where)
+        required, _ = kind.roles(entry)
+        shared = shared_tensors(entry)
+        gone = [n for n in shared.values() if n not in stored]
+        if gone:
+            raise FormatError(f"module {module!r} ({entry['kind']}): shared tensor {gone[0]!r} is missing", path=where)
+        present = set(adapter.roles(module)) | set(shared)
+        missing = [r for r in required if r not in present]
+        if missing:
+            raise FormatError(f"module {module!r} ({entry['kind']}): tensor {module}.{missing[0]} is missing",
+                              path=where)
+        enc = entry.get("encoding", {})
+        if enc:
+            tensors = adapter.module_tensors(module)
+            shapes = {r: tuple(t.shape) for r, t in tensors.items()}
+        else:
+            shapes = {r: adapter.shape(shared.get(r, f"{module}.{r}")) for r in present}
+        try:
+            kind.check(module, entry, shapes)
+        except FormatError as e:
+            raise FormatError(e.message, path=where) from None
+        if deep:
+            adapter.module_tensors(module)  # reads the values and checks the kind's data rules

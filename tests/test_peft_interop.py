@@ -254,17 +254,32 @@ def test_pickle_needs_explicit_flag(tmp_path):
     _check_applied(c, adapter)
 
 
-def test_ia3_needs_base_shapes(tmp_path):
-    c = case(tmp_path, "custom", CASES["custom-ia3"][1]())
-    with pytest.raises(af.UnsupportedError, match="base"):
-        af.read_foreign(c.folder)
-    ckpt = tmp_path / "base.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in c.base.state_dict().items()}, ckpt)
-    adapter = af.read_foreign(c.folder, base=ckpt)
-    assert adapter.base["fingerprint"] == af.fingerprint_checkpoint(ckpt)
+@pytest.mark.parametrize("name", ["llama-ia3", "custom-ia3", "gpt2-ia3"])
+def test_ia3_needs_no_base(tmp_path, name):
+    """An ia3_l tensor gives its module's ndim and the dimension it scales; the rest stays 0 (spec 6.6)."""
+    model_name, config = CASES[name]
+    c = case(tmp_path, model_name, config())
+    adapter = af.read_foreign(c.folder)
+    vectors = [e for e in adapter.modules.values() if e["kind"] == "vector"]
+    assert vectors and all(0 in e["shape"] for e in vectors)
     _check_applied(c, adapter)
+    out = af.convert(c.folder, tmp_path / "a")  # the CLI path writes it, and it loads and validates
+    assert out.modules == len(adapter.modules)
+    af.validate(tmp_path / "a")
+    ckpt = tmp_path / "base.safetensors"
+    from safetensors.torch import save_model
+
+    save_model(c.base, str(ckpt))  # (GPT-2 ties its head to its embedding: stored once)
+    with_base = af.read_foreign(c.folder, base=ckpt)  # with the base, the whole shapes and its fingerprint
+    assert with_base.base["fingerprint"] == af.fingerprint_checkpoint(ckpt)
+    assert all(0 not in e["shape"] for e in with_base.modules.values())
+
+
+def test_vector_shape_must_know_the_spanned_dimension():
+    entry = {"kind": "vector", "shape": [0, 8], "params": {"op": "scale", "side": "output"}}
+    adapter = af.Adapter(af.new_manifest("ia3", {"m": entry}), {"m.vector": torch.ones(8)})
+    with pytest.raises(af.FormatError, match="leaves the output dimension the vector spans unknown"):
+        af.validate(adapter)
 
 
 def test_convert_api_and_detection(tmp_path):

@@ -9,7 +9,7 @@ this package are its one implementation.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -87,7 +87,7 @@ class DeltaKind:
         param = getattr(module, pname, None)
         if not isinstance(param, torch.Tensor):
             raise FormatError(f"module {path!r} has no parameter {pname!r}")
-        if list(param.shape) != list(entry["shape"]):
+        if not shape_fits(entry["shape"], param.shape):
             raise FormatError(f"module {path!r}: adapter expects {pname} of shape {list(entry['shape'])}, "
                               f"the model has {list(param.shape)}")
         if self.layout_sensitive and self.transposed(entry) != is_transposed(module):
@@ -103,6 +103,12 @@ class DeltaKind:
     def transposed(entry: Entry) -> bool:
         """``params.transposed``: the target parameter is stored ``[in, out]`` (Conv1D, Embedding)."""
         return bool(entry.get("params", {}).get("transposed", False))
+
+
+def shape_fits(expected: Sequence[int], actual: Sequence[int]) -> bool:
+    """Whether a parameter of shape ``actual`` fits an entry's ``shape``. A 0 there matches any size: a
+    ``vector`` entry may leave the dimensions it does not span unknown (spec 6.6)."""
+    return len(expected) == len(actual) and all(e in (0, a) for e, a in zip(expected, actual))
 
 
 def fail(module: str, msg: str) -> FormatError:

@@ -38,6 +38,8 @@ class Vector(DeltaKind):
         if op == "offset" and side == "input" and len(fshape) != 2:
             raise fail(module, f"an input-side offset is defined for linear maps (2-D weights), shape is {list(fshape)}")
         n = fshape[0] if side == "output" else (fshape[1] if len(fshape) > 1 else None)
+        if n == 0:
+            raise fail(module, f"shape {list(entry['shape'])} leaves the {side} dimension the vector spans unknown")
         got = shapes["vector"]
         if n is None or len(got) != 1 or got[0] != n:
             raise fail(module, f"vector has shape {list(got)}, expected [{n}] ({side} side of {list(fshape)})")

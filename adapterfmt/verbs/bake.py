@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..deltas.base import shape_fits
 from ..errors import BaseMismatchError, FormatError, UnsupportedError, first_few
 from ..format.adapter import Adapter, load
 from ..format.atomic import atomic_dir, atomic_file, check_output
@@ -239,7 +240,7 @@ def _modules(terms: dict[str, list[Term]], where: dict[str, Header], opts: Merge
             missing += lost
             continue
         info = where[weight].tensors[weight]
-        if list(info.shape) != list(entry["shape"]):
+        if not shape_fits(entry["shape"], info.shape):
             misfit.append(f"{weight}: adapter expects {list(entry['shape'])}, checkpoint has {list(info.shape)}")
             continue
         if not DTYPES[info.dtype].is_floating_point:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..deltas import function_shape
+from ..deltas.base import shape_fits
 from ..errors import BaseMismatchError, FormatError, UnsupportedError, first_few
 from ..format.adapter import Adapter
 from ..format.fingerprint import compare, fingerprint_checkpoint, fingerprint_module, read_checkpoint_headers
@@ -140,7 +141,7 @@ def _positions(old: BaseModel, new: BaseModel) -> tuple[dict[str, str], str | No
 def _compatible(entry: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
     if entry["kind"] == "prompt":  # virtual tokens only need the embedding width
         return len(shape) == 2 and shape[-1] == entry["shape"][-1]
-    return list(shape) == list(entry["shape"])
+    return shape_fits(entry["shape"], shape)
 
 
 def plan_port(adapter: Adapter, new: BaseModel, *, old: BaseModel | None = None,

@@ -240,6 +240,14 @@ def _strip(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.T
     return {k[len(PREFIX):]: v for k, v in tensors.items()}
 
 
+def _ia3_shape(ia3_l: torch.Tensor, side: str) -> list[int]:
+    """The function-layout weight shape an ``ia3_l`` tensor determines without the base: its ndim and the
+    dimension it scales; the other dimensions are 0, unknown (spec 6.6)."""
+    shape = [0] * max(ia3_l.dim(), 2)
+    shape[0 if side == "output" else 1] = ia3_l.numel()
+    return shape
+
+
 class _Reader:
     """One PEFT folder being turned into module entries and tensors."""
 
@@ -471,9 +479,11 @@ class _Reader:
             self.targeted(module)
             side = "input" if peft_matches(ff, module) else "output"
             params: dict[str, Any] = {"op": "scale", "side": side}
-            shape = self.base_shape(module, "IA3")
+            shape = self.base_shape(module, "IA3") if self.shapes is not None else _ia3_shape(t, side)
             if self.cfg.get("fan_in_fan_out") and len(shape) == 2:
                 params["transposed"] = True
+                if self.shapes is None:
+                    shape = shape[::-1]
             self.add(module, {"kind": "vector", "shape": shape, "params": params}, {"vector": t.reshape(-1)})
         self.aux(extra)
         return {}

@@ -1,15 +1,21 @@
 """adapterfmt: a versioned on-disk format for parameter-efficient adapters, and the toolkit around it.
 
-The public API is what this module exports; plugins (built-in ones included) use nothing else.
+The public API is what this module exports; plugins (built-in ones included) use nothing else. Reading
+adapters (the format layer, the errors, the plugin registry) is imported with the package; names that need
+torch (kinds, verbs, kernels) are imported on first use (PEP 562), so ``import adapterfmt`` and ``adapter
+--help`` stay fast.
 """
 
+from __future__ import annotations
+
+import importlib
 from pathlib import Path
+from typing import Any
 
 from ._version import __version__
-from .deltas import DeltaKind, function_shape, lowrank_entry
-from .deltas.modules import is_transposed, weight_function
 from .errors import (
     AdapterError,
+    AdapterNote,
     BaseMismatchError,
     ChecksumError,
     FormatError,
@@ -29,46 +35,49 @@ from .errors import (
     UnsafePathError,
     UnsupportedError,
 )
-from .format.adapter import Adapter, load, register_resolver, save
-from .format.codecs import BUILTIN_CODECS
-from .format.fingerprint import fingerprint_checkpoint, fingerprint_module
+from .format.adapter import Adapter, load, register_foreign_reader, register_resolver, save
 from .format.jsontext import read_json_object
 from .format.manifest import SPEC_VERSION, new_manifest
 from .format.validate import validate
 from .plugin import registry
 from .plugin.hookspecs import hookimpl
 from .plugin.protocols import ApplyBackend, ForeignFormat, TensorCodec
-from .verbs.apply import activate, adapter_ids, attach, attached, detach, merge_into, unmerge
-from .verbs.compress import compress_adapter
-from .verbs.conversion import (
-    alpha_for,
-    attention_heads,
-    base_config,
-    base_fingerprint,
-    base_shapes,
-    base_tensor,
-    convert,
-    factor_shape,
-    lora_scale,
-    lowrank_adapter,
-    lowrank_factors,
-    one_value,
-    read_foreign,
-    read_pickle_tensors,
-    read_tensor_file,
-    rope_permute,
-    tensor_names,
-    to_peft,
-    write_folder,
-    write_foreign,
-    write_tensor_file,
-)
-from .verbs.extract import extract_adapter
-from .verbs.merge import merge_adapters
-from .verbs.method import Method
-from .verbs.port import port_adapter
-from .verbs.targets import TARGETS_SCHEMA, matches_targets, pattern_value, select_modules, select_targets
-from .verbs.train import TrainableDelta, TrainSession, adapter_dtype, inject, module_entry
+
+_LAZY: dict[str, tuple[str, ...]] = {
+    ".deltas": ("DeltaKind", "function_shape", "lowrank_entry"),
+    ".deltas.modules": ("is_transposed", "weight_function"),
+    ".format.codecs": ("BUILTIN_CODECS",),
+    ".format.fingerprint": ("fingerprint_checkpoint", "fingerprint_module"),
+    ".verbs.apply": ("activate", "adapter_ids", "attach", "attached", "detach", "merge_into", "unmerge"),
+    ".verbs.compress": ("compress_adapter",),
+    ".verbs.conversion": (
+        "alpha_for", "attention_heads", "base_config", "base_fingerprint", "base_shapes", "base_tensor", "convert",
+        "factor_shape", "lora_scale", "lowrank_adapter", "lowrank_factors", "one_value", "read_foreign",
+        "read_pickle_tensors", "read_tensor_file", "rope_permute", "tensor_names", "to_peft", "write_folder",
+        "write_foreign", "write_tensor_file",
+    ),
+    ".verbs.extract": ("extract_adapter",),
+    ".verbs.merge": ("merge_adapters",),
+    ".verbs.method": ("Method",),
+    ".verbs.port": ("port_adapter",),
+    ".verbs.targets": ("TARGETS_SCHEMA", "matches_targets", "pattern_value", "select_modules", "select_targets"),
+    ".verbs.train": ("TrainableDelta", "TrainSession", "adapter_dtype", "inject", "module_entry"),
+}
+"""Module -> the public names it defines that are imported on first use (they import torch)."""
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    """A public name of :data:`_LAZY`, imported on first use and then kept in the package's namespace."""
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
 
 
 def _resolve_hub_path(uri: str) -> Path:
@@ -77,7 +86,14 @@ def _resolve_hub_path(uri: str) -> Path:
     return resolve_adapter_path(uri)
 
 
+def _read_converted(path: Path) -> Adapter | None:
+    from .verbs.conversion import read_converted
+
+    return read_converted(path)
+
+
 register_resolver("hf://", _resolve_hub_path)  # the composition root wires the Hub into the format layer
+register_foreign_reader(_read_converted)  # ... and the format codecs, so load() reads every format
 
 __all__ = [
     "__version__", "registry",
@@ -100,7 +116,7 @@ __all__ = [
     "base_shapes", "base_fingerprint", "one_value", "lora_scale", "alpha_for", "lowrank_factors", "lowrank_adapter",
     "base_config", "base_tensor", "factor_shape", "attention_heads", "rope_permute",
     # errors (adapterfmt.errors)
-    "AdapterError", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "UnknownExtensionError",
+    "AdapterError", "AdapterNote", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "UnknownExtensionError",
     "LimitError", "MissingFileError", "BaseMismatchError", "PluginError", "UnsupportedError", "OutputExistsError",
     "HubError", "RepoNotFoundError", "RevisionNotFoundError", "NotAnAdapterRepoError", "HubAuthError",
     "HubTransferError", "PushConflictError",

@@ -92,6 +92,12 @@ class PushConflictError(HubError):
     """The branch moved while pushing (another push landed first); nothing was committed."""
 
 
+class AdapterNote(UserWarning):
+    """Not an error: something a caller should know about what was done (a foreign format read and converted
+    in memory ...). Issued with :func:`warnings.warn`; the ``adapter`` command prints each as one ``note:``
+    line on stderr."""
+
+
 def first_few(items: list[str], n: int = 3) -> str:
     """``items`` for a one-line message: the first ``n`` joined by "; ", then how many more there are."""
     return "; ".join(items[:n]) + (f"; and {len(items) - n} more" if len(items) > n else "")

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -18,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
-from adapterfmt import AdapterError
+from adapterfmt import AdapterError, AdapterNote
 
 console = Console(soft_wrap=True, highlight=False)
 """stdout; lines are never wrapped by us (a path stays whole when piped or in a narrow terminal)."""
@@ -34,14 +35,26 @@ class UsageError(Exception):
     """Options that do not fit together, or an option value the command cannot use: exit code 2."""
 
 
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: object = None, line: str | None = None) -> None:
+    """A warning as one line on stderr (``note:`` for an :class:`adapterfmt.AdapterNote`, else ``warning:``),
+    not Python's two-line source listing."""
+    note = issubclass(category, AdapterNote)
+    err_console.print(f"[{'cyan' if note else 'yellow'}]{'note' if note else 'warning'}:[/] {message}",
+                      highlight=False, soft_wrap=True, markup=True)
+
+
 def cli_errors(fn: F) -> F:
     """Turn library errors into one red line on stderr and exit code 1, and :class:`UsageError` into one line
-    and exit code 2 (a traceback with ADAPTERFMT_DEBUG=1)."""
+    and exit code 2 (a traceback with ADAPTERFMT_DEBUG=1); library notes and warnings become one line each."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", AdapterNote)
+                warnings.showwarning = show_warning
+                return fn(*args, **kwargs)
         except (AdapterError, OSError, UsageError) as e:
             if os.environ.get(DEBUG_ENV) == "1":
                 raise

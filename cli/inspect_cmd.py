@@ -6,7 +6,6 @@ import typer
 from rich.text import Text
 
 import adapterfmt as af
-from adapterfmt.verbs.summary import summarize
 
 from .common import JsonOpt, cli_errors, console, err_console, human_bytes, print_json, print_table
 
@@ -18,6 +17,8 @@ def inspect(
     modules: bool = typer.Option(False, "--modules", help="List every module, not just the totals."),
 ) -> None:
     """Show what an adapter is: method, spec version, base and fingerprint, modules, ranks, size, checksums."""
+    from adapterfmt.verbs.summary import summarize
+
     info = summarize(af.validate(path))
     if as_json:
         print_json(info)
@@ -59,6 +60,7 @@ def compression_text(record: dict) -> str:
             f"mean {record.get('dW_rel_error_mean', 0):.3e}")
 
 
+@cli_errors
 def validate(
     paths: list[str] = typer.Argument(..., help="Adapters to check (folders, .safetensors files or "
                                       "hf://owner/name\\[@revision]\\[/subfolder])."),

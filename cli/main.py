@@ -10,16 +10,9 @@ import typer
 import adapterfmt as af
 from adapterfmt.plugin import registry
 
-from .common import App, console, err_console
+from .common import App, console, show_warning
 
-
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: object = None, line: str | None = None) -> None:
-    """Warnings (a broken plugin, say) as one line on stderr, not Python's two-line source listing."""
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
-
-
-warnings.showwarning = _show_warning
+warnings.showwarning = show_warning  # a broken plugin's warning, say: one line on stderr
 
 app = App(
     name="adapter",

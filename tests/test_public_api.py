@@ -8,7 +8,7 @@ import importlib
 import adapterfmt as af
 
 PUBLIC = {
-    "Adapter", "AdapterError", "ApplyBackend", "BUILTIN_CODECS", "BaseMismatchError", "ChecksumError", "DeltaKind",
+    "Adapter", "AdapterError", "AdapterNote", "ApplyBackend", "BUILTIN_CODECS", "BaseMismatchError", "ChecksumError", "DeltaKind",
     "ForeignFormat", "FormatError", "HubAuthError", "HubError", "HubTransferError", "LimitError", "Method",
     "MissingFileError", "NotAnAdapterRepoError", "OutputExistsError", "PluginError", "PushConflictError",
     "RepoNotFoundError", "RevisionNotFoundError", "SPEC_VERSION", "SpecVersionError", "TARGETS_SCHEMA",

@@ -12,9 +12,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ChecksumError, FormatError, MissingFileError, UnsafePathError
 from . import manifest as mf
@@ -34,6 +32,9 @@ from .safetensors_io import (
     tensor_bytes,
 )
 from .structure import check_structure
+
+if TYPE_CHECKING:
+    import torch  # imported where tensors are read (safetensors_io): reading a header needs no torch
 
 MANIFEST_FILE = "adapter.json"
 TENSOR_FILE = "adapter.safetensors"
@@ -58,6 +59,8 @@ class Adapter:
                     raise FormatError(f"tensor {name!r} is stored twice", path=header.path)
                 self._where[name] = header
         self._all_names = frozenset(self._memory) | frozenset(self._where)
+        self.converted_from: str | None = None
+        """The foreign format :func:`load` converted this adapter from in memory (None: read as adapterfmt)."""
 
     # ----- manifest views -------------------------------------------------------------------------
     @property
@@ -166,7 +169,8 @@ def safe_member(root: Path, rel: str) -> Path:
 
 def load(path: str | os.PathLike[str], *, verify: bool = True, understood: tuple[str, ...] | None = None) -> Adapter:
     """Read an adapter in either file form (or ``hf://owner/name@rev``); checks the format and, if ``verify``,
-    every checksum and the structure (tensors present, none extra, shapes fit each kind)."""
+    every checksum and the structure (tensors present, none extra, shapes fit each kind). A path in a
+    foreign format a registered reader recognises (a PEFT folder ...) is converted in memory."""
     adapter = _read(path, verify=verify, understood=understood)
     if verify:
         check_structure(adapter)
@@ -181,6 +185,26 @@ def register_resolver(scheme: str, resolver: Resolver) -> None:
     """Let :func:`load` (and every verb that reads adapters) accept paths that start with ``scheme``
     (``"hf://"``): ``resolver`` turns one into a local path. The package root registers the Hub's."""
     _RESOLVERS[scheme] = resolver
+
+
+ForeignReader = Callable[[Path], Adapter | None]
+_FOREIGN_READERS: list[ForeignReader] = []
+
+
+def register_foreign_reader(reader: ForeignReader) -> None:
+    """Let :func:`load` read a folder or file that is not adapterfmt: ``reader`` returns the adapter there,
+    converted in memory (``converted_from`` set), or None when it does not recognise the path. The package
+    root registers the foreign-format codecs' (:func:`adapterfmt.verbs.conversion.read_converted`)."""
+    if reader not in _FOREIGN_READERS:
+        _FOREIGN_READERS.append(reader)
+
+
+def _read_converted(path: Path) -> Adapter | None:
+    for reader in _FOREIGN_READERS:
+        adapter = reader(path)
+        if adapter is not None:
+            return adapter
+    return None
 
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:
@@ -201,6 +225,8 @@ def _read(path: str | os.PathLike[str], *, verify: bool, understood: tuple[str, 
     if path.is_dir():
         mpath = path / MANIFEST_FILE
         if not mpath.is_file():
+            if (converted := _read_converted(path)) is not None:
+                return converted
             raise MissingFileError(f"not an adapter folder: {MANIFEST_FILE} is missing", path=path)
         safe_member(path, MANIFEST_FILE)  # a link out of the folder is refused, as for the tensor files
         manifest = mf.check_manifest(mf.loads(read_json_bytes(mpath), path=mpath), path=mpath, understood=understood)
@@ -218,9 +244,16 @@ def _read(path: str | os.PathLike[str], *, verify: bool, understood: tuple[str, 
         return Adapter(manifest, source=path, headers=headers)
     if not path.exists():
         raise MissingFileError("no such adapter file or folder", path=path)
-    header = read_header(path)
+    try:
+        header = read_header(path)
+    except FormatError:
+        if (converted := _read_converted(path)) is not None:
+            return converted
+        raise
     text = header.metadata.get(mf.METADATA_KEY)
     if text is None:
+        if (converted := _read_converted(path)) is not None:
+            return converted
         raise FormatError(f"not an adapterfmt file: __metadata__ has no {mf.METADATA_KEY!r} manifest "
                           "(a foreign adapter? try `adapter convert`)", path=path)
     manifest = mf.check_manifest(mf.loads(text, path=path), path=path, understood=understood)
@@ -265,6 +298,11 @@ def save(adapter: Adapter, path: str | os.PathLike[str], *, single_file: bool | 
             "table_sha256": table_sha256(layout({n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}))}
     if mf.parse_version(manifest["spec_version"]) < (mf.SPEC_MAJOR, mf.SPEC_MINOR):
         manifest["spec_version"] = mf.SPEC_VERSION  # the checksums below follow this version's rules
+    features = [f for f in mf.required_features(adapter.modules, {m: adapter.roles(m) for m in adapter.modules})
+                if f not in manifest.get("must_understand", ())]
+    if features:  # spec 9: the features of 1.2 an entry uses are listed, on the adapter written too
+        manifest["must_understand"] = [*manifest.get("must_understand", ()), *features]
+        adapter.manifest["must_understand"] = list(manifest["must_understand"])
     _check_output_adapter(adapter, {**manifest, "files": {TENSOR_FILE: sums}}, path)
     if single_file:
         manifest["files"] = {mf.SINGLE_FILE_KEY: sums}

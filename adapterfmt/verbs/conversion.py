@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..deltas import lowrank_entry
-from ..errors import BaseMismatchError, FormatError, UnsupportedError, first_few
+from ..errors import AdapterNote, BaseMismatchError, FormatError, UnsupportedError, first_few
 from ..format import manifest as mf
 from ..format.adapter import MANIFEST_FILE, Adapter, load, resolve_path, save
 from ..format.atomic import atomic_dir, check_output
@@ -64,15 +64,37 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         raise MissingFileError("no such adapter file or folder", path=path)
     if is_adapterfmt(path):
         return ADAPTERFMT
+    if (name := _foreign_format(path)) is not None:
+        return name
+    if path.is_file() and path.suffix == ".safetensors":
+        read_header(path)  # a broken safetensors file: its own error (truncated, bad header ...) naming it
+    known = ", ".join([ADAPTERFMT, *sorted(formats())])
+    raise FormatError(f"not an adapter in any known format (known: {known})", path=path)
+
+
+def _foreign_format(path: Path) -> str | None:
+    """The name of the first foreign codec whose ``detect`` accepts ``path``, or None."""
     # a codec whose detect() is narrower than another's (it looks at tensor names, say) sets a higher
     # ``detect_priority`` so that it is asked first; ties go by name
     for _, name, codec in sorted((-getattr(c, "detect_priority", 0), n, c) for n, c in formats().items()):
         if codec.detect(path):
             return name
-    if path.is_file() and path.suffix == ".safetensors":
-        read_header(path)  # a broken safetensors file: its own error (truncated, bad header ...) naming it
-    known = ", ".join([ADAPTERFMT, *sorted(formats())])
-    raise FormatError(f"not an adapter in any known format (known: {known})", path=path)
+    return None
+
+
+def read_converted(path: Path) -> Adapter | None:
+    """The adapter at ``path`` in a foreign format, converted in memory by its codec (``converted_from`` and
+    ``source`` set; an :class:`AdapterNote` says so), or None when no codec recognises ``path``. Registered
+    by the package root as :func:`~adapterfmt.load`'s foreign reader, so every verb reads every format."""
+    fmt = _foreign_format(path)
+    if fmt is None:
+        return None
+    adapter = get_format(fmt).read(path)
+    adapter.source, adapter.converted_from = path, fmt
+    form = "folder" if path.is_dir() else "file"
+    warnings.warn(AdapterNote(f"read {fmt} {form} {path} (converted in memory; `adapter convert` keeps a copy)"),
+                  stacklevel=2)
+    return adapter
 
 
 def get_format(name: str) -> Any:
@@ -417,4 +439,5 @@ def rope_permute(t: torch.Tensor, n_heads: int, *, inverse: bool = False) -> tor
 __all__ = ["tensor_names", "base_tensor", "factor_shape", "write_folder", "one_value", "base_fingerprint", "lora_scale", "alpha_for", "Factors", "lowrank_factors",
            "lowrank_adapter", "base_config", "attention_heads", "rope_permute",
            "ADAPTERFMT", "ConvertReport", "convert", "detect_format", "read_foreign", "write_foreign", "to_peft",
-           "read_tensor_file", "read_pickle_tensors", "write_tensor_file", "base_shapes", "is_adapterfmt"]
+           "read_tensor_file", "read_pickle_tensors", "write_tensor_file", "base_shapes", "is_adapterfmt",
+           "read_converted"]

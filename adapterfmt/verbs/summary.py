@@ -39,7 +39,9 @@ def summarize(adapter: Adapter, *, checksums: str = "verified") -> dict[str, Any
     base = adapter.manifest.get("base") or {}
     return {
         "path": str(adapter.source) if adapter.source else None,
-        "form": None if adapter.source is None else ("folder" if adapter.source.is_dir() else "single-file"),
+        "form": None if adapter.source is None else
+        (f"{adapter.converted_from} {'folder' if adapter.source.is_dir() else 'file'}, converted in memory"
+         if adapter.converted_from else "folder" if adapter.source.is_dir() else "single-file"),
         "spec_version": adapter.manifest["spec_version"],
         "method": adapter.manifest["method"],
         "base": base,
@@ -49,7 +51,8 @@ def summarize(adapter: Adapter, *, checksums: str = "verified") -> dict[str, Any
         "parameters": params,
         "tensor_bytes": adapter.nbytes(),
         "file_bytes": file_bytes(adapter),
-        "checksums": checksums,
+        "checksums": f"none ({adapter.converted_from} has no adapterfmt checksums)" if adapter.converted_from
+        else checksums,
         "compression": adapter.manifest.get("compression"),
         "provenance": adapter.manifest.get("provenance", []),
         "extensions": sorted(adapter.manifest.get("extensions", {})),

@@ -390,6 +390,8 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.hub
         if method == "POST" and seg[:3] == ["api", "repos", "create"]:
             return self._create_repo(self._json_body())
+        if method == "DELETE" and seg[:3] == ["api", "repos", "delete"]:
+            return self._delete_repo(self._json_body())
         if method == "POST" and seg[:2] == ["api", "validate-yaml"]:
             return self._validate_yaml(self._json_body())
         if method == "GET" and seg[:2] == ["api", "whoami-v2"]:
@@ -445,6 +447,13 @@ class _Handler(BaseHTTPRequestHandler):
         private = body.get("visibility") == "private" or bool(body.get("private"))
         self.hub.create_repo(repo_id, owner, private)
         self._send_json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
+
+    def _delete_repo(self, body: dict[str, Any]) -> None:
+        user = self._user()
+        repo_id = f"{body.get('organization') or user}/{body.get('name')}"
+        self._repo(repo_id, write=True)
+        del self.hub.repos[repo_id]
+        self._send_json(200, {})
 
     def _validate_yaml(self, body: dict[str, Any]) -> None:
         content = body.get("content", "")

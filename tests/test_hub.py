@@ -189,6 +189,48 @@ def test_concurrent_push_is_refused_not_overwritten(hub_env: FakeHub, tmp_path: 
     assert hub_env.head("alice/race") == raced["oid"]
 
 
+def test_failed_push_leaves_no_new_repo(hub_env: FakeHub, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a")
+    hub_env.fail("/api/models/alice/gone/commit/*", "500", method="POST")
+    with pytest.raises(af.HubError):
+        hub.push(src, "alice/gone")
+    assert "alice/gone" not in hub_env.repos
+    assert any(m == "DELETE" and "/api/repos/delete" in p for m, p, _ in hub_env.requests())
+    hub.push(src, "alice/kept")  # a repo that existed before the failed push is left as it was
+    head = hub_env.head("alice/kept")
+    hub_env.fail("/api/models/alice/kept/commit/*", "500", method="POST")
+    with pytest.raises(af.HubError):
+        hub.push(make_adapter(tmp_path / "b", seed=2), "alice/kept")
+    assert hub_env.head("alice/kept") == head
+
+
+def test_push_a_peft_folder_as_adapterfmt(hub_env: FakeHub, tmp_path: Path) -> None:
+    peft_dir = af.to_peft(af.load(make_adapter(tmp_path / "a")), tmp_path / "peft")
+    with pytest.warns(af.AdapterNote, match="read peft folder"):
+        hub.push(peft_dir, "alice/from-peft")
+    files = hub_env.files("alice/from-peft")
+    assert {"adapter.json", "adapter.safetensors", "README.md"} <= set(files)
+    pulled, converted = af.load(hub.pull("alice/from-peft").path), af.read_foreign(peft_dir, "peft")
+    for name in converted.tensor_names():
+        assert torch.equal(pulled.tensor(name), converted.tensor(name))
+
+
+def test_card_base_model_is_a_hub_id_or_absent(hub_env: FakeHub, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "base").mkdir(parents=True)
+    src = make_adapter(tmp_path / "a", seed=1)
+    for name, expected in (("runs/base", None), (str(tmp_path / "runs" / "base"), None), ("gpt2", "gpt2"),
+                           ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B"), ("a/b/c", None)):
+        ad = af.load(src)
+        ad.base["name"] = name
+        repo = f"alice/card-{abs(hash(name)) % 10**6}"
+        hub.push(af.save(ad, tmp_path / "named", overwrite=True), repo)
+        card = hub_env.files(repo)["README.md"].decode()
+        assert parse_front_matter(card).get("base_model") == expected, name
+        assert (name in card) == (expected is not None), name
+
+
 # ----- hf:// paths and offline use -------------------------------------------------------------------
 def test_hf_paths_resolve_through_cache_and_offline(hub_env: FakeHub, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
@@ -389,7 +431,7 @@ def test_also_peft_without_the_peft_plugin(hub_env: FakeHub, tmp_path: Path,
     finally:
         monkeypatch.delenv("ADAPTERFMT_BLOCK_PLUGINS")
         af.registry.reset()
-    assert hub_env.commits and all(c.title == "initial commit" for c in hub_env.commits.values())
+    assert "alice/nopeft" not in hub_env.repos, "the PEFT copy is made before the repo is created"
 
 
 # ----- CLI --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ front matter follows the Hub's model-card metadata: ``base_model``, ``library_na
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -17,6 +18,13 @@ from ..format.adapter import Adapter
 from ..verbs.summary import summarize
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def hub_id(name: object) -> bool:
+    """Whether a base ``name`` is a Hub model id (``owner/name``, or a legacy one-word id like ``gpt2``): it has
+    that shape and is not a path on this machine (``extract`` and ``convert`` record local paths as names)."""
+    return (isinstance(name, str) and bool(_HUB_ID.match(name)) and name.count("/") <= 1
+            and not Path(name).expanduser().exists())
 
 
 def _human_bytes(n: float) -> str:
@@ -34,9 +42,8 @@ def card_metadata(adapter: Adapter, *, peft: bool = False, info: dict[str, Any] 
     method = info["method"]
     ranks = sorted({int(r) for r in info["ranks"]})
     meta: dict[str, Any] = {}
-    name = base.get("name")
-    if isinstance(name, str) and _HUB_ID.match(name) and "\\" not in name and not name.startswith("."):
-        meta["base_model"] = name
+    if hub_id(base.get("name")):
+        meta["base_model"] = base["name"]
     meta["library_name"] = "adapterfmt"
     tags = ["adapterfmt", method["name"], *sorted(info["kinds"])]
     if peft:
@@ -71,10 +78,10 @@ def render_card(adapter: Adapter, *, repo_id: str, peft: bool = False) -> str:
         "---", front, "---", "",
         f"# {repo_id.split('/')[-1]}", "",
         f"A `{af['method']}` adapter in the [adapterfmt](https://pypi.org/project/adapterfmt/) format "
-        f"(spec {af['spec_version']})" + (f" for `{base['name']}`." if base.get("name") else "."), "",
+        f"(spec {af['spec_version']})" + (f" for `{base['name']}`." if "base_model" in meta else "."), "",
         "| | |", "|---|---|",
         f"| method | `{af['method']}` v{af['method_version']} |",
-        f"| base model | {('`' + str(base['name']) + '`') if base.get('name') else 'unspecified'}"
+        f"| base model | {('`' + str(base['name']) + '`') if 'base_model' in meta else 'unspecified'}"
         + (f" @ `{base['revision']}`" if base.get("revision") else "") + " |",
         f"| modules | {af['modules']} ({kinds}) |",
         f"| rank | {rank_text} |",

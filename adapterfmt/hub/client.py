@@ -39,6 +39,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -262,6 +263,15 @@ def _adapter_upload_files(adapter: Adapter) -> dict[str, Path]:
     return {TENSOR_FILE: src}
 
 
+def _remove_repo(api: Any, repo_id: str) -> None:
+    """Delete a repo this push created, after the push failed (an empty repo is not left behind)."""
+    try:
+        api.delete_repo(repo_id, missing_ok=True)
+    except Exception as e:  # the push's own error is what the caller sees; this one is said once beside it
+        warnings.warn(f"push {repo_id}: the repository this push created could not be removed: {_first_line(e)}",
+                      stacklevel=3)
+
+
 def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = None, private: bool = False,
          message: str | None = None, also_peft: bool = False, token: str | None = None) -> PushResult:
     """Upload the adapter at ``path`` to ``repo_id`` (created if missing) on branch ``revision`` (default main).
@@ -270,7 +280,9 @@ def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = N
     (folder form: ``adapter.json`` + its tensor files; single-file form: the file as
     ``adapter.safetensors``), a generated ``README.md`` and, with ``also_peft``, PEFT's
     ``adapter_config.json`` + ``adapter_model.safetensors``; adapter files left from an earlier push that
-    this one does not have are deleted in the same commit. A missing branch is created from main.
+    this one does not have are deleted in the same commit. A missing branch is created from main. A
+    foreign adapter (a PEFT folder ...) is pushed as ``adapter convert`` would write it. The repo is created
+    only after every file is ready, and removed again if the commit then fails.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub import errors as hfe
@@ -293,24 +305,9 @@ def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = N
     ep = hub_endpoint()
     api = HfApi(endpoint=ep, token=tok)
     created = False
-    with _translated(ref, "push"):
-        try:
-            api.create_repo(ref.repo_id, private=private, exist_ok=False)
-            created = True
-        except hfe.HfHubHTTPError as e:
-            if e.response is None or e.response.status_code != 409:
-                raise
-        if branch != DEFAULT_BRANCH:
-            refs = api.list_repo_refs(ref.repo_id)
-            if branch in {t.name for t in refs.tags}:
-                raise HubError(f"push {ref.repo_id}: {branch!r} is a tag; push to a branch")
-            if branch not in {b.name for b in refs.branches}:
-                api.create_branch(ref.repo_id, branch=branch, revision=DEFAULT_BRANCH, exist_ok=True)
-        parent = _check_commit(api.repo_info(ref.repo_id, revision=branch).sha, f"push {ref.repo_id}", "commit id")
-    listing = _tree(api, ref, parent, "push", tok, seconds)
-    existing = set(listing)
-
     with tempfile.TemporaryDirectory(prefix="adapterfmt-push-") as tmp:
+        if adapter.converted_from:  # a foreign folder: push what `adapter convert` writes
+            adapter = load(save(adapter, Path(tmp) / "adapter"))
         files = _adapter_upload_files(adapter)
         if also_peft:
             for p in _peft_files(adapter, Path(tmp)):
@@ -319,21 +316,44 @@ def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = N
         ops: list[Any] = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(local))
                           for rel, local in sorted(files.items())]
         ops.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card))
-        ours = {MANIFEST_FILE, TENSOR_FILE, *PEFT_FILES}
-        old_manifest_files: set[str] = set()
-        if MANIFEST_FILE in existing:  # tensor files named by the manifest already there are ours too
-            old = Path(tmp) / "old-manifest.json"
-            _download(ref, parent, _remote_file(listing, MANIFEST_FILE, _what(ref, "push")), old, action="push",
-                      tok=tok, timeout=seconds, limit=MAX_MANIFEST_BYTES)
-            with contextlib.suppress(ValueError, AttributeError):
-                old_manifest_files = set(json.loads(old.read_text("utf-8")).get("files", {}))
-        stale = sorted((ours | old_manifest_files) & existing - set(files) - {CARD_FILE})
-        ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
-        what = f"{adapter.method} adapter"
-        with _translated(ref, "push"):
-            commit = api.create_commit(ref.repo_id, ops, revision=branch, parent_commit=parent,
-                                       commit_message=message or f"Upload {what} with adapterfmt",
-                                       commit_description=f"Pushed with `adapter push` ({len(files)} adapter files).")
+        try:  # everything that can fail locally is done: a repo created below holds the commit or is removed
+            with _translated(ref, "push"):
+                try:
+                    api.create_repo(ref.repo_id, private=private, exist_ok=False)
+                    created = True
+                except hfe.HfHubHTTPError as e:
+                    if e.response is None or e.response.status_code != 409:
+                        raise
+                if branch != DEFAULT_BRANCH:
+                    refs = api.list_repo_refs(ref.repo_id)
+                    if branch in {t.name for t in refs.tags}:
+                        raise HubError(f"push {ref.repo_id}: {branch!r} is a tag; push to a branch")
+                    if branch not in {b.name for b in refs.branches}:
+                        api.create_branch(ref.repo_id, branch=branch, revision=DEFAULT_BRANCH, exist_ok=True)
+                parent = _check_commit(api.repo_info(ref.repo_id, revision=branch).sha, f"push {ref.repo_id}",
+                                       "commit id")
+            listing = _tree(api, ref, parent, "push", tok, seconds)
+            existing = set(listing)
+            ours = {MANIFEST_FILE, TENSOR_FILE, *PEFT_FILES}
+            old_manifest_files: set[str] = set()
+            if MANIFEST_FILE in existing:  # tensor files named by the manifest already there are ours too
+                old = Path(tmp) / "old-manifest.json"
+                _download(ref, parent, _remote_file(listing, MANIFEST_FILE, _what(ref, "push")), old,
+                          action="push", tok=tok, timeout=seconds, limit=MAX_MANIFEST_BYTES)
+                with contextlib.suppress(ValueError, AttributeError):
+                    old_manifest_files = set(json.loads(old.read_text("utf-8")).get("files", {}))
+            stale = sorted((ours | old_manifest_files) & existing - set(files) - {CARD_FILE})
+            ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
+            what = f"{adapter.method} adapter"
+            with _translated(ref, "push"):
+                commit = api.create_commit(ref.repo_id, ops, revision=branch, parent_commit=parent,
+                                           commit_message=message or f"Upload {what} with adapterfmt",
+                                           commit_description=f"Pushed with `adapter push` ({len(files)} adapter "
+                                                              "files).")
+        except BaseException:
+            if created:
+                _remove_repo(api, ref.repo_id)
+            raise
     return PushResult(repo_id=ref.repo_id, revision=branch, commit=commit.oid, commit_url=commit.commit_url,
                       url=f"{ep}/{ref.repo_id}" + (f"/tree/{branch}" if branch != DEFAULT_BRANCH else ""),
                       files=sorted([*files, CARD_FILE]), created_repo=created, changed=commit.oid != parent,

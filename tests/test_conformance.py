@@ -24,6 +24,7 @@ NO_WEIGHT_MERGE = {"merge_equals_unmerged", "unmerge_restores"}
 PREFIX = {"per_row_ids", "merge_verb", *NO_WEIGHT_MERGE}  # prompts: no weights to merge, longer outputs
 EXPECTED_SKIPS: dict[str, set[str]] = {
     "lora": set(), "loha": set(), "lokr": set(), "vera": set(), "sparse_ft": set(), "structured_ft": set(),
+    "spiel": set(),
     "dora": {"merge_verb"},  # the magnitude makes DoRA not W + dW
     "ia3": {"merge_verb"},  # a scaling is not W + dW
     "lofit": {"merge_verb", *NO_WEIGHT_MERGE},  # offsets merge into a bias; the tiny model has none

@@ -103,6 +103,9 @@ class TrainSession:
         self._grad = {p: p.requires_grad for p in model.parameters()}
         for p in self._grad:
             p.requires_grad_(False)
+        self._step_hooks: list[Callable[[torch.optim.Optimizer | None], None]] = []
+        self.optimizer_factory: Callable[..., torch.optim.Optimizer] | None = None
+        """The method's own optimizer class or factory (``factory(params, **kwargs)``), when it needs one."""
 
     def add(self, path: str, module: nn.Module, layer: TrainableDelta) -> None:
         ref = getattr(module, "weight", None)
@@ -123,6 +126,20 @@ class TrainSession:
                 busy = False
 
         self._handles.append(module.register_forward_hook(hook))
+
+    def on_step(self, fn: Callable[[torch.optim.Optimizer | None], None]) -> None:
+        """Run ``fn(optimizer)`` at every :meth:`step` (a method's schedule, e.g. SpIEL's mask reselection)."""
+        self._step_hooks.append(fn)
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Call after each optimizer step of your loop; runs the method's schedule (a no-op for static methods)."""
+        for fn in self._step_hooks:
+            fn(optimizer)
+
+    def optimizer(self, **kwargs: Any) -> torch.optim.Optimizer:
+        """An optimizer over :meth:`parameters`: the method's own (:attr:`optimizer_factory`) or ``AdamW``."""
+        factory = self.optimizer_factory or torch.optim.AdamW
+        return factory(list(self.parameters()), **kwargs)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The trainable parameters (pass these to your optimizer)."""
@@ -165,7 +182,7 @@ class TrainSession:
             delattr(self.model.get_submodule(path), LAYER_ATTR)
         for p, flag in self._grad.items():
             p.requires_grad_(flag)
-        self._handles, self.layers = [], {}
+        self._handles, self.layers, self._step_hooks = [], {}, []
 
     def __enter__(self) -> TrainSession:
         return self

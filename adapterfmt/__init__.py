@@ -59,7 +59,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".verbs.extract": ("extract_adapter",),
     ".verbs.merge": ("merge_adapters",),
     ".verbs.method": ("Method",),
-    ".verbs.port": ("port_adapter",),
+    ".verbs.port": ("port_adapter", "record_base"),
     ".verbs.targets": ("TARGETS_SCHEMA", "matches_targets", "pattern_value", "select_modules", "select_targets"),
     ".verbs.train": ("TrainableDelta", "TrainSession", "adapter_dtype", "inject", "module_entry"),
 }
@@ -103,7 +103,7 @@ __all__ = [
     "attach", "attached", "detach", "activate", "merge_into", "unmerge", "adapter_ids",
     # the verbs
     "convert", "read_foreign", "write_foreign", "to_peft",
-    "merge_adapters", "compress_adapter", "extract_adapter", "port_adapter",
+    "merge_adapters", "compress_adapter", "extract_adapter", "port_adapter", "record_base",
     "fingerprint_module", "fingerprint_checkpoint",
     # writing plugins: methods, delta kinds, codecs, backends
     "Method", "hookimpl", "DeltaKind", "function_shape", "lowrank_entry", "weight_function", "is_transposed",

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "merge_cmd",
     "compress_cmd",
     "port_cmd",
+    "fingerprint_cmd",
     "hub_cmd",
     "plugins_cmd",
     "plugin_cmd",

@@ -18,9 +18,9 @@ PUBLIC = {
     "extract_adapter", "factor_shape", "fingerprint_checkpoint", "fingerprint_module", "function_shape", "hookimpl",
     "inject", "is_transposed", "load", "lora_scale", "lowrank_adapter", "lowrank_entry", "lowrank_factors",
     "matches_targets", "merge_adapters", "merge_into", "module_entry", "new_manifest", "one_value", "pattern_value",
-    "port_adapter", "read_foreign", "read_json_object", "read_pickle_tensors", "read_tensor_file", "registry",
-    "rope_permute", "save", "select_modules", "select_targets", "tensor_names", "to_peft", "unmerge", "validate",
-    "weight_function", "write_folder", "write_foreign", "write_tensor_file",
+    "port_adapter", "read_foreign", "read_json_object", "read_pickle_tensors", "read_tensor_file", "record_base",
+    "registry", "rope_permute", "save", "select_modules", "select_targets", "tensor_names", "to_peft", "unmerge",
+    "validate", "weight_function", "write_folder", "write_foreign", "write_tensor_file",
 }
 """``af.__all__`` as of the layered tree (0.1.x); a name may be added, never dropped within a major version."""
 

@@ -189,10 +189,13 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str | 
         save(adapter, dst, overwrite=overwrite, single_file=single_file)
     else:
         write_foreign(adapter, dst, to, overwrite=overwrite, **write_opts)
+    notes = ([] if source_format == ADAPTERFMT else
+             list((adapter.manifest.get("provenance") or [{}])[-1].get("notes", [])))
+    if to == ADAPTERFMT and not (adapter.base or {}).get("fingerprint"):
+        notes.append(f"no base fingerprint recorded (no --base), so merge, bake and port cannot check the base; "
+                     f"add it with `adapter fingerprint {dst} --base BASE`")
     return ConvertReport(shown, str(dst), source_format, to, adapter.method, len(adapter.modules),
-                         len(adapter.tensor_names()),
-                         [] if source_format == ADAPTERFMT else
-                         list((adapter.manifest.get("provenance") or [{}])[-1].get("notes", [])))
+                         len(adapter.tensor_names()), notes)
 
 
 def to_peft(adapter: Adapter, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

@@ -309,6 +309,37 @@ def port_adapter(adapter: Adapter, *, new_base: str | os.PathLike[str] | nn.Modu
     return Adapter(manifest, tensors)
 
 
+def record_base(adapter: Adapter, base: str | os.PathLike[str] | nn.Module, *, base_name: str | None = None
+                ) -> Adapter:
+    """``adapter`` with ``base``'s fingerprint recorded (an adapter converted without ``--base`` has none), so
+    merge, bake and port can check the base later. Every module must fit ``base`` by name and shape
+    (:class:`BaseMismatchError` naming the first few misfits and the count); an adapter that records another
+    base's fingerprint is refused (``port`` re-targets it). The name kept is ``base_name``, else the recorded
+    one, else the base's path."""
+    new = base if isinstance(base, BaseModel) else BaseModel(base)
+    recorded = dict(adapter.base or {})
+    verdict = compare(recorded.get("fingerprint"), new.fingerprint)
+    if recorded.get("fingerprint") and verdict != "same":
+        raise BaseMismatchError(f"the adapter records another base ({verdict} fingerprint than {new.name}); "
+                                "`adapter port` re-targets an adapter to a new base", path=adapter.source)
+    problems = []
+    for path, entry in sorted(adapter.modules.items()):
+        pname = entry.get("parameter", "weight")
+        shape = new.shapes.get(f"{path}.{pname}")
+        if shape is None:
+            problems.append(f"{path}: the base has no tensor {path}.{pname}")
+        elif not _compatible(entry, shape):
+            problems.append(f"{path}: the adapter expects {pname} of shape {list(entry['shape'])}, "
+                            f"the base has {list(shape)}")
+    if problems:
+        raise BaseMismatchError(f"{new.name} is not a base of this adapter: {len(problems)} module(s) do not fit: "
+                                + first_few(problems), path=adapter.source)
+    manifest = copy_manifest(adapter.manifest)
+    manifest["base"] = {"name": base_name or recorded.get("name") or new.name, "revision": recorded.get("revision"),
+                        "fingerprint": new.fingerprint}
+    return Adapter(manifest, {n: adapter.tensor(n) for n in adapter.tensor_names()})
+
+
 def _old_tensor(old: BaseModel, name: str) -> str:
     if name not in old.shapes:
         raise BaseMismatchError(f"the old base {old.name} has no tensor {name}, which the patch was made for")

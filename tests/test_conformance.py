@@ -24,9 +24,10 @@ NO_WEIGHT_MERGE = {"merge_equals_unmerged", "unmerge_restores"}
 PREFIX = {"per_row_ids", "merge_verb", *NO_WEIGHT_MERGE}  # prompts: no weights to merge, longer outputs
 EXPECTED_SKIPS: dict[str, set[str]] = {
     "lora": set(), "loha": set(), "lokr": set(), "vera": set(), "sparse_ft": set(), "structured_ft": set(),
-    "spiel": set(),
+    "spiel": set(), "s2ft": set(), "hft": set(),
     "dora": {"merge_verb"},  # the magnitude makes DoRA not W + dW
     "ia3": {"merge_verb"},  # a scaling is not W + dW
+    "oft": {"merge_verb"}, "boft": {"merge_verb"}, "hra": {"merge_verb"},  # W G^T is not W + dW
     "lofit": {"merge_verb", *NO_WEIGHT_MERGE},  # offsets merge into a bias; the tiny model has none
     "adalora": NO_TRAIN, "task_vector": NO_TRAIN, "portllm": NO_TRAIN,
     "trainable_tokens": {"merge_verb", *NO_TRAIN},  # rows are replaced, not added
@@ -36,7 +37,7 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
 """Per built-in method: the checks that are skipped. Every other check must pass."""
 REASONS = {
     "train": r"has no train verb", "train_extract": r"has no train verb",
-    "merge_verb": r"not W \+ dW.*\((lowrank|vector|rows|prompt|dept)\)",
+    "merge_verb": r"not W \+ dW.*\((lowrank|vector|rows|prompt|dept|cayley|butterfly|householder)\)",
     "merge_equals_unmerged": r"not mergeable into weights: .*(prompt|DePT|cannot be merged|without a bias)",
     "unmerge_restores": r"not mergeable into weights",
     "per_row_ids": r"changes the output's shape \(\[3, 5, 32\] -> \[3, \d+, 32\]\)",

@@ -32,6 +32,7 @@ BUILTIN_PLUGINS = {
     "sparse_methods": "adapterfmt.plugins.methods.sparse",
     "vectors": "adapterfmt.plugins.methods.vectors",
     "prompts": "adapterfmt.plugins.methods.prompts",
+    "multiplicative": "adapterfmt.plugins.methods.multiplicative",
     "peft_format": "adapterfmt.plugins.formats.peft",
     "mlx_format": "adapterfmt.plugins.formats.mlx",
     "gguf_format": "adapterfmt.plugins.formats.gguf",

@@ -250,7 +250,8 @@ def base_shapes(base: BaseLike) -> dict[str, tuple[int, ...]]:
     """``{parameter name: shape}`` of a base model: a safetensors checkpoint (file or folder), a live
     module (parameters and buffers), or such a mapping already."""
     if isinstance(base, nn.Module):
-        return {n: tuple(t.shape) for n, t in (*base.named_parameters(), *base.named_buffers())}
+        return {n: tuple(t.shape) for n, t in (*base.named_parameters(remove_duplicate=False),
+                                                *base.named_buffers(remove_duplicate=False))}
     if isinstance(base, Mapping):
         return {n: tuple(s) for n, s in base.items()}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -263,7 +264,8 @@ def base_tensor(base: BaseLike, name: str) -> torch.Tensor:
     """The value of tensor ``name`` of a base model (a safetensors checkpoint or a live module), for
     foreign formats whose meaning depends on the base weights (PEFT's PiSSA / OLoRA, stored embeddings)."""
     if isinstance(base, nn.Module):
-        found = dict((*base.named_parameters(), *base.named_buffers())).get(name)
+        found = dict((*base.named_parameters(remove_duplicate=False),  # tied weights under every name
+                      *base.named_buffers(remove_duplicate=False))).get(name)
         if found is None:
             raise BaseMismatchError(f"the base model has no tensor {name!r}")
         return found.detach()

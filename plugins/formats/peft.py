@@ -87,6 +87,19 @@ VERA_FIELDS = frozenset({"r", "modules_to_save", "save_projection", "projection_
 LYCORIS_ROLES = {"LOHA": ("hadamard", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")),
                  "LOKR": ("kronecker", ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"))}
 """PEFT LoHa / LoKr tensor names, which are the roles of the ``lora_variants`` plugin's kinds."""
+MULTIPLICATIVE_FIELDS = {
+    "OFT": frozenset({"r", "oft_block_size", "fan_in_fan_out", "bias", "coft", "eps", "block_share",
+                      "use_cayley_neumann", "num_cayley_neumann_terms", "modules_to_save"}),
+    "BOFT": frozenset({"boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout",
+                       "fan_in_fan_out", "bias", "modules_to_save"}),
+    "HRA": frozenset({"r", "apply_GS", "bias", "modules_to_save"}),
+}
+"""Config fields of PEFT's multiplicative types that are read (``fan_in_fan_out`` has no effect: PEFT applies
+these types to ``nn.Linear`` / ``nn.Embedding`` only and resets it to false)."""
+MULTIPLICATIVE_KEYS = {"OFT": (".oft_R.weight", ".oft_embedding_R.weight"), "BOFT": (".boft_R", ".boft_s"),
+                       "HRA": (".hra_u",)}
+"""Tensor-name suffixes of PEFT's multiplicative types (kinds of the ``multiplicative`` plugin)."""
+MULTIPLICATIVE_KINDS = {"OFT": "cayley", "BOFT": "butterfly", "HRA": "householder"}
 
 
 # ----- PEFT's name rules ---------------------------------------------------------------------------------
@@ -125,7 +138,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "peft_type": {"type": "string"},
         "base_model_name_or_path": {"type": ["string", "null"]},
         "revision": {"type": ["string", "null"]},
-        "r": {"type": "integer", "minimum": 1},
+        "r": {"type": "integer", "minimum": 0},  # OFT's r=0: the block size gives the block count
         "init_r": {"type": "integer", "minimum": 1},
         "lora_alpha": {"type": "number"},
         "alpha": {"type": "number"},
@@ -534,6 +547,88 @@ class _Reader:
         self.tensors.update(shared)
         return {"r": cfg.get("r", 256)}
 
+    # ----- OFT / BOFT / HRA ------------------------------------------------------------------------------------
+    def multiplicative(self, ptype: str) -> dict[str, Any]:
+        """OFT -> ``cayley`` (``oft_R`` on a Linear's input, ``oft_embedding_R`` on an embedding's output; COFT's
+        projection applied as PEFT applies it at every forward; ``use_cayley_neumann`` -> ``params.series``),
+        BOFT -> ``butterfly`` (``boft_s`` -> ``output_scale``), HRA -> ``householder`` (``apply_GS`` ->
+        ``params.orthogonalize``)."""
+        cfg = self.cfg
+        _check_fields(cfg, MULTIPLICATIVE_FIELDS[ptype], self.path)
+        if cfg.get("bias", "none") != "none":
+            raise af.UnsupportedError(f"{ptype} with bias={cfg['bias']!r} (trained base biases on rotated modules) "
+                                      "cannot be represented", path=self.path)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        extra: dict[str, torch.Tensor] = {}
+        for key, t in self.raw.items():
+            suffix = next((s for s in MULTIPLICATIVE_KEYS[ptype] if key.endswith(s)), None)
+            if suffix is None:
+                extra[key] = t
+            else:
+                parts.setdefault(key[: -len(suffix)], {})[suffix] = t
+        for module in parts:  # the base weight PEFT saves beside an adapted embedding (save_embedding_layers)
+            key = f"{module}.base_layer.weight"
+            if key in extra and not self.same_as_base(module, PREFIX + key, extra.pop(key)):
+                raise af.UnsupportedError(f"{PREFIX}{key} replaces the base weight of a module {ptype} also "
+                                          "multiplies; this cannot be represented", path=self.path)
+        self.aux(extra)
+        build = {"OFT": self._oft, "BOFT": self._boft, "HRA": self._hra}[ptype]
+        sizes = []
+        for module, p in sorted(parts.items()):
+            self.targeted(module)
+            entry, roles = build(module, p)
+            if len(entry["shape"]) != 2:
+                raise af.UnsupportedError(f"{ptype} on the convolution {module!r} is not represented (PEFT's "
+                                          "unmerged and merged convolution forms differ)", path=self.path)
+            af.registry.get_kind(entry["kind"]).check(module, entry, {r: tuple(v.shape) for r, v in roles.items()})
+            sizes.append(af.registry.get_kind(entry["kind"]).rank(entry, {r: tuple(v.shape) for r, v in roles.items()}))
+            self.add(module, entry, roles)
+        size = _most_common(sizes, None)
+        if ptype == "OFT":
+            terms = int(cfg.get("num_cayley_neumann_terms", 5)) if cfg.get("use_cayley_neumann", True) else None
+            return {"block_size": size or 2, "block_share": bool(cfg.get("block_share")), "neumann_terms": terms}
+        if ptype == "BOFT":
+            return {"block_size": size or 2,
+                    "butterfly_factor": _most_common([p[".boft_R"].shape[0] for p in parts.values()], 1)}
+        return {"r": size or 1, "orthogonalize": bool(cfg.get("apply_GS"))}
+
+    def _oft(self, module: str, p: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        embedding = ".oft_embedding_R.weight" in p
+        vec = p.get(".oft_embedding_R.weight", p.get(".oft_R.weight"))
+        assert vec is not None
+        params: dict[str, Any] = {"side": "output", "transposed": True} if embedding else {"side": "input"}
+        if cfg.get("use_cayley_neumann", True):
+            params["series"] = af.registry.get_kind("cayley").neumann_series(int(cfg.get("num_cayley_neumann_terms", 5)))
+        if cfg.get("coft"):  # PEFT projects each skew block into a Frobenius ball of eps / sqrt(k), in place
+            b = _triangle(vec, module, self.path)
+            rows, cols = torch.triu_indices(b, b, 1)
+            q = vec.new_zeros(vec.shape[0], b, b)
+            q[:, rows, cols] = vec
+            q = q - q.transpose(1, 2)
+            eps = float(cfg.get("eps", 6e-5)) / torch.sqrt(torch.tensor(float(vec.shape[0])))
+            norm = torch.norm(q, dim=(1, 2), keepdim=True)
+            q = torch.where(norm <= eps, q, eps * (q / norm))
+            vec = q[:, rows, cols]
+        return {"kind": "cayley", "shape": self.base_shape(module, "OFT"), "params": params}, {"skew": vec}
+
+    def _boft(self, module: str, p: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        blocks, scale = p.get(".boft_R"), p.get(".boft_s")
+        if blocks is None or scale is None or blocks.dim() != 4:
+            raise af.FormatError(f"module {module!r} needs boft_R [N, D, H, H] and boft_s", path=self.path)
+        shape = self.base_shape(module, "BOFT") if self.shapes is not None else \
+            [scale.shape[0], blocks.shape[1] * blocks.shape[2]]  # without the base: a Linear's shape
+        return ({"kind": "butterfly", "shape": shape, "params": {"side": "input"}},
+                {"blocks": blocks, "output_scale": scale.reshape(-1)})
+
+    def _hra(self, module: str, p: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        u = p[".hra_u"]
+        if u.dim() != 2 or u.shape[1] != self.cfg.get("r", 8):
+            raise af.FormatError(f"module {module!r}: hra_u {list(u.shape)} does not have r={self.cfg.get('r', 8)} "
+                                 "columns", path=self.path)
+        params = {"side": "input", "orthogonalize": bool(self.cfg.get("apply_GS"))}
+        return {"kind": "householder", "shape": self.base_shape(module, "HRA"), "params": params}, {"vectors": u}
+
     # ----- prompt tuning -------------------------------------------------------------------------------------
     def prompt(self) -> dict[str, Any]:
         _check_fields(self.cfg, PROMPT_FIELDS, self.path)
@@ -552,7 +647,8 @@ class _Reader:
 READERS = {"LORA": ("lora", lambda r: r.lora(False)), "ADALORA": ("lora", lambda r: r.lora(True)),
            "IA3": ("ia3", _Reader.ia3), "PROMPT_TUNING": ("prompt_tuning", _Reader.prompt),
            "LOHA": ("loha", lambda r: r.lycoris("LOHA")), "LOKR": ("lokr", lambda r: r.lycoris("LOKR")),
-           "VERA": ("vera", _Reader.vera)}
+           "VERA": ("vera", _Reader.vera), "OFT": ("oft", lambda r: r.multiplicative("OFT")),
+           "BOFT": ("boft", lambda r: r.multiplicative("BOFT")), "HRA": ("hra", lambda r: r.multiplicative("HRA"))}
 
 
 def _modules_digest(modules: Mapping[str, Mapping[str, Any]]) -> str:
@@ -582,6 +678,13 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False)
                                base={"name": cfg.get("base_model_name_or_path"), "revision": cfg.get("revision"),
                                      "fingerprint": fingerprint})
     return af.Adapter(manifest, reader.tensors)
+
+
+def _triangle(vec: torch.Tensor, module: str, path: Path) -> int:
+    b = af.registry.get_kind("cayley").triangle_side(vec.shape[-1]) if vec.dim() == 2 else None
+    if b is None:
+        raise af.FormatError(f"module {module!r}: oft_R {list(vec.shape)} is not [k, b(b-1)/2]", path=path)
+    return b
 
 
 # ----- writing ---------------------------------------------------------------------------------------------
@@ -798,6 +901,62 @@ class _Writer:
         self.cfg["target_modules"] = self.targets(mods)
         self.aux()
 
+    # ----- OFT / BOFT / HRA ------------------------------------------------------------------------------------
+    def multiplicative(self, ptype: str) -> None:
+        """The reverse of :meth:`_Reader.multiplicative`; PEFT's config is global, so every module must share
+        the block size / rank and the series, and PEFT applies these types to Linear inputs (and, for OFT,
+        embedding outputs) only."""
+        kind = MULTIPLICATIVE_KINDS[ptype]
+        self.refuse({kind, "to_save"}, ptype)
+        self.common(ptype)
+        mods = self.by_kind.get(kind, [])
+        shared: dict[str, set[Any]] = {}
+        for m in mods:
+            e, t = self.adapter.modules[m], self.adapter.module_tensors(m)
+            p = e.get("params", {})
+            embedding = _is_embedding(m, e, self.base)
+            side = p.get("side", "input")
+            if (side, bool(p.get("transposed"))) != (("output", True) if embedding else ("input", False)) or (
+                    embedding and ptype != "OFT"):
+                raise af.UnsupportedError(f"module {m!r}: PEFT {ptype} multiplies the inputs of nn.Linear modules"
+                                          + (" and the outputs of embeddings" if ptype == "OFT" else "")
+                                          + f" only, not side={side!r} with transposed={bool(p.get('transposed'))}")
+            if ptype == "OFT":
+                vec = t["skew"]
+                b = af.registry.get_kind("cayley").triangle_side(vec.shape[1])
+                d = e["shape"][1]
+                shared.setdefault("oft_block_size", set()).add(b)
+                shared.setdefault("block_share", set()).add(vec.shape[0] == 1 and d // b > 1)
+                shared.setdefault("series", set()).add(json.dumps(p.get("series")))
+                suffix = "oft_embedding_R.weight" if embedding else "oft_R.weight"
+                self.tensors[f"{PREFIX}{m}.{suffix}"] = vec
+            elif ptype == "BOFT":
+                blocks = t["blocks"]
+                shared.setdefault("boft_block_size", set()).add(blocks.shape[2])
+                shared.setdefault("boft_n_butterfly_factor", set()).add(blocks.shape[0])
+                self.tensors[f"{PREFIX}{m}.boft_R"] = blocks
+                scale = t.get("output_scale", torch.ones(e["shape"][0], dtype=blocks.dtype))
+                self.tensors[f"{PREFIX}{m}.boft_s"] = scale.reshape(-1, 1)
+            else:
+                shared.setdefault("r", set()).add(t["vectors"].shape[1])
+                shared.setdefault("apply_GS", set()).add(bool(p.get("orthogonalize", False)))
+                self.tensors[f"{PREFIX}{m}.hra_u"] = t["vectors"]
+        mixed = sorted(k for k, v in shared.items() if len(v) > 1)
+        if mixed:
+            raise af.UnsupportedError(f"PEFT {ptype} has one {mixed[0]} for every module; this adapter's modules "
+                                      "differ in it")
+        one = {k: next(iter(v)) for k, v in shared.items()}
+        if ptype == "OFT":
+            series = json.loads(one.pop("series", "null"))
+            terms = af.registry.get_kind("cayley").series_terms(series)
+            one.update({"r": 0, "use_cayley_neumann": terms is not None, "num_cayley_neumann_terms": terms or 5,
+                        "coft": False, "eps": 6e-5, "module_dropout": 0.0})
+        elif ptype == "BOFT":
+            one.update({"boft_block_num": 0, "boft_dropout": 0.0})
+        self.cfg.update({**one, "fan_in_fan_out": False, "bias": "none", "init_weights": True})
+        self.cfg["target_modules"] = self.targets(mods)
+        self.aux()
+
     # ----- prompt tuning ---------------------------------------------------------------------------------------
     def prompt(self) -> None:
         self.refuse({"prompt"}, "prompt tuning")
@@ -822,7 +981,8 @@ def _most_common(values: Any, default: Any) -> Any:
 
 WRITERS = {"lora": _Writer.lora, "ia3": _Writer.ia3, "prompt_tuning": _Writer.prompt,
            "trainable_tokens": _Writer.lora, "adalora": _Writer.lora, "loha": lambda w: w.lycoris("LOHA"),
-           "lokr": lambda w: w.lycoris("LOKR"), "vera": _Writer.vera}
+           "lokr": lambda w: w.lycoris("LOKR"), "vera": _Writer.vera, "oft": lambda w: w.multiplicative("OFT"),
+           "boft": lambda w: w.multiplicative("BOFT"), "hra": lambda w: w.multiplicative("HRA")}
 
 
 def write_peft(adapter: af.Adapter, path: str | Path, *, base: Any = None) -> Path:

@@ -9,9 +9,8 @@ from typing import Any
 import typer
 
 import adapterfmt as af
-from adapterfmt.plugin import registry
 from adapterfmt.format.atomic import check_output
-from adapterfmt.verbs.summary import file_bytes
+from adapterfmt.plugin import registry
 
 from .inspect_cmd import compression_text
 from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, deprecated, hidden_alias, human_bytes,
@@ -85,6 +84,8 @@ def compress(
     ||dW' - dW|| / ||dW|| per module; with --base, the outputs of the base model with the original and
     the compressed adapter are compared on random token ids.
     """
+    from adapterfmt.verbs.summary import file_bytes
+
     dst = require(renamed(out, dst, new="--out", old="DST", warn=False), "say where to write the result: --out")
     if sv_fro is not None:  # kohya's threshold on the (unsquared) Frobenius norm: --energy x^2 keeps the same rank
         deprecated("--sv-fro", "--energy", f"--sv-fro {sv_fro} keeps the rank --energy {sv_fro ** 2:.6g} keeps "

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 import adapterfmt as af
-from adapterfmt.demo.run import run_demo
 
 from .common import JsonOpt, cli_errors, console, print_json, print_table, table_fits
 
@@ -23,6 +22,8 @@ def demo(
     """Build a tiny model, make adapters of every kind and run each capability on them; print what it did."""
     if workdir is not None and workdir.is_dir() and any(workdir.iterdir()) and not overwrite:
         raise af.OutputExistsError("the folder holds files the demo would replace; pass --overwrite", path=workdir)
+    from adapterfmt.demo.run import run_demo
+
     ctx = run_demo(workdir)
     if as_json:
         print_json({"workdir": str(ctx.workdir), "report": ctx.report})

@@ -8,8 +8,6 @@ from collections.abc import Iterator
 
 import typer
 
-from adapterfmt.hub import client as hub
-
 from .common import JsonOpt, OverwriteOpt, cli_errors, console, print_json
 
 
@@ -61,6 +59,8 @@ def push(
     The token comes from HF_TOKEN or `hf auth login`; the endpoint from HF_ENDPOINT.
     Prints the commit id and URL. Exit code 1 on any error, with one line on stderr.
     """
+    from adapterfmt.hub import client as hub
+
     with _quiet_hf(as_json):
         result = hub.push(path, repo_id, revision=revision, private=private, message=message, also_peft=also_peft)
     if as_json:
@@ -94,6 +94,8 @@ def pull(
 
     Prints the path and the resolved commit. Exit code 1 on any error, with one line on stderr.
     """
+    from adapterfmt.hub import client as hub
+
     with _quiet_hf(as_json):
         result = hub.pull(repo, revision=revision, out=out, overwrite=overwrite, timeout=timeout)
     if as_json:

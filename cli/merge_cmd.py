@@ -10,11 +10,8 @@ from typing import Any
 import typer
 
 import adapterfmt as af
-from adapterfmt.plugin import registry
 from adapterfmt.format.atomic import check_output
-from adapterfmt.verbs.bake import bake
-from adapterfmt.verbs.merge import STRATEGIES
-from adapterfmt.verbs.recipe import Recipe, load_recipe
+from adapterfmt.plugin import registry
 
 from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, hidden_alias, human_bytes, out_option,
                      print_json, print_table, progress, renamed, require)
@@ -43,8 +40,8 @@ def merge(
     weights: str = typer.Option(None, "--weights", help="Comma-separated weights, one per adapter (negative "
                                 "allowed: task arithmetic). Default 1 each. Write --weights=-1,1 for a "
                                 "leading minus."),
-    strategy: str = typer.Option(None, "--strategy", help=f"One of {', '.join(STRATEGIES)} (dare = dare_linear). "
-                                 "Default linear."),
+    strategy: str = typer.Option(None, "--strategy", help="One of linear, cat, svd, ties, dare_linear, dare_ties, "
+                                 "magnitude_prune (dare = dare_linear). Default linear."),
     rank: int = typer.Option(None, "--rank", min=1, help="Re-factor to this rank by SVD (svd: default the "
                              "largest input rank; with --energy: the cap)."),
     energy: float = typer.Option(None, "--energy", min=0.0, max=1.0, help="Re-factor to the smallest rank keeping "
@@ -71,6 +68,9 @@ def merge(
     Examples: `adapter merge a b --strategy svd --rank 16 --out ab`;
     `adapter merge a b --weights 0.5,0.5 --base base-model --out merged-model`.
     """
+    from adapterfmt.verbs.bake import bake
+    from adapterfmt.verbs.recipe import Recipe, load_recipe
+
     base = renamed(base, into, new="--base", old="--into")
     r = load_recipe(recipe) if recipe else Recipe(adapters=[], weights=[])
     paths = list(adapters or []) or r.adapters

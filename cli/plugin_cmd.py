@@ -10,7 +10,6 @@ from typing import Any
 import typer
 from rich.text import Text
 
-from adapterfmt.authoring import conformance
 from adapterfmt.authoring import scaffold
 
 from .common import (App, JsonOpt, UsageError, cli_errors, console, hidden_alias, out_option, print_json, print_table,
@@ -67,6 +66,8 @@ def check(
 ) -> None:
     """Run the conformance kit on METHOD: every check passes, fails, or is skipped with the reason its
     kinds cannot do it. Exit 1 when a check fails."""
+    from adapterfmt.authoring import conformance
+
     try:
         train_config = None if config is None else json.loads(config)
     except ValueError as e:

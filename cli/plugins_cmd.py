@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.text import Text
 
-from adapterfmt import Method
+import adapterfmt as af
 from adapterfmt.plugin import registry
 
 from .common import JsonOpt, cli_errors, print_json, print_table
@@ -32,7 +32,7 @@ def methods(as_json: bool = JsonOpt) -> None:
     """List the adaptation methods available, with the delta kinds they store and which verbs they override."""
     rows = []
     for name, m in sorted(registry.methods().items()):
-        own = [v for v in registry.VERBS if getattr(type(m), v) is not getattr(Method, v)]
+        own = [v for v in registry.VERBS if getattr(type(m), v) is not getattr(af.Method, v)]
         rows.append({"name": name, "version": m.version, "summary": m.summary, "kinds": list(m.kinds),
                      "overrides": own})
     if as_json:

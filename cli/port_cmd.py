@@ -9,9 +9,8 @@ from typing import Literal
 import typer
 
 import adapterfmt as af
-from adapterfmt.plugin import registry
 from adapterfmt.format.atomic import check_output
-from adapterfmt.verbs.port import port_record
+from adapterfmt.plugin import registry
 
 from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, hidden_alias, one_of, out_option,
                      print_json, print_table, progress, renamed, require)
@@ -92,6 +91,8 @@ def port(
 
     Refuses (writing nothing) when a module is missing or its shape differs, naming the first few and the count.
     """
+    from adapterfmt.verbs.port import port_record
+
     base = require(renamed(base, to, new="--base", old="--to"), "name the new base: --base")
     out = require(out, "say where to write the ported adapter: --out")
     check_output(out, overwrite)

@@ -10,8 +10,6 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-import jsonschema
-
 from ..errors import FormatError, SpecVersionError, UnknownExtensionError
 from .jsontext import parse_json
 from .limits import MAX_PATH_COMPONENT_BYTES, MODULES, check_name
@@ -85,6 +83,8 @@ def check_manifest(m: object, *, path: object = None, understood: Iterable[str] 
         raise FormatError("manifest is not a JSON object", path=path)
     parse_version(m.get("spec_version"), path=path)
     _check_sizes(m, path=path)
+    import jsonschema  # imported on first check: `adapter --help` reads no manifest
+
     errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(m), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]

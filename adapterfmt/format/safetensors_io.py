@@ -16,25 +16,47 @@ import os
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import FormatError, MissingFileError
 from .atomic import atomic_file
 from .jsontext import parse_json
 from .limits import HEADER_BYTES, TENSORS, check_name
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-ITEMSIZE: dict[str, int] = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+"""Bytes per element of each safetensors dtype: all a header check needs (no torch)."""
+
+
+@cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+            "U8": torch.uint8, "BOOL": torch.bool,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+            "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+
+
+@cache
+def _dtype_names() -> dict[torch.dtype, str]:
+    return {v: k for k, v in _torch_dtypes().items()}
+
+
+def __getattr__(name: str) -> Any:
+    """``DTYPES`` (safetensors dtype name -> torch dtype) and ``DTYPE_NAMES`` (torch dtype -> name), made on
+    first use so that reading a header does not import torch (PEP 562)."""
+    if name == "DTYPES":
+        return _torch_dtypes()
+    if name == "DTYPE_NAMES":
+        return _dtype_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -66,7 +88,7 @@ class Header:
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype (``torch.float32`` -> ``"F32"``)."""
     try:
-        return DTYPE_NAMES[dtype]
+        return _dtype_names()[dtype]
     except KeyError:
         raise FormatError(f"dtype {dtype} cannot be stored in safetensors") from None
 
@@ -125,7 +147,7 @@ def _check_entry(path: Path, name: str, entry: object, data_start: int, data_len
     if not isinstance(entry, dict):
         raise FormatError(f"tensor {name!r}: header entry is not an object", path=path)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise FormatError(f"tensor {name!r}: unknown dtype {str(dtype)[:40]!r}", path=path)
     if not isinstance(shape, list) or not all(_natural(d) for d in shape):
         raise FormatError(f"tensor {name!r}: shape must be a list of non-negative integers", path=path)
@@ -163,9 +185,11 @@ def data_sha256(path: str | os.PathLike[str], header: Header | None = None) -> s
 def read_tensor(header: Header, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Read one tensor's bytes from disk into a new torch tensor (one copy of the data in memory), or into
     the front of ``buffer`` (a 1-D uint8 tensor, reused across calls) and return a view of it."""
+    import torch
+
     info = header.tensors[name]
     n = info.end - info.start
-    dtype = DTYPES[info.dtype]
+    dtype = _torch_dtypes()[info.dtype]
     if buffer is None:
         t = torch.empty(info.shape, dtype=dtype)
         raw = t.reshape(-1).view(torch.uint8)
@@ -183,6 +207,8 @@ def read_tensor(header: Header, name: str, buffer: torch.Tensor | None = None) -
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The little-endian bytes of a tensor as safetensors stores them."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return b""
@@ -276,6 +302,8 @@ class StreamWriter:
             raise FormatError(f"tensor {name!r} is {dtype_name(t.dtype)} {list(t.shape)}, declared "
                               f"{self._specs[name][0]} {list(self._specs[name][1])}")
         if n:
+            import torch
+
             view = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             self._f.write(view)
             if self._sha is not None:

@@ -80,19 +80,16 @@ def _register_checked(state: PluginState, plugin: object, name: str) -> bool:
 
 
 @cache
-def _state() -> PluginState:
+def _third_party() -> PluginState:
+    """The manager with the entry-point plugins only: what ``adapter`` needs to add plugin commands, without
+    importing the built-ins (which add none, and would make ``adapter --help`` import torch)."""
     pm = pluggy.PluginManager("adapterfmt")
     pm.add_hookspecs(hookspecs)
     state = PluginState(pm)
     skip = blocked()
-    for name, modname in BUILTIN_PLUGINS.items():
-        if name in skip:
-            continue
-        state.distributions[name] = ("adapterfmt", __version__)
-        _register_checked(state, importlib.import_module(modname), name)
     for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        if ep.name in skip or pm.has_plugin(ep.name):
-            continue
+        if ep.name in skip or ep.name in BUILTIN_PLUGINS or pm.has_plugin(ep.name):
+            continue  # a built-in's name stays the built-in's, even when that built-in is blocked
         dist = (ep.dist.name, ep.dist.version) if ep.dist else ("?", "?")
         state.distributions[ep.name] = dist
         try:
@@ -107,6 +104,19 @@ def _state() -> PluginState:
     return state
 
 
+@cache
+def _state() -> PluginState:
+    """Every plugin: the entry-point ones, then the built-ins (lookups put the built-ins first)."""
+    state = _third_party()
+    skip = blocked()
+    for name, modname in BUILTIN_PLUGINS.items():
+        if name in skip:
+            continue
+        state.distributions[name] = ("adapterfmt", __version__)
+        _register_checked(state, importlib.import_module(modname), name)
+    return state
+
+
 def plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager (built on first use)."""
     return _state().pm
@@ -114,6 +124,7 @@ def plugin_manager() -> pluggy.PluginManager:
 
 def reset() -> None:
     """Forget loaded plugins so the next lookup rebuilds the manager (tests, or after installing a plugin)."""
+    _third_party.cache_clear()
     _state.cache_clear()
     _collect.cache_clear()
 
@@ -125,7 +136,8 @@ def _collect(hook: str) -> dict[str, Any]:
     if hook == "adapterfmt_delta_kinds":
         items.update({k.name: k for k in importlib.import_module(BUILTIN_KINDS_MODULE).BUILTIN_KINDS})
     state = _state()
-    for impl in getattr(state.pm.hook, hook).get_hookimpls():
+    impls = sorted(getattr(state.pm.hook, hook).get_hookimpls(), key=lambda i: i.plugin_name not in BUILTIN_PLUGINS)
+    for impl in impls:
         try:
             provided = list(impl.function() or ())
         except Exception as e:
@@ -198,8 +210,9 @@ def verb(method: str, name: str) -> Callable[..., Any]:
 
 
 def add_plugin_commands(app: Any) -> None:
-    """Let each plugin add CLI commands; a plugin that fails is reported and skipped."""
-    state = _state()
+    """Let each entry-point plugin add CLI commands (built-ins add none and are not imported here); a plugin
+    that fails is reported and skipped."""
+    state = _third_party()
     for impl in state.pm.hook.adapterfmt_cli.get_hookimpls():
         try:
             impl.function(app=app)

@@ -30,6 +30,7 @@ BUILTIN_PLUGINS = {
     "codecs": "adapterfmt.plugins.codecs",
     "patches": "adapterfmt.plugins.methods.patches",
     "sparse_methods": "adapterfmt.plugins.methods.sparse",
+    "sparse_blocks": "adapterfmt.plugins.methods.blocks",
     "vectors": "adapterfmt.plugins.methods.vectors",
     "prompts": "adapterfmt.plugins.methods.prompts",
     "multiplicative": "adapterfmt.plugins.methods.multiplicative",

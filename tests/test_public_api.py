@@ -21,6 +21,8 @@ PUBLIC = {
     "port_adapter", "read_foreign", "read_json_object", "read_pickle_tensors", "read_tensor_file", "record_base",
     "registry", "rope_permute", "save", "select_modules", "select_targets", "tensor_names", "to_peft", "unmerge",
     "validate", "weight_function", "write_folder", "write_foreign", "write_tensor_file",
+    "make_explicit", "recipe_factors", "derived_tensors", "ldu_rows", "pissa_factors", "olora_factors",
+    "svd_bottom_factors",
 }
 """``af.__all__`` as of the layered tree (0.1.x); a name may be added, never dropped within a major version."""
 

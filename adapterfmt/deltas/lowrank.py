@@ -1,4 +1,6 @@
-"""``lowrank``: dW = scale * B @ A, with optional DoRA magnitude, LoRA bias and a replaced module bias."""
+"""``lowrank``: dW = scale * B @ M @ A - c * B0 @ M0 @ A0 (spec 6.2, 6.2.1): an optional middle factor ``lora_mid``
+(a diagonal or an r x r matrix), an optional base-derived part (``params.base_part``, stored as ``init_*`` factors
+or recomputed from the base by a recipe of :mod:`.base_part`), DoRA magnitude, LoRA bias, a replaced module bias."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch import nn
 from .. import kernels
 from ..errors import UnsupportedError
 from .base import ROWS_CACHE_ATTR, DeltaKind, Entry, Tensors, fail
+from .base_part import FACTOR_RECIPES, RECIPES, base_part, derived_tensors, is_derived, scale_columns
 from .modules import is_transposed, weight_function
 
 
@@ -33,21 +36,35 @@ class LowRank(DeltaKind):
     name = "lowrank"
     layout_sensitive = True
     required_roles = ("lora_A", "lora_B")
-    optional_roles = ("magnitude", "bias", "bias_value")
+    optional_roles = ("lora_mid", "magnitude", "bias", "bias_value")
+
+    def roles(self, entry: Entry) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``lora_A`` / ``lora_B`` required except with an ``ldu`` / ``nystrom`` part (then optional);
+        ``init_A`` / ``init_B`` required and ``init_mid`` optional with an explicit base part (spec 6.2.1)."""
+        part = base_part(entry)
+        if part is None:
+            return self.required_roles, self.optional_roles
+        if "recipe" in part:
+            if part["recipe"] in FACTOR_RECIPES:
+                return (), ("lora_A", "lora_B", *self.optional_roles)
+            return self.required_roles, self.optional_roles
+        return (*self.required_roles, "init_A", "init_B"), (*self.optional_roles, "init_mid")
 
     def check(self, module: str, entry: Entry, shapes: dict[str, tuple[int, ...]]) -> None:
         fshape = function_shape(entry)
         if len(fshape) < 2:
             raise fail(module, f"lowrank needs a weight of 2 or more dims, shape is {list(entry['shape'])}")
-        a, b = shapes["lora_A"], shapes["lora_B"]
-        out, n_in = fshape[0], math.prod(fshape[1:])
-        if len(a) < 2 or len(b) < 2:
-            raise fail(module, f"lora_A {list(a)} and lora_B {list(b)} must have 2 or more dims")
-        r = a[0]
-        if math.prod(a[1:]) != n_in:
-            raise fail(module, f"lora_A has shape {list(a)}, expected [r, {', '.join(map(str, fshape[1:]))}]")
-        if b[0] != out or math.prod(b[1:]) != r:
-            raise fail(module, f"lora_B has shape {list(b)}, expected [{out}, {r}] (rank from lora_A)")
+        out = fshape[0]
+        part = base_part(entry)
+        if ("lora_A" in shapes) != ("lora_B" in shapes):
+            raise fail(module, "lora_A and lora_B are both stored or both derived from an ldu / nystrom base_part")
+        if "lora_A" in shapes:
+            r = self._check_pair(module, shapes, "lora_A", "lora_B", fshape)
+        else:
+            r = int(part["rank"])
+        self._check_mid(module, shapes, "lora_mid", r)
+        if part is not None:
+            self._check_part(module, part, shapes, fshape)
         for role in ("magnitude", "bias", "bias_value"):
             if role in shapes and math.prod(shapes[role]) != out:
                 raise fail(module, f"{role} has shape {list(shapes[role])}, expected [{out}]")
@@ -56,8 +73,48 @@ class LowRank(DeltaKind):
         if not isinstance(entry.get("params", {}).get("scale", 1.0), int | float):
             raise fail(module, "lowrank params.scale must be a number")
 
+    @staticmethod
+    def _check_pair(module: str, shapes: dict[str, tuple[int, ...]], ra: str, rb: str, fshape: tuple[int, ...]) -> int:
+        a, b = shapes[ra], shapes[rb]
+        out, n_in = fshape[0], math.prod(fshape[1:])
+        if len(a) < 2 or len(b) < 2:
+            raise fail(module, f"{ra} {list(a)} and {rb} {list(b)} must have 2 or more dims")
+        r = a[0]
+        if math.prod(a[1:]) != n_in:
+            raise fail(module, f"{ra} has shape {list(a)}, expected [r, {', '.join(map(str, fshape[1:]))}]")
+        if b[0] != out or math.prod(b[1:]) != r:
+            raise fail(module, f"{rb} has shape {list(b)}, expected [{out}, {r}] (rank from {ra})")
+        return r
+
+    @staticmethod
+    def _check_mid(module: str, shapes: dict[str, tuple[int, ...]], role: str, r: int) -> None:
+        if role in shapes and shapes[role] not in ((r,), (r, r)):
+            raise fail(module, f"{role} has shape {list(shapes[role])}, expected [{r}] or [{r}, {r}]")
+
+    def _check_part(self, module: str, part: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                    fshape: tuple[int, ...]) -> None:
+        if not isinstance(part.get("scale"), int | float) or isinstance(part.get("scale"), bool):
+            raise fail(module, "params.base_part.scale must be a number")
+        if "recipe" not in part:
+            r0 = self._check_pair(module, shapes, "init_A", "init_B", fshape)
+            self._check_mid(module, shapes, "init_mid", r0)
+            return
+        recipe, r0 = part["recipe"], part.get("rank")
+        if recipe not in RECIPES or not isinstance(r0, int) or isinstance(r0, bool):
+            raise fail(module, f"params.base_part needs a recipe among {', '.join(RECIPES)} and an integer rank")
+        k = min(fshape[0], math.prod(fshape[1:]))
+        hi = k - 1 if recipe == "svd_bottom" else k
+        if not 1 <= r0 <= hi:
+            raise fail(module, f"params.base_part.rank {r0} is outside [1, {hi}] for {recipe}")
+        rows = part.get("rows")
+        if (recipe == "ldu") != (rows is not None):
+            raise fail(module, "params.base_part.rows is required with recipe ldu and forbidden otherwise")
+        if rows is not None and (len(rows) != r0 or len(set(rows)) != r0
+                                 or not all(isinstance(i, int) and 0 <= i < fshape[0] for i in rows)):
+            raise fail(module, f"params.base_part.rows must be {r0} distinct integers in [0, {fshape[0]})")
+
     def rank(self, entry: Entry, shapes: dict[str, tuple[int, ...]]) -> int:
-        return shapes["lora_A"][0]
+        return shapes["lora_A"][0] if "lora_A" in shapes else int(base_part(entry)["rank"])
 
     def is_additive(self, entry: Entry, roles: Collection[str]) -> bool:
         return "magnitude" not in roles and "bias_value" not in roles
@@ -66,12 +123,41 @@ class LowRank(DeltaKind):
     def scale(entry: Entry) -> float:
         return float(entry.get("params", {}).get("scale", 1.0))
 
-    def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
-        """scale * B @ A in function layout, at least fp32."""
+    @staticmethod
+    def plain(entry: Entry, t: Tensors) -> bool:
+        """True for ``scale * B @ A`` alone: no middle factor and no base part."""
+        return "lora_mid" not in t and base_part(entry) is None
+
+    def factors(self, entry: Entry, t: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B' [out, k], A' [k, n_in])`` in function layout, at least fp32, with ``dW_f = B' @ A'``: the
+        scale and middle factor folded into B', the base part appended as ``-c * B0 M0`` / ``A0`` (k = r + r0).
+        A derived part must have been resolved against the base (:meth:`bind`, ``make_explicit``)."""
+        part = base_part(entry)
+        if part is not None and "recipe" in part and (
+                "lora_A" not in t or (float(part["scale"]) != 0.0 and "init_A" not in t)):
+            raise UnsupportedError(f"a lowrank entry with a derived base_part ({part['recipe']}) is computed from "
+                                   "the base weight: attach it to the base, or make it explicit with the base first "
+                                   "(make_explicit / --base)")
         a, b = wide(t["lora_A"]), wide(t["lora_B"])
         r = a.shape[0]
+        b2 = self.scale(entry) * scale_columns(b.reshape(b.shape[0], r), t.get("lora_mid"))
+        a2 = a.reshape(r, -1)
+        if part is None or float(part["scale"]) == 0.0:
+            return b2, a2
+        a0, b0 = wide(t["init_A"]), wide(t["init_B"])
+        r0 = a0.shape[0]
+        b0 = -float(part["scale"]) * scale_columns(b0.reshape(b0.shape[0], r0).to(b2.dtype), t.get("init_mid"))
+        return torch.cat([b2, b0], 1), torch.cat([a2, a0.reshape(r0, -1).to(a2.dtype)], 0)
+
+    def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        """The complete ``dW_f`` of spec 6.2 / 6.2.1 in function layout, at least fp32."""
         fshape = function_shape(entry)
-        return (self.scale(entry) * (b.reshape(b.shape[0], r) @ a.reshape(r, -1))).reshape(fshape)
+        if self.plain(entry, t):
+            a, b = wide(t["lora_A"]), wide(t["lora_B"])
+            r = a.shape[0]
+            return (self.scale(entry) * (b.reshape(b.shape[0], r) @ a.reshape(r, -1))).reshape(fshape)
+        b2, a2 = self.factors(entry, t)
+        return (b2 @ a2).reshape(fshape)
 
     def delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
         if "magnitude" in t or "bias_value" in t:
@@ -80,28 +166,39 @@ class LowRank(DeltaKind):
         return fw.t() if entry.get("params", {}).get("transposed") else fw
 
     def _lora_out(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor) -> torch.Tensor:
-        a, b = t["lora_A"], t["lora_B"]
-        s = self.scale(entry)
+        if self.plain(entry, t):
+            a, b, s = t["lora_A"], t["lora_B"], self.scale(entry)
+        else:
+            b, a = self.factors(entry, t)
+            s = 1.0
+            a = a.reshape(a.shape[0], *function_shape(entry)[1:])
         if isinstance(module, nn.Conv2d):
-            b4 = b.reshape(b.shape[0], a.shape[0], 1, 1)
-            mid = F.conv2d(x, a, None, module.stride, module.padding, module.dilation, module.groups)
+            b4 = b.reshape(b.shape[0], a.shape[0], 1, 1).to(x.dtype)
+            mid = F.conv2d(x, a.to(x.dtype), None, module.stride, module.padding, module.dilation, module.groups)
             return s * F.conv2d(mid, b4)
         if isinstance(module, nn.Embedding):
             mid = F.embedding(x, a.t(), module.padding_idx, module.max_norm, module.norm_type,
                               module.scale_grad_by_freq, module.sparse)
-            return s * (mid @ b.t())
+            return s * (mid @ b.reshape(b.shape[0], -1).t().to(mid.dtype))
         if _is_linear(module):
-            return kernels.lora_delta(x, a.to(x.dtype), b.to(x.dtype), s)
+            return kernels.lora_delta(x, a.reshape(a.shape[0], -1).to(x.dtype), b.reshape(b.shape[0], -1).to(x.dtype), s)
         return weight_function(module, x, self.function_delta(entry, t).to(x.dtype))
 
     def bind(self, module: nn.Module, entry: Entry, t: Tensors) -> Tensors:
+        """Checks a ``bias_value`` has a bias to replace, and resolves a derived base part from the module's
+        weight (spec 6.2.1: the parameter before this adapter changes it); the caller checks the base's
+        fingerprint first. Forward, merge and unmerge then use these fixed tensors, so unmerge is exact."""
         if "bias_value" in t and getattr(module, "bias", None) is None:
             raise UnsupportedError(f"a lowrank bias_value replaces the module's bias, but this "
                                    f"{type(module).__name__} has none")
-        return t
+        if not is_derived(entry):
+            return t
+        w = self._function_weight(module, entry).detach()
+        ref = next((v for v in t.values() if v.is_floating_point()), w)
+        return {**t, **derived_tensors(entry, w, dtype=ref.dtype if ref.is_floating_point() else torch.float32)}
 
     def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if _is_linear(module) and len(t) == 2 and x.dtype == y.dtype:
+        if _is_linear(module) and len(t) == 2 and self.plain(entry, t) and x.dtype == y.dtype:
             # y + scale * (x A^T) B^T through the kernel dispatcher (Triton on CUDA, fused addmm on the CPU)
             a, b = t["lora_A"].to(x.dtype), t["lora_B"].to(x.dtype)
             if y.requires_grad and torch.is_grad_enabled():
@@ -132,7 +229,8 @@ class LowRank(DeltaKind):
         """
         if not _is_linear(module) or x.dim() < 2 or x.shape[0] != ids.shape[0] or x.dtype != y.dtype:
             return None
-        if any("magnitude" in b.tensors or "bias_value" in b.tensors for _, b in present):
+        if any("magnitude" in b.tensors or "bias_value" in b.tensors or not self.plain(b.entry, b.tensors)
+               for _, b in present):
             return None
         pool_a, pool_b, pool_bias = _pool(module, present)
         zero = pool_a.shape[0] - 1

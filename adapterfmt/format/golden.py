@@ -90,6 +90,30 @@ def _lowrank() -> Built:
     return "lora", {"r": 2, "alpha": 4}, modules, t
 
 
+def _lowrank_svd() -> Built:
+    """Spec 1.2's middle factor and base part: PiSSA derived (``svd_top``) on up_proj; an explicit part with
+    vector middle factors (SORSA-shaped) on down_proj; LoLDU (``ldu``, only the diagonal stored) on v_proj,
+    whose ``rows`` [2, 1] are the first pivots of partial-pivoting LU of its weight; IntTune (``nystrom``,
+    scale 0, only the r x r middle factor stored) on q_proj."""
+    modules = {
+        UP: {"kind": "lowrank", "shape": [12, 8],
+             "params": {"scale": 0.5, "base_part": {"scale": 1.0, "recipe": "svd_top", "rank": 2}}},
+        DOWN: {"kind": "lowrank", "shape": [8, 12], "params": {"scale": 0.5, "base_part": {"scale": 0.5}}},
+        V: {"kind": "lowrank", "shape": [4, 8],
+            "params": {"scale": 0.25, "base_part": {"scale": 0.25, "recipe": "ldu", "rank": 2, "rows": [2, 1]}}},
+        Q: {"kind": "lowrank", "shape": [8, 8],
+            "params": {"scale": 2.0, "base_part": {"scale": 0.0, "recipe": "nystrom", "rank": 2}}},
+    }
+    t = {
+        f"{UP}.lora_A": ramp(2, 8, seed=1), f"{UP}.lora_B": ramp(12, 2, seed=2),
+        f"{DOWN}.lora_A": ramp(2, 12, seed=3), f"{DOWN}.lora_B": ramp(8, 2, seed=4), f"{DOWN}.lora_mid": 1 + ramp(2, seed=5),
+        f"{DOWN}.init_A": ramp(2, 12, seed=6), f"{DOWN}.init_B": ramp(8, 2, seed=7), f"{DOWN}.init_mid": 1 + ramp(2, seed=8),
+        f"{V}.lora_mid": 0.5 + ramp(2, seed=9),
+        f"{Q}.lora_mid": ramp(2, 2, seed=10),
+    }
+    return "lowrank_svd", {}, modules, t
+
+
 def _dense() -> Built:
     """A task vector (mode add, fp16, with a bias delta) and a replaced weight (mode replace)."""
     modules = {
@@ -160,7 +184,7 @@ def _extensions() -> Built:
 
 
 EXAMPLES: dict[str, Callable[[], Built]] = {
-    "lowrank": _lowrank, "dense": _dense, "sparse": _sparse, "vector": _vector, "prompt": _prompt,
+    "lowrank": _lowrank, "lowrank_svd": _lowrank_svd, "dense": _dense, "sparse": _sparse, "vector": _vector, "prompt": _prompt,
     "ternary": _ternary, "encoded": _encoded, "extensions": _extensions,
 }
 """Example name -> builder; each is written as ``<name>/`` (folder form) and ``<name>.safetensors``."""

@@ -15,7 +15,7 @@ from .jsontext import parse_json
 from .limits import MAX_PATH_COMPONENT_BYTES, MODULES, check_name
 
 SPEC_MAJOR = 1
-SPEC_MINOR = 1
+SPEC_MINOR = 2
 SPEC_VERSION = f"{SPEC_MAJOR}.{SPEC_MINOR}"
 SINGLE_FILE_KEY = "."
 """The key of the one ``files`` entry of a single-file adapter: the file itself."""
@@ -25,6 +25,11 @@ RESERVED_ROLES = frozenset({"__metadata__"})
 CORE_FIELDS = frozenset({"spec_version", "method", "base", "modules", "files", "compression", "provenance",
                          "extensions", "must_understand"})
 """Top-level fields of spec 1.0: every 1.x reader understands them, so ``must_understand`` may name them."""
+FEATURE_MID = "adapterfmt.lowrank_mid"
+FEATURE_BASE = "adapterfmt.lowrank_base"
+FEATURES = frozenset({FEATURE_MID, FEATURE_BASE})
+"""Features of spec 1.2 a writer lists in ``must_understand`` when a lowrank entry uses them (spec 9), so that
+an older reader refuses the file instead of computing ``scale * B @ A``."""
 
 Manifest = dict[str, Any]
 
@@ -90,11 +95,24 @@ def check_manifest(m: object, *, path: object = None, understood: Iterable[str] 
         e = errors[0]
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
         raise FormatError(f"manifest field {where}: {e.message}", path=path)
-    unknown = sorted(set(m.get("must_understand", ())) - set(understood) - CORE_FIELDS)
+    unknown = sorted(set(m.get("must_understand", ())) - set(understood) - CORE_FIELDS - FEATURES)
     if unknown:
         raise UnknownExtensionError(f"manifest requires extensions this reader does not understand: {', '.join(unknown)}",
                           path=path)
     return m
+
+
+def required_features(modules: Mapping[str, Mapping[str, Any]], roles: Mapping[str, Iterable[str]]) -> list[str]:
+    """The feature names (spec 9) the lowrank entries of ``modules`` use, given each module's stored roles."""
+    names = set()
+    for module, entry in modules.items():
+        if entry.get("kind") != "lowrank":
+            continue
+        if "lora_mid" in roles.get(module, ()):
+            names.add(FEATURE_MID)
+        if "base_part" in entry.get("params", {}):
+            names.add(FEATURE_BASE)
+    return sorted(names)
 
 
 def _check_sizes(m: Manifest, *, path: object) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import FormatError
 from ..plugin.registry import get_kind
-from .manifest import shared_tensors
+from .manifest import FEATURE_BASE, required_features, shared_tensors
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -44,6 +44,7 @@ def check_structure(adapter: Adapter, *, deep: bool = False) -> None:
     if extra:
         raise FormatError(f"tensor {extra[0]!r} is not described by the manifest"
                           + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""), path=where)
+    _check_features(adapter)
     for module, entry in sorted(adapter.modules.items()):
         kind = get_kind(entry["kind"], path=where)
         required, _ = kind.roles(entry)
@@ -68,3 +69,20 @@ def check_structure(adapter: Adapter, *, deep: bool = False) -> None:
             raise FormatError(e.message, path=where) from None
         if deep:
             adapter.module_tensors(module)  # reads the values and checks the kind's data rules
+
+
+def _check_features(adapter: Adapter) -> None:
+    """Spec 9 / 6.2.1: a lowrank middle factor or base part is listed in ``must_understand``, and a derived
+    base part comes with a base fingerprint holding values (a reader checks the base before computing it)."""
+    listed = set(adapter.manifest.get("must_understand", ()))
+    roles = {m: adapter.roles(m) for m, e in adapter.modules.items() if e["kind"] == "lowrank"}
+    missing = [f for f in required_features(adapter.modules, roles) if f not in listed]
+    if missing:
+        field = "params.base_part" if missing[0] == FEATURE_BASE else "lora_mid"
+        raise FormatError(f"a lowrank entry has {field}, and must_understand does not list {missing[0]} "
+                          "(spec section 9)", path=adapter.source)
+    derived = [m for m, e in adapter.modules.items() if "recipe" in e.get("params", {}).get("base_part", {})]
+    fp = (adapter.manifest.get("base") or {}).get("fingerprint") or {}
+    if derived and not fp.get("values"):
+        raise FormatError(f"module {derived[0]!r}: a derived params.base_part needs base.fingerprint with values "
+                          "(spec 6.2.1)", path=adapter.source)

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from ..deltas.base import ROWS_CACHE_ATTR
+from ..deltas.base_part import is_derived
 from ..errors import AdapterError, BaseMismatchError, UnsupportedError
 from ..format.adapter import Adapter
+from ..format.fingerprint import compare, fingerprint_module
 from ..plugin.registry import get_kind
 
 STATE_ATTR = "_adapterfmt_state"
@@ -123,6 +125,19 @@ def _bind(module: nn.Module, path: str, adapter: Adapter, entry: dict[str, Any])
     return Bound(kind, entry, kind.bind(module, entry, tensors))
 
 
+def check_derived_base(adapter: Adapter, model: nn.Module) -> None:
+    """Spec 6.2.1: a derived base part is computed only on the base the adapter records (fingerprint "same")."""
+    derived = sorted(m for m, e in adapter.modules.items() if is_derived(e))
+    if not derived:
+        return
+    recorded = (adapter.manifest.get("base") or {}).get("fingerprint")
+    found = compare(recorded, fingerprint_module(model))
+    if found != "same" or not (recorded or {}).get("values"):
+        raise BaseMismatchError(f"module {derived[0]!r} has a derived params.base_part, computed from the base "
+                                f"weights, and this model is not the base the adapter records (fingerprint: "
+                                f"{found}); attach it to that base, or make it explicit with it first", path=adapter.source)
+
+
 def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge: bool = False,
            activate: bool = True) -> str:
     """Attach ``adapter`` to ``model``; returns the name it is attached under (default: the method's name).
@@ -132,6 +147,7 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge
     name = name or adapter.method
     if name in attached(model):
         raise AdapterError(f"an adapter named {name!r} is already attached; detach it or pick another name")
+    check_derived_base(adapter, model)
     missing, bound = [], {}
     for path, entry in sorted(adapter.modules.items()):
         try:

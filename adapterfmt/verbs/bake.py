@@ -31,6 +31,7 @@ from torch import nn
 from ..deltas.base import shape_fits
 from ..errors import BaseMismatchError, FormatError, UnsupportedError, first_few
 from ..format.adapter import Adapter, load
+from .explicit import make_explicit
 from ..format.atomic import atomic_dir, atomic_file, check_output
 from ..format.fingerprint import checkpoint_files, compare, fingerprint_checkpoint
 from ..format.jsontext import parse_json, read_json_bytes
@@ -294,6 +295,7 @@ def bake(
     if wrong and not force:
         raise BaseMismatchError("the checkpoint's fingerprint does not match the base recorded in "
                                 f"{first_few(wrong)}; pass force=True (CLI: --force) to bake anyway", path=base)
+    loaded = [make_explicit(a, base) for a in loaded]  # a derived base part is computed on this base
     terms = collect_terms(loaded, resolve_weights(len(loaded), weights))
     touched, missing, misfit = _modules(terms, where, opts)
     if misfit:

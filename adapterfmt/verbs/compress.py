@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deltas.lowrank import LowRank
+from ..deltas.lowrank import LowRank, function_shape
 from ..errors import FormatError, UnsupportedError
 from ..format import codecs
 from ..format.adapter import Adapter
@@ -50,6 +50,7 @@ from ..format.manifest import copy_manifest, shared_tensors
 from ..format.safetensors_io import ITEMSIZE, dtype_name
 from ..format.ternary import ternary_encode
 from ..plugin.registry import get_kind
+from .explicit import require_explicit
 
 
 @dataclass
@@ -107,6 +108,8 @@ def resize(works: dict[str, Work], *, rank: int | None = None, energy: float | N
     for w in works.values():
         if w.entry["kind"] != "lowrank":
             continue
+        if not LowRank.plain(w.entry, w.tensors):
+            _plain_lowrank(w)
         a, b = w.tensors["lora_A"], w.tensors["lora_B"]
         r = a.shape[0]
         u, s, vh = torch.linalg.svd(b.double().reshape(b.shape[0], r) @ a.double().reshape(r, -1),
@@ -118,6 +121,27 @@ def resize(works: dict[str, Work], *, rank: int | None = None, energy: float | N
         w.tensors["lora_A"] = (root[:, None] * vh[:k]).reshape(k, *a.shape[1:]).to(a.dtype).contiguous()
         w.encoded.pop("lora_A", None)
         w.encoded.pop("lora_B", None)
+
+def _plain_lowrank(w: Work) -> None:
+    """Turn an entry with a middle factor or an (explicit) base part into ``scale * B @ A`` of rank ``r + r0``
+    (the kind's factors, the scale divided back out of B), so resize refactors its complete dW."""
+    kind = get_kind("lowrank")
+    b, a = kind.factors(w.entry, w.tensors)
+    old_a, old_b = w.tensors.get("lora_A"), w.tensors.get("lora_B")
+    scale = LowRank.scale(w.entry)
+    if scale == 0.0:
+        w.entry["params"] = {**w.entry["params"], "scale": 1.0}
+        scale = 1.0
+    dtype = old_a.dtype if old_a is not None else torch.float32
+    k, shape = a.shape[0], function_shape(w.entry)
+    w.entry["params"] = {p: v for p, v in w.entry["params"].items() if p != "base_part"}
+    for role in ("lora_mid", "init_A", "init_B", "init_mid"):
+        w.tensors.pop(role, None)
+        w.encoded.pop(role, None)
+    w.tensors["lora_A"] = a.reshape(k, *shape[1:]).to(dtype).contiguous()
+    tail = old_b.shape[2:] if old_b is not None else (1,) * (len(shape) - 2)
+    w.tensors["lora_B"] = (b / scale).reshape(b.shape[0], k, *tail).to(dtype).contiguous()
+
 
 
 # ----- compeft ------------------------------------------------------------------------------------------
@@ -318,6 +342,7 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
         tensors.update({name: adapter.tensor(name) for name in w.shared().values()})
         old = module_effect(adapter.modules[path], originals[path])
         errors[path] = _finite(relative_error(module_effect(entry, w.tensors), old))
+    adapter = require_explicit(adapter, base, "compress")
     before = adapter.nbytes()
     after = tensor_bytes(tensors)
     finite = [e for e in errors.values() if e is not None]

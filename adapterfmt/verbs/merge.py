@@ -44,6 +44,7 @@ from ..format.fingerprint import compare
 from ..format.limits import check_dense
 from ..format.manifest import new_manifest
 from ..threads import one_thread
+from .explicit import require_explicit
 from .extract import choose_rank, truncated_svd
 
 STRATEGIES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -124,11 +125,10 @@ class Term:
         return float(self.entry.get("params", {}).get("scale", 1.0)) * self.tensors[role].float().reshape(-1)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w * scale * B [out, r], A [r, n_in])`` in function layout, fp32: ``w * dW = B @ A``."""
-        a, b = self.tensors["lora_A"].float(), self.tensors["lora_B"].float()
-        r = a.shape[0]
-        s = self.weight * float(self.entry.get("params", {}).get("scale", 1.0))
-        return s * b.reshape(b.shape[0], r), a.reshape(r, -1)
+        """``(w * B' [out, k], A' [k, n_in])`` in function layout, fp32, with ``w * dW = B' @ A'`` (the kind's
+        factors: scale, middle factor and an explicit base part folded in)."""
+        b, a = self.kind.factors(self.entry, self.tensors)
+        return self.weight * b.float(), a.float()
 
 
 def module_seed(seed: int, key: str, index: int) -> int:
@@ -336,8 +336,11 @@ def resolve_weights(n: int, weights: Sequence[float] | None) -> list[float]:
 def merge_adapters(adapters: Sequence[Adapter], *, weights: Sequence[float] | None = None, strategy: str = "linear",
                    rank: int | None = None, energy: float | None = None, density: float | None = None,
                    seed: int = 0, sign: str = "total", dtype: torch.dtype | str | None = None,
-                   force: bool = False) -> Adapter:
+                   force: bool = False, base: Any = None) -> Adapter:
     """One adapter equal to the combination of ``adapters`` by ``strategy`` (see the module docstring).
+
+    An input with a derived lowrank base part (spec 6.2.1) is made explicit on ``base`` (a live model or a
+    checkpoint) first; without ``base`` it is refused.
 
     ``weights`` default to 1 each (the sum: what applying every input does). ``dtype`` (torch dtype or
     ``"F32"``/``"BF16"``...) sets the stored dtype; by default each module keeps its inputs' widest.
@@ -351,6 +354,7 @@ def merge_adapters(adapters: Sequence[Adapter], *, weights: Sequence[float] | No
             raise FormatError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
         dtype = DTYPES[dtype]
     opts = MergeOptions(strategy, rank, energy, density, seed, sign, dtype)
+    adapters = [require_explicit(a, base, "merge") for a in adapters]
     w = resolve_weights(len(adapters), weights)
     base = check_bases(adapters, force=force)
     terms = collect_terms(adapters, w)

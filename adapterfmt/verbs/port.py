@@ -16,6 +16,8 @@ Steps, in :func:`plan_port` then :func:`port_adapter`:
      is kept as stored (reported as ``kept-magnitude``).
    - ``dense`` mode ``replace`` (absolute weights): ``value' = W_new + (value - W_old)``; needs ``old_base``.
    - a plugin kind defining ``port_tensors(entry, tensors, old_weight, new_weight) -> tensors``: its rule.
+   - ``lowrank`` with a derived base part (spec 6.2.1): the recipe is kept, so readers recompute the part
+     on the new base; the port checks it is well defined there (spectral gap, pivots).
    - every other kind stores a base-independent change (lowrank, dense ``add`` — PortLLM's
      ``finetuned - base`` patch —, sparse, vector, prompt) and is kept as is.
 5. Record the new base (name, fingerprint) and a ``provenance`` entry describing the port.
@@ -38,6 +40,7 @@ from torch import nn
 
 from ..deltas import function_shape
 from ..deltas.base import shape_fits
+from ..deltas.base_part import derived_tensors, is_derived
 from ..errors import BaseMismatchError, FormatError, UnsupportedError, first_few
 from ..format.adapter import Adapter
 from ..format.fingerprint import compare, fingerprint_checkpoint, fingerprint_module, read_checkpoint_headers
@@ -218,6 +221,12 @@ def recompute(entry: Mapping[str, Any], tensors: dict[str, torch.Tensor], old_w:
     kind = get_kind(entry["kind"])
     if hasattr(kind, "port_tensors"):
         return kind.port_tensors(entry, tensors, old_w, new_w), "recomputed"
+    if entry["kind"] == "lowrank" and is_derived(entry):
+        # the recipe is kept and recomputed from the new base by its readers; check it is well defined there
+        f = _function_weight(entry, new_w)
+        derived_tensors(entry, f.reshape(f.shape[0], -1), dtype=torch.float64)
+        if "magnitude" not in tensors:
+            return tensors, "recomputed"
     if entry["kind"] == "lowrank" and "magnitude" in tensors:
         if old_w is None:
             return tensors, "kept-magnitude"
@@ -237,7 +246,7 @@ def recompute(entry: Mapping[str, Any], tensors: dict[str, torch.Tensor], old_w:
 
 def _needs_recompute(entry: Mapping[str, Any], roles: list[str]) -> bool:
     kind = get_kind(entry["kind"])
-    return (hasattr(kind, "port_tensors") or (entry["kind"] == "lowrank" and "magnitude" in roles)
+    return (hasattr(kind, "port_tensors") or (entry["kind"] == "lowrank" and ("magnitude" in roles or is_derived(entry)))
             or (entry["kind"] == "dense" and entry.get("params", {}).get("mode") == "replace"))
 
 

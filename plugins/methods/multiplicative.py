@@ -29,6 +29,7 @@ adapter after adapter. Merged, the module's old weight is kept, so unmerge resto
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -119,6 +120,12 @@ def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
     return torch.stack(qs, dim=1)
 
 
+def _digest(p: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (no copy for a contiguous CPU tensor)."""
+    data = p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
 # ----- the kinds ----------------------------------------------------------------------------------------
 class MultiplicativeKind(af.DeltaKind):
     """A kind that multiplies a 2-D weight by ``G`` (see the module docstring); subclasses build ``G``."""
@@ -190,19 +197,19 @@ class MultiplicativeKind(af.DeltaKind):
         return new * t["output_scale"].to(w_f.dtype)[:, None] if "output_scale" in t else new
 
     def merge(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> Any:
-        """Returns the old weight and the weight's version after the merge, for :meth:`unmerge`."""
+        """Returns the old weight and a digest of the merged one, for :meth:`unmerge`."""
         p = getattr(module, entry.get("parameter", "weight"))
         old = p.detach().clone()
         w_f = p.t() if self.transposed(entry) else p
         new = self.merged_function_weight(entry, t, w_f.detach())
         with torch.no_grad():
             p.copy_((new.t() if self.transposed(entry) else new).to(p.dtype))
-        return old, p._version
+        return old, _digest(p)
 
     def unmerge(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor], state: Any) -> None:
         p = getattr(module, entry.get("parameter", "weight"))
-        old, version = state
-        if p._version != version:
+        old, digest = state
+        if _digest(p) != digest:
             raise af.AdapterError(f"the weight of a module merged with a {self.name} entry was changed after the "
                                   "merge; unmerge the adapters merged after it first (last merged, first unmerged)")
         with torch.no_grad():

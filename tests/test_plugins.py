@@ -1,12 +1,11 @@
 """The plugin system with real installed distributions: tests/thirdparty_plugin (a method, a delta kind, a verb
-override, a foreign format, an understood extension) and tests/broken_plugin (a misspelled hook, an import
-failure, a hook that raises), installed by pip. Broken plugins are reported and skipped; blocking works."""
+override, a foreign format, an understood extension, a CLI command) and tests/broken_plugin (a misspelled hook,
+an import failure, a hook that raises), installed by pip. Broken plugins are reported and skipped; blocking works."""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.metadata as md
 import json
 import os
 import shutil
@@ -21,28 +20,22 @@ from helpers_spec import EXAMPLES, ROOT, example_paths, invoke, run_adapter
 from torch import nn
 
 import adapterfmt as af
+from adapterfmt.authoring.conformance import check_method
 from adapterfmt.plugin import registry
 
 pytestmark = pytest.mark.filterwarnings("ignore:adapterfmt plugin:UserWarning")  # the broken ones, on purpose
 
 EXAMPLE_DIST = "adapterfmt-example-plugin"
 EXAMPLE_HOOKS = {"adapterfmt_delta_kinds", "adapterfmt_methods", "adapterfmt_verb", "adapterfmt_formats",
-                 "adapterfmt_extensions"}
-
-
-def _installed(dist: str) -> bool:
-    try:
-        md.distribution(dist)
-        return True
-    except md.PackageNotFoundError:
-        return False
+                 "adapterfmt_extensions", "adapterfmt_cli"}
 
 
 @pytest.fixture(scope="session")
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder that pip installed tests/broken_plugin into (and tests/thirdparty_plugin, when the environment
-    does not have it already, as `.ci/run` and the README install it). Shared by xdist workers, built once."""
-    dists = ["broken_plugin"] + ([] if _installed(EXAMPLE_DIST) else ["thirdparty_plugin"])
+    """A folder that pip installed tests/broken_plugin and tests/thirdparty_plugin into, for this test session
+    only (first on the path, so it shadows an older copy installed in the environment). Shared by xdist
+    workers, built once."""
+    dists = ["broken_plugin", "thirdparty_plugin"]
     digest = hashlib.sha256(repr(dists).encode())
     for d in dists:  # the install is reused only while the plugins' sources are unchanged
         for f in sorted((ROOT / "tests" / d).rglob("*")):
@@ -194,6 +187,25 @@ def test_an_understood_extension_makes_must_understand_pass(plugins, tmp_path):
     path = af.save(adapter, tmp_path / "noted.safetensors")
     assert "example.note" in registry.understood_extensions()
     assert af.validate(path).manifest["must_understand"] == ["example.note"]
+
+
+def test_the_plugin_command_is_in_the_cli(plugins, tmp_path):
+    """Plugin commands come from the entry-point plugins, loaded without the built-ins for `adapter --help`."""
+    _, adapter, _ = kron_model_and_adapter(note="made by the example plugin")
+    path = af.save(adapter, tmp_path / "noted.safetensors")
+    r = run_adapter("--help", env=plugins)
+    assert r.returncode == 0 and "example-note" in r.stdout, r.stdout
+    r = run_adapter("example-note", str(path), env=plugins)
+    assert r.returncode == 0 and r.stdout.strip() == "made by the example plugin", r.stderr
+
+
+def test_the_plugin_method_passes_the_conformance_kit(plugins):
+    """The kit on example_kron, also where the example plugin is not installed (as in CI)."""
+    from test_conformance import EXPECTED_SKIPS, FACTORIES
+
+    report = check_method("example_kron", FACTORIES["example_kron"])
+    assert report.by_status("fail") == {}, json.dumps(report.to_dict(), indent=1)
+    assert set(report.by_status("skip")) == EXPECTED_SKIPS["example_kron"]
 
 
 # ----- blocking ------------------------------------------------------------------------------------------------

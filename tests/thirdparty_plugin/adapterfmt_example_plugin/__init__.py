@@ -8,7 +8,8 @@ It adds, without touching adapterfmt's core:
 - a verb override: ``merge`` of ``example_kron`` (a sum of Kronecker products is not one, so the merged
   result is a dense task vector);
 - a foreign format ``example_json`` for ``adapter convert`` (manifest and tensors in one JSON file);
-- an understood manifest extension ``example.note``, so adapters may list it in ``must_understand``.
+- an understood manifest extension ``example.note``, so adapters may list it in ``must_understand``;
+- a CLI command ``adapter example-note ADAPTER`` that prints that note.
 """
 
 from __future__ import annotations
@@ -140,6 +141,16 @@ def adapterfmt_formats() -> list[Any]:
 @af.hookimpl
 def adapterfmt_extensions() -> list[str]:
     return [EXTENSION]
+
+
+@af.hookimpl
+def adapterfmt_cli(app: Any) -> None:
+    @app.command("example-note")
+    def example_note(path: str) -> None:
+        """Print the adapter's example.note (nothing when it has none)."""
+        note = af.load(path).manifest.get("extensions", {}).get(EXTENSION, {}).get("text")
+        if note is not None:
+            print(note)
 
 
 __all__ = ["Kron", "KronMethod", "JsonFormat", "make_adapter", "merge_kron", "EXTENSION"]

@@ -14,7 +14,7 @@ from helpers_spec import invoke
 
 import adapterfmt as af
 from adapterfmt.authoring import conformance
-from adapterfmt.authoring.conformance import CHECKS, Example, check_method, conformance_cases
+from adapterfmt.authoring.conformance import CHECKS, Example, build_example, check_method, conformance_cases
 from adapterfmt.deltas.dense import Dense
 from adapterfmt.plugin import registry
 from adapterfmt.tiny import TinyConfig, build_tiny
@@ -24,7 +24,7 @@ NO_WEIGHT_MERGE = {"merge_equals_unmerged", "unmerge_restores"}
 PREFIX = {"per_row_ids", "merge_verb", *NO_WEIGHT_MERGE}  # prompts: no weights to merge, longer outputs
 EXPECTED_SKIPS: dict[str, set[str]] = {
     "lora": set(), "loha": set(), "lokr": set(), "vera": set(), "sparse_ft": set(), "structured_ft": set(),
-    "spiel": set(), "s2ft": set(), "hft": set(),
+    "spiel": set(), "s2ft": set(), "hft": set(), "lt_sft": set(),
     "dora": {"merge_verb"},  # the magnitude makes DoRA not W + dW
     "ia3": {"merge_verb"},  # a scaling is not W + dW
     "oft": {"merge_verb"}, "boft": {"merge_verb"}, "hra": {"merge_verb"},  # W G^T is not W + dW
@@ -33,11 +33,14 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
     "trainable_tokens": {"merge_verb", *NO_TRAIN},  # rows are replaced, not added
     "prompt_tuning": PREFIX, "dept": PREFIX,
     "example_kron": NO_TRAIN,  # tests/thirdparty_plugin, when installed
+    "shira": set(), "fourierft": set(), "randlora": set(), "c3a": set(), "miss": set(),
+    "ln_tuning": {"merge_verb"},  # a dense replacement is not W + dW
+    "vblora": NO_TRAIN,  # its shared vector bank trains with the logits: made by convert
 }
 """Per built-in method: the checks that are skipped. Every other check must pass."""
 REASONS = {
     "train": r"has no train verb", "train_extract": r"has no train verb",
-    "merge_verb": r"not W \+ dW.*\((lowrank|vector|rows|prompt|dept|cayley|butterfly|householder)\)",
+    "merge_verb": r"not W \+ dW.*\((lowrank|vector|rows|prompt|dept|dense|cayley|butterfly|householder)\)",
     "merge_equals_unmerged": r"not mergeable into weights: .*(prompt|DePT|cannot be merged|without a bias)",
     "unmerge_restores": r"not mergeable into weights",
     "per_row_ids": r"changes the output's shape \(\[3, 5, 32\] -> \[3, \d+, 32\]\)",
@@ -63,7 +66,23 @@ def kron_example() -> Example:
     return Example(_tiny(), make_adapter(factors, scale=0.5), _ids())
 
 
-FACTORIES = {"example_kron": kron_example}
+def vblora_example() -> Example:
+    """A random VB-LoRA adapter (kind vector_bank, the method has no train verb) on two projections."""
+    model, gen = _tiny(), torch.Generator().manual_seed(0)
+    modules, tensors = {}, {"bank": 0.3 * torch.randn(6, 8, generator=gen)}
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
+        modules[path] = af.module_entry("vector_bank", model.get_submodule(path),
+                                        {"topk": 2, "shared": {"vector_bank": "bank"}})
+        out, n_in = af.function_shape(modules[path])
+        tensors[f"{path}.logits_A"] = torch.randn(2, n_in // 8, 6, generator=gen)
+        tensors[f"{path}.logits_B"] = torch.randn(out // 8, 2, 6, generator=gen)
+    config = {"r": 2, "num_vectors": 6, "vector_length": 8, "topk": 2}
+    return Example(model, af.Adapter(af.new_manifest("vblora", modules, config=config), tensors), _ids())
+
+
+FACTORIES = {"example_kron": kron_example, "vblora": vblora_example,
+             # SHiRA's r (PEFT's default 32) asks r * (out + in) weights, more than the tiny model's layers hold
+             "shira": lambda: build_example("shira", train_config={"target_modules": ["q_proj", "v_proj"], "r": 2})}
 
 
 @pytest.mark.parametrize("method", sorted(registry.methods()))

@@ -41,6 +41,8 @@ BUILTIN_PLUGINS = {
     "torchtune_format": "adapterfmt.plugins.formats.torchtune",
     "diffusers_format": "adapterfmt.plugins.formats.diffusers",
     "token_rows": "adapterfmt.plugins.methods.token_rows",
+    "svd_lora": "adapterfmt.plugins.methods.svd_lora",
+    "structured": "adapterfmt.plugins.methods.structured",
 }
 """Built-in plugins: the name ``adapter plugins`` shows and ``ADAPTERFMT_BLOCK_PLUGINS`` takes -> module.
 They are loaded by module name, like entry points, so this layer imports none of them."""

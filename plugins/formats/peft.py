@@ -101,6 +101,20 @@ MULTIPLICATIVE_KEYS = {"OFT": (".oft_R.weight", ".oft_embedding_R.weight"), "BOF
 """Tensor-name suffixes of PEFT's multiplicative types (kinds of the ``multiplicative`` plugin)."""
 MULTIPLICATIVE_KINDS = {"OFT": "cayley", "BOFT": "butterfly", "HRA": "householder"}
 
+SHIRA_FIELDS = frozenset({"r", "mask_type", "random_seed", "fan_in_fan_out", "modules_to_save"})
+FOURIERFT_FIELDS = frozenset({"n_frequency", "scaling", "random_loc_seed", "fan_in_fan_out", "n_frequency_pattern",
+                              "bias", "modules_to_save"})
+VBLORA_FIELDS = frozenset({"r", "num_vectors", "vector_length", "topk", "save_only_topk_weights", "vblora_dropout",
+                           "fan_in_fan_out", "bias", "modules_to_save", "init_vector_bank_bound", "init_logits_std"})
+RANDLORA_FIELDS = frozenset({"r", "projection_prng_key", "save_projection", "sparse", "very_sparse", "randlora_dropout",
+                             "fan_in_fan_out", "randlora_alpha", "bias", "modules_to_save"})
+C3A_FIELDS = frozenset({"block_size", "block_size_pattern", "bias", "modules_to_save"})
+MISS_FIELDS = {"MISS": frozenset({"r", "miss_dropout", "mini_r", "bias", "modules_to_save"}),
+               "BONE": frozenset({"r", "bone_dropout", "bias", "modules_to_save"})}
+"""Config fields read by the structured additive types (``init_weights`` only sets the initial values, except
+MiSS / Bone's ``"bat"`` / ``"mini"``, read by :meth:`_Reader.miss`; ``mask_type``, ``random_seed``,
+``sparse``, ``very_sparse`` and the init bounds choose values that are in the file)."""
+
 
 # ----- PEFT's name rules ---------------------------------------------------------------------------------
 def peft_matches(spec: str | list[str] | None, path: str) -> bool:
@@ -110,6 +124,14 @@ def peft_matches(spec: str | list[str] | None, path: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
     return any(path == s or path.endswith("." + s) for s in spec)
+
+
+def dotted_pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any) -> Any:
+    """FourierFT's ``n_frequency_pattern`` / C3A's ``block_size_pattern`` rule: the first key (a regex) matching
+    ``.*\\.<key>$``, else the key equal to the whole path, else ``default``."""
+    patterns = patterns or {}
+    key = next((k for k in patterns if re.match(rf".*\.{k}$", path)), path)
+    return patterns.get(key, default)
 
 
 def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any) -> Any:
@@ -157,6 +179,12 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "num_virtual_tokens": {"type": "integer", "minimum": 1},
         "num_transformer_submodules": {"type": ["integer", "null"]},
         "decompose_factor": {"type": "integer"},
+        **dict.fromkeys(("n_frequency", "topk", "num_vectors", "vector_length", "block_size", "mini_r"),
+                        {"type": "integer", "minimum": 1}),
+        **dict.fromkeys(("random_loc_seed", "projection_prng_key"), {"type": "integer"}),
+        "random_seed": {"type": ["integer", "null"]},
+        **dict.fromkeys(("scaling", "randlora_alpha"), {"type": "number"}),
+        **dict.fromkeys(("n_frequency_pattern", "block_size_pattern"), _patterns_of({"type": "integer", "minimum": 1})),
     },
 }
 """JSON Schema of the PEFT config fields this codec reads: a value of the wrong type is one error naming it."""
@@ -512,6 +540,11 @@ class _Reader:
                 parts.setdefault(module, {})[role] = t
             else:
                 extra[key] = t
+        for module in parts:  # the base weight PEFT saves beside a targeted embedding or head (save_embedding_layers)
+            key = f"{module}.base_layer.weight"
+            if key in extra and not self.same_as_base(module, PREFIX + key, extra.pop(key)):
+                raise af.UnsupportedError(f"{PREFIX}{key} replaces the base weight of a module the adapter also "
+                                          "changes; this cannot be represented", path=self.path)
         self.aux(extra)
         return parts
 
@@ -616,8 +649,9 @@ class _Reader:
         blocks, scale = p.get(".boft_R"), p.get(".boft_s")
         if blocks is None or scale is None or blocks.dim() != 4:
             raise af.FormatError(f"module {module!r} needs boft_R [N, D, H, H] and boft_s", path=self.path)
-        shape = self.base_shape(module, "BOFT") if self.shapes is not None else \
-            [scale.shape[0], blocks.shape[1] * blocks.shape[2]]  # without the base: a Linear's shape
+        shape = [scale.shape[0], blocks.shape[1] * blocks.shape[2]]  # a Linear's; the base's where it differs
+        if self.shapes is not None and f"{module}.weight" in self.shapes:
+            shape = self.base_shape(module, "BOFT")
         return ({"kind": "butterfly", "shape": shape, "params": {"side": "input"}},
                 {"blocks": blocks, "output_scale": scale.reshape(-1)})
 
@@ -628,6 +662,198 @@ class _Reader:
                                  "columns", path=self.path)
         params = {"side": "input", "orthogonalize": bool(self.cfg.get("apply_GS"))}
         return {"kind": "householder", "shape": self.base_shape(module, "HRA"), "params": params}, {"vectors": u}
+
+    # ----- SHiRA / LN tuning / FourierFT / VB-LoRA / RandLoRA / C3A / MiSS (Bone) --------------------------------
+    def no_bias(self) -> None:
+        if self.cfg.get("bias", "none") != "none":
+            raise af.UnsupportedError(f"{self.cfg['peft_type']} with bias={self.cfg['bias']!r} (trained base biases) "
+                                      "cannot be represented", path=self.path)
+
+    def roles_of(self, module: str, t: Mapping[str, torch.Tensor], roles: tuple[str, ...]) -> list[torch.Tensor]:
+        missing = [r for r in roles if r not in t]
+        if missing:
+            raise af.FormatError(f"module {module!r} lacks {', '.join(missing)}", path=self.path)
+        return [t[r] for r in roles]
+
+    def checked_shape(self, module: str, shape: list[int], what: str) -> list[int]:
+        """A shape the tensors give, checked against the base's when the base is known."""
+        if self.shapes is not None and self.base_shape(module, what) != shape:
+            raise af.BaseMismatchError(f"{what} tensors of {module!r} fit a weight of shape {shape}, the base's is "
+                                       f"{self.base_shape(module, what)}", path=self.path)
+        return shape
+
+    def shira(self) -> dict[str, Any]:
+        """SHiRA -> ``sparse``: (row, column) pairs of an ``nn.Linear`` weight (the only type PEFT adapts)
+        sorted into flat row-major indices; PEFT's scaling is 1 (it is not saved)."""
+        cfg = self.cfg
+        _check_fields(cfg, SHIRA_FIELDS, self.path)
+        r = int(cfg.get("r", 32))
+        for module, t in sorted(self.by_module(("shira_weight", "shira_indices")).items()):
+            self.targeted(module)
+            values, pairs = self.roles_of(module, t, ("shira_weight", "shira_indices"))
+            out, n_in = shape = self.base_shape(module, "SHiRA")
+            if pairs.dim() != 2 or pairs.shape[0] != 2 or tuple(values.shape) != (pairs.shape[1],):
+                raise af.FormatError(f"module {module!r}: shira_indices {list(pairs.shape)} and shira_weight "
+                                     f"{list(values.shape)} must be [2, k] and [k]", path=self.path)
+            if values.numel() != r * (out + n_in):
+                raise af.FormatError(f"module {module!r}: {values.numel()} SHiRA values, r={r} gives "
+                                     f"{r * (out + n_in)}", path=self.path)
+            rows, cols = pairs.to(torch.int64)
+            if bool(((rows < 0) | (rows >= out) | (cols < 0) | (cols >= n_in)).any()):
+                raise af.FormatError(f"module {module!r}: shira_indices outside [{out}, {n_in}]", path=self.path)
+            flat, order = (rows * n_in + cols).sort()
+            if bool((flat[1:] == flat[:-1]).any()):
+                raise af.UnsupportedError(f"module {module!r}: shira_indices repeat a position", path=self.path)
+            self.add(module, {"kind": "sparse", "shape": shape, "params": {"scale": 1.0}},
+                     {"indices": flat, "values": values[order]})
+        return {"r": r, **({"random_seed": cfg["random_seed"]} if cfg.get("random_seed") is not None else {})}
+
+    def ln_tuning(self) -> dict[str, Any]:
+        """LN tuning -> ``dense`` replace: PEFT saves the trained copy of each targeted layer whole."""
+        _check_fields(self.cfg, frozenset({"modules_to_save"}), self.path)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        extra = {}
+        for key, t in self.raw.items():
+            module, sep, pname = key.partition(".ln_tuning_layers.")
+            if sep:
+                parts.setdefault(module, {})[pname] = t
+            else:
+                extra[key] = t
+        self.aux(extra)
+        for module, ps in sorted(parts.items()):
+            self.targeted(module)
+            if "weight" not in ps or set(ps) - {"weight", "bias"}:
+                raise af.UnsupportedError(f"LN tuning of {module!r} stores {sorted(ps)}: only a layer's weight and bias "
+                                          "can be represented", path=self.path)
+            roles = {"value": ps["weight"], **({"bias_value": ps["bias"]} if "bias" in ps else {})}
+            shape = self.checked_shape(module, list(ps["weight"].shape), "LN tuning")
+            self.add(module, {"kind": "dense", "shape": shape, "params": {"mode": "replace"}}, roles)
+        return {}
+
+    def fourierft(self) -> dict[str, Any]:
+        """FourierFT -> ``fourier``: the frequencies PEFT draws from ``random_loc_seed`` are stored with the
+        spectrum; ``scale`` = ``scaling``; ``fan_in_fan_out`` (GPT-2 ``Conv1D``) -> ``transposed``."""
+        cfg = self.cfg
+        _check_fields(cfg, FOURIERFT_FIELDS, self.path)
+        self.no_bias()
+        seed, n0, scaling = int(cfg.get("random_loc_seed", 777)), int(cfg.get("n_frequency", 1000)), \
+            float(cfg.get("scaling", 150.0))
+        method = af.registry.get_method("fourierft")
+        for module, t in sorted(self.by_module(("fourierft_spectrum",)).items()):
+            self.targeted(module)
+            spectrum = t["fourierft_spectrum"]
+            n = int(dotted_pattern_value(cfg.get("n_frequency_pattern"), module, n0))
+            if tuple(spectrum.shape) != (n,):
+                raise af.FormatError(f"module {module!r}: fourierft_spectrum {list(spectrum.shape)}, the config says "
+                                     f"n_frequency {n}", path=self.path)
+            shape = self.base_shape(module, "FourierFT")
+            transposed = bool(cfg.get("fan_in_fan_out")) and len(shape) == 2
+            out, n_in = shape[::-1] if transposed else shape
+            params = {"scale": scaling, **({"transposed": True} if transposed else {})}
+            self.add(module, {"kind": "fourier", "shape": shape, "params": params},
+                     {"spectrum": spectrum, "indices": method.frequencies(out, n_in, n, seed)})
+        return {"n_frequency": n0, "scaling": scaling, "random_loc_seed": seed}
+
+    def vblora(self) -> dict[str, Any]:
+        """VB-LoRA -> ``vector_bank`` with the bank stored once; shapes from the logits."""
+        cfg = self.cfg
+        _check_fields(cfg, VBLORA_FIELDS, self.path)
+        self.no_bias()
+        if cfg.get("save_only_topk_weights"):
+            raise af.UnsupportedError("VB-LoRA save_only_topk_weights=true (top-k indices and k-1 weights instead "
+                                      "of logits) cannot be represented", path=self.path)
+        bank = self.raw.pop("base_model.vblora_vector_bank", None)
+        if bank is None:
+            raise af.FormatError("VB-LoRA file lacks base_model.vblora_vector_bank", path=self.path)
+        self.raw = _strip(self.raw, self.path)
+        r, topk, length = int(cfg.get("r", 4)), int(cfg.get("topk", 2)), bank.shape[-1]
+        for module, t in sorted(self.by_module(("vblora_logits_A", "vblora_logits_B")).items()):
+            self.targeted(module)
+            la, lb = self.roles_of(module, t, ("vblora_logits_A", "vblora_logits_B"))
+            if la.dim() != 3 or lb.dim() != 3 or la.shape[0] != r:
+                raise af.FormatError(f"module {module!r}: vblora_logits_A {list(la.shape)} / _B {list(lb.shape)} are "
+                                     f"not [r={r}, in/L, N] / [out/L, r, N]", path=self.path)
+            shape = [lb.shape[0] * length, la.shape[1] * length]
+            params: dict[str, Any] = {"topk": topk, "shared": {"vector_bank": "vector_bank"}}
+            if cfg.get("fan_in_fan_out"):
+                shape, params["transposed"] = shape[::-1], True
+            self.add(module, {"kind": "vector_bank", "shape": self.checked_shape(module, shape, "VB-LoRA"),
+                              "params": params}, {"logits_A": la, "logits_B": lb})
+        self.tensors["vector_bank"] = bank
+        return {"r": r, "num_vectors": bank.shape[0], "vector_length": length, "topk": topk}
+
+    def randlora(self) -> dict[str, Any]:
+        """RandLoRA -> ``randlora`` with the bases stored once (PEFT also saves a copy under every module,
+        which must equal them); ``scale`` = ``randlora_alpha / r``."""
+        cfg = self.cfg
+        _check_fields(cfg, RANDLORA_FIELDS, self.path)
+        self.no_bias()
+        if cfg.get("save_projection") is False:
+            raise af.UnsupportedError("RandLoRA with save_projection=false (bases regenerated by PEFT's initialiser "
+                                      "at load) cannot be represented: the bases must be in the file", path=self.path)
+        shared = {"basis_A": self.raw.pop("base_model.randlora_A", None),
+                  "basis_B": self.raw.pop("base_model.randlora_B", None)}
+        if any(v is None for v in shared.values()):
+            raise af.FormatError("RandLoRA file lacks base_model.randlora_A / base_model.randlora_B", path=self.path)
+        self.raw = _strip(self.raw, self.path)
+        r, alpha = int(cfg.get("r", 32)), cfg.get("randlora_alpha", 640)
+        roles = ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B")
+        for module, t in sorted(self.by_module(roles).items()):
+            self.targeted(module)
+            for role, name in (("randlora_A", "basis_A"), ("randlora_B", "basis_B")):
+                if role in t and not torch.equal(t[role], shared[name]):
+                    raise af.UnsupportedError(f"{PREFIX}{module}.{role} differs from base_model.{role} (PEFT shares "
+                                              "one pair of bases)", path=self.path)
+            lam, gam = self.roles_of(module, t, roles[:2])
+            if lam.dim() != 2 or lam.shape[0] != r:
+                raise af.FormatError(f"module {module!r}: randlora_lambda {list(lam.shape)} is not [r={r}, nb]",
+                                     path=self.path)
+            shape = self.base_shape(module, "RandLoRA")
+            params: dict[str, Any] = {"scale": alpha / r, "shared": {"basis_A": "basis_A", "basis_B": "basis_B"}}
+            if cfg.get("fan_in_fan_out") and len(shape) == 2:
+                params["transposed"] = True
+            self.add(module, {"kind": "randlora", "shape": shape, "params": params}, {"lambda": lam, "gamma": gam})
+        self.tensors.update(shared)
+        return {"r": r, "randlora_alpha": alpha, "projection_prng_key": int(cfg.get("projection_prng_key", 0))}
+
+    def c3a(self) -> dict[str, Any]:
+        """C3A -> ``circulant``, ``scale = 1 / in_features`` (PEFT's normalisation); shapes from the kernels."""
+        cfg = self.cfg
+        _check_fields(cfg, C3A_FIELDS, self.path)
+        self.no_bias()
+        b0 = int(cfg.get("block_size", 256))
+        for module, t in sorted(self.by_module(("c3a_kernel",)).items()):
+            self.targeted(module)
+            k = t["c3a_kernel"]
+            b = int(dotted_pattern_value(cfg.get("block_size_pattern"), module, b0))
+            if k.dim() != 3 or k.shape[2] != b:
+                raise af.FormatError(f"module {module!r}: c3a_kernel {list(k.shape)} is not [out/b, in/b, b={b}]",
+                                     path=self.path)
+            shape = self.checked_shape(module, [k.shape[0] * b, k.shape[1] * b], "C3A")
+            self.add(module, {"kind": "circulant", "shape": shape, "params": {"scale": 1 / shape[1]}}, {"kernel": k})
+        return {"block_size": b0}
+
+    def miss(self, ptype: str) -> dict[str, Any]:
+        """MiSS (and Bone, its former name, read the same way) -> ``block_share``: ``init_weights`` "bat" ->
+        mode ``bat``, else mode ``tile`` (block ``[r, out]``, or ``[r, mini_r]`` for "mini")."""
+        cfg = self.cfg
+        _check_fields(cfg, MISS_FIELDS[ptype], self.path)
+        self.no_bias()
+        init = cfg.get("init_weights", True)
+        variant = "bat" if init == "bat" else "mini" if init == "mini" and ptype == "MISS" else "miss"
+        r, mini_r = int(cfg.get("r", 64)), int(cfg.get("mini_r", 1))
+        role = "bone_block" if ptype == "BONE" else "miss_block"
+        for module, t in sorted(self.by_module((role,)).items()):
+            self.targeted(module)
+            block = t[role]
+            out, n_in = shape = self.base_shape(module, ptype)
+            want = {"miss": (r, out), "mini": (r, mini_r), "bat": (out // r, r, r)}[variant]
+            if tuple(block.shape) != want:
+                raise af.FormatError(f"module {module!r}: {role} {list(block.shape)} is not {list(want)} "
+                                     f"(init_weights={init!r})", path=self.path)
+            mode = "bat" if variant == "bat" else "tile"
+            self.add(module, {"kind": "block_share", "shape": shape, "params": {"mode": mode}}, {"block": block})
+        return {"r": r, "variant": variant, **({"mini_r": mini_r} if variant == "mini" else {})}
 
     # ----- prompt tuning -------------------------------------------------------------------------------------
     def prompt(self) -> dict[str, Any]:
@@ -650,6 +876,11 @@ READERS = {"LORA": ("lora", lambda r: r.lora(False)), "ADALORA": ("lora", lambda
            "VERA": ("vera", _Reader.vera), "OFT": ("oft", lambda r: r.multiplicative("OFT")),
            "BOFT": ("boft", lambda r: r.multiplicative("BOFT")), "HRA": ("hra", lambda r: r.multiplicative("HRA"))}
 
+READERS.update({"SHIRA": ("shira", _Reader.shira), "LN_TUNING": ("ln_tuning", _Reader.ln_tuning),
+                "FOURIERFT": ("fourierft", _Reader.fourierft), "VBLORA": ("vblora", _Reader.vblora),
+                "RANDLORA": ("randlora", _Reader.randlora), "C3A": ("c3a", _Reader.c3a),
+                "MISS": ("miss", lambda r: r.miss("MISS")), "BONE": ("miss", lambda r: r.miss("BONE"))})
+
 
 def _modules_digest(modules: Mapping[str, Mapping[str, Any]]) -> str:
     """Digest of the module set and kinds: writing back reuses the source's target rules only if it is unchanged."""
@@ -666,7 +897,7 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False)
     if ptype not in READERS:
         raise af.UnsupportedError(f"PEFT type {ptype!r} is not supported (supported: {', '.join(READERS)})", path=path)
     raw = _load_tensors(path, allow_pickle)
-    reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "VERA") else _strip(raw, path), base)
+    reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "VERA", "VBLORA", "RANDLORA") else _strip(raw, path), base)
     method, fn = READERS[ptype]
     method_cfg = fn(reader)
     fingerprint = af.base_fingerprint(base)
@@ -957,6 +1188,165 @@ class _Writer:
         self.cfg["target_modules"] = self.targets(mods)
         self.aux()
 
+    # ----- SHiRA / LN tuning / FourierFT / VB-LoRA / RandLoRA / C3A / MiSS ----------------------------------------
+    def structured(self, ptype: str, kind: str) -> list[tuple[str, dict[str, Any], dict[str, torch.Tensor]]]:
+        """The common part: refuse other kinds, the config's common fields, targets, ``modules_to_save``;
+        returns ``(module, entry, tensors)`` of the ``kind`` modules."""
+        self.refuse({kind, "to_save"}, ptype)
+        self.common(ptype)
+        mods = self.by_kind.get(kind, [])
+        self.cfg["target_modules"] = self.targets(mods)
+        self.aux()
+        return [(m, self.adapter.modules[m], self.adapter.module_tensors(m)) for m in mods]
+
+    def one(self, ptype: str, what: str, values: Any) -> Any:
+        """The single value PEFT's config holds for all modules, or an error naming the field."""
+        found = sorted(set(values), key=repr)
+        if len(found) > 1:
+            raise af.UnsupportedError(f"PEFT {ptype} has one {what} for all modules; this adapter has {found[:5]}")
+        return found[0] if found else None
+
+    def linear_only(self, ptype: str, items: list[tuple[str, dict[str, Any], Any]]) -> None:
+        bad = [m for m, e, _ in items if e.get("params", {}).get("transposed") or len(e["shape"]) != 2]
+        if bad:
+            raise af.UnsupportedError(f"PEFT {ptype} adapts nn.Linear weights only, not {', '.join(bad[:5])}")
+
+    def shira(self) -> None:
+        items = self.structured("SHIRA", "sparse")
+        self.linear_only("SHiRA", items)
+        ranks = {}
+        for m, e, t in items:
+            (out, n_in), flat = e["shape"], t["indices"]
+            ranks[m] = flat.numel() / (out + n_in)
+            self.tensors[f"{PREFIX}{m}.shira_indices"] = torch.stack([flat // n_in, flat % n_in]).to(torch.int32)
+            scale = float(e.get("params", {}).get("scale", 1.0))
+            self.tensors[f"{PREFIX}{m}.shira_weight"] = t["values"] if scale == 1 else t["values"] * scale
+        r = self.one("SHiRA", "r (each module holds r * (out + in) values)", ranks.values())
+        if r is not None and r != int(r):
+            raise af.UnsupportedError(f"PEFT SHiRA holds r * (out + in) values per module; {next(iter(ranks))!r} "
+                                      f"holds {r:g} times (out + in)")
+        self.cfg.update({"r": int(r or 32), "mask_type": "random", "random_seed": self.src.get("random_seed"),
+                         "fan_in_fan_out": False, "init_weights": self.src.get("init_weights", True)})
+
+    def ln_tuning(self) -> None:
+        self.refuse({"to_save"}, "LN tuning")
+        self.common("LN_TUNING")
+        src_save = self.src.get("modules_to_save") if self.same_modules else None
+        ln = [m for m in self.by_kind.get("to_save", []) if not peft_matches(src_save, m)]
+        for m in ln:
+            t = self.adapter.module_tensors(m)
+            self.tensors[f"{PREFIX}{m}.ln_tuning_layers.weight"] = t["value"]
+            if "bias_value" in t:
+                self.tensors[f"{PREFIX}{m}.ln_tuning_layers.bias"] = t["bias_value"]
+        self.by_kind["to_save"] = [m for m in self.by_kind.get("to_save", []) if m not in ln]
+        self.cfg["target_modules"] = self.targets(ln)
+        self.aux()
+
+    def fourierft(self) -> None:
+        items = self.structured("FOURIERFT", "fourier")
+        seed = int(self.src.get("random_loc_seed", self.adapter.config.get("random_loc_seed", 777)))
+        method = af.registry.get_method("fourierft")
+        counts = {}
+        for m, e, t in items:
+            out, n_in = af.function_shape(e)
+            n = counts[m] = t["spectrum"].numel()
+            if not torch.equal(t["indices"], method.frequencies(out, n_in, n, seed)):
+                raise af.UnsupportedError(f"module {m!r}: its frequencies are not the ones PEFT's FourierFT draws "
+                                          f"with random_loc_seed={seed}, so PEFT cannot load them")
+            self.tensors[f"{PREFIX}{m}.fourierft_spectrum"] = t["spectrum"]
+        scaling = self.one("FourierFT", "scaling", (float(e.get("params", {}).get("scale", 1.0)) for _, e, _ in items))
+        n0 = self.src.get("n_frequency") if self.src.get("n_frequency") in counts.values() else \
+            _most_common(counts.values(), 1000)
+        src = self.src.get("n_frequency_pattern")
+        pattern = src if src is not None and self.src.get("n_frequency") == n0 and all(
+            dotted_pattern_value(src, m, n0) == n for m, n in counts.items()) else \
+            {m: n for m, n in sorted(counts.items()) if n != n0}
+        self.cfg.update({"n_frequency": n0, "n_frequency_pattern": pattern, "scaling": scaling or 150.0,
+                         "random_loc_seed": seed, "bias": "none", "init_weights": self.src.get("init_weights", False),
+                         "fan_in_fan_out": bool(self.one("FourierFT", "fan_in_fan_out", (
+                             bool(e.get("params", {}).get("transposed")) for _, e, _ in items)))})
+
+    def vblora(self) -> None:
+        items = self.structured("VBLORA", "vector_bank")
+        bank = self.one("VB-LoRA", "vector bank", (e["params"]["shared"]["vector_bank"] for _, e, _ in items))
+        for m, _, t in items:
+            self.tensors[f"{PREFIX}{m}.vblora_logits_A"] = t["logits_A"]
+            self.tensors[f"{PREFIX}{m}.vblora_logits_B"] = t["logits_B"]
+        if bank is not None:
+            self.tensors["base_model.vblora_vector_bank"] = self.adapter.tensor(bank)
+        n, length = self.adapter.tensor(bank).shape if bank is not None else (256, 256)
+        self.cfg.update({"r": self.one("VB-LoRA", "r", (t["logits_A"].shape[0] for _, _, t in items)) or 4,
+                         "topk": self.one("VB-LoRA", "topk", (e["params"]["topk"] for _, e, _ in items)) or 2,
+                         "num_vectors": n, "vector_length": length, "save_only_topk_weights": False,
+                         "bias": "none", "fan_in_fan_out": bool(self.one("VB-LoRA", "fan_in_fan_out", (
+                             bool(e["params"].get("transposed")) for _, e, _ in items)))})
+
+    def randlora(self) -> None:
+        items = self.structured("RANDLORA", "randlora")
+        names = self.one("RandLoRA", "pair of bases", (tuple(sorted(e["params"]["shared"].items())) for _, e, _ in items))
+        r = self.one("RandLoRA", "r", (t["lambda"].shape[0] for _, _, t in items)) or 32
+        scale = self.one("RandLoRA", "scale", (float(e["params"].get("scale", 1.0)) for _, e, _ in items))
+        shapes = [af.function_shape(e) for _, e, _ in items]
+        for m, e, t in items:
+            nb = -(-min(af.function_shape(e)) // r)
+            if t["lambda"].shape[1] != nb:
+                raise af.UnsupportedError(f"module {m!r}: {t['lambda'].shape[1]} bases, PEFT's RandLoRA uses "
+                                          f"ceil(min(out, in) / r) = {nb}")
+            self.tensors[f"{PREFIX}{m}.randlora_lambda"] = t["lambda"]
+            self.tensors[f"{PREFIX}{m}.randlora_gamma"] = t["gamma"]
+            self.tensors[f"{PREFIX}{m}.randlora_A"], self.tensors[f"{PREFIX}{m}.randlora_B"] = t["basis_A"], t["basis_B"]
+        if names is not None:
+            a, b = (self.adapter.tensor(n) for _, n in names)
+            out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
+            lo, hi = min(out_max, in_max), max(out_max, in_max)
+            want = ((r, 1, lo), (hi, -(-lo // r), r))
+            if (tuple(a.shape), tuple(b.shape)) != want:
+                raise af.UnsupportedError(f"PEFT's RandLoRA bases for these modules are {list(map(list, want))}; this "
+                                          f"adapter's are {[list(a.shape), list(b.shape)]}")
+            self.tensors["base_model.randlora_A"], self.tensors["base_model.randlora_B"] = a, b
+        self.cfg.update({"r": r, "randlora_alpha": (scale or 20.0) * r, "save_projection": True, "bias": "none",
+                         "projection_prng_key": self.src.get("projection_prng_key", 0),
+                         "init_weights": self.src.get("init_weights", True),
+                         "sparse": self.src.get("sparse", False), "very_sparse": self.src.get("very_sparse", False),
+                         "fan_in_fan_out": bool(self.one("RandLoRA", "fan_in_fan_out", (
+                             bool(e["params"].get("transposed")) for _, e, _ in items)))})
+
+    def c3a(self) -> None:
+        items = self.structured("C3A", "circulant")
+        self.linear_only("C3A", items)
+        sizes = {}
+        for m, e, t in items:
+            k, n_in = t["kernel"], e["shape"][1]
+            sizes[m] = k.shape[2]
+            scale = float(e.get("params", {}).get("scale", 1.0))  # PEFT divides by in_features: fold the rest in
+            self.tensors[f"{PREFIX}{m}.c3a_kernel"] = k if scale * n_in == 1 else k * (scale * n_in)
+        b0 = self.src.get("block_size") if self.src.get("block_size") in sizes.values() else \
+            _most_common(sizes.values(), 256)
+        src = self.src.get("block_size_pattern")
+        pattern = src if src is not None and self.src.get("block_size") == b0 and all(
+            dotted_pattern_value(src, m, b0) == b for m, b in sizes.items()) else \
+            {m: b for m, b in sorted(sizes.items()) if b != b0}
+        self.cfg.update({"block_size": b0, "block_size_pattern": pattern, "bias": "none",
+                         "init_weights": self.src.get("init_weights", True)})
+
+    def miss(self) -> None:
+        items = self.structured("MISS", "block_share")
+        self.linear_only("MiSS", items)
+        forms = {}
+        for m, e, t in items:
+            block, (out, n_in) = t["block"], e["shape"]
+            bat = e["params"].get("mode") == "bat"
+            forms[m] = ("bat", block.shape[-1], 1) if bat else \
+                ("miss", block.shape[0], 1) if block.shape[1] == out else ("mini", block.shape[0], block.shape[1])
+            if not bat and block.shape[0] > n_in:
+                raise af.UnsupportedError(f"module {m!r}: PEFT's MiSS needs r <= in_features ({block.shape[0]} > {n_in})")
+            self.tensors[f"{PREFIX}{m}.miss_block"] = block
+        variant, r, mini_r = self.one("MiSS", "init_weights / r / mini_r", forms.values()) or ("miss", 64, 1)
+        init = self.src.get("init_weights") if variant == "miss" and self.src.get("init_weights") in (True, False) \
+            else True if variant == "miss" else variant  # True / False only set the initial values
+        self.cfg.update({"r": r, "mini_r": mini_r, "init_weights": init,
+                         "bias": "none", "miss_dropout": 0.0})
+
     # ----- prompt tuning ---------------------------------------------------------------------------------------
     def prompt(self) -> None:
         self.refuse({"prompt"}, "prompt tuning")
@@ -983,6 +1373,9 @@ WRITERS = {"lora": _Writer.lora, "ia3": _Writer.ia3, "prompt_tuning": _Writer.pr
            "trainable_tokens": _Writer.lora, "adalora": _Writer.lora, "loha": lambda w: w.lycoris("LOHA"),
            "lokr": lambda w: w.lycoris("LOKR"), "vera": _Writer.vera, "oft": lambda w: w.multiplicative("OFT"),
            "boft": lambda w: w.multiplicative("BOFT"), "hra": lambda w: w.multiplicative("HRA")}
+
+WRITERS.update({"shira": _Writer.shira, "ln_tuning": _Writer.ln_tuning, "fourierft": _Writer.fourierft,
+                "vblora": _Writer.vblora, "randlora": _Writer.randlora, "c3a": _Writer.c3a, "miss": _Writer.miss})
 
 
 def write_peft(adapter: af.Adapter, path: str | Path, *, base: Any = None) -> Path:

@@ -1,0 +1,515 @@
+"""Structured additive methods (as PEFT 0.21 computes them) and the delta kinds they need.
+
+Methods, and how each is stored:
+
+- ``shira`` (SHiRA): a sparse high-rank delta, kind ``sparse`` (spec 6.4): PEFT's ``shira_indices``
+  (row, column) pairs become sorted flat indices, ``shira_weight`` the values, ``scale`` 1.
+- ``ln_tuning`` (LN tuning): the trained copy of each targeted layer's parameters, kind ``dense`` mode
+  ``replace`` (``value`` = its weight, ``bias_value`` = its bias).
+- ``fourierft`` (FourierFT): kind ``fourier``, the trained spectral coefficients and the frequencies
+  they sit at (PEFT draws these from ``random_loc_seed``; here they are stored).
+- ``vblora`` (VB-LoRA): kind ``vector_bank``, per-module logits over one shared vector bank.
+- ``randlora`` (RandLoRA): kind ``randlora``, per-module diagonal scalings of shared random bases.
+- ``c3a`` (C3A): kind ``circulant``, blocks of circulant matrices given by their first rows.
+- ``miss`` (MiSS, formerly Bone): kind ``block_share``, one small block tiled over the weight (modes
+  ``tile``) or PEFT's weight-dependent ``bat`` form.
+
+The kinds' math is in the spec (sections 6.10.8 to 6.10.12). All are defined in **function layout**
+(``params.transposed`` marks a target stored ``[in, out]``, as for the weight-delta kinds of 6.10) on a
+2-D weight ``[out, n_in]``. All but ``block_share`` mode ``bat`` are additive.
+
+Training: each method but ``vblora`` has a ``train`` verb (VB-LoRA trains its shared vector bank jointly
+with the logits, which a per-module trainable delta cannot express; its adapters come from ``convert``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import adapterfmt as af
+
+Entry = dict[str, Any]
+Tensors = dict[str, torch.Tensor]
+Shapes = dict[str, tuple[int, ...]]
+
+
+def _fail(module: str, msg: str) -> af.FormatError:
+    return af.FormatError(f"module {module!r}: {msg}")
+
+
+def _matrix(module: str, entry: Entry) -> tuple[int, int]:
+    fshape = af.function_shape(entry)
+    if len(fshape) != 2:
+        raise _fail(module, f"kind {entry['kind']!r} adapts 2-D weights, shape is {list(entry['shape'])}")
+    return fshape[0], fshape[1]
+
+
+def _promoted(t: Tensors) -> Tensors:
+    return {r: v.to(torch.promote_types(v.dtype, torch.float32)) if v.is_floating_point() else v for r, v in t.items()}
+
+
+def _scale(entry: Entry) -> float:
+    return float(entry.get("params", {}).get("scale", 1.0))
+
+
+class FunctionDeltaKind(af.DeltaKind):
+    """An additive kind defined by a function-layout ``dW_f`` (computed in at least fp32)."""
+
+    layout_sensitive = True
+
+    def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        fw = self.function_delta(entry, _promoted(dict(t)))
+        return fw.t() if self.transposed(entry) else fw
+
+    def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dw = self.function_delta(entry, _promoted(dict(t))).to(y.dtype)
+        return y + af.weight_function(module, x, dw)
+
+
+# ----- fourier (FourierFT) --------------------------------------------------------------------------------------
+class Fourier(FunctionDeltaKind):
+    """``dW_f = scale * Re(ifft2(D))``, ``D`` zero but ``D.flat[indices[j]] = spectrum[j]`` (spec 6.10.8)."""
+
+    name = "fourier"
+    required_roles = ("spectrum", "indices")
+
+    def check(self, module: str, entry: Entry, shapes: Shapes) -> None:
+        out, n_in = _matrix(module, entry)
+        s, i = shapes["spectrum"], shapes["indices"]
+        if len(s) != 1 or i != s or s[0] > out * n_in:
+            raise _fail(module, f"spectrum {list(s)} and indices {list(i)} must be 1-D of one length <= {out * n_in}")
+
+    def check_data(self, module: str, entry: Entry, t: Tensors) -> None:
+        idx = t["indices"]
+        out, n_in = af.function_shape(entry)
+        if idx.dtype != torch.int64:
+            raise _fail(module, f"indices must be int64, got {idx.dtype}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= out * n_in):
+            raise _fail(module, f"indices must lie in [0, {out * n_in})")
+        if torch.unique(idx).numel() != idx.numel():
+            raise _fail(module, "indices must not repeat")
+
+    def param_count(self, entry: Entry, shapes: Shapes) -> int:
+        return shapes["spectrum"][0]
+
+    def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        out, n_in = af.function_shape(entry)
+        spectrum = t["spectrum"]
+        dense = torch.zeros(out * n_in, dtype=spectrum.dtype, device=spectrum.device)
+        dense[t["indices"]] = spectrum
+        return _scale(entry) * torch.fft.ifft2(dense.reshape(out, n_in)).real
+
+
+# ----- vector_bank (VB-LoRA) -------------------------------------------------------------------------------------
+def _mix(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
+    """Each logit row's top-k bank vectors, weighted by the softmax of their logits: ``[..., L]``."""
+    top, idx = logits.topk(topk, dim=-1)
+    return (torch.softmax(top, dim=-1).unsqueeze(-1) * bank[idx]).sum(-2)
+
+
+class VectorBank(FunctionDeltaKind):
+    """``A`` and ``B`` assembled from a shared vector bank by top-k logits; ``dW_f = B @ A`` (spec 6.10.9)."""
+
+    name = "vector_bank"
+    required_roles = ("logits_A", "logits_B")
+
+    def check(self, module: str, entry: Entry, shapes: Shapes) -> None:
+        out, n_in = _matrix(module, entry)
+        params = entry.get("params", {})
+        if set(params.get("shared", {})) != {"vector_bank"}:
+            raise _fail(module, "vector_bank needs params.shared naming the vector_bank tensor")
+        bank, la, lb = shapes["vector_bank"], shapes["logits_A"], shapes["logits_B"]
+        if len(bank) != 2:
+            raise _fail(module, f"the shared vector_bank must be 2-D [N, L], is {list(bank)}")
+        n, length = bank
+        topk = params.get("topk")
+        if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= n:
+            raise _fail(module, f"params.topk must be an integer in [1, {n}], got {topk!r}")
+        if out % length or n_in % length:
+            raise _fail(module, f"vector length {length} must divide {out} and {n_in}")
+        r = la[0] if la else 0
+        if la != (r, n_in // length, n) or lb != (out // length, r, n):
+            raise _fail(module, f"logits_A {list(la)} / logits_B {list(lb)} must be [r, {n_in // length}, {n}] / "
+                                f"[{out // length}, r, {n}]")
+
+    def rank(self, entry: Entry, shapes: Shapes) -> int:
+        return shapes["logits_A"][0]
+
+    def param_count(self, entry: Entry, shapes: Shapes) -> int:
+        return math.prod(shapes["logits_A"]) + math.prod(shapes["logits_B"])
+
+    @staticmethod
+    def factors(entry: Entry, t: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B [out, r], A [r, n_in])``."""
+        k, bank = int(entry["params"]["topk"]), t["vector_bank"]
+        la, lb = t["logits_A"], t["logits_B"]
+        a = _mix(la, bank, k).reshape(la.shape[0], -1)
+        b = _mix(lb, bank, k).transpose(1, 2).reshape(-1, lb.shape[1])
+        return b, a
+
+    def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        b, a = self.factors(entry, t)
+        return b @ a
+
+    def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, a = self.factors(entry, t)
+        return y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)).to(y.dtype)
+
+
+# ----- randlora (RandLoRA) -------------------------------------------------------------------------------------
+class RandLora(FunctionDeltaKind):
+    """Shared random bases scaled by per-module ``lambda`` and ``gamma`` (spec 6.10.10)."""
+
+    name = "randlora"
+    required_roles = ("lambda", "gamma")
+
+    def check(self, module: str, entry: Entry, shapes: Shapes) -> None:
+        out, n_in = _matrix(module, entry)
+        if set(entry.get("params", {}).get("shared", {})) != {"basis_A", "basis_B"}:
+            raise _fail(module, "randlora needs params.shared naming the basis_A and basis_B tensors")
+        lo, hi = min(out, n_in), max(out, n_in)
+        lam, gam, a, b = shapes["lambda"], shapes["gamma"], shapes["basis_A"], shapes["basis_B"]
+        if len(lam) != 2 or gam != (lam[1], lo):
+            raise _fail(module, f"lambda {list(lam)} / gamma {list(gam)} must be [r, nb] / [nb, {lo}]")
+        r, nb = lam
+        if len(a) != 3 or a[0] != r or (a[1] != 1 and a[1] < nb) or a[2] < lo:
+            raise _fail(module, f"shared basis_A {list(a)} must be [{r}, 1 or >= {nb}, >= {lo}]")
+        if len(b) != 3 or b[0] < hi or b[1] < nb or b[2] != r:
+            raise _fail(module, f"shared basis_B {list(b)} must be [>= {hi}, >= {nb}, {r}]")
+
+    def rank(self, entry: Entry, shapes: Shapes) -> int:
+        return shapes["lambda"][0] * shapes["lambda"][1]
+
+    def param_count(self, entry: Entry, shapes: Shapes) -> int:
+        return math.prod(shapes["lambda"]) + math.prod(shapes["gamma"])
+
+    @staticmethod
+    def factors(entry: Entry, t: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U_B [max, r*nb], U_A [r*nb, min])``; ``dW_f`` is ``scale * U_B @ U_A`` or its transpose."""
+        out, n_in = af.function_shape(entry)
+        lo, hi = min(out, n_in), max(out, n_in)
+        lam, gam = t["lambda"], t["gamma"]
+        r, nb = lam.shape
+        ua = (lam[:, :, None] * t["basis_A"][:, :nb, :lo] * gam[None]).reshape(r * nb, lo)
+        ub = t["basis_B"][:hi, :nb, :].reshape(hi, nb * r)
+        return ub, ua
+
+    def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        ub, ua = self.factors(entry, t)
+        p = ub @ ua
+        return _scale(entry) * (p if p.shape[0] == af.function_shape(entry)[0] else p.t())
+
+    def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            return super().forward(module, entry, t, x, y)
+        ub, ua = (f.to(x.dtype) for f in self.factors(entry, t))
+        out, n_in = af.function_shape(entry)
+        h = F.linear(F.linear(x, ua), ub) if n_in <= out else (x @ ub) @ ua
+        return y + (_scale(entry) * h).to(y.dtype)
+
+
+# ----- circulant (C3A) -----------------------------------------------------------------------------------------
+class Circulant(FunctionDeltaKind):
+    """Block ``(m, n)`` of ``dW_f`` is the circulant matrix ``C[p, q] = kernel[m, n, (q - p) mod b]`` (spec 6.10.11)."""
+
+    name = "circulant"
+    required_roles = ("kernel",)
+
+    def check(self, module: str, entry: Entry, shapes: Shapes) -> None:
+        out, n_in = _matrix(module, entry)
+        k = shapes["kernel"]
+        if len(k) != 3 or k[0] * k[2] != out or k[1] * k[2] != n_in:
+            raise _fail(module, f"kernel {list(k)} must be [out/b, n_in/b, b] for [{out}, {n_in}]")
+
+    def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        w = t["kernel"]
+        m, n, b = w.shape
+        pos = torch.arange(b, device=w.device)
+        blocks = w[:, :, (pos[None, :] - pos[:, None]) % b]  # [m, n, p, q]
+        return _scale(entry) * blocks.permute(0, 2, 1, 3).reshape(m * b, n * b)
+
+
+# ----- block_share (MiSS / Bone) ---------------------------------------------------------------------------------
+def _mode(entry: Entry) -> str:
+    return entry.get("params", {}).get("mode", "tile")
+
+
+class BlockShare(FunctionDeltaKind):
+    """MiSS: ``tile`` (additive, ``dW_f[o, i] = block[i mod r, o mod c]``) or ``bat`` (``W_blk (I + B) + B``
+    per ``r x r`` block; depends on the weight, not additive) (spec 6.10.12)."""
+
+    name = "block_share"
+    required_roles = ("block",)
+
+    def is_additive(self, entry: Entry, roles: Any) -> bool:
+        return _mode(entry) == "tile"
+
+    def check(self, module: str, entry: Entry, shapes: Shapes) -> None:
+        out, n_in = _matrix(module, entry)
+        b, mode = shapes["block"], _mode(entry)
+        if mode == "tile":
+            if len(b) != 2 or out % b[1]:
+                raise _fail(module, f"a tile block {list(b)} must be 2-D [r, c] with c dividing {out}")
+        elif mode == "bat":
+            if len(b) != 3 or b[1] != b[2] or out % b[1] or n_in % b[1] or b[0] * b[1] != out:
+                raise _fail(module, f"a bat block {list(b)} must be [out/r, r, r] with r dividing {out} and {n_in}")
+        else:
+            raise _fail(module, f"block_share params.mode must be 'tile' or 'bat', got {mode!r}")
+
+    def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        if _mode(entry) != "tile":
+            raise af.UnsupportedError("block_share mode 'bat' depends on the weight; it has no additive delta")
+        out, n_in = af.function_shape(entry)
+        block = t["block"]
+        r, c = block.shape
+        return block[torch.arange(n_in) % r][:, torch.arange(out) % c].t()
+
+    @staticmethod
+    def bat_delta(weight_f: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """``dW_f`` of mode ``bat`` for the function-layout weight ``weight_f``."""
+        out, n_in = weight_f.shape
+        r = block.shape[-1]
+        w = weight_f.to(block.dtype).reshape(out // r, r, n_in // r, r).permute(0, 2, 1, 3)
+        d = w @ block[:, None] + block[:, None]
+        return d.permute(0, 2, 1, 3).reshape(out, n_in)
+
+    def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        block = t["block"]
+        if _mode(entry) == "bat":
+            w = module.weight.t() if self.transposed(entry) else module.weight
+            dw = self.bat_delta(w, _promoted(dict(t))["block"]).to(y.dtype)
+            return y + af.weight_function(module, x, dw)
+        if not x.is_floating_point():
+            return super().forward(module, entry, t, x, y)
+        out = af.function_shape(entry)[0]
+        r, c = block.shape
+        pad = (-x.shape[-1]) % r
+        xs = F.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, r).sum(-2)
+        return y + (xs @ block.to(x.dtype).repeat(1, out // c)).to(y.dtype)
+
+    def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
+        if _mode(entry) == "tile":
+            return super().merge(module, entry, t)
+        weight = module.weight
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            dw = self.bat_delta(weight.t() if self.transposed(entry) else weight, _promoted(dict(t))["block"])
+            weight.add_((dw.t() if self.transposed(entry) else dw).to(weight.dtype))
+        return saved
+
+    def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
+        if _mode(entry) == "tile":
+            return super().unmerge(module, entry, t, state)
+        with torch.no_grad():
+            module.weight.copy_(state)
+        return None
+
+
+# ----- methods --------------------------------------------------------------------------------------------------
+def _schema(props: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": {**props, **af.TARGETS_SCHEMA}}
+
+
+_INT = {"type": "integer", "minimum": 1}
+
+
+def _fshape(module: nn.Module) -> tuple[int, int]:
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if af.is_transposed(module) else (w.shape[0], w.shape[1])
+
+
+def function_to_stored(flat: torch.Tensor, entry: Entry) -> torch.Tensor:
+    """Flat row-major positions in the function layout ``[out, n_in]`` -> positions in the stored layout."""
+    out, n_in = af.function_shape(entry)
+    return flat % n_in * out + flat // n_in if entry.get("params", {}).get("transposed") else flat
+
+
+class Shira(af.Method):
+    name = "shira"
+    summary = "SHiRA: a random sparse high-rank delta of r * (out + in) entries per module (kind sparse)"
+    kinds = ("sparse",)
+    config_schema = _schema({"r": _INT, "random_seed": {"type": "integer"}})
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
+        """Per module, ``r * (out + in)`` positions drawn as PEFT's random mask does (a permutation from a
+        generator seeded with ``random_seed``); their values are trained from zero."""
+        cfg = {"r": 32, "random_seed": 0, **config}
+        self.check_config(cfg)
+
+        def build(path: str, module: nn.Module) -> af.TrainableDelta:
+            entry = af.module_entry("sparse", module, {"scale": 1.0})
+            out, n_in = _fshape(module)
+            k = cfg["r"] * (out + n_in)
+            if k > out * n_in:
+                raise af.FormatError(f"module {path!r}: r={cfg['r']} asks for {k} of its {out * n_in} weights")
+            gen = torch.Generator().manual_seed(cfg["random_seed"])
+            idx = function_to_stored(torch.randperm(out * n_in, generator=gen)[:k], entry).sort().values
+            return af.TrainableDelta(entry, {"values": torch.zeros(k, dtype=af.adapter_dtype(module))},
+                                     frozen={"indices": idx})
+
+        return af.inject(model, method=self.name, config=cfg, build=build)
+
+
+class LNTuning(af.Method):
+    name = "ln_tuning"
+    summary = "LN tuning: the targeted (norm) layers' own parameters trained, stored as dense replacements"
+    kinds = ("dense",)
+    config_schema = _schema({})
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
+        """Each targeted module's weight (and bias) becomes a trainable copy, starting at its value."""
+        self.check_config(config)
+
+        def build(path: str, module: nn.Module) -> af.TrainableDelta:
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                raise af.UnsupportedError(f"module {path!r} ({type(module).__name__}) has no weight to tune")
+            params = {"value": weight.detach().clone()}
+            if isinstance(getattr(module, "bias", None), torch.Tensor):
+                params["bias_value"] = module.bias.detach().clone()
+            entry = {"kind": "dense", "shape": list(weight.shape), "params": {"mode": "replace"}}
+            return af.TrainableDelta(entry, params)
+
+        return af.inject(model, method=self.name, config=config, build=build, supported=(nn.Module,))
+
+
+class FourierFT(af.Method):
+    name = "fourierft"
+    summary = "FourierFT: n trained spectral coefficients per module, dW = scaling * Re(ifft2(spectrum))"
+    kinds = ("fourier",)
+    config_schema = _schema({"n_frequency": _INT, "scaling": {"type": "number"}, "random_loc_seed": {"type": "integer"}})
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
+        """Frequencies drawn as PEFT draws them (:meth:`frequencies`, at most ``out * in`` of them);
+        coefficients trained from zero."""
+        cfg = {"n_frequency": 1000, "scaling": 150.0, "random_loc_seed": 777, **config}
+        self.check_config(cfg)
+
+        def build(path: str, module: nn.Module) -> af.TrainableDelta:
+            out, n_in = _fshape(module)
+            n = min(cfg["n_frequency"], out * n_in)
+            entry = af.module_entry("fourier", module, {"scale": float(cfg["scaling"])})
+            return af.TrainableDelta(entry, {"spectrum": torch.zeros(n, dtype=af.adapter_dtype(module))},
+                                     frozen={"indices": self.frequencies(out, n_in, n, cfg["random_loc_seed"])})
+
+        return af.inject(model, method=self.name, config=cfg, build=build)
+
+    @staticmethod
+    def frequencies(out: int, n_in: int, n: int, seed: int) -> torch.Tensor:
+        """The frequencies PEFT's FourierFT draws for an ``[out, n_in]`` weight: the first ``n`` of a random
+        permutation of the flat positions, from a generator seeded with ``random_loc_seed``."""
+        return torch.randperm(out * n_in, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+class VBLoRA(af.Method):
+    name = "vblora"
+    summary = "VB-LoRA: LoRA factors assembled from a shared vector bank by per-module top-k logits (read, apply)"
+    kinds = ("vector_bank",)
+    config_schema = _schema({"r": _INT, "num_vectors": _INT, "vector_length": _INT, "topk": _INT})
+
+
+def randlora_bases(r: int, lo: int, hi: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen random bases ``basis_A [r, 1, lo]`` and ``basis_B [hi, nb, r]`` (``nb = ceil(lo / r)``),
+    Kaiming-uniform then divided by their standard deviation, from a generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    nb = math.ceil(lo / r)
+    a, b = torch.empty(r, 1, lo), torch.empty(hi, nb, r)
+    for t in (a, b):
+        nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
+    return a / a.std(), b / b.std()
+
+
+class RandLoRA(af.Method):
+    name = "randlora"
+    summary = "RandLoRA: full-rank updates from shared random bases and trained per-module diagonal scalings"
+    kinds = ("randlora",)
+    config_schema = _schema({"r": _INT, "randlora_alpha": {"type": "number"}, "projection_prng_key": {"type": "integer"}})
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
+        """Bases sized for the largest targeted layer (:func:`randlora_bases`); ``lambda`` starts at zero and
+        ``gamma`` at ``1 / max(nb, min(out, in))`` as in PEFT; ``scale = randlora_alpha / r``."""
+        cfg = {"r": 32, "randlora_alpha": 640, "projection_prng_key": 0, **config}
+        self.check_config(cfg)
+        chosen = af.select_targets(model, cfg)
+        shapes = [_fshape(m) for m in chosen.values()]
+        out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        r = cfg["r"]
+        a, b = randlora_bases(r, min(out_max, in_max), max(out_max, in_max), cfg["projection_prng_key"])
+
+        def build(path: str, module: nn.Module) -> af.TrainableDelta:
+            lo = min(_fshape(module))
+            nb, dtype = math.ceil(lo / r), af.adapter_dtype(module)
+            entry = af.module_entry("randlora", module, {"scale": cfg["randlora_alpha"] / r})
+            params = {"lambda": torch.zeros(r, nb, dtype=dtype), "gamma": torch.full((nb, lo), 1 / max(nb, lo), dtype=dtype)}
+            return af.TrainableDelta(entry, params, shared={"basis_A": ("basis_A", a.to(dtype)),
+                                                            "basis_B": ("basis_B", b.to(dtype))})
+
+        return af.inject(model, method=self.name, config=cfg, build=build)
+
+
+class C3A(af.Method):
+    name = "c3a"
+    summary = "C3A: blocks of circulant matrices (first rows trained), dW = circ(kernel) / in_features"
+    kinds = ("circulant",)
+    config_schema = _schema({"block_size": _INT})
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
+        """Block size per module: the largest common divisor of ``block_size`` (default 256), ``out`` and
+        ``in``; kernels trained from zero; ``scale = 1 / in`` as in PEFT."""
+        cfg = {"block_size": 256, **config}
+        self.check_config(cfg)
+
+        def build(path: str, module: nn.Module) -> af.TrainableDelta:
+            out, n_in = _fshape(module)
+            b = math.gcd(cfg["block_size"], out, n_in)
+            entry = af.module_entry("circulant", module, {"scale": 1 / n_in})
+            return af.TrainableDelta(entry, {"kernel": torch.zeros(out // b, n_in // b, b, dtype=af.adapter_dtype(module))})
+
+        return af.inject(model, method=self.name, config=cfg, build=build)
+
+
+class MiSS(af.Method):
+    name = "miss"
+    summary = "MiSS (Bone): one shared block per module, tiled over the weight (or PEFT's 'bat' form)"
+    kinds = ("block_share",)
+    config_schema = _schema({"r": _INT, "mini_r": _INT, "variant": {"enum": ["miss", "mini", "bat"]}})
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
+        """``variant`` ``miss`` (block ``[r, out]``), ``mini`` (``[r, mini_r]``) or ``bat`` (``[out/r, r, r]``),
+        trained from zero."""
+        cfg = {"r": 16, "variant": "miss", **config}
+        self.check_config(cfg)
+        r = cfg["r"]
+
+        def build(path: str, module: nn.Module) -> af.TrainableDelta:
+            out, n_in = _fshape(module)
+            variant, dtype = cfg["variant"], af.adapter_dtype(module)
+            shape = {"miss": (r, out), "mini": (r, cfg.get("mini_r", out)), "bat": (out // r, r, r)}[variant]
+            entry = af.module_entry("block_share", module, {"mode": "bat" if variant == "bat" else "tile"})
+            af.registry.get_kind("block_share").check(path, entry, {"block": shape})
+            return af.TrainableDelta(entry, {"block": torch.zeros(shape, dtype=dtype)})
+
+        return af.inject(model, method=self.name, config=cfg, build=build)
+
+
+@af.hookimpl
+def adapterfmt_delta_kinds() -> list[af.DeltaKind]:
+    return [Fourier(), VectorBank(), RandLora(), Circulant(), BlockShare()]
+
+
+@af.hookimpl
+def adapterfmt_methods() -> list[af.Method]:
+    return [Shira(), LNTuning(), FourierFT(), VBLoRA(), RandLoRA(), C3A(), MiSS()]
+
+
+__all__ = ["Fourier", "VectorBank", "RandLora", "Circulant", "BlockShare", "FunctionDeltaKind",
+           "function_to_stored", "randlora_bases", "Shira", "LNTuning", "FourierFT", "VBLoRA", "RandLoRA", "C3A",
+           "MiSS"]

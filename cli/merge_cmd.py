@@ -13,8 +13,8 @@ import adapterfmt as af
 from adapterfmt.format.atomic import check_output
 from adapterfmt.plugin import registry
 
-from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, hidden_alias, human_bytes, out_option,
-                     print_json, print_table, progress, renamed, require)
+from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, err_console, hidden_alias, human_bytes,
+                     out_option, print_json, print_table, progress, renamed, require)
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -107,15 +107,27 @@ def merge(
 def _print_merge(merged: af.Adapter, out: Path, strategy: str, as_json: bool) -> None:
     kinds = Counter(e["kind"] for e in merged.modules.values())
     ranks = sorted({merged.shape(f"{m}.lora_A")[0] for m, e in merged.modules.items() if e["kind"] == "lowrank"})
+    prov = next((p for p in reversed(merged.manifest.get("provenance", [])) if p.get("tool") == "adapterfmt merge"),
+                {})
+    infos, notes = prov.get("modules", {}), prov.get("notes", [])
     record: dict[str, Any] = {"out": str(out), "strategy": strategy, "method": merged.method,
                               "modules": len(merged.modules), "kinds": dict(kinds), "ranks": ranks,
-                              "bytes": merged.nbytes()}
+                              "bytes": merged.nbytes(), "module_report": infos, "notes": notes}
+    for note in notes:
+        err_console.print(f"note: {note}", highlight=False)
     if as_json:
         print_json(record)
         return
     console.print(f"merged ({strategy}) -> {out}: {record['modules']} module(s), method {merged.method}, "
                   + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
                   + (f", ranks {ranks}" if ranks else "") + f", {human_bytes(record['bytes'])}", highlight=False)
+    refactored = sorted(((m, i) for m, i in infos.items() if "energy" in i), key=lambda mi: -mi[1]["rel_error"])
+    if refactored:
+        print_table(("module", "rank", "of", "energy kept", "dW rel. error"),
+                    [(m, str(i["rank"]), str(i.get("rank_in", "-")), f"{i['energy']:.6f}", f"{i['rel_error']:.3e}")
+                     for m, i in refactored[:10]], "re-factored modules (worst first)")
+        if len(refactored) > 10:
+            console.print(f"({len(refactored) - 10} more in --json)")
 
 
 def _print_bake(report: dict[str, Any], as_json: bool) -> None:

@@ -12,8 +12,8 @@ import adapterfmt as af
 from adapterfmt.format.atomic import check_output
 from adapterfmt.plugin import registry
 
-from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, hidden_alias, one_of, out_option,
-                     print_json, print_table, progress, renamed, require)
+from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, err_console, hidden_alias, one_of,
+                     out_option, print_json, print_table, progress, renamed, require)
 
 FORM_OPTIONS = {"lowrank": ("rank", "energy", "max_rank"), "sparse": ("density", "top_k"), "dense": ()}
 """The options each extract --form takes; the first two of lowrank and sparse exclude each other, one is needed."""
@@ -71,6 +71,9 @@ def extract(
     console.print(f"{len(report.modules)} module(s) stored, {report.unchanged} unchanged tensor(s) left out")
     if report.unplaced:
         console.print(f"[yellow]not representable in this form (change lost):[/] {', '.join(report.unplaced)}")
+    if report.stored_dense:
+        err_console.print(f"note: stored dense, its lowrank factors would be no smaller: "
+                          f"{', '.join(report.stored_dense)}", highlight=False)
 
 
 @cli_errors

@@ -157,8 +157,9 @@ def test_dense_with_biases_and_norms_merges_to_the_finetune(tmp_path):
                                            "transformer.h.1.mlp.c_proj"]
         assert adapter.modules["transformer.h.1.mlp.c_proj"]["parameter"] == "bias"
         assert report.unplaced == []
-        if form == "lowrank":  # config.json says gpt2: Conv1D layers are stored [in, out]
-            assert adapter.modules["transformer.h.0.attn.c_attn"]["params"]["transposed"] is True
+        if form == "lowrank":  # a full-rank 16 x 48 change: rank-16 factors (1024 values) would outgrow it
+            assert adapter.modules["transformer.h.0.attn.c_attn"]["kind"] == "dense"
+            assert report.stored_dense == ["transformer.h.0.attn.c_attn (rank 16: 1,024 values, dense 768)"]
         model = GPT2LMHeadModel(cfg).eval()
         model.load_state_dict(base.state_dict())
         with torch.no_grad():
@@ -168,6 +169,9 @@ def test_dense_with_biases_and_norms_merges_to_the_finetune(tmp_path):
             af.attach(model, adapter, merge=True)
         for (n, p), q in zip(model.state_dict().items(), tuned.state_dict().values()):
             assert torch.allclose(p, q, atol=1e-6), n
+    adapter, report = ex.extract_adapter(tmp_path / "base", tmp_path / "tuned", form="lowrank", rank=2)
+    assert report.stored_dense == []  # config.json says gpt2: Conv1D layers are stored [in, out]
+    assert adapter.modules["transformer.h.0.attn.c_attn"]["params"]["transposed"] is True
 
 
 def test_sparse_cannot_hold_a_bias_beside_its_weight_and_says_so(tmp_path):

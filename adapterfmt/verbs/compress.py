@@ -50,6 +50,7 @@ from ..format.manifest import copy_manifest, shared_tensors
 from ..format.safetensors_io import ITEMSIZE, dtype_name
 from ..format.ternary import ternary_encode
 from ..plugin.registry import get_kind
+from .extract import factored_norm, factored_svd
 from .explicit import require_explicit
 
 
@@ -112,8 +113,7 @@ def resize(works: dict[str, Work], *, rank: int | None = None, energy: float | N
             _plain_lowrank(w)
         a, b = w.tensors["lora_A"], w.tensors["lora_B"]
         r = a.shape[0]
-        u, s, vh = torch.linalg.svd(b.double().reshape(b.shape[0], r) @ a.double().reshape(r, -1),
-                                    full_matrices=False)
+        u, s, vh = factored_svd(b.reshape(b.shape[0], r), a.reshape(r, -1))  # never forms dW
         k = min(r, resize_rank(s[:r], rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
                                sv_cumulative=sv_cumulative))
         root = s[:k].sqrt()
@@ -246,6 +246,29 @@ STEP_METHODS: dict[str, Callable[..., None]] = {"resize": resize, "compeft": com
 
 
 # ----- errors -------------------------------------------------------------------------------------------
+def _plain_factors(entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(scale * B, A)`` as 2-D function-layout factors of a plain LoRA entry (dW = B @ A), else None."""
+    if entry["kind"] != "lowrank" or set(tensors) != {"lora_A", "lora_B"} or \
+            set(entry.get("params", {})) - {"scale", "transposed"}:
+        return None
+    a, b = tensors["lora_A"], tensors["lora_B"]
+    r = a.shape[0]
+    return float(entry.get("params", {}).get("scale", 1.0)) * b.double().reshape(b.shape[0], r), a.reshape(r, -1)
+
+
+def module_error(old_entry: Mapping[str, Any], old: Mapping[str, torch.Tensor], new_entry: Mapping[str, Any],
+                 new: Mapping[str, torch.Tensor]) -> float:
+    """``||effect' - effect|| / ||effect||`` of one module (:func:`module_effect`); between two plain LoRA
+    entries through their stacked factors (:func:`factored_norm`), never forming dW."""
+    before, after = _plain_factors(old_entry, old), _plain_factors(new_entry, new)
+    if before is None or after is None or before[1].shape[1:] != after[1].shape[1:]:
+        return relative_error(module_effect(new_entry, new), module_effect(old_entry, old))
+    ref = factored_norm(*before)
+    diff = factored_norm(torch.cat([after[0], -before[0]], 1), torch.cat([after[1].double(), before[1].double()]))
+    return diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
+
+
 def module_effect(entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """What a module's tensors do, flat fp64: dW for additive entries, else the kind's stored effect
     (for DoRA: scale * B @ A and the magnitude; otherwise the stored tensors in role order)."""
@@ -340,8 +363,7 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
         manifest["modules"][path] = entry
         tensors.update({f"{path}.{name}": t for name, t in w.stored().items()})
         tensors.update({name: adapter.tensor(name) for name in w.shared().values()})
-        old = module_effect(adapter.modules[path], originals[path])
-        errors[path] = _finite(relative_error(module_effect(entry, w.tensors), old))
+        errors[path] = _finite(module_error(adapter.modules[path], originals[path], entry, w.tensors))
     adapter = require_explicit(adapter, base, "compress")
     before = adapter.nbytes()
     after = tensor_bytes(tensors)

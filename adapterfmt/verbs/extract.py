@@ -10,7 +10,9 @@ Three stored forms:
 
 Only one base and one fine-tuned tensor are read at a time; their difference is taken in fp32 (exact
 when the two values are within a factor of two of each other, as fine-tuning changes are). Modules
-whose difference is exactly zero are left out. For every module the report gives ``captured``: the
+whose difference is exactly zero are left out (none differing is an error). A lowrank module whose factors
+would hold at least as many values as the difference is stored dense (exact; ``stored_dense`` says which).
+For every module the report gives ``captured``: the
 fraction of the difference's squared Frobenius norm the stored form reproduces,
 ``1 - ||D - D_stored||^2 / ||D||^2``, measured on the tensors as written (after the cast to the stored dtype).
 
@@ -35,7 +37,7 @@ from torch import nn
 
 from ..deltas import lowrank_entry
 from ..deltas.modules import is_transposed
-from ..errors import BaseMismatchError, FormatError, first_few
+from ..errors import BaseMismatchError, FormatError, UnsupportedError, first_few
 from ..format.adapter import Adapter
 from ..format.fingerprint import fingerprint_checkpoint, read_checkpoint_headers
 from ..format.manifest import new_manifest
@@ -75,10 +77,13 @@ class ExtractReport:
     """Parameters whose difference is exactly zero (left out)."""
     unplaced: list[str] = field(default_factory=list)
     """Changed parameters no entry could hold (a third parameter of a module); their change is lost."""
+    stored_dense: list[str] = field(default_factory=list)
+    """Modules whose lowrank factors at the chosen rank would hold at least as many values as the difference
+    itself: stored dense instead (exact, and smaller), each with the rank and the counts."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"form": self.form, "unchanged": self.unchanged, "unplaced": self.unplaced,
-                "modules": [vars(m) for m in self.modules]}
+                "stored_dense": self.stored_dense, "modules": [vars(m) for m in self.modules]}
 
 
 # ----- reading two checkpoints side by side -----------------------------------------------------------
@@ -164,6 +169,29 @@ def truncated_svd(d: torch.Tensor, *, rank: int | None, energy: float | None,
     else:
         k = min(rank, s.numel())
     return u[:, :k], s[:k], v[:, :k]
+
+
+def factored_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, Vh`` of ``b @ a`` (``b`` [m, r], ``a`` [r, n]) in fp64, without forming the product when ``r`` is
+    below both ``m`` and ``n``: with ``b = Qb Rb`` and ``a^T = Qa Ra``, ``b @ a = Qb (Rb Ra^T) Qa^T``, so the SVD
+    of the r x r core gives the product's singular triplets exactly (its other singular values are 0).
+    O((m + n) r^2) instead of the dense SVD's O(m n min(m, n))."""
+    b64, a64 = b.double(), a.double()
+    if b.shape[1] >= min(b.shape[0], a.shape[1]):
+        return torch.linalg.svd(b64 @ a64, full_matrices=False)
+    qb, rb = torch.linalg.qr(b64)
+    qa, ra = torch.linalg.qr(a64.T)
+    uu, s, vvh = torch.linalg.svd(rb @ ra.T)
+    return qb @ uu, s, vvh @ qa.T
+
+
+def factored_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """``||b @ a||_F`` (fp64) without forming the product: the norm of the small core ``Rb Ra^T`` (see
+    :func:`factored_svd`), which keeps the cancellation of a difference written as stacked factors exact."""
+    b64, a64 = b.double(), a.double()
+    if b.shape[1] >= min(b.shape[0], a.shape[1]):
+        return float(torch.linalg.matrix_norm(b64 @ a64))
+    return float(torch.linalg.matrix_norm(torch.linalg.qr(b64)[1] @ torch.linalg.qr(a64.T)[1].T))
 
 
 def _lowrank(d: torch.Tensor, transposed: bool, dtype: torch.dtype, opts: dict[str, Any]) -> tuple[dict, dict]:
@@ -268,6 +296,10 @@ def extract_adapter(
         d = diffs.pop(main)
         if form == "lowrank" and d.dim() >= 2:
             entry, t = _lowrank(d, transposed(path), store, opts)
+            if (n := sum(v.numel() for v in t.values())) >= d.numel():
+                report.stored_dense.append(f"{path} (rank {t['lora_A'].shape[0]}: {n:,} values, "
+                                           f"dense {d.numel():,})")
+                entry, t = _dense(d, store)
         elif form == "sparse":
             entry, t = _sparse(d, store, opts)
         else:
@@ -290,6 +322,8 @@ def extract_adapter(
             path, entry["kind"], shapes["lora_A"][0] if entry["kind"] == "lowrank" else None,
             sum(v.numel() for v in t.values()), d.numel(),
             1.0 - err / total, math.sqrt(err / total)))
+    if not report.modules and not report.unplaced:
+        raise UnsupportedError(f"no module differs between {base} and {finetuned}: nothing to extract")
     method = FORM_METHODS[form]
     config: dict[str, Any] = {"form": form}
     if form == "lowrank":
@@ -302,6 +336,8 @@ def extract_adapter(
             "captured": {m.module: round(m.captured, 9) for m in report.modules}}
     if report.unplaced:
         prov["unplaced"] = report.unplaced
+    if report.stored_dense:
+        prov["stored_dense"] = report.stored_dense
     manifest = new_manifest(method, modules, config=config, provenance=[prov],
                             base={"name": base_name or str(base), "revision": None,
                                   "fingerprint": fingerprint_checkpoint(base)})

@@ -45,7 +45,7 @@ from ..format.limits import check_dense
 from ..format.manifest import new_manifest
 from ..threads import one_thread
 from .explicit import require_explicit
-from .extract import choose_rank, truncated_svd
+from .extract import choose_rank, factored_svd, truncated_svd
 
 STRATEGIES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 ALIASES = {"dare": "dare_linear", "task_arithmetic": "linear"}
@@ -196,25 +196,36 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], opts: Merg
 
 
 # ----- factor algebra -----------------------------------------------------------------------------------
-def refactor(b: torch.Tensor, a: torch.Tensor, *, rank: int | None, energy: float | None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+EXACT_ENOUGH = 1e-6
+"""An element-wise merge of lowrank inputs is stored lowrank at the sum of their ranks when that loses at most
+this relative error of dW (||dW' - dW|| / ||dW||, about fp32 rounding); otherwise dense, and said so."""
+
+
+def kept(s: torch.Tensor, k: int, total_sq: float | None = None) -> dict[str, float]:
+    """What keeping the first ``k`` of singular values ``s`` keeps of the matrix: ``energy`` (the fraction of its
+    squared Frobenius norm, ``total_sq``, default ``sum s^2``) and ``rel_error`` = ``||dW' - dW|| / ||dW||``."""
+    sq = s.double().square()
+    total = float(sq.sum()) if total_sq is None else total_sq
+    lost = float(sq[k:].sum()) if total_sq is None else max(total - float(sq[:k].sum()), 0.0)
+    return {"energy": 1.0 - lost / total if total else 1.0, "rel_error": math.sqrt(lost / total) if total else 0.0}
+
+
+def refactor(b: torch.Tensor, a: torch.Tensor, *, rank: int | None, energy: float | None,
+             info: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B', A')`` with ``B' A'`` the best rank-k approximation of ``b @ a`` (k = ``rank``, or the smallest
     rank holding ``energy``, capped by ``rank`` when both are given), without forming ``b @ a`` when the
-    inner rank is below both outer sizes. Singular values are split evenly: ``B' = U sqrt(S)``."""
+    inner rank is below both outer sizes (:func:`factored_svd`). Singular values are split evenly:
+    ``B' = U sqrt(S)``. ``info`` receives the rank kept, :func:`kept`'s figures and ``capped_from`` (a
+    ``rank`` above the ``b @ a``'s rank, ``b``'s columns at most)."""
     with one_thread():
-        b64, a64 = b.double(), a.double()
-        if b.shape[1] >= min(b.shape[0], a.shape[1]):
-            u, s, v = truncated_svd(b64 @ a64, rank=None if energy is not None else rank, energy=energy,
-                                    max_rank=rank)
-            vh = v.T
-        else:
-            qb, rb = torch.linalg.qr(b64)
-            qa, ra = torch.linalg.qr(a64.T)
-            uu, s, vvh = torch.linalg.svd(rb @ ra.T)
-            k = choose_rank(s, rank=None if energy is not None else rank, energy=energy, max_rank=rank)
-            u, s, vh = qb @ uu[:, :k], s[:k], vvh[:k] @ qa.T
-        root = s.sqrt()
-        return (u * root).float(), (root[:, None] * vh).float()
+        u, s, vh = factored_svd(b, a)
+        k = choose_rank(s, rank=None if energy is not None else rank, energy=energy, max_rank=rank)
+    if info is not None:
+        info.update({"rank": k, **kept(s, k)})
+        if rank is not None and energy is None and rank > s.numel():
+            info["capped_from"] = rank
+    root = s[:k].sqrt()
+    return (u[:, :k] * root).float(), (root[:, None] * vh[:k]).float()
 
 
 def _function_2d(d: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -222,9 +233,26 @@ def _function_2d(d: torch.Tensor, transposed: bool) -> torch.Tensor:
     return f.reshape(f.shape[0], -1)
 
 
+def _dense_refactor(f: torch.Tensor, *, rank: int | None, energy: float | None, info: dict[str, Any]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B', A')`` of the best rank-k approximation of a dense 2-D ``f`` (:func:`truncated_svd`); ``info`` as
+    :func:`refactor`'s, measured against ``f``'s exact norm."""
+    u, s, v = truncated_svd(f.double(), rank=None if energy is not None else rank, energy=energy, max_rank=rank)
+    info.update({"rank": s.numel(), **kept(s, s.numel(), float(f.double().square().sum()))})
+    if rank is not None and energy is None and rank > min(f.shape):
+        info["capped_from"] = rank
+    root = s.sqrt()
+    return (u * root).float(), (root[:, None] * v.T).float()
+
+
 # ----- one module -----------------------------------------------------------------------------------------
-def merge_module(module: str, terms: Sequence[Term], opts: MergeOptions) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The merged entry and tensors (by role) of one module from its additive terms."""
+def merge_module(module: str, terms: Sequence[Term], opts: MergeOptions, info: dict[str, Any] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The merged entry and tensors (by role) of one module from its additive terms. ``info``, when given,
+    receives what was stored: ``form`` (the kind), ``rank``, ``rank_in`` (the sum of the input ranks, when all
+    are lowrank), and for a re-factored result ``energy`` / ``rel_error`` (what the rank kept of the combined
+    dW) and ``capped_from`` (a rank asked above what the combined dW has)."""
+    info = {} if info is None else info
     first = terms[0].entry
     shape, param = list(first["shape"]), first.get("parameter", "weight")
     transposed = any(t.transposed for t in terms)
@@ -240,15 +268,19 @@ def merge_module(module: str, terms: Sequence[Term], opts: MergeOptions) -> tupl
     if opts.strategy == "cat" and not lowrank_in:
         raise UnsupportedError(f"{module} (inputs of kind "
                                f"{', '.join(sorted({t.kind.name for t in terms if not t.lowrank}))})")
+    pairs = [t.factors() for t in terms] if lowrank_in else []
+    if lowrank_in:
+        info["rank_in"] = sum(p[1].shape[0] for p in pairs)
     if lowrank_in and opts.strategy in ("linear", "cat", "svd"):
-        pairs = [t.factors() for t in terms]
         b, a = torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 0)
         if opts.refactor:
             rank = opts.rank if opts.rank is not None or opts.energy is not None else max(p[1].shape[0] for p in pairs)
-            b, a = refactor(b, a, rank=rank, energy=opts.energy)
+            b, a = refactor(b, a, rank=rank, energy=opts.energy, info=info)
+        info.update(form="lowrank", rank=a.shape[0])
         return _lowrank_out(shape, param, fshape, transposed, b, a, bias, dtype, terms)
     check_dense(shape, f"module {module!r}")
     d = combine([t.delta() for t in terms], weights, opts, module)
+    f = _function_2d(d, transposed)
     if opts.refactor:
         rank = opts.rank
         if rank is None and opts.energy is None:
@@ -256,13 +288,19 @@ def merge_module(module: str, terms: Sequence[Term], opts: MergeOptions) -> tupl
             if not ranks:
                 raise FormatError(f"module {module!r}: svd of non-lowrank inputs needs a rank or an energy")
             rank = max(ranks)
-        f = _function_2d(d, transposed)
-        u, s, v = truncated_svd(f.double(), rank=None if opts.energy is not None else rank, energy=opts.energy,
-                                max_rank=rank)
-        root = s.sqrt()
-        return _lowrank_out(shape, param, fshape, transposed, (u * root).float(), (root[:, None] * v.T).float(),
-                            bias, dtype, terms)
-    return _flat_out(shape, param, d, bias, dtype)
+        b, a = _dense_refactor(f, rank=rank, energy=opts.energy, info=info)
+        info["form"] = "lowrank"
+        return _lowrank_out(shape, param, fshape, transposed, b, a, bias, dtype, terms)
+    if lowrank_in and info["rank_in"] * sum(f.shape) < f.numel():  # element-wise: lowrank again when exact enough
+        trial: dict[str, Any] = {}
+        b, a = _dense_refactor(f, rank=info["rank_in"], energy=None, info=trial)
+        if trial["rel_error"] <= EXACT_ENOUGH:
+            info.update(trial, form="lowrank")
+            return _lowrank_out(shape, param, fshape, transposed, b, a, bias, dtype, terms)
+        info["refactor_rel_error"] = trial["rel_error"]
+    entry, tensors = _flat_out(shape, param, d, bias, dtype)
+    info.update(form=entry["kind"], rank=None)
+    return entry, tensors
 
 
 def _widest(terms: Sequence[Term]) -> torch.dtype:
@@ -366,9 +404,10 @@ def merge_adapters(adapters: Sequence[Adapter], *, weights: Sequence[float] | No
     modules: dict[str, dict[str, Any]] = {}
     tensors: dict[str, torch.Tensor] = {}
     not_lowrank = []
+    infos: dict[str, dict[str, Any]] = {}
     for module, ts in terms.items():
         try:
-            entry, t = merge_module(module, ts, opts)
+            entry, t = merge_module(module, ts, opts, infos.setdefault(module, {}))
         except UnsupportedError as e:
             not_lowrank.append(e.message)
             continue
@@ -383,11 +422,51 @@ def merge_adapters(adapters: Sequence[Adapter], *, weights: Sequence[float] | No
                         for a in adapters],
             **{k: v for k, v in (("rank", rank), ("energy", energy), ("density", density)) if v is not None},
             **({"seed": seed} if opts.strategy.startswith("dare") else {}),
-            **({"sign": sign} if opts.strategy.endswith("ties") else {})}
+            **({"sign": sign} if opts.strategy.endswith("ties") else {}),
+            "modules": {m: {k: _rounded(v) for k, v in i.items()} for m, i in sorted(infos.items())}}
+    notes = merge_notes(opts, infos)
+    if notes:
+        prov["notes"] = notes
     method, config = _method_config(modules, tensors)
     manifest = new_manifest(method, modules, config=config, base=base,
                             provenance=[*_prior_provenance(adapters), prov])
     return Adapter(manifest, tensors)
+
+
+def _rounded(v: Any) -> Any:
+    return round(v, 9) if isinstance(v, float) else v
+
+
+def merge_notes(opts: MergeOptions, infos: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line for each thing a merge did that its options did not say: a lossy re-factoring (the worst
+    module's captured energy and error), a rank capped at what the combined dW has, an element-wise merge of
+    lowrank inputs stored dense (and what re-factoring it to the sum of input ranks would lose) or re-factored
+    exactly to that rank."""
+    notes = []
+    lossy = {m: i for m, i in infos.items() if i.get("rel_error", 0.0) > EXACT_ENOUGH}
+    if lossy:
+        worst = max(lossy, key=lambda m: lossy[m]["rel_error"])
+        notes.append(f"lossy: {len(lossy)} of {len(infos)} module(s) re-factored below their rank; worst {worst} "
+                     f"(rank {lossy[worst]['rank']} of {lossy[worst].get('rank_in', '?')}) keeps "
+                     f"{lossy[worst]['energy']:.6f} of its energy, relative error {lossy[worst]['rel_error']:.3e}")
+    capped = {m: i for m, i in infos.items() if "capped_from" in i}
+    if capped:
+        m, i = next(iter(sorted(capped.items())))
+        notes.append(f"--rank {i['capped_from']} is above what the merged dW has in {len(capped)} module(s) "
+                     f"(e.g. {m}: rank {i['rank']}, the sum of the input ranks); stored at that rank, exactly")
+    if opts.strategy in ELEMENTWISE and opts.rank is None and opts.energy is None:
+        dense = {m: i for m, i in infos.items() if i.get("rank_in") and i["form"] != "lowrank"}
+        exact = [m for m, i in infos.items() if i.get("rank_in") and i["form"] == "lowrank"]
+        if dense:
+            loss = max((i["refactor_rel_error"] for i in dense.values() if "refactor_rel_error" in i), default=None)
+            notes.append(f"{opts.strategy} of lowrank inputs is not lowrank: {len(dense)} module(s) stored "
+                         f"{'/'.join(sorted({i['form'] for i in dense.values()}))}"
+                         + (f" (the sum of the input ranks would lose up to {loss:.3e} of dW)" if loss is not None
+                            else "") + "; --rank or --energy re-factors them")
+        if exact:
+            notes.append(f"{len(exact)} module(s) re-factored to the sum of the input ranks, within "
+                         f"{EXACT_ENOUGH:g} of dW")
+    return notes
 
 
 def _method_config(modules: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor]
@@ -415,4 +494,4 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 __all__ = ["STRATEGIES", "MergeOptions", "Term", "collect_terms", "combine", "refactor", "merge_module",
-           "merge_adapters", "module_seed", "relative_error", "check_bases", "resolve_weights"]
+           "merge_notes", "merge_adapters", "module_seed", "relative_error", "check_bases", "resolve_weights"]

@@ -270,3 +270,14 @@ def test_bake_applies_adapters_in_order(tmp_path):
         np.testing.assert_allclose(_np(baked[f"{path}.weight"]), want, atol=ATOL, err_msg=path)
     assert invoke("merge", pb, pa, "--base", str(base), "--out", str(tmp_path / "other")).exit_code == 0
     assert not torch.allclose(load_file(tmp_path / "other" / "model.safetensors")["lin.weight"], baked["lin.weight"])
+
+
+def test_demo_step_shows_an_oft_adapter(tmp_path):
+    from adapterfmt.demo.rotation import step_rotation
+    from adapterfmt.demo.run import run_demo
+
+    (row,) = run_demo(tmp_path, steps=[step_rotation]).report
+    assert row["step"] == "rotation" and row["kind"] == "cayley" and row["unmerge_exact"] is True
+    assert row["loss_after"] < row["loss_before"]
+    assert float(row["orthogonality"]) < 1e-5 and float(row["row_norm_change"]) < 1e-5
+    assert float(row["merged_vs_unmerged"]) < 1e-4 and float(row["baked_vs_merged"]) == 0.0

@@ -1,0 +1,168 @@
+"""PEFT's multiplicative types (OFT, BOFT, HRA) through ``adapter convert``, with the real peft package as the
+oracle: converted adapters attached by adapterfmt give PEFT's logits (fp32, atol 1e-5), unmerged and merged;
+``--to peft`` gives files PEFT loads with no missing or unexpected keys, the same tensors and the same logits;
+what cannot be represented is refused in one line with nothing written.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from helpers_peft import build, case, load_peft, logits  # noqa: E402
+from helpers_spec import invoke  # noqa: E402
+from peft import BOFTConfig, HRAConfig, OFTConfig, get_peft_model  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import adapterfmt as af  # noqa: E402
+
+ATOL = 1e-5
+
+CASES = {
+    "llama-oft-neumann-embedding": ("llama", lambda: OFTConfig(
+        r=0, oft_block_size=4, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])),
+    "llama-oft-exact-shared-block": ("llama", lambda: OFTConfig(
+        r=0, oft_block_size=4, block_share=True, use_cayley_neumann=False, target_modules=["q_proj", "o_proj"])),
+    "llama-oft-coft-3-terms": ("llama", lambda: OFTConfig(
+        r=2, oft_block_size=0, coft=True, eps=0.5, num_cayley_neumann_terms=3, target_modules=["k_proj", "gate_proj"])),
+    "llama-boft": ("llama", lambda: BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj", "up_proj"])),
+    "llama-hra": ("llama", lambda: HRAConfig(r=3, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "llama-hra-gram-schmidt": ("llama", lambda: HRAConfig(r=2, apply_GS=True, target_modules=["q_proj", "gate_proj"])),
+    "gpt2-oft-wte": ("gpt2", lambda: OFTConfig(r=0, oft_block_size=8, target_modules=["wte"])),
+    "gpt2-boft-head": ("gpt2", lambda: BOFTConfig(boft_block_size=8, target_modules=["lm_head"])),
+    "gpt2-hra-head": ("gpt2", lambda: HRAConfig(r=2, target_modules=["lm_head"])),
+}
+"""GPT-2's blocks are Conv1D, which PEFT's OFT, BOFT and HRA refuse: its embedding and (tied) head are used."""
+TIED = {"gpt2-oft-wte", "gpt2-boft-head", "gpt2-hra-head"}
+"""Cases whose target shares its weight with another module (GPT-2's head and wte): merging changes both, in
+PEFT too, so only the unmerged function is compared."""
+
+
+def _save_base(model: torch.nn.Module, folder: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+    return folder
+
+
+def _convert(tmp_path: Path, c, name: str) -> af.Adapter:
+    out = tmp_path / "converted.safetensors"
+    if name.endswith("-head"):  # the checkpoint drops the tied lm_head.weight: the live model gives it
+        af.convert(c.folder, out, base=c.base)
+        return af.load(out)
+    res = invoke("convert", str(c.folder), str(out), "--base", str(_save_base(c.base, tmp_path / "base")))
+    assert res.exit_code == 0, res.stdout + res.stderr
+    return af.load(out)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_peft_multiplicative_round_trip(tmp_path, name):
+    model_name, config = CASES[name]
+    c = case(tmp_path, model_name, config())
+    adapter = _convert(tmp_path, c, name)
+    kinds = {e["kind"] for e in adapter.modules.values()}
+    assert kinds == {{"OFT": "cayley", "BOFT": "butterfly", "HRA": "householder"}[config().peft_type.value]}
+
+    model = build(model_name)
+    before = copy.deepcopy(model.state_dict())
+    af.attach(model, adapter, name="a")
+    assert (logits(model, c.ids) - c.expected).abs().max() <= ATOL
+    if name not in TIED:
+        af.merge_into(model, "a")
+        assert (logits(model, c.ids) - c.expected).abs().max() <= ATOL
+    af.detach(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    back = tmp_path / "back"
+    if name.endswith("-head"):
+        af.write_foreign(adapter, back, "peft")
+    else:
+        res = invoke("convert", str(tmp_path / "converted.safetensors"), str(back), "--to", "peft")
+        assert res.exit_code == 0, res.stdout + res.stderr
+    pm, missing, unexpected = load_peft(model_name, back)
+    assert missing == [] and unexpected == []
+    assert (logits(pm, c.ids) - c.expected).abs().max() <= ATOL
+    src, ours = load_file(c.folder / "adapter_model.safetensors"), load_file(back / "adapter_model.safetensors")
+    assert set(src) - set(ours) <= {k for k in src if k.endswith(".base_layer.weight")}  # PEFT's saved embeddings
+    for key, t in ours.items():  # coft: the projection PEFT applies at every forward is applied once more
+        assert torch.equal(t, src[key]) if "coft" not in name else torch.allclose(t, src[key], atol=1e-7), key
+
+
+class _BlockDiag:
+    """Stands in for PEFT's CUDA-only FastBlockDiag extension: block-diagonal matrices of [N, D, H, H] blocks."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.stack([torch.block_diag(*x[i]) for i in range(x.shape[0])])]
+
+
+def test_boft_with_several_butterfly_factors(tmp_path, monkeypatch):
+    """PEFT keeps boft_n_butterfly_factor > 1 only with its CUDA block-diagonal kernel; with that kernel's
+    torch equivalent in its place, PEFT's own permutations and products run on the CPU."""
+    import peft.tuners.boft.layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: _BlockDiag)
+    c = case(tmp_path, "llama", BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=3,
+                                           target_modules=["q_proj", "down_proj"]))
+    raw = load_file(c.folder / "adapter_model.safetensors")
+    assert raw["base_model.model.model.layers.0.mlp.down_proj.boft_R"].shape == (3, 16, 2, 2)
+    af.convert(c.folder, tmp_path / "b.safetensors", base=c.base)
+    model = build("llama")
+    af.attach(model, af.load(tmp_path / "b.safetensors"), merge=True)
+    assert (logits(model, c.ids) - c.expected).abs().max() <= ATOL
+
+
+def test_trained_oft_gives_peft_the_same_function(tmp_path):
+    """An OFT adapter trained here (PEFT's default Cayley-Neumann form) is an OFT adapter PEFT runs identically."""
+    model, ids = build("llama"), torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(0))
+    session = af.registry.get_method("oft").train(model, config={"target_modules": ["q_proj", "v_proj"],
+                                                                 "neumann_terms": 5})
+    with torch.no_grad():
+        for p in session.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    want = logits(model, ids)
+    adapter = session.extract()
+    session.remove()
+    af.write_foreign(adapter, tmp_path / "peft", "peft")
+    pm, missing, unexpected = load_peft("llama", tmp_path / "peft")
+    assert missing == [] and unexpected == []
+    assert (logits(pm, ids) - want).abs().max() <= ATOL
+
+
+# ----- refusals ---------------------------------------------------------------------------------------------
+def test_unrepresentable_config_is_one_line_and_nothing_written(tmp_path):
+    c = case(tmp_path, "llama", OFTConfig(r=0, oft_block_size=4, bias="all", target_modules=["q_proj"]))
+    res = invoke("convert", str(c.folder), str(tmp_path / "o.safetensors"), "--base",
+                 str(_save_base(c.base, tmp_path / "base")))
+    assert res.exit_code == 1 and "OFT with bias='all'" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_oft_on_a_convolution_is_refused(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(build("custom"), OFTConfig(r=0, oft_block_size=4, target_modules=["conv"]))
+        pm.save_pretrained(tmp_path / "peft")
+    with pytest.raises(af.UnsupportedError, match="OFT on the convolution 'conv'"):
+        af.read_foreign(tmp_path / "peft", base=build("custom"))
+
+
+def test_writing_what_peft_cannot_hold_is_refused(tmp_path):
+    gpt2 = build("gpt2")
+    session = af.registry.get_method("oft").train(gpt2, config={"target_modules": ["c_attn"]})
+    adapter = session.extract()
+    session.remove()
+    with pytest.raises(af.UnsupportedError, match="PEFT OFT multiplies the inputs of nn.Linear modules"):
+        af.write_foreign(adapter, tmp_path / "p", "peft")
+    mixed = af.Adapter(af.new_manifest("hra", {
+        "a": {"kind": "householder", "shape": [4, 6], "params": {}},
+        "b": {"kind": "householder", "shape": [4, 6], "params": {}}}),
+        {"a.vectors": torch.randn(6, 2), "b.vectors": torch.randn(6, 3)})
+    with pytest.raises(af.UnsupportedError, match="one r for every module"):
+        af.write_foreign(mixed, tmp_path / "q", "peft")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()

@@ -27,12 +27,6 @@ Mapping (PEFT -> adapterfmt; the reverse writes the same, so a round trip is ten
 - AdaLoRA -> ``lowrank`` with ``lora_E`` folded into A and ``scale = alpha / (init_r + 1e-5)`` (written back
   as a PEFT LoRA: same function, E is not kept). IA3 ``ia3_l`` -> ``vector`` op ``scale`` (output side, or
   input side for ``feedforward_modules``). Prompt tuning -> ``prompt`` on the input embedding.
-- Structured additive types (kinds of the ``structured`` plugin, spec 6.10.8-12): SHiRA -> ``sparse`` (its
-  (row, column) pairs as sorted flat indices), LN tuning -> ``dense`` replace, FourierFT -> ``fourier`` (the
-  frequencies PEFT draws from ``random_loc_seed`` stored), VB-LoRA -> ``vector_bank`` and RandLoRA ->
-  ``randlora`` (shared bank / bases stored once), C3A -> ``circulant`` (``scale = 1 / in``), MiSS and Bone
-  (``bone_block``, PEFT <= 0.17; written back as MiSS) -> ``block_share``. Refused: VB-LoRA
-  ``save_only_topk_weights``, RandLoRA ``save_projection=false``, ``bias`` other than ``"none"``.
 - ``base_model_name_or_path`` / ``revision`` -> ``base``; the PEFT config is kept in ``provenance`` so that
   writing back reproduces it when the modules and their scales are unchanged.
 
@@ -82,9 +76,8 @@ only with their value), dropouts act only in training, the rest are metadata or 
 
 NEUTRAL = (None, False, {}, [], "none", 0.0)
 LORA_FIELDS = frozenset({"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
-                         "fan_in_fan_out", "bias", "lora_bias", "modules_to_save", "trainable_token_indices",
-                         "kasa_config"})
-ADALORA_FIELDS = LORA_FIELDS - {"kasa_config"} | {"init_r"}
+                         "fan_in_fan_out", "bias", "lora_bias", "modules_to_save", "trainable_token_indices"})
+ADALORA_FIELDS = LORA_FIELDS | {"init_r"}
 IA3_FIELDS = frozenset({"feedforward_modules", "fan_in_fan_out", "modules_to_save"})
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "num_transformer_submodules", "modules_to_save"})
 LYCORIS_FIELDS = frozenset({"r", "alpha", "rank_pattern", "alpha_pattern", "modules_to_save", "decompose_both",
@@ -356,8 +349,7 @@ class _Reader:
         extra: dict[str, torch.Tensor] = {}
         suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".lora_embedding_A": "eA",
                     ".lora_embedding_B": "eB", ".lora_magnitude_vector": "magnitude", ".lora_A": "A", ".lora_B": "B",
-                    ".lora_E": "E", ".base_layer.bias": "base_bias", ".base_layer.weight": "base_weight",
-                    ".lora_diag": "diag"}
+                    ".lora_E": "E", ".base_layer.bias": "base_bias", ".base_layer.weight": "base_weight"}
         for key, t in self.raw.items():
             suffix = next((s for s in suffixes if key.endswith(s)), None)
             if suffix is None:
@@ -395,73 +387,46 @@ class _Reader:
             if stored is not None and not self.same_as_base(module, f"{PREFIX}{module}.base_layer.weight", stored):
                 self.replace_lora(module, p, stored, af.lowrank_entry(shape, scale, transposed=transposed))
                 continue
-            entry = af.lowrank_entry(shape, scale, transposed=transposed)
-            roles = {"lora_A": a, "lora_B": b}
             if init is not None and not embedding and stored is None:
-                roles.update(self.rewrite(init, module, a, scale, transposed))
-                entry["params"]["base_part"] = {"scale": scale}
-            if ("diag" in p) != (cfg.get("kasa_config") is not None):
-                raise af.FormatError(f"module {module!r}: lora_diag (KaSA's singular values) is "
-                                     f"{'present' if 'diag' in p else 'missing'} but kasa_config is "
-                                     f"{cfg.get('kasa_config')!r}", path=self.path)
-            if "diag" in p:
-                roles.update(self.kasa(module, p["diag"], a, transposed))
-                entry["params"]["base_part"] = {"scale": 1.0}
+                a, b = self.rewrite(init, module, a, b, scale, transposed)
+            roles = {"lora_A": a, "lora_B": b}
             if "bias" in p:
                 roles["bias"] = p["bias"]
             if "magnitude" in p:
                 roles["magnitude"] = p["magnitude"].reshape(-1)
             if "base_bias" in p:
                 roles["bias_value"] = p["base_bias"]
-            self.add(module, entry, roles)
+            self.add(module, af.lowrank_entry(shape, scale, transposed=transposed), roles)
         self.aux(extra)
         method_cfg = {"r": int(cfg.get("init_r" if adalora else "r", 8)), "alpha": cfg.get("lora_alpha", 8),
                       "use_rslora": rslora, "use_dora": bool(cfg.get("use_dora")),
                       "lora_bias": bool(cfg.get("lora_bias"))}
         return method_cfg
 
-    def rewrite(self, init: str, module: str, a: torch.Tensor, scale: float, transposed: bool
-                ) -> dict[str, torch.Tensor]:
-        """PiSSA / OLoRA: PEFT subtracts ``scale * B0 @ A0`` (computed from the base weight, in float32) from
-        the base when it loads the adapter, so the file means ``dW = scale * (B A - B0 A0)``: the explicit base
-        part (spec 6.2.1) ``init_A = A0``, ``init_B = B0``, ``c = scale``."""
+    def rewrite(self, init: str, module: str, a: torch.Tensor, b: torch.Tensor, scale: float,
+                transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """PiSSA / OLoRA: PEFT subtracts ``scale * B0 @ A0`` (computed from the base weight) from the base when
+        it loads the adapter, so the file means ``dW = scale * (B A - B0 A0)``: the rank-2r factors
+        ``[A; A0]``, ``[B, -B0]`` (in float32, as PEFT computes B0 and A0)."""
         key = f"init_lora_weights={self.cfg['init_lora_weights']!r}"
         if a.dim() != 2:
             raise af.UnsupportedError(f"{key} on the convolution {module!r}: PEFT cannot load it either",
                                       path=self.path)
-        w = self.base_weight(module, key, "rewrites the base weights when PEFT loads the adapter (W - scale * "
-                                          "B0 A0 computed from the base)")
-        r = a.shape[0]
-        if init == "pissa":  # the top-r singular triplets of the function-layout weight
-            a0, b0 = af.pissa_factors(w.t() if transposed else w, r, scale)
-        else:  # OLoRA: QR of the weight as PEFT stores it
-            a0, b0 = af.olora_factors(w, r)
-            if transposed:
-                a0, b0 = b0.t(), a0.t()
-        dtype = torch.promote_types(a.dtype, torch.float32)
-        return {"init_A": a0.to(dtype).contiguous(), "init_B": b0.to(dtype).contiguous()}
-
-    def kasa(self, module: str, diag: torch.Tensor, a: torch.Tensor, transposed: bool) -> dict[str, torch.Tensor]:
-        """KaSA (``kasa_config``): PEFT drops the ``r`` smallest singular triplets of the base weight (float32)
-        when it creates or loads the adapter, and adds ``scale * B diag(lora_diag) A``: the middle factor
-        ``lora_mid`` and the explicit base part ``init_B = U_d S_d``, ``init_A = Vh_d``, ``c = 1``."""
-        if a.dim() != 2 or transposed:
-            raise af.UnsupportedError(f"kasa_config on {module!r}: PEFT's KaSA takes nn.Linear weights only "
-                                      "(no fan_in_fan_out, no convolution)", path=self.path)
-        w = self.base_weight(module, "kasa_config", "drops the base weight's smallest singular triplets")
-        r = a.shape[0]
-        if r >= min(w.shape):
-            raise af.FormatError(f"kasa_config on {module!r}: r = {r} must be below min(out, in) = {min(w.shape)}",
-                                 path=self.path)
-        a0, b0 = af.svd_bottom_factors(w, r)
-        dtype = torch.promote_types(a.dtype, torch.float32)
-        return {"lora_mid": diag.reshape(-1), "init_A": a0.to(dtype), "init_B": b0.to(dtype)}
-
-    def base_weight(self, module: str, key: str, what: str) -> torch.Tensor:
         if self.base is None:
-            raise af.UnsupportedError(f"{key} {what}; pass the base model (base= / --base BASE) to convert it "
-                                      "exactly", path=self.path)
-        return af.base_tensor(self.base, f"{module}.weight").to(torch.float32)
+            raise af.UnsupportedError(f"{key} rewrites the base weights when PEFT loads the adapter (W - scale * "
+                                      "B0 A0 computed from the base); pass the base model (base= / --base BASE) to "
+                                      "convert it exactly", path=self.path)
+        w = af.base_tensor(self.base, f"{module}.weight").to(torch.float32)
+        r = a.shape[0]
+        if init == "pissa":  # the top-r singular triplets of the function-layout weight, sqrt(S / scale) on each side
+            u, s, vh = torch.linalg.svd(w.t() if transposed else w, full_matrices=False)
+            root = torch.sqrt(s[:r] / scale)
+            b0, a0 = u[:, :r] * root, root[:, None] * vh[:r]
+        else:  # OLoRA: the first r columns of Q and rows of R of the stored weight's QR decomposition
+            q, rr = torch.linalg.qr(w)
+            b0, a0 = (rr[:r].t(), q[:, :r].t()) if transposed else (q[:, :r], rr[:r])
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        return torch.cat([a.to(dtype), a0.to(dtype)]), torch.cat([b.to(dtype), -b0.to(dtype)], dim=1)
 
     def same_as_base(self, module: str, key: str, stored: torch.Tensor) -> bool:
         """A base weight PEFT saved in the file (``save_embedding_layers``), which PEFT loads over the base's:
@@ -1044,9 +1009,9 @@ class _Writer:
         dora = bias = base_bias = conv1d = False
         for m in low:
             e, t = mods[m], self.adapter.module_tensors(m)
-            a, b, scale = lora_factors(e, t)
+            a, b = t["lora_A"], t["lora_B"]
             r = ranks[m] = a.shape[0]
-            alphas[m] = af.alpha_for(scale, r, rslora)
+            alphas[m] = af.alpha_for(float(e.get("params", {}).get("scale", 1.0)), r, rslora)
             if _is_embedding(m, e, self.base):
                 self.tensors[f"{PREFIX}{m}.lora_embedding_A"] = a
                 self.tensors[f"{PREFIX}{m}.lora_embedding_B"] = b
@@ -1413,24 +1378,10 @@ WRITERS.update({"shira": _Writer.shira, "ln_tuning": _Writer.ln_tuning, "fourier
                 "vblora": _Writer.vblora, "randlora": _Writer.randlora, "c3a": _Writer.c3a, "miss": _Writer.miss})
 
 
-def lora_factors(entry: dict[str, Any], t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(lora_A, lora_B, scale)`` PEFT stores for a lowrank entry: its own factors, or for one with a middle
-    factor or an explicit base part (spec 6.2.1) the plain factors of rank ``r + r0`` with ``dW = B' @ A'``
-    exactly (scale 1)."""
-    if "lora_mid" not in t and "base_part" not in entry.get("params", {}):
-        return t["lora_A"], t["lora_B"], float(entry.get("params", {}).get("scale", 1.0))
-    b, a = af.registry.get_kind("lowrank").factors(entry, t)
-    k, dtype = a.shape[0], torch.promote_types(t["lora_A"].dtype, torch.float32)
-    return a.reshape(k, *t["lora_A"].shape[1:]).to(dtype), b.reshape(b.shape[0], k, *t["lora_B"].shape[2:]).to(dtype), 1.0
-
-
 def write_peft(adapter: af.Adapter, path: str | Path, *, base: Any = None) -> Path:
     """Write ``adapter`` as a PEFT folder at ``path`` (which must not exist; :func:`adapterfmt.write_foreign`
-    makes this atomic). Methods: lora (and lowrank-only adapters of other methods), ia3, prompt_tuning.
-    A lowrank middle factor or base part is written as the plain LoRA of rank ``r + r0`` (exact); a derived
-    base part is made explicit with ``base`` first (refused without it)."""
+    makes this atomic). Methods: lora (and lowrank-only adapters of other methods), ia3, prompt_tuning."""
     path = Path(path)
-    adapter = af.require_explicit(adapter, base, "PEFT export")
     writer = _Writer(adapter, base)
     method = adapter.method
     if method not in WRITERS:

@@ -45,8 +45,8 @@ def test_inspect_and_validate_a_peft_folder(peft_pair) -> None:
     r = invoke("inspect", str(a.folder))
     assert r.exit_code == 0, r.output
     assert "peft folder, converted in memory" in r.stdout and "r=2 x4" in r.stdout
-    assert r.stderr.strip().splitlines() == [f"note: read peft folder {a.folder} (converted in memory; "
-                                             "`adapter convert` keeps a copy)"]
+    note = f"note: read peft folder {a.folder} (converted in memory; `adapter convert` keeps a copy)"
+    assert r.stderr.strip().splitlines() == [note]
     info = json.loads(invoke("inspect", str(a.folder), "--json").stdout)
     assert info["form"] == "peft folder, converted in memory" and info["checksums"].startswith("none")
     r = invoke("validate", str(a.folder))

@@ -27,6 +27,12 @@ Mapping (PEFT -> adapterfmt; the reverse writes the same, so a round trip is ten
 - AdaLoRA -> ``lowrank`` with ``lora_E`` folded into A and ``scale = alpha / (init_r + 1e-5)`` (written back
   as a PEFT LoRA: same function, E is not kept). IA3 ``ia3_l`` -> ``vector`` op ``scale`` (output side, or
   input side for ``feedforward_modules``). Prompt tuning -> ``prompt`` on the input embedding.
+- Structured additive types (kinds of the ``structured`` plugin, spec 6.10.8-12): SHiRA -> ``sparse`` (its
+  (row, column) pairs as sorted flat indices), LN tuning -> ``dense`` replace, FourierFT -> ``fourier`` (the
+  frequencies PEFT draws from ``random_loc_seed`` stored), VB-LoRA -> ``vector_bank`` and RandLoRA ->
+  ``randlora`` (shared bank / bases stored once), C3A -> ``circulant`` (``scale = 1 / in``), MiSS and Bone
+  (``bone_block``, PEFT <= 0.17; written back as MiSS) -> ``block_share``. Refused: VB-LoRA
+  ``save_only_topk_weights``, RandLoRA ``save_projection=false``, ``bias`` other than ``"none"``.
 - ``base_model_name_or_path`` / ``revision`` -> ``base``; the PEFT config is kept in ``provenance`` so that
   writing back reproduces it when the modules and their scales are unchanged.
 

@@ -46,7 +46,7 @@ from .plugin.protocols import ApplyBackend, ForeignFormat, TensorCodec
 _LAZY: dict[str, tuple[str, ...]] = {
     ".deltas": ("DeltaKind", "function_shape", "lowrank_entry"),
     ".deltas.base_part": ("derived_tensors", "ldu_rows", "olora_factors", "pissa_factors", "recipe_factors",
-                          "svd_bottom_factors"),
+                          "recipe_writable", "svd_bottom_factors"),
     ".deltas.modules": ("is_transposed", "weight_function"),
     ".format.codecs": ("BUILTIN_CODECS",),
     ".format.fingerprint": ("fingerprint_checkpoint", "fingerprint_module"),
@@ -58,7 +58,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "read_pickle_tensors", "read_tensor_file", "rope_permute", "tensor_names", "to_peft", "write_folder",
         "write_foreign", "write_tensor_file",
     ),
-    ".verbs.explicit": ("make_explicit",),
+    ".verbs.explicit": ("make_explicit", "require_explicit"),
     ".verbs.extract": ("extract_adapter",),
     ".verbs.merge": ("merge_adapters",),
     ".verbs.method": ("Method",),
@@ -108,12 +108,14 @@ __all__ = [
     "convert", "read_foreign", "write_foreign", "to_peft",
     "merge_adapters", "compress_adapter", "extract_adapter", "port_adapter", "record_base", "make_explicit",
     "fingerprint_module", "fingerprint_checkpoint",
+    "require_explicit",
     # writing plugins: methods, delta kinds, codecs, backends
     "Method", "hookimpl", "DeltaKind", "function_shape", "lowrank_entry", "weight_function", "is_transposed",
     "ForeignFormat", "TensorCodec", "ApplyBackend", "BUILTIN_CODECS",
     # writing a method's train verb
     "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype",
-    "recipe_factors", "derived_tensors", "ldu_rows", "pissa_factors", "olora_factors", "svd_bottom_factors",
+    "recipe_factors", "recipe_writable", "derived_tensors", "ldu_rows", "pissa_factors", "olora_factors",
+    "svd_bottom_factors",
     "select_modules", "select_targets", "matches_targets", "pattern_value", "TARGETS_SCHEMA",
     # writing a foreign-format codec
     "read_tensor_file", "read_pickle_tensors", "write_tensor_file", "read_json_object", "write_folder", "tensor_names",

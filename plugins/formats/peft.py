@@ -82,8 +82,9 @@ only with their value), dropouts act only in training, the rest are metadata or 
 
 NEUTRAL = (None, False, {}, [], "none", 0.0)
 LORA_FIELDS = frozenset({"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
-                         "fan_in_fan_out", "bias", "lora_bias", "modules_to_save", "trainable_token_indices"})
-ADALORA_FIELDS = LORA_FIELDS | {"init_r"}
+                         "fan_in_fan_out", "bias", "lora_bias", "modules_to_save", "trainable_token_indices",
+                         "kasa_config"})
+ADALORA_FIELDS = LORA_FIELDS - {"kasa_config"} | {"init_r"}
 IA3_FIELDS = frozenset({"feedforward_modules", "fan_in_fan_out", "modules_to_save"})
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "num_transformer_submodules", "modules_to_save"})
 LYCORIS_FIELDS = frozenset({"r", "alpha", "rank_pattern", "alpha_pattern", "modules_to_save", "decompose_both",
@@ -355,7 +356,8 @@ class _Reader:
         extra: dict[str, torch.Tensor] = {}
         suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias", ".lora_embedding_A": "eA",
                     ".lora_embedding_B": "eB", ".lora_magnitude_vector": "magnitude", ".lora_A": "A", ".lora_B": "B",
-                    ".lora_E": "E", ".base_layer.bias": "base_bias", ".base_layer.weight": "base_weight"}
+                    ".lora_E": "E", ".base_layer.bias": "base_bias", ".base_layer.weight": "base_weight",
+                    ".lora_diag": "diag"}
         for key, t in self.raw.items():
             suffix = next((s for s in suffixes if key.endswith(s)), None)
             if suffix is None:
@@ -393,46 +395,73 @@ class _Reader:
             if stored is not None and not self.same_as_base(module, f"{PREFIX}{module}.base_layer.weight", stored):
                 self.replace_lora(module, p, stored, af.lowrank_entry(shape, scale, transposed=transposed))
                 continue
-            if init is not None and not embedding and stored is None:
-                a, b = self.rewrite(init, module, a, b, scale, transposed)
+            entry = af.lowrank_entry(shape, scale, transposed=transposed)
             roles = {"lora_A": a, "lora_B": b}
             if "bias" in p:
                 roles["bias"] = p["bias"]
             if "magnitude" in p:
+            if init is not None and not embedding and stored is None:
+                roles.update(self.rewrite(init, module, a, scale, transposed))
+                entry["params"]["base_part"] = {"scale": scale}
+            if ("diag" in p) != (cfg.get("kasa_config") is not None):
+                raise af.FormatError(f"module {module!r}: lora_diag (KaSA's singular values) is "
+                                     f"{'present' if 'diag' in p else 'missing'} but kasa_config is "
+                                     f"{cfg.get('kasa_config')!r}", path=self.path)
+            if "diag" in p:
+                roles.update(self.kasa(module, p["diag"], a, transposed))
+                entry["params"]["base_part"] = {"scale": 1.0}
                 roles["magnitude"] = p["magnitude"].reshape(-1)
             if "base_bias" in p:
                 roles["bias_value"] = p["base_bias"]
-            self.add(module, af.lowrank_entry(shape, scale, transposed=transposed), roles)
+            self.add(module, entry, roles)
         self.aux(extra)
         method_cfg = {"r": int(cfg.get("init_r" if adalora else "r", 8)), "alpha": cfg.get("lora_alpha", 8),
                       "use_rslora": rslora, "use_dora": bool(cfg.get("use_dora")),
                       "lora_bias": bool(cfg.get("lora_bias"))}
         return method_cfg
 
-    def rewrite(self, init: str, module: str, a: torch.Tensor, b: torch.Tensor, scale: float,
-                transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """PiSSA / OLoRA: PEFT subtracts ``scale * B0 @ A0`` (computed from the base weight) from the base when
-        it loads the adapter, so the file means ``dW = scale * (B A - B0 A0)``: the rank-2r factors
-        ``[A; A0]``, ``[B, -B0]`` (in float32, as PEFT computes B0 and A0)."""
+    def rewrite(self, init: str, module: str, a: torch.Tensor, scale: float, transposed: bool
+                ) -> dict[str, torch.Tensor]:
+        """PiSSA / OLoRA: PEFT subtracts ``scale * B0 @ A0`` (computed from the base weight, in float32) from
+        the base when it loads the adapter, so the file means ``dW = scale * (B A - B0 A0)``: the explicit base
+        part (spec 6.2.1) ``init_A = A0``, ``init_B = B0``, ``c = scale``."""
         key = f"init_lora_weights={self.cfg['init_lora_weights']!r}"
         if a.dim() != 2:
             raise af.UnsupportedError(f"{key} on the convolution {module!r}: PEFT cannot load it either",
                                       path=self.path)
-        if self.base is None:
-            raise af.UnsupportedError(f"{key} rewrites the base weights when PEFT loads the adapter (W - scale * "
-                                      "B0 A0 computed from the base); pass the base model (base= / --base BASE) to "
-                                      "convert it exactly", path=self.path)
-        w = af.base_tensor(self.base, f"{module}.weight").to(torch.float32)
+        w = self.base_weight(module, key, "rewrites the base weights when PEFT loads the adapter (W - scale * "
+                                          "B0 A0 computed from the base)")
         r = a.shape[0]
-        if init == "pissa":  # the top-r singular triplets of the function-layout weight, sqrt(S / scale) on each side
-            u, s, vh = torch.linalg.svd(w.t() if transposed else w, full_matrices=False)
-            root = torch.sqrt(s[:r] / scale)
-            b0, a0 = u[:, :r] * root, root[:, None] * vh[:r]
-        else:  # OLoRA: the first r columns of Q and rows of R of the stored weight's QR decomposition
-            q, rr = torch.linalg.qr(w)
-            b0, a0 = (rr[:r].t(), q[:, :r].t()) if transposed else (q[:, :r], rr[:r])
+        if init == "pissa":  # the top-r singular triplets of the function-layout weight
+            a0, b0 = af.pissa_factors(w.t() if transposed else w, r, scale)
+        else:  # OLoRA: QR of the weight as PEFT stores it
+            a0, b0 = af.olora_factors(w, r)
+            if transposed:
+                a0, b0 = b0.t(), a0.t()
         dtype = torch.promote_types(a.dtype, torch.float32)
-        return torch.cat([a.to(dtype), a0.to(dtype)]), torch.cat([b.to(dtype), -b0.to(dtype)], dim=1)
+        return {"init_A": a0.to(dtype).contiguous(), "init_B": b0.to(dtype).contiguous()}
+
+    def kasa(self, module: str, diag: torch.Tensor, a: torch.Tensor, transposed: bool) -> dict[str, torch.Tensor]:
+        """KaSA (``kasa_config``): PEFT drops the ``r`` smallest singular triplets of the base weight (float32)
+        when it creates or loads the adapter, and adds ``scale * B diag(lora_diag) A``: the middle factor
+        ``lora_mid`` and the explicit base part ``init_B = U_d S_d``, ``init_A = Vh_d``, ``c = 1``."""
+        if a.dim() != 2 or transposed:
+            raise af.UnsupportedError(f"kasa_config on {module!r}: PEFT's KaSA takes nn.Linear weights only "
+                                      "(no fan_in_fan_out, no convolution)", path=self.path)
+        w = self.base_weight(module, "kasa_config", "drops the base weight's smallest singular triplets")
+        r = a.shape[0]
+        if r >= min(w.shape):
+            raise af.FormatError(f"kasa_config on {module!r}: r = {r} must be below min(out, in) = {min(w.shape)}",
+                                 path=self.path)
+        a0, b0 = af.svd_bottom_factors(w, r)
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        return {"lora_mid": diag.reshape(-1), "init_A": a0.to(dtype), "init_B": b0.to(dtype)}
+
+    def base_weight(self, module: str, key: str, what: str) -> torch.Tensor:
+        if self.base is None:
+            raise af.UnsupportedError(f"{key} {what}; pass the base model (base= / --base BASE) to convert it "
+                                      "exactly", path=self.path)
+        return af.base_tensor(self.base, f"{module}.weight").to(torch.float32)
 
     def same_as_base(self, module: str, key: str, stored: torch.Tensor) -> bool:
         """A base weight PEFT saved in the file (``save_embedding_layers``), which PEFT loads over the base's:
@@ -1015,7 +1044,7 @@ class _Writer:
         dora = bias = base_bias = conv1d = False
         for m in low:
             e, t = mods[m], self.adapter.module_tensors(m)
-            a, b = t["lora_A"], t["lora_B"]
+            a, b, scale = lora_factors(e, t)
             r = ranks[m] = a.shape[0]
             alphas[m] = af.alpha_for(float(e.get("params", {}).get("scale", 1.0)), r, rslora)
             if _is_embedding(m, e, self.base):
@@ -1391,12 +1420,24 @@ def write_peft(adapter: af.Adapter, path: str | Path, *, base: Any = None) -> Pa
     writer = _Writer(adapter, base)
     method = adapter.method
     if method not in WRITERS:
+def lora_factors(entry: dict[str, Any], t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(lora_A, lora_B, scale)`` PEFT stores for a lowrank entry: its own factors, or for one with a middle
+    factor or an explicit base part (spec 6.2.1) the plain factors of rank ``r + r0`` with ``dW = B' @ A'``
+    exactly (scale 1)."""
+    if "lora_mid" not in t and "base_part" not in entry.get("params", {}):
+        return t["lora_A"], t["lora_B"], float(entry.get("params", {}).get("scale", 1.0))
+    b, a = af.registry.get_kind("lowrank").factors(entry, t)
+    k, dtype = a.shape[0], torch.promote_types(t["lora_A"].dtype, torch.float32)
+    return a.reshape(k, *t["lora_A"].shape[1:]).to(dtype), b.reshape(b.shape[0], k, *t["lora_B"].shape[2:]).to(dtype), 1.0
+
+
         kinds = set(writer.by_kind)
         method = "lora" if kinds <= {"lowrank", "to_save", "bias", "rows"} else method
     if method not in WRITERS:
         raise af.UnsupportedError(f"method {adapter.method!r} has no PEFT equivalent (PEFT export supports "
                                   f"{', '.join(sorted(WRITERS))} and any adapter of lowrank modules)")
     WRITERS[method](writer)
+    adapter = af.require_explicit(adapter, base, "PEFT export")
     return af.write_folder(path, WEIGHTS_FILE, writer.tensors, CONFIG_FILE, writer.cfg, {"format": "pt"})
 
 

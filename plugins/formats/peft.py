@@ -87,6 +87,9 @@ LORA_FIELDS = frozenset({"r", "lora_alpha", "rank_pattern", "alpha_pattern", "us
 ADALORA_FIELDS = LORA_FIELDS - {"kasa_config"} | {"init_r"}
 IA3_FIELDS = frozenset({"feedforward_modules", "fan_in_fan_out", "modules_to_save"})
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "num_transformer_submodules", "modules_to_save"})
+P_TUNING_FIELDS = PROMPT_FIELDS | {"encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers",
+                                   "encoder_dropout"}
+"""P-tuning's encoder fields shape only its prompt encoder, whose output PEFT saves as ``prompt_embeddings``."""
 LYCORIS_FIELDS = frozenset({"r", "alpha", "rank_pattern", "alpha_pattern", "modules_to_save", "decompose_both",
                             "decompose_factor", "rank_dropout_scale"})
 VERA_FIELDS = frozenset({"r", "modules_to_save", "save_projection", "projection_prng_key", "d_initial",
@@ -891,8 +894,11 @@ class _Reader:
         return {"r": r, "variant": variant, **({"mini_r": mini_r} if variant == "mini" else {})}
 
     # ----- prompt tuning -------------------------------------------------------------------------------------
-    def prompt(self) -> dict[str, Any]:
-        _check_fields(self.cfg, PROMPT_FIELDS, self.path)
+    def prompt(self, fields: frozenset[str] = PROMPT_FIELDS) -> dict[str, Any]:
+        """Prompt tuning, and p-tuning: PEFT saves the prompt encoder's output (the virtual tokens' embeddings,
+        all that acts at inference) as ``prompt_embeddings``; the encoder only reparameterises training and is
+        not in the file, so p-tuning is stored as a ``prompt`` (written back as PEFT prompt tuning)."""
+        _check_fields(self.cfg, fields, self.path)
         if self.cfg.get("num_transformer_submodules", 1) != 1:
             raise af.UnsupportedError("prompt tuning with num_transformer_submodules != 1 (encoder-decoder) "
                                       "cannot be represented", path=self.path)
@@ -907,6 +913,7 @@ class _Reader:
 
 READERS = {"LORA": ("lora", lambda r: r.lora(False)), "ADALORA": ("lora", lambda r: r.lora(True)),
            "IA3": ("ia3", _Reader.ia3), "PROMPT_TUNING": ("prompt_tuning", _Reader.prompt),
+           "P_TUNING": ("prompt_tuning", lambda r: r.prompt(P_TUNING_FIELDS)),
            "LOHA": ("loha", lambda r: r.lycoris("LOHA")), "LOKR": ("lokr", lambda r: r.lycoris("LOKR")),
            "VERA": ("vera", _Reader.vera), "OFT": ("oft", lambda r: r.multiplicative("OFT")),
            "BOFT": ("boft", lambda r: r.multiplicative("BOFT")), "HRA": ("hra", lambda r: r.multiplicative("HRA"))}
@@ -932,7 +939,7 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False)
     if ptype not in READERS:
         raise af.UnsupportedError(f"PEFT type {ptype!r} is not supported (supported: {', '.join(READERS)})", path=path)
     raw = _load_tensors(path, allow_pickle)
-    reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "VERA", "VBLORA", "RANDLORA") else _strip(raw, path), base)
+    reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "P_TUNING", "VERA", "VBLORA", "RANDLORA") else _strip(raw, path), base)
     method, fn = READERS[ptype]
     method_cfg = fn(reader)
     fingerprint = af.base_fingerprint(base)

@@ -1,0 +1,42 @@
+"""PEFT's p-tuning through ``adapter convert`` against PEFT's logits, and the prompt-space types not yet
+represented refused in one line naming them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from helpers_peft import build, case, load_peft, logits  # noqa: E402
+from helpers_spec import invoke  # noqa: E402
+from peft import PrefixTuningConfig, PromptEncoderConfig  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import adapterfmt as af  # noqa: E402
+
+ATOL = 1e-5
+
+
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+def test_p_tuning_is_its_encoder_output_as_a_prompt(tmp_path, encoder):
+    c = case(tmp_path, "llama", PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                    encoder_hidden_size=12, encoder_reparameterization_type=encoder))
+    adapter = af.read_foreign(c.folder, base=c.base)
+    (entry,) = adapter.modules.values()
+    assert entry["kind"] == "prompt"
+    model = build("llama")
+    af.attach(model, adapter)
+    assert (logits(model, c.ids) - c.expected).abs().max() <= ATOL
+    af.write_foreign(adapter, tmp_path / "back", "peft", base=c.base)  # as PEFT prompt tuning: the same function
+    pm, missing, unexpected = load_peft("llama", tmp_path / "back")
+    assert missing == [] and unexpected == []
+    assert (logits(pm, c.ids) - c.expected).abs().max() <= ATOL
+    assert torch.equal(load_file(tmp_path / "back" / "adapter_model.safetensors")["prompt_embeddings"],
+                       load_file(c.folder / "adapter_model.safetensors")["prompt_embeddings"])
+
+
+def test_prefix_tuning_is_refused_in_one_line_naming_it(tmp_path):
+    c = case(tmp_path, "llama", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    res = invoke("convert", str(c.folder), str(tmp_path / "o.safetensors"))
+    assert res.exit_code == 1 and "PEFT type 'PREFIX_TUNING' is not supported" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.safetensors").exists()

@@ -38,6 +38,7 @@ present in several inputs summed (weights applied), and stays ``sparse`` while t
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 import zlib
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import adapterfmt as af
@@ -56,10 +58,12 @@ DENSITY = 0.01
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
+BUDGET = {"k": {"type": "integer", "minimum": 1}, "density": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}
+
+
 def _config_schema(extra: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": {
-        "k": {"type": "integer", "minimum": 1}, "density": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "selection": {"enum": list(SELECTIONS)}, "seed": {"type": "integer"}, **extra, **af.TARGETS_SCHEMA}}
+        **BUDGET, "selection": {"enum": list(SELECTIONS)}, "seed": {"type": "integer"}, **extra, **af.TARGETS_SCHEMA}}
 
 
 def function_2d(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -609,9 +613,145 @@ class Spiel(af.Method):
         return session
 
 
+# ----- LT-SFT -----------------------------------------------------------------------------------------------
+def full_ft_phase(model: nn.Module, chosen: dict[str, nn.Module], cfg: dict[str, Any], loss_fn: LossFn,
+                  batches: Iterable[Any]) -> tuple[dict[str, torch.Tensor], int]:
+    """LT-SFT's phase 1: full fine-tuning of the chosen weights (AdamW, no weight decay, ``full_ft_lr``) for
+    ``full_ft_steps`` steps cycling over ``batches`` (default one pass); returns each weight's change
+    ``theta_1 - theta_0`` and the steps run. The weights are restored whatever happens."""
+    data = list(batches)
+    if not data:
+        raise af.FormatError("lt_sft phase 1 got no batch")
+    steps = cfg.get("full_ft_steps", len(data))
+    params = list(model.parameters())
+    saved = [(p.requires_grad, p.grad) for p in params]
+    weights = {path: m.weight for path, m in chosen.items()}
+    start = {path: w.detach().clone() for path, w in weights.items()}
+    for p in params:
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+        w.grad = None
+    try:
+        opt = torch.optim.AdamW(list(weights.values()), lr=cfg.get("full_ft_lr", 1e-4), weight_decay=0.0)
+        for i in range(steps):
+            opt.zero_grad()
+            loss_fn(model, data[i % len(data)]).backward()
+            opt.step()
+        return {path: w.detach() - start[path] for path, w in weights.items()}, steps
+    finally:
+        with torch.no_grad():
+            for path, w in weights.items():
+                w.copy_(start[path])
+        for p, (flag, grad) in zip(params, saved, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
+def global_top_k(diffs: dict[str, torch.Tensor], k: int) -> tuple[dict[str, torch.Tensor], float]:
+    """The ``k`` entries with the largest ``|diff|`` over all modules together (one global K): sorted flat
+    stored-layout indices per module, and the threshold (the k-th largest ``|diff|``). Each module gives its
+    own top ``k`` first, so the global choice never holds more than ``k`` per module."""
+    best = {path: d.abs().reshape(-1).topk(min(k, d.numel()), sorted=False) for path, d in diffs.items()}
+    scores = torch.cat([b.values for b in best.values()])
+    top = scores.topk(min(k, scores.numel()), sorted=False)
+    taken = torch.zeros(scores.numel(), dtype=torch.bool)
+    taken[top.indices] = True
+    masks, start = {}, 0
+    for path, b in best.items():
+        n = b.indices.numel()
+        masks[path] = torch.sort(b.indices[taken[start:start + n]]).values
+        start += n
+    return masks, float(top.values.min())
+
+
+class LTSFT(af.Method):
+    name = "lt_sft"
+    summary = "LT-SFT (composable sparse fine-tuning): full FT, the K most-changed entries over the model, reset, train those"
+    kinds = ("sparse",)
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
+        **BUDGET, "mask_from": {"type": "string", "minLength": 1}, "full_ft_steps": {"type": "integer", "minimum": 1},
+        "full_ft_lr": {"type": "number", "exclusiveMinimum": 0}, "threshold": {"type": "number", "minimum": 0},
+        **af.TARGETS_SCHEMA}}
+    """``threshold`` is recorded by phase 1 (the K-th largest change), never an option."""
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], loss_fn: LossFn | None = None,
+              batches: Iterable[Any] | None = None, **options: Any) -> af.TrainSession:
+        """Phase 1 (full fine-tuning on ``loss_fn`` / ``batches``) and the global top-K choice, or the mask of
+        an existing sparse adapter (``mask_from``); returns phase 2's session: those entries trainable
+        (from zero, the model reset to its pre-trained weights), everything else frozen.
+
+        One iteration of the authors' ``n_ft_iterations``, without their optional L1 terms; ties at the
+        threshold are broken by ``topk`` (exactly K entries), where the authors keep every tie."""
+        self.check_config(config)
+        cfg = dict(config)
+        if "threshold" in cfg:
+            raise af.FormatError("lt_sft: threshold is what phase 1 found, not an option; use k or density")
+        if "mask_from" in cfg:
+            if "target_modules" in cfg or "k" in cfg or "density" in cfg:
+                raise af.FormatError("lt_sft: mask_from gives the modules and entries; drop target_modules, k, density")
+            masks = self.masks_from(model, cfg["mask_from"])
+        else:
+            if loss_fn is None or batches is None:
+                raise af.FormatError("lt_sft needs phase 1 data (train(..., loss_fn=, batches=)) or mask_from")
+            chosen = af.select_targets(model, cfg, supported=SUPPORTED)
+            total = sum(m.weight.numel() for m in chosen.values())
+            k = cfg["k"] if "k" in cfg else max(1, int(cfg.get("density", DENSITY) * total))
+            if "k" in cfg and "density" in cfg:
+                raise af.FormatError("lt_sft: give one of k or density, not both")
+            diffs, cfg["full_ft_steps"] = full_ft_phase(model, chosen, cfg, loss_fn, batches)
+            masks, cfg["threshold"] = global_top_k(diffs, k)
+            masks = {path: idx for path, idx in masks.items() if idx.numel()}
+        return af.inject(model, method=self.name, config=cfg, supported=SUPPORTED,
+                         targets={"target_modules": sorted(masks)},
+                         build=lambda path, module: sparse_trainable(module, masks[path]))
+
+    @staticmethod
+    def masks_from(model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+        """Each module's sorted stored-layout indices from the ``sparse`` adapter at ``source``."""
+        adapter = af.validate(source)
+        masks = {}
+        for path, entry in adapter.modules.items():
+            if entry["kind"] != "sparse" or entry.get("parameter", "weight") != "weight":
+                raise af.FormatError(f"lt_sft mask_from: module {path!r} is {entry['kind']!r} on "
+                                     f"{entry.get('parameter', 'weight')!r}, not a sparse weight entry", path=source)
+            module = dict(model.named_modules()).get(path)
+            if module is None or list(module.weight.shape) != list(entry["shape"]):
+                raise af.FormatError(f"lt_sft mask_from: module {path!r} of shape {entry['shape']} is not in the model",
+                                     path=source)
+            masks[path] = adapter.tensor(f"{path}.indices")
+        return masks
+
+    def conformance_example(self) -> Any:
+        """The conformance kit's example: phase 1 for real on its tiny model, and the mask saved (under the
+        system's temporary folder, overwritten each time) for the kit's own ``train``, which has no data."""
+        import tempfile
+        from pathlib import Path
+
+        from adapterfmt.authoring.conformance import Example
+        from adapterfmt.tiny import TinyConfig, build_tiny
+
+        model = build_tiny(0, TinyConfig(vocab_size=32, hidden=16, layers=1, heads=2, intermediate=32))
+        gen = torch.Generator().manual_seed(0)
+        data = [torch.randint(0, 32, (4, 6), generator=gen) for _ in range(3)]
+
+        def loss_fn(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+        session = self.train(copy.deepcopy(model), config={"target_modules": ["q_proj", "v_proj", "down_proj"],
+                                                           "density": 0.1}, loss_fn=loss_fn, batches=data)
+        with torch.no_grad():
+            for p in session.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        adapter = session.extract()
+        session.remove()
+        mask = af.save(adapter, Path(tempfile.gettempdir(), "adapterfmt-conformance-lt_sft.safetensors"), overwrite=True)
+        return Example(model, adapter, torch.randint(0, 32, (3, 5), generator=gen), train_config={"mask_from": str(mask)})
+
+
 @af.hookimpl
 def adapterfmt_methods() -> list[af.Method]:
-    return [SparseFT(), StructuredFT(), Spiel()]
+    return [SparseFT(), StructuredFT(), Spiel(), LTSFT()]
 
 
 __all__ = ["SparseFT", "StructuredFT", "function_2d", "gradient_scores", "stored_indices"]

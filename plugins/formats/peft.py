@@ -400,9 +400,6 @@ class _Reader:
                 continue
             entry = af.lowrank_entry(shape, scale, transposed=transposed)
             roles = {"lora_A": a, "lora_B": b}
-            if "bias" in p:
-                roles["bias"] = p["bias"]
-            if "magnitude" in p:
             if init is not None and not embedding and stored is None:
                 roles.update(self.rewrite(init, module, a, scale, transposed))
                 entry["params"]["base_part"] = {"scale": scale}
@@ -413,6 +410,9 @@ class _Reader:
             if "diag" in p:
                 roles.update(self.kasa(module, p["diag"], a, transposed))
                 entry["params"]["base_part"] = {"scale": 1.0}
+            if "bias" in p:
+                roles["bias"] = p["bias"]
+            if "magnitude" in p:
                 roles["magnitude"] = p["magnitude"].reshape(-1)
             if "base_bias" in p:
                 roles["bias_value"] = p["base_bias"]
@@ -1053,7 +1053,7 @@ class _Writer:
             e, t = mods[m], self.adapter.module_tensors(m)
             a, b, scale = lora_factors(e, t)
             r = ranks[m] = a.shape[0]
-            alphas[m] = af.alpha_for(float(e.get("params", {}).get("scale", 1.0)), r, rslora)
+            alphas[m] = af.alpha_for(scale, r, rslora)
             if _is_embedding(m, e, self.base):
                 self.tensors[f"{PREFIX}{m}.lora_embedding_A"] = a
                 self.tensors[f"{PREFIX}{m}.lora_embedding_B"] = b
@@ -1420,13 +1420,6 @@ WRITERS.update({"shira": _Writer.shira, "ln_tuning": _Writer.ln_tuning, "fourier
                 "vblora": _Writer.vblora, "randlora": _Writer.randlora, "c3a": _Writer.c3a, "miss": _Writer.miss})
 
 
-def write_peft(adapter: af.Adapter, path: str | Path, *, base: Any = None) -> Path:
-    """Write ``adapter`` as a PEFT folder at ``path`` (which must not exist; :func:`adapterfmt.write_foreign`
-    makes this atomic). Methods: lora (and lowrank-only adapters of other methods), ia3, prompt_tuning."""
-    path = Path(path)
-    writer = _Writer(adapter, base)
-    method = adapter.method
-    if method not in WRITERS:
 def lora_factors(entry: dict[str, Any], t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(lora_A, lora_B, scale)`` PEFT stores for a lowrank entry: its own factors, or for one with a middle
     factor or an explicit base part (spec 6.2.1) the plain factors of rank ``r + r0`` with ``dW = B' @ A'``
@@ -1438,13 +1431,22 @@ def lora_factors(entry: dict[str, Any], t: dict[str, torch.Tensor]) -> tuple[tor
     return a.reshape(k, *t["lora_A"].shape[1:]).to(dtype), b.reshape(b.shape[0], k, *t["lora_B"].shape[2:]).to(dtype), 1.0
 
 
+def write_peft(adapter: af.Adapter, path: str | Path, *, base: Any = None) -> Path:
+    """Write ``adapter`` as a PEFT folder at ``path`` (which must not exist; :func:`adapterfmt.write_foreign`
+    makes this atomic). Methods: lora (and lowrank-only adapters of other methods), ia3, prompt_tuning.
+    A lowrank middle factor or base part is written as the plain LoRA of rank ``r + r0`` (exact); a derived
+    base part is made explicit with ``base`` first (refused without it)."""
+    path = Path(path)
+    adapter = af.require_explicit(adapter, base, "PEFT export")
+    writer = _Writer(adapter, base)
+    method = adapter.method
+    if method not in WRITERS:
         kinds = set(writer.by_kind)
         method = "lora" if kinds <= {"lowrank", "to_save", "bias", "rows"} else method
     if method not in WRITERS:
         raise af.UnsupportedError(f"method {adapter.method!r} has no PEFT equivalent (PEFT export supports "
                                   f"{', '.join(sorted(WRITERS))} and any adapter of lowrank modules)")
     WRITERS[method](writer)
-    adapter = af.require_explicit(adapter, base, "PEFT export")
     return af.write_folder(path, WEIGHTS_FILE, writer.tensors, CONFIG_FILE, writer.cfg, {"format": "pt"})
 
 

@@ -94,13 +94,15 @@ def test_base_rewriting_init_is_converted_exactly(tmp_path, name):
     got = _attached(base, adapter)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert (got - plain).abs().max() > 1e-2
-    # a rewritten module has rank 2r: [A; A0] and [B, -B0]
+    # a rewritten module keeps PEFT's factors and stores the initial ones: the explicit base part (spec 6.2.1)
     src = load_file(folder / "adapter_model.safetensors")
-    for module in adapter.modules:
+    for module, entry in adapter.modules.items():
         a = src.get(f"base_model.model.{module}.lora_A.weight")
-        if a is not None:
-            assert adapter.shape(f"{module}.lora_A")[0] == 2 * a.shape[0]
-    back = af.to_peft(adapter, tmp_path / "back")  # a plain LoRA: PEFT gives the same on the original base
+        if a is not None and "embed" not in module:
+            assert torch.equal(adapter.tensor(f"{module}.lora_A"), a)
+            assert adapter.shape(f"{module}.init_A") == adapter.shape(f"{module}.lora_A")
+            assert entry["params"]["base_part"] == {"scale": entry["params"]["scale"]}
+    back = af.to_peft(adapter, tmp_path / "back")  # a plain LoRA of rank 2r: PEFT gives the same on the base
     assert json.loads((back / "adapter_config.json").read_text())["init_lora_weights"] is True
     torch.testing.assert_close(logits(load_peft(model_name, back)[0], IDS), expected, atol=ATOL, rtol=0)
     peft_conv = _attached(base, af.read_foreign(converted, base=base))

@@ -42,6 +42,7 @@ from ..format.validate import validate
 from ..plugin.registry import get_kind, get_method, understood_extensions, verb
 from ..threads import one_thread
 from ..tiny import TinyConfig, build_tiny
+from ..deltas.base_part import is_derived
 from ..verbs.apply import adapter_ids, attach, detach, merge_into, unmerge
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -421,6 +422,10 @@ def check_merge_verb(name: str, ex: Example) -> str:
     blocked = _not_additive(ex.adapter)
     if blocked:
         raise Skip(f"not W + dW, cannot combine in delta space: {', '.join(blocked)}")
+    derived = sorted(p for p, e in ex.adapter.modules.items() if is_derived(e))
+    if derived:
+        raise Skip(f"a derived base part is computed from the base, which a delta-space merge does not take "
+                   f"(spec 6.2.1): {derived[0]}")
     merged = verb(name, "merge")([_copy(ex.adapter), _copy(ex.adapter)], weights=[0.5, 0.5], strategy="linear")
     validate(merged)
     return _expect_close("output of the 0.5/0.5 self-merge vs the adapter", _with_adapter(ex, merged),

@@ -54,6 +54,12 @@ def spectral_gap(w: torch.Tensor, recipe: str, rank: int) -> float:
     return (s[cut - 1].item() - below) / s[0].item() if s[0] > 0 else 0.0
 
 
+def recipe_writable(w: torch.Tensor, recipe: str, rank: int) -> bool:
+    """Whether a writer may store ``recipe`` for ``w`` (spec 6.2.1): always, except a spectral recipe whose
+    relative gap at the cut is below :data:`GAP_WRITE` (then it stores the explicit form)."""
+    return recipe not in SPECTRAL or spectral_gap(w, recipe, rank) >= GAP_WRITE
+
+
 def _lu_nopivot(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Doolittle LU of a square matrix without pivoting: ``k = L U``, ``L`` unit lower triangular."""
     n = k.shape[0]

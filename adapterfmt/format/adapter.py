@@ -61,6 +61,22 @@ class Adapter:
         self._all_names = frozenset(self._memory) | frozenset(self._where)
         self.converted_from: str | None = None
         """The foreign format :func:`load` converted this adapter from in memory (None: read as adapterfmt)."""
+        if headers is None:
+            self._list_features()
+
+    def _list_features(self) -> None:
+        """Spec 9: an adapter built in memory lists in ``must_understand`` the 1.2 features its lowrank entries
+        use (``lora_mid``, ``params.base_part``), so every writer of it follows the rule."""
+        modules = self.manifest.get("modules")
+        if not isinstance(modules, dict):
+            return
+        lowrank = {m: e for m, e in modules.items() if isinstance(e, dict) and e.get("kind") == "lowrank"}
+        roles = {m: ["lora_mid"] for m in lowrank
+                 if f"{m}.lora_mid" in self._all_names or any(n.startswith(f"{m}.lora_mid.") for n in self._all_names)}
+        listed = self.manifest.get("must_understand", [])
+        missing = [f for f in mf.required_features(lowrank, roles) if f not in listed]
+        if missing:
+            self.manifest["must_understand"] = [*listed, *missing]
 
     # ----- manifest views -------------------------------------------------------------------------
     @property
@@ -298,11 +314,6 @@ def save(adapter: Adapter, path: str | os.PathLike[str], *, single_file: bool | 
             "table_sha256": table_sha256(layout({n: (dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}))}
     if mf.parse_version(manifest["spec_version"]) < (mf.SPEC_MAJOR, mf.SPEC_MINOR):
         manifest["spec_version"] = mf.SPEC_VERSION  # the checksums below follow this version's rules
-    features = [f for f in mf.required_features(adapter.modules, {m: adapter.roles(m) for m in adapter.modules})
-                if f not in manifest.get("must_understand", ())]
-    if features:  # spec 9: the features of 1.2 an entry uses are listed, on the adapter written too
-        manifest["must_understand"] = [*manifest.get("must_understand", ()), *features]
-        adapter.manifest["must_understand"] = list(manifest["must_understand"])
     _check_output_adapter(adapter, {**manifest, "files": {TENSOR_FILE: sums}}, path)
     if single_file:
         manifest["files"] = {mf.SINGLE_FILE_KEY: sums}

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..deltas.base_part import is_derived
 from ..deltas.lowrank import LowRank, function_shape
 from ..errors import FormatError, UnsupportedError
 from ..format import codecs
@@ -51,7 +52,7 @@ from ..format.safetensors_io import ITEMSIZE, dtype_name
 from ..format.ternary import ternary_encode
 from ..plugin.registry import get_kind
 from .extract import factored_norm, factored_svd
-from .explicit import require_explicit
+from .explicit import make_explicit
 
 
 @dataclass
@@ -106,11 +107,14 @@ def resize(works: dict[str, Work], *, rank: int | None = None, energy: float | N
            sv_ratio: float | None = None, sv_fro: float | None = None, sv_cumulative: float | None = None) -> None:
     if rank is None and energy is None and sv_ratio is None and sv_fro is None and sv_cumulative is None:
         raise UnsupportedError("resize needs rank, energy, sv_ratio, sv_fro or sv_cumulative")
-    for w in works.values():
+    for path, w in works.items():
         if w.entry["kind"] != "lowrank":
             continue
         if not LowRank.plain(w.entry, w.tensors):
-            _plain_lowrank(w)
+            try:
+                _plain_lowrank(w)
+            except UnsupportedError as e:
+                raise UnsupportedError(f"resize of module {path!r}: {e.message}") from None
         a, b = w.tensors["lora_A"], w.tensors["lora_B"]
         r = a.shape[0]
         u, s, vh = factored_svd(b.reshape(b.shape[0], r), a.reshape(r, -1))  # never forms dW
@@ -121,6 +125,7 @@ def resize(works: dict[str, Work], *, rank: int | None = None, energy: float | N
         w.tensors["lora_A"] = (root[:, None] * vh[:k]).reshape(k, *a.shape[1:]).to(a.dtype).contiguous()
         w.encoded.pop("lora_A", None)
         w.encoded.pop("lora_B", None)
+
 
 def _plain_lowrank(w: Work) -> None:
     """Turn an entry with a middle factor or an (explicit) base part into ``scale * B @ A`` of rank ``r + r0``
@@ -141,7 +146,6 @@ def _plain_lowrank(w: Work) -> None:
     w.tensors["lora_A"] = a.reshape(k, *shape[1:]).to(dtype).contiguous()
     tail = old_b.shape[2:] if old_b is not None else (1,) * (len(shape) - 2)
     w.tensors["lora_B"] = (b / scale).reshape(b.shape[0], k, *tail).to(dtype).contiguous()
-
 
 
 # ----- compeft ------------------------------------------------------------------------------------------
@@ -278,7 +282,7 @@ def module_effect(entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
             return kind.delta(entry, tensors).double().reshape(-1)
         except UnsupportedError:
             pass
-    if isinstance(kind, LowRank):
+    if isinstance(kind, LowRank) and not is_derived(entry):
         return torch.cat([kind.function_delta(entry, tensors).double().reshape(-1),
                           *(tensors[r].double().reshape(-1) for r in ("magnitude", "bias", "bias_value")
                             if r in tensors)])
@@ -343,6 +347,8 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
     module; with ``base`` (a live model or a checkpoint folder) also the output divergence on it.
     """
     plan = normalize_steps(steps)
+    if base is not None:  # a derived base part is computed on it (else resize refuses it; quantize works as stored)
+        adapter = make_explicit(adapter, base)
     originals = {path: adapter.module_tensors(path) for path in sorted(adapter.modules)}
     for path, entry in sorted(adapter.modules.items()):  # module_effect forms these modules' dW in fp64
         kind = get_kind(entry["kind"])
@@ -364,7 +370,6 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
         tensors.update({f"{path}.{name}": t for name, t in w.stored().items()})
         tensors.update({name: adapter.tensor(name) for name in w.shared().values()})
         errors[path] = _finite(module_error(adapter.modules[path], originals[path], entry, w.tensors))
-    adapter = require_explicit(adapter, base, "compress")
     before = adapter.nbytes()
     after = tensor_bytes(tensors)
     finite = [e for e in errors.values() if e is not None]

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deltas import lowrank_entry
+from ..deltas import LowRank, lowrank_entry
+from ..deltas.base_part import is_derived
 from ..errors import AdapterNote, BaseMismatchError, FormatError, UnsupportedError, first_few
 from ..format import manifest as mf
 from ..format.adapter import MANIFEST_FILE, Adapter, load, resolve_path, save
@@ -351,20 +352,28 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 def lowrank_factors(adapter: Adapter, fmt: str, *, conv: bool = True) -> Factors:
     """The LoRA factors of an adapter made only of plain ``lowrank`` entries, for codecs of LoRA-only
-    formats; every module the format ``fmt`` cannot hold (other kinds, DoRA magnitude, LoRA bias, a
-    conv weight when ``conv`` is false) is named in one :class:`UnsupportedError`."""
+    formats; every module the format ``fmt`` cannot hold (other kinds, DoRA magnitude, LoRA bias, a derived
+    base part, a conv weight when ``conv`` is false) is named in one :class:`UnsupportedError`. An entry with
+    a middle factor or an explicit base part (spec 6.2.1) gives the plain factors of rank ``r + r0`` (exact)."""
     out: Factors = {}
     bad = []
+    factored = {"lora_A", "lora_B", "lora_mid", "init_A", "init_B", "init_mid"}
     for module, entry in sorted(adapter.modules.items()):
         roles = set(adapter.roles(module))
         why = (f"kind {entry['kind']}" if entry["kind"] != "lowrank" else
-               f"role(s) {', '.join(sorted(roles - {'lora_A', 'lora_B'}))}" if roles != {"lora_A", "lora_B"} else
+               f"role(s) {', '.join(sorted(roles - factored))}" if not roles <= factored else
+               "a derived params.base_part (make it explicit with the base first)" if is_derived(entry) else
                f"a {len(entry['shape'])}-D weight" if not conv and len(entry["shape"]) != 2 else None)
         if why:
             bad.append(f"{module} ({why})")
             continue
         t = adapter.module_tensors(module)
-        out[module] = (t["lora_A"], t["lora_B"], float(entry.get("params", {}).get("scale", 1.0)))
+        if roles == {"lora_A", "lora_B"} and "base_part" not in entry.get("params", {}):
+            out[module] = (t["lora_A"], t["lora_B"], float(entry.get("params", {}).get("scale", 1.0)))
+            continue
+        b, a = LowRank().factors(entry, t)  # middle factor / explicit base part: plain factors of rank r + r0
+        k = a.shape[0]
+        out[module] = (a.reshape(k, *t["lora_A"].shape[1:]), b.reshape(b.shape[0], k, *t["lora_B"].shape[2:]), 1.0)
     if bad:
         raise UnsupportedError(f"the {fmt} format holds plain LoRA factors only; cannot represent: " + "; ".join(bad))
     return out

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import jsonschema
+import torch
 from torch import nn
 
 from ..errors import FormatError, UnsupportedError
@@ -48,6 +49,11 @@ class Method:
         if err is not None:
             where = "/".join(map(str, err.absolute_path)) or "(top level)"
             raise FormatError(f"{self.name} config field {where}: {err.message}", path=path)
+
+    def regularization(self, session: Any, **outputs: Any) -> Any:
+        """The method's regularisation term for :meth:`TrainSession.regularization` (0 by default): a 0-dim
+        tensor computed from ``session.layers`` and any model ``outputs`` the method documents."""
+        return torch.zeros(())
 
     # ----- the five verbs -----------------------------------------------------------------------------
     def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> Any:

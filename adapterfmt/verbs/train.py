@@ -23,7 +23,7 @@ from ..errors import AdapterError
 from ..format.adapter import Adapter
 from ..format.fingerprint import fingerprint_module
 from ..format.manifest import new_manifest
-from ..plugin.registry import get_kind
+from ..plugin.registry import get_kind, get_method
 from .targets import select_targets
 
 LAYER_ATTR = "adapterfmt_delta"
@@ -64,12 +64,15 @@ class RoleParameters(nn.Module):
 
 class TrainableDelta(nn.Module):
     """One module's delta in training: a module entry of a delta kind, its trainable roles as parameters,
-    ``frozen`` roles of this module stored as they are (e.g. a sparse delta's chosen ``indices``) and
-    frozen ``shared`` roles (``{role: (tensor name, tensor)}``) stored once for the whole adapter."""
+    ``frozen`` roles of this module stored as they are (e.g. a sparse delta's chosen ``indices``),
+    frozen ``shared`` roles (``{role: (tensor name, tensor)}``) stored once for the whole adapter, and
+    ``derived`` roles the forward uses but :meth:`TrainSession.extract` does not store, because readers
+    recompute them from the base (a lowrank derived base part, spec 6.2.1)."""
 
     def __init__(self, entry: dict[str, Any], params: Mapping[str, torch.Tensor], *,
                  frozen: Mapping[str, torch.Tensor] | None = None,
-                 shared: Mapping[str, tuple[str, torch.Tensor]] | None = None, dropout: float = 0.0) -> None:
+                 shared: Mapping[str, tuple[str, torch.Tensor]] | None = None,
+                 derived: Mapping[str, torch.Tensor] | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         self.entry = copy.deepcopy(entry)
         self.kind = get_kind(entry["kind"])
@@ -82,10 +85,14 @@ class TrainableDelta(nn.Module):
             self.register_buffer(role, t, persistent=False)
         if self.shared_names:
             self.entry.setdefault("params", {})["shared"] = dict(self.shared_names)
+        self.derived_roles = tuple(derived or ())
+        for role, t in (derived or {}).items():
+            self.register_buffer(role, t, persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {**{r: getattr(self, r) for r in (*self.shared_names, *self.frozen_roles)}, **dict(self.weights.items())}
+        fixed = (*self.shared_names, *self.frozen_roles, *self.derived_roles)
+        return {**{r: getattr(self, r) for r in fixed}, **dict(self.weights.items())}
 
     def forward(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.kind.forward(module, self.entry, self.tensors(), self.dropout(x), y)
@@ -140,6 +147,12 @@ class TrainSession:
         """An optimizer over :meth:`parameters`: the method's own (:attr:`optimizer_factory`) or ``AdamW``."""
         factory = self.optimizer_factory or torch.optim.AdamW
         return factory(list(self.parameters()), **kwargs)
+
+    def regularization(self, **outputs: torch.Tensor) -> torch.Tensor:
+        """The method's regularisation term on the current parameters (a 0-dim tensor, 0 for most methods), to
+        add to the task loss in any training loop; ``outputs`` are what some methods need besides the
+        parameters (e.g. ``logits`` and ``base_logits``). See :meth:`Method.regularization`."""
+        return get_method(self.method).regularization(self, **outputs)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The trainable parameters (pass these to your optimizer)."""

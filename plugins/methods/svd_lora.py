@@ -1,0 +1,296 @@
+"""SVD-structured LoRA methods: PiSSA, OLoRA, KaSA, SORSA, LoLDU, NLoRA, IntTune, SLoRA and LaMDA.
+
+All are stored as kind ``lowrank`` with spec 1.2's middle factor (``lora_mid``) and base-derived part
+(``params.base_part``, spec 6.2.1), so apply / merge / compress / port are the kind's generic verbs; this
+plugin supplies ``train`` (``nn.Linear`` modules) and, for KaSA and SORSA, ``regularization``. ``s`` is
+``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora`` where PEFT has it); ``W`` the base weight.
+
+======== ============================================================ ===================== ====================
+method   initialisation (from ``W``)                                  trained               stored
+======== ============================================================ ===================== ====================
+pissa    PEFT ``"pissa"``: ``B A`` = top-r SVD with ``sqrt(S/s)`` on   A, B                  A, B (+ init A0, B0
+         each side; dW = ``s (B A - B0 A0)``                                                explicit)
+olora    PEFT ``"olora"``: ``B = Q_r``, ``A = R_r`` of ``qr(W)``;       A, B                  A, B (+ init)
+         dW = ``s (B A - Q_r R_r)``
+kasa     PEFT ``kasa_config``: the r smallest singular triplets of W    A, B, diag            A, B, diag (+ init)
+         are dropped; dW = ``s B diag(d) A - P_bottom``; A kaiming,
+         B 0, d ~ N(0, 1)
+sorsa    ``sorsa`` 1.0.1: ``A = V_r^T``, ``S = S_r``, ``B = U_r``;        A, S, B               A, S, B (+ init)
+         dW = ``s (B diag(S) A - U_r S_r V_r^T)``, ``s = alpha / r``
+         (1 without alpha)
+loldu    ``W = P L D U`` (LoLDU): ``B0 = P L_r``, ``A0 = U_r`` frozen,   z                     z (r numbers; the
+         ``z = D_r``; dW = ``s B0 diag(z) A0 - s B0 diag(D_r) A0``                          factors are derived)
+nlora    NLoRA fork: ``A = W[:r]``, ``B = W[:, :r]``, ``N = W[:r, :r]``;   A, N, B               A, N, B
+         the base is untouched, dW = ``s B N A``
+inttune  NLoRA's init, A and B frozen: dW = ``s W[:, :r] N W[:r]``      N                     N (r x r numbers)
+slora    A kaiming, B 0, N kaiming (r x r); dW = ``s B N A``             A, N, B               A, N, B
+lamda    LaMDA as released: A kaiming (frozen), B 0, sigma kaiming      sigma, B (columns     A, sigma, B
+         (r x r); dW = ``s B sigma A``; B's first ``t`` columns get      frozen on schedule)
+         no gradient, ``t = floor(step / (eta * max_steps))``
+======== ============================================================ ===================== ====================
+
+PiSSA, OLoRA, KaSA and SORSA store their base part explicitly by default (``base_part: "explicit"``: the
+initial factors as ``init_*``, base-independent); ``"derived"`` stores only the recipe (``svd_top``, ``qr``,
+``svd_bottom``), which readers recompute from the base after checking its fingerprint, and falls back to the
+explicit form where the spectral gap at the cut is below the spec's writer threshold. LoLDU and IntTune are
+always derived (``ldu`` with its pivot rows, ``nystrom`` with scale 0), which is what makes them small.
+
+Regularisers (:meth:`Method.regularization`, via ``session.regularization()``): KaSA's ``beta * sum d^2 +
+gamma * (||B^T B - I||_F + ||A A^T - I||_F)`` summed over layers (PEFT ``_get_kasa_loss``); SORSA's
+orthonormality, the mean over layers' A and B of ``||A A^T - I||_F`` and ``||B^T B - I||_F`` (``calc_ortho``),
+times ``ortho_weight``. The SORSA trainer adds its gradient, scaled by ``gamma / lr``, after gradient clipping
+and just before the optimizer step; a loop that wants exactly that backpropagates the term separately.
+
+Not reproduced: LoLDU's trainable scalar (the authors' README recipe trains only ``z``, and their saved state
+keeps only ``z``), LaMDA's singular-vector initialisation of its paper (the released code inits as LoRA) and
+LaMDA++'s rank allocation (no released code).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+import adapterfmt as af
+
+SUPPORTED = (nn.Linear,)
+BASE = {"r": {"type": "integer", "minimum": 1}, "alpha": {"type": "number"},
+        "dropout": {"type": "number", "minimum": 0, "maximum": 1}, **af.TARGETS_SCHEMA}
+FORM = {"base_part": {"enum": ["explicit", "derived"]}}
+
+
+def _kaiming(*shape: int) -> torch.Tensor:
+    """``nn.init.kaiming_uniform_(a=sqrt(5))`` (PEFT's lora_A, ``nn.Linear``'s default)."""
+    t = torch.empty(*shape)
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+    return t
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach()
+
+
+class SvdMethod(af.Method):
+    """Shared ``train``: per module, :meth:`init` gives the entry params, trained, frozen and derived tensors."""
+
+    kinds = ("lowrank",)
+    defaults: dict[str, Any] = {"r": 8, "alpha": 8, "dropout": 0.0}
+    config_schema: dict[str, Any] = {"type": "object", "properties": BASE}
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
+        """Inject the method into the ``nn.Linear`` modules ``config`` selects (module docstring)."""
+        cfg = {**self.defaults, **config}
+        self.check_config(cfg)
+        session = af.inject(model, method=self.name, config=cfg, build=lambda p, m: self.layer(p, m, cfg),
+                            supported=SUPPORTED)
+        self.schedule(session, cfg)
+        return session
+
+    def schedule(self, session: af.TrainSession, cfg: dict[str, Any]) -> None:
+        """Per-step work of the method (none by default)."""
+
+    def layer(self, path: str, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
+        w = _weight(module)
+        r = cfg["r"]
+        if r > min(w.shape):
+            raise af.UnsupportedError(f"module {path!r}: {self.name} rank {r} exceeds min(out, in) = {min(w.shape)}")
+        params, trained, frozen = self.init(path, w, cfg)
+        entry = af.module_entry("lowrank", module, params)
+        derived = af.derived_tensors(entry, w, dtype=torch.float32)
+        dtype = af.adapter_dtype(module)
+        cast = {k: v.to(dtype) for k, v in trained.items()}
+        return af.TrainableDelta(entry, cast, frozen={k: v.to(dtype) for k, v in frozen.items()},
+                                 derived={k: v.to(dtype) for k, v in derived.items()}, dropout=cfg["dropout"])
+
+    def init(self, path: str, w: torch.Tensor, cfg: dict[str, Any]
+             ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(entry params, trained roles, frozen stored roles)`` of one module with base weight ``w``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def part(cfg: dict[str, Any], w: torch.Tensor, recipe: str, c: float, factors: tuple[torch.Tensor, ...]
+             ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The base part: derived (``recipe``) when asked and well defined, else explicit (``factors`` =
+        ``(A0, B0[, mid0])`` stored as ``init_*``)."""
+        r = factors[0].shape[0]
+        if cfg.get("base_part") == "derived" and af.recipe_writable(w, recipe, r):
+            return {"scale": c, "recipe": recipe, "rank": r}, {}
+        stored = {"init_A": factors[0].clone(), "init_B": factors[1].clone()}
+        if len(factors) > 2:
+            stored["init_mid"] = factors[2].clone()
+        return {"scale": c}, stored
+
+
+class PiSSA(SvdMethod):
+    name = "pissa"
+    summary = "PiSSA: LoRA initialised on the principal singular triplets of W, which the base gives up"
+    defaults = {**SvdMethod.defaults, "use_rslora": False, "base_part": "explicit"}
+    config_schema = {"type": "object", "properties": {**BASE, **FORM, "use_rslora": {"type": "boolean"}}}
+
+    def init(self, path: str, w: torch.Tensor, cfg: dict[str, Any]) -> tuple[dict, dict, dict]:
+        s = af.lora_scale(cfg["alpha"], cfg["r"], cfg["use_rslora"])
+        a, b = af.pissa_factors(w, cfg["r"], s)
+        part, frozen = self.part(cfg, w, "svd_top", s, (a, b))
+        if "recipe" in part:  # the recipe's part is U_r S_r V_r^T = s * B0 A0
+            part["scale"] = 1.0
+        return {"scale": s, "base_part": part}, {"lora_A": a, "lora_B": b}, frozen
+
+
+class OLoRA(SvdMethod):
+    name = "olora"
+    summary = "OLoRA: LoRA initialised on the QR factors of W (first r columns), which the base gives up"
+    defaults = {**SvdMethod.defaults, "use_rslora": False, "base_part": "explicit"}
+    config_schema = {"type": "object", "properties": {**BASE, **FORM, "use_rslora": {"type": "boolean"}}}
+
+    def init(self, path: str, w: torch.Tensor, cfg: dict[str, Any]) -> tuple[dict, dict, dict]:
+        s = af.lora_scale(cfg["alpha"], cfg["r"], cfg["use_rslora"])
+        a, b = af.olora_factors(w, cfg["r"])
+        part, frozen = self.part(cfg, w, "qr", s, (a, b))
+        return {"scale": s, "base_part": part}, {"lora_A": a, "lora_B": b}, frozen
+
+
+class KaSA(SvdMethod):
+    name = "kasa"
+    summary = "KaSA: the base drops its r smallest singular triplets; dW = scale * B diag(d) A, regularised"
+    defaults = {**SvdMethod.defaults, "beta": 1e-4, "gamma": 1e-3, "base_part": "explicit"}
+    config_schema = {"type": "object", "properties": {**BASE, **FORM, "beta": {"type": "number", "minimum": 0},
+                                                      "gamma": {"type": "number", "minimum": 0}}}
+
+    def init(self, path: str, w: torch.Tensor, cfg: dict[str, Any]) -> tuple[dict, dict, dict]:
+        r = cfg["r"]
+        if r >= min(w.shape):
+            raise af.UnsupportedError(f"module {path!r}: KaSA needs r < min(out, in) = {min(w.shape)}")
+        a0, b0 = af.svd_bottom_factors(w, r)
+        part, frozen = self.part(cfg, w, "svd_bottom", 1.0, (a0, b0))
+        trained = {"lora_A": _kaiming(r, w.shape[1]), "lora_B": torch.zeros(w.shape[0], r), "lora_mid": torch.randn(r)}
+        return {"scale": cfg["alpha"] / r, "base_part": part}, trained, frozen
+
+    def regularization(self, session: Any, **outputs: Any) -> torch.Tensor:
+        """PEFT's ``_get_kasa_loss``: summed over layers, ``beta * sum(d^2) + gamma * (||B^T B - I||_F +
+        ||A A^T - I||_F)``, in fp32."""
+        beta, gamma = session.config["beta"], session.config["gamma"]
+        total = torch.zeros(())
+        for layer in session.layers.values():
+            t = layer.tensors()
+            a, b, d = t["lora_A"].float(), t["lora_B"].float(), t["lora_mid"].float()
+            eye = torch.eye(d.numel(), device=d.device)
+            total = total.to(d.device) + beta * d.square().sum() + gamma * (
+                torch.linalg.norm(b.t() @ b - eye) + torch.linalg.norm(a @ a.t() - eye))
+        return total
+
+
+class SORSA(SvdMethod):
+    name = "sorsa"
+    summary = "SORSA: trainable principal singular components (A, S, B) with an orthonormality regulariser"
+    defaults = {"r": 8, "alpha": None, "dropout": 0.0, "ortho_weight": 1.0, "base_part": "explicit"}
+    config_schema = {"type": "object", "properties": {**BASE, **FORM, "alpha": {"type": ["number", "null"]},
+                                                      "ortho_weight": {"type": "number", "minimum": 0}}}
+
+    def init(self, path: str, w: torch.Tensor, cfg: dict[str, Any]) -> tuple[dict, dict, dict]:
+        r = cfg["r"]
+        s = 1.0 if cfg["alpha"] is None else cfg["alpha"] / r
+        u, sv, vt = torch.linalg.svd(w.t(), full_matrices=False)  # as the package: SVD of W^T in W's dtype
+        trained = {"lora_A": u[:, :r].t().contiguous(), "lora_mid": sv[:r].clone(), "lora_B": vt[:r].t().contiguous()}
+        part, frozen = self.part(cfg, w, "svd_top", s,
+                                 (trained["lora_A"], trained["lora_B"], trained["lora_mid"]))
+        return {"scale": s, "base_part": part}, trained, frozen
+
+    def regularization(self, session: Any, **outputs: Any) -> torch.Tensor:
+        """``ortho_weight`` times ``sorsa.calc_ortho``: the mean over layers' A and B of ``||A A^T - I||_F``
+        and ``||B^T B - I||_F``."""
+        terms = []
+        for layer in session.layers.values():
+            t = layer.tensors()
+            a, b = t["lora_A"], t["lora_B"]
+            terms.append(torch.linalg.norm(a @ a.t() - torch.eye(a.shape[0], device=a.device, dtype=a.dtype)))
+            terms.append(torch.linalg.norm(b.t() @ b - torch.eye(b.shape[1], device=b.device, dtype=b.dtype)))
+        return session.config["ortho_weight"] * torch.stack(terms).mean()
+
+
+class LoLDU(SvdMethod):
+    name = "loldu"
+    summary = "LoLDU: W = P L D U; the LDU factors of rank r frozen (derived from the base), the diagonal trained"
+
+    def init(self, path: str, w: torch.Tensor, cfg: dict[str, Any]) -> tuple[dict, dict, dict]:
+        r, s = cfg["r"], cfg["alpha"] / cfg["r"]
+        rows = af.ldu_rows(w, r)
+        _, m0, _ = af.recipe_factors("ldu", w, r, rows)
+        part = {"scale": s, "recipe": "ldu", "rank": r, "rows": rows}
+        return {"scale": s, "base_part": part}, {"lora_mid": m0.float()}, {}
+
+
+class NLoRA(SvdMethod):
+    name = "nlora"
+    summary = "NLoRA: A, N, B initialised from W's first rows, block and columns (Nystrom); dW = scale * B N A"
+
+    def init(self, path: str, w: torch.Tensor, cfg: dict[str, Any]) -> tuple[dict, dict, dict]:
+        r, w = cfg["r"], w.float()
+        return ({"scale": cfg["alpha"] / r},
+                {"lora_A": w[:r].clone(), "lora_mid": w[:r, :r].clone(), "lora_B": w[:, :r].clone()}, {})
+
+
+class IntTune(SvdMethod):
+    name = "inttune"
+    summary = "IntTune: NLoRA's factors frozen (derived from the base), only the r x r middle factor trained"
+
+    def init(self, path: str, w: torch.Tensor, cfg: dict[str, Any]) -> tuple[dict, dict, dict]:
+        r = cfg["r"]
+        part = {"scale": 0.0, "recipe": "nystrom", "rank": r}
+        return {"scale": cfg["alpha"] / r, "base_part": part}, {"lora_mid": w[:r, :r].float().clone()}, {}
+
+
+class SLoRA(SvdMethod):
+    name = "slora"
+    summary = "SLoRA: LoRA with a trainable r x r middle factor (A, N kaiming, B zero); dW = scale * B N A"
+
+    def init(self, path: str, w: torch.Tensor, cfg: dict[str, Any]) -> tuple[dict, dict, dict]:
+        r = cfg["r"]
+        trained = {"lora_A": _kaiming(r, w.shape[1]), "lora_mid": _kaiming(r, r), "lora_B": torch.zeros(w.shape[0], r)}
+        return {"scale": cfg["alpha"] / r}, trained, {}
+
+
+class LaMDA(SvdMethod):
+    name = "lamda"
+    summary = "LaMDA: A frozen, an r x r sigma and B trained, B's columns frozen one by one on a schedule"
+    defaults = {**SvdMethod.defaults, "eta": 0.3, "max_steps": 1000}
+    config_schema = {"type": "object", "properties": {**BASE, "eta": {"type": "number", "exclusiveMinimum": 0},
+                                                      "max_steps": {"type": "integer", "minimum": 1}}}
+
+    def init(self, path: str, w: torch.Tensor, cfg: dict[str, Any]) -> tuple[dict, dict, dict]:
+        r = cfg["r"]
+        trained = {"lora_mid": _kaiming(r, r), "lora_B": torch.zeros(w.shape[0], r)}
+        return {"scale": cfg["alpha"] / r}, trained, {"lora_A": _kaiming(r, w.shape[1])}
+
+    def schedule(self, session: af.TrainSession, cfg: dict[str, Any]) -> None:
+        """``gradual_freeze_B``: after step ``n``, columns ``[:t]`` of every B get no gradient,
+        ``t = min(r, floor(n / (eta * max_steps)))`` (one optimizer step per batch)."""
+        steps = [0]
+
+        def frozen_columns(grad: torch.Tensor) -> torch.Tensor:
+            t = lamda_frozen_columns(steps[0], cfg["max_steps"], grad.shape[1], cfg["eta"])
+            if t == 0:
+                return grad
+            grad = grad.clone()
+            grad[:, :t] = 0
+            return grad
+
+        for layer in session.layers.values():
+            layer.weights.lora_B.register_hook(frozen_columns)
+
+        def advance(optimizer: Any) -> None:
+            steps[0] += 1
+
+        session.on_step(advance)
+
+
+def lamda_frozen_columns(step: int, max_steps: int, rank: int, eta: float = 0.3) -> int:
+    """LaMDA's schedule: ``min(rank, floor(step / (eta * max_steps)))`` columns of B frozen."""
+    return min(rank, int(step / (eta * max_steps)))
+
+
+@af.hookimpl
+def adapterfmt_methods() -> list[af.Method]:
+    return [PiSSA(), OLoRA(), KaSA(), SORSA(), LoLDU(), NLoRA(), IntTune(), SLoRA(), LaMDA()]

@@ -49,6 +49,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
                           "recipe_writable", "svd_bottom_factors"),
     ".deltas.modules": ("is_transposed", "weight_function"),
     ".format.codecs": ("BUILTIN_CODECS",),
+    ".kernels": ("multi_lora_rows",),
     ".format.fingerprint": ("fingerprint_checkpoint", "fingerprint_module"),
     ".verbs.apply": ("activate", "adapter_ids", "attach", "attached", "detach", "merge_into", "unmerge"),
     ".verbs.compress": ("compress_adapter",),
@@ -111,6 +112,7 @@ __all__ = [
     "require_explicit",
     # writing plugins: methods, delta kinds, codecs, backends
     "Method", "hookimpl", "DeltaKind", "function_shape", "lowrank_entry", "weight_function", "is_transposed",
+    "multi_lora_rows",
     "ForeignFormat", "TensorCodec", "ApplyBackend", "BUILTIN_CODECS",
     # writing a method's train verb
     "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype",

@@ -41,6 +41,7 @@ BUILTIN_PLUGINS = {
     "torchtune_format": "adapterfmt.plugins.formats.torchtune",
     "diffusers_format": "adapterfmt.plugins.formats.diffusers",
     "token_rows": "adapterfmt.plugins.methods.token_rows",
+    "mixture": "adapterfmt.plugins.methods.mixture",
     "svd_lora": "adapterfmt.plugins.methods.svd_lora",
     "structured": "adapterfmt.plugins.methods.structured",
 }

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from helpers_peft import build, case, load_peft, logits  # noqa: E402
-from helpers_spec import invoke  # noqa: E402
-from peft import PrefixTuningConfig, PromptEncoderConfig  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from helpers_peft import build, case, load_peft, logits
+from helpers_spec import invoke
+from peft import PrefixTuningConfig, PromptEncoderConfig
+from safetensors.torch import load_file
 
-import adapterfmt as af  # noqa: E402
+import adapterfmt as af
 
 ATOL = 1e-5
 

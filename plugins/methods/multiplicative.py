@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -155,10 +155,9 @@ class MultiplicativeKind(af.DeltaKind):
             raise _fail(module, f"kind {self.name} adapts 2-D weights, shape is {list(entry['shape'])}")
         if self.side(entry) not in SIDES:
             raise _fail(module, f"params.side must be 'input' or 'output', not {self.side(entry)!r}")
-        if "output_scale" in shapes:
-            if self.side(entry) != "input" or shapes["output_scale"] != (fshape[0],):
-                raise _fail(module, f"output_scale {list(shapes['output_scale'])} must be [{fshape[0]}] "
-                                    "and needs side 'input'")
+        if "output_scale" in shapes and (self.side(entry) != "input" or shapes["output_scale"] != (fshape[0],)):
+            raise _fail(module, f"output_scale {list(shapes['output_scale'])} must be [{fshape[0]}] and needs "
+                                "side 'input'")
         self.check_roles(module, entry, shapes, self.dim(entry))
 
     def check_module(self, path: str, entry: dict[str, Any], module: nn.Module) -> None:
@@ -332,7 +331,7 @@ class MultiplicativeMethod(af.Method):
     """The train verb shared by the three methods: one trainable entry per targeted Linear / Conv1D,
     initialised so that ``G = I`` (training starts at the base model)."""
 
-    defaults: dict[str, Any] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
         cfg = {**self.defaults, **config}
@@ -351,7 +350,7 @@ class OFT(MultiplicativeMethod):
                              "block_share": {"type": "boolean"},
                              "neumann_terms": {"type": ["integer", "null"], "minimum": 1},
                              "coft": {"type": "boolean"}, "eps": {"type": "number"}})
-    defaults = {"block_size": 4, "block_share": False, "neumann_terms": None}
+    defaults: ClassVar[dict[str, Any]] = {"block_size": 4, "block_share": False, "neumann_terms": None}
 
     def layer(self, path: str, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
         b, terms = cfg["block_size"], cfg["neumann_terms"]
@@ -366,7 +365,7 @@ class BOFT(MultiplicativeMethod):
     kinds = ("butterfly",)
     config_schema = _schema({"block_size": {"type": "integer", "minimum": 2},
                              "butterfly_factor": {"type": "integer", "minimum": 1}})
-    defaults = {"block_size": 4, "butterfly_factor": 1}
+    defaults: ClassVar[dict[str, Any]] = {"block_size": 4, "butterfly_factor": 1}
 
     def layer(self, path: str, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
         entry = af.module_entry("butterfly", module)
@@ -384,7 +383,7 @@ class HRA(MultiplicativeMethod):
     summary = "HRA: the input multiplied by a product of r Householder reflections"
     kinds = ("householder",)
     config_schema = _schema({"r": {"type": "integer", "minimum": 1}, "orthogonalize": {"type": "boolean"}})
-    defaults = {"r": 8, "orthogonalize": False}
+    defaults: ClassVar[dict[str, Any]] = {"r": 8, "orthogonalize": False}
 
     def layer(self, path: str, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
         """As HRA initialises: for even r each vector twice in a row, so the reflections cancel (G = I)."""
@@ -407,5 +406,5 @@ def adapterfmt_methods() -> list[af.Method]:
     return [OFT(), BOFT(), HRA()]
 
 
-__all__ = ["Cayley", "Butterfly", "Householder", "OFT", "BOFT", "HRA", "neumann_series", "series_terms",
-           "triangle_side", "butterfly_perm"]
+__all__ = ["BOFT", "HRA", "OFT", "Butterfly", "Cayley", "Householder", "butterfly_perm", "neumann_series",
+           "series_terms", "triangle_side"]

@@ -24,6 +24,7 @@ app = App(
 
 COMMAND_MODULES = (
     "demo_cmd",
+    "train_cmd",
     "inspect_cmd",
     "convert_cmd",
     "merge_cmd",
@@ -60,3 +61,7 @@ registry.add_plugin_commands(app)
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # `accelerate launch -m adapterfmt.cli.main train ...`
+    main()

@@ -1,0 +1,565 @@
+"""``adapter train``: train any method that has a ``train`` verb on a text dataset, on Hugging Face Accelerate.
+
+:func:`train_adapter` loads a base (a local transformers causal-LM folder, or the tiny model of
+:mod:`adapterfmt.tiny`), reads the data (JSONL lines with ``text``, or ``prompt`` + ``completion`` with the
+loss on the completion only; or a folder saved by ``datasets``, when that package is installed), calls the
+method's ``train`` verb, and runs the loop. Accelerate supplies the device, mixed precision and data
+parallelism (DDP): run it under ``accelerate launch`` (or ``adapter train --processes N``).
+
+What makes runs reproducible and comparable:
+
+- ``batch_size`` is the *global* batch: each optimizer step takes the next ``batch_size`` examples of one
+  stream (epoch ``e`` is a permutation of the examples seeded by ``(seed, e)``), and process ``p`` of ``P``
+  takes the ``p``-th contiguous ``batch_size / P`` of them. The loss is the sum of token losses over the
+  global batch divided by its token count (counted across processes first), so one process and ``P``
+  processes take the same steps up to float rounding. Dropout draws differ with the process count.
+- A checkpoint (``<checkpoints>/step-NNNNNNNN/``, written atomically by the main process) holds the adapter
+  as trained so far (``adapter.safetensors``), the optimizer and scheduler states, every process's RNG
+  states and ``state.json`` (the step, which fixes the data position, and the options). Resuming rebuilds
+  the session with the method's ``train`` verb, loads all of that and continues exactly; options given
+  again must equal the recorded ones. A method whose session has a step schedule (``on_step``) cannot be
+  checkpointed yet (its schedule state is not saved), and is refused rather than resumed inexactly.
+- The final adapter records the method's config (``method.config``) and, in its ``provenance`` entry, the
+  data's sha256, the steps, the loss and the trainer's options.
+
+Tokenizer: the base folder's own (``transformers.AutoTokenizer``); a folder without tokenizer files (the
+tiny model) gets the byte-level fallback :class:`ByteTokenizer` (token id = UTF-8 byte), which refuses text
+with bytes outside the model's vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._version import __version__
+from ..errors import AdapterNote, FormatError, MissingFileError, OutputExistsError, UnsupportedError
+from ..format.adapter import Adapter, load, save
+from ..format.atomic import atomic_dir, check_output
+from ..plugin.registry import get_method
+from ..tiny import build_tiny
+from .compress import load_live_model
+
+IGNORE = -100
+"""Label of a position without loss (prompt tokens, padding)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("no", "fp16", "bf16")
+DEFAULTS: dict[str, Any] = {
+    "max_steps": 100, "lr": 2e-4, "batch_size": 8, "max_length": 512, "warmup_steps": 0, "schedule": "linear",
+    "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0, "mixed_precision": "no", "calibration_batches": 8,
+}
+"""Defaults of the :class:`TrainOptions` fields that fix the training trajectory (recorded in checkpoints)."""
+
+
+@dataclass
+class TrainOptions:
+    """What :func:`train_adapter` does. Fields left ``None`` take :data:`DEFAULTS`, or, when resuming, the
+    values the checkpoint recorded (a value given that differs from the recorded one is refused)."""
+
+    method: str | None = None
+    data: Path | None = None
+    out: Path | None = None
+    base: Path | None = None
+    """A local transformers causal-LM folder, or ``None`` for the tiny model (``adapterfmt.tiny``, seed 0)."""
+    config: dict[str, Any] | None = None
+    """The method's config (its ``config_schema``; unknown keys are refused by the method)."""
+    max_steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    """Examples per optimizer step over all processes."""
+    max_length: int | None = None
+    warmup_steps: int | None = None
+    schedule: str | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    """Clip the trainable parameters' gradient norm to this (0: no clipping)."""
+    seed: int | None = None
+    mixed_precision: str | None = None
+    """``no``, ``fp16`` or ``bf16`` (Accelerate's autocast)."""
+    calibration_batches: int | None = None
+    """The first global batches, handed to the method's ``train`` verb as ``batches=`` with ``loss_fn=`` (for
+    methods that choose modules or entries from gradients, e.g. ``sparse_ft``, ``lt_sft``)."""
+    eval_data: Path | None = None
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many steps (0: none)."""
+    checkpoints: Path | None = None
+    """Where checkpoints go (default ``<out>.checkpoints``)."""
+    resume: Path | None = None
+    """A checkpoint folder (``step-N``) or the folder of checkpoints (its latest one is taken)."""
+    cpu: bool = False
+    """Train on the CPU even when an accelerator is available."""
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What the progress callback gets after each optimizer step (``loss``: the global batch's token mean)."""
+
+    step: int
+    max_steps: int
+    loss: float
+    lr: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    loss: float | None
+    eval_loss: float | None
+    tokens: int
+    seconds: float
+    processes: int
+    resumed_from: int
+    checkpoints: list[Path]
+    data_sha256: str
+
+
+# ----- tokenizers ----------------------------------------------------------------------------------------
+class Tokenizer(Protocol):
+    eos_id: int | None
+    pad_id: int
+
+    def encode(self, text: str, *, first: bool, where: str) -> list[int]:
+        """Token ids of ``text``; ``first``: the start of a sequence (special tokens added)."""
+        ...
+
+
+class ByteTokenizer:
+    """The fallback for a base without tokenizer files: token id = UTF-8 byte, no special tokens; text with
+    a byte at or above the model's vocabulary size is refused (the tiny model's 128 tokens fit ASCII)."""
+
+    eos_id = None
+    pad_id = 0
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, *, first: bool, where: str) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        bad = next((b for b in ids if b >= self.vocab_size), None)
+        if bad is not None:
+            raise FormatError(f"byte 0x{bad:02x} is outside the byte-level tokenizer's vocabulary of "
+                              f"{self.vocab_size} (the base has no tokenizer files)", path=where)
+        return ids
+
+
+class HFTokenizer:
+    """A base folder's transformers tokenizer: special tokens at the start of a sequence, EOS after it."""
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = next((i for i in (self.tok.pad_token_id, self.eos_id) if i is not None), 0)
+
+    def encode(self, text: str, *, first: bool, where: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=first)["input_ids"])
+
+
+def load_tokenizer(base: Path | None, vocab_size: int, *, note: bool = True) -> Tokenizer:
+    """The base folder's tokenizer, or :class:`ByteTokenizer` (with a note, if ``note``) when it has no
+    tokenizer files."""
+    if base is not None and any((base / f).is_file() for f in TOKENIZER_FILES):
+        return HFTokenizer(base)
+    if note:
+        warnings.warn(f"{base or 'the tiny model'} has no tokenizer files: using the byte-level tokenizer "
+                      "(token id = UTF-8 byte)", AdapterNote, stacklevel=2)
+    return ByteTokenizer(vocab_size)
+
+
+# ----- data ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Example:
+    """One sequence's token ids; positions before ``loss_from`` carry no loss (a prompt)."""
+
+    ids: tuple[int, ...]
+    loss_from: int
+
+
+def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` for each JSONL line, or each row of a folder saved by ``datasets``."""
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise UnsupportedError("reading a folder saved by `datasets` needs the datasets package "
+                                   "(pip install datasets); or give a JSONL file", path=path) from None
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise FormatError(f"a DatasetDict without a 'train' split (splits: {', '.join(ds)})", path=path)
+            ds = ds["train"]
+        for i, row in enumerate(ds):
+            yield f"{path}: row {i}", row
+        return
+    if not path.is_file():
+        raise MissingFileError("data file not found", path=path)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {n}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FormatError(f"not JSON ({e.msg})", path=where) from None
+            if not isinstance(record, dict):
+                raise FormatError("a JSONL record must be an object", path=where)
+            yield where, record
+
+
+def read_examples(path: Path, tokenizer: Tokenizer, max_length: int) -> list[Example]:
+    """Tokenized examples of a data file: ``text`` (loss on every token) or ``prompt`` + ``completion`` (loss
+    on the completion and the EOS after it), cut to ``max_length`` tokens."""
+    out = []
+    for where, rec in _records(path):
+        if isinstance(rec.get("text"), str) and not {"prompt", "completion"} & set(rec):
+            ids = tokenizer.encode(rec["text"], first=True, where=where)
+            loss_from = 1
+        elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str) and "text" not in rec:
+            prompt = tokenizer.encode(rec["prompt"], first=True, where=where)
+            ids = prompt + tokenizer.encode(rec["completion"], first=False, where=where)
+            loss_from = max(len(prompt), 1)
+        else:
+            raise FormatError("a record needs a string 'text', or string 'prompt' and 'completion' (not both "
+                              "forms)", path=where)
+        ids = (ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else []))[:max_length]
+        if len(ids) <= loss_from:
+            raise FormatError(f"no token to learn within max_length {max_length} (the prompt fills it, or the "
+                              "text is shorter than two tokens)", path=where)
+        out.append(Example(tuple(ids), loss_from))
+    if not out:
+        raise FormatError("no examples", path=path)
+    return out
+
+
+def data_sha256(path: Path) -> str:
+    """sha256 of a data file, or of a folder's files (relative names and contents, in name order)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir():
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids`` and ``labels`` ``[B, T]`` padded on the right; labels are ``IGNORE`` where there is no loss."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        labels[i, e.loss_from: len(e.ids)] = ids[i, e.loss_from: len(e.ids)]
+    return ids, labels
+
+
+class Stream:
+    """The examples in training order: epoch ``e`` is ``randperm(n)`` seeded by ``(seed, e)``; global batch
+    ``s`` is stream positions ``[s * B, (s + 1) * B)``."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int) -> None:
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = {epoch: torch.randperm(len(self.examples), generator=gen).tolist()}
+        return self._orders[epoch]
+
+    def batch(self, step: int, part: int = 0, parts: int = 1) -> list[Example]:
+        """Global batch ``step``, or its ``part``-th of ``parts`` contiguous pieces."""
+        n, size = len(self.examples), self.batch_size // parts
+        start = step * self.batch_size + part * size
+        return [self.examples[self._order(i // n)[i % n]] for i in range(start, start + size)]
+
+
+# ----- loss ----------------------------------------------------------------------------------------------
+def token_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the labelled positions (extra leading outputs, as a prompt
+    adapter adds, are dropped)."""
+    out = model(ids)
+    logits = getattr(out, "logits", out)[:, -ids.shape[1]:]
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def mean_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Token-mean loss of ``(ids, labels)`` on ``model``'s device: the ``loss_fn`` handed to ``train`` verbs."""
+    device = next(model.parameters()).device
+    ids, labels = (t.to(device) for t in batch)
+    return token_loss_sum(model, ids, labels) / (labels[:, 1:] != IGNORE).sum().clamp(min=1)
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step: linear warmup, then constant, linear or cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        done = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - done)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+        return 1.0
+
+    return factor
+
+
+# ----- checkpoints ---------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU and CUDA, Python, NumPy)."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+
+
+def find_checkpoint(path: Path) -> Path:
+    """``path`` if it is a checkpoint, else the latest checkpoint in it."""
+    if (path / "state.json").is_file():
+        return path
+    found = sorted(p for p in path.glob("step-*") if (p / "state.json").is_file()) if path.is_dir() else []
+    if not found:
+        raise MissingFileError("no checkpoint here (a step-N folder with state.json, or a folder of them)", path=path)
+    return found[-1]
+
+
+def _restore(session: Any, ckpt: Path) -> None:
+    """Copy the checkpoint adapter's tensors into the session's trainable and frozen roles."""
+    adapter = load(ckpt / "adapter.safetensors")
+    with torch.no_grad():
+        for path, layer in session.layers.items():
+            for role, p in layer.weights.items():
+                p.copy_(adapter.tensor(f"{path}.{role}"))
+            for role in layer.frozen_roles:
+                getattr(layer, role).copy_(adapter.tensor(f"{path}.{role}"))
+
+
+# ----- the run -------------------------------------------------------------------------------------------
+class Run:
+    """One training run; see the module docstring. Build with :meth:`prepare`, then :meth:`loop`."""
+
+    def __init__(self, opts: TrainOptions) -> None:
+        self.opts = opts
+        self.ckpt: Path | None = find_checkpoint(opts.resume) if opts.resume is not None else None
+        recorded = json.loads((self.ckpt / "state.json").read_text()) if self.ckpt else None
+        self.start = recorded["step"] if recorded else 0
+        self.tokens = recorded["tokens"] if recorded else 0
+        self.settings = self._settings(recorded)
+        s = self.settings
+        if s["schedule"] not in SCHEDULES:
+            raise FormatError(f"schedule {s['schedule']!r} is not one of {', '.join(SCHEDULES)}")
+        if s["mixed_precision"] not in PRECISIONS:
+            raise FormatError(f"mixed precision {s['mixed_precision']!r} is not one of {', '.join(PRECISIONS)}")
+        if s["method"] is None or s["data"] is None or self.out is None:
+            raise FormatError("a training run needs a method, data and an output (or --resume)")
+        self.data = Path(s["data"])
+        self.sha256 = data_sha256(self.data)
+        if recorded and recorded["data_sha256"] != self.sha256:
+            raise FormatError(f"the data changed since the checkpoint (sha256 {self.sha256[:12]}..., recorded "
+                              f"{recorded['data_sha256'][:12]}...)", path=self.data)
+        self.checkpoints = Path(opts.checkpoints or (self.ckpt.parent if self.ckpt else f"{self.out}.checkpoints"))
+
+    @property
+    def out(self) -> Path | None:
+        return self.opts.out or (Path(self.settings["out"]) if self.settings.get("out") else None)
+
+    def _settings(self, recorded: dict[str, Any] | None) -> dict[str, Any]:
+        given = {"method": self.opts.method, "data": self.opts.data and str(self.opts.data.resolve()),
+                 "base": self.opts.base and str(self.opts.base.resolve()), "config": self.opts.config,
+                 **{k: getattr(self.opts, k) for k in DEFAULTS}}
+        if recorded is None:
+            return {**given, "config": given["config"] or {},
+                    **{k: DEFAULTS[k] if given[k] is None else given[k] for k in DEFAULTS}}
+        old = recorded["settings"]
+        for k, v in given.items():
+            if v is not None and v != old[k]:
+                raise FormatError(f"{k} {v!r} differs from the checkpoint's {old[k]!r}; a resumed run continues "
+                                  "the recorded one", path=self.ckpt)
+        return {**old, "out": recorded.get("out")}
+
+    def prepare(self) -> None:
+        """Accelerator, model, tokenizer, data, the method's session, optimizer, scheduler (and the checkpoint)."""
+        from accelerate import Accelerator, DistributedType
+
+        s = self.settings
+        check_output(self.out, self.opts.overwrite)
+        cpu = self.opts.cpu or not torch.cuda.is_available()
+        self.acc = acc = Accelerator(cpu=cpu, mixed_precision=s["mixed_precision"])
+        if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+            raise UnsupportedError(f"adapter train runs data-parallel (DDP); {acc.distributed_type.value} is not "
+                                   "supported yet")
+        if s["batch_size"] % acc.num_processes:
+            raise FormatError(f"batch size {s['batch_size']} is not a multiple of the {acc.num_processes} processes")
+        if self.start == 0 and acc.is_main_process:
+            self._clear_checkpoints()
+        torch.manual_seed(s["seed"])
+        base = Path(s["base"]) if s["base"] else None
+        model = load_live_model(base) if base is not None else build_tiny(seed=0)
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
+        self.tokenizer = load_tokenizer(base, emb.num_embeddings, note=acc.is_main_process)
+        self.stream = Stream(read_examples(self.data, self.tokenizer, s["max_length"]), s["batch_size"], s["seed"])
+        self.eval_examples = (read_examples(self.opts.eval_data, self.tokenizer, s["max_length"])
+                              if self.opts.eval_data else None)
+        model.to(acc.device).train()
+        calib = [collate(self.stream.batch(i), self.tokenizer.pad_id) for i in range(s["calibration_batches"])]
+        self.session = session = get_method(s["method"]).train(model, config=dict(s["config"]), loss_fn=mean_loss,
+                                                                batches=calib)
+        if self.opts.checkpoint_every and session._step_hooks:
+            raise UnsupportedError(f"method {s['method']!r} changes what is trainable during training (a step "
+                                   "schedule) and cannot be checkpointed yet; run without checkpoints")
+        self.optimizer = session.optimizer(lr=s["lr"], weight_decay=s["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(s["schedule"], s["warmup_steps"], s["max_steps"]))
+        if self.ckpt is not None:
+            _restore(session, self.ckpt)
+            self.optimizer.load_state_dict(torch.load(self.ckpt / "optimizer.pt", weights_only=True))
+            self.scheduler.load_state_dict(torch.load(self.ckpt / "scheduler.pt", weights_only=True))
+            recorded = json.loads((self.ckpt / "state.json").read_text())
+            if recorded["processes"] != acc.num_processes:
+                raise FormatError(f"the checkpoint was written by {recorded['processes']} process(es), this run has "
+                                  f"{acc.num_processes}", path=self.ckpt)
+            set_rng_state(torch.load(self.ckpt / f"rng-{acc.process_index}.pt", weights_only=True))
+        else:
+            torch.manual_seed(s["seed"] + 1 + acc.process_index)  # dropout: a stream per process
+        self.model, self.accel_optimizer = acc.prepare(model, self.optimizer)
+
+    def _clear_checkpoints(self) -> None:
+        old = [p for p in self.checkpoints.glob("step-*") if (p / "state.json").is_file()]
+        if old and not self.opts.overwrite:
+            raise OutputExistsError("holds checkpoints of an earlier run: resume it (--resume) or pass --overwrite",
+                                    path=self.checkpoints)
+        for p in old:
+            shutil.rmtree(p)
+
+    def loop(self, progress: Callable[[StepReport], None] | None = None) -> TrainResult:
+        """Train from the start (or checkpoint) step to ``max_steps``; save the adapter; return the result."""
+        acc, s = self.acc, self.settings
+        rank, world = acc.process_index, acc.num_processes
+        params = list(self.session.parameters())
+        started, tokens, loss, written = time.perf_counter(), self.tokens, None, []
+        for step in range(self.start, s["max_steps"]):
+            batch = self.stream.batch(step, rank, world)
+            ids, labels = (t.to(acc.device) for t in collate(batch, self.tokenizer.pad_id))
+            count = acc.reduce((labels[:, 1:] != IGNORE).sum(), reduction="sum")
+            loss_sum = token_loss_sum(self.model, ids, labels)
+            acc.backward(loss_sum * world / count)
+            if s["max_grad_norm"]:
+                acc.clip_grad_norm_(params, s["max_grad_norm"])
+            self.accel_optimizer.step()
+            if not self.accel_optimizer.step_was_skipped:
+                self.scheduler.step()
+                self.session.step(self.optimizer)
+            self.accel_optimizer.zero_grad(set_to_none=True)
+            loss = (acc.reduce(loss_sum.detach(), reduction="sum") / count).item()
+            tokens += int(acc.reduce(torch.tensor(sum(len(e.ids) for e in batch), device=acc.device), reduction="sum"))
+            if progress is not None and acc.is_main_process:
+                progress(StepReport(step + 1, s["max_steps"], loss, self.scheduler.get_last_lr()[0], tokens,
+                                    time.perf_counter() - started))
+            if self.opts.checkpoint_every and (step + 1) % self.opts.checkpoint_every == 0 and step + 1 < s["max_steps"]:
+                written.append(self.save_checkpoint(step + 1, loss, tokens))
+        eval_loss = self.evaluate()
+        seconds = time.perf_counter() - started
+        acc.wait_for_everyone()
+        assert self.out is not None
+        if acc.is_main_process:
+            adapter = self.final_adapter(loss, eval_loss, tokens)
+            save(adapter, self.out, overwrite=self.opts.overwrite)
+        acc.wait_for_everyone()
+        return TrainResult(self.out, s["max_steps"], loss, eval_loss, tokens, seconds, world, self.start, written,
+                           self.sha256)
+
+    def evaluate(self) -> float | None:
+        """Token-mean loss over the eval examples (split over the processes), or None without eval data."""
+        if self.eval_examples is None:
+            return None
+        acc, b = self.acc, self.settings["batch_size"] // self.acc.num_processes
+        mine = self.eval_examples[acc.process_index::acc.num_processes]
+        total = torch.zeros((), device=acc.device)
+        count = torch.zeros((), device=acc.device, dtype=torch.long)
+        self.model.eval()
+        with torch.no_grad():
+            for i in range(0, len(mine), b):
+                ids, labels = (t.to(acc.device) for t in collate(mine[i:i + b], self.tokenizer.pad_id))
+                total += token_loss_sum(self.model, ids, labels)
+                count += (labels[:, 1:] != IGNORE).sum()
+        self.model.train()
+        return (acc.reduce(total, reduction="sum") / acc.reduce(count, reduction="sum")).item()
+
+    def save_checkpoint(self, step: int, loss: float, tokens: int) -> Path:
+        """Write ``step-NNNNNNNN`` (main process; every process's RNG state gathered to it)."""
+        from accelerate.utils import gather_object
+
+        states = gather_object([rng_state()])
+        path = self.checkpoints / f"step-{step:08d}"
+        if self.acc.is_main_process:
+            with atomic_dir(path, overwrite=True) as tmp:
+                save(self.session.extract(base_name=self._base_name()), tmp / "adapter.safetensors")
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                for rank, state in enumerate(states):
+                    torch.save(state, tmp / f"rng-{rank}.pt")
+                (tmp / "state.json").write_text(json.dumps({
+                    "step": step, "loss": loss, "tokens": tokens, "processes": self.acc.num_processes,
+                    "data_sha256": self.sha256, "out": str(self.out), "settings": self.settings}, indent=2, sort_keys=True))
+        self.acc.wait_for_everyone()
+        return path
+
+    def _base_name(self) -> str:
+        return self.settings["base"] or "adapterfmt-tiny"
+
+    def final_adapter(self, loss: float | None, eval_loss: float | None, tokens: int) -> Adapter:
+        """The trained adapter, its provenance entry saying how it was trained."""
+        adapter = self.session.extract(base_name=self._base_name())
+        s = self.settings
+        adapter.manifest["provenance"][-1].update({
+            "version": __version__,
+            "data": {"name": self.data.name, "sha256": self.sha256, "examples": len(self.stream.examples)},
+            "steps": s["max_steps"], "tokens": tokens, "processes": self.acc.num_processes,
+            "loss": loss, "eval_loss": eval_loss,
+            "options": {k: s[k] for k in DEFAULTS},
+        })
+        return adapter
+
+
+def train_adapter(opts: TrainOptions, *, progress: Callable[[StepReport], None] | None = None) -> TrainResult:
+    """Train ``opts.method`` on ``opts.data`` and save the adapter to ``opts.out``; see the module docstring."""
+    run = Run(opts)
+    run.prepare()
+    return run.loop(progress)
+

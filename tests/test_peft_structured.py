@@ -46,6 +46,8 @@ CASES = {
                                                        fan_in_fan_out=True)),
     "llama-vblora": ("llama", lambda: VBLoRAConfig(target_modules=["q_proj", "v_proj", "up_proj"], r=3, num_vectors=10,
                                                    vector_length=8, topk=3)),
+    "llama-vblora-topk": ("llama", lambda: VBLoRAConfig(target_modules=["q_proj", "down_proj"], r=2, num_vectors=12,
+                                                        vector_length=8, topk=3, save_only_topk_weights=True)),
     "gpt2-vblora": ("gpt2", lambda: VBLoRAConfig(target_modules=["c_attn", "c_fc"], r=2, num_vectors=6, vector_length=16,
                                                  fan_in_fan_out=True)),
     "llama-randlora": ("llama", lambda: RandLoraConfig(target_modules=["q_proj", "v_proj", "up_proj"], r=3,

@@ -259,14 +259,11 @@ def test_refusals_name_the_field(tmp_path, miss_case, field, value, match):
 
 
 def test_unrepresentable_peft_options_are_refused(tmp_path):
-    from peft import FourierFTConfig, RandLoraConfig, VBLoRAConfig
+    from peft import FourierFTConfig, RandLoraConfig
 
-    c = case(tmp_path / "v", "llama", VBLoRAConfig(target_modules=["q_proj"], r=2, num_vectors=6, vector_length=8,
-                                                   save_only_topk_weights=True))
+    c = case(tmp_path / "r", "llama", RandLoraConfig(target_modules=["q_proj"], r=4, save_projection=False))
     base = tmp_path / "base.safetensors"
     save_model(c.base, str(base))
-    _refused(tmp_path, c.folder, base, r"VB-LoRA save_only_topk_weights=true .* cannot be represented")
-    c = case(tmp_path / "r", "llama", RandLoraConfig(target_modules=["q_proj"], r=4, save_projection=False))
     _refused(tmp_path, c.folder, base, r"RandLoRA with save_projection=false .* cannot be represented")
     # FourierFT positions PEFT would not draw from its seed cannot go back to PEFT
     c = case(tmp_path / "f", "llama", FourierFTConfig(target_modules=["q_proj"], n_frequency=5))
@@ -278,3 +275,26 @@ def test_unrepresentable_peft_options_are_refused(tmp_path):
     with pytest.raises(af.UnsupportedError, match=rf"module '{path}': its frequencies are not the ones PEFT"):
         af.to_peft(moved, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_vector_bank_topk_form_matches_spec():
+    """6.10.9 top-k form: mix = sum_j topk_weights[..., j] * vector_bank[topk_indices[..., j]] (no softmax)."""
+    entry = {"kind": "vector_bank", "shape": [12, 8], "params": {"topk": 2, "shared": {"vector_bank": "bank"}}}
+    bank, tensors = rand(5, 4), {}
+    for side, shape in (("A", (3, 2)), ("B", (3, 3))):
+        tensors[f"m.topk_indices_{side}"] = torch.randint(0, 5, (*shape, 2), generator=GEN)
+        tensors[f"m.topk_weights_{side}"] = rand(*shape, 2)
+    adapter = af.validate(af.Adapter(af.new_manifest("vblora", {"m": entry}), {**tensors, "bank": bank}))
+    t = {k[2:]: v.numpy() for k, v in tensors.items()}
+    b_np = bank.double().numpy()
+
+    def mix(side):
+        return (t[f"topk_weights_{side}"][..., None] * b_np[t[f"topk_indices_{side}"]]).sum(-2)
+
+    a = mix("A").reshape(3, 8)
+    b = mix("B").transpose(0, 2, 1).reshape(12, 3)
+    got = af.registry.get_kind("vector_bank").delta(entry, adapter.module_tensors("m"))
+    np.testing.assert_allclose(got.numpy(), b @ a, atol=ATOL)
+    mixed = {**tensors, "m.logits_A": rand(3, 2, 5), "bank": bank}
+    with pytest.raises(af.FormatError, match="needs logits_A and logits_B, or topk_indices_A"):
+        af.validate(af.Adapter(af.new_manifest("vblora", {"m": entry}), mixed))

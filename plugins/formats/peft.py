@@ -31,8 +31,8 @@ Mapping (PEFT -> adapterfmt; the reverse writes the same, so a round trip is ten
   (row, column) pairs as sorted flat indices), LN tuning -> ``dense`` replace, FourierFT -> ``fourier`` (the
   frequencies PEFT draws from ``random_loc_seed`` stored), VB-LoRA -> ``vector_bank`` and RandLoRA ->
   ``randlora`` (shared bank / bases stored once), C3A -> ``circulant`` (``scale = 1 / in``), MiSS and Bone
-  (``bone_block``, PEFT <= 0.17; written back as MiSS) -> ``block_share``. Refused: VB-LoRA
-  ``save_only_topk_weights``, RandLoRA ``save_projection=false``, ``bias`` other than ``"none"``.
+  (``bone_block``, PEFT <= 0.17; written back as MiSS) -> ``block_share``. Refused: RandLoRA
+  ``save_projection=false``, ``bias`` other than ``"none"``.
 - ``base_model_name_or_path`` / ``revision`` -> ``base``; the PEFT config is kept in ``provenance`` so that
   writing back reproduces it when the modules and their scales are unchanged.
 
@@ -793,30 +793,40 @@ class _Reader:
         return {"n_frequency": n0, "scaling": scaling, "random_loc_seed": seed}
 
     def vblora(self) -> dict[str, Any]:
-        """VB-LoRA -> ``vector_bank`` with the bank stored once; shapes from the logits."""
+        """VB-LoRA -> ``vector_bank`` with the bank stored once; shapes from the logits. A
+        ``save_only_topk_weights`` file (``_topk_indices`` and the first k-1 ``_topk_weights``) keeps that form:
+        ``topk_indices_*`` (int64) and ``topk_weights_*`` with the k-th weight, ``1 - sum``, appended as PEFT
+        does when it loads the file."""
         cfg = self.cfg
         _check_fields(cfg, VBLORA_FIELDS, self.path)
         self.no_bias()
-        if cfg.get("save_only_topk_weights"):
-            raise af.UnsupportedError("VB-LoRA save_only_topk_weights=true (top-k indices and k-1 weights instead "
-                                      "of logits) cannot be represented", path=self.path)
         bank = self.raw.pop("base_model.vblora_vector_bank", None)
         if bank is None:
             raise af.FormatError("VB-LoRA file lacks base_model.vblora_vector_bank", path=self.path)
         self.raw = _strip(self.raw, self.path)
         r, topk, length = int(cfg.get("r", 4)), int(cfg.get("topk", 2)), bank.shape[-1]
-        for module, t in sorted(self.by_module(("vblora_logits_A", "vblora_logits_B")).items()):
+        top = bool(cfg.get("save_only_topk_weights"))
+        names = tuple(f"vblora_logits_{s}{p}" for s in "AB" for p in (("_topk_indices", "_topk_weights") if top else ("",)))
+        for module, t in sorted(self.by_module(names).items()):
             self.targeted(module)
-            la, lb = self.roles_of(module, t, ("vblora_logits_A", "vblora_logits_B"))
+            found = self.roles_of(module, t, names)
+            la, lb = found[0], found[len(found) // 2]
             if la.dim() != 3 or lb.dim() != 3 or la.shape[0] != r:
-                raise af.FormatError(f"module {module!r}: vblora_logits_A {list(la.shape)} / _B {list(lb.shape)} are "
-                                     f"not [r={r}, in/L, N] / [out/L, r, N]", path=self.path)
+                raise af.FormatError(f"module {module!r}: {names[0]} {list(la.shape)} / {names[len(names) // 2]} "
+                                     f"{list(lb.shape)} are not [r={r}, in/L, .] / [out/L, r, .]", path=self.path)
             shape = [lb.shape[0] * length, la.shape[1] * length]
             params: dict[str, Any] = {"topk": topk, "shared": {"vector_bank": "vector_bank"}}
             if cfg.get("fan_in_fan_out"):
                 shape, params["transposed"] = shape[::-1], True
+            if top:
+                idx_a, w_a, idx_b, w_b = found
+                roles = {"topk_indices_A": idx_a.to(torch.int64), "topk_indices_B": idx_b.to(torch.int64),
+                         **{f"topk_weights_{s}": torch.cat([w, 1 - w.sum(-1, keepdim=True)], -1)
+                            for s, w in (("A", w_a), ("B", w_b))}}
+            else:
+                roles = {"logits_A": la, "logits_B": lb}
             self.add(module, {"kind": "vector_bank", "shape": self.checked_shape(module, shape, "VB-LoRA"),
-                              "params": params}, {"logits_A": la, "logits_B": lb})
+                              "params": params}, roles)
         self.tensors["vector_bank"] = bank
         return {"r": r, "num_vectors": bank.shape[0], "vector_length": length, "topk": topk}
 
@@ -1311,15 +1321,23 @@ class _Writer:
     def vblora(self) -> None:
         items = self.structured("VBLORA", "vector_bank")
         bank = self.one("VB-LoRA", "vector bank", (e["params"]["shared"]["vector_bank"] for _, e, _ in items))
+        n, length = self.adapter.tensor(bank).shape if bank is not None else (256, 256)
+        top = self.one("VB-LoRA", "save_only_topk_weights", ("logits_A" not in t for _, _, t in items))
+        index_dtype = torch.uint8 if n < 2**8 else torch.int16 if n < 2**15 else torch.int32 if n < 2**31 else torch.int64
         for m, _, t in items:
-            self.tensors[f"{PREFIX}{m}.vblora_logits_A"] = t["logits_A"]
-            self.tensors[f"{PREFIX}{m}.vblora_logits_B"] = t["logits_B"]
+            for s in "AB":
+                if top:  # PEFT's own form: indices in the smallest dtype for N, the first k-1 weights
+                    self.tensors[f"{PREFIX}{m}.vblora_logits_{s}_topk_indices"] = t[f"topk_indices_{s}"].to(index_dtype)
+                    self.tensors[f"{PREFIX}{m}.vblora_logits_{s}_topk_weights"] = \
+                        t[f"topk_weights_{s}"][..., :-1].contiguous()
+                else:
+                    self.tensors[f"{PREFIX}{m}.vblora_logits_{s}"] = t[f"logits_{s}"]
         if bank is not None:
             self.tensors["base_model.vblora_vector_bank"] = self.adapter.tensor(bank)
-        n, length = self.adapter.tensor(bank).shape if bank is not None else (256, 256)
-        self.cfg.update({"r": self.one("VB-LoRA", "r", (t["logits_A"].shape[0] for _, _, t in items)) or 4,
+        rank = (t.get("logits_A", t.get("topk_indices_A")).shape[0] for _, _, t in items)
+        self.cfg.update({"r": self.one("VB-LoRA", "r", rank) or 4,
                          "topk": self.one("VB-LoRA", "topk", (e["params"]["topk"] for _, e, _ in items)) or 2,
-                         "num_vectors": n, "vector_length": length, "save_only_topk_weights": False,
+                         "num_vectors": n, "vector_length": length, "save_only_topk_weights": bool(top),
                          "bias": "none", "fan_in_fan_out": bool(self.one("VB-LoRA", "fan_in_fan_out", (
                              bool(e["params"].get("transposed")) for _, e, _ in items)))})
 

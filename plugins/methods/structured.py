@@ -116,17 +116,19 @@ def _mix(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
 
 
 class VectorBank(FunctionDeltaKind):
-    """``A`` and ``B`` assembled from a shared vector bank by top-k logits; ``dW_f = B @ A`` (spec 6.10.9)."""
+    """``A`` and ``B`` assembled from a shared vector bank by top-k logits (or the top-k positions and weights
+    those give); ``dW_f = B @ A`` (spec 6.10.9)."""
 
     name = "vector_bank"
-    required_roles = ("logits_A", "logits_B")
+    TOPK_ROLES = ("topk_indices_A", "topk_weights_A", "topk_indices_B", "topk_weights_B")
+    optional_roles = ("logits_A", "logits_B", *TOPK_ROLES)
 
     def check(self, module: str, entry: Entry, shapes: Shapes) -> None:
         out, n_in = _matrix(module, entry)
         params = entry.get("params", {})
         if set(params.get("shared", {})) != {"vector_bank"}:
             raise _fail(module, "vector_bank needs params.shared naming the vector_bank tensor")
-        bank, la, lb = shapes["vector_bank"], shapes["logits_A"], shapes["logits_B"]
+        bank = shapes["vector_bank"]
         if len(bank) != 2:
             raise _fail(module, f"the shared vector_bank must be 2-D [N, L], is {list(bank)}")
         n, length = bank
@@ -135,25 +137,44 @@ class VectorBank(FunctionDeltaKind):
             raise _fail(module, f"params.topk must be an integer in [1, {n}], got {topk!r}")
         if out % length or n_in % length:
             raise _fail(module, f"vector length {length} must divide {out} and {n_in}")
-        r = la[0] if la else 0
-        if la != (r, n_in // length, n) or lb != (out // length, r, n):
-            raise _fail(module, f"logits_A {list(la)} / logits_B {list(lb)} must be [r, {n_in // length}, {n}] / "
-                                f"[{out // length}, r, {n}]")
+        roles = set(shapes) - {"vector_bank"}
+        if roles not in ({"logits_A", "logits_B"}, set(self.TOPK_ROLES)):
+            raise _fail(module, f"vector_bank needs logits_A and logits_B, or {', '.join(self.TOPK_ROLES)}; has "
+                                f"{sorted(roles)}")
+        topk_form = "logits_A" not in roles
+        la, lb = (shapes["topk_indices_A"], shapes["topk_indices_B"]) if topk_form else (shapes["logits_A"], shapes["logits_B"])
+        last, r = topk if topk_form else n, la[0] if la else 0
+        if la != (r, n_in // length, last) or lb != (out // length, r, last):
+            raise _fail(module, f"{'topk_indices' if topk_form else 'logits'}_A {list(la)} / _B {list(lb)} must be "
+                                f"[r, {n_in // length}, {last}] / [{out // length}, r, {last}]")
+        if topk_form and (shapes["topk_weights_A"] != la or shapes["topk_weights_B"] != lb):
+            raise _fail(module, "topk_weights_A / _B must have the shapes of topk_indices_A / _B")
+
+    def check_data(self, module: str, entry: Entry, t: Tensors) -> None:
+        n = t["vector_bank"].shape[0]
+        for role in ("topk_indices_A", "topk_indices_B"):
+            idx = t.get(role)
+            if idx is not None and (idx.dtype != torch.int64 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n))):
+                raise _fail(module, f"{role} must be int64 positions in [0, {n})")
 
     def rank(self, entry: Entry, shapes: Shapes) -> int:
-        return shapes["logits_A"][0]
+        return shapes.get("logits_A", shapes.get("topk_indices_A", (0,)))[0]
 
     def param_count(self, entry: Entry, shapes: Shapes) -> int:
-        return math.prod(shapes["logits_A"]) + math.prod(shapes["logits_B"])
+        return sum(math.prod(s) for r, s in shapes.items() if r != "vector_bank")
 
     @staticmethod
     def factors(entry: Entry, t: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B [out, r], A [r, n_in])``."""
         k, bank = int(entry["params"]["topk"]), t["vector_bank"]
-        la, lb = t["logits_A"], t["logits_B"]
-        a = _mix(la, bank, k).reshape(la.shape[0], -1)
-        b = _mix(lb, bank, k).transpose(1, 2).reshape(-1, lb.shape[1])
-        return b, a
+
+        def mix(side: str) -> torch.Tensor:
+            if f"logits_{side}" in t:
+                return _mix(t[f"logits_{side}"], bank, k)
+            return (t[f"topk_weights_{side}"].unsqueeze(-1) * bank[t[f"topk_indices_{side}"]]).sum(-2)
+
+        a, b = mix("A"), mix("B")
+        return b.transpose(1, 2).reshape(-1, b.shape[1]), a.reshape(a.shape[0], -1)
 
     def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
         b, a = self.factors(entry, t)

@@ -14,7 +14,13 @@ from helpers_spec import invoke
 
 import adapterfmt as af
 from adapterfmt.authoring import conformance
-from adapterfmt.authoring.conformance import CHECKS, Example, build_example, check_method, conformance_cases
+from adapterfmt.authoring.conformance import (
+    CHECKS,
+    Example,
+    build_example,
+    check_method,
+    conformance_cases,
+)
 from adapterfmt.deltas.dense import Dense
 from adapterfmt.plugin import registry
 from adapterfmt.tiny import TinyConfig, build_tiny

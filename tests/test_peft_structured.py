@@ -17,9 +17,9 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from helpers_peft import case, load_peft, logits  # noqa: E402
-from helpers_spec import invoke  # noqa: E402
-from peft import (  # noqa: E402
+from helpers_peft import case, load_peft, logits
+from helpers_spec import invoke
+from peft import (
     C3AConfig,
     FourierFTConfig,
     LNTuningConfig,
@@ -28,9 +28,9 @@ from peft import (  # noqa: E402
     ShiraConfig,
     VBLoRAConfig,
 )
-from safetensors.torch import load_file, save_model  # noqa: E402
+from safetensors.torch import load_file, save_model
 
-import adapterfmt as af  # noqa: E402
+import adapterfmt as af
 
 ATOL = 1e-5
 CASES = {

@@ -894,7 +894,7 @@ class _Reader:
         for module, t in sorted(self.by_module((role,)).items()):
             self.targeted(module)
             block = t[role]
-            out, n_in = shape = self.base_shape(module, ptype)
+            out, _ = shape = self.base_shape(module, ptype)
             want = {"miss": (r, out), "mini": (r, mini_r), "bat": (out // r, r, r)}[variant]
             if tuple(block.shape) != want:
                 raise af.FormatError(f"module {module!r}: {role} {list(block.shape)} is not {list(want)} "

@@ -511,7 +511,7 @@ class MiSS(af.Method):
         r = cfg["r"]
 
         def build(path: str, module: nn.Module) -> af.TrainableDelta:
-            out, n_in = _fshape(module)
+            out, _ = _fshape(module)
             variant, dtype = cfg["variant"], af.adapter_dtype(module)
             shape = {"miss": (r, out), "mini": (r, cfg.get("mini_r", out)), "bat": (out // r, r, r)}[variant]
             entry = af.module_entry("block_share", module, {"mode": "bat" if variant == "bat" else "tile"})
@@ -531,6 +531,20 @@ def adapterfmt_methods() -> list[af.Method]:
     return [Shira(), LNTuning(), FourierFT(), VBLoRA(), RandLoRA(), C3A(), MiSS()]
 
 
-__all__ = ["Fourier", "VectorBank", "RandLora", "Circulant", "BlockShare", "FunctionDeltaKind",
-           "function_to_stored", "randlora_bases", "Shira", "LNTuning", "FourierFT", "VBLoRA", "RandLoRA", "C3A",
-           "MiSS"]
+__all__ = [
+    "C3A",
+    "BlockShare",
+    "Circulant",
+    "Fourier",
+    "FourierFT",
+    "FunctionDeltaKind",
+    "LNTuning",
+    "MiSS",
+    "RandLoRA",
+    "RandLora",
+    "Shira",
+    "VBLoRA",
+    "VectorBank",
+    "function_to_stored",
+    "randlora_bases",
+]

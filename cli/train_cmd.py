@@ -72,7 +72,8 @@ class _Bar:
 
         self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-                                 TimeRemainingColumn(), console=err_console, transient=True, disable=quiet)
+                                 TimeRemainingColumn(), console=err_console, transient=True,
+                                 disable=quiet or not err_console.is_terminal)
         self.task: Any = None
 
     def __enter__(self) -> _Bar:

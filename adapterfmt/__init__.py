@@ -53,6 +53,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".format.fingerprint": ("fingerprint_checkpoint", "fingerprint_module"),
     ".verbs.apply": ("activate", "adapter_ids", "attach", "attached", "detach", "merge_into", "unmerge"),
     ".verbs.compress": ("compress_adapter",),
+    ".verbs.compose": ("Composition", "CompositionProcessor", "Term", "compose", "eft_terms"),
     ".verbs.conversion": (
         "alpha_for", "attention_heads", "base_config", "base_fingerprint", "base_shapes", "base_tensor", "convert",
         "factor_shape", "lora_scale", "lowrank_adapter", "lowrank_factors", "one_value", "read_foreign",
@@ -110,6 +111,8 @@ __all__ = [
     "merge_adapters", "compress_adapter", "extract_adapter", "port_adapter", "record_base", "make_explicit",
     "fingerprint_module", "fingerprint_checkpoint",
     "require_explicit",
+    # decoding-time composition of models (EFT, proxy-tuning)
+    "compose", "Composition", "CompositionProcessor", "Term", "eft_terms",
     # writing plugins: methods, delta kinds, codecs, backends
     "Method", "hookimpl", "DeltaKind", "function_shape", "lowrank_entry", "weight_function", "is_transposed",
     "multi_lora_rows",

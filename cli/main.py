@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "compress_cmd",
     "port_cmd",
     "fingerprint_cmd",
+    "generate_cmd",
     "hub_cmd",
     "plugins_cmd",
     "plugin_cmd",

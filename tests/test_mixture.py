@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,28 @@ def test_refusals(tmp_path: Path) -> None:
     other.proj.weight = nn.Parameter(torch.zeros(OUT, IN))
     with pytest.raises(af.BaseMismatchError, match="applies to linear maps .*, not Module"):
         af.attach(other, mix)
+
+
+@pytest.mark.parametrize(("kind", "said"), [
+    ("xlora", "PEFT type 'XLORA' is not supported"),
+    ("poly", "PEFT type 'POLY' is not supported"),
+    ("arrow", "PEFT config fields that change the function cannot be represented: arrow_config="),
+])
+def test_peft_gated_mixtures_are_refused_in_one_line(kind: str, said: str, tmp_path: Path) -> None:
+    """X-LoRA, Poly and Arrow routing (configs written by PEFT itself) are not read as something else."""
+    from helpers_spec import invoke
+    from peft import LoraConfig, PolyConfig, XLoraConfig
+    from peft.tuners.lora.config import ArrowConfig
+    from safetensors.torch import save_file
+
+    config = {"xlora": lambda: XLoraConfig(task_type="CAUSAL_LM", hidden_size=16, adapters={"a": "a", "b": "b"}),
+              "poly": lambda: PolyConfig(task_type="CAUSAL_LM", r=2, n_tasks=2, n_skills=2, target_modules=["q_proj"]),
+              "arrow": lambda: LoraConfig(r=2, target_modules=["q_proj"], arrow_config=ArrowConfig(top_k=2))}[kind]()
+    folder = tmp_path / kind
+    config.save_pretrained(folder)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 16)},
+              str(folder / "adapter_model.safetensors"))
+    with pytest.raises(af.UnsupportedError, match=re.escape(said)):
+        af.load(folder)
+    res = invoke("inspect", str(folder))
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and said in res.stderr

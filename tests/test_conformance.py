@@ -30,7 +30,7 @@ NO_WEIGHT_MERGE = {"merge_equals_unmerged", "unmerge_restores"}
 PREFIX = {"per_row_ids", "merge_verb", *NO_WEIGHT_MERGE}  # prompts: no weights to merge, longer outputs
 EXPECTED_SKIPS: dict[str, set[str]] = {
     "lora": set(), "loha": set(), "lokr": set(), "vera": set(), "sparse_ft": set(), "structured_ft": set(),
-    "spiel": set(), "s2ft": set(), "hft": set(), "lt_sft": set(),
+    "spiel": set(), "s2ft": set(), "hft": set(), "lt_sft": set(), "grafting": set(),
     "dora": {"merge_verb"},  # the magnitude makes DoRA not W + dW
     "ia3": {"merge_verb"},  # a scaling is not W + dW
     "oft": {"merge_verb"}, "boft": {"merge_verb"}, "hra": {"merge_verb"},  # W G^T is not W + dW

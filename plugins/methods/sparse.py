@@ -749,9 +749,177 @@ class LTSFT(af.Method):
         return Example(model, adapter, torch.randint(0, 32, (3, 5), generator=gen), train_config={"mask_from": str(mask)})
 
 
+# ----- skill localisation by grafting -----------------------------------------------------------------------
+def task_vectors(model: nn.Module, chosen: dict[str, nn.Module], finetuned: nn.Module | af.Adapter) -> dict[str, torch.Tensor]:
+    """``theta_ft - theta_pre`` of each chosen weight (stored layout, fp32), from a fine-tuned model with the
+    same module paths or from an additive adapter."""
+    out = {}
+    for path, m in chosen.items():
+        if isinstance(finetuned, af.Adapter):
+            entry = finetuned.modules.get(path)
+            if entry is None or entry.get("parameter", "weight") != "weight":
+                raise af.FormatError(f"grafting: the fine-tuned adapter has no weight entry for module {path!r}")
+            kind = af.registry.get_kind(entry["kind"])
+            if not kind.is_additive(entry, finetuned.module_tensors(path)):
+                raise af.FormatError(f"grafting: module {path!r} of the fine-tuned adapter is not W + dW")
+            out[path] = kind.delta(entry, finetuned.module_tensors(path)).float()
+        else:
+            ft = dict(finetuned.named_modules()).get(path)
+            if ft is None or ft.weight.shape != m.weight.shape:
+                raise af.FormatError(f"grafting: the fine-tuned model has no module {path!r} of shape {list(m.weight.shape)}")
+            out[path] = (ft.weight.detach().float() - m.weight.detach().float())
+    return out
+
+
+class Grafting(af.Method):
+    name = "grafting"
+    summary = "Skill localisation by grafting: a learned tiny mask over (theta_ft - theta_pre), stored as sparse"
+    kinds = ("sparse",)
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
+        "density": BUDGET["density"], "mask_lr": {"type": "number", "exclusiveMinimum": 0},
+        "epochs": {"type": "integer", "minimum": 0}, "sigmoid_bias": {"type": "number"},
+        "enforce_budget": {"type": "boolean"}, "seed": {"type": "integer"}, "finetuned_from": {"type": "string"},
+        "base_patch_size": {"type": "integer"}, "graft_size": {"type": "integer"}, **af.TARGETS_SCHEMA}}
+    """``base_patch_size`` and ``graft_size`` are recorded by training, never options."""
+    DEFAULTS: ClassVar[dict[str, Any]] = {"density": DENSITY, "mask_lr": 1e7, "epochs": 10, "sigmoid_bias": 10.0,
+                                          "enforce_budget": False, "seed": 0}
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], finetuned: nn.Module | af.Adapter | None = None,
+              loss_fn: LossFn | None = None, batches: Iterable[Any] | None = None,
+              score_fn: Callable[[nn.Module], float] | None = None, **options: Any) -> af.TrainSession:
+        """Panigrahi et al.'s grafting: base patch ``gamma`` = the ``density`` largest ``|tau|`` over all the
+        targeted weights (``tau = theta_ft - theta_pre``, one global budget), mask logits ``S ~ U[0, 1)``, mask
+        ``m = gamma + (1 - 2 gamma) sigmoid(S - sigmoid_bias)``; each epoch sets ``theta = theta_pre + m tau``,
+        averages ``mask_lr * dL/dtheta * tau`` over ``batches`` and takes one plain gradient step on ``S``. The
+        graft is ``round(m)``: the last epoch's, or the best by ``score_fn(model)`` (higher is better; evaluated
+        with each epoch's rounded graft, as the authors do). The graft's size is recorded (``graft_size``);
+        ``enforce_budget`` keeps only the base patch's size (the largest ``m``), which the authors do not.
+        Returns a session whose sparse values are ``tau`` on the graft (the model's weights are restored).
+        ``epochs = 0`` gives the base patch itself: magnitude top-k, as ``extract --form sparse``."""
+        self.check_config(config)
+        cfg = {**self.DEFAULTS, **config}
+        if "base_patch_size" in cfg or "graft_size" in cfg:
+            raise af.FormatError("grafting: base_patch_size and graft_size are recorded by training, not options")
+        if (finetuned is None) == ("finetuned_from" not in cfg):
+            raise af.FormatError("grafting needs the fine-tuned weights: train(..., finetuned=<model or adapter>) "
+                                 "or config finetuned_from=<path of an additive adapter>, one of them")
+        if finetuned is None:
+            finetuned = af.validate(cfg["finetuned_from"])
+        if cfg["epochs"] and (loss_fn is None or batches is None):
+            raise af.FormatError("grafting: learning the mask (epochs > 0) needs train(..., loss_fn=, batches=)")
+        data = list(batches or ())
+        chosen = af.select_targets(model, cfg, supported=SUPPORTED)
+        tau = task_vectors(model, chosen, finetuned)
+        k = max(1, int(cfg["density"] * sum(t.numel() for t in tau.values())))
+        gamma = {p: torch.zeros(t.numel(), dtype=torch.bool) for p, t in tau.items()}
+        for p, idx in global_top_k(tau, k)[0].items():
+            gamma[p][idx] = True
+        gen = torch.Generator().manual_seed(cfg["seed"])
+        logits = {p: torch.rand(t.numel(), generator=gen) for p, t in tau.items()}
+        graft = self.learn(model, chosen, tau, gamma, logits, cfg, loss_fn, data, score_fn)
+        if cfg["enforce_budget"]:
+            m = {p: torch.where(graft[p], self.mask(gamma[p], logits[p], cfg), -1.0) for p in graft}
+            graft = {p: torch.zeros_like(g) for p, g in graft.items()}
+            for p, idx in global_top_k(m, k)[0].items():
+                graft[p][idx] = True
+        indices = {p: g.nonzero().reshape(-1) for p, g in graft.items() if g.any()}
+        cfg["base_patch_size"], cfg["graft_size"] = k, sum(i.numel() for i in indices.values())
+        session = af.inject(model, method=self.name, config=cfg, supported=SUPPORTED,
+                            targets={"target_modules": sorted(indices)},
+                            build=lambda path, m: sparse_trainable(m, indices[path]))
+        with torch.no_grad():
+            for path, layer in session.layers.items():
+                layer.weights.values.copy_(tau[path].reshape(-1)[indices[path]])
+        return session
+
+    def conformance_example(self) -> Any:
+        """The conformance kit's example: a graft learned for real on its tiny model from a fine-tuned copy; the
+        kit's own ``train`` (no data, ``epochs = 0``) takes the base patch of that graft, saved under the
+        system's temporary folder (overwritten each time)."""
+        import tempfile
+        from pathlib import Path
+
+        from adapterfmt.authoring.conformance import Example
+        from adapterfmt.tiny import TinyConfig, build_tiny
+
+        model = build_tiny(0, TinyConfig(vocab_size=32, hidden=16, layers=1, heads=2, intermediate=32))
+        gen = torch.Generator().manual_seed(0)
+        targets = {"target_modules": ["q_proj", "v_proj", "down_proj"]}
+        ft = copy.deepcopy(model)
+        with torch.no_grad():
+            for m in af.select_targets(ft, targets).values():
+                m.weight.add_(0.05 * torch.randn(m.weight.shape, generator=gen))
+        data = [torch.randint(0, 32, (4, 6), generator=gen) for _ in range(2)]
+
+        def loss_fn(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+        session = self.train(copy.deepcopy(model), config={**targets, "density": 0.1, "epochs": 2, "mask_lr": 1e4},
+                             finetuned=ft, loss_fn=loss_fn, batches=data)
+        adapter = session.extract()
+        session.remove()
+        patch = af.save(adapter, Path(tempfile.gettempdir(), "adapterfmt-conformance-grafting.safetensors"),
+                        overwrite=True)
+        return Example(model, adapter, torch.randint(0, 32, (3, 5), generator=gen),
+                       train_config={**targets, "finetuned_from": str(patch), "epochs": 0})
+
+    @staticmethod
+    def mask(gamma: torch.Tensor, logits: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+        return gamma.float() + (1 - 2 * gamma.float()) * torch.sigmoid(logits - cfg["sigmoid_bias"])
+
+    def learn(self, model: nn.Module, chosen: dict[str, nn.Module], tau: dict[str, torch.Tensor],
+              gamma: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], cfg: dict[str, Any], loss_fn: LossFn,
+              data: list[Any], score_fn: Callable[[nn.Module], float] | None) -> dict[str, torch.Tensor]:
+        """The mask-learning loop (updates ``logits`` in place); returns the chosen rounded graft per module."""
+        if cfg["epochs"] and not data:
+            raise af.FormatError("grafting got no batch")
+        weights = {p: m.weight for p, m in chosen.items()}
+        start = {p: w.detach().clone() for p, w in weights.items()}
+        params = list(model.parameters())
+        saved = [(p.requires_grad, p.grad) for p in params]
+        for p in params:
+            p.requires_grad_(False)
+
+        def set_weights(masks: dict[str, torch.Tensor]) -> None:
+            with torch.no_grad():
+                for p, w in weights.items():
+                    w.copy_((start[p].float().reshape(-1) + masks[p] * tau[p].reshape(-1)).reshape(w.shape))
+
+        best, best_score = None, -math.inf
+        try:
+            for _ in range(cfg["epochs"]):
+                set_weights({p: self.mask(gamma[p], logits[p], cfg) for p in weights})
+                for w in weights.values():
+                    w.requires_grad_(True)
+                    w.grad = None
+                for batch in data:
+                    loss_fn(model, batch).backward()
+                for p, w in weights.items():
+                    w.requires_grad_(False)
+                    g = cfg["mask_lr"] * w.grad.float().reshape(-1) / len(data) * tau[p].reshape(-1)
+                    s = torch.sigmoid(logits[p] - cfg["sigmoid_bias"])
+                    logits[p] -= (1 - 2 * gamma[p].float()) * g * s * (1 - s)
+                    w.grad = None
+                if score_fn is not None:
+                    rounded = {p: torch.round(self.mask(gamma[p], logits[p], cfg)) for p in weights}
+                    set_weights(rounded)
+                    with torch.no_grad():
+                        score = float(score_fn(model))
+                    if score > best_score:
+                        best, best_score = {p: r.bool() for p, r in rounded.items()}, score
+            return best or {p: torch.round(self.mask(gamma[p], logits[p], cfg)).bool() for p in weights}
+        finally:
+            with torch.no_grad():
+                for p, w in weights.items():
+                    w.copy_(start[p])
+            for p, (flag, grad) in zip(params, saved, strict=True):
+                p.requires_grad_(flag)
+                p.grad = grad
+
+
 @af.hookimpl
 def adapterfmt_methods() -> list[af.Method]:
-    return [SparseFT(), StructuredFT(), Spiel(), LTSFT()]
+    return [SparseFT(), StructuredFT(), Spiel(), LTSFT(), Grafting()]
 
 
 __all__ = ["SparseFT", "StructuredFT", "function_2d", "gradient_scores", "stored_indices"]

@@ -35,7 +35,7 @@ def _raw_header(path) -> dict:
 def test_golden_table_sha256_follows_the_spec_text(name):
     folder = EXAMPLES / name
     manifest = json.loads((folder / "adapter.json").read_text())
-    assert manifest["spec_version"] == "1.1"
+    assert manifest["spec_version"] == "1.2"  # table_sha256 is required from 1.1 on
     assert manifest["files"]["adapter.safetensors"]["table_sha256"] == _spec_table_sha256(
         _raw_header(folder / "adapter.safetensors"))
     single = _raw_header(EXAMPLES / f"{name}.safetensors")
@@ -77,5 +77,5 @@ def test_a_1_1_manifest_without_table_sha256_is_refused_and_1_0_still_reads(tmp_
     old = af.load(folder)
     # rewriting a 1.0 adapter upgrades it to the current version with both checksums
     again = af.load(af.save(old, tmp_path / "b"))
-    assert again.manifest["spec_version"] == "1.1"
+    assert again.manifest["spec_version"] == af.SPEC_VERSION == "1.2"
     assert "table_sha256" in again.manifest["files"]["adapter.safetensors"]

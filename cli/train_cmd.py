@@ -157,17 +157,16 @@ def train(
         result = train_adapter(opts, progress=bar)
     if os.environ.get("RANK", "0") != "0":
         return
-    speed = result.tokens / max(result.seconds, 1e-9)
     if as_json:
         print_json({"out": str(result.out), "steps": result.steps, "loss": result.loss, "eval_loss": result.eval_loss,
-                    "tokens": result.tokens, "seconds": result.seconds, "tokens_per_second": speed,
+                    "tokens": result.tokens, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                     "processes": result.processes, "resumed_from": result.resumed_from,
                     "checkpoints": [str(p) for p in result.checkpoints], "data_sha256": result.data_sha256})
         return
     resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
     evaluated = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     console.print(f"trained {result.steps} steps on {result.processes} process(es){resumed}: loss {result.loss:.4f}"
-                  f"{evaluated}; {result.tokens} tokens at {speed:.0f} tok/s", highlight=False)
+                  f"{evaluated}; {result.tokens} tokens, {result.tokens_per_second:.0f} tok/s", highlight=False)
     for path in result.checkpoints:
         console.print(f"checkpoint: {path}", highlight=False)
     console.print(f"adapter: {result.out}", highlight=False)

@@ -234,3 +234,12 @@ def test_datasets_folder(tmp_path: Path) -> None:
     datasets.Dataset.from_list([r for r in rows if "text" in r]).save_to_disk(str(tmp_path / "ds"))
     result = train_adapter(opts(tmp_path, "a.safetensors", data=tmp_path / "ds", max_steps=1))
     assert result.tokens > 0 and af.load(result.out).manifest["provenance"][-1]["data"]["examples"] == 4
+
+
+def test_demo_step_trains_through_the_trainer(tmp_path: Path) -> None:
+    from adapterfmt.demo.run import run_demo
+    from adapterfmt.demo.trainer import step_train_cli
+
+    (row,) = run_demo(tmp_path, steps=[step_train_cli]).report
+    assert row["resumed_equal"] is True and row["resumed_from"] == 10
+    assert row["loss_last"] < row["loss_first"] - 1.0

@@ -108,7 +108,8 @@ class TrainOptions:
 
 @dataclass(frozen=True)
 class StepReport:
-    """What the progress callback gets after each optimizer step (``loss``: the global batch's token mean)."""
+    """What the progress callback gets after each optimizer step: ``loss`` is the global batch's token mean;
+    ``tokens`` (all processes) and ``seconds`` count from the start of this run (or of its resumption)."""
 
     step: int
     max_steps: int
@@ -120,11 +121,14 @@ class StepReport:
 
 @dataclass
 class TrainResult:
+    """A finished run: ``tokens`` trained on in all (before a resumption too), ``tokens_per_second`` in this run."""
+
     out: Path
     steps: int
     loss: float | None
     eval_loss: float | None
     tokens: int
+    tokens_per_second: float
     seconds: float
     processes: int
     resumed_from: int
@@ -472,7 +476,7 @@ class Run:
         acc, s = self.acc, self.settings
         rank, world = acc.process_index, acc.num_processes
         params = list(self.session.parameters())
-        started, tokens, loss, written = time.perf_counter(), self.tokens, None, []
+        started, tokens, loss, written = time.perf_counter(), 0, None, []
         for step in range(self.start, s["max_steps"]):
             batch = self.stream.batch(step, rank, world)
             ids, labels = (t.to(acc.device) for t in collate(batch, self.tokenizer.pad_id))
@@ -492,17 +496,17 @@ class Run:
                 progress(StepReport(step + 1, s["max_steps"], loss, self.scheduler.get_last_lr()[0], tokens,
                                     time.perf_counter() - started))
             if self.opts.checkpoint_every and (step + 1) % self.opts.checkpoint_every == 0 and step + 1 < s["max_steps"]:
-                written.append(self.save_checkpoint(step + 1, loss, tokens))
+                written.append(self.save_checkpoint(step + 1, loss, self.tokens + tokens))
         eval_loss = self.evaluate()
         seconds = time.perf_counter() - started
         acc.wait_for_everyone()
         assert self.out is not None
         if acc.is_main_process:
-            adapter = self.final_adapter(loss, eval_loss, tokens)
+            adapter = self.final_adapter(loss, eval_loss, self.tokens + tokens)
             save(adapter, self.out, overwrite=self.opts.overwrite)
         acc.wait_for_everyone()
-        return TrainResult(self.out, s["max_steps"], loss, eval_loss, tokens, seconds, world, self.start, written,
-                           self.sha256)
+        return TrainResult(self.out, s["max_steps"], loss, eval_loss, self.tokens + tokens,
+                           tokens / max(seconds, 1e-9), seconds, world, self.start, written, self.sha256)
 
     def evaluate(self) -> float | None:
         """Token-mean loss over the eval examples (split over the processes), or None without eval data."""

@@ -67,6 +67,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".verbs.port": ("port_adapter", "record_base"),
     ".verbs.targets": ("TARGETS_SCHEMA", "matches_targets", "pattern_value", "select_modules", "select_targets"),
     ".verbs.train": ("TrainableDelta", "TrainSession", "adapter_dtype", "inject", "module_entry"),
+    ".verbs.trainer": ("TrainOptions", "train_adapter"),
 }
 """Module -> the public names it defines that are imported on first use (they import torch)."""
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
@@ -108,6 +109,7 @@ __all__ = [
     "attach", "attached", "detach", "activate", "merge_into", "unmerge", "adapter_ids",
     # the verbs
     "convert", "read_foreign", "write_foreign", "to_peft",
+    "train_adapter", "TrainOptions",
     "merge_adapters", "compress_adapter", "extract_adapter", "port_adapter", "record_base", "make_explicit",
     "fingerprint_module", "fingerprint_checkpoint",
     "require_explicit",

@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = {
     "patches": "adapterfmt.plugins.methods.patches",
     "sparse_methods": "adapterfmt.plugins.methods.sparse",
     "sparse_blocks": "adapterfmt.plugins.methods.blocks",
+    "sparse_ft_format": "adapterfmt.plugins.formats.sparse_ft",
     "vectors": "adapterfmt.plugins.methods.vectors",
     "prompts": "adapterfmt.plugins.methods.prompts",
     "multiplicative": "adapterfmt.plugins.methods.multiplicative",

@@ -117,7 +117,7 @@ def test_cli_convert(tmp_path):
     folder = af.write_foreign(lora_adapter(model, llama_modules((0,), ("k_proj", "o_proj"))), tmp_path / "m", "mlx")
     r = CliRunner().invoke(app, ["convert", str(folder), str(tmp_path / "a.safetensors"), "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["source_format"] == "mlx"
+    assert json.loads(r.stdout)["source_format"] == "mlx"
     r = CliRunner().invoke(app, ["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "m2"), "--to", "mlx"])
     assert r.exit_code == 0, r.output
     assert_same_tensors(load_file(tmp_path / "m2" / "adapters.safetensors"), load_file(folder / "adapters.safetensors"))

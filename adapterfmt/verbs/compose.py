@@ -6,10 +6,10 @@ with an optional adapter attached unmerged and a coefficient ``c_i``. Its scores
 ``log p_large + beta * (log p_small_tuned - log p_small_base)`` (:func:`eft_terms`).
 
 The proxy-tuning authors' code (``modeling/dexperts.py``) adds raw logits instead,
-``l_large + alpha * (l_tuned - l_base)``. Each ``log_softmax`` differs from its logits by a constant per row, so
-the two differ by a constant per row whenever the coefficients sum to 1, as here: softmax, greedy choice,
-temperature and top-p give the same tokens; only processors that act on raw values (a repetition penalty)
-could tell them apart. Like that code, the composition keeps the first ``V`` logits of each model, ``V`` the
+``l_large + alpha * (l_tuned - l_base)``. Each ``log_softmax`` differs from its logits by a constant per row
+(its logsumexp), so the two scores differ by ``sum_i c_i logsumexp_i``, a constant per row: softmax, greedy
+choice, temperature and top-p give the same tokens; only processors that act on raw values (a repetition
+penalty) could tell them apart. Like that code, the composition keeps the first ``V`` logits of each model, ``V`` the
 tokenizer's size (a model may pad its output layer), and refuses models whose tokenizers differ.
 
 :class:`CompositionProcessor` plugs a composition into ``transformers``' ``generate`` as a ``LogitsProcessor``:

@@ -15,10 +15,13 @@ temperature ``T``; weight 1 for top-1). Where this implementation differs from t
 
 Experts are addressable by name (``params.experts``): :func:`expert_adapter` gives one expert as a plain
 ``lowrank`` adapter and :func:`mixture_adapter` stacks ``lowrank`` adapters (experts of lower rank are
-zero-padded, which adds nothing) with routers into a mixture. Apply routes each token through
-``af.multi_lora_rows`` (Triton on CUDA, the grouped torch path elsewhere), one call per chosen slot
-``j < top_k`` with the gate weight folded into the input: no Python loop over tokens. A mixture depends on its
-input, so it is neither merged into weights nor combined in delta space (both refused).
+zero-padded, which adds nothing) with routers into a mixture. Apply, with no Python loop over tokens: top-1
+routing, and every routing on CUDA, goes through ``af.multi_lora_rows`` (the Triton BGMV kernel on CUDA, the
+grouped torch path elsewhere), one call per chosen slot ``j < top_k`` with the gate weight folded into the
+input rows; top-k >= 2 on the CPU runs every expert as two GEMMs (``x @ A_all^T``, gated to zero off the top-k,
+then ``@ B_all^T``), which costs ``N r (in + out)`` per token but beats gathering rows per expert there
+(benchmarks/mixture.py). A mixture depends on its input, so it is neither merged into weights nor combined in
+delta space (both refused).
 """
 
 from __future__ import annotations
@@ -94,6 +97,12 @@ class Mixture(af.DeltaKind):
             raise af.FormatError(f"module {path!r}: a mixture applies to linear maps (Linear, Conv1D), "
                                  f"not {type(module).__name__}")
 
+    def bind(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Adds the stacked factors the CPU path multiplies by: ``[router; A_all]`` and ``B_all`` ``[out, N r]``."""
+        n, r = t["lora_A"].shape[:2]
+        return {**t, "_stack": torch.cat([t["router"], t["lora_A"].reshape(n * r, -1)]),
+                "_b_cat": t["lora_B"].permute(1, 0, 2).reshape(t["lora_B"].shape[1], n * r)}
+
     def forward(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
         p = entry["params"]
@@ -102,10 +111,31 @@ class Mixture(af.DeltaKind):
         if sequence and x.dim() < 3:
             raise af.UnsupportedError(f"a sequence-granularity mixture needs inputs [batch, positions, features], "
                                       f"got {list(x.shape)}")
-        rows = x.reshape(-1, x.shape[-2], x.shape[-1]) if sequence else x.reshape(-1, x.shape[-1])
-        idx, w = route(rows.mean(-2) if sequence else rows, t["router"], k, float(p.get("temperature", 1.0)))
+        units = x.reshape(-1, x.shape[-2], x.shape[-1]).mean(-2) if sequence else x.reshape(-1, x.shape[-1])
         scales = torch.tensor([float(s) for s in p.get("scales", [1.0] * n)], dtype=torch.float32, device=x.device)
         a, b = t["lora_A"].to(x.dtype), t["lora_B"].to(x.dtype)
+        temperature = float(p.get("temperature", 1.0))
+        if k > 1 and not x.is_cuda:  # the CPU: every expert in two GEMMs, gates zero off the top-k
+            x2, r = x.reshape(-1, x.shape[-1]), a.shape[1]
+            stack = t["_stack"].to(x.dtype)
+            if sequence or torch.promote_types(x.dtype, torch.float32) != x.dtype:
+                idx, w = route(units, t["router"], k, temperature)
+                mid = x2 @ stack[n:].t()
+            else:  # fp32 / fp64 tokens: the router's logits come out of the same GEMM
+                both = x2 @ stack.t()
+                idx, w = pick(both[:, :n], k, temperature)
+                mid = both[:, n:]
+            gates = torch.zeros(units.shape[0], n, dtype=torch.float32, device=x.device)
+            gates.scatter_(1, idx, w * scales[idx])
+            if sequence:
+                gates = gates.repeat_interleave(x.shape[-2], dim=0)
+            mid = (mid.reshape(-1, n, r) * gates.to(x.dtype).unsqueeze(-1)).view(-1, n * r)
+            b_cat, y2 = t["_b_cat"].to(x.dtype).t(), y.reshape(-1, y.shape[-1])
+            if y.requires_grad and torch.is_grad_enabled():
+                return torch.addmm(y2, mid, b_cat).reshape(y.shape)
+            return y2.addmm_(mid, b_cat).reshape(y.shape)  # in place, as the lowrank kind's inference path
+        idx, w = route(units, t["router"], k, temperature)
+        rows = x.reshape(-1, x.shape[-2], x.shape[-1]) if sequence else x.reshape(-1, x.shape[-1])
         out = y.reshape(*rows.shape[:-1], y.shape[-1])
         for j in range(k):  # one batched call per chosen slot; the gate weight scales that slot's input rows
             xj = rows if k == 1 else rows * w[:, j].to(x.dtype).reshape(-1, *([1] * (rows.dim() - 1)))
@@ -118,15 +148,19 @@ class Mixture(af.DeltaKind):
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(experts [T, top_k] int64, gate weights [T, top_k] fp32)`` for router inputs ``x [T, in]``: the
-    ``top_k`` largest logits ``x @ router^T`` (computed in at least fp32; ties to the lower index), weights 1
-    for top-1, else ``softmax(chosen logits / temperature)``."""
+    """``(experts [T, top_k] int64, gate weights [T, top_k] fp32)`` for router inputs ``x [T, in]``: :func:`pick`
+    on the logits ``x @ router^T``, computed in at least fp32."""
     dt = torch.promote_types(x.dtype, torch.float32)
-    logits = x.to(dt) @ router.to(device=x.device, dtype=dt).t()
-    idx = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    return pick(x.to(dt) @ router.to(device=x.device, dtype=dt).t(), top_k, temperature)
+
+
+def pick(logits: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` largest logits per row (ties to the lower index) and their gate weights: 1 for top-1,
+    else ``softmax(chosen logits / temperature)``."""
+    idx = torch.argsort(logits, dim=-1, descending=True, stable=True)[:, :top_k]
     if top_k == 1:
-        return idx, torch.ones(idx.shape, dtype=torch.float32, device=x.device)
-    return idx, torch.softmax(logits.gather(-1, idx) / temperature, dim=-1).float()
+        return idx, torch.ones(idx.shape, dtype=torch.float32, device=logits.device)
+    return idx, torch.softmax(logits.gather(-1, idx).float() / temperature, dim=-1)
 
 
 def mixture_entry(shape: Sequence[int], experts: Sequence[str], *, top_k: int, scales: Sequence[float] | None = None,

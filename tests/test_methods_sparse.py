@@ -32,6 +32,7 @@ def test_gradient_selected_mask_trains_reloads_and_merges(tmp_path) -> None:
     adapter = session.extract()
     session.remove()
     assert adapter.config["selection"] == "gradient" and adapter.config["calibration_batches"] == 2
+    SPARSE.check_config(adapter.config)  # what it records, its own schema accepts
     for m, entry in adapter.modules.items():
         n = adapter.tensor(f"{m}.indices").numel()
         assert entry["kind"] == "sparse" and n == round(0.05 * torch.Size(entry["shape"]).numel())

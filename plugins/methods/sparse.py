@@ -63,7 +63,9 @@ BUDGET = {"k": {"type": "integer", "minimum": 1}, "density": {"type": "number", 
 
 def _config_schema(extra: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": {
-        **BUDGET, "selection": {"enum": list(SELECTIONS)}, "seed": {"type": "integer"}, **extra, **af.TARGETS_SCHEMA}}
+        **BUDGET, "selection": {"enum": list(SELECTIONS)}, "seed": {"type": "integer"},
+        "calibration_batches": {"type": "integer", "minimum": 1}, **extra, **af.TARGETS_SCHEMA}}
+    # calibration_batches is recorded by gradient selection, never an option (train refuses it)
 
 
 def function_2d(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -322,6 +324,8 @@ class SparseFT(af.Method):
         calibrated = loss_fn is not None and batches is not None
         cfg = {"selection": "gradient" if calibrated else "random", "seed": 0, **config}
         self.check_config(cfg)
+        if "calibration_batches" in config:
+            raise af.FormatError(f"{self.name}: calibration_batches is recorded by gradient selection, not an option")
         chosen = af.select_targets(model, cfg, supported=SUPPORTED)
         if cfg["selection"] == "gradient":
             scores, cfg["calibration_batches"] = gradient_scores(model, chosen, loss_fn, batches)

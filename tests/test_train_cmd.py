@@ -243,3 +243,14 @@ def test_demo_step_trains_through_the_trainer(tmp_path: Path) -> None:
     (row,) = run_demo(tmp_path, steps=[step_train_cli]).report
     assert row["resumed_equal"] is True and row["resumed_from"] == 10
     assert row["loss_last"] < row["loss_first"] - 1.0
+
+
+def test_the_methods_regulariser_is_minimised(tmp_path: Path) -> None:
+    """SORSA's orthonormality term enters the objective: its weight changes the trained adapter, not the
+    reported (task) loss of the first step."""
+    write_data(tmp_path / "data.jsonl", n=8)
+    runs = {w: train_adapter(opts(tmp_path, f"s{w}.safetensors", method="sorsa", max_steps=2, lr=1e-3,
+                                  config={"target_modules": ["q_proj"], "r": 4, "ortho_weight": w}))
+            for w in (0.0, 100.0)}
+    a, b = tensors(runs[0.0].out), tensors(runs[100.0].out)
+    assert max((a[n] - b[n]).abs().max().item() for n in a) > 1e-4

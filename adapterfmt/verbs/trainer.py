@@ -12,7 +12,9 @@ What makes runs reproducible and comparable:
   stream (epoch ``e`` is a permutation of the examples seeded by ``(seed, e)``), and process ``p`` of ``P``
   takes the ``p``-th contiguous ``batch_size / P`` of them. The loss is the sum of token losses over the
   global batch divided by its token count (counted across processes first), so one process and ``P``
-  processes take the same steps up to float rounding. Dropout draws differ with the process count.
+  processes take the same steps up to float rounding. Dropout draws differ with the process count. The
+  method's regularisation term (:meth:`TrainSession.regularization`: KaSA, SORSA ...) is added to what is
+  minimised; the loss reported is the task loss alone.
 - A checkpoint (``<checkpoints>/step-NNNNNNNN/``, written atomically by the main process) holds the adapter
   as trained so far (``adapter.safetensors``), the optimizer and scheduler states, every process's RNG
   states and ``state.json`` (the step, which fixes the data position, and the options). Resuming rebuilds
@@ -50,6 +52,7 @@ from .._version import __version__
 from ..errors import AdapterNote, FormatError, MissingFileError, OutputExistsError, UnsupportedError
 from ..format.adapter import Adapter, load, save
 from ..format.atomic import atomic_dir, check_output
+from ..format.jsontext import read_json_object
 from ..plugin.registry import get_method
 from ..tiny import build_tiny
 from .compress import load_live_model
@@ -301,7 +304,22 @@ class Stream:
         return [self.examples[self._order(i // n)[i % n]] for i in range(start, start + size)]
 
 
-# ----- loss ----------------------------------------------------------------------------------------------
+# ----- model and loss ------------------------------------------------------------------------------------
+def load_base(base: Path | None) -> nn.Module:
+    """The model to train, in fp32: the tiny model (``None``, or a folder ``adapter demo`` saved), or a
+    transformers causal LM loaded by ``from_pretrained`` (streamed: one copy of the weights in memory)."""
+    if base is None:
+        return build_tiny(seed=0)
+    config = base / "config.json"
+    if config.is_file() and read_json_object(config).get("model_type") != "adapterfmt-tiny":
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise UnsupportedError("a transformers base model needs the 'transformers' extra", path=base) from None
+        return AutoModelForCausalLM.from_pretrained(base, local_files_only=True).float()
+    return load_live_model(base)
+
+
 def token_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies over the labelled positions (extra leading outputs, as a prompt
     adapter adds, are dropped)."""
@@ -434,7 +452,7 @@ class Run:
             self._clear_checkpoints()
         torch.manual_seed(s["seed"])
         base = Path(s["base"]) if s["base"] else None
-        model = load_live_model(base) if base is not None else build_tiny(seed=0)
+        model = load_base(base)
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
         self.tokenizer = load_tokenizer(base, emb.num_embeddings, note=acc.is_main_process)
         self.stream = Stream(read_examples(self.data, self.tokenizer, s["max_length"]), s["batch_size"], s["seed"])
@@ -482,7 +500,7 @@ class Run:
             ids, labels = (t.to(acc.device) for t in collate(batch, self.tokenizer.pad_id))
             count = acc.reduce((labels[:, 1:] != IGNORE).sum(), reduction="sum")
             loss_sum = token_loss_sum(self.model, ids, labels)
-            acc.backward(loss_sum * world / count)
+            acc.backward(loss_sum * world / count + self.session.regularization())
             if s["max_grad_norm"]:
                 acc.clip_grad_norm_(params, s["max_grad_norm"])
             self.accel_optimizer.step()

@@ -51,6 +51,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".format.codecs": ("BUILTIN_CODECS",),
     ".kernels": ("multi_lora_rows",),
     ".format.fingerprint": ("fingerprint_checkpoint", "fingerprint_module"),
+    ".format.quant": ("QuantSpec", "Quantized", "dequantize", "fake_quantize", "fits_grid", "quantize"),
     ".verbs.apply": ("activate", "adapter_ids", "attach", "attached", "detach", "merge_into", "unmerge"),
     ".verbs.compress": ("compress_adapter",),
     ".verbs.compose": ("Composition", "CompositionProcessor", "Term", "compose", "eft_terms"),
@@ -112,6 +113,8 @@ __all__ = [
     "train_adapter", "TrainOptions",
     "merge_adapters", "compress_adapter", "extract_adapter", "port_adapter", "record_base", "make_explicit",
     "fingerprint_module", "fingerprint_checkpoint",
+    # the reference quantiser (spec 6.12)
+    "QuantSpec", "Quantized", "quantize", "dequantize", "fake_quantize", "fits_grid",
     "require_explicit",
     # decoding-time composition of models (EFT, proxy-tuning)
     "compose", "Composition", "CompositionProcessor", "Term", "eft_terms",

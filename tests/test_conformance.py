@@ -45,11 +45,12 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
     "mixture": {"merge_verb", *NO_WEIGHT_MERGE, *NO_TRAIN},  # routes by input; made by mixture_adapter
     "pissa": set(), "olora": set(), "kasa": set(), "sorsa": set(), "nlora": set(), "slora": set(), "lamda": set(),
     "loldu": {"merge_verb"}, "inttune": {"merge_verb"},  # their factors are derived from the base (spec 6.2.1)
+    "peqa": {"merge_verb"},  # new scales re-quantise the base: not W + dW
 }
 """Per built-in method: the checks that are skipped. Every other check must pass."""
 REASONS = {
     "train": r"has no train verb", "train_extract": r"has no train verb",
-    "merge_verb": r"not W \+ dW.*\((lowrank|vector|rows|prompt|dept|dense|cayley|butterfly|householder|mixture)\)"
+    "merge_verb": r"not W \+ dW.*\((lowrank|vector|rows|prompt|dept|dense|cayley|butterfly|householder|mixture|qscale)\)"
                   r"|derived base part is computed from the base",
     "merge_equals_unmerged": r"not mergeable into weights: .*(prompt|DePT|cannot be merged|without a bias)",
     "unmerge_restores": r"not mergeable into weights",

@@ -45,6 +45,7 @@ BUILTIN_PLUGINS = {
     "mixture": "adapterfmt.plugins.methods.mixture",
     "svd_lora": "adapterfmt.plugins.methods.svd_lora",
     "structured": "adapterfmt.plugins.methods.structured",
+    "quant": "adapterfmt.plugins.methods.quant",
 }
 """Built-in plugins: the name ``adapter plugins`` shows and ``ADAPTERFMT_BLOCK_PLUGINS`` takes -> module.
 They are loaded by module name, like entry points, so this layer imports none of them."""

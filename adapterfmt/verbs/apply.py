@@ -17,9 +17,11 @@ from torch import nn
 
 from ..deltas.base import ROWS_CACHE_ATTR
 from ..deltas.base_part import is_derived
+from ..deltas.modules import is_transposed
 from ..errors import AdapterError, BaseMismatchError, UnsupportedError
 from ..format.adapter import Adapter
 from ..format.fingerprint import compare, fingerprint_module
+from ..format.quant import QuantSpec, fits_grid
 from ..plugin.registry import get_kind
 
 STATE_ATTR = "_adapterfmt_state"
@@ -138,16 +140,39 @@ def check_derived_base(adapter: Adapter, model: nn.Module) -> None:
                                 f"{found}); attach it to that base, or make it explicit with it first", path=adapter.source)
 
 
+def check_base_grid(adapter: Adapter, model: nn.Module) -> None:
+    """Spec 6.12: an adapter made on a quantised base (``base.quantization``) is refused on a model whose
+    targeted weights do not lie on that grid (an fp16 base, another bit width or group size)."""
+    record = (adapter.manifest.get("base") or {}).get("quantization")
+    if record is None:
+        return
+    spec = QuantSpec.from_json(record, path=adapter.source, what="base.quantization")
+    for path, entry in sorted(adapter.modules.items()):
+        w = getattr(model.get_submodule(path), entry.get("parameter", "weight"), None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() < 2:
+            continue
+        w = w.detach().t() if is_transposed(model.get_submodule(path)) else w.detach()
+        if not fits_grid(w, spec):
+            raise BaseMismatchError(f"module {path!r}: the adapter was made on a base quantised to {spec.bits} "
+                                    f"bits (group {spec.group_size or 'per channel'}, {spec.zero_point}) and this "
+                                    f"weight is not on that grid; pass force=True to attach anyway",
+                                    path=adapter.source)
+
+
 def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge: bool = False,
-           activate: bool = True) -> str:
+           activate: bool = True, force: bool = False) -> str:
     """Attach ``adapter`` to ``model``; returns the name it is attached under (default: the method's name).
 
-    Raises :class:`BaseMismatchError` naming every targeted module the model lacks or whose shape differs.
+    Raises :class:`BaseMismatchError` naming every targeted module the model lacks or whose shape differs,
+    or, unless ``force``, a targeted weight off the grid of the adapter's ``base.quantization``.
     """
     name = name or adapter.method
     if name in attached(model):
         raise AdapterError(f"an adapter named {name!r} is already attached; detach it or pick another name")
     check_derived_base(adapter, model)
+    if not force:
+        with contextlib.suppress(AttributeError):  # a missing module is reported below
+            check_base_grid(adapter, model)
     missing, bound = [], {}
     for path, entry in sorted(adapter.modules.items()):
         try:

@@ -302,6 +302,8 @@ def port_adapter(adapter: Adapter, *, new_base: str | os.PathLike[str] | nn.Modu
     old_record = dict(adapter.base or {})
     manifest["modules"] = modules
     manifest["base"] = {"name": base_name or new.name, "revision": None, "fingerprint": new.fingerprint}
+    if old_record.get("quantization") is not None:  # spec 6.12: the grid stays stated; attach checks it
+        manifest["base"]["quantization"] = old_record["quantization"]
     record: dict[str, Any] = {
         "tool": "adapterfmt port", "change": plan.change, "fingerprint": plan.fingerprint,
         "from_base": {"name": old_record.get("name"), "fingerprint": old_record.get("fingerprint")},
@@ -346,6 +348,8 @@ def record_base(adapter: Adapter, base: str | os.PathLike[str] | nn.Module, *, b
     manifest = copy_manifest(adapter.manifest)
     manifest["base"] = {"name": base_name or recorded.get("name") or new.name, "revision": recorded.get("revision"),
                         "fingerprint": new.fingerprint}
+    if recorded.get("quantization") is not None:
+        manifest["base"]["quantization"] = recorded["quantization"]
     return Adapter(manifest, {n: adapter.tensor(n) for n in adapter.tensor_names()})
 
 

@@ -113,6 +113,8 @@ class TrainSession:
         self._step_hooks: list[Callable[[torch.optim.Optimizer | None], None]] = []
         self.optimizer_factory: Callable[..., torch.optim.Optimizer] | None = None
         """The method's own optimizer class or factory (``factory(params, **kwargs)``), when it needs one."""
+        self.base_quantization: dict[str, Any] | None = None
+        """The quantisation record of the base the deltas train on (spec 6.12), written to ``base.quantization``."""
 
     def add(self, path: str, module: nn.Module, layer: TrainableDelta) -> None:
         ref = getattr(module, "weight", None)
@@ -183,6 +185,8 @@ class TrainSession:
                 if name not in tensors:
                     tensors[name] = keep(getattr(layer, role))
         base = {"name": base_name, "revision": None, "fingerprint": self.fingerprint}
+        if self.base_quantization is not None:
+            base["quantization"] = dict(self.base_quantization)
         manifest = new_manifest(self.method, modules, config=self.config, base=base,
                                 provenance=[{"tool": "adapterfmt train"}])
         return Adapter(manifest, tensors)

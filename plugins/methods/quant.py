@@ -1,0 +1,152 @@
+"""Quantisation-aware adapters: kind ``qscale`` and method ``peqa`` (spec 6.12).
+
+PEQA (Kim et al., "Memory-Efficient Fine-Tuning of Compressed Large Language Models via sub-4-bit Integer
+Quantization", NeurIPS 2023) quantises the base, ``W = s (W_int - z)``, freezes ``W_int`` and ``z`` and
+trains only the scales ``s``. Here the base is quantised by the reference RTN quantiser
+(:mod:`adapterfmt.format.quant`) with the record ``params.quant``, and the adapter stores ``ratio = s' / s``
+per ``[out, group]``: on a dequantised base (one on the grid) the new weight is ``ratio * W`` per group; on
+a module held as codes and scales it is the scale swap ``s <- ratio * s``. The kind re-quantises the module's
+current weight, so an unquantised base gets PEQA's own RTN first, as in the paper.
+
+``train`` injects ``ratio`` (ones) on the targeted modules; the scales are the only trainable tensors. When
+the base already lies on the grid (a dequantised base), the adapter records it in ``base.quantization``. ``merge`` of several adapters in delta space is refused
+(not additive), merging into weights writes the new weights; ``port`` goes only onto the recorded base or
+one whose targeted weights lie on the grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+import adapterfmt as af
+
+QUANT_SCHEMA: dict[str, Any] = {
+    "bits": {"type": "integer", "minimum": 2, "maximum": 8},
+    "group_size": {"type": ["integer", "null"], "minimum": 1},
+    "zero_point": {"enum": ["symmetric", "asymmetric"]},
+}
+DEFAULT_QUANT = {"bits": 4, "group_size": None, "zero_point": "asymmetric"}
+"""PEQA's setting: 4 bits, one scale per output channel, a zero point."""
+
+
+def quant_spec(module: str, entry: Mapping[str, Any]) -> af.QuantSpec:
+    """The entry's ``params.quant``, refused naming the module."""
+    return af.QuantSpec.from_json(entry.get("params", {}).get("quant"), what=f"module {module!r}: params.quant")
+
+
+class QScale(af.DeltaKind):
+    """New quantisation scales relative to the base's (spec 6.12)."""
+
+    name = "qscale"
+    required_roles = ("ratio",)
+    additive = False
+    layout_sensitive = True
+
+    def is_additive(self, entry: Mapping[str, Any], roles: Collection[str]) -> bool:
+        return False
+
+    def check(self, module: str, entry: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
+        spec = quant_spec(module, entry)
+        try:
+            out, groups, _ = spec.groups(af.function_shape(entry))
+        except af.FormatError as e:
+            raise af.FormatError(f"module {module!r}: {e.message}") from None
+        if tuple(shapes["ratio"]) != (out, groups):
+            raise af.FormatError(f"module {module!r}: qscale ratio must be [{out}, {groups}], "
+                                 f"got {list(shapes['ratio'])}")
+
+    def check_data(self, module: str, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> None:
+        if not t["ratio"].is_floating_point() or not bool(torch.isfinite(t["ratio"]).all()):
+            raise af.FormatError(f"module {module!r}: qscale ratio must be finite floats")
+
+    def new_weight(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``W'`` in function layout and the module's dtype (differentiable in ``ratio``)."""
+        w = getattr(module, entry.get("parameter", "weight"))
+        q = af.quantize(w.t() if af.is_transposed(module) else w, quant_spec("?", entry))
+        return af.dequantize(q, scale=t["ratio"].float() * q.scale).to(w.dtype)
+
+    def forward(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+        bias = getattr(module, "bias", None)
+        return af.weight_function(module, x, self.new_weight(module, entry, t)) + (0 if bias is None else bias)
+
+    def merge(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> Any:
+        param = getattr(module, entry.get("parameter", "weight"))
+        saved = param.detach().clone()
+        new = self.new_weight(module, entry, t)
+        with torch.no_grad():
+            param.copy_(new.t() if af.is_transposed(module) else new)
+        return saved
+
+    def unmerge(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor], state: Any) -> None:
+        with torch.no_grad():
+            getattr(module, entry.get("parameter", "weight")).copy_(state)
+
+
+def quantize_model(model: nn.Module, spec: af.QuantSpec, config: Mapping[str, Any]) -> list[str]:
+    """Replace the weights of the modules ``config`` targets by their RTN dequantisation (a dequantised
+    base); returns the module paths."""
+    chosen = af.select_targets(model, dict(config), supported=(nn.Linear, "Conv1D"))
+    with torch.no_grad():
+        for module in chosen.values():
+            w = module.weight
+            f = w.t() if af.is_transposed(module) else w
+            new = af.fake_quantize(f, spec)
+            w.copy_(new.t() if af.is_transposed(module) else new)
+    return sorted(chosen)
+
+
+class PEQA(af.Method):
+    name = "peqa"
+    summary = "PEQA: train only the quantisation scales of an RTN-quantised base (kind qscale)"
+    kinds = ("qscale",)
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {**QUANT_SCHEMA, **af.TARGETS_SCHEMA}}
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
+        """Inject trainable scale ratios (ones) on the targeted modules; nothing else is trainable."""
+        self.check_config(config)
+        if options:
+            raise af.FormatError(f"peqa train takes no option(s) {', '.join(sorted(options))}")
+        cfg = {**DEFAULT_QUANT, **config}
+        spec = af.QuantSpec(cfg["bits"], cfg["group_size"], cfg["zero_point"])
+
+        def build(path: str, module: nn.Module) -> af.TrainableDelta:
+            entry = af.module_entry("qscale", module, {"quant": spec.to_json()})
+            out, groups, _ = spec.groups(af.function_shape(entry))
+            return af.TrainableDelta(entry, {"ratio": torch.ones(out, groups, dtype=af.adapter_dtype(module))})
+
+        session = af.inject(model, method=self.name, config=cfg, build=build)
+        on_grid = all(af.fits_grid(m.weight.t() if af.is_transposed(m) else m.weight, spec)
+                      for m in (model.get_submodule(p) for p in session.layers))
+        session.base_quantization = spec.to_json() if on_grid else None
+        return session
+
+    def port(self, adapter: af.Adapter, *, new_base: Any, **options: Any) -> af.Adapter:
+        """Port onto the recorded base, or onto one whose targeted weights lie on the adapter's grid."""
+        if isinstance(new_base, nn.Module):
+            recorded, actual = adapter.base.get("fingerprint") or {}, af.fingerprint_module(new_base)
+            if any(recorded.get(k) != actual[k] for k in ("algorithm", "structure", "values")):
+                for path, entry in sorted(adapter.modules.items()):
+                    module = new_base.get_submodule(path)
+                    w = module.weight.detach()
+                    if not af.fits_grid(w.t() if af.is_transposed(module) else w, quant_spec(path, entry)):
+                        raise af.BaseMismatchError(f"module {path!r}: qscale adapters port only onto a base on "
+                                                   f"the same quantisation grid, and this weight is not on it",
+                                                   path=adapter.source)
+        else:
+            raise af.UnsupportedError("peqa port takes the new base as a live model", path=adapter.source)
+        return super().port(adapter, new_base=new_base, **options)
+
+
+@af.hookimpl
+def adapterfmt_delta_kinds() -> list[af.DeltaKind]:
+    return [QScale()]
+
+
+@af.hookimpl
+def adapterfmt_methods() -> list[af.Method]:
+    return [PEQA()]

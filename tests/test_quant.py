@@ -1,0 +1,203 @@
+"""The reference RTN quantiser (spec 6.12) against llama.cpp's own quantisation (gguf-py's numpy port of
+ggml-quants.c, installed), the base quantisation record, and PEQA (kind ``qscale``)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from adapterfmt.plugins.methods.quant import quantize_model
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+import adapterfmt as af
+from adapterfmt.format.quant import round_half_away
+from adapterfmt.tiny import TinyConfig, build_tiny
+
+CFG = {"target_modules": ["q_proj", "down_proj"]}
+
+
+def _weight(seed: int, out: int = 6, n: int = 64) -> torch.Tensor:
+    return torch.randn(out, n, generator=torch.Generator().manual_seed(seed))
+
+
+def _tiny() -> torch.nn.Module:
+    return build_tiny(0, TinyConfig(vocab_size=32, hidden=16, layers=1, heads=2, intermediate=32))
+
+
+# ----- the quantiser against llama.cpp ----------------------------------------------------------------
+def test_symmetric_8_bit_groups_of_32_are_q8_0_bit_for_bit():
+    w = _weight(0) * 3
+    q = af.quantize(w, af.QuantSpec(8, 32, "symmetric"))
+    blocks = gguf_quantize(w.numpy(), GGMLQuantizationType.Q8_0).reshape(-1, 34)  # fp16 d, 32 int8 codes
+    assert np.array_equal(q.codes.numpy().reshape(-1, 32), blocks[:, 2:].view(np.int8))
+    assert np.array_equal(q.scale.half().numpy().reshape(-1), blocks[:, :2].copy().view(np.float16).reshape(-1))
+    # dequantised with the fp16 scales Q8_0 stores: llama.cpp's values exactly
+    ours = af.dequantize(q, scale=q.scale.half().float())
+    assert torch.equal(ours, torch.from_numpy(gguf_dequantize(blocks.reshape(6, -1), GGMLQuantizationType.Q8_0)))
+
+
+@pytest.mark.parametrize(("bits", "qtype"), [(4, GGMLQuantizationType.Q4_1), (5, GGMLQuantizationType.Q5_1)])
+def test_asymmetric_4_and_5_bit_groups_of_32_are_q4_1_and_q5_1(bits, qtype):
+    w = _weight(bits)
+    q = af.quantize(w, af.QuantSpec(bits, 32, "asymmetric"))
+    raw = gguf_quantize(w.numpy(), qtype)
+    blocks = raw.reshape(-1, raw.shape[1] // 2)
+    d = blocks[:, :2].copy().view(np.float16).reshape(-1)
+    m = blocks[:, 2:4].copy().view(np.float16).reshape(-1)
+    assert np.array_equal(q.scale.half().numpy().reshape(-1), d)
+    assert np.array_equal(q.offset.half().numpy().reshape(-1), m)
+    # codes: recovered from llama.cpp's dequantisation, which is q * d + m in float32
+    ref = torch.from_numpy(gguf_dequantize(raw, qtype)).reshape(-1, 32)
+    half = af.Quantized(q.spec, q.codes, q.scale.half().float(), q.offset.half().float(), q.shape)
+    assert torch.equal(af.dequantize(half).reshape(-1, 32), ref)
+
+
+def test_round_half_away_from_zero_is_exact():
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, -0.49999997, 3.0])
+    assert round_half_away(x).tolist() == [1, 2, 3, -1, -3, 0, 0, 3]
+
+
+@pytest.mark.parametrize("zero_point", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("group_size", [None, 16])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_codes_in_range_error_within_half_a_step_and_on_grid(bits, group_size, zero_point):
+    spec = af.QuantSpec(bits, group_size, zero_point)
+    w = _weight(bits)
+    q = af.quantize(w, spec)
+    lo, hi = spec.levels
+    assert int(q.codes.min()) >= lo and int(q.codes.max()) <= hi
+    assert q.scale.shape == (6, 64 // (group_size or 64))
+    step = q.scale.repeat_interleave(group_size or 64, 1)
+    assert bool(((af.dequantize(q) - w).abs() <= step / 2 + 1e-6).all())
+    assert af.fits_grid(af.fake_quantize(w, spec), spec)
+    assert not af.fits_grid(w, spec)
+    assert af.fits_grid(af.fake_quantize(w.half(), spec), spec)  # a dequantised fp16 base
+
+
+def test_constant_group_and_bad_records():
+    q = af.quantize(torch.full((2, 8), 0.25), af.QuantSpec(3, 4, "asymmetric"))
+    assert torch.equal(af.dequantize(q), torch.full((2, 8), 0.25))
+    assert torch.equal(af.fake_quantize(torch.zeros(2, 8), af.QuantSpec(4)), torch.zeros(2, 8))
+    for bad in ({"method": "rtn", "bits": 9}, {"method": "gptq", "bits": 4}, {"method": "rtn", "bits": 4, "x": 1},
+                {"method": "rtn", "bits": 4, "zero_point": "none"}, {"method": "rtn", "bits": 4, "group_size": 0}):
+        with pytest.raises(af.FormatError, match="base.quantization"):
+            af.QuantSpec.from_json(bad, what="base.quantization")
+    with pytest.raises(af.FormatError, match="group_size 5 does not divide"):
+        af.quantize(torch.zeros(2, 8), af.QuantSpec(4, 5))
+
+
+# ----- the base record --------------------------------------------------------------------------------
+def _lora_on(model: torch.nn.Module, record: dict | None) -> af.Adapter:
+    session = af.registry.get_method("lora").train(copy.deepcopy(model), config={**CFG, "r": 2})
+    with torch.no_grad():
+        for p in session.parameters():
+            p.add_(0.1)
+    session.base_quantization = record
+    adapter = session.extract()
+    session.remove()
+    return adapter
+
+
+def test_adapter_made_on_a_4_bit_base_is_refused_on_the_fp_base_unless_forced(tmp_path):
+    spec = af.QuantSpec(4, 8, "asymmetric")
+    base = _tiny()
+    q4 = copy.deepcopy(base)
+    assert quantize_model(q4, spec, CFG) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    adapter = _lora_on(q4, spec.to_json())
+    af.save(adapter, tmp_path / "a.safetensors")
+    loaded = af.load(tmp_path / "a.safetensors")
+    assert loaded.base["quantization"] == {"method": "rtn", "bits": 4, "group_size": 8, "zero_point": "asymmetric"}
+    with pytest.raises(af.BaseMismatchError, match=r"down_proj'.*quantised to 4 bits \(group 8, asymmetric\)"):
+        af.attach(copy.deepcopy(base), loaded)
+    with pytest.raises(af.BaseMismatchError, match="not on that grid"):  # another grid: 3 bits
+        af.attach(quantize_model_copy(base, af.QuantSpec(3, 8, "asymmetric")), loaded)
+    af.attach(copy.deepcopy(q4), loaded)
+    af.attach(copy.deepcopy(base), loaded, force=True)
+    af.attach(copy.deepcopy(base), _lora_on(base, None))  # no record, no check
+
+
+def quantize_model_copy(model: torch.nn.Module, spec: af.QuantSpec) -> torch.nn.Module:
+    out = copy.deepcopy(model)
+    quantize_model(out, spec, CFG)
+    return out
+
+
+def test_a_bad_base_record_is_refused_on_load(tmp_path):
+    adapter = _lora_on(_tiny(), {"method": "rtn", "bits": 4})
+    adapter.manifest["base"]["quantization"]["bits"] = 9
+    with pytest.raises(af.FormatError, match="base/quantization"):
+        af.save(adapter, tmp_path / "a.safetensors")
+
+
+# ----- PEQA / qscale ----------------------------------------------------------------------------------
+def _peqa(model: torch.nn.Module, config: dict, seed: int = 0) -> tuple[af.Adapter, torch.nn.Module]:
+    session = af.registry.get_method("peqa").train(copy.deepcopy(model), config=config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in session.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return session.extract(), session.model
+
+
+@pytest.mark.parametrize("zero_point", ["symmetric", "asymmetric"])
+def test_qscale_is_new_scales_on_the_base_grid(zero_point):
+    spec = af.QuantSpec(3, 8, zero_point)
+    cfg = {**CFG, **spec.to_json()}
+    del cfg["method"]
+    base = _tiny()
+    q3 = quantize_model_copy(base, spec)
+    adapter, _ = _peqa(q3, cfg)
+    assert adapter.base["quantization"] == spec.to_json()
+    path = "model.layers.0.mlp.down_proj"
+    ratio = adapter.module_tensors(path)["ratio"]
+    w = q3.get_submodule(path).weight.detach()
+    # the paper's W' = s' (W_int - z), z = -m / s, written out from the codes
+    q = af.quantize(w, spec)
+    s_new = ratio * q.scale
+    z = torch.zeros_like(q.scale) if q.offset is None else -q.offset / q.scale
+    paper = (s_new[..., None] * (q.codes.reshape(16, 4, 8).float() - z[..., None])).reshape(16, 32)
+    # on a dequantised base the new weight is ratio * W per group; swapping the scales gives the same
+    merged = copy.deepcopy(q3)
+    af.attach(merged, adapter, merge=True)
+    new = merged.get_submodule(path).weight.detach()
+    torch.testing.assert_close(new, (ratio.repeat_interleave(8, 1) * w), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(new, af.dequantize(q, scale=s_new), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(new, paper, rtol=1e-5, atol=1e-6)
+    # on the unquantised base: PEQA's RTN of that base first, then the new scales
+    fp = copy.deepcopy(base)
+    af.attach(fp, adapter, merge=True, force=True)
+    torch.testing.assert_close(fp.get_submodule(path).weight.detach(), new, rtol=1e-6, atol=1e-6)
+
+
+def test_peqa_trains_only_the_scales_and_its_config_is_strict():
+    method = af.registry.get_method("peqa")
+    session = method.train(_tiny(), config={**CFG, "group_size": 8})
+    names = dict(session.named_parameters())
+    assert sorted(names) == ["model.layers.0.mlp.down_proj.ratio", "model.layers.0.self_attn.q_proj.ratio"]
+    assert names["model.layers.0.mlp.down_proj.ratio"].shape == (16, 4)
+    assert sum(p.numel() for p in session.model.parameters() if p.requires_grad) == 16 * 4 + 16 * 2
+    session.remove()
+    with pytest.raises(af.FormatError, match="unknown key"):
+        method.train(_tiny(), config={**CFG, "bitz": 4})
+    with pytest.raises(af.FormatError, match="bits"):
+        method.train(_tiny(), config={**CFG, "bits": 9})
+    with pytest.raises(af.FormatError, match="group_size 5 does not divide"):
+        method.train(_tiny(), config={**CFG, "group_size": 5})
+
+
+def test_peqa_ports_only_onto_the_same_grid():
+    spec = af.QuantSpec(4, None, "asymmetric")
+    base = _tiny()
+    q4 = quantize_model_copy(base, spec)
+    adapter, _ = _peqa(q4, dict(CFG))
+    method = af.registry.get_method("peqa")
+    other = build_tiny(1, TinyConfig(vocab_size=32, hidden=16, layers=1, heads=2, intermediate=32))
+    with pytest.raises(af.BaseMismatchError, match="same quantisation grid"):
+        method.port(adapter, new_base=other)
+    ported = method.port(adapter, new_base=quantize_model_copy(other, spec))
+    assert ported.base["quantization"] == spec.to_json()
+    assert ported.base["fingerprint"] == af.fingerprint_module(quantize_model_copy(other, spec))

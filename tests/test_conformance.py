@@ -38,6 +38,7 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
     "adalora": NO_TRAIN, "task_vector": NO_TRAIN, "portllm": NO_TRAIN,
     "trainable_tokens": {"merge_verb", *NO_TRAIN},  # rows are replaced, not added
     "prompt_tuning": PREFIX, "dept": PREFIX,
+    "prefix_tuning": {"merge_verb", "per_row_ids", *NO_WEIGHT_MERGE, *NO_TRAIN},  # one cache serves the batch
     "example_kron": NO_TRAIN,  # tests/thirdparty_plugin, when installed
     "shira": set(), "fourierft": set(), "randlora": set(), "c3a": set(), "miss": set(),
     "ln_tuning": {"merge_verb"},  # a dense replacement is not W + dW
@@ -50,11 +51,11 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
 """Per built-in method: the checks that are skipped. Every other check must pass."""
 REASONS = {
     "train": r"has no train verb", "train_extract": r"has no train verb",
-    "merge_verb": r"not W \+ dW.*\((lowrank|vector|rows|prompt|dept|dense|cayley|butterfly|householder|mixture|qscale)\)"
+    "merge_verb": r"not W \+ dW.*\((lowrank|vector|rows|prompt|prefix|dept|dense|cayley|butterfly|householder|mixture|qscale)\)"
                   r"|derived base part is computed from the base",
     "merge_equals_unmerged": r"not mergeable into weights: .*(prompt|DePT|cannot be merged|without a bias)",
     "unmerge_restores": r"not mergeable into weights",
-    "per_row_ids": r"changes the output's shape \(\[3, 5, 32\] -> \[3, \d+, 32\]\)",
+    "per_row_ids": r"changes the output's shape \(\[3, 5, 32\] -> \[3, \d+, 32\]\)|per-row ids refused: .*kind prefix",
 }
 """What a skip's reason must say, per check."""
 

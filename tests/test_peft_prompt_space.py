@@ -1,5 +1,4 @@
-"""PEFT's p-tuning through ``adapter convert`` against PEFT's logits, and the prompt-space types not yet
-represented refused in one line naming them."""
+"""PEFT's p-tuning through ``adapter convert`` against PEFT's logits (prefix tuning: test_prefix_tuning.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +7,7 @@ import torch
 
 pytest.importorskip("peft")
 from helpers_peft import build, case, load_peft, logits
-from helpers_spec import invoke
-from peft import PrefixTuningConfig, PromptEncoderConfig
+from peft import PromptEncoderConfig
 from safetensors.torch import load_file
 
 import adapterfmt as af
@@ -34,9 +32,3 @@ def test_p_tuning_is_its_encoder_output_as_a_prompt(tmp_path, encoder):
     assert torch.equal(load_file(tmp_path / "back" / "adapter_model.safetensors")["prompt_embeddings"],
                        load_file(c.folder / "adapter_model.safetensors")["prompt_embeddings"])
 
-
-def test_prefix_tuning_is_refused_in_one_line_naming_it(tmp_path):
-    c = case(tmp_path, "llama", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
-    res = invoke("convert", str(c.folder), str(tmp_path / "o.safetensors"))
-    assert res.exit_code == 1 and "PEFT type 'PREFIX_TUNING' is not supported" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.safetensors").exists()

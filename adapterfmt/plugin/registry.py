@@ -45,6 +45,7 @@ BUILTIN_PLUGINS = {
     "mixture": "adapterfmt.plugins.methods.mixture",
     "svd_lora": "adapterfmt.plugins.methods.svd_lora",
     "structured": "adapterfmt.plugins.methods.structured",
+    "prefix": "adapterfmt.plugins.methods.prefix",
     "quant": "adapterfmt.plugins.methods.quant",
 }
 """Built-in plugins: the name ``adapter plugins`` shows and ``ADAPTERFMT_BLOCK_PLUGINS`` takes -> module.

@@ -1,7 +1,8 @@
 """Attaching adapters to a live torch model: unmerged (switchable, several at once, per-row ids in a
 batch) or merged into the weights, and back.
 
-Adapters act through forward hooks on the targeted modules, so module names, ``state_dict`` keys and
+Adapters act through forward hooks on the targeted modules (plus a forward pre-hook where a kind has
+``pre_forward``: it changes the module's inputs, as a prefix passes its cache), so module names, ``state_dict`` keys and
 the model's own code are left untouched. The math of each delta kind lives in :mod:`adapterfmt.deltas`.
 """
 
@@ -46,6 +47,33 @@ class Slot:
         self.bound: dict[str, Bound] = {}
         self.busy = False
         self.handle = module.register_forward_hook(self._hook)
+        self.pre_handle: Any = None
+        """A forward pre-hook, registered once a bound kind has ``pre_forward`` (it changes the module's inputs)."""
+
+    def watch_inputs(self) -> None:
+        if self.pre_handle is None:
+            self.pre_handle = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+
+    def remove(self) -> None:
+        self.handle.remove()
+        if self.pre_handle is not None:
+            self.pre_handle.remove()
+
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if self.busy:
+            return None
+        names = self.owner.active if self.owner.row_ids is None else self.owner.row_names
+        bounds = [(n, self.bound[n]) for n in names if n in self.bound and not self.bound[n].merged
+                  and hasattr(self.bound[n].kind, "pre_forward")]
+        if not bounds:
+            return None
+        if self.owner.row_ids is not None or len(bounds) > 1:
+            raise UnsupportedError(f"module {self.path!r}: adapter {bounds[0][0]!r} (kind {bounds[0][1].kind.name}) "
+                                   "changes the module's inputs for the whole batch; it cannot serve per-row "
+                                   "adapter ids or act together with another such adapter")
+        b = bounds[0][1]
+        return b.kind.pre_forward(module, b.entry, b.tensors, args, kwargs)
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         if self.busy or not args:
@@ -191,6 +219,8 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge
         if slot is None:
             slot = st.slots[path] = Slot(st, path, module)
         slot.bound[name] = b
+        if hasattr(b.kind, "pre_forward"):
+            slot.watch_inputs()
         module.__dict__.pop(ROWS_CACHE_ATTR, None)
     st.adapters[name] = adapter
     if activate:
@@ -242,7 +272,7 @@ def detach(model: nn.Module, name: str | None = None) -> None:
             slot.bound.pop(n, None)
             slot.module.__dict__.pop(ROWS_CACHE_ATTR, None)
             if not slot.bound:
-                slot.handle.remove()
+                slot.remove()
                 del st.slots[path]
         del st.adapters[n]
         if n in st.active:

@@ -90,6 +90,10 @@ PROMPT_FIELDS = frozenset({"num_virtual_tokens", "num_transformer_submodules", "
 P_TUNING_FIELDS = PROMPT_FIELDS | {"encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers",
                                    "encoder_dropout"}
 """P-tuning's encoder fields shape only its prompt encoder, whose output PEFT saves as ``prompt_embeddings``."""
+PREFIX_FIELDS = PROMPT_FIELDS | {"prefix_projection", "encoder_hidden_size"}
+"""Prefix tuning: with ``prefix_projection`` PEFT saves the projection's output (the key/value prefix itself)
+and runs that file without the projection, so both read the same; ``num_layers`` / ``token_dim`` /
+``num_attention_heads`` give the prefix's geometry (:meth:`_Reader.prefix`)."""
 LYCORIS_FIELDS = frozenset({"r", "alpha", "rank_pattern", "alpha_pattern", "modules_to_save", "decompose_both",
                             "decompose_factor", "rank_dropout_scale"})
 VERA_FIELDS = frozenset({"r", "modules_to_save", "save_projection", "projection_prng_key", "d_initial",
@@ -142,14 +146,6 @@ def dotted_pattern_value(patterns: Mapping[str, Any] | None, path: str, default:
     patterns = patterns or {}
     key = next((k for k in patterns if re.match(rf".*\.{k}$", path)), path)
     return patterns.get(key, default)
-
-
-def pattern_value(patterns: Mapping[str, Any] | None, path: str, default: Any) -> Any:
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` rule: the first key (a regex) matching a dotted suffix of ``path``."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
 
 
 # ----- the config: types, then meaning -----------------------------------------------------------------------
@@ -386,11 +382,11 @@ class _Reader:
                 scale = (alpha if alpha > 0 else float(init_r)) / (init_r + 1e-5)
                 a = a * p["E"].reshape(r, *([1] * (a.dim() - 1)))
             else:
-                want_r = pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8))
+                want_r = af.peft_pattern(cfg.get("rank_pattern"), module, cfg.get("r", 8))
                 if want_r != r:
                     raise af.FormatError(f"module {module!r}: lora_A has rank {r}, the config says {want_r}",
                                          path=self.path)
-                scale = af.lora_scale(pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)), r, rslora)
+                scale = af.lora_scale(af.peft_pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)), r, rslora)
             out, fin = b.shape[0], tuple(a.shape[1:])
             transposed = embedding or (transposed_linear and a.dim() == 2)
             shape = [*fin, out] if transposed else [out, *fin]
@@ -592,8 +588,8 @@ class _Reader:
         kind, roles = LYCORIS_ROLES[ptype]
         for module, t in sorted(self.by_module(roles).items()):
             self.targeted(module)
-            r = pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8))
-            scale = pattern_value(cfg.get("alpha_pattern"), module, cfg.get("alpha", 8)) / r
+            r = af.peft_pattern(cfg.get("rank_pattern"), module, cfg.get("r", 8))
+            scale = af.peft_pattern(cfg.get("alpha_pattern"), module, cfg.get("alpha", 8)) / r
             # 2-D factors carry a Linear weight's shape; with the base, its own shape (a conv's included)
             shape = self.base_shape(module, ptype) if self.shapes is not None or any(v.dim() != 2 for v in t.values()) \
                 else af.factor_shape(kind, t)
@@ -921,6 +917,32 @@ class _Reader:
         return {}
 
 
+    def prefix(self) -> dict[str, Any]:
+        """Prefix tuning: ``prompt_embeddings [n, layers * 2 * kv_heads * head_dim]``, viewed as PEFT's
+        ``get_prompt`` does (``[n, layers * 2, heads, head_dim]``, even slots keys, odd values), as kind
+        ``prefix`` on the base's decoder stack (``base_model_prefix``)."""
+        _check_fields(self.cfg, PREFIX_FIELDS, self.path)
+        if self.cfg.get("num_transformer_submodules", 1) != 1:
+            raise af.UnsupportedError("prefix tuning with num_transformer_submodules != 1 (encoder-decoder) "
+                                      "cannot be represented", path=self.path)
+        if set(self.raw) != {"prompt_embeddings"}:
+            raise af.UnsupportedError(f"unexpected prefix-tuning tensors: {sorted(self.raw)}", path=self.path)
+        n, layers, heads = (self.cfg.get(k) for k in ("num_virtual_tokens", "num_layers", "num_attention_heads"))
+        dim, emb = self.cfg.get("token_dim"), self.raw["prompt_embeddings"]
+        if not all(isinstance(v, int) and v > 0 for v in (n, layers, heads, dim)) or dim % heads \
+                or list(emb.shape) != [n, layers * 2 * dim]:
+            raise af.FormatError(f"prompt_embeddings {list(emb.shape)} does not fit num_virtual_tokens={n}, "
+                                 f"num_layers={layers}, token_dim={dim}, num_attention_heads={heads}", path=self.path)
+        if not isinstance(self.base, nn.Module) or not getattr(self.base, "base_model_prefix", None):
+            raise af.UnsupportedError("prefix tuning: the PEFT file does not name the decoder stack the prefix "
+                                      "enters; pass the base as a live transformers model (base=)", path=self.path)
+        kv = emb.view(n, layers, 2, heads, dim // heads).permute(2, 1, 0, 3, 4)
+        module = self.base.base_model_prefix
+        self.add(module, {"kind": "prefix", "shape": [layers, heads, dim // heads], "params": {}},
+                 {"keys": kv[0].contiguous(), "values": kv[1].contiguous()})
+        return {"num_virtual_tokens": n}
+
+
 READERS = {"LORA": ("lora", lambda r: r.lora(False)), "ADALORA": ("lora", lambda r: r.lora(True)),
            "IA3": ("ia3", _Reader.ia3), "PROMPT_TUNING": ("prompt_tuning", _Reader.prompt),
            "P_TUNING": ("prompt_tuning", lambda r: r.prompt(P_TUNING_FIELDS)),
@@ -931,7 +953,8 @@ READERS = {"LORA": ("lora", lambda r: r.lora(False)), "ADALORA": ("lora", lambda
 READERS.update({"SHIRA": ("shira", _Reader.shira), "LN_TUNING": ("ln_tuning", _Reader.ln_tuning),
                 "FOURIERFT": ("fourierft", _Reader.fourierft), "VBLORA": ("vblora", _Reader.vblora),
                 "RANDLORA": ("randlora", _Reader.randlora), "C3A": ("c3a", _Reader.c3a),
-                "MISS": ("miss", lambda r: r.miss("MISS")), "BONE": ("miss", lambda r: r.miss("BONE"))})
+                "MISS": ("miss", lambda r: r.miss("MISS")), "BONE": ("miss", lambda r: r.miss("BONE")),
+                "PREFIX_TUNING": ("prefix_tuning", _Reader.prefix)})
 
 
 def _modules_digest(modules: Mapping[str, Mapping[str, Any]]) -> str:
@@ -949,7 +972,7 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False)
     if ptype not in READERS:
         raise af.UnsupportedError(f"PEFT type {ptype!r} is not supported (supported: {', '.join(READERS)})", path=path)
     raw = _load_tensors(path, allow_pickle)
-    reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "P_TUNING", "VERA", "VBLORA", "RANDLORA") else _strip(raw, path), base)
+    reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "VERA", "VBLORA", "RANDLORA") else _strip(raw, path), base)
     method, fn = READERS[ptype]
     method_cfg = fn(reader)
     fingerprint = af.base_fingerprint(base)
@@ -1112,7 +1135,7 @@ class _Writer:
         """The source's pattern if it gives every module its value, else one exact key per differing module."""
         src = self.src.get(field)
         if src is not None and self.src.get(default_field) == default and all(
-                pattern_value(src, m, default) == v for m, v in values.items()):
+                af.peft_pattern(src, m, default) == v for m, v in values.items()):
             return src
         return {re.escape(m): v for m, v in sorted(values.items()) if v != default}
 
@@ -1154,7 +1177,7 @@ class _Writer:
         for m in mods:
             t = self.adapter.module_tensors(m)
             self.tensors.update({f"{PREFIX}{m}.{role}": v for role, v in t.items()})
-            r = ranks[m] = int(pattern_value(self.src.get("rank_pattern"), m, self.src.get("r", 8))) if \
+            r = ranks[m] = int(af.peft_pattern(self.src.get("rank_pattern"), m, self.src.get("r", 8))) if \
                 self.same_modules else (t["hada_w1_a"].shape[1] if kind == "hadamard" else 8)
             alphas[m] = af.alpha_for(float(self.adapter.modules[m].get("params", {}).get("scale", 1.0)), r, False)
         r0 = self.src.get("r") if self.src.get("r") in ranks.values() else _most_common(ranks.values(), 8)
@@ -1424,6 +1447,23 @@ class _Writer:
                 self.cfg[key] = self.src[key]
 
 
+    def prefix(self) -> None:
+        """Kind ``prefix`` as PEFT prefix tuning without projection (the layout :meth:`_Reader.prefix` reads)."""
+        self.refuse({"prefix"}, "prefix tuning")
+        mods = self.by_kind.get("prefix", [])
+        if len(mods) != 1:
+            raise af.UnsupportedError("a PEFT prefix-tuning adapter holds exactly one prefix")
+        self.common("PREFIX_TUNING")
+        t = self.adapter.module_tensors(mods[0])
+        layers, n, heads, head_dim = t["keys"].shape
+        emb = torch.stack([t["keys"], t["values"]], dim=2).permute(1, 0, 2, 3, 4)  # [n, layers, 2, heads, head_dim]
+        self.tensors["prompt_embeddings"] = emb.reshape(n, layers * 2 * heads * head_dim).contiguous()
+        self.cfg.update({"num_virtual_tokens": n, "num_layers": layers, "token_dim": heads * head_dim,
+                         "num_attention_heads": heads, "encoder_hidden_size": heads * head_dim,
+                         "prefix_projection": False, "num_transformer_submodules": 1,
+                         "task_type": self.src.get("task_type") or "CAUSAL_LM"})
+
+
 def _most_common(values: Any, default: Any) -> Any:
     counts = Counter(values)
     return counts.most_common(1)[0][0] if counts else default
@@ -1435,7 +1475,8 @@ WRITERS = {"lora": _Writer.lora, "ia3": _Writer.ia3, "prompt_tuning": _Writer.pr
            "boft": lambda w: w.multiplicative("BOFT"), "hra": lambda w: w.multiplicative("HRA")}
 
 WRITERS.update({"shira": _Writer.shira, "ln_tuning": _Writer.ln_tuning, "fourierft": _Writer.fourierft,
-                "vblora": _Writer.vblora, "randlora": _Writer.randlora, "c3a": _Writer.c3a, "miss": _Writer.miss})
+                "vblora": _Writer.vblora, "randlora": _Writer.randlora, "c3a": _Writer.c3a, "miss": _Writer.miss,
+                "prefix_tuning": _Writer.prefix})
 
 
 def lora_factors(entry: dict[str, Any], t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -57,7 +57,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".verbs.compose": ("Composition", "CompositionProcessor", "Term", "compose", "eft_terms"),
     ".verbs.conversion": (
         "alpha_for", "attention_heads", "base_config", "base_fingerprint", "base_shapes", "base_tensor", "convert",
-        "factor_shape", "lora_scale", "lowrank_adapter", "lowrank_factors", "one_value", "read_foreign",
+        "factor_shape", "lora_scale", "lowrank_adapter", "lowrank_factors", "one_value", "peft_pattern", "read_foreign",
         "read_pickle_tensors", "read_tensor_file", "rope_permute", "tensor_names", "to_peft", "write_folder",
         "write_foreign", "write_tensor_file",
     ),
@@ -112,10 +112,10 @@ __all__ = [
     "convert", "read_foreign", "write_foreign", "to_peft",
     "train_adapter", "TrainOptions",
     "merge_adapters", "compress_adapter", "extract_adapter", "port_adapter", "record_base", "make_explicit",
+    "require_explicit",
     "fingerprint_module", "fingerprint_checkpoint",
     # the reference quantiser (spec 6.12)
     "QuantSpec", "Quantized", "quantize", "dequantize", "fake_quantize", "fits_grid",
-    "require_explicit",
     # decoding-time composition of models (EFT, proxy-tuning)
     "compose", "Composition", "CompositionProcessor", "Term", "eft_terms",
     # writing plugins: methods, delta kinds, codecs, backends
@@ -130,7 +130,7 @@ __all__ = [
     # writing a foreign-format codec
     "read_tensor_file", "read_pickle_tensors", "write_tensor_file", "read_json_object", "write_folder", "tensor_names",
     "base_shapes", "base_fingerprint", "one_value", "lora_scale", "alpha_for", "lowrank_factors", "lowrank_adapter",
-    "base_config", "base_tensor", "factor_shape", "attention_heads", "rope_permute",
+    "base_config", "base_tensor", "factor_shape", "attention_heads", "rope_permute", "peft_pattern",
     # errors (adapterfmt.errors)
     "AdapterError", "AdapterNote", "FormatError", "SpecVersionError", "ChecksumError", "UnsafePathError", "UnknownExtensionError",
     "LimitError", "MissingFileError", "BaseMismatchError", "PluginError", "UnsupportedError", "OutputExistsError",

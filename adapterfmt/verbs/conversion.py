@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
@@ -455,3 +456,12 @@ __all__ = ["tensor_names", "base_tensor", "factor_shape", "write_folder", "one_v
            "ADAPTERFMT", "ConvertReport", "convert", "detect_format", "read_foreign", "write_foreign", "to_peft",
            "read_tensor_file", "read_pickle_tensors", "write_tensor_file", "base_shapes", "is_adapterfmt",
            "read_converted"]
+
+
+def peft_pattern(patterns: Mapping[str, Any] | None, path: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` rule (diffusers' metadata uses it too): the value of the first
+    key, a regex, that matches a dotted suffix of ``path``; else ``default``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default

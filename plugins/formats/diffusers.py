@@ -73,11 +73,6 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _pattern(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` rule: the first key (a regex) matching a dotted suffix."""
-    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), default)
-
-
 def _configs(meta: Mapping[str, str], path: Path | None) -> dict[str, dict[str, Any]] | None:
     """``{component: LoraConfig fields}`` from ``lora_adapter_metadata``; None when the file has none."""
     raw = meta.get(METADATA_KEY)
@@ -155,10 +150,10 @@ def _metadata_scales(configs: Mapping[str, Mapping[str, Any]], ranks: Mapping[st
         rslora = bool(cfg.get("use_rslora", False))
         for rel in rels:
             r = ranks[f"{comp}.{rel}"]
-            want = _pattern(cfg.get("rank_pattern") or {}, rel, cfg.get("r", PEFT_DEFAULT_R))
+            want = af.peft_pattern(cfg.get("rank_pattern") or {}, rel, cfg.get("r", PEFT_DEFAULT_R))
             if want != r:
                 wrong.append(f"{comp}.{rel} (rank {r}, the config gives {want})")
-            alpha = _pattern(cfg.get("alpha_pattern") or {}, rel, cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+            alpha = af.peft_pattern(cfg.get("alpha_pattern") or {}, rel, cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
             scales[f"{comp}.{rel}"] = alpha / math.sqrt(r) if rslora else alpha / r
     if wrong:
         raise af.UnsupportedError(f"diffusers {METADATA_KEY} ranks differ from the tensors' (diffusers cannot "

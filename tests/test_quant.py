@@ -201,3 +201,68 @@ def test_peqa_ports_only_onto_the_same_grid():
     ported = method.port(adapter, new_base=quantize_model_copy(other, spec))
     assert ported.base["quantization"] == spec.to_json()
     assert ported.base["fingerprint"] == af.fingerprint_module(quantize_model_copy(other, spec))
+
+
+# ----- nf4 / fp4 storage codecs -----------------------------------------------------------------------
+def _bnb_quantize_4bit(x: torch.Tensor, code: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' torch ("default" backend) blockwise 4-bit quantisation, transcribed from
+    bitsandbytes/backends/default/ops.py (``quantize_4bit``, commit 0155ecc6): per block ``absmax``, then
+    ``argmin |clamp(x * (1 / absmax), -1, 1) - code|``; returns the unpacked indices and the absmax."""
+    flat = x.reshape(-1)
+    n, rem = flat.numel(), flat.numel() % block
+    absmax = torch.zeros(n // block + bool(rem))
+    full = flat[: n - rem].reshape(-1, block)
+    absmax[: n // block] = full.abs().max(dim=-1)[0]
+    scaled = torch.clamp(full * (1 / absmax[: n // block].view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        absmax[-1] = flat[n - rem:].abs().max()
+        scaled = torch.cat([scaled, torch.clamp(flat[n - rem:] * (1 / absmax[-1]), -1, 1)])
+    return torch.argmin(torch.abs(scaled.view(-1, 1) - code), dim=-1), absmax
+
+
+BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+           -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+           0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+           0.7229568362236023, 1.0]
+"""bitsandbytes/backends/utils.py ``_NF4_QUANT_TABLE`` (commit 0155ecc6), float32."""
+BNB_FP4_CPU = [0.0, 0.0052, 0.6667, 1.0, 0.3333, 0.5, 0.1667, 0.25, 0.0, -0.0052, -0.6667, -1.0, -0.3333, -0.5,
+               -0.1667, -0.25]
+"""bitsandbytes/backends/utils.py ``_FP4_QUANT_TABLE``: its CPU table, ``get_4bit_type("fp4")`` to 4 decimals."""
+
+
+@pytest.mark.parametrize(("codec", "block"), [("nf4", 64), ("nf4", 16), ("fp4", 64), ("fp4", 7)])
+def test_nf4_and_fp4_codecs_are_bitsandbytes_blockwise_4_bit(tmp_path, codec, block):
+    from adapterfmt.format.bitpack import unpack_nibbles
+    from adapterfmt.format.codecs import FP4_CODE, NF4_CODE, encode, get_codec
+
+    assert list(NF4_CODE) == BNB_NF4
+    assert torch.allclose(torch.tensor(FP4_CODE), torch.tensor(BNB_FP4_CPU), atol=5e-5)
+    x = _weight(block, 9, 40) * 0.3
+    x[0, :5] = 0  # a tie-free zero, and a block of zeros below
+    x[8] = 0
+    parts, spec = encode(codec, x, block_size=block)
+    code = torch.tensor(FP4_CODE if codec == "fp4" else BNB_NF4)
+    ref_codes, ref_absmax = _bnb_quantize_4bit(x, code, block)
+    ref_absmax = ref_absmax.nan_to_num()  # bitsandbytes divides by a zero absmax; every value decodes to 0 anyway
+    assert torch.equal(parts["absmax"], ref_absmax)
+    codes = unpack_nibbles(parts["q"], x.numel(), what="codes").long()
+    nonzero = ref_absmax.repeat_interleave(block)[: x.numel()] > 0
+    assert torch.equal(codes[nonzero], ref_codes[nonzero])
+    decoded = get_codec(codec).decode(parts, spec)  # bitsandbytes' dequantize_4bit: code[c] * absmax
+    assert torch.equal(decoded.reshape(-1), code[ref_codes].nan_to_num() * ref_absmax.repeat_interleave(block)[:360])
+    assert spec == {"codec": codec, "shape": [9, 40], "dtype": "F32", "block_size": block}
+    assert parts["q"].numel() == 180 and parts["absmax"].numel() == -(-360 // block)
+
+
+def test_compress_quantize_stores_nf4(tmp_path):
+    adapter = _lora_on(_tiny(), None)
+    small = af.compress_adapter(adapter, steps=[{"method": "quantize", "codec": "nf4", "group_size": 16}])
+    entry = small.modules["model.layers.0.self_attn.q_proj"]
+    assert {s["codec"] for s in entry["encoding"].values()} == {"nf4"}
+    af.save(small, tmp_path / "a.safetensors")
+    back = af.load(tmp_path / "a.safetensors")
+    ref = adapter.module_tensors("model.layers.0.self_attn.q_proj")["lora_A"]
+    got = back.module_tensors("model.layers.0.self_attn.q_proj")["lora_A"]
+    assert 0 < float((got - ref).abs().max()) <= float(ref.abs().max()) * 0.2
+    with pytest.raises(af.UnsupportedError, match="bits=8 with codec 'nf4'"):
+        af.compress_adapter(adapter, steps=[{"method": "quantize", "codec": "nf4", "bits": 8}])

@@ -13,6 +13,10 @@ Built-in layouts (every spec also records ``shape`` and ``dtype``, the logical t
 - ``int4``: part ``q`` uint8 ``[ceil(n / 2)]``: 4-bit codes ``c`` in 1..15 of the flat row-major tensor, two
   per byte, low nibble first (:mod:`adapterfmt.format.bitpack`); part ``scale`` float16 ``[ceil(n / group_size)]``
   (spec ``group_size``, default 64); ``x[i] = (c[i] - 8) * scale[i // group_size]``, ``scale = max|group| / 7``.
+- ``nf4`` / ``fp4``: part ``q`` uint8 ``[ceil(n / 2)]``: 4-bit indices ``c`` into the code book
+  (:data:`NF4_CODE`, :data:`FP4_CODE`), a nibble string; part ``absmax`` float32 ``[ceil(n / block_size)]``
+  (spec ``block_size``, default 64); ``x[i] = code[c[i]] * absmax[i // block_size]``. ``absmax = max|block|``,
+  ``c`` the nearest code to ``clamp(x * (1/absmax), -1, 1)`` (the lower index on a tie), as bitsandbytes does.
 - ``ternary``: the ComPEFT sign pattern of :mod:`adapterfmt.deltas.ternary` (parts ``mask`` or ``gaps``,
   ``signs``, ``scales``; spec ``layout``, ``count``, optional ``group_size``).
 """
@@ -162,6 +166,66 @@ class Int4Codec:
         return ("q", "scale")
 
 
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+"""QLoRA's NormalFloat4 code book, as bitsandbytes defines it (``get_4bit_type("nf4")``); float32 values."""
+FP4_CODE = tuple(v / 12 for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
+                                  -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0))
+"""bitsandbytes' FP4 (sign, 2 exponent bits, 1 mantissa bit) code book, normalised by its largest magnitude
+(``get_4bit_type("fp4")``), taken as float32."""
+
+
+class CodeBook4Codec:
+    """4-bit indices into a fixed code book, with one float32 absmax per block of ``block_size`` flat elements
+    (bitsandbytes' blockwise 4-bit quantisation): ``x[i] = code[c[i]] * absmax[i // block_size]``."""
+
+    name = ""
+    code: tuple[float, ...] = ()
+    default_block_size = 64
+
+    def encode(self, tensor: torch.Tensor, *, block_size: int | None = None,
+               **options: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        g = int(block_size or self.default_block_size)
+        flat = tensor.detach().float().cpu().reshape(-1)
+        n = flat.numel()
+        blocks = torch.cat([flat, flat.new_zeros((-n) % g)]).reshape(-1, g)
+        absmax = blocks.abs().amax(1)
+        inv = torch.where(absmax > 0, 1 / torch.where(absmax > 0, absmax, 1), torch.zeros(()))
+        scaled = (blocks * inv[:, None]).clamp(-1, 1).reshape(-1)[:n]
+        codes = (scaled[:, None] - torch.tensor(self.code)).abs().argmin(1)  # the first code on a tie
+        return {"q": bitpack.pack_nibbles(codes), "absmax": absmax.contiguous()}, {**_head(tensor), "block_size": g}
+
+    def decode(self, parts: dict[str, torch.Tensor], spec: dict[str, Any]) -> torch.Tensor:
+        shape, dtype = _logical(spec)
+        g = spec.get("block_size")
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+            raise FormatError(f"{self.name} block_size must be a positive integer, got {g!r}")
+        n = math.prod(shape)
+        q = _expect(parts, "q", torch.uint8, ((n + 1) // 2,))
+        absmax = _finite(_expect(parts, "absmax", torch.float32, (-(-n // g),)), "absmax")
+        values = torch.tensor(self.code)[bitpack.unpack_nibbles(q, n, what=f"{self.name} codes").long()]
+        return (values * absmax.repeat_interleave(min(g, max(n, 1)))[:n]).reshape(shape).to(dtype)
+
+    def parts(self, spec: dict[str, Any]) -> tuple[str, ...]:
+        return ("q", "absmax")
+
+
+class NF4Codec(CodeBook4Codec):
+    """QLoRA's NormalFloat4 (:data:`NF4_CODE`), block-wise absmax."""
+
+    name = "nf4"
+    code = NF4_CODE
+
+
+class FP4Codec(CodeBook4Codec):
+    """bitsandbytes' FP4 (:data:`FP4_CODE`), block-wise absmax."""
+
+    name = "fp4"
+    code = FP4_CODE
+
+
 class TernaryCodec:
     """ComPEFT: keep the top-k magnitudes' signs, one scale per tensor or group (see the ternary kind)."""
 
@@ -186,4 +250,4 @@ class TernaryCodec:
         return ternary_roles(spec)
 
 
-BUILTIN_CODECS: tuple[TensorCodec, ...] = (Int8Codec(), Int4Codec(), TernaryCodec())
+BUILTIN_CODECS: tuple[TensorCodec, ...] = (Int8Codec(), Int4Codec(), NF4Codec(), FP4Codec(), TernaryCodec())

@@ -19,8 +19,9 @@ Steps run in order on every module (each a dict ``{"method": name, **options}``)
   (default, as the reference: on the factors) encodes each factor with the ``ternary`` codec;
   ``target="delta"`` turns each additive module's dW into a ``ternary`` delta kind. 1-D roles (DoRA
   magnitude, biases, IA3 vectors) are left as stored and are not part of tau.
-- ``quantize``: ``bits=8`` (int8 per output channel) or ``bits=4`` (int4, ``group_size`` scales) codecs on
-  every stored float tensor of 2+ dims not already encoded.
+- ``quantize``: ``bits=8`` (int8 per output channel) or ``bits=4`` (int4, ``group_size`` scales; or
+  ``codec="nf4"`` / ``"fp4"``, ``group_size`` values per absmax) codecs on every stored float tensor of 2+ dims
+  not already encoded.
 
 The record of what was done goes in the manifest's ``compression``: the steps, tensor bytes before and
 after, and the relative error of each module's dW, ``||dW' - dW|| / ||dW||`` (for modules without an
@@ -51,8 +52,8 @@ from ..format.manifest import copy_manifest, shared_tensors
 from ..format.safetensors_io import ITEMSIZE, dtype_name
 from ..format.ternary import ternary_encode
 from ..plugin.registry import get_kind
-from .extract import factored_norm, factored_svd
 from .explicit import make_explicit
+from .extract import factored_norm, factored_svd
 
 
 @dataclass
@@ -233,11 +234,13 @@ def _additive_delta(w: Work) -> torch.Tensor | None:
 
 
 # ----- quantize -----------------------------------------------------------------------------------------
-def quantize(works: dict[str, Work], *, bits: int = 8, group_size: int | None = None) -> None:
-    name = {8: "int8", 4: "int4"}.get(bits)
-    if name is None:
-        raise UnsupportedError(f"quantize supports bits=8 or bits=4, got {bits}")
-    opts = {"group_size": group_size} if bits == 4 else {}
+def quantize(works: dict[str, Work], *, bits: int | None = None, group_size: int | None = None,
+             codec: str | None = None) -> None:
+    name = codec or {None: "int8", 8: "int8", 4: "int4"}.get(bits)
+    if name not in CODEC_BITS or bits not in (None, CODEC_BITS[name]):
+        raise UnsupportedError(f"quantize supports bits=8 or bits=4 (codec int8; int4, nf4 or fp4), got bits={bits}"
+                               + (f" with codec {codec!r}" if codec else ""))
+    opts = {} if name == "int8" else {"block_size" if name in ("nf4", "fp4") else "group_size": group_size}
     for w in works.values():
         for role in w.float_roles():
             parts, spec = codecs.encode(name, w.tensors[role], **opts)
@@ -245,6 +248,8 @@ def quantize(works: dict[str, Work], *, bits: int = 8, group_size: int | None = 
             w.tensors[role] = codecs.get_codec(name).decode(parts, spec)
 
 
+CODEC_BITS = {"int8": 8, "int4": 4, "nf4": 4, "fp4": 4}
+"""The codecs the ``quantize`` step uses, by bits per value."""
 STEP_METHODS: dict[str, Callable[..., None]] = {"resize": resize, "compeft": compeft, "quantize": quantize}
 """Compression step methods by name; each takes the modules being compressed and its options."""
 

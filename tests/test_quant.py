@@ -266,3 +266,37 @@ def test_compress_quantize_stores_nf4(tmp_path):
     assert 0 < float((got - ref).abs().max()) <= float(ref.abs().max()) * 0.2
     with pytest.raises(af.UnsupportedError, match="bits=8 with codec 'nf4'"):
         af.compress_adapter(adapter, steps=[{"method": "quantize", "codec": "nf4", "bits": 8}])
+
+
+def test_qscale_on_a_base_held_quantised_swaps_its_scales():
+    from adapterfmt.plugins.methods.quant import QuantizedLinear
+
+    spec = af.QuantSpec(4, 8, "asymmetric")
+    base = _tiny()
+    deq, packed = quantize_model_copy(base, spec), copy.deepcopy(base)
+    quantize_model(packed, spec, CFG, pack=True)
+    down = packed.get_submodule("model.layers.0.mlp.down_proj")
+    assert isinstance(down, QuantizedLinear) and down.codes.dtype == torch.uint8
+    x = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(packed(x), deq(x))
+    cfg = {**CFG, "group_size": 8}
+    session = af.registry.get_method("peqa").train(packed, config=cfg)  # trained on the packed base itself
+    with torch.no_grad():
+        for p in session.parameters():
+            p.add_(0.1)
+    trained, adapter = session.model(x), session.extract()
+    session.remove()
+    assert adapter.base["quantization"] == spec.to_json()
+    scale, offset = down.scale.clone(), down.offset.clone()
+    af.attach(packed, adapter)
+    torch.testing.assert_close(packed(x), trained, rtol=0, atol=0)
+    af.merge_into(packed, "peqa")  # merged = the new scales
+    ratio = adapter.module_tensors("model.layers.0.mlp.down_proj")["ratio"]
+    assert torch.equal(down.scale, scale * ratio) and torch.equal(down.offset, offset * ratio)
+    torch.testing.assert_close(packed(x), trained, rtol=1e-5, atol=1e-6)
+    af.unmerge(packed, "peqa")
+    assert torch.equal(down.scale, scale) and torch.equal(down.offset, offset)
+    af.attach(deq, adapter)  # the dequantised base gives the same model
+    torch.testing.assert_close(deq(x), trained, rtol=1e-5, atol=1e-6)
+    with pytest.raises(af.FormatError, match="held quantised"):
+        af.registry.get_method("peqa").train(copy.deepcopy(packed), config={**CFG, "group_size": 16})

@@ -5,13 +5,14 @@ Quantization", NeurIPS 2023) quantises the base, ``W = s (W_int - z)``, freezes 
 trains only the scales ``s``. Here the base is quantised by the reference RTN quantiser
 (:mod:`adapterfmt.format.quant`) with the record ``params.quant``, and the adapter stores ``ratio = s' / s``
 per ``[out, group]``: on a dequantised base (one on the grid) the new weight is ``ratio * W`` per group; on
-a module held as codes and scales it is the scale swap ``s <- ratio * s``. The kind re-quantises the module's
-current weight, so an unquantised base gets PEQA's own RTN first, as in the paper.
+a module held as codes and scales (:class:`QuantizedLinear`, see :func:`quantize_model`) merging swaps its
+scales, ``s <- ratio * s``. The kind re-quantises a float module's current weight, so an unquantised base
+gets PEQA's own RTN first, as in the paper.
 
 ``train`` injects ``ratio`` (ones) on the targeted modules; the scales are the only trainable tensors. When
-the base already lies on the grid (a dequantised base), the adapter records it in ``base.quantization``. ``merge`` of several adapters in delta space is refused
-(not additive), merging into weights writes the new weights; ``port`` goes only onto the recorded base or
-one whose targeted weights lie on the grid.
+the base already lies on the grid (a dequantised or packed base), the adapter records it in
+``base.quantization``. Adapters are not combined in delta space (not additive); merging into weights writes
+the new weights; ``port`` goes only onto the recorded base or one whose targeted weights lie on the grid.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Collection, Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import adapterfmt as af
@@ -63,18 +65,36 @@ class QScale(af.DeltaKind):
         if not t["ratio"].is_floating_point() or not bool(torch.isfinite(t["ratio"]).all()):
             raise af.FormatError(f"module {module!r}: qscale ratio must be finite floats")
 
+    def check_module(self, path: str, entry: Mapping[str, Any], module: nn.Module) -> None:
+        super().check_module(path, entry, module)
+        if isinstance(module, QuantizedLinear) and module.spec != quant_spec(path, entry):
+            raise af.FormatError(f"module {path!r} is held quantised as {module.spec.to_json()}, the entry's "
+                                 f"params.quant is {entry['params']['quant']}: not the same grid")
+
     def new_weight(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``W'`` in function layout and the module's dtype (differentiable in ``ratio``)."""
-        w = getattr(module, entry.get("parameter", "weight"))
-        q = af.quantize(w.t() if af.is_transposed(module) else w, quant_spec("?", entry))
-        return af.dequantize(q, scale=t["ratio"].float() * q.scale).to(w.dtype)
+        if isinstance(module, QuantizedLinear):
+            q, dtype = module.quantized(), module.dtype
+        else:
+            w = getattr(module, entry.get("parameter", "weight"))
+            q, dtype = af.quantize(w.t() if af.is_transposed(module) else w, quant_spec("?", entry)), w.dtype
+        return af.dequantize(q, scale=t["ratio"].float() * q.scale).to(dtype)
 
     def forward(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
-        bias = getattr(module, "bias", None)
-        return af.weight_function(module, x, self.new_weight(module, entry, t)) + (0 if bias is None else bias)
+        w, bias = self.new_weight(module, entry, t), getattr(module, "bias", None)
+        out = F.linear(x, w.to(x.dtype)) if isinstance(module, QuantizedLinear) else af.weight_function(module, x, w)
+        return out + (0 if bias is None else bias)
 
     def merge(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> Any:
+        """Write ``W'``; on a :class:`QuantizedLinear`, swap its scales (and offsets) for the new ones."""
+        if isinstance(module, QuantizedLinear):
+            saved = (module.scale.clone(), None if module.offset is None else module.offset.clone())
+            ratio = t["ratio"].float().to(module.scale.device)
+            module.scale.mul_(ratio)
+            if module.offset is not None:
+                module.offset.mul_(ratio)
+            return saved
         param = getattr(module, entry.get("parameter", "weight"))
         saved = param.detach().clone()
         new = self.new_weight(module, entry, t)
@@ -83,16 +103,51 @@ class QScale(af.DeltaKind):
         return saved
 
     def unmerge(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor], state: Any) -> None:
+        if isinstance(module, QuantizedLinear):
+            module.scale.copy_(state[0])
+            if module.offset is not None:
+                module.offset.copy_(state[1])
+            return
         with torch.no_grad():
             getattr(module, entry.get("parameter", "weight")).copy_(state)
 
 
-def quantize_model(model: nn.Module, spec: af.QuantSpec, config: Mapping[str, Any]) -> list[str]:
-    """Replace the weights of the modules ``config`` targets by their RTN dequantisation (a dequantised
-    base); returns the module paths."""
-    chosen = af.select_targets(model, dict(config), supported=(nn.Linear, "Conv1D"))
+class QuantizedLinear(nn.Module):
+    """A linear layer held as RTN codes, scales and offsets (:func:`adapterfmt.quantize`), dequantised in each
+    forward: a quantised base that runs anywhere torch does. ``weight`` is the dequantised weight."""
+
+    def __init__(self, linear: nn.Linear, spec: af.QuantSpec) -> None:
+        super().__init__()
+        q = af.quantize(linear.weight, spec)
+        self.spec, self.shape, self.dtype = spec, q.shape, linear.weight.dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("codes", q.codes)
+        self.register_buffer("scale", q.scale)
+        self.register_buffer("offset", q.offset)
+        self.bias = linear.bias
+
+    def quantized(self) -> af.Quantized:
+        return af.Quantized(self.spec, self.codes, self.scale, self.offset, self.shape)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return af.dequantize(self.quantized()).to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+def quantize_model(model: nn.Module, spec: af.QuantSpec, config: Mapping[str, Any], *, pack: bool = False
+                   ) -> list[str]:
+    """RTN-quantise the modules ``config`` targets: their weights replaced by the dequantisation (a dequantised
+    base), or with ``pack`` the ``nn.Linear`` s replaced by :class:`QuantizedLinear`; returns the paths."""
+    chosen = af.select_targets(model, dict(config), supported=(nn.Linear,) if pack else (nn.Linear, "Conv1D"))
     with torch.no_grad():
-        for module in chosen.values():
+        for path, module in chosen.items():
+            if pack:
+                parent, _, name = path.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, name, QuantizedLinear(module, spec))
+                continue
             w = module.weight
             f = w.t() if af.is_transposed(module) else w
             new = af.fake_quantize(f, spec)
@@ -115,11 +170,15 @@ class PEQA(af.Method):
         spec = af.QuantSpec(cfg["bits"], cfg["group_size"], cfg["zero_point"])
 
         def build(path: str, module: nn.Module) -> af.TrainableDelta:
+            if isinstance(module, QuantizedLinear) and module.spec != spec:
+                raise af.FormatError(f"module {path!r} is held quantised as {module.spec.to_json()}; train peqa "
+                                     f"with that grid (config bits, group_size, zero_point)")
             entry = af.module_entry("qscale", module, {"quant": spec.to_json()})
             out, groups, _ = spec.groups(af.function_shape(entry))
             return af.TrainableDelta(entry, {"ratio": torch.ones(out, groups, dtype=af.adapter_dtype(module))})
 
-        session = af.inject(model, method=self.name, config=cfg, build=build)
+        session = af.inject(model, method=self.name, config=cfg, build=build,
+                            supported=(nn.Linear, "Conv1D", QuantizedLinear))
         on_grid = all(af.fits_grid(m.weight.t() if af.is_transposed(m) else m.weight, spec)
                       for m in (model.get_submodule(p) for p in session.layers))
         session.base_quantization = spec.to_json() if on_grid else None

@@ -65,7 +65,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".verbs.extract": ("extract_adapter",),
     ".verbs.merge": ("merge_adapters",),
     ".verbs.method": ("Method",),
-    ".verbs.port": ("port_adapter", "record_base"),
+    ".verbs.port": ("port_adapter", "port_live", "record_base"),
     ".verbs.targets": ("TARGETS_SCHEMA", "matches_targets", "pattern_value", "select_modules", "select_targets"),
     ".verbs.train": ("TrainableDelta", "TrainSession", "adapter_dtype", "inject", "module_entry"),
     ".verbs.trainer": ("TrainOptions", "train_adapter"),
@@ -112,7 +112,7 @@ __all__ = [
     "convert", "read_foreign", "write_foreign", "to_peft",
     "train_adapter", "TrainOptions",
     "merge_adapters", "compress_adapter", "extract_adapter", "port_adapter", "record_base", "make_explicit",
-    "require_explicit",
+    "require_explicit", "port_live",
     "fingerprint_module", "fingerprint_checkpoint",
     # the reference quantiser (spec 6.12)
     "QuantSpec", "Quantized", "quantize", "dequantize", "fake_quantize", "fits_grid",

@@ -46,6 +46,8 @@ BUILTIN_PLUGINS = {
     "svd_lora": "adapterfmt.plugins.methods.svd_lora",
     "structured": "adapterfmt.plugins.methods.structured",
     "prefix": "adapterfmt.plugins.methods.prefix",
+    "bottleneck": "adapterfmt.plugins.methods.bottleneck",
+    "adapterhub_format": "adapterfmt.plugins.formats.adapterhub",
     "quant": "adapterfmt.plugins.methods.quant",
 }
 """Built-in plugins: the name ``adapter plugins`` shows and ``ADAPTERFMT_BLOCK_PLUGINS`` takes -> module.

@@ -353,6 +353,26 @@ def record_base(adapter: Adapter, base: str | os.PathLike[str] | nn.Module, *, b
     return Adapter(manifest, {n: adapter.tensor(n) for n in adapter.tensor_names()})
 
 
+def port_live(adapter: Adapter, *, new_base: nn.Module, **options: Any) -> Adapter:
+    """``adapter`` re-targeted to a live ``new_base`` by module path, for kinds that act on a module's inputs or
+    outputs rather than on a weight of their own (a prefix, a bottleneck): each entry's kind checks the module
+    (``check_module``); tensors and entries are kept, the new fingerprint and an ``adapterfmt port`` provenance
+    entry recorded. Refuses a checkpoint path, a mapping or an old base (nothing to map them by)."""
+    if not isinstance(new_base, nn.Module) or options:
+        raise UnsupportedError(f"a {adapter.method} adapter ports only to a live model by module path (no "
+                               f"checkpoint path, mapping or old base): its kinds fit modules, not weights")
+    for path, entry in sorted(adapter.modules.items()):
+        try:
+            get_kind(entry["kind"]).check_module(path, entry, new_base.get_submodule(path))
+        except (AttributeError, FormatError, UnsupportedError) as e:
+            raise BaseMismatchError(f"cannot port to {type(new_base).__name__}: module {path!r}: {e}") from None
+    manifest = copy_manifest(adapter.manifest)
+    manifest["base"] = {**(manifest.get("base") or {"name": None, "revision": None}),
+                        "fingerprint": fingerprint_module(new_base)}
+    manifest.setdefault("provenance", []).append({"tool": "adapterfmt port", "change": "modules fit by path"})
+    return Adapter(manifest, {n: adapter.tensor(n) for n in adapter.tensor_names()})
+
+
 def _old_tensor(old: BaseModel, name: str) -> str:
     if name not in old.shapes:
         raise BaseMismatchError(f"the old base {old.name} has no tensor {name}, which the patch was made for")

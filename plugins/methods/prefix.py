@@ -119,22 +119,8 @@ class PrefixTuning(af.Method):
         "type": "object", "properties": {"num_virtual_tokens": {"type": "integer", "minimum": 1}}}
 
     def port(self, adapter: af.Adapter, *, new_base: Any, **options: Any) -> af.Adapter:
-        """A prefix depends only on its module's cache geometry, which is checked on a live ``new_base``; the
-        tensors are kept and the new base's fingerprint recorded."""
-        if not isinstance(new_base, nn.Module) or options:
-            raise af.UnsupportedError("a prefix adapter ports only to a live transformers model (no checkpoint "
-                                      "path, mapping or old base): its fit is the decoder's cache geometry")
-        kind = PrefixKind()
-        for path, entry in adapter.modules.items():
-            try:
-                kind.check_module(path, entry, new_base.get_submodule(path))
-            except (AttributeError, af.FormatError) as e:
-                raise af.BaseMismatchError(f"cannot port to {type(new_base).__name__}: {e}") from None
-        base = {**(adapter.base or {}), "fingerprint": af.base_fingerprint(new_base)}
-        prov = [*adapter.manifest.get("provenance", []), {"tool": "adapterfmt port", "change": "cache geometry same"}]
-        manifest = af.new_manifest(adapter.method, adapter.modules, config=adapter.manifest.get("config") or {},
-                                   provenance=prov, base=base)
-        return af.Adapter(manifest, adapter.tensors())
+        """A prefix fits a decoder stack of the same cache geometry (:func:`adapterfmt.port_live`)."""
+        return af.port_live(adapter, new_base=new_base, **options)
 
     def conformance_example(self) -> Any:
         """A random 3-token prefix on a tiny transformers Llama (the kit's own tiny model takes no cache)."""

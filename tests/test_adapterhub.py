@@ -126,3 +126,41 @@ def test_a_peft_folder_is_not_taken_for_an_adapters_folder(tmp_path):
     meta = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**meta, "version": None, "peft_type": "LORA"}))
     assert detect_format(folder) == "peft"
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "leaky_relu"])
+def test_bottleneck_kind_is_the_spec_math(tmp_path, activation):
+    """Spec 6.10.15 written out in numpy: y' = y + s * (up @ act(down @ y + down_bias) + up_bias)."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(5, 6)
+    t = {"down": torch.randn(3, 6, generator=gen), "down_bias": torch.randn(3, generator=gen),
+         "up": torch.randn(6, 3, generator=gen), "up_bias": torch.randn(6, generator=gen)}
+    entry = {"kind": "bottleneck", "shape": [6], "params": {"activation": activation, "scale": 0.7}}
+    af.save(af.Adapter(af.new_manifest("bottleneck", {"lin": entry}), {f"lin.{k}": v for k, v in t.items()}),
+            tmp_path / "b.safetensors")
+    model = torch.nn.Sequential()
+    model.add_module("lin", lin)
+    x = torch.randn(4, 5, generator=gen)
+    y = lin(x).detach().numpy()
+    n = {k: v.numpy() for k, v in t.items()}
+    z = y @ n["down"].T + n["down_bias"]
+    act = {"gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3))),
+           "leaky_relu": lambda v: np.where(v > 0, v, 0.01 * v)}[activation]
+    want = y + 0.7 * (act(z) @ n["up"].T + n["up_bias"])
+    af.attach(model, af.load(tmp_path / "b.safetensors"))
+    with torch.no_grad():
+        assert np.abs(model(x).numpy() - want).max() <= ATOL
+
+
+def test_pickle_weights_need_allow_pickle(tmp_path):
+    folder, tensors = make_folder(tmp_path, HOULSBY)
+    (folder / "adapter.safetensors").unlink()
+    torch.save(tensors, folder / "pytorch_adapter.bin")  # adapters' default weights file
+    res = invoke("convert", str(folder), str(tmp_path / "o.safetensors"))
+    assert res.exit_code == 1 and "pickle" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = invoke("convert", str(folder), str(tmp_path / "o.safetensors"), "--allow-pickle")
+    assert res.exit_code == 0, res.stderr
+    assert torch.equal(af.load(tmp_path / "o.safetensors").tensor("model.layers.0.mlp.up"),
+                       tensors[f"model.layers.0.output_adapters.adapters.{NAME}.adapter_up.weight"])

@@ -51,7 +51,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".format.codecs": ("BUILTIN_CODECS",),
     ".kernels": ("multi_lora_rows",),
     ".format.fingerprint": ("fingerprint_checkpoint", "fingerprint_module"),
-    ".format.quant": ("QuantSpec", "Quantized", "dequantize", "fake_quantize", "fits_grid", "quantize"),
+    ".format.quant": ("QuantSpec", "Quantized", "dequantize", "fake_quantize", "fits_grid", "quantize", "requantize"),
     ".verbs.apply": ("activate", "adapter_ids", "attach", "attached", "detach", "merge_into", "unmerge"),
     ".verbs.compress": ("compress_adapter",),
     ".verbs.compose": ("Composition", "CompositionProcessor", "Term", "compose", "eft_terms"),
@@ -115,7 +115,7 @@ __all__ = [
     "require_explicit", "port_live",
     "fingerprint_module", "fingerprint_checkpoint",
     # the reference quantiser (spec 6.12)
-    "QuantSpec", "Quantized", "quantize", "dequantize", "fake_quantize", "fits_grid",
+    "QuantSpec", "Quantized", "quantize", "dequantize", "requantize", "fake_quantize", "fits_grid",
     # decoding-time composition of models (EFT, proxy-tuning)
     "compose", "Composition", "CompositionProcessor", "Term", "eft_terms",
     # writing plugins: methods, delta kinds, codecs, backends

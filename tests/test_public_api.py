@@ -26,7 +26,7 @@ PUBLIC = {
     "svd_bottom_factors", "recipe_writable", "require_explicit",
     "multi_lora_rows", "compose", "Composition", "CompositionProcessor", "Term", "eft_terms",
     "train_adapter", "TrainOptions", "port_live",
-    "QuantSpec", "Quantized", "quantize", "dequantize", "fake_quantize", "fits_grid",
+    "QuantSpec", "Quantized", "quantize", "dequantize", "requantize", "fake_quantize", "fits_grid",
 }
 """``af.__all__`` as of the layered tree (0.1.x); a name may be added, never dropped within a major version."""
 

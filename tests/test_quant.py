@@ -300,3 +300,51 @@ def test_qscale_on_a_base_held_quantised_swaps_its_scales():
     torch.testing.assert_close(deq(x), trained, rtol=1e-5, atol=1e-6)
     with pytest.raises(af.FormatError, match="held quantised"):
         af.registry.get_method("peqa").train(copy.deepcopy(packed), config={**CFG, "group_size": 16})
+
+
+# ----- L4Q ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("zero_point", ["symmetric", "asymmetric"])
+def test_l4q_rounds_w_plus_dw_onto_the_learned_grid(zero_point):
+    spec = af.QuantSpec(3, 8, zero_point)
+    cfg = {**CFG, "bits": 3, "group_size": 8, "zero_point": zero_point, "r": 2, "alpha": 4}
+    base = _tiny()
+    session = af.registry.get_method("l4q").train(copy.deepcopy(base), config=cfg)
+    x = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(session.model(x), quantize_model_copy(base, spec)(x), rtol=0, atol=0)  # starts at RTN
+    loss = session.model(x).square().mean()
+    loss.backward()  # straight-through: the rounding passes gradients to A, B and the step sizes
+    grads = {n: p.grad for n, p in session.named_parameters()}
+    assert all(g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if not n.endswith("lora_A"))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in session.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    adapter = session.extract()
+    session.remove()
+    path = "model.layers.0.mlp.down_proj"
+    t = adapter.module_tensors(path)
+    w = base.get_submodule(path).weight.detach()
+    # the definition written out: V = W + (alpha / r) B A; W' = s' clamp(round((V - m') / s')) + m'
+    q = af.quantize(w, spec)
+    s_new = t["ratio"] * q.scale
+    m_new = torch.zeros_like(s_new) if q.offset is None else t["ratio"] * q.offset
+    v = (w + 2.0 * t["lora_B"] @ t["lora_A"]).reshape(16, 4, 8) - m_new[..., None]
+    u = v / s_new[..., None]
+    codes = (torch.sign(u) * (u.abs() + 0.5).floor()).clamp(-3, 3) if zero_point == "symmetric" else \
+        (u + 0.5).floor().clamp(0, 7)
+    expected = (codes * s_new[..., None] + m_new[..., None]).reshape(16, 32)
+    merged = copy.deepcopy(base)
+    af.attach(merged, adapter, merge=True)
+    torch.testing.assert_close(merged.get_submodule(path).weight.detach(), expected, rtol=1e-6, atol=1e-6)
+    # on a base held quantised, the merge writes the new codes and scales
+    packed = copy.deepcopy(base)
+    quantize_model(packed, spec, CFG, pack=True)
+    af.attach(packed, adapter)
+    unmerged = packed(x)
+    module = packed.get_submodule(path)
+    before = module.codes.clone()
+    af.merge_into(packed, "l4q")
+    assert torch.equal(module.scale, s_new) and not torch.equal(module.codes, before)
+    torch.testing.assert_close(packed(x), unmerged, rtol=1e-5, atol=1e-6)
+    af.unmerge(packed, "l4q")
+    assert torch.equal(module.codes, before)

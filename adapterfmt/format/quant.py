@@ -141,6 +141,24 @@ def dequantize(q: Quantized, scale: torch.Tensor | None = None) -> torch.Tensor:
     return w.reshape(q.shape)
 
 
+def requantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, offset: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``x`` (function layout) onto the grid of the given per-group ``scale`` (and, asymmetric,
+    ``offset``) by the rules of ``spec``: returns the codes (float, ``[out, n]``, no gradient) and the values
+    ``s * q (+ m)`` in ``x``'s shape. The rounding is straight-through (its gradient is the identity, as in
+    LSQ / L4Q training); clamping passes none outside the range; the values are exact either way."""
+    out, groups, g = spec.groups(x.shape)
+    lo, hi = spec.levels
+    v = x.float().reshape(out, groups, g)
+    if offset is not None:
+        v = v - offset[..., None]
+    u = v * _inverse(scale)[..., None]
+    r = round_half_away(u) if spec.symmetric else (u + 0.5).floor()
+    q = (u + (r - u).detach()).clamp(lo, hi)
+    w = q * scale[..., None] + (0 if offset is None else offset[..., None])
+    return q.detach().reshape(out, -1), w.reshape(x.shape)
+
+
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``dequantize(quantize(w))`` in ``w``'s dtype: the weight a dequantised base holds."""
     return dequantize(quantize(w, spec)).to(w.dtype)

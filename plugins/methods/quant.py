@@ -1,4 +1,4 @@
-"""Quantisation-aware adapters: kind ``qscale`` and method ``peqa`` (spec 6.12).
+"""Quantisation-aware adapters: kind ``qscale`` and methods ``peqa`` and ``l4q`` (spec 6.12).
 
 PEQA (Kim et al., "Memory-Efficient Fine-Tuning of Compressed Large Language Models via sub-4-bit Integer
 Quantization", NeurIPS 2023) quantises the base, ``W = s (W_int - z)``, freezes ``W_int`` and ``z`` and
@@ -13,10 +13,19 @@ gets PEQA's own RTN first, as in the paper.
 the base already lies on the grid (a dequantised or packed base), the adapter records it in
 ``base.quantization``. Adapters are not combined in delta space (not additive); merging into weights writes
 the new weights; ``port`` goes only onto the recorded base or one whose targeted weights lie on the grid.
+
+L4Q (Jeon et al., "L4Q: Parameter Efficient Quantization-Aware Fine-Tuning on Large Language Models", 2024)
+trains a LoRA together with the quantisation step sizes, so that the merged weight lands on the grid:
+``W' = s' clamp(round((W + dW) / s'))`` (asymmetric: ``+ m'`` inside and out), rounding straight-through in
+training (:func:`adapterfmt.requantize`). Stored as ``qscale`` with ``lora_A`` / ``lora_B`` beside ``ratio``;
+merging writes the quantised weights (new codes and scales on a :class:`QuantizedLinear`). Deviations from
+the paper: the steps start at the RTN's (ratio 1) rather than LSQ's initialisation, and the zero point stays
+the RTN's (``m' = ratio * m``) rather than being learned.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from typing import Any, ClassVar
 
@@ -45,6 +54,7 @@ class QScale(af.DeltaKind):
 
     name = "qscale"
     required_roles = ("ratio",)
+    optional_roles = ("lora_A", "lora_B")
     additive = False
     layout_sensitive = True
 
@@ -60,6 +70,13 @@ class QScale(af.DeltaKind):
         if tuple(shapes["ratio"]) != (out, groups):
             raise af.FormatError(f"module {module!r}: qscale ratio must be [{out}, {groups}], "
                                  f"got {list(shapes['ratio'])}")
+        if ("lora_A" in shapes) != ("lora_B" in shapes):
+            raise af.FormatError(f"module {module!r}: qscale has lora_A and lora_B together or neither")
+        if "lora_A" in shapes:
+            a, b, n = shapes["lora_A"], shapes["lora_B"], math.prod(af.function_shape(entry)[1:])
+            if len(a) != 2 or len(b) != 2 or a[1] != n or b[0] != out or b[1] != a[0]:
+                raise af.FormatError(f"module {module!r}: qscale lora_A must be [r, {n}] and lora_B [{out}, r], "
+                                     f"got {list(a)}, {list(b)}")
 
     def check_data(self, module: str, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> None:
         if not t["ratio"].is_floating_point() or not bool(torch.isfinite(t["ratio"]).all()):
@@ -71,14 +88,26 @@ class QScale(af.DeltaKind):
             raise af.FormatError(f"module {path!r} is held quantised as {module.spec.to_json()}, the entry's "
                                  f"params.quant is {entry['params']['quant']}: not the same grid")
 
+    def new_grid(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(codes, W', s', m')``: the new weight in function layout (float32, differentiable in the roles;
+        straight-through rounding) on the grid of the new scales ``s'`` and offsets ``m'``; ``codes`` (float)
+        when they were recomputed (L4Q), else None (PEQA keeps the base's)."""
+        w = module.weight
+        w = (w.t() if af.is_transposed(module) else w).detach().float()
+        q = module.quantized() if isinstance(module, QuantizedLinear) else af.quantize(w, quant_spec("?", entry))
+        ratio = t["ratio"].float()
+        scale, offset = ratio * q.scale, None if q.offset is None else ratio * q.offset
+        if "lora_A" not in t:
+            return None, af.dequantize(q, scale=scale), scale, offset
+        dw = entry.get("params", {}).get("scale", 1) * (t["lora_B"].float() @ t["lora_A"].float())
+        codes, new = af.requantize(w + dw.reshape(w.shape), q.spec, scale, offset)
+        return codes, new, scale, offset
+
     def new_weight(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``W'`` in function layout and the module's dtype (differentiable in ``ratio``)."""
-        if isinstance(module, QuantizedLinear):
-            q, dtype = module.quantized(), module.dtype
-        else:
-            w = getattr(module, entry.get("parameter", "weight"))
-            q, dtype = af.quantize(w.t() if af.is_transposed(module) else w, quant_spec("?", entry)), w.dtype
-        return af.dequantize(q, scale=t["ratio"].float() * q.scale).to(dtype)
+        """``W'`` in function layout and the module's dtype."""
+        dtype = module.dtype if isinstance(module, QuantizedLinear) else module.weight.dtype
+        return self.new_grid(module, entry, t)[1].to(dtype)
 
     def forward(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
@@ -87,13 +116,16 @@ class QScale(af.DeltaKind):
         return out + (0 if bias is None else bias)
 
     def merge(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> Any:
-        """Write ``W'``; on a :class:`QuantizedLinear`, swap its scales (and offsets) for the new ones."""
+        """Write ``W'``; on a :class:`QuantizedLinear`, its new scales and offsets (and L4Q's new codes)."""
         if isinstance(module, QuantizedLinear):
-            saved = (module.scale.clone(), None if module.offset is None else module.offset.clone())
-            ratio = t["ratio"].float().to(module.scale.device)
-            module.scale.mul_(ratio)
-            if module.offset is not None:
-                module.offset.mul_(ratio)
+            saved = (module.codes.clone(), module.scale.clone(), None if module.offset is None else module.offset.clone())
+            with torch.no_grad():
+                codes, _, scale, offset = self.new_grid(module, entry, t)
+                if codes is not None:
+                    module.codes.copy_(codes.to(module.codes.dtype))
+                module.scale.copy_(scale)
+                if offset is not None:
+                    module.offset.copy_(offset)
             return saved
         param = getattr(module, entry.get("parameter", "weight"))
         saved = param.detach().clone()
@@ -104,9 +136,10 @@ class QScale(af.DeltaKind):
 
     def unmerge(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor], state: Any) -> None:
         if isinstance(module, QuantizedLinear):
-            module.scale.copy_(state[0])
+            module.codes.copy_(state[0])
+            module.scale.copy_(state[1])
             if module.offset is not None:
-                module.offset.copy_(state[1])
+                module.offset.copy_(state[2])
             return
         with torch.no_grad():
             getattr(module, entry.get("parameter", "weight")).copy_(state)
@@ -160,22 +193,23 @@ class PEQA(af.Method):
     summary = "PEQA: train only the quantisation scales of an RTN-quantised base (kind qscale)"
     kinds = ("qscale",)
     config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {**QUANT_SCHEMA, **af.TARGETS_SCHEMA}}
+    defaults: ClassVar[dict[str, Any]] = DEFAULT_QUANT
 
     def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
         """Inject trainable scale ratios (ones) on the targeted modules; nothing else is trainable."""
         self.check_config(config)
         if options:
-            raise af.FormatError(f"peqa train takes no option(s) {', '.join(sorted(options))}")
-        cfg = {**DEFAULT_QUANT, **config}
+            raise af.FormatError(f"{self.name} train takes no option(s) {', '.join(sorted(options))}")
+        cfg = {**self.defaults, **config}
         spec = af.QuantSpec(cfg["bits"], cfg["group_size"], cfg["zero_point"])
 
         def build(path: str, module: nn.Module) -> af.TrainableDelta:
             if isinstance(module, QuantizedLinear) and module.spec != spec:
-                raise af.FormatError(f"module {path!r} is held quantised as {module.spec.to_json()}; train peqa "
+                raise af.FormatError(f"module {path!r} is held quantised as {module.spec.to_json()}; train {self.name} "
                                      f"with that grid (config bits, group_size, zero_point)")
             entry = af.module_entry("qscale", module, {"quant": spec.to_json()})
             out, groups, _ = spec.groups(af.function_shape(entry))
-            return af.TrainableDelta(entry, {"ratio": torch.ones(out, groups, dtype=af.adapter_dtype(module))})
+            return af.TrainableDelta(entry, self.roles(module, entry, out, groups, cfg))
 
         session = af.inject(model, method=self.name, config=cfg, build=build,
                             supported=(nn.Linear, "Conv1D", QuantizedLinear))
@@ -183,6 +217,11 @@ class PEQA(af.Method):
                       for m in (model.get_submodule(p) for p in session.layers))
         session.base_quantization = spec.to_json() if on_grid else None
         return session
+
+    def roles(self, module: nn.Module, entry: dict[str, Any], out: int, groups: int,
+              cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The trainable roles of one module: the scale ratios, ones (the base's scales)."""
+        return {"ratio": torch.ones(out, groups, dtype=af.adapter_dtype(module))}
 
     def port(self, adapter: af.Adapter, *, new_base: Any, **options: Any) -> af.Adapter:
         """Port onto the recorded base, or onto one whose targeted weights lie on the adapter's grid."""
@@ -201,6 +240,24 @@ class PEQA(af.Method):
         return super().port(adapter, new_base=new_base, **options)
 
 
+class L4Q(PEQA):
+    name = "l4q"
+    summary = "L4Q: LoRA and learned step sizes, the merged weight rounded onto the grid (kind qscale)"
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
+        "r": {"type": "integer", "minimum": 1}, "alpha": {"type": "number"}, **QUANT_SCHEMA, **af.TARGETS_SCHEMA}}
+    defaults: ClassVar[dict[str, Any]] = {**DEFAULT_QUANT, "r": 8, "alpha": 8}
+
+    def roles(self, module: nn.Module, entry: dict[str, Any], out: int, groups: int,
+              cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Step sizes at the RTN's (ratio 1), A Kaiming-uniform and B zero: training starts at the RTN base."""
+        entry["params"]["scale"] = cfg["alpha"] / cfg["r"]
+        dtype = af.adapter_dtype(module)
+        a = torch.empty(cfg["r"], math.prod(af.function_shape(entry)[1:]), dtype=dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        return {**super().roles(module, entry, out, groups, cfg), "lora_A": a,
+                "lora_B": torch.zeros(out, cfg["r"], dtype=dtype)}
+
+
 @af.hookimpl
 def adapterfmt_delta_kinds() -> list[af.DeltaKind]:
     return [QScale()]
@@ -208,4 +265,4 @@ def adapterfmt_delta_kinds() -> list[af.DeltaKind]:
 
 @af.hookimpl
 def adapterfmt_methods() -> list[af.Method]:
-    return [PEQA()]
+    return [PEQA(), L4Q()]

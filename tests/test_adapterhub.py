@@ -108,12 +108,17 @@ def test_bottleneck_folder_reads_applies_as_adapters_does_and_writes_back(tmp_pa
     meta = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert meta["version"] == "adapters.1.3.0" and meta["name"] == NAME and meta["hidden_size"] == 16
     assert {k: meta["config"][k] for k in cfg} == {**cfg, "reduction_factor": 4.0}
+    res = invoke("convert", str(tmp_path / "a.safetensors"), str(tmp_path / "cli"), "--to", "adapterhub")
+    assert res.exit_code == 0, res.stderr
+    assert load_file(tmp_path / "cli" / "adapter.safetensors").keys() == tensors.keys()
 
 
 @pytest.mark.parametrize(("change", "field"), [({"is_parallel": True}, "config.is_parallel=True"),
                                                ({"use_gating": True}, "config.use_gating=True"),
                                                ({"non_linearity": "mish"}, "config.non_linearity='mish'"),
-                                               ({"scaling": "learned"}, "config.scaling='learned'")])
+                                               ({"scaling": "learned"}, "config.scaling='learned'"),
+                                               ({"architecture": "prefix_tuning"},
+                                                "config.architecture 'prefix_tuning' is not supported")])
 def test_unrepresentable_configs_are_refused_in_one_line(tmp_path, change, field):
     folder, _ = make_folder(tmp_path, {**HOULSBY, **change})
     res = invoke("convert", str(folder), str(tmp_path / "o.safetensors"))

@@ -47,10 +47,16 @@ def test_prefix_tuning_reads_applies_and_writes_back_as_peft(tmp_path, model, pr
 
 def test_prefix_convert_cli_and_refusals(tmp_path):
     c = case(tmp_path, "llama", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
-    res = invoke("convert", str(c.folder), str(tmp_path / "o.safetensors"))  # no live base: the stack is unnamed
+    res = invoke("convert", str(c.folder), str(tmp_path / "o.safetensors"))  # no base: the stack is unnamed
     assert res.exit_code == 1 and "does not name the decoder stack" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.safetensors").exists()
-    adapter = af.read_foreign(c.folder, base=c.base)
+    c.base.save_pretrained(tmp_path / "base")  # a checkpoint folder names it: model.layers.0. ...
+    res = invoke("convert", str(c.folder), str(tmp_path / "o.safetensors"), "--base", str(tmp_path / "base"))
+    assert res.exit_code == 0, res.stderr
+    adapter = af.load(tmp_path / "o.safetensors")
+    m = build("llama")
+    af.attach(m, adapter)
+    assert (logits(m, c.ids) - c.expected).abs().max() <= ATOL
     from transformers import LlamaConfig, LlamaForCausalLM
 
     other = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, vocab_size=48,

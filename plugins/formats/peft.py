@@ -917,6 +917,18 @@ class _Reader:
         return {}
 
 
+    def decoder_stack(self) -> str:
+        """The base's decoder stack: a live model's ``base_model_prefix``, or in a checkpoint the one module
+        holding ``layers.0.`` / ``h.0.``."""
+        if isinstance(self.base, nn.Module) and getattr(self.base, "base_model_prefix", None):
+            return self.base.base_model_prefix
+        found = sorted({m[1] for k in self.shapes or {} if (m := re.match(r"^(.+?)\.(?:layers|h)\.0\.", k))})
+        if len(found) != 1:
+            raise af.UnsupportedError("prefix tuning: the PEFT file does not name the decoder stack the prefix "
+                                      f"enters and the base does not tell it (found {found or 'none'}); pass the "
+                                      "base (base= / --base)", path=self.path)
+        return found[0]
+
     def prefix(self) -> dict[str, Any]:
         """Prefix tuning: ``prompt_embeddings [n, layers * 2 * kv_heads * head_dim]``, viewed as PEFT's
         ``get_prompt`` does (``[n, layers * 2, heads, head_dim]``, even slots keys, odd values), as kind
@@ -933,11 +945,8 @@ class _Reader:
                 or list(emb.shape) != [n, layers * 2 * dim]:
             raise af.FormatError(f"prompt_embeddings {list(emb.shape)} does not fit num_virtual_tokens={n}, "
                                  f"num_layers={layers}, token_dim={dim}, num_attention_heads={heads}", path=self.path)
-        if not isinstance(self.base, nn.Module) or not getattr(self.base, "base_model_prefix", None):
-            raise af.UnsupportedError("prefix tuning: the PEFT file does not name the decoder stack the prefix "
-                                      "enters; pass the base as a live transformers model (base=)", path=self.path)
         kv = emb.view(n, layers, 2, heads, dim // heads).permute(2, 1, 0, 3, 4)
-        module = self.base.base_model_prefix
+        module = self.decoder_stack()
         self.add(module, {"kind": "prefix", "shape": [layers, heads, dim // heads], "params": {}},
                  {"keys": kv[0].contiguous(), "values": kv[1].contiguous()})
         return {"num_virtual_tokens": n}

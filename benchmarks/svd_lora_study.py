@@ -106,7 +106,7 @@ def main() -> None:
             results[name].append(curve)
             meta[name] = (params, size)
     steps = [s for s in CHECKPOINTS if s <= args.steps]
-    print(f"| method | trainable params | file bytes | " + " | ".join(f"loss @{s}" for s in steps) + " |")
+    print("| method | trainable params | file bytes | " + " | ".join(f"loss @{s}" for s in steps) + " |")
     print("|---|---|---|" + "---|" * len(steps))
     for name, curves in results.items():
         cells = []

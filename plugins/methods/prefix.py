@@ -7,6 +7,8 @@ Attached, a forward pre-hook on that module passes a ``DynamicCache`` holding, f
 ``keys[l]`` and value ``values[l]`` (as ``[batch, kv_heads, n, head_dim]``, the same for every row), prepends
 ``n`` ones to the attention mask and adds ``n`` to given ``position_ids`` — what PEFT's
 ``PeftModelForCausalLM.forward`` does, so the logits are PEFT's. The model's positions then start at ``n``.
+A later call of cached generation brings a cache that starts with the prefix: it is passed on, the mask
+extended when it covers the real tokens only.
 
 The method has no train verb (its adapters come from ``adapter convert``); a prefix does not merge into
 weights, and per-row adapter ids are refused (one cache serves the whole batch).
@@ -77,16 +79,18 @@ class PrefixKind(af.DeltaKind):
         n = t["keys"].shape[1]
         # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` deprecated)
         arg = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-        if a.get(arg) is not None and a[arg].get_seq_length() > 0:
-            raise af.UnsupportedError(f"a prefix adapter with a non-empty {arg} is not supported: run the whole "
-                                      "sequence in one call")
         x = args[0] if args else a.get("input_ids")
-        batch = (x if x is not None else a["inputs_embeds"]).shape[0]
-        a[arg] = DynamicCache([
-            (k.transpose(0, 1).expand(batch, -1, -1, -1), v.transpose(0, 1).expand(batch, -1, -1, -1))
-            for k, v in zip(t["keys"], t["values"])])
+        batch, steps = (x if x is not None else a["inputs_embeds"]).shape[:2]
+        cache = a.get(arg)
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:  # a later call (generation) brings the cache that already starts with the prefix
+            cache = DynamicCache() if cache is None else cache
+            for layer, (k, v) in enumerate(zip(t["keys"], t["values"])):
+                cache.update(k.transpose(0, 1).expand(batch, -1, -1, -1), v.transpose(0, 1).expand(batch, -1, -1, -1),
+                             layer)
+            a[arg] = cache
         mask = a.get("attention_mask")
-        if mask is not None:
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == max(past - n, 0) + steps:
             a["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
         if a.get("position_ids") is not None:
             a["position_ids"] = a["position_ids"] + n

@@ -169,3 +169,20 @@ def test_pickle_weights_need_allow_pickle(tmp_path):
     assert res.exit_code == 0, res.stderr
     assert torch.equal(af.load(tmp_path / "o.safetensors").tensor("model.layers.0.mlp.up"),
                        tensors[f"model.layers.0.output_adapters.adapters.{NAME}.adapter_up.weight"])
+
+
+def test_per_layer_ranks_are_written_as_a_reduction_factor_mapping(tmp_path):
+    folder, _ = make_folder(tmp_path, HOULSBY)
+    adapter = af.read_foreign(folder)
+    tensors = {n: adapter.tensor(n) for n in adapter.tensor_names()}
+    for m in ("model.layers.1.mlp", "model.layers.1.self_attn.o_proj"):  # rank 2 in layer 1
+        tensors[f"{m}.down"], tensors[f"{m}.down_bias"] = tensors[f"{m}.down"][:2], tensors[f"{m}.down_bias"][:2]
+        tensors[f"{m}.up"] = tensors[f"{m}.up"][:, :2]
+    af.write_foreign(af.Adapter(adapter.manifest, tensors), tmp_path / "back", "adapterhub")
+    meta = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert meta["config"]["reduction_factor"] == {"0": 4.0, "1": 8.0, "default": 4.0}
+    tensors["model.layers.1.mlp.down"] = torch.randn(3, 16)  # two ranks in one layer: no config holds that
+    tensors["model.layers.1.mlp.down_bias"], tensors["model.layers.1.mlp.up"] = torch.randn(3), torch.randn(16, 3)
+    with pytest.raises(af.UnsupportedError, match=r"layer 1: adapters' config gives one rank per layer"):
+        af.write_foreign(af.Adapter(adapter.manifest, tensors), tmp_path / "again", "adapterhub")
+    assert not (tmp_path / "again").exists()

@@ -147,7 +147,13 @@ def write_adapterhub(adapter: af.Adapter, path: str | Path, *, base: Any = None)
         for (part, what), role in ROLE.items():
             tensors[f"{layer}.{loc}_adapters.adapters.{name}.{part}.{what}"] = t[role].contiguous()
     d = next(iter(adapter.modules.values()))["shape"][0]
-    r = next(t for k, t in tensors.items() if k.endswith("adapter_down.0.weight")).shape[0]
+    ranks: dict[str, set[int]] = {}
+    for key, t in tensors.items():
+        if key.endswith("adapter_down.0.weight"):
+            ranks.setdefault(re.search(r"layers\.(\d+)\.", key).group(1), set()).add(t.shape[0])
+    factors = {n: _reduction_factor(d, rs, n) for n, rs in sorted(ranks.items(), key=lambda kv: int(kv[0]))}
+    first = next(iter(factors.values()))
+    reduction = first if len(set(factors.values())) == 1 else {**factors, "default": first}
     n_layers = getattr(getattr(base, "config", None), "num_hidden_layers", None) if isinstance(base, nn.Module) else None
     present = {int(re.search(r"layers\.(\d+)$", f[0]).group(1)) for f in forms.values()}
     leave_out = sorted(set(range(n_layers if n_layers else max(present) + 1)) - present)
@@ -155,13 +161,25 @@ def write_adapterhub(adapter: af.Adapter, path: str | Path, *, base: Any = None)
     cfg = {"architecture": None, "mh_adapter": any(f[1] == "attention" for f in forms.values()),
            "output_adapter": any(f[1] == "output" for f in forms.values()), "original_ln_before": ln_before,
            "original_ln_after": True, "residual_before_ln": True, "adapter_residual_before_ln": False,
-           "ln_before": False, "ln_after": False, "non_linearity": activation, "reduction_factor": d / r,
+           "ln_before": False, "ln_after": False, "non_linearity": activation, "reduction_factor": reduction,
            "scaling": scale, "is_parallel": False, "use_gating": False, "phm_layer": False, "inv_adapter": None,
            "cross_adapter": False, "leave_out": leave_out, "dropout": 0.0, "init_weights": "bert"}
     meta = {"config": cfg, "hidden_size": d, "model_class": type(base).__name__ if isinstance(base, nn.Module)
             else None, "model_name": (adapter.base or {}).get("name"), "model_type": "llama", "name": name,
             "version": VERSION}
     return af.write_folder(path, SAFE_FILE, tensors, CONFIG_FILE, meta)
+
+
+def _reduction_factor(d: int, ranks: set[int], layer: str) -> float:
+    """The ``reduction_factor`` from which adapters rebuilds rank ``r`` (``int(hidden_size // factor)``)."""
+    if len(ranks) != 1:
+        raise af.UnsupportedError(f"layer {layer}: adapters' config gives one rank per layer, the adapter has "
+                                  f"{sorted(ranks)}")
+    (r,) = ranks
+    if int(d // (d / r)) != r:
+        raise af.UnsupportedError(f"layer {layer}: rank {r} of width {d} is not int({d} // reduction_factor) "
+                                  "for any factor adapters can store")
+    return d / r
 
 
 class AdapterHubFormat:

@@ -37,6 +37,8 @@ class Bound:
     tensors: dict[str, torch.Tensor]
     merged: bool = False
     merge_state: Any = None
+    dropout: float = 0.0
+    """Input dropout applied in every forward, eval mode included (Monte-Carlo dropout; ``attach(dropout=)``)."""
 
 
 class Slot:
@@ -87,7 +89,8 @@ class Slot:
                 for name in self.owner.active:
                     b = self.bound.get(name)
                     if b is not None and not b.merged:
-                        y = b.kind.forward(module, b.entry, b.tensors, x, y)
+                        xb = nn.functional.dropout(x, b.dropout, training=True) if b.dropout else x
+                        y = b.kind.forward(module, b.entry, b.tensors, xb, y)
                 return y
             return self._rows(module, x, output, ids)
         finally:
@@ -99,6 +102,9 @@ class Slot:
         present = [(i, self.bound[n]) for i, n in enumerate(names) if n in self.bound]
         if not present:
             return y
+        if any(b.dropout for _, b in present):
+            raise UnsupportedError(f"module {self.path!r}: an adapter attached with dropout cannot serve per-row "
+                                   "adapter ids")
         batched = getattr(present[0][1].kind, "forward_rows", None)
         if batched is not None and all(type(b.kind) is type(present[0][1].kind) for _, b in present):
             out = batched(module, present, x, y, ids)
@@ -188,13 +194,20 @@ def check_base_grid(adapter: Adapter, model: nn.Module) -> None:
 
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge: bool = False,
-           activate: bool = True, force: bool = False) -> str:
+           activate: bool = True, force: bool = False, dropout: float = 0.0) -> str:
     """Attach ``adapter`` to ``model``; returns the name it is attached under (default: the method's name).
+
+    ``dropout`` > 0 drops each delta's inputs with that probability in every forward pass, in eval mode too,
+    so repeated passes give Monte-Carlo dropout samples (such an adapter is never merged).
 
     Raises :class:`BaseMismatchError` naming every targeted module the model lacks or whose shape differs,
     or, unless ``force``, a targeted weight off the grid of the adapter's ``base.quantization``.
     """
     name = name or adapter.method
+    if not 0.0 <= dropout < 1.0:
+        raise AdapterError(f"attach: dropout {dropout} is outside [0, 1)")
+    if dropout and merge:
+        raise UnsupportedError("attach: an adapter with Monte-Carlo dropout acts unmerged; pass merge=False")
     if name in attached(model):
         raise AdapterError(f"an adapter named {name!r} is already attached; detach it or pick another name")
     check_derived_base(adapter, model)
@@ -218,6 +231,7 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge
         slot = st.slots.get(path)
         if slot is None:
             slot = st.slots[path] = Slot(st, path, module)
+        b.dropout = float(dropout)
         slot.bound[name] = b
         if hasattr(b.kind, "pre_forward"):
             slot.watch_inputs()
@@ -242,6 +256,8 @@ def _bounds(model: nn.Module, name: str) -> Iterator[tuple[Slot, Bound]]:
 def merge_into(model: nn.Module, name: str) -> None:
     """Fold adapter ``name`` into the weights of the modules it targets."""
     done: list[tuple[Slot, Bound]] = []
+    if any(b.dropout for _, b in _bounds(model, name)):
+        raise UnsupportedError(f"adapter {name!r} was attached with Monte-Carlo dropout, which acts unmerged")
     try:
         for slot, b in _bounds(model, name):
             if not b.merged:

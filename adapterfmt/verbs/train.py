@@ -10,9 +10,10 @@ the model back as it was (module names and ``state_dict`` keys are untouched whi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +26,9 @@ from ..format.fingerprint import fingerprint_module
 from ..format.manifest import new_manifest
 from ..plugin.registry import get_kind, get_method
 from .targets import select_targets
+
+GradMask = Callable[[str, nn.Parameter, int], "torch.Tensor | None"]
+"""A gradient mask: ``fn(name, parameter, step)`` -> a mask to multiply the gradient by, or ``None``."""
 
 LAYER_ATTR = "adapterfmt_delta"
 """Name under which a trainable delta is registered as a child of its target module."""
@@ -88,14 +92,18 @@ class TrainableDelta(nn.Module):
         self.derived_roles = tuple(derived or ())
         for role, t in (derived or {}).items():
             self.register_buffer(role, t, persistent=False)
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.dropout_p = float(dropout)
+        self.keep_dropout = False
+        """Apply the input dropout in eval mode too (Monte-Carlo estimates; :meth:`TrainSession.mc_dropout`)."""
 
     def tensors(self) -> dict[str, torch.Tensor]:
         fixed = (*self.shared_names, *self.frozen_roles, *self.derived_roles)
         return {**{r: getattr(self, r) for r in fixed}, **dict(self.weights.items())}
 
     def forward(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.kind.forward(module, self.entry, self.tensors(), self.dropout(x), y)
+        if self.dropout_p:
+            x = nn.functional.dropout(x, self.dropout_p, training=self.training or self.keep_dropout)
+        return self.kind.forward(module, self.entry, self.tensors(), x, y)
 
 
 class TrainSession:
@@ -111,6 +119,11 @@ class TrainSession:
         for p in self._grad:
             p.requires_grad_(False)
         self._step_hooks: list[Callable[[torch.optim.Optimizer | None], None]] = []
+        self._grad_masks: list[GradMask] = []
+        self._freezes: dict[str, int] = {}
+        self._rank_masks: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        """Optimizer steps taken (:meth:`step` counts them; a resumed run sets it to the checkpoint's step)."""
         self.optimizer_factory: Callable[..., torch.optim.Optimizer] | None = None
         """The method's own optimizer class or factory (``factory(params, **kwargs)``), when it needs one."""
         self.base_quantization: dict[str, Any] | None = None
@@ -140,10 +153,96 @@ class TrainSession:
         """Run ``fn(optimizer)`` at every :meth:`step` (a method's schedule, e.g. SpIEL's mask reselection)."""
         self._step_hooks.append(fn)
 
+    @property
+    def has_schedule(self) -> bool:
+        """Whether the session holds schedule state a checkpoint of its adapter does not save (``on_step``
+        hooks, rank pruning); :meth:`freeze_after` and gradient masks are functions of :attr:`steps` and do not."""
+        return bool(self._step_hooks or self._rank_masks)
+
+    def mask_gradients(self, fn: GradMask) -> None:
+        """After each backward pass (:meth:`after_backward`), ``fn(name, parameter, step)`` gives a mask the
+        gradient is multiplied by (broadcast to its shape), or ``None`` to leave it. ``name`` is as in
+        :meth:`named_parameters`; ``step`` counts optimizer steps taken. A masked entry gets no gradient, but a
+        momentum optimizer still moves it by its history; use :meth:`freeze_after` to stop a parameter."""
+        self._grad_masks.append(fn)
+
+    def freeze_after(self, paths: str | Iterable[str], step: int) -> None:
+        """Stop training the deltas of module ``paths`` once ``step`` optimizer steps are taken: from then on
+        their gradients are dropped (``None``), so the optimizer skips them (no momentum, no weight decay)."""
+        for path in [paths] if isinstance(paths, str) else list(paths):
+            if path not in self.layers:
+                raise AdapterError(f"freeze_after: no trained delta on module {path!r}")
+            self._freezes[path] = step
+
+    def prune_rank(self, path: str, rank: int) -> None:
+        """Keep the ``rank`` most important components of module ``path``'s lowrank delta (importance
+        ``||B[:, i]|| * ||A[i, :]||``, ties to the lower index) and zero the others for good: their factors
+        are zeroed now and after every :meth:`step`, their gradients masked. A rank-pruning schedule calls
+        this from an :meth:`on_step` hook; pruning again keeps a subset of what is kept."""
+        layer = self.layers.get(path)
+        if layer is None or layer.entry["kind"] != "lowrank" or "lora_mid" in dict(layer.weights.items()):
+            raise AdapterError(f"prune_rank: module {path!r} has no trained lowrank delta with factors A and B only")
+        a, b = layer.weights.lora_A, layer.weights.lora_B
+        keep = self._rank_masks.get(path, torch.ones(a.shape[0], dtype=torch.bool, device=a.device))
+        if not 0 <= rank <= a.shape[0]:
+            raise AdapterError(f"prune_rank: rank {rank} outside 0..{a.shape[0]} for module {path!r}")
+        with torch.no_grad():
+            score = (b.norm(dim=0) * a.norm(dim=1)).float().masked_fill(~keep, -1.0)
+            order = torch.argsort(-score, stable=True)
+            mask = torch.zeros_like(keep)
+            mask[order[:rank]] = True
+            self._rank_masks[path] = mask & keep
+            self._project(path)
+
+    def ranks(self) -> dict[str, int]:
+        """The rank each pruned module keeps."""
+        return {path: int(m.sum()) for path, m in self._rank_masks.items()}
+
+    def _project(self, path: str) -> None:
+        layer, mask = self.layers[path], self._rank_masks[path]
+        with torch.no_grad():
+            layer.weights.lora_A.mul_(mask[:, None].to(layer.weights.lora_A.dtype))
+            layer.weights.lora_B.mul_(mask[None, :].to(layer.weights.lora_B.dtype))
+
+    def after_backward(self) -> None:
+        """Call between the backward pass and the optimizer step: applies :meth:`freeze_after`,
+        :meth:`prune_rank` and :meth:`mask_gradients` to the gradients."""
+        for path, layer in self.layers.items():
+            frozen = path in self._freezes and self.steps >= self._freezes[path]
+            mask = self._rank_masks.get(path)
+            for role, p in layer.weights.items():
+                if frozen:
+                    p.grad = None
+                    continue
+                if p.grad is None:
+                    continue
+                if mask is not None and role in ("lora_A", "lora_B"):
+                    p.grad.mul_((mask[:, None] if role == "lora_A" else mask[None, :]).to(p.grad.dtype))
+                for fn in self._grad_masks:
+                    m = fn(f"{path}.{role}", p, self.steps)
+                    if m is not None:
+                        p.grad.mul_(m.to(p.grad.dtype))
+
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Call after each optimizer step of your loop; runs the method's schedule (a no-op for static methods)."""
+        """Call after each optimizer step of your loop: counts the step, keeps pruned ranks at zero and runs the
+        method's schedule (a no-op for static methods)."""
+        self.steps += 1
+        for path in self._rank_masks:
+            self._project(path)
         for fn in self._step_hooks:
             fn(optimizer)
+
+    @contextlib.contextmanager
+    def mc_dropout(self) -> Iterator[None]:
+        """Within the block the deltas' input dropout acts in eval mode too, so repeated forward passes sample
+        it (Monte-Carlo dropout estimates of the mean and its uncertainty)."""
+        for layer in self.layers.values():
+            layer.keep_dropout = True
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.keep_dropout = False
 
     def optimizer(self, **kwargs: Any) -> torch.optim.Optimizer:
         """An optimizer over :meth:`parameters`: the method's own (:attr:`optimizer_factory`) or ``AdamW``."""
@@ -200,6 +299,7 @@ class TrainSession:
         for p, flag in self._grad.items():
             p.requires_grad_(flag)
         self._handles, self.layers, self._step_hooks = [], {}, []
+        self._grad_masks, self._freezes, self._rank_masks = [], {}, {}
 
     def __enter__(self) -> TrainSession:
         return self

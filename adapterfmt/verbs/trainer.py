@@ -19,8 +19,11 @@ What makes runs reproducible and comparable:
   as trained so far (``adapter.safetensors``), the optimizer and scheduler states, every process's RNG
   states and ``state.json`` (the step, which fixes the data position, and the options). Resuming rebuilds
   the session with the method's ``train`` verb, loads all of that and continues exactly; options given
-  again must equal the recorded ones. A method whose session has a step schedule (``on_step``) cannot be
-  checkpointed yet (its schedule state is not saved), and is refused rather than resumed inexactly.
+  again must equal the recorded ones. A session with schedule state (``has_schedule``: ``on_step`` hooks,
+  rank pruning) cannot be checkpointed yet (that state is not saved), and is refused rather than resumed
+  inexactly; step-determined hooks (``freeze_after``, gradient masks) resume exactly.
+- Each step runs the session's hooks: ``after_backward`` (frozen deltas, pruned ranks, gradient masks)
+  between the backward pass and the optimizer step, ``step`` after it.
 - The final adapter records the method's config (``method.config``) and, in its ``provenance`` entry, the
   data's sha256, the steps, the loss and the trainer's options.
 
@@ -462,7 +465,7 @@ class Run:
         calib = [collate(self.stream.batch(i), self.tokenizer.pad_id) for i in range(s["calibration_batches"])]
         self.session = session = get_method(s["method"]).train(model, config=dict(s["config"]), loss_fn=mean_loss,
                                                                 batches=calib)
-        if self.opts.checkpoint_every and session._step_hooks:
+        if self.opts.checkpoint_every and session.has_schedule:
             raise UnsupportedError(f"method {s['method']!r} changes what is trainable during training (a step "
                                    "schedule) and cannot be checkpointed yet; run without checkpoints")
         self.optimizer = session.optimizer(lr=s["lr"], weight_decay=s["weight_decay"])
@@ -470,6 +473,7 @@ class Run:
             self.optimizer, lr_factor(s["schedule"], s["warmup_steps"], s["max_steps"]))
         if self.ckpt is not None:
             _restore(session, self.ckpt)
+            session.steps = self.start
             self.optimizer.load_state_dict(torch.load(self.ckpt / "optimizer.pt", weights_only=True))
             self.scheduler.load_state_dict(torch.load(self.ckpt / "scheduler.pt", weights_only=True))
             recorded = json.loads((self.ckpt / "state.json").read_text())
@@ -501,6 +505,7 @@ class Run:
             count = acc.reduce((labels[:, 1:] != IGNORE).sum(), reduction="sum")
             loss_sum = token_loss_sum(self.model, ids, labels)
             acc.backward(loss_sum * world / count + self.session.regularization())
+            self.session.after_backward()
             if s["max_grad_norm"]:
                 acc.clip_grad_norm_(params, s["max_grad_norm"])
             self.accel_optimizer.step()

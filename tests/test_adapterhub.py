@@ -117,10 +117,13 @@ def test_bottleneck_folder_reads_applies_as_adapters_does_and_writes_back(tmp_pa
                                                ({"use_gating": True}, "config.use_gating=True"),
                                                ({"non_linearity": "mish"}, "config.non_linearity='mish'"),
                                                ({"scaling": "learned"}, "config.scaling='learned'"),
+                                               ({"mh_adapter": False}, "mh_adapter=false"),
                                                ({"architecture": "prefix_tuning"},
                                                 "config.architecture 'prefix_tuning' is not supported")])
 def test_unrepresentable_configs_are_refused_in_one_line(tmp_path, change, field):
-    folder, _ = make_folder(tmp_path, {**HOULSBY, **change})
+    folder, _ = make_folder(tmp_path, HOULSBY)
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**meta, "config": {**HOULSBY, **change}}))
     res = invoke("convert", str(folder), str(tmp_path / "o.safetensors"))
     assert res.exit_code == 1 and field in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.safetensors").exists()

@@ -99,6 +99,10 @@ def read_adapterhub(path: str | Path, *, allow_pickle: bool = False) -> af.Adapt
         if m is None or m["name"] != meta.get("name"):
             raise af.UnsupportedError(f"tensor {key!r} is not a weight of bottleneck adapter "
                                       f"{meta.get('name')!r}", path=path)
+        flag = "mh_adapter" if m["loc"] == "attention" else "output_adapter"
+        if cfg.get(flag) is False:
+            raise af.UnsupportedError(f"tensor {key!r} is at a location the config turns off ({flag}=false): "
+                                      "adapters would not load it", path=path)
         if ln_before and m["loc"] == "attention":
             raise af.UnsupportedError("an attention adapter with config.original_ln_before=true (f(h + r) in "
                                       "mid-layer) cannot be represented", path=where)

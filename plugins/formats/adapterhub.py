@@ -23,7 +23,10 @@ Refused in one line, naming the field: other model types, other architectures (L
 ``is_parallel`` (``f`` reads ``r``, which no module of a pre-norm layer takes as its input),
 ``original_ln_after = false``, ``residual_before_ln = false`` with ``original_ln_before``, ``ln_before`` /
 ``ln_after``, ``use_gating``, ``phm_layer``, ``inv_adapter``, ``cross_adapter``, a non-number ``scaling``,
-an unknown ``non_linearity``. ``dropout``, ``stochastic_depth``, ``init_weights*`` act only in training.
+an unknown ``non_linearity``, weights at a location the config turns off (``mh_adapter`` / ``output_adapter``).
+``dropout``, ``stochastic_depth``, ``init_weights*`` act only in training; ``reduction_factor``,
+``leave_out`` and ``hidden_size`` are what the weights' shapes and names already say (written back from them:
+one factor, or a per-layer mapping, from which adapters' ``int(hidden_size // factor)`` gives each rank).
 """
 
 from __future__ import annotations

@@ -147,9 +147,9 @@ def write_data(path: Path) -> Path:
     return path
 
 
-def run(tmp: Path, out: str, steps: int, freeze: int | None = None) -> dict[str, torch.Tensor]:
+def run(tmp: Path, out: str, steps: int, freeze: int | None = None, **kw) -> dict[str, torch.Tensor]:
     r = Run(TrainOptions(method="lora", data=write_data(tmp / "d.jsonl"), out=tmp / out, config=LORA,
-                         max_steps=steps, batch_size=4, lr=1e-2, schedule="constant", cpu=True))
+                         max_steps=steps, batch_size=4, lr=1e-2, schedule="constant", cpu=True, **kw))
     r.prepare()
     if freeze is not None:
         r.session.freeze_after(Q0, freeze)
@@ -168,3 +168,24 @@ def test_adapter_train_runs_freeze_after(tmp_path: Path):
             torch.testing.assert_close(frozen[n], two[n], rtol=0, atol=0)
         elif n.endswith("lora_B"):
             assert not torch.equal(frozen[n], two[n]), n
+
+
+def test_freeze_after_resumes_exactly_and_rank_pruning_is_not_checkpointed(tmp_path: Path):
+    """A resumed run counts steps from the checkpoint's, so a delta frozen after step 1 stays frozen after a
+    resumption at step 2 (bit for bit the uninterrupted run); schedule state a checkpoint does not save
+    (rank pruning) is refused with checkpoints, even when added after prepare()."""
+    whole = run(tmp_path, "w.safetensors", 4, freeze=1, checkpoint_every=2)
+    r = Run(TrainOptions(resume=tmp_path / "w.safetensors.checkpoints" / "step-00000002", overwrite=True, cpu=True))
+    r.prepare()
+    assert r.session.steps == 2
+    r.session.freeze_after(Q0, 1)
+    r.loop()
+    resumed = af.load(tmp_path / "w.safetensors")
+    for n, t in whole.items():
+        assert torch.equal(resumed.tensor(n), t), n
+    r = Run(TrainOptions(method="lora", data=tmp_path / "d.jsonl", out=tmp_path / "p.safetensors", config=LORA,
+                         max_steps=2, batch_size=4, checkpoint_every=1, cpu=True))
+    r.prepare()
+    r.session.prune_rank(Q0, 2)
+    with pytest.raises(af.UnsupportedError, match="rank pruning"):
+        r.loop()

@@ -465,9 +465,7 @@ class Run:
         calib = [collate(self.stream.batch(i), self.tokenizer.pad_id) for i in range(s["calibration_batches"])]
         self.session = session = get_method(s["method"]).train(model, config=dict(s["config"]), loss_fn=mean_loss,
                                                                 batches=calib)
-        if self.opts.checkpoint_every and session.has_schedule:
-            raise UnsupportedError(f"method {s['method']!r} changes what is trainable during training (a step "
-                                   "schedule) and cannot be checkpointed yet; run without checkpoints")
+        self._check_schedule()
         self.optimizer = session.optimizer(lr=s["lr"], weight_decay=s["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(s["schedule"], s["warmup_steps"], s["max_steps"]))
@@ -485,6 +483,11 @@ class Run:
             torch.manual_seed(s["seed"] + 1 + acc.process_index)  # dropout: a stream per process
         self.model, self.accel_optimizer = acc.prepare(model, self.optimizer)
 
+    def _check_schedule(self) -> None:
+        if self.opts.checkpoint_every and self.session.has_schedule:
+            raise UnsupportedError(f"method {self.settings['method']!r}: the session has schedule state a checkpoint "
+                                   "does not save (on_step hooks, rank pruning); run without checkpoints")
+
     def _clear_checkpoints(self) -> None:
         old = [p for p in self.checkpoints.glob("step-*") if (p / "state.json").is_file()]
         if old and not self.opts.overwrite:
@@ -495,6 +498,7 @@ class Run:
 
     def loop(self, progress: Callable[[StepReport], None] | None = None) -> TrainResult:
         """Train from the start (or checkpoint) step to ``max_steps``; save the adapter; return the result."""
+        self._check_schedule()  # hooks may have been added since prepare()
         acc, s = self.acc, self.settings
         rank, world = acc.process_index, acc.num_processes
         params = list(self.session.parameters())

@@ -348,3 +348,23 @@ def test_l4q_rounds_w_plus_dw_onto_the_learned_grid(zero_point):
     torch.testing.assert_close(packed(x), unmerged, rtol=1e-5, atol=1e-6)
     af.unmerge(packed, "l4q")
     assert torch.equal(module.codes, before)
+
+
+def test_bake_refuses_a_checkpoint_off_the_recorded_grid(tmp_path):
+    from safetensors.torch import save_file
+
+    from adapterfmt.format.fingerprint import module_state
+    from adapterfmt.verbs.bake import bake
+
+    spec = af.QuantSpec(4, 8, "asymmetric")
+    base = _tiny()
+    q4 = quantize_model_copy(base, spec)
+    adapter = _lora_on(q4, spec.to_json())
+    adapter.manifest["base"]["fingerprint"] = None  # only the grid can tell these checkpoints apart
+    for name, model in (("fp", base), ("q4", q4)):
+        save_file({k: v.detach().contiguous() for k, v in module_state(model).items()}, tmp_path / f"{name}.safetensors")
+    with pytest.raises(af.BaseMismatchError, match=r"down_proj.weight: .*quantised to 4 bits.*not on that grid"):
+        bake([adapter], tmp_path / "fp.safetensors", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    bake([adapter], tmp_path / "q4.safetensors", tmp_path / "out.safetensors")
+    bake([adapter], tmp_path / "fp.safetensors", tmp_path / "forced.safetensors", force=True)

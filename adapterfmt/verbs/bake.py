@@ -36,6 +36,7 @@ from ..format.atomic import atomic_dir, atomic_file, check_output
 from ..format.fingerprint import checkpoint_files, compare, fingerprint_checkpoint
 from ..format.jsontext import parse_json, read_json_bytes
 from ..format.limits import check_dense
+from ..format.quant import QuantSpec, fits_grid
 from ..format.safetensors_io import DTYPES, ITEMSIZE, Header, StreamWriter, TensorInfo, read_header, read_tensor
 from ..plugin.registry import get_kind
 from .merge import MergeOptions, Term, collect_terms, merge_module, resolve_weights
@@ -255,6 +256,25 @@ def _modules(terms: dict[str, list[Term]], where: dict[str, Header], opts: Merge
 
 
 # ----- the driver -------------------------------------------------------------------------------------
+def _check_grids(adapters: list[Adapter], where: dict[str, Header], base: Path) -> None:
+    """Spec 6.12: an adapter made on a quantised base (``base.quantization``) is refused on a checkpoint whose
+    targeted weights are not on that grid."""
+    for a in adapters:
+        if a.base.get("quantization") is None:
+            continue
+        spec = QuantSpec.from_json(a.base["quantization"], path=a.source, what="base.quantization")
+        for path, entry in sorted(a.modules.items()):
+            name = f"{path}.{entry.get('parameter', 'weight')}"
+            w = read_tensor(where[name], name) if name in where else None  # a missing one is reported later
+            if w is None or not w.is_floating_point() or w.dim() < 2:
+                continue
+            if not fits_grid(w.t() if entry.get("params", {}).get("transposed") else w, spec):
+                raise BaseMismatchError(f"{name}: {a.source or 'the adapter'} was made on a base quantised to "
+                                        f"{spec.bits} bits (group {spec.group_size or 'per channel'}, "
+                                        f"{spec.zero_point}) and this weight is not on that grid; pass force=True "
+                                        "(CLI: --force) to bake anyway", path=base)
+
+
 def bake(
     adapters: Sequence[Adapter | str | os.PathLike[str]],
     base: str | os.PathLike[str],
@@ -275,8 +295,9 @@ def bake(
     """Write ``base`` with ``adapters`` merged into its weights to ``out`` (see the module docstring).
 
     ``base``: a safetensors file, or a folder (one file, shards with ``model.safetensors.index.json``, or
-    shards without). Refuses (writing nothing) a base whose fingerprint differs from an adapter's, or that
-    lacks some adapter module, unless ``force``; shape misfits are always refused. ``progress`` wraps the
+    shards without). Refuses (writing nothing) a base whose fingerprint differs from an adapter's, whose
+    targeted weights are off the grid of an adapter's ``base.quantization``, or that lacks some adapter
+    module, unless ``force``; shape misfits are always refused. ``progress`` wraps the
     iteration over tensor names (``progress(names, total)``).
     """
     start = time.perf_counter()
@@ -295,6 +316,8 @@ def bake(
     if wrong and not force:
         raise BaseMismatchError("the checkpoint's fingerprint does not match the base recorded in "
                                 f"{first_few(wrong)}; pass force=True (CLI: --force) to bake anyway", path=base)
+    if not force:
+        _check_grids(loaded, where, base)
     loaded = [make_explicit(a, base) for a in loaded]  # a derived base part is computed on this base
     terms = collect_terms(loaded, resolve_weights(len(loaded), weights))
     touched, missing, misfit = _modules(terms, where, opts)

@@ -19,9 +19,10 @@ from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, dep
 
 def _steps(resize: dict[str, float | None], density: float | None, scope: str, scale: str, factor: float,
            group_size: int | None, target: str, bits: int | None, quant_group_size: int | None,
-           steps: str | None) -> list[dict[str, Any]]:
+           steps: str | None, codec: str | None = None) -> list[dict[str, Any]]:
     if steps is not None:
-        given = [name for name, v in (*resize.items(), ("density", density), ("bits", bits)) if v is not None]
+        given = [name for name, v in (*resize.items(), ("density", density), ("bits", bits), ("codec", codec))
+                 if v is not None]
         if given:
             raise UsageError(f"--steps replaces the step options; --{given[0].replace('_', '-')} was given too")
         text = Path(steps).read_text("utf-8") if Path(steps).is_file() else steps
@@ -38,8 +39,9 @@ def _steps(resize: dict[str, float | None], density: float | None, scope: str, s
     if density is not None:
         out.append({"method": "compeft", "density": density, "scope": scope, "scale": scale, "factor": factor,
                     "group_size": group_size, "target": target})
-    if bits is not None:
-        out.append({"method": "quantize", "bits": bits, "group_size": quant_group_size})
+    if bits is not None or codec is not None:
+        out.append({"method": "quantize", "bits": bits, "group_size": quant_group_size,
+                    **({"codec": codec} if codec else {})})
     if not out:
         raise UsageError("say how to compress: --rank / --energy / --sv-ratio / --sv-cumulative (resize), "
                          "--density (compeft), --bits (quantize) or --steps")
@@ -70,7 +72,10 @@ def compress(
     target: str = typer.Option("params", "--target", help="compeft: 'params' (each stored factor) or 'delta' "
                                                           "(each module's dW, stored as a ternary delta)."),
     bits: int = typer.Option(None, "--bits", help="quantize: 8 (int8 per channel) or 4 (int4, group scales)."),
-    quant_group_size: int = typer.Option(None, "--quant-group-size", min=1, help="quantize: int4 group (64)."),
+    quant_group_size: int = typer.Option(None, "--quant-group-size", min=1,
+                                         help="quantize: int4 group, or nf4 / fp4 block (64)."),
+    codec: str = typer.Option(None, "--codec", help="quantize: the codec, int8 or int4 (what --bits 8 / 4 pick), "
+                                                    "nf4 (QLoRA's NormalFloat4) or fp4."),
     steps: str = typer.Option(None, "--steps", help='Steps as JSON (file or text), in order, instead of the '
                                                     'options above: [{"method": "resize", "rank": 8}, ...].'),
     base: Path = typer.Option(None, "--base", help="Base model folder: also report the output divergence on it."),
@@ -92,7 +97,7 @@ def compress(
                    "(energy is the squared-norm fraction)")
     resize = {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro, "sv_cumulative": sv_cumulative}
     plan = _steps({k: v for k, v in resize.items() if v is not None}, density, scope, scale, factor, group_size,
-                  target, bits, quant_group_size, steps)
+                  target, bits, quant_group_size, steps, codec)
     check_output(dst, overwrite)
     adapter = af.load(src)
     verb = registry.verb(adapter.method, "compress") if adapter.method in registry.methods() else af.compress_adapter

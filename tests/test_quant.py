@@ -368,3 +368,19 @@ def test_bake_refuses_a_checkpoint_off_the_recorded_grid(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
     bake([adapter], tmp_path / "q4.safetensors", tmp_path / "out.safetensors")
     bake([adapter], tmp_path / "fp.safetensors", tmp_path / "forced.safetensors", force=True)
+
+
+def test_cli_compress_with_the_nf4_codec(tmp_path):
+    from helpers_spec import invoke
+
+    af.save(_lora_on(_tiny(), None), tmp_path / "a.safetensors")
+    r = invoke("compress", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "b.safetensors"),
+               "--codec", "nf4", "--quant-group-size", "32")
+    assert r.exit_code == 0, r.output
+    entry = af.load(tmp_path / "b.safetensors").modules["model.layers.0.mlp.down_proj"]
+    assert {s["codec"] for s in entry["encoding"].values()} == {"nf4"}
+    assert {s["block_size"] for s in entry["encoding"].values()} == {32}
+    r = invoke("compress", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "c.safetensors"),
+               "--codec", "nf4", "--bits", "8")
+    assert r.exit_code != 0 and "bits=8 with codec 'nf4'" in r.output
+    assert not (tmp_path / "c.safetensors").exists()

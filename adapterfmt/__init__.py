@@ -49,7 +49,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
                           "recipe_writable", "svd_bottom_factors"),
     ".deltas.modules": ("is_transposed", "weight_function"),
     ".format.codecs": ("BUILTIN_CODECS",),
-    ".kernels": ("multi_lora_rows",),
+    ".kernels": ("block_apply", "multi_lora_rows"),
     ".format.fingerprint": ("fingerprint_checkpoint", "fingerprint_module"),
     ".format.quant": ("QuantSpec", "Quantized", "dequantize", "fake_quantize", "fits_grid", "quantize", "requantize"),
     ".verbs.apply": ("activate", "adapter_ids", "attach", "attached", "detach", "merge_into", "unmerge"),
@@ -120,7 +120,7 @@ __all__ = [
     "compose", "Composition", "CompositionProcessor", "Term", "eft_terms",
     # writing plugins: methods, delta kinds, codecs, backends
     "Method", "hookimpl", "DeltaKind", "function_shape", "lowrank_entry", "weight_function", "is_transposed",
-    "multi_lora_rows",
+    "multi_lora_rows", "block_apply",
     "ForeignFormat", "TensorCodec", "ApplyBackend", "BUILTIN_CODECS",
     # writing a method's train verb
     "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype",

@@ -21,6 +21,7 @@ from .csr import CSR, to_csr
 
 ENV = "ADAPTERFMT_KERNELS"
 _TRITON_MODULES = {
+    "block_apply": "triton_block",
     "lora_linear": "triton_lora",
     "lora_delta": "triton_multi",
     "multi_lora_rows": "triton_multi",
@@ -146,6 +147,25 @@ def multi_lora_segments(x: torch.Tensor, y: torch.Tensor, A_pool: torch.Tensor, 
     x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     ids = torch_ops.segment_row_ids(seg_starts.to(x.device), seg_ids.to(x.device), x2.shape[0])
     return fn(x2, y2, A_pool, B_pool, scales, ids).reshape(y.shape)
+
+
+def block_apply(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, block: torch.Tensor, scale: float,
+                axis: str) -> torch.Tensor:
+    """A new tensor ``y + x dW^T`` for a ``block`` delta, no weight-sized tensor formed.
+
+    ``axis="rows"``: block [n, in], ``y[..., indices] += scale * x block^T``; ``"columns"``: block [out, n],
+    ``y += scale * x[..., indices] block^T``. indices [n] int64, strictly increasing (not checked here: that needs
+    a host synchronisation; the ``block`` kind checks it when the adapter loads).
+    """
+    if axis not in ("rows", "columns"):
+        raise ValueError(f"axis must be 'rows' or 'columns', got {axis!r}")
+    if indices.dim() != 1 or x.shape[:-1] != y.shape[:-1]:
+        raise ValueError(f"indices must be [n] and x / y share leading dims, got {list(indices.shape)}, "
+                         f"{list(x.shape)}, {list(y.shape)}")
+    n = indices.shape[0]
+    want = (n, x.shape[-1]) if axis == "rows" else (y.shape[-1], n)
+    _check_2d("block", block, want)
+    return _impl("block_apply", x, y, block, indices)(x, y, indices, block, scale, axis)
 
 
 def sparse_apply(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,

@@ -82,5 +82,18 @@ def ternary_apply_ref(x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, neg: 
     return (y.float() + x.float() @ t.t()).to(y.dtype)
 
 
-__all__ = ["lora_linear_ref", "lora_delta_ref", "multi_lora_rows_ref", "multi_lora_segments_ref", "sparse_dense_ref",
+def block_apply_ref(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, block: torch.Tensor, scale: float,
+                    axis: str) -> torch.Tensor:
+    """``y + x dW^T`` in y's dtype, ``dW[indices[j], :] = scale * block[j, :]`` (rows, block [n, in]) or
+    ``dW[:, indices[j]] = scale * block[:, j]`` (columns, block [out, n])."""
+    d = torch.zeros(y.shape[-1], x.shape[-1], dtype=torch.float32, device=block.device)
+    for j, i in enumerate(indices.tolist()):
+        if axis == "rows":
+            d[i, :] = float(scale) * block[j].float()
+        else:
+            d[:, i] = float(scale) * block[:, j].float()
+    return (y.float() + x.float() @ d.t()).to(y.dtype)
+
+
+__all__ = ["block_apply_ref", "lora_linear_ref", "lora_delta_ref", "multi_lora_rows_ref", "multi_lora_segments_ref", "sparse_dense_ref",
            "sparse_apply_ref", "sparse_merge_ref", "ternary_apply_ref"]

@@ -143,3 +143,11 @@ def ternary_apply(x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, neg: torc
     signs = unpack_bits(pos, in_features).to(x.dtype) - unpack_bits(neg, in_features).to(x.dtype)
     delta = F.linear(_flat(x), signs) * scale.reshape(1, -1).to(x.dtype)
     return (_flat(y) + delta.to(y.dtype)).reshape(y.shape)
+
+
+def block_apply(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, block: torch.Tensor, scale: float,
+                axis: str) -> torch.Tensor:
+    blk = block.to(x.dtype)
+    if axis == "rows":  # one GEMM whose n outputs are added at indices
+        return y.index_add(-1, indices, (float(scale) * F.linear(x, blk)).to(y.dtype))
+    return y + (float(scale) * F.linear(x.index_select(-1, indices), blk)).to(y.dtype)

@@ -4,8 +4,9 @@ Kind ``block`` (spec 6.10.6): whole rows or columns of a 2-D weight in function 
 Roles ``indices`` (int64 ``[n]``, strictly increasing) and ``block`` (``[n, n_in]`` for ``params.axis = "rows"``,
 ``[out, n]`` for ``"columns"``); ``dW_f[indices[j], :] = scale * block[j, :]`` (rows) or
 ``dW_f[:, indices[j]] = scale * block[:, j]`` (columns); ``params.transposed`` marks a target stored ``[in, out]``.
-Additive. Unmerged on a linear map no weight-sized tensor is formed: rows are one GEMM on ``x`` whose ``n``
-outputs are added at ``indices``, columns gather ``n`` input features and run one GEMM. Merge and unmerge touch
+Additive. Unmerged on a linear map no weight-sized tensor is formed (``af.block_apply``: a Triton kernel on CUDA,
+torch elsewhere): rows are one GEMM on ``x`` whose ``n`` outputs are added at ``indices``, columns gather ``n``
+input features and run one GEMM. Merge and unmerge touch
 only the block's rows / columns. Against ``sparse`` for the same delta: one int64 index per row or column instead
 of one per value, about a third of the bytes at fp32.
 
@@ -37,7 +38,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import adapterfmt as af
@@ -106,10 +106,7 @@ class Block(af.DeltaKind):
                 y: torch.Tensor) -> torch.Tensor:
         if not _linear_like(module):  # an embedding: through its function with dW_f
             return y + af.weight_function(module, x, self.function_delta(entry, t).to(y.dtype))
-        s, idx, blk = self.scale(entry), t["indices"], t["block"].to(x.dtype)
-        if entry["params"]["axis"] == "rows":
-            return y.index_add(-1, idx, (s * F.linear(x, blk)).to(y.dtype))
-        return y + (s * F.linear(x.index_select(-1, idx), blk)).to(y.dtype)
+        return af.block_apply(x, y, t["indices"], t["block"].to(x.dtype), self.scale(entry), entry["params"]["axis"])
 
     def _add(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor], sign: float) -> None:
         """``W += sign * dW`` touching only the block's rows / columns (summed in at least fp32, rounded once)."""

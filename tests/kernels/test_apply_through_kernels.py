@@ -1,4 +1,4 @@
-"""The apply verbs of the lowrank, sparse and ternary kinds go through the kernel dispatcher: forcing the
+"""The apply verbs of the lowrank, sparse, block and ternary kinds go through the kernel dispatcher: forcing the
 Triton backend (the interpreter on the CPU) gives the same model outputs as the torch path."""
 
 from __future__ import annotations
@@ -65,3 +65,24 @@ def test_sparse_and_ternary_kinds_match_across_backends(monkeypatch: pytest.Monk
         af.detach(model)
         torch.testing.assert_close(k_out, t_out, atol=1e-4, rtol=1e-5)
         assert not torch.allclose(t_out, model(x))
+
+
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+def test_block_kind_matches_across_backends_and_its_dense_delta(monkeypatch: pytest.MonkeyPatch, axis: str) -> None:
+    model = _model()
+    g = torch.Generator().manual_seed(5)
+    idx = torch.tensor([0, 3, 7, 16]) if axis == "rows" else torch.tensor([1, 2, 20, 32])
+    block = torch.randn((4, 33) if axis == "rows" else (17, 4), generator=g)
+    entry = {"kind": "block", "shape": [17, 33], "params": {"axis": axis, "scale": 0.5}}
+    ad = af.Adapter(af.new_manifest("s2ft", {"0": entry}), {"0.indices": idx, "0.block": block})
+    x = torch.randn(4, 33, generator=g)
+    with torch.no_grad():
+        delta = af.registry.get_kind("block").delta(entry, {"indices": idx, "block": block})
+        ref = model[2](model[1](x @ (model[0].weight + delta).t() + model[0].bias))
+    af.attach(model, ad, name="a")
+    t_out, _ = _outputs(monkeypatch, "torch", model, x, ["a"] * 4)
+    k_out, _ = _outputs(monkeypatch, "triton", model, x, ["a"] * 4)
+    torch.testing.assert_close(t_out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_out, t_out, atol=1e-4, rtol=1e-5)
+    af.detach(model)
+    assert not torch.allclose(t_out, model(x), atol=1e-3)

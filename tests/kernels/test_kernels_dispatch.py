@@ -109,6 +109,10 @@ def test_shape_errors_are_clear() -> None:
         pool.rows(torch.randn(3, 8), torch.randn(3, 5), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="do not fit the pool"):
         pool.rows(torch.randn(3, 7), torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"block has shape \[3, 8\], expected \[5, 2\]"):
+        K.block_apply(torch.randn(1, 8), torch.randn(1, 5), torch.tensor([0, 1]), torch.randn(3, 8), 1.0, "columns")
+    with pytest.raises(ValueError, match="axis must be"):
+        K.block_apply(torch.randn(1, 8), torch.randn(1, 5), torch.tensor([0]), torch.randn(1, 8), 1.0, "row")
     with pytest.raises(ValueError, match="pos/neg"):
         K.ternary_apply(torch.randn(1, 9), torch.randn(1, 2), torch.zeros(2, 1, dtype=torch.uint8),
                         torch.zeros(2, 1, dtype=torch.uint8), 1.0, 9)

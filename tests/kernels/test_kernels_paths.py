@@ -212,3 +212,43 @@ def test_ternary_apply(dev: str, dtype: torch.dtype, m: int, n_in: int, n_out: i
     ref = R.ternary_apply_ref(x, y, pos, neg, s_ref, n_in)
     matches(out, ref, dtype)
     assert (out.float() - y.float()).abs().max() > 0.05
+
+
+BLOCK_CASES = [  # (rows of x, out, in, n picked, axis): odd sizes, first / last index, a wide block
+    (3, 33, 65, 5, "rows"), (17, 65, 33, 40, "rows"), (5, 33, 65, 9, "columns"), (20, 17, 130, 70, "columns")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("m", "n_out", "n_in", "n", "axis"), BLOCK_CASES,
+                         ids=[f"{c[4]}-{c[0]}x{c[2]}-n{c[3]}" for c in BLOCK_CASES])
+def test_block_apply(dev: str, dtype: torch.dtype, m: int, n_out: int, n_in: int, n: int, axis: str,
+                     matches) -> None:
+    g = torch.Generator().manual_seed(m + n)
+    width = n_out if axis == "rows" else n_in
+    idx = torch.randperm(width, generator=g)[:n].sort().values
+    idx[0], idx[-1] = 0, width - 1  # both ends of the axis
+    idx = idx.to(dev)
+    block = _rand(g, *((n, n_in) if axis == "rows" else (n_out, n)), dtype=dtype, device=dev, scale=0.3)
+    x = _rand(g, m, n_in, dtype=dtype, device=dev)
+    y = _rand(g, m, n_out, dtype=dtype, device=dev)
+    out = K.block_apply(x, y, idx, block, 1.5, axis)
+    matches(out, R.block_apply_ref(x, y, idx, block, 1.5, axis), dtype)
+    assert (out.float() - y.float()).abs().max() > 0.05
+    if axis == "rows":  # outputs outside the block's rows are y, bit for bit
+        keep = torch.ones(n_out, dtype=torch.bool, device=dev)
+        keep[idx] = False
+        assert torch.equal(out[:, keep], y[:, keep])
+
+
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+def test_block_apply_leading_dims_and_empty(dev: str, axis: str, matches) -> None:
+    g = torch.Generator().manual_seed(6)
+    x, y = _rand(g, 2, 3, 33, dtype=torch.float32, device=dev), _rand(g, 2, 3, 17, dtype=torch.float32, device=dev)
+    idx = torch.tensor([1, 4, 16], device=dev)
+    block = _rand(g, *((3, 33) if axis == "rows" else (17, 3)), dtype=torch.float32, device=dev)
+    out = K.block_apply(x, y, idx, block, 0.5, axis)
+    assert out.shape == (2, 3, 17)
+    matches(out, R.block_apply_ref(x, y, idx, block, 0.5, axis), torch.float32)
+    none = torch.zeros(0, dtype=torch.int64, device=dev)
+    empty = torch.zeros((0, 33) if axis == "rows" else (17, 0), device=dev)
+    assert torch.equal(K.block_apply(x, y, none, empty, 0.5, axis), y)

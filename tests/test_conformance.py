@@ -46,6 +46,7 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
     "vblora": NO_TRAIN,  # its shared vector bank trains with the logits: made by convert
     "mixture": {"merge_verb", *NO_WEIGHT_MERGE, *NO_TRAIN},  # routes by input; made by mixture_adapter
     "pissa": set(), "olora": set(), "kasa": set(), "sorsa": set(), "nlora": set(), "slora": set(), "lamda": set(),
+    "ba_lora": set(),
     "loldu": {"merge_verb"}, "inttune": {"merge_verb"},  # their factors are derived from the base (spec 6.2.1)
     "peqa": {"merge_verb"}, "l4q": {"merge_verb"},  # new scales re-quantise the base: not W + dW
 }

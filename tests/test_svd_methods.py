@@ -205,3 +205,80 @@ def test_lamda_freezes_columns_of_b_on_its_schedule():
 def test_unknown_config_keys_are_refused():
     with pytest.raises(af.FormatError, match="unknown key"):
         train("kasa", base(), r=4, betta=0.1)
+
+
+# ----- BA-LoRA: transcription of cyp-jlu-ai/BA-LoRA train.py (CustomTrainer.compute_loss, svd_regularization) --
+def ba_lora_reference_terms(fine_logits: torch.Tensor, pre_logits: torch.Tensor, task: str, k: int = 3):
+    """``(consistency_loss, diversity_loss, svd_loss)`` as ``compute_loss`` computes them; ``svd_regularization``
+    with its crash fixed (``s`` is 1-D after the flatten: ``s[:k]`` / ``s.sum()`` for ``s[:, :k]`` /
+    ``s.sum(dim=1)``)."""
+    if task == "nlu":
+        pre_norm = F.normalize(pre_logits, p=2, dim=-1)
+        fine_norm = F.normalize(fine_logits, p=2, dim=-1)
+        consistency_loss = F.mse_loss(fine_norm, pre_norm)
+        batch_size, dim = fine_logits.size()
+        fine_centered = fine_logits - fine_logits.mean(dim=0)
+        cov = torch.matmul(fine_centered.T, fine_centered) / (batch_size - 1)
+        off_diagonal = cov - torch.diag(torch.diag(cov))
+        diversity_loss = torch.sum(off_diagonal ** 2) / dim
+    else:
+        pre_probs = F.softmax(pre_logits, dim=-1)
+        fine_probs = F.softmax(fine_logits, dim=-1)
+        consistency_loss = F.kl_div(fine_probs.log(), pre_probs, reduction="batchmean")
+        entropy = -torch.sum(fine_probs * torch.log(fine_probs + 1e-10), dim=-1).mean()
+        diversity_loss = -entropy
+    logits = fine_logits.view(fine_logits.size(0), -1) if fine_logits.dim() > 2 else fine_logits
+    with torch.no_grad():
+        _, s, _ = torch.linalg.svd(logits, full_matrices=False)
+    svd_loss = -(s[:k].sum() / (s.sum() + 1e-10))
+    return consistency_loss, diversity_loss, svd_loss
+
+
+def test_ba_lora_init_is_peft_pissa_with_alpha_r():
+    pm = get_peft_model(base(), LoraConfig(r=4, lora_alpha=4, target_modules=["lin"], init_lora_weights="pissa"))
+    lin = pm.base_model.model.lin
+    session = train("ba_lora", base(), r=4)
+    ours = session.layers["lin"].weights
+    torch.testing.assert_close(ours.lora_A.detach(), lin.lora_A["default"].weight.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.lora_B.detach(), lin.lora_B["default"].weight.detach(), atol=1e-6, rtol=0)
+    perturb(lin.lora_A["default"].weight, lin.lora_B["default"].weight)
+    perturb(ours.lora_A, ours.lora_B)
+    torch.testing.assert_close(session.model(X), pm(X), atol=ATOL, rtol=0)
+    assert session.extract().manifest["modules"]["lin"]["params"]["scale"] == 1.0
+
+
+@pytest.mark.parametrize("task, shape", [("nlg", (2, 5, 11)), ("nlu", (6, 4))])
+def test_ba_lora_regularizer_matches_the_reference(task, shape):
+    gen = torch.Generator().manual_seed(3)
+    logits, base_logits = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    terms = ba_lora_reference_terms(logits, base_logits, task, k=2)
+    assert all(abs(t.item()) > 1e-3 for t in terms)
+    for i, want in enumerate(terms):  # one term at a time, then the weighted sum
+        lambdas = {f"lambda{j + 1}": float(i == j) for j in range(3)}
+        session = train("ba_lora", base(), r=4, task=task, k=2, **lambdas)
+        torch.testing.assert_close(session.regularization(logits=logits, base_logits=base_logits), want)
+    session = train("ba_lora", base(), r=4, task=task, k=2, lambda1=0.5, lambda2=2.0, lambda3=3.0)
+    torch.testing.assert_close(session.regularization(logits=logits, base_logits=base_logits),
+                               0.5 * terms[0] + 2.0 * terms[1] + 3.0 * terms[2])
+
+
+def test_ba_lora_regularizer_trains_the_adapter():
+    session = train("ba_lora", base(), r=4, lambda1=1.0, lambda2=1.0, lambda3=1.0)
+    base_logits = base()(X)
+    logits = session.model(X)
+    assert session.regularization(logits=logits, base_logits=base_logits).item() < 0  # KL 0 at init: -entropy + svd
+    perturb(*session.parameters())
+    reg = session.regularization(logits=session.model(X), base_logits=base_logits)
+    reg.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in session.parameters())
+    svd_only = train("ba_lora", base(), r=4, lambda1=0.0, lambda2=0.0, lambda3=1.0)
+    perturb(*svd_only.parameters())
+    svd_only.regularization(logits=svd_only.model(X), base_logits=base_logits).backward()
+    assert all(p.grad.abs().sum() == 0 for p in svd_only.parameters())  # the reference's SVD runs under no_grad
+    with pytest.raises(af.UnsupportedError, match="base_logits"):
+        session.regularization()
+    with pytest.raises(af.UnsupportedError, match="nlu"):
+        train("ba_lora", base(), r=4, task="nlu").regularization(logits=torch.zeros(2, 3, 4),
+                                                                  base_logits=torch.zeros(2, 3, 4))
+    with pytest.raises(af.FormatError, match="unknown key"):
+        train("ba_lora", base(), r=4, lambda4=0.1)

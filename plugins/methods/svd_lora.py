@@ -1,8 +1,8 @@
-"""SVD-structured LoRA methods: PiSSA, OLoRA, KaSA, SORSA, LoLDU, NLoRA, IntTune, SLoRA and LaMDA.
+"""SVD-structured LoRA methods: PiSSA, OLoRA, KaSA, SORSA, LoLDU, NLoRA, IntTune, SLoRA, LaMDA and BA-LoRA.
 
 All are stored as kind ``lowrank`` with spec 1.2's middle factor (``lora_mid``) and base-derived part
 (``params.base_part``, spec 6.2.1), so apply / merge / compress / port are the kind's generic verbs; this
-plugin supplies ``train`` (``nn.Linear`` modules) and, for KaSA and SORSA, ``regularization``. ``s`` is
+plugin supplies ``train`` (``nn.Linear`` modules) and, for KaSA, SORSA and BA-LoRA, ``regularization``. ``s`` is
 ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora`` where PEFT has it); ``W`` the base weight.
 
 ======== ============================================================ ===================== ====================
@@ -27,6 +27,9 @@ slora    A kaiming, B 0, N kaiming (r x r); dW = ``s B N A``             A, N, B
 lamda    LaMDA as released: A kaiming (frozen), B 0, sigma kaiming      sigma, B (columns     A, sigma, B
          (r x r); dW = ``s B sigma A``; B's first ``t`` columns get      frozen on schedule)
          no gradient, ``t = floor(step / (eta * max_steps))``
+ba_lora  PiSSA's init (the reference trains PEFT ``"pissa"`` with       A, B                  as pissa
+         ``lora_alpha = r``: ``alpha`` defaults to ``r``), plus three
+         regularisers on the logits (below)
 ======== ============================================================ ===================== ====================
 
 PiSSA, OLoRA, KaSA and SORSA store their base part explicitly by default (``base_part: "explicit"``: the
@@ -40,6 +43,8 @@ gamma * (||B^T B - I||_F + ||A A^T - I||_F)`` summed over layers (PEFT ``_get_ka
 orthonormality, the mean over layers' A and B of ``||A A^T - I||_F`` and ``||B^T B - I||_F`` (``calc_ortho``),
 times ``ortho_weight``. The SORSA trainer adds its gradient, scaled by ``gamma / lr``, after gradient clipping
 and just before the optimizer step; a loop that wants exactly that backpropagates the term separately.
+BA-LoRA's terms need the logits of the adapted model and of the base with the adapter off:
+``session.regularization(logits=..., base_logits=...)`` (:func:`ba_lora_regularization`).
 
 Not reproduced: LoLDU's trainable scalar (the authors' README recipe trains only ``z``, and their saved state
 keeps only ``z``), LaMDA's singular-vector initialisation of its paper (the released code inits as LoRA) and
@@ -291,6 +296,66 @@ def lamda_frozen_columns(step: int, max_steps: int, rank: int, eta: float = 0.3)
     return min(rank, int(step / (eta * max_steps)))
 
 
+class BALoRA(PiSSA):
+    name = "ba_lora"
+    summary = "BA-LoRA: PiSSA with consistency, diversity and SVD regularisers on the logits"
+    defaults = {**PiSSA.defaults, "alpha": None, "task": "nlg", "k": 3, "lambda1": 1e-4, "lambda2": 3e-4,
+                "lambda3": 1e-4}
+    config_schema = {"type": "object", "properties": {
+        **PiSSA.config_schema["properties"], "alpha": {"type": ["number", "null"]}, "task": {"enum": ["nlg", "nlu"]},
+        "k": {"type": "integer", "minimum": 1}, **{f"lambda{i}": {"type": "number", "minimum": 0} for i in (1, 2, 3)}}}
+
+    def init(self, path: str, w: torch.Tensor, cfg: dict[str, Any]) -> tuple[dict, dict, dict]:
+        return super().init(path, w, {**cfg, "alpha": cfg["r"] if cfg["alpha"] is None else cfg["alpha"]})
+
+    def regularization(self, session: Any, *, logits: torch.Tensor | None = None,
+                       base_logits: torch.Tensor | None = None, **outputs: Any) -> torch.Tensor:
+        """:func:`ba_lora_regularization` with the session's ``task``, ``k`` and ``lambda1..3``; ``base_logits``
+        are the base model's (adapter off) on the same inputs."""
+        if logits is None or base_logits is None:
+            raise af.UnsupportedError("method 'ba_lora': regularization needs logits= and base_logits= (the base's "
+                                      "logits with the adapter off), e.g. from a custom training loop")
+        c = session.config
+        return ba_lora_regularization(logits, base_logits, task=c["task"], k=c["k"],
+                                      lambdas=(c["lambda1"], c["lambda2"], c["lambda3"]))
+
+
+def ba_lora_regularization(logits: torch.Tensor, base_logits: torch.Tensor, *, task: str = "nlg", k: int = 3,
+                           lambdas: tuple[float, float, float] = (1e-4, 3e-4, 1e-4)) -> torch.Tensor:
+    """BA-LoRA's ``lambda1 * consistency + lambda2 * diversity + lambda3 * svd`` (``cyp-jlu-ai/BA-LoRA``
+    ``train.py``, ``CustomTrainer.compute_loss`` / ``svd_regularization``).
+
+    ``nlg``: consistency ``KL(p_base || p)`` (``kl_div(p.log(), p_base, reduction="batchmean")``: summed, divided
+    by the first dimension), diversity ``-entropy`` of ``p`` (mean over positions). ``nlu`` (logits
+    ``[batch, classes]``): MSE of the L2-normalised logits, and the sum of squared off-diagonal entries of the
+    logits' covariance over the batch, divided by the number of classes. SVD term: ``-sum(top-k singular
+    values) / sum(all)`` of the logits flattened to ``[batch, -1]``. The reference's ``svd_regularization``
+    crashes as written (it indexes ``s[:, :k]`` on the 1-D vector of singular values); this is its evident
+    intent. As in the reference, the singular values are computed without gradient, so the SVD term adds to
+    the value but not to the gradient, and ``base_logits`` get no gradient."""
+    base_logits = base_logits.detach()
+    if task == "nlg":
+        p_base, p = torch.softmax(base_logits, -1), torch.softmax(logits, -1)
+        consistency = nn.functional.kl_div(p.log(), p_base, reduction="batchmean")
+        diversity = (p * torch.log(p + 1e-10)).sum(-1).mean()
+    elif task == "nlu":
+        if logits.dim() != 2:
+            raise af.UnsupportedError(f"method 'ba_lora': task 'nlu' needs logits [batch, classes], got "
+                                      f"{list(logits.shape)}")
+        norm = nn.functional.normalize
+        consistency = nn.functional.mse_loss(norm(logits, dim=-1), norm(base_logits, dim=-1))
+        centered = logits - logits.mean(0)
+        cov = centered.t() @ centered / (logits.shape[0] - 1)
+        diversity = (cov - torch.diag(torch.diag(cov))).square().sum() / logits.shape[1]
+    else:
+        raise af.UnsupportedError(f"method 'ba_lora': task must be 'nlg' or 'nlu', got {task!r}")
+    with torch.no_grad():
+        s = torch.linalg.svdvals(logits.reshape(logits.shape[0], -1).float())
+        svd = -(s[:k].sum() / (s.sum() + 1e-10))
+    l1, l2, l3 = lambdas
+    return l1 * consistency + l2 * diversity + l3 * svd
+
+
 @af.hookimpl
 def adapterfmt_methods() -> list[af.Method]:
-    return [PiSSA(), OLoRA(), KaSA(), SORSA(), LoLDU(), NLoRA(), IntTune(), SLoRA(), LaMDA()]
+    return [PiSSA(), OLoRA(), KaSA(), SORSA(), LoLDU(), NLoRA(), IntTune(), SLoRA(), LaMDA(), BALoRA()]

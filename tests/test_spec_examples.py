@@ -117,6 +117,15 @@ def ternary_dense(parts: dict[str, np.ndarray], p: dict, n: int) -> np.ndarray:
     return out
 
 
+SPEC_CODE_BOOKS = {  # spec 6.8, as written there
+    "nf4": [-1, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1],
+    "fp4": list(np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32)
+                / np.float32(12)),
+}
+
+
 def spec_decode(spec: dict, parts: dict[str, np.ndarray]) -> np.ndarray:
     """Spec "Compressed storage": the logical tensor from a codec's parts."""
     shape, n = spec["shape"], int(np.prod(spec["shape"]))
@@ -127,6 +136,11 @@ def spec_decode(spec: dict, parts: dict[str, np.ndarray]) -> np.ndarray:
         q = parts["q"].astype(np.uint8)
         codes = np.stack([q & 0x0F, q >> 4], 1).reshape(-1)[:n].astype(np.float64) - 8
         return (codes * np.repeat(parts["scale"].astype(np.float64), spec["group_size"])[:n]).reshape(shape)
+    if spec["codec"] in ("nf4", "fp4"):
+        q = parts["q"].astype(np.uint8)
+        codes = np.stack([q & 0x0F, q >> 4], 1).reshape(-1)[:n]
+        values = np.array(SPEC_CODE_BOOKS[spec["codec"]], dtype=np.float32)[codes].astype(np.float64)
+        return (values * np.repeat(parts["absmax"].astype(np.float64), spec["block_size"])[:n]).reshape(shape)
     assert spec["codec"] == "ternary"
     return ternary_dense(parts, spec, n).reshape(shape)
 

@@ -177,6 +177,18 @@ def _encoded() -> Built:
     return "lora", {"r": 2}, modules, t
 
 
+def _codebook() -> Built:
+    """Compressed storage through the 4-bit code books: ``nf4`` (block 4) and ``fp4`` (a last partial block)."""
+    modules = {Q: {"kind": "lowrank", "shape": [8, 8], "params": {"scale": 2.0}, "encoding": {}}}
+    t: dict[str, torch.Tensor] = {}
+    for role, codec, tensor, block in [("lora_A", "nf4", ramp(2, 8, seed=8), 4),
+                                       ("lora_B", "fp4", ramp(8, 2, seed=9), 6)]:
+        parts, spec = encode(codec, tensor, block_size=block)
+        modules[Q]["encoding"][role] = spec
+        t.update({f"{Q}.{role}.{part}": v for part, v in parts.items()})
+    return "lora", {"r": 2}, modules, t
+
+
 def _extensions() -> Built:
     """Optional manifest parts: a namespaced extension (not must-understand) and a provenance chain."""
     modules = {Q: {"kind": "lowrank", "shape": [8, 8], "params": {"scale": 1.0}}}
@@ -185,7 +197,7 @@ def _extensions() -> Built:
 
 EXAMPLES: dict[str, Callable[[], Built]] = {
     "lowrank": _lowrank, "lowrank_svd": _lowrank_svd, "dense": _dense, "sparse": _sparse, "vector": _vector, "prompt": _prompt,
-    "ternary": _ternary, "encoded": _encoded, "extensions": _extensions,
+    "ternary": _ternary, "encoded": _encoded, "codebook": _codebook, "extensions": _extensions,
 }
 """Example name -> builder; each is written as ``<name>/`` (folder form) and ``<name>.safetensors``."""
 

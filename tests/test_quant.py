@@ -384,3 +384,10 @@ def test_cli_compress_with_the_nf4_codec(tmp_path):
                "--codec", "nf4", "--bits", "8")
     assert r.exit_code != 0 and "bits=8 with codec 'nf4'" in r.output
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_other_kinds_refuse_a_base_held_quantised():
+    packed = _tiny()
+    quantize_model(packed, af.QuantSpec(4, 8), CFG, pack=True)
+    with pytest.raises(af.BaseMismatchError, match="down_proj' has no parameter 'weight'"):
+        af.attach(packed, _lora_on(_tiny(), None))

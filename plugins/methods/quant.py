@@ -44,6 +44,13 @@ DEFAULT_QUANT = {"bits": 4, "group_size": None, "zero_point": "asymmetric"}
 """PEQA's setting: 4 bits, one scale per output channel, a zero point."""
 
 
+def function_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight in function layout; a :class:`QuantizedLinear`'s dequantised one."""
+    if isinstance(module, QuantizedLinear):
+        return module.dequantized()
+    return module.weight.t() if af.is_transposed(module) else module.weight
+
+
 def quant_spec(module: str, entry: Mapping[str, Any]) -> af.QuantSpec:
     """The entry's ``params.quant``, refused naming the module."""
     return af.QuantSpec.from_json(entry.get("params", {}).get("quant"), what=f"module {module!r}: params.quant")
@@ -83,8 +90,13 @@ class QScale(af.DeltaKind):
             raise af.FormatError(f"module {module!r}: qscale ratio must be finite floats")
 
     def check_module(self, path: str, entry: Mapping[str, Any], module: nn.Module) -> None:
-        super().check_module(path, entry, module)
-        if isinstance(module, QuantizedLinear) and module.spec != quant_spec(path, entry):
+        if not isinstance(module, QuantizedLinear):
+            super().check_module(path, entry, module)
+            return
+        if list(module.shape) != list(entry["shape"]) or entry.get("parameter", "weight") != "weight":
+            raise af.FormatError(f"module {path!r}: adapter expects weight of shape {list(entry['shape'])}, the "
+                                 f"model has {list(module.shape)}")
+        if module.spec != quant_spec(path, entry):
             raise af.FormatError(f"module {path!r} is held quantised as {module.spec.to_json()}, the entry's "
                                  f"params.quant is {entry['params']['quant']}: not the same grid")
 
@@ -93,8 +105,7 @@ class QScale(af.DeltaKind):
         """``(codes, W', s', m')``: the new weight in function layout (float32, differentiable in the roles;
         straight-through rounding) on the grid of the new scales ``s'`` and offsets ``m'``; ``codes`` (float)
         when they were recomputed (L4Q), else None (PEQA keeps the base's)."""
-        w = module.weight
-        w = (w.t() if af.is_transposed(module) else w).detach().float()
+        w = function_weight(module).detach().float()
         q = module.quantized() if isinstance(module, QuantizedLinear) else af.quantize(w, quant_spec("?", entry))
         ratio = t["ratio"].float()
         scale, offset = ratio * q.scale, None if q.offset is None else ratio * q.offset
@@ -147,7 +158,8 @@ class QScale(af.DeltaKind):
 
 class QuantizedLinear(nn.Module):
     """A linear layer held as RTN codes, scales and offsets (:func:`adapterfmt.quantize`), dequantised in each
-    forward: a quantised base that runs anywhere torch does. ``weight`` is the dequantised weight."""
+    forward: a quantised base that runs anywhere torch does. It has no ``weight`` parameter, so kinds other than
+    ``qscale`` refuse it (one error at attach) instead of changing a dequantised copy."""
 
     def __init__(self, linear: nn.Linear, spec: af.QuantSpec) -> None:
         super().__init__()
@@ -162,12 +174,12 @@ class QuantizedLinear(nn.Module):
     def quantized(self) -> af.Quantized:
         return af.Quantized(self.spec, self.codes, self.scale, self.offset, self.shape)
 
-    @property
-    def weight(self) -> torch.Tensor:
+    def dequantized(self) -> torch.Tensor:
+        """The weight ``[out, in]`` in the layer's dtype (a new tensor: writing to it changes nothing)."""
         return af.dequantize(self.quantized()).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), self.bias)
+        return F.linear(x, self.dequantized().to(x.dtype), self.bias)
 
 
 def quantize_model(model: nn.Module, spec: af.QuantSpec, config: Mapping[str, Any], *, pack: bool = False
@@ -207,14 +219,15 @@ class PEQA(af.Method):
             if isinstance(module, QuantizedLinear) and module.spec != spec:
                 raise af.FormatError(f"module {path!r} is held quantised as {module.spec.to_json()}; train {self.name} "
                                      f"with that grid (config bits, group_size, zero_point)")
-            entry = af.module_entry("qscale", module, {"quant": spec.to_json()})
+            params = {"quant": spec.to_json()}
+            entry = {"kind": "qscale", "shape": list(module.shape), "params": params} \
+                if isinstance(module, QuantizedLinear) else af.module_entry("qscale", module, params)
             out, groups, _ = spec.groups(af.function_shape(entry))
             return af.TrainableDelta(entry, self.roles(module, entry, out, groups, cfg))
 
         session = af.inject(model, method=self.name, config=cfg, build=build,
                             supported=(nn.Linear, "Conv1D", QuantizedLinear))
-        on_grid = all(af.fits_grid(m.weight.t() if af.is_transposed(m) else m.weight, spec)
-                      for m in (model.get_submodule(p) for p in session.layers))
+        on_grid = all(af.fits_grid(function_weight(model.get_submodule(p)), spec) for p in session.layers)
         session.base_quantization = spec.to_json() if on_grid else None
         return session
 
@@ -230,8 +243,7 @@ class PEQA(af.Method):
             if any(recorded.get(k) != actual[k] for k in ("algorithm", "structure", "values")):
                 for path, entry in sorted(adapter.modules.items()):
                     module = new_base.get_submodule(path)
-                    w = module.weight.detach()
-                    if not af.fits_grid(w.t() if af.is_transposed(module) else w, quant_spec(path, entry)):
+                    if not af.fits_grid(function_weight(module).detach(), quant_spec(path, entry)):
                         raise af.BaseMismatchError(f"module {path!r}: qscale adapters port only onto a base on "
                                                    f"the same quantisation grid, and this weight is not on it",
                                                    path=adapter.source)

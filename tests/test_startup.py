@@ -1,6 +1,7 @@
-"""Start-up cost (issue 14): ``import adapterfmt`` and ``adapter --help`` import neither torch nor the built-in
-plugins; public names that need torch resolve on first use; what made that possible stays true (the built-in
-plugins add no CLI command, the header reader's dtype sizes equal torch's)."""
+"""Start-up cost (issue 14): ``import adapterfmt``, ``adapter --help`` and ``adapter inspect`` of a core-kind
+adapter import neither torch nor the built-in plugins; public names that need torch resolve on first use; what
+made that possible stays true (the built-in plugins add no CLI command, the header reader's dtype sizes equal
+torch's)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import subprocess
 import sys
 
 import torch
-from helpers_spec import invoke
+from helpers_spec import SPEC, invoke
 
 import adapterfmt as af
 from adapterfmt.format import safetensors_io
@@ -43,6 +44,19 @@ def test_adapter_help_imports_no_torch_and_no_builtin_plugin():
             "    try:\n        app(['--help'])\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
             "assert 'inspect' in out.getvalue() and 'merge' in out.getvalue()")
     assert not any(_loaded_after(code).values())
+
+
+def test_adapter_inspect_imports_no_torch_and_no_builtin_plugin():
+    """Reading and checking a core-kind adapter needs the delta kinds' shape rules only, not their torch maths:
+    no plugin is loaded and no tensor is read (lowrank has no rules on stored values)."""
+    code = ("import contextlib, io\nfrom adapterfmt.cli.main import app\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            f"    try:\n        app(['inspect', {str(SPEC / 'examples/lowrank')!r}])\n"
+            "    except SystemExit as e:\n        assert e.code == 0, e.code\n"
+            "assert 'lowrank: 6' in out.getvalue() and 'verified' in out.getvalue(), out.getvalue()")
+    loaded = _loaded_after(code)
+    assert loaded.pop("adapterfmt.deltas")  # the kinds' shape checks, imported without torch
+    assert not any(loaded.values()), loaded
 
 
 def test_lazy_names_are_public_and_resolve_to_their_module_objects():

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UnsupportedError
 from .modules import is_transposed
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 ROWS_CACHE_ATTR = "_adapterfmt_rows_cache"
 """Attribute of a live module where a kind's ``forward_rows`` may cache data built from the attached
 adapters (e.g. stacked factors); :mod:`adapterfmt.verbs.apply` drops it whenever adapters are attached or detached."""
 
-Tensors = Mapping[str, torch.Tensor]
+Tensors = Mapping[str, "torch.Tensor"]
 Entry = Mapping[str, Any]
 
 
@@ -36,6 +37,14 @@ class DeltaKind:
     """True when the kind's effect is ``W + dW`` (so merge strategies can combine it in delta space)."""
     layout_sensitive: bool = False
     """True when the kind's tensors are in function layout, so ``params.transposed`` must match the module."""
+
+    has_data_rules: bool = False
+    """Whether :meth:`check_data` checks anything (worked out for each subclass): full validation reads a
+    module's values only for a kind that has data rules, or an encoded entry."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.has_data_rules = cls.check_data is not DeltaKind.check_data
 
     # ----- schema -----------------------------------------------------------------------------------
     def roles(self, entry: Entry) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -70,6 +79,8 @@ class DeltaKind:
 
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
         """Fold the delta into the module's parameters; returns what :meth:`unmerge` needs."""
+        import torch
+
         param = getattr(module, entry.get("parameter", "weight"))
         with torch.no_grad():
             param.add_(self.delta(entry, t).to(param.dtype))
@@ -77,12 +88,16 @@ class DeltaKind:
 
     def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
         """Undo :meth:`merge`."""
+        import torch
+
         param = getattr(module, entry.get("parameter", "weight"))
         with torch.no_grad():
             param.sub_(self.delta(entry, t).to(param.dtype))
 
     def check_module(self, path: str, entry: Entry, module: nn.Module) -> None:
         """Raise when ``module`` of the live model cannot take this entry (shape or layout mismatch)."""
+        import torch
+
         pname = entry.get("parameter", "weight")
         param = getattr(module, pname, None)
         if not isinstance(param, torch.Tensor):

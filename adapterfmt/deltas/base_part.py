@@ -14,11 +14,12 @@ product ``B0 M0 A0`` is the part the spec defines:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
+
+if TYPE_CHECKING:
+    import torch
 
 RECIPES = ("svd_top", "svd_bottom", "qr", "ldu", "nystrom")
 """Derived base parts (``params.base_part.recipe``)."""
@@ -47,6 +48,8 @@ def is_derived(entry: Mapping[str, Any]) -> bool:
 def spectral_gap(w: torch.Tensor, recipe: str, rank: int) -> float:
     """``(s_j - s_{j+1}) / s_1`` at the cut of a spectral recipe (``j = rank`` for svd_top, ``k - rank`` for
     svd_bottom; ``s_{k+1} = 0``), in float64."""
+    import torch
+
     s = torch.linalg.svdvals(w.to(torch.float64))
     k = s.numel()
     cut = rank if recipe == "svd_top" else k - rank
@@ -62,6 +65,8 @@ def recipe_writable(w: torch.Tensor, recipe: str, rank: int) -> bool:
 
 def _lu_nopivot(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Doolittle LU of a square matrix without pivoting: ``k = L U``, ``L`` unit lower triangular."""
+    import torch
+
     n = k.shape[0]
     lo, up = torch.eye(n, dtype=k.dtype), k.clone()
     for j in range(n - 1):
@@ -77,6 +82,8 @@ def recipe_factors(recipe: str, w: torch.Tensor, rank: int, rows: Sequence[int] 
 
     Raises :class:`UnsupportedError` when the part is not well defined (rank out of range, singular values at
     the cut closer than ``min_gap``, dependent columns, a singular pivot block, bad ``rows``)."""
+    import torch
+
     if recipe not in RECIPES:
         raise UnsupportedError(f"unknown base_part recipe {recipe!r} (known: {', '.join(RECIPES)})")
     w = w.detach().to("cpu", torch.float64)
@@ -116,6 +123,8 @@ def recipe_factors(recipe: str, w: torch.Tensor, rank: int, rows: Sequence[int] 
 def ldu_rows(w: torch.Tensor, rank: int) -> list[int]:
     """A writer's ``rows`` for ``ldu``: the first ``rank`` pivot rows of LU with partial pivoting of ``w``
     (the largest magnitude in the column, the lowest row index on a tie, as LAPACK getrf)."""
+    import torch
+
     p, _, _ = torch.linalg.lu(w.detach().to("cpu", torch.float64))
     return p.argmax(dim=0)[:rank].tolist()
 
@@ -171,6 +180,8 @@ def explicit_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
 def pissa_factors(w: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's PiSSA init ``(A0, B0)`` of a function-layout weight, in float32 as PEFT computes it:
     ``U, S, Vh = svd(W)``, ``A0 = sqrt(S_r / scale) Vh_r``, ``B0 = U_r sqrt(S_r / scale)``."""
+    import torch
+
     u, s, vh = torch.linalg.svd(w.detach().to(torch.float32), full_matrices=False)
     root = torch.sqrt(s[:r] / scale)
     return root[:, None] * vh[:r], u[:, :r] * root
@@ -179,6 +190,8 @@ def pissa_factors(w: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, 
 def olora_factors(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's OLoRA init ``(A0, B0) = (R[:r], Q[:, :r])`` of ``qr(w)`` in float32; ``w`` is the weight as PEFT
     stores it (for a ``fan_in_fan_out`` module the caller transposes the result)."""
+    import torch
+
     q, rr = torch.linalg.qr(w.detach().to(torch.float32))
     return rr[:r].contiguous(), q[:, :r].contiguous()
 
@@ -186,6 +199,8 @@ def olora_factors(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 def svd_bottom_factors(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The part KaSA (PEFT ``kasa_config``) drops from the base, as PEFT computes it in float32:
     ``(A0, B0) = (Vh[k-r:], U[:, k-r:] S[k-r:])``."""
+    import torch
+
     u, s, vh = torch.linalg.svd(w.detach().to(torch.float32), full_matrices=False)
     k = s.numel()
     return vh[k - r:].contiguous(), (u[:, k - r:] * s[k - r:]).contiguous()

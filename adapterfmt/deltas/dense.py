@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
-
-import torch
-from torch import nn
-from torch.func import functional_call
+from typing import TYPE_CHECKING, Any
 
 from .base import DeltaKind, Entry, Tensors, fail
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def _mode(entry: Entry) -> str:
@@ -41,6 +41,8 @@ class Dense(DeltaKind):
         return float(entry.get("params", {}).get("scale", 1.0)) * t["delta"].float()
 
     def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call
+
         pname = entry.get("parameter", "weight")
         if _mode(entry) == "replace":
             swap = {pname: t["value"]}
@@ -55,6 +57,8 @@ class Dense(DeltaKind):
         return functional_call(module, swap, (x,))
 
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
+        import torch
+
         pname = entry.get("parameter", "weight")
         param = getattr(module, pname)
         with torch.no_grad():
@@ -72,6 +76,8 @@ class Dense(DeltaKind):
         return None
 
     def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
+        import torch
+
         with torch.no_grad():
             if _mode(entry) == "replace":
                 for name, value in state.items():

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from .. import kernels
 from ..errors import UnsupportedError
 from .base import ROWS_CACHE_ATTR, DeltaKind, Entry, Tensors, fail
 from .base_part import FACTOR_RECIPES, RECIPES, base_part, derived_tensors, is_derived, scale_columns
 from .modules import is_transposed, weight_function
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def function_shape(entry: Entry) -> tuple[int, ...]:
@@ -27,6 +26,8 @@ def function_shape(entry: Entry) -> tuple[int, ...]:
 
 def channel_view(v: torch.Tensor, y: torch.Tensor, module: nn.Module | None) -> torch.Tensor:
     """Reshape a per-output-channel vector to broadcast against a module output ``y``."""
+    from torch import nn
+
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and y.dim() > 2:
         return v.reshape(1, -1, *([1] * (y.dim() - 2)))
     return v.reshape(-1)
@@ -132,6 +133,8 @@ class LowRank(DeltaKind):
         """``(B' [out, k], A' [k, n_in])`` in function layout, at least fp32, with ``dW_f = B' @ A'``: the
         scale and middle factor folded into B', the base part appended as ``-c * B0 M0`` / ``A0`` (k = r + r0).
         A derived part must have been resolved against the base (:meth:`bind`, ``make_explicit``)."""
+        import torch
+
         part = base_part(entry)
         if part is not None and "recipe" in part and (
                 "lora_A" not in t or (float(part["scale"]) != 0.0 and "init_A" not in t)):
@@ -166,6 +169,11 @@ class LowRank(DeltaKind):
         return fw.t() if entry.get("params", {}).get("transposed") else fw
 
     def _lora_out(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+        from torch import nn
+
+        from .. import kernels
+
         if self.plain(entry, t):
             a, b, s = t["lora_A"], t["lora_B"], self.scale(entry)
         else:
@@ -188,6 +196,8 @@ class LowRank(DeltaKind):
         """Checks a ``bias_value`` has a bias to replace, and resolves a derived base part from the module's
         weight (spec 6.2.1: the parameter before this adapter changes it); the caller checks the base's
         fingerprint first. Forward, merge and unmerge then use these fixed tensors, so unmerge is exact."""
+        import torch
+
         if "bias_value" in t and getattr(module, "bias", None) is None:
             raise UnsupportedError(f"a lowrank bias_value replaces the module's bias, but this "
                                    f"{type(module).__name__} has none")
@@ -198,6 +208,10 @@ class LowRank(DeltaKind):
         return {**t, **derived_tensors(entry, w, dtype=ref.dtype if ref.is_floating_point() else torch.float32)}
 
     def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        from .. import kernels
+
         if _is_linear(module) and len(t) == 2 and self.plain(entry, t) and x.dtype == y.dtype:
             # y + scale * (x A^T) B^T through the kernel dispatcher (Triton on CUDA, fused addmm on the CPU)
             a, b = t["lora_A"].to(x.dtype), t["lora_B"].to(x.dtype)
@@ -227,6 +241,10 @@ class LowRank(DeltaKind):
         Returns None (the caller then groups rows by adapter) for DoRA entries, entries replacing the
         module's bias (``bias_value``) and non-linear modules.
         """
+        import torch
+
+        from .. import kernels
+
         if not _is_linear(module) or x.dim() < 2 or x.shape[0] != ids.shape[0] or x.dtype != y.dtype:
             return None
         if any("magnitude" in b.tensors or "bias_value" in b.tensors or not self.plain(b.entry, b.tensors)
@@ -251,6 +269,8 @@ class LowRank(DeltaKind):
 
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
         """Returns ``(weight state, the replaced bias or None)`` for :meth:`unmerge`."""
+        import torch
+
         if "bias" in t and getattr(module, "bias", None) is None:
             raise UnsupportedError(f"cannot merge a LoRA bias into {type(module).__name__} without a bias; "
                                    "keep the adapter unmerged")
@@ -263,6 +283,8 @@ class LowRank(DeltaKind):
         return self._merge_weight(module, entry, t), old_bias
 
     def _merge_weight(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
+        import torch
+
         param = getattr(module, entry.get("parameter", "weight"))
         tr = self.transposed(entry)
         with torch.no_grad():
@@ -281,6 +303,8 @@ class LowRank(DeltaKind):
             return norm
 
     def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
+        import torch
+
         state, old_bias = state
         param = getattr(module, entry.get("parameter", "weight"))
         tr = self.transposed(entry)
@@ -301,15 +325,21 @@ class LowRank(DeltaKind):
 
 def _ones(pool_a: torch.Tensor) -> torch.Tensor:
     """Per-adapter scales of a pool whose B factors already carry their scale."""
+    import torch
+
     return torch.ones(pool_a.shape[0], dtype=torch.float32, device=pool_a.device)
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in at least fp32 (fp64 stays fp64, so merges into fp64 models are exact to fp64)."""
+    import torch
+
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _is_linear(module: nn.Module) -> bool:
+    from torch import nn
+
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 

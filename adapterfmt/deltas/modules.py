@@ -7,20 +7,27 @@ Delta kinds are defined on the *function layout* of a layer: a weight of shape `
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def is_transposed(module: nn.Module) -> bool:
     """True when the module stores its weight as ``[in, out]`` (Conv1D, Embedding)."""
+    from torch import nn
+
     return isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D"
 
 
 def weight_function(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The module's forward with ``weight`` (function layout) in place of its own, and no bias."""
+    import torch.nn.functional as F
+    from torch import nn
+
     if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
         return F.linear(x, weight)
     if isinstance(module, nn.Embedding):

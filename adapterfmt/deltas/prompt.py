@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
 from .base import DeltaKind, Entry, Tensors, fail
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class Prompt(DeltaKind):
@@ -28,6 +29,8 @@ class Prompt(DeltaKind):
             raise fail(module, f"embeddings has shape {list(e)}, expected [n_tokens, {shape[-1]}]")
 
     def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        import torch
+
         emb = t["embeddings"].to(y.dtype)
         if y.dim() == 2:
             return torch.cat([emb, y], dim=0)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .base import DeltaKind, Entry, Tensors, fail
 from .modules import is_transposed, weight_function
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class Sparse(DeltaKind):
@@ -23,6 +25,8 @@ class Sparse(DeltaKind):
             raise fail(module, f"{i[0]} stored values for a parameter of {math.prod(entry['shape'])} elements")
 
     def check_data(self, module: str, entry: Entry, t: Tensors) -> None:
+        import torch
+
         idx = t["indices"]
         if idx.dtype != torch.int64:
             raise fail(module, f"indices must be int64, got {idx.dtype}")
@@ -35,6 +39,8 @@ class Sparse(DeltaKind):
         return shapes["values"][0]
 
     def delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        import torch
+
         shape = tuple(entry["shape"])
         flat = torch.zeros(math.prod(shape), dtype=torch.float32, device=t["values"].device)
         flat[t["indices"]] = t["values"].float()
@@ -42,6 +48,8 @@ class Sparse(DeltaKind):
 
     def bind(self, module: nn.Module, entry: Entry, t: Tensors) -> Tensors:
         """On a Linear layer, keep the CSR form (scale folded in) that the sparse apply kernel reads."""
+        from torch import nn
+
         if not isinstance(module, nn.Linear):
             return t
         from ..kernels import to_csr
@@ -59,6 +67,8 @@ class Sparse(DeltaKind):
         return y + weight_function(module, x, d.t() if is_transposed(module) else d)
 
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> None:
+        import torch
+
         param = getattr(module, entry.get("parameter", "weight"))
         if not param.is_contiguous():
             return super().merge(module, entry, t)

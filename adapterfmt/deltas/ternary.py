@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from ..format import bitpack
-from ..format.ternary import (
-    group_count,
-    layout_of,
-    ternary_decode,
-    ternary_kept,
-    ternary_roles,
-    ternary_scales,
-    ternary_signs,
-)
 from .base import DeltaKind, Entry, Tensors, fail
 from .modules import is_transposed, weight_function
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def _kernels() -> Any:
@@ -37,9 +28,14 @@ class Ternary(DeltaKind):
     name = "ternary"
 
     def roles(self, entry: Entry) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        from ..format.ternary import ternary_roles
+
         return ternary_roles(entry.get("params", {})), ()
 
     def check(self, module: str, entry: Entry, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        from ..format import bitpack
+        from ..format.ternary import group_count, layout_of
+
         p = entry.get("params", {})
         n = math.prod(entry["shape"])
         k = p.get("count")
@@ -60,6 +56,10 @@ class Ternary(DeltaKind):
             raise fail(module, f"ternary gaps has shape {list(shapes['gaps'])}, expected {k}..{9 * k} bytes")
 
     def check_data(self, module: str, entry: Entry, t: Tensors) -> None:
+        import torch
+
+        from ..format.ternary import ternary_kept
+
         try:
             ternary_kept(t, entry["params"], math.prod(entry["shape"]), what=f"module {module!r}")
         except ValueError as e:
@@ -75,6 +75,8 @@ class Ternary(DeltaKind):
         return float(entry.get("params", {}).get("scale", 1.0))
 
     def delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
+        from ..format.ternary import ternary_decode
+
         if "delta" in t:  # the dense bound form (see bind)
             return t["delta"].float()
         return self._scale(entry) * ternary_decode(t, entry["params"], entry["shape"])
@@ -82,6 +84,10 @@ class Ternary(DeltaKind):
     def bind(self, module: nn.Module, entry: Entry, t: Tensors) -> dict[str, torch.Tensor]:
         """The form kept while attached. With the packed kernel (a Linear, per-tensor or per-row scales):
         the stored parts plus sign planes ``pos``/``neg`` and ``row_scales``; otherwise the dense dW."""
+        from torch import nn
+
+        from ..format.ternary import ternary_scales, ternary_signs
+
         k = _kernels()
         shape = tuple(entry["shape"])
         g = entry["params"].get("group_size")

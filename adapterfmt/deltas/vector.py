@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
 from .base import DeltaKind, Entry, Tensors, fail
 from .lowrank import channel_view, function_shape
 from .modules import weight_function
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 OPS = ("scale", "offset")
 SIDES = ("output", "input")
@@ -45,6 +46,8 @@ class Vector(DeltaKind):
             raise fail(module, f"vector has shape {list(got)}, expected [{n}] ({side} side of {list(fshape)})")
 
     def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        import torch
+
         op, side = _op_side(entry)
         v = t["vector"].to(y.dtype)
         if side == "output":
@@ -61,6 +64,8 @@ class Vector(DeltaKind):
         return w.t() if self.transposed(entry) else w
 
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
+        import torch
+
         op, side = _op_side(entry)
         w = self._weight(module, entry)
         bias = getattr(module, "bias", None)
@@ -81,6 +86,8 @@ class Vector(DeltaKind):
         return saved
 
     def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
+        import torch
+
         with torch.no_grad():
             self._weight(module, entry).copy_(state["weight"])
             if state["bias"] is not None:

@@ -232,12 +232,21 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+def _understood(raw: object, understood: tuple[str, ...] | None) -> tuple[str, ...]:
+    """``understood``, else the plugins' extensions, loaded only when the manifest's ``must_understand`` names
+    more than the core (so reading a core adapter imports no plugin)."""
+    if understood is not None:
+        return understood
+    listed = raw.get("must_understand") if isinstance(raw, dict) else None
+    if not isinstance(listed, list) or all(isinstance(x, str) and x in mf.CORE_FIELDS | mf.FEATURES for x in listed):
+        return ()
+    from ..plugin.registry import understood_extensions
+
+    return understood_extensions()
+
+
 def _read(path: str | os.PathLike[str], *, verify: bool, understood: tuple[str, ...] | None) -> Adapter:
     path = resolve_path(path)
-    if understood is None:
-        from ..plugin.registry import understood_extensions
-
-        understood = understood_extensions()
     if path.is_dir():
         mpath = path / MANIFEST_FILE
         if not mpath.is_file():
@@ -245,7 +254,8 @@ def _read(path: str | os.PathLike[str], *, verify: bool, understood: tuple[str, 
                 return converted
             raise MissingFileError(f"not an adapter folder: {MANIFEST_FILE} is missing", path=path)
         safe_member(path, MANIFEST_FILE)  # a link out of the folder is refused, as for the tensor files
-        manifest = mf.check_manifest(mf.loads(read_json_bytes(mpath), path=mpath), path=mpath, understood=understood)
+        raw = mf.loads(read_json_bytes(mpath), path=mpath)
+        manifest = mf.check_manifest(raw, path=mpath, understood=_understood(raw, understood))
         if mf.SINGLE_FILE_KEY in manifest["files"]:
             raise FormatError(f"files key {mf.SINGLE_FILE_KEY!r} is only allowed in the single-file form", path=mpath)
         headers = []
@@ -272,7 +282,8 @@ def _read(path: str | os.PathLike[str], *, verify: bool, understood: tuple[str, 
             return converted
         raise FormatError(f"not an adapterfmt file: __metadata__ has no {mf.METADATA_KEY!r} manifest "
                           "(a foreign adapter? try `adapter convert`)", path=path)
-    manifest = mf.check_manifest(mf.loads(text, path=path), path=path, understood=understood)
+    raw = mf.loads(text, path=path)
+    manifest = mf.check_manifest(raw, path=path, understood=_understood(raw, understood))
     if set(manifest["files"]) != {mf.SINGLE_FILE_KEY}:
         raise FormatError(f"a single-file adapter's files must be exactly {{{mf.SINGLE_FILE_KEY!r}: ...}}", path=path)
     if verify:

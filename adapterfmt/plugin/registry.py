@@ -139,11 +139,17 @@ def reset() -> None:
 
 
 @cache
+def _core_kinds() -> dict[str, Any]:
+    """The core delta kinds by name (no plugin is loaded for them)."""
+    return {k.name: k for k in importlib.import_module(BUILTIN_KINDS_MODULE).BUILTIN_KINDS}
+
+
+@cache
 def _collect(hook: str) -> dict[str, Any]:
     """Items from every plugin's ``hook``, by name; built-ins first, a later duplicate is reported and skipped."""
     items: dict[str, Any] = {}
     if hook == "adapterfmt_delta_kinds":
-        items.update({k.name: k for k in importlib.import_module(BUILTIN_KINDS_MODULE).BUILTIN_KINDS})
+        items.update(_core_kinds())
     state = _state()
     impls = sorted(getattr(state.pm.hook, hook).get_hookimpls(), key=lambda i: i.plugin_name not in BUILTIN_PLUGINS)
     for impl in impls:
@@ -204,6 +210,11 @@ def get_method(name: str) -> Any:
 
 
 def get_kind(name: str, *, path: object = None) -> Any:
+    """The delta kind ``name``: a core kind without loading any plugin (plugins cannot override one), else a
+    plugin's."""
+    core = _core_kinds()
+    if name in core:
+        return core[name]
     try:
         return delta_kinds()[name]
     except KeyError:

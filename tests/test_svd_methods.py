@@ -11,8 +11,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from adapterfmt.plugins.methods.svd_lora import reduce_intruder_dimension
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.config import KasaConfig
+from peft.tuners.lora.intruders import reduce_intruder_dimension as peft_repair
 from torch import nn
 
 import adapterfmt as af
@@ -282,3 +284,32 @@ def test_ba_lora_regularizer_trains_the_adapter():
                                                                   base_logits=torch.zeros(2, 3, 4))
     with pytest.raises(af.FormatError, match="unknown key"):
         train("ba_lora", base(), r=4, lambda4=0.1)
+
+
+# ----- intruder-dimension repair: PEFT's peft.tuners.lora.intruders.reduce_intruder_dimension ------------------
+def test_intruder_repair_matches_peft(tmp_path):
+    def two_linears() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+
+    pm = get_peft_model(two_linears(), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # module 0: a LoRA strong enough to create intruder dimensions; module 1: a weak one
+        for name, size in (("0", 1.0), ("1", 0.01)):
+            layer = pm.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(size * torch.randn(4, 32, generator=g))
+            layer.lora_B["default"].weight.copy_(size * torch.randn(32, 4, generator=g))
+    pm.save_pretrained(tmp_path / "peft")
+    x = torch.randn(5, 32, generator=g)
+    peft_repair(pm, top_k=10, threshold_epsilon=0.5, mitigation_lambda=0.75, logging_sink=None)
+    adapter, found = reduce_intruder_dimension(af.load(tmp_path / "peft"), two_linears())
+    assert found["0"] and not found["1"]
+    for name in ("0", "1"):
+        layer = pm.base_model.model.get_submodule(name)
+        for role in ("lora_A", "lora_B"):
+            torch.testing.assert_close(adapter.module_tensors(name)[role],
+                                       getattr(layer, role)["intruder_reduced"].weight.detach(), atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(attached(two_linears(), adapter, x), pm(x), atol=ATOL, rtol=1e-5)  # outputs ~10
+    pissa = train("pissa", base(), r=4).extract()
+    with pytest.raises(af.UnsupportedError, match="module 'lin'.*base_part"):
+        reduce_intruder_dimension(pissa, base())

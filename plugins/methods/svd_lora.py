@@ -46,6 +46,8 @@ and just before the optimizer step; a loop that wants exactly that backpropagate
 BA-LoRA's terms need the logits of the adapted model and of the base with the adapter off:
 ``session.regularization(logits=..., base_logits=...)`` (:func:`ba_lora_regularization`).
 
+:func:`reduce_intruder_dimension` is PEFT's post-hoc intruder-dimension repair of a plain LoRA, given the base.
+
 Not reproduced: LoLDU's trainable scalar (the authors' README recipe trains only ``z``, and their saved state
 keeps only ``z``), LaMDA's singular-vector initialisation of its paper (the released code inits as LoRA) and
 LaMDA++'s rank allocation (no released code).
@@ -53,6 +55,7 @@ LaMDA++'s rank allocation (no released code).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -354,6 +357,54 @@ def ba_lora_regularization(logits: torch.Tensor, base_logits: torch.Tensor, *, t
         svd = -(s[:k].sum() / (s.sum() + 1e-10))
     l1, l2, l3 = lambdas
     return l1 * consistency + l2 * diversity + l3 * svd
+
+
+def reduce_intruder_dimension(adapter: af.Adapter, base: nn.Module, *, top_k: int = 10,
+                              threshold_epsilon: float = 0.5, mitigation_lambda: float = 0.75
+                              ) -> tuple[af.Adapter, dict[str, list[int]]]:
+    """The intruder-dimension repair of "LoRA vs Full Fine-tuning: An Illusion of Equivalence", as PEFT's
+    ``peft.tuners.lora.intruders.reduce_intruder_dimension`` computes it, per module of ``adapter`` on the
+    ``nn.Linear`` of the same path in ``base``: the first ``top_k`` left singular vectors of ``W + dW`` whose
+    largest |cosine| with the base's left singular vectors is below ``threshold_epsilon`` are intruders; their
+    part of ``W + dW`` is scaled by ``mitigation_lambda``, and the new ``dW / scale`` is refactored at the
+    entry's rank (``U sqrt(S)``, ``sqrt(S) V^T``; fp32 for fp16 / bf16 weights, then back to the factors' dtype).
+    Returns the new adapter (in memory) and the intruder indices per module (modules without any are kept
+    as stored). Only plain ``lowrank`` entries (``lora_A``, ``lora_B``, ``params.scale``) are repaired; any
+    other entry is refused, naming the module and what it has."""
+    manifest = copy.deepcopy(adapter.manifest)
+    tensors = {name: adapter.tensor(name) for name in adapter.tensor_names()}
+    found: dict[str, list[int]] = {}
+    for path, entry in sorted(adapter.modules.items()):
+        t = adapter.module_tensors(path)
+        extra = sorted(set(entry.get("params", {})) - {"scale"}) + sorted(set(t) - {"lora_A", "lora_B"})
+        if entry["kind"] != "lowrank" or extra:
+            what = f"kind {entry['kind']}" if entry["kind"] != "lowrank" else f"field {extra[0]!r}"
+            raise af.UnsupportedError(f"intruder repair of module {path!r}: only plain lowrank entries, it has {what}")
+        module = base.get_submodule(path)
+        if not isinstance(module, nn.Linear):
+            raise af.UnsupportedError(f"intruder repair of module {path!r}: the base module is "
+                                      f"{type(module).__name__}, not nn.Linear")
+        a, b, scale = t["lora_A"], t["lora_B"], float(entry.get("params", {}).get("scale", 1.0))
+        w = module.weight.detach().float()
+        merged = w + scale * (b.float() @ a.float())
+        u_base = torch.linalg.svd(w, full_matrices=False)[0]
+        u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+        cos = (u.t() @ u_base).abs().max(dim=1).values
+        found[path] = torch.where(cos[:top_k] < threshold_epsilon)[0].tolist()
+        if not found[path]:
+            continue
+        idx = found[path]
+        repaired = merged + (mitigation_lambda - 1) * ((u[:, idx] * s[idx]) @ vh[idx])
+        u2, s2, vh2 = torch.linalg.svd((repaired - w) / scale, full_matrices=False)
+        root = s2[:a.shape[0]].sqrt()
+        tensors = {n: v for n, v in tensors.items() if not n.startswith(f"{path}.")}  # codec parts too
+        tensors[f"{path}.lora_B"] = (u2[:, :a.shape[0]] * root).to(b.dtype).contiguous()
+        tensors[f"{path}.lora_A"] = (root[:, None] * vh2[:a.shape[0]]).to(a.dtype).contiguous()
+        manifest["modules"][path].pop("encoding", None)
+    manifest.setdefault("provenance", []).append({"tool": "adapterfmt intruder repair", "top_k": top_k,
+                                                  "threshold_epsilon": threshold_epsilon,
+                                                  "mitigation_lambda": mitigation_lambda})
+    return af.Adapter(manifest, tensors), found
 
 
 @af.hookimpl

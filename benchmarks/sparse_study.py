@@ -11,6 +11,13 @@ every projection targeted and SpIEL's budget (1% of all parameters, split by siz
 - ``static random``: the random initial mask kept.
 
 Loss of task B on a held-out batch of 256 at the end. ``python benchmarks/sparse_study.py [--seeds 3]``
+
+``--study s2ft``: the same setting, S2FT's dense row / column blocks (kind ``block``) against element-sparse
+SpIEL (kind ``sparse``). S2FT at v / o ratio 0.25 (2 of the 8 attention heads: v rows and o columns) and
+up / down ratio 0.0625 (16 of the 256 FFN channels), ``coupled`` (v rows share the o columns' heads, up rows the
+down columns' channels) or independent draws (the authors' released default); SpIEL (its schedule, all
+projections) at the same trainable count and at the same bytes on disk (values fp32 + int64 indices). All with
+AdamW at ``--lr``; bytes: the tensor data of the extracted adapter.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import copy
 import functools
 import statistics
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,42 +63,107 @@ def pretrained(seed: int, steps: int) -> torch.nn.Module:
     return model
 
 
-def run(arm: str, seed: int, args: argparse.Namespace) -> float:
-    model = copy.deepcopy(pretrained(seed, args.pretrain))
+def task_b(seed: int) -> tuple[torch.Tensor, torch.Generator, torch.Tensor]:
+    """(next-token table of task B, the training-batch generator, the held-out batch) for ``seed``."""
     gen = torch.Generator().manual_seed(1000 + seed)
     table = torch.randint(0, VOCAB, (VOCAB,), generator=gen)
-    held = batch(table, torch.Generator().manual_seed(99), rows=256)
-    schedule = {"reselection_steps": 20, "selection_accumulation_steps": 5} if arm == "spiel" else \
-        {"reselection_steps": args.steps + 10, "selection_accumulation_steps": 5}
-    session = af.registry.get_method("spiel").train(model, config={
-        "target_modules": TARGETS, "density": 0.01, "total_steps": args.steps, "seed": seed, **schedule})
+    return table, gen, batch(table, torch.Generator().manual_seed(99), rows=256)
+
+
+def finetune(model: torch.nn.Module, session: af.TrainSession, seed: int, args: argparse.Namespace,
+             *, schedule: bool = True) -> tuple[float, float]:
+    """Train ``session`` on task B for ``args.steps`` steps; held-out (loss, next-token accuracy). ``schedule``:
+    call its step hook."""
+    table, gen, held = task_b(seed)
     opt = session.optimizer(lr=args.lr)
     for _ in range(args.steps):
         opt.zero_grad()
         loss(model, batch(table, gen)).backward()
         opt.step()
-        if arm != "static random":
+        if schedule:
             session.step(opt)
     with torch.no_grad():
-        return float(loss(model, held))
+        hit = model(held[:, :-1]).argmax(-1) == held[:, 1:]
+        return float(loss(model, held)), float(hit.float().mean())
+
+
+def spiel_session(model: torch.nn.Module, seed: int, args: argparse.Namespace, *, reselect: bool = True,
+                  **budget: Any) -> af.TrainSession:
+    schedule = {"reselection_steps": 20 if reselect else args.steps + 10, "selection_accumulation_steps": 5}
+    return af.registry.get_method("spiel").train(model, config={
+        "target_modules": TARGETS, "total_steps": args.steps, "seed": seed, **schedule, **budget})
+
+
+def run(arm: str, seed: int, args: argparse.Namespace) -> float:
+    model = copy.deepcopy(pretrained(seed, args.pretrain))
+    session = spiel_session(model, seed, args, reselect=arm == "spiel", density=0.01)
+    return finetune(model, session, seed, args, schedule=arm != "static random")[0]
+
+
+S2FT_RATIOS = {"v_ratio": 0.25, "o_ratio": 0.25, "u_ratio": 0.0625, "d_ratio": 0.0625}
+
+
+def run_s2ft(arm: str, seed: int, args: argparse.Namespace,
+             budget: dict[str, int]) -> tuple[float, float, int, int]:
+    """(held-out loss, accuracy, trained values, bytes) of one arm; ``budget`` holds the S2FT arm's values and bytes."""
+    model = copy.deepcopy(pretrained(seed, args.pretrain))
+    if arm.startswith("s2ft"):
+        config = {**S2FT_RATIOS, "coupled": arm == "s2ft coupled", "seed": seed}
+        session = af.registry.get_method("s2ft").train(model, config=config)
+    elif arm == "spiel, same values":
+        session = spiel_session(model, seed, args, num_tunable_weights=budget["values"])
+    else:  # same bytes: 4 (fp32 value) + 8 (int64 index) per entry
+        session = spiel_session(model, seed, args, num_tunable_weights=budget["bytes"] // 12)
+    held_loss, accuracy = finetune(model, session, seed, args)
+    values, size = sum(p.numel() for p in session.parameters()), session.extract().nbytes()
+    if arm == "s2ft coupled":
+        budget.update(values=values, bytes=size)
+    return held_loss, accuracy, values, size
+
+
+def s2ft_study(args: argparse.Namespace) -> None:
+    print("| arm | trained values | bytes | held-out loss, task B | accuracy | loss per seed |")
+    print("|---|---:|---:|---|---|---|")
+    rows: dict[str, list[tuple[float, float, int, int]]] = {}
+    for seed in range(args.seeds):
+        budget: dict[str, int] = {}
+        for arm in ("s2ft coupled", "s2ft independent", "spiel, same values", "spiel, same bytes"):
+            rows.setdefault(arm, []).append(run_s2ft(arm, seed, args, budget))
+    for arm, runs in rows.items():
+        losses, accs = [r[0] for r in runs], [r[1] for r in runs]
+        print(f"| {arm} | {statistics.mean(r[2] for r in runs):,.0f} | {statistics.mean(r[3] for r in runs):,.0f} | "
+              f"{mean_spread(losses, 3)} | {mean_spread(accs, 3)} | {', '.join(f'{x:.3f}' for x in losses)} |")
+
+
+def mean_spread(xs: list[float], digits: int) -> str:
+    """``mean ± sample std`` (0 for one value)."""
+    spread = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.{digits}f} ± {spread:.{digits}f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--study", choices=["spiel", "s2ft"], default="spiel")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--pretrain", type=int, default=300)
     ap.add_argument("--lr", type=float, default=2e-2)
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
+    if args.study == "s2ft":
+        s2ft_study(args)
+    else:
+        spiel_study(args)
+    print(f"({time.time() - t0:.0f} s)")
+
+
+def spiel_study(args: argparse.Namespace) -> None:
     print("| arm (1% of parameters) | held-out loss, task B | per seed |")
     print("|---|---|---|")
     for arm in ("spiel", "static gradient", "static random"):
         losses = [run(arm, s, args) for s in range(args.seeds)]
-        spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
-        print(f"| {arm} | {statistics.mean(losses):.3f} ± {spread:.3f} | {', '.join(f'{x:.3f}' for x in losses)} |")
-    print(f"({time.time() - t0:.0f} s)")
+        print(f"| {arm} | {mean_spread(losses, 3)} | {', '.join(f'{x:.3f}' for x in losses)} |")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@ Roles ``indices`` (int64 ``[n]``, strictly increasing) and ``block`` (``[n, n_in
 ``dW_f[:, indices[j]] = scale * block[:, j]`` (columns); ``params.transposed`` marks a target stored ``[in, out]``.
 Additive. Unmerged on a linear map no weight-sized tensor is formed (``af.block_apply``: a Triton kernel on CUDA,
 torch elsewhere): rows are one GEMM on ``x`` whose ``n`` outputs are added at ``indices``, columns gather ``n``
-input features and run one GEMM. Merge and unmerge touch
-only the block's rows / columns. Against ``sparse`` for the same delta: one int64 index per row or column instead
-of one per value, about a third of the bytes at fp32.
+input features and run one GEMM. Merge and unmerge touch only the block's rows / columns. Against ``sparse`` for
+the same delta: one int64 index per row or column instead of one per value, about a third of the bytes at fp32.
 
 Methods:
 

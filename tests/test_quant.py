@@ -391,3 +391,18 @@ def test_other_kinds_refuse_a_base_held_quantised():
     quantize_model(packed, af.QuantSpec(4, 8), CFG, pack=True)
     with pytest.raises(af.BaseMismatchError, match="down_proj' has no parameter 'weight'"):
         af.attach(packed, _lora_on(_tiny(), None))
+
+
+def test_base_quantization_is_a_must_understand_feature(tmp_path):
+    import json
+
+    adapter = _lora_on(_tiny(), af.QuantSpec(4).to_json())
+    assert adapter.manifest["must_understand"] == ["adapterfmt.base_quantization"]
+    af.save(adapter, tmp_path / "a")
+    assert af.load(tmp_path / "a").base["quantization"]["bits"] == 4
+    manifest = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    del manifest["must_understand"]
+    (tmp_path / "a" / "adapter.json").write_text(json.dumps(manifest))
+    with pytest.raises(af.FormatError, match="must_understand does not list adapterfmt.base_quantization"):
+        af.load(tmp_path / "a")
+    assert "must_understand" not in _lora_on(_tiny(), None).manifest

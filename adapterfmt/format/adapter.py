@@ -66,7 +66,7 @@ class Adapter:
 
     def _list_features(self) -> None:
         """Spec 9: an adapter built in memory lists in ``must_understand`` the 1.2 features its lowrank entries
-        use (``lora_mid``, ``params.base_part``), so every writer of it follows the rule."""
+        use (``lora_mid``, ``params.base_part``) and ``base.quantization``, so every writer of it follows the rule."""
         modules = self.manifest.get("modules")
         if not isinstance(modules, dict):
             return
@@ -74,7 +74,8 @@ class Adapter:
         roles = {m: ["lora_mid"] for m in lowrank
                  if f"{m}.lora_mid" in self._all_names or any(n.startswith(f"{m}.lora_mid.") for n in self._all_names)}
         listed = self.manifest.get("must_understand", [])
-        missing = [f for f in mf.required_features(lowrank, roles) if f not in listed]
+        missing = [f for f in [*mf.required_features(lowrank, roles), *mf.manifest_features(self.manifest)]
+                   if f not in listed]
         if missing:
             self.manifest["must_understand"] = [*listed, *missing]
 

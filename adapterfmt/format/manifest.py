@@ -27,9 +27,11 @@ CORE_FIELDS = frozenset({"spec_version", "method", "base", "modules", "files", "
 """Top-level fields of spec 1.0: every 1.x reader understands them, so ``must_understand`` may name them."""
 FEATURE_MID = "adapterfmt.lowrank_mid"
 FEATURE_BASE = "adapterfmt.lowrank_base"
-FEATURES = frozenset({FEATURE_MID, FEATURE_BASE})
+FEATURE_QUANT = "adapterfmt.base_quantization"
+FEATURES = frozenset({FEATURE_MID, FEATURE_BASE, FEATURE_QUANT})
 """Features of spec 1.2 a writer lists in ``must_understand`` when a lowrank entry uses them (spec 9), so that
-an older reader refuses the file instead of computing ``scale * B @ A``."""
+an older reader refuses the file instead of computing ``scale * B @ A``; and when ``base.quantization`` is
+given (spec 6.12), so that it refuses rather than attach the adapter to a base off that grid."""
 
 Manifest = dict[str, Any]
 
@@ -113,6 +115,12 @@ def required_features(modules: Mapping[str, Mapping[str, Any]], roles: Mapping[s
         if "base_part" in entry.get("params", {}):
             names.add(FEATURE_BASE)
     return sorted(names)
+
+
+def manifest_features(m: Manifest) -> list[str]:
+    """The feature names (spec 9) the manifest's top-level fields use: ``base.quantization``."""
+    base = m.get("base")
+    return [FEATURE_QUANT] if isinstance(base, dict) and base.get("quantization") is not None else []
 
 
 def _check_sizes(m: Manifest, *, path: object) -> None:

@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING
 
 from ..errors import FormatError
 from ..plugin.registry import get_kind
-from .manifest import FEATURE_BASE, required_features, shared_tensors
+from .manifest import (
+    FEATURE_BASE,
+    FEATURE_QUANT,
+    manifest_features,
+    required_features,
+    shared_tensors,
+)
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -81,6 +87,9 @@ def _check_features(adapter: Adapter) -> None:
     if missing:
         field = "params.base_part" if missing[0] == FEATURE_BASE else "lora_mid"
         raise FormatError(f"a lowrank entry has {field}, and must_understand does not list {missing[0]} "
+                          "(spec section 9)", path=adapter.source)
+    if [f for f in manifest_features(adapter.manifest) if f not in listed]:
+        raise FormatError(f"base.quantization is given, and must_understand does not list {FEATURE_QUANT} "
                           "(spec section 9)", path=adapter.source)
     derived = [m for m, e in adapter.modules.items() if "recipe" in e.get("params", {}).get("base_part", {})]
     fp = (adapter.manifest.get("base") or {}).get("fingerprint") or {}

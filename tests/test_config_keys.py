@@ -8,6 +8,7 @@ import adapterfmt as af
 from adapterfmt.plugin import registry
 
 WITH_SCHEMA = sorted(n for n, m in registry.methods().items() if m.config_schema is not None)
+WITH_OPTIONS = sorted(n for n in WITH_SCHEMA if registry.get_method(n).config_schema.get("properties"))
 
 
 def test_every_trained_builtin_method_has_a_schema():
@@ -16,7 +17,18 @@ def test_every_trained_builtin_method_has_a_schema():
     assert trained <= set(WITH_SCHEMA), trained - set(WITH_SCHEMA)
 
 
-@pytest.mark.parametrize("name", WITH_SCHEMA)
+def test_every_schema_lists_its_keys():
+    # a schema without "properties" would accept any key silently
+    assert all("properties" in registry.get_method(n).config_schema for n in WITH_SCHEMA)
+
+
+@pytest.mark.parametrize("name", sorted(set(WITH_SCHEMA) - set(WITH_OPTIONS)))
+def test_a_method_without_options_refuses_every_key(name):
+    with pytest.raises(af.FormatError, match="unknown key"):
+        registry.get_method(name).check_config({"scale": 1})
+
+
+@pytest.mark.parametrize("name", WITH_OPTIONS)
 def test_misspelt_key_is_refused_with_a_suggestion(name):
     method = registry.get_method(name)
     known = sorted(method.config_schema["properties"])

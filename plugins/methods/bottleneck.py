@@ -79,7 +79,7 @@ class Bottleneck(af.Method):
     name = "bottleneck"
     summary = "Bottleneck adapters (Houlsby, Pfeiffer): a residual down/up projection on a sub-block's output"
     kinds = ("bottleneck",)
-    config_schema: ClassVar[dict[str, Any]] = {"type": "object"}
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {}}  # no options
 
     def port(self, adapter: af.Adapter, *, new_base: Any, **options: Any) -> af.Adapter:
         """A bottleneck fits a module of the same output width (:func:`adapterfmt.port_live`)."""

@@ -103,10 +103,19 @@ def test_base_patch_from_an_adapter_equals_the_one_from_a_model_and_budget_is_ke
     for name in from_model.tensor_names():
         torch.testing.assert_close(from_model.tensor(name), from_file.tensor(name))
     assert from_model.config["graft_size"] == from_model.config["base_patch_size"]
-    c = GRAFT.train(model, config={**TARGETS, "density": 0.02, "epochs": 3, "mask_lr": 3e10, "enforce_budget": True},
-                    finetuned=ft, loss_fn=lm_loss, batches=[lm_task(seed=2)])
-    assert c.extract().config["graft_size"] <= c.extract().config["base_patch_size"]
+    learned = {**TARGETS, "density": 0.02, "epochs": 3, "mask_lr": 3e10}
+    free = GRAFT.train(model, config=learned, finetuned=ft, loss_fn=lm_loss, batches=[lm_task(seed=2)])
+    unconstrained = free.extract()
+    free.remove()
+    c = GRAFT.train(model, config={**learned, "enforce_budget": True}, finetuned=ft, loss_fn=lm_loss,
+                    batches=[lm_task(seed=2)])
+    budgeted = c.extract()
     c.remove()
+    k, size = budgeted.config["base_patch_size"], unconstrained.config["graft_size"]
+    assert budgeted.config["graft_size"] == min(k, size)
+    for m in budgeted.modules:  # the budget keeps entries of the learned graft, never others
+        kept = set(budgeted.tensor(f"{m}.indices").tolist())
+        assert kept <= set(unconstrained.tensor(f"{m}.indices").tolist())
     with pytest.raises(af.FormatError, match="fine-tuned weights"):
         GRAFT.train(model, config=dict(TARGETS))
     with pytest.raises(af.FormatError, match="epochs > 0"):

@@ -821,11 +821,12 @@ class Grafting(af.Method):
         gen = torch.Generator().manual_seed(cfg["seed"])
         logits = {p: torch.rand(t.numel(), generator=gen) for p, t in tau.items()}
         graft = self.learn(model, chosen, tau, gamma, logits, cfg, loss_fn, data, score_fn)
-        if cfg["enforce_budget"]:
-            m = {p: torch.where(graft[p], self.mask(gamma[p], logits[p], cfg), -1.0) for p in graft}
-            graft = {p: torch.zeros_like(g) for p, g in graft.items()}
+        if cfg["enforce_budget"]:  # the graft's k largest m (m >= 0.5 in the graft; outside it counts 0)
+            m = {p: torch.where(graft[p], self.mask(gamma[p], logits[p], cfg), 0.0) for p in graft}
+            kept = {p: torch.zeros_like(g) for p, g in graft.items()}
             for p, idx in global_top_k(m, k)[0].items():
-                graft[p][idx] = True
+                kept[p][idx] = graft[p][idx]
+            graft = kept
         indices = {p: g.nonzero().reshape(-1) for p, g in graft.items() if g.any()}
         cfg["base_patch_size"], cfg["graft_size"] = k, sum(i.numel() for i in indices.values())
         session = af.inject(model, method=self.name, config=cfg, supported=SUPPORTED,

@@ -48,6 +48,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".deltas.base_part": ("derived_tensors", "ldu_rows", "olora_factors", "pissa_factors", "recipe_factors",
                           "recipe_writable", "svd_bottom_factors"),
     ".deltas.modules": ("is_transposed", "weight_function"),
+    ".deltas.weight": ("WeightDeltaKind", "promoted"),
     ".format.codecs": ("BUILTIN_CODECS",),
     ".kernels": ("block_apply", "multi_lora_rows"),
     ".format.fingerprint": ("fingerprint_checkpoint", "fingerprint_module"),
@@ -119,7 +120,8 @@ __all__ = [
     # decoding-time composition of models (EFT, proxy-tuning)
     "compose", "Composition", "CompositionProcessor", "Term", "eft_terms",
     # writing plugins: methods, delta kinds, codecs, backends
-    "Method", "hookimpl", "DeltaKind", "function_shape", "lowrank_entry", "weight_function", "is_transposed",
+    "Method", "hookimpl", "DeltaKind", "WeightDeltaKind", "promoted", "function_shape", "lowrank_entry",
+    "weight_function", "is_transposed",
     "multi_lora_rows", "block_apply",
     "ForeignFormat", "TensorCodec", "ApplyBackend", "BUILTIN_CODECS",
     # writing a method's train verb

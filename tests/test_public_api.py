@@ -18,7 +18,7 @@ PUBLIC = {
     "extract_adapter", "factor_shape", "fingerprint_checkpoint", "fingerprint_module", "function_shape", "hookimpl",
     "inject", "is_transposed", "load", "lora_scale", "lowrank_adapter", "lowrank_entry", "lowrank_factors",
     "matches_targets", "merge_adapters", "merge_into", "module_entry", "new_manifest", "one_value", "pattern_value",
-    "peft_pattern",
+    "peft_pattern", "WeightDeltaKind", "promoted",
     "port_adapter", "read_foreign", "read_json_object", "read_pickle_tensors", "read_tensor_file", "record_base",
     "registry", "rope_permute", "save", "select_modules", "select_targets", "tensor_names", "to_peft", "unmerge",
     "validate", "weight_function", "write_folder", "write_foreign", "write_tensor_file",

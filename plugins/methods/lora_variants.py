@@ -36,29 +36,7 @@ def _fail(module: str, msg: str) -> af.FormatError:
     return af.FormatError(f"module {module!r}: {msg}")
 
 
-class WeightDeltaKind(af.DeltaKind):
-    """A kind whose dW is built whole from its tensors: unmerged, ``y + f(x; dW)``; merged, ``W + dW``."""
-
-    layout_sensitive = True
-
-    def function_delta(self, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    @staticmethod
-    def scale(entry: dict[str, Any]) -> float:
-        return float(entry.get("params", {}).get("scale", 1.0))
-
-    def delta(self, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor:
-        """dW in at least fp32 (fp64 tensors keep fp64, so merging into an fp64 model is exact to fp64)."""
-        fw = self.function_delta(entry, {r: v.to(torch.promote_types(v.dtype, torch.float32)) for r, v in t.items()})
-        return fw.t() if self.transposed(entry) else fw
-
-    def forward(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tensor,
-                y: torch.Tensor) -> torch.Tensor:
-        return y + af.weight_function(module, x, self.function_delta(entry, t).to(y.dtype))
-
-
-class Hadamard(WeightDeltaKind):
+class Hadamard(af.WeightDeltaKind):
     name = "hadamard"
     required_roles = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -78,7 +56,7 @@ class Hadamard(WeightDeltaKind):
         return (self.scale(entry) * w).reshape(af.function_shape(entry))
 
 
-class Kronecker(WeightDeltaKind):
+class Kronecker(af.WeightDeltaKind):
     name = "kronecker"
     optional_roles = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -105,7 +83,7 @@ class Kronecker(WeightDeltaKind):
         return (self.scale(entry) * torch.kron(w1, w2)).reshape(af.function_shape(entry))
 
 
-class Vera(WeightDeltaKind):
+class Vera(af.WeightDeltaKind):
     name = "vera"
     required_roles = ("lambda_b", "lambda_d")
 

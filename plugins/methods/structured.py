@@ -49,33 +49,8 @@ def _matrix(module: str, entry: Entry) -> tuple[int, int]:
     return fshape[0], fshape[1]
 
 
-def _promoted(t: Tensors) -> Tensors:
-    return {r: v.to(torch.promote_types(v.dtype, torch.float32)) if v.is_floating_point() else v for r, v in t.items()}
-
-
-def _scale(entry: Entry) -> float:
-    return float(entry.get("params", {}).get("scale", 1.0))
-
-
-class FunctionDeltaKind(af.DeltaKind):
-    """An additive kind defined by a function-layout ``dW_f`` (computed in at least fp32)."""
-
-    layout_sensitive = True
-
-    def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
-        raise NotImplementedError
-
-    def delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
-        fw = self.function_delta(entry, _promoted(dict(t)))
-        return fw.t() if self.transposed(entry) else fw
-
-    def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        dw = self.function_delta(entry, _promoted(dict(t))).to(y.dtype)
-        return y + af.weight_function(module, x, dw)
-
-
 # ----- fourier (FourierFT) --------------------------------------------------------------------------------------
-class Fourier(FunctionDeltaKind):
+class Fourier(af.WeightDeltaKind):
     """``dW_f = scale * Re(ifft2(D))``, ``D`` zero but ``D.flat[indices[j]] = spectrum[j]`` (spec 6.10.8)."""
 
     name = "fourier"
@@ -105,7 +80,7 @@ class Fourier(FunctionDeltaKind):
         spectrum = t["spectrum"]
         dense = torch.zeros(out * n_in, dtype=spectrum.dtype, device=spectrum.device)
         dense[t["indices"]] = spectrum
-        return _scale(entry) * torch.fft.ifft2(dense.reshape(out, n_in)).real
+        return self.scale(entry) * torch.fft.ifft2(dense.reshape(out, n_in)).real
 
 
 # ----- vector_bank (VB-LoRA) -------------------------------------------------------------------------------------
@@ -115,7 +90,7 @@ def _mix(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
     return (torch.softmax(top, dim=-1).unsqueeze(-1) * bank[idx]).sum(-2)
 
 
-class VectorBank(FunctionDeltaKind):
+class VectorBank(af.WeightDeltaKind):
     """``A`` and ``B`` assembled from a shared vector bank by top-k logits (or the top-k positions and weights
     those give); ``dW_f = B @ A`` (spec 6.10.9)."""
 
@@ -186,7 +161,7 @@ class VectorBank(FunctionDeltaKind):
 
 
 # ----- randlora (RandLoRA) -------------------------------------------------------------------------------------
-class RandLora(FunctionDeltaKind):
+class RandLora(af.WeightDeltaKind):
     """Shared random bases scaled by per-module ``lambda`` and ``gamma`` (spec 6.10.10)."""
 
     name = "randlora"
@@ -226,7 +201,7 @@ class RandLora(FunctionDeltaKind):
     def function_delta(self, entry: Entry, t: Tensors) -> torch.Tensor:
         ub, ua = self.factors(entry, t)
         p = ub @ ua
-        return _scale(entry) * (p if p.shape[0] == af.function_shape(entry)[0] else p.t())
+        return self.scale(entry) * (p if p.shape[0] == af.function_shape(entry)[0] else p.t())
 
     def forward(self, module: nn.Module, entry: Entry, t: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():
@@ -234,11 +209,11 @@ class RandLora(FunctionDeltaKind):
         ub, ua = (f.to(x.dtype) for f in self.factors(entry, t))
         out, n_in = af.function_shape(entry)
         h = F.linear(F.linear(x, ua), ub) if n_in <= out else (x @ ub) @ ua
-        return y + (_scale(entry) * h).to(y.dtype)
+        return y + (self.scale(entry) * h).to(y.dtype)
 
 
 # ----- circulant (C3A) -----------------------------------------------------------------------------------------
-class Circulant(FunctionDeltaKind):
+class Circulant(af.WeightDeltaKind):
     """Block ``(m, n)`` of ``dW_f`` is the circulant matrix ``C[p, q] = kernel[m, n, (q - p) mod b]`` (spec 6.10.11)."""
 
     name = "circulant"
@@ -255,7 +230,7 @@ class Circulant(FunctionDeltaKind):
         m, n, b = w.shape
         pos = torch.arange(b, device=w.device)
         blocks = w[:, :, (pos[None, :] - pos[:, None]) % b]  # [m, n, p, q]
-        return _scale(entry) * blocks.permute(0, 2, 1, 3).reshape(m * b, n * b)
+        return self.scale(entry) * blocks.permute(0, 2, 1, 3).reshape(m * b, n * b)
 
 
 # ----- block_share (MiSS / Bone) ---------------------------------------------------------------------------------
@@ -263,7 +238,7 @@ def _mode(entry: Entry) -> str:
     return entry.get("params", {}).get("mode", "tile")
 
 
-class BlockShare(FunctionDeltaKind):
+class BlockShare(af.WeightDeltaKind):
     """MiSS: ``tile`` (additive, ``dW_f[o, i] = block[i mod r, o mod c]``) or ``bat`` (``W_blk (I + B) + B``
     per ``r x r`` block; depends on the weight, not additive) (spec 6.10.12)."""
 
@@ -306,7 +281,7 @@ class BlockShare(FunctionDeltaKind):
         block = t["block"]
         if _mode(entry) == "bat":
             w = module.weight.t() if self.transposed(entry) else module.weight
-            dw = self.bat_delta(w, _promoted(dict(t))["block"]).to(y.dtype)
+            dw = self.bat_delta(w, af.promoted(t)["block"]).to(y.dtype)
             return y + af.weight_function(module, x, dw)
         if not x.is_floating_point():
             return super().forward(module, entry, t, x, y)
@@ -322,7 +297,7 @@ class BlockShare(FunctionDeltaKind):
         weight = module.weight
         saved = weight.detach().clone()
         with torch.no_grad():
-            dw = self.bat_delta(weight.t() if self.transposed(entry) else weight, _promoted(dict(t))["block"])
+            dw = self.bat_delta(weight.t() if self.transposed(entry) else weight, af.promoted(t)["block"])
             weight.add_((dw.t() if self.transposed(entry) else dw).to(weight.dtype))
         return saved
 
@@ -537,7 +512,6 @@ __all__ = [
     "Circulant",
     "Fourier",
     "FourierFT",
-    "FunctionDeltaKind",
     "LNTuning",
     "MiSS",
     "RandLoRA",

@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..format.adapter import load, save
-from ..plugin.registry import get_kind, get_method
-from ..threads import one_thread
+from ..plugin.registry import get_kind
 from ..verbs.apply import attach, detach, merge_into
 from ..verbs.bake import bake
 
@@ -28,17 +26,8 @@ def step_rotation(ctx: DemoContext) -> None:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (8, 11), generator=gen)
     target = torch.roll(ids, -1, dims=1)
-    with one_thread(), torch.enable_grad():
-        session = get_method("oft").train(ctx.model, config={"target_modules": ["q_proj", "v_proj", "down_proj"],
-                                                             "block_size": 4})
-        opt = torch.optim.AdamW(session.parameters(), lr=5e-2)
-        losses = []
-        for _ in range(20):
-            loss = F.cross_entropy(ctx.model(ids).reshape(-1, vocab), target.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+    session, losses = ctx.fit("oft", {"target_modules": ["q_proj", "v_proj", "down_proj"], "block_size": 4},
+                              ids, target, lr=5e-2)
     adapter = session.extract(base_name="adapterfmt-tiny")
     session.remove()
     path = save(adapter, ctx.workdir / "oft.safetensors", overwrite=True)

@@ -6,11 +6,8 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from ..format.adapter import load, save
-from ..plugin.registry import get_method
-from ..threads import one_thread
 from ..verbs.apply import adapter_ids, attach, detach
 
 if TYPE_CHECKING:
@@ -29,16 +26,7 @@ def step_train(ctx: DemoContext) -> None:
     ids = torch.stack(seq, dim=1)
     x, y = ids[:, :-1], ids[:, 1:]
     started = time.perf_counter()
-    with one_thread(), torch.enable_grad():  # tiny matmuls: one thread beats two contended ones
-        session = get_method("lora").train(ctx.model, config={"target_modules": "all-linear", "r": 4, "alpha": 8})
-        opt = torch.optim.AdamW(session.parameters(), lr=1e-2)
-        losses = []
-        for _ in range(20):
-            loss = F.cross_entropy(ctx.model(x).reshape(-1, vocab), y.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+    session, losses = ctx.fit("lora", {"target_modules": "all-linear", "r": 4, "alpha": 8}, x, y, lr=1e-2)
     trained = ctx.model(x)
     adapter = session.extract(base_name="adapterfmt-tiny")
     session.remove()

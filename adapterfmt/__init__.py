@@ -55,7 +55,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".format.quant": ("QuantSpec", "Quantized", "dequantize", "fake_quantize", "fits_grid", "quantize", "requantize"),
     ".verbs.apply": ("activate", "adapter_ids", "attach", "attached", "detach", "merge_into", "unmerge"),
     ".verbs.compress": ("compress_adapter",),
-    ".verbs.compose": ("Composition", "CompositionProcessor", "Term", "compose", "eft_terms"),
+    ".verbs.compose": ("Composition", "CompositionProcessor", "Sampling", "Term", "compose", "eft_terms"),
     ".verbs.conversion": (
         "alpha_for", "attention_heads", "base_config", "base_fingerprint", "base_shapes", "base_tensor", "convert",
         "factor_shape", "lora_scale", "lowrank_adapter", "lowrank_factors", "one_value", "peft_pattern", "read_foreign",
@@ -118,7 +118,7 @@ __all__ = [
     # the reference quantiser (spec 6.12)
     "QuantSpec", "Quantized", "quantize", "dequantize", "requantize", "fake_quantize", "fits_grid",
     # decoding-time composition of models (EFT, proxy-tuning)
-    "compose", "Composition", "CompositionProcessor", "Term", "eft_terms",
+    "compose", "Composition", "CompositionProcessor", "Sampling", "Term", "eft_terms",
     # writing plugins: methods, delta kinds, codecs, backends
     "Method", "hookimpl", "DeltaKind", "WeightDeltaKind", "promoted", "function_shape", "lowrank_entry",
     "weight_function", "is_transposed",

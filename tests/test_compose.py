@@ -116,6 +116,32 @@ def test_logits_processor_in_generate_matches_a_stepwise_loop(models: dict[str, 
     assert not torch.equal(plain, seq)  # the small models' difference steers the large one
 
 
+def test_sampling_draws_from_the_composed_distribution(models: dict[str, Path]) -> None:
+    """Sampled generate equals a loop that draws each token from softmax(top-k(af.compose / T)) with torch's
+    generator seeded the same way; the seed fixes the text; a tiny top-p keeps only the most likely token."""
+    comp = af.Composition(af.eft_terms(models["large"], models["small"], small_tuned=models["tuned"], beta=1.0))
+    ids = torch.tensor([[1, 5, 9, 12]])
+    sample = af.Sampling(temperature=1.7, top_k=6, seed=11)
+    out = comp.generate(ids, max_new_tokens=8, stop_at_eos=False, sample=sample)
+    torch.manual_seed(11)
+    seq = ids
+    for _ in range(8):
+        scores = torch.full((1, 48), float("-inf"))
+        scores[:, :40] = comp.logits(seq) / 1.7
+        scores[scores < scores.topk(6).values[:, -1:]] = float("-inf")
+        seq = torch.cat([seq, torch.multinomial(scores.softmax(-1), 1)], dim=1)
+    assert torch.equal(out, seq)
+    assert torch.equal(comp.generate(ids, max_new_tokens=8, stop_at_eos=False, sample=sample), out)
+    other = comp.generate(ids, max_new_tokens=8, stop_at_eos=False, sample=af.Sampling(temperature=1.7, top_k=6,
+                                                                                       seed=12))
+    assert not torch.equal(other, out)
+    greedy = comp.generate(ids, max_new_tokens=8, stop_at_eos=False)
+    nucleus = comp.generate(ids, max_new_tokens=8, stop_at_eos=False, sample=af.Sampling(top_p=1e-6, seed=3))
+    assert torch.equal(nucleus, greedy) and not torch.equal(greedy, out)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        af.Sampling(temperature=0)
+
+
 def test_incompatible_vocabularies_are_refused(models: dict[str, Path], tmp_path: Path) -> None:
     swapped = WORDS[:4] + ["w1", "w0"] + WORDS[6:]
     other = _model(tmp_path / "other", 4, 32, words=swapped)
@@ -152,3 +178,12 @@ def test_cli_generate(models: dict[str, Path], tmp_path: Path) -> None:
     both = invoke("generate", str(models["large"]), "--small", str(models["small"]), "--tuned", str(models["tuned"]),
                   "--adapter", str(models["adapter"]), "--beta", "1", "--prompt", "w5")
     assert both.exit_code == 2 and "exactly one of --tuned and --adapter" in both.stderr
+    args = ["generate", str(models["large"]), "--small", str(models["small"]), "--tuned", str(models["tuned"]),
+            "--prompt", "w5 w9", "--max-new-tokens", "5", "--json"]
+    sampled = [json.loads(invoke(*args, "--sample", "--temperature", "1.5", "--seed", str(s)).stdout) for s in (4, 4, 5)]
+    assert sampled[0]["results"] == sampled[1]["results"] and sampled[0]["results"] != sampled[2]["results"]
+    assert sampled[0]["sampling"] == {"temperature": 1.5, "top_k": 0, "top_p": 1.0, "seed": 4}
+    loose = invoke(*args, "--top-k", "3")
+    assert loose.exit_code == 2 and "--top-k need --sample" in loose.stderr
+    zero = invoke(*args, "--sample", "--temperature", "0")
+    assert zero.exit_code == 2 and "temperature must be > 0" in zero.stderr

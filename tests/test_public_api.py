@@ -24,7 +24,7 @@ PUBLIC = {
     "validate", "weight_function", "write_folder", "write_foreign", "write_tensor_file",
     "make_explicit", "recipe_factors", "derived_tensors", "ldu_rows", "pissa_factors", "olora_factors",
     "svd_bottom_factors", "recipe_writable", "require_explicit",
-    "multi_lora_rows", "block_apply", "compose", "Composition", "CompositionProcessor", "Term", "eft_terms",
+    "multi_lora_rows", "block_apply", "compose", "Composition", "CompositionProcessor", "Sampling", "Term", "eft_terms",
     "train_adapter", "TrainOptions", "port_live",
     "QuantSpec", "Quantized", "quantize", "dequantize", "requantize", "fake_quantize", "fits_grid",
 }

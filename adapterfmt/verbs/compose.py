@@ -18,11 +18,12 @@ the generating model's own scores are replaced by the composition's (each term r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,36 @@ def _first_difference(a: Any, b: Any) -> str:
         if getattr(a, k, None) != getattr(b, k, None):
             return f"{k} is {getattr(a, k, None)} there and {getattr(b, k, None)} in the first term's"
     return "the vocabularies differ"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How ``Composition.generate`` samples: temperature > 0, top_k (0 = all tokens), top_p in (0, 1], and the
+    seed of the random draws (the same seed gives the same tokens)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Run with torch's global generator seeded (``generate`` draws from it), restoring its state after."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class Composition:
@@ -163,14 +194,22 @@ class Composition:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
-                 stop_at_eos: bool = True) -> torch.Tensor:
-        """Greedy decoding on the composed scores: the first term's model drives ``generate`` and its own scores
-        are replaced by the composition's. Returns the prompt and the new tokens."""
+                 stop_at_eos: bool = True, sample: Sampling | None = None) -> torch.Tensor:
+        """Decoding on the composed scores: the first term's model drives ``generate`` and its own scores are
+        replaced by the composition's. Greedy by default; with ``sample``, tokens are drawn from
+        softmax(composed / temperature) after top-k and top-p (applied in that order, after the composition),
+        from a generator seeded by ``sample.seed``. Returns the prompt and the new tokens."""
         eos = self.tokenizer.eos_token_id if stop_at_eos else None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        return self.models[0].generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                       do_sample=False, logits_processor=[self.processor(attention_mask)],
-                                       eos_token_id=eos, pad_token_id=pad)
+        options: dict[str, Any] = {"do_sample": False}
+        if sample is not None:  # every warper given explicitly: the driving model's own defaults play no part
+            options = {"do_sample": True, "temperature": sample.temperature, "top_k": sample.top_k,
+                       "top_p": sample.top_p, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                       "eta_cutoff": 0.0}
+        with _seeded(None if sample is None else sample.seed):
+            return self.models[0].generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                           logits_processor=[self.processor(attention_mask)], eos_token_id=eos,
+                                           pad_token_id=pad, **options)
 
     def processor(self, attention_mask: torch.Tensor | None = None,
                   on_step: Callable[[], None] | None = None) -> CompositionProcessor:
@@ -221,4 +260,4 @@ def compose(terms: Sequence[Term] | Composition, input_ids: torch.Tensor,
     return comp.logits(input_ids, attention_mask)
 
 
-__all__ = ["Term", "Composition", "CompositionProcessor", "compose", "eft_terms"]
+__all__ = ["Term", "Sampling", "Composition", "CompositionProcessor", "compose", "eft_terms"]

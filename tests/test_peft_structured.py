@@ -136,3 +136,38 @@ def test_synthesised_peft_config(tmp_path, name):
     pm, missing, unexpected = load_peft(model_name, back)
     assert [k for k in missing if ".vblora_vector_bank." not in k] == [] and unexpected == []
     torch.testing.assert_close(logits(pm, c.ids), c.expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Specified to not save basis_A")
+@pytest.mark.parametrize("model_name,extra", [
+    ("llama", {"target_modules": ["q_proj", "v_proj", "up_proj"], "r": 3, "projection_prng_key": 7}),
+    ("gpt2", {"target_modules": ["c_attn", "c_proj"], "r": 4, "fan_in_fan_out": True, "sparse": True}),
+    ("llama", {"target_modules": ["k_proj", "down_proj"], "r": 5, "very_sparse": True}),
+])
+def test_randlora_without_saved_projections(tmp_path, model_name, extra):
+    """A file saved with save_projection=False holds no bases: convert draws PEFT's again (needing the base's
+    shapes, and saying so without them), stores them, and gives PEFT's logits; --to peft writes them out."""
+    c = case(tmp_path, model_name, RandLoraConfig(save_projection=False, randlora_alpha=9, **extra))
+    assert not any("randlora_A" in k for k in load_file(c.folder / "adapter_model.safetensors"))
+    out = tmp_path / "a.safetensors"
+    r = _quiet("convert", str(c.folder), str(out))
+    assert r.exit_code == 1 and "save_projection=false" in r.output and "--base" in r.output, r.output
+    assert r.output.strip().count("\n") == 0 and not out.exists()
+    r = _quiet("convert", str(c.folder), str(out), "--base", str(_base_checkpoint(c, tmp_path)))
+    assert r.exit_code == 0, r.output
+    adapter = af.load(out)
+    assert {"basis_A", "basis_B"} <= set(adapter.tensors())
+    model = c.base
+    af.attach(model, adapter, name="x")
+    torch.testing.assert_close(logits(model, c.ids), c.expected, atol=ATOL, rtol=0)
+    af.merge_into(model, "x")
+    torch.testing.assert_close(logits(model, c.ids), c.expected, atol=ATOL, rtol=0)
+    af.detach(model)
+
+    back = tmp_path / "back"
+    r = _quiet("convert", str(out), str(back), "--to", "peft")
+    assert r.exit_code == 0, r.output
+    assert json.loads((back / "adapter_config.json").read_text())["save_projection"] is True
+    pm, missing, unexpected = load_peft(model_name, back)
+    assert missing == [] and unexpected == []
+    torch.testing.assert_close(logits(pm, c.ids), c.expected, atol=ATOL, rtol=0)

@@ -412,14 +412,29 @@ class VBLoRA(af.Method):
     config_schema = _schema({"r": _INT, "num_vectors": _INT, "vector_length": _INT, "topk": _INT})
 
 
-def randlora_bases(r: int, lo: int, hi: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen random bases ``basis_A [r, 1, lo]`` and ``basis_B [hi, nb, r]`` (``nb = ceil(lo / r)``),
-    Kaiming-uniform then divided by their standard deviation, from a generator seeded with ``seed``."""
+def randlora_bases(r: int, out_max: int, in_max: int, seed: int, *, sparse: bool = False,
+                   very_sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared bases PEFT 0.21's RandLoRA draws for targeted layers of at most ``out_max`` outputs and
+    ``in_max`` inputs (``lo``/``hi`` their min/max, ``nb = ceil(lo / r)``), from a CPU generator seeded with
+    ``seed``: ``basis_A [r, 1, lo]`` and ``basis_B [hi, nb, r]``.
+
+    Dense: bfloat16 Kaiming-uniform (``a = sqrt(5)``) draws, ``A`` first, then ``B`` as ``nb`` draws of
+    ``[hi, 1, r]`` joined on axis 1, each divided by its standard deviation (in bfloat16, as PEFT on a CPU or a
+    bf16-capable accelerator). ``sparse`` / ``very_sparse``: uniform draws ``u`` (float32) mapped to -1 below
+    ``1 / 2s``, 1 above ``1 - 1 / 2s``, else 0 (``s`` = 3, or ``sqrt(lo)``), then divided by the std."""
     gen = torch.Generator().manual_seed(seed)
+    lo, hi = min(out_max, in_max), max(out_max, in_max)
     nb = math.ceil(lo / r)
-    a, b = torch.empty(r, 1, lo), torch.empty(hi, nb, r)
-    for t in (a, b):
-        nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
+    if sparse or very_sparse:
+        s = math.sqrt(lo) if very_sparse else 3
+        u = torch.rand((r, 1, lo), generator=gen), torch.rand((hi, nb, r), generator=gen)
+        a, b = ((t > 1 - 1 / (2 * s)).float() - (t < 1 / (2 * s)).float() for t in u)
+    else:
+        def draw(*shape: int) -> torch.Tensor:
+            return nn.init.kaiming_uniform_(torch.empty(shape, dtype=torch.bfloat16), a=math.sqrt(5), generator=gen)
+
+        a = draw(r, 1, lo)
+        b = torch.cat([draw(hi, 1, r) for _ in range(nb)], dim=1)
     return a / a.std(), b / b.std()
 
 
@@ -427,18 +442,18 @@ class RandLoRA(af.Method):
     name = "randlora"
     summary = "RandLoRA: full-rank updates from shared random bases and trained per-module diagonal scalings"
     kinds = ("randlora",)
+    bases = staticmethod(randlora_bases)  # for format plugins, which reach it through the registry
     config_schema = _schema({"r": _INT, "randlora_alpha": {"type": "number"}, "projection_prng_key": {"type": "integer"}})
 
     def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
-        """Bases sized for the largest targeted layer (:func:`randlora_bases`); ``lambda`` starts at zero and
+        """Bases as PEFT draws them for the targeted layers (:func:`randlora_bases`); ``lambda`` starts at zero and
         ``gamma`` at ``1 / max(nb, min(out, in))`` as in PEFT; ``scale = randlora_alpha / r``."""
         cfg = {"r": 32, "randlora_alpha": 640, "projection_prng_key": 0, **config}
         self.check_config(cfg)
         chosen = af.select_targets(model, cfg)
         shapes = [_fshape(m) for m in chosen.values()]
-        out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
         r = cfg["r"]
-        a, b = randlora_bases(r, min(out_max, in_max), max(out_max, in_max), cfg["projection_prng_key"])
+        a, b = randlora_bases(r, max(s[0] for s in shapes), max(s[1] for s in shapes), cfg["projection_prng_key"])
 
         def build(path: str, module: nn.Module) -> af.TrainableDelta:
             lo = min(_fshape(module))

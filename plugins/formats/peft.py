@@ -67,6 +67,9 @@ PREFIX = "base_model.model."
 EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings",
                    "token_type_embeddings", "shared", "embed", "emb", "embeddings", "embedding")
 
+POSITION_NAMES = ("wpe", "position_embeddings", "token_type_embeddings")
+"""Embeddings of positions or segments, never the input embedding a prompt is prepended to."""
+
 IGNORED = frozenset({
     "peft_type", "peft_version", "task_type", "inference_mode", "auto_mapping", "base_model_name_or_path",
     "revision", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout",
@@ -90,6 +93,9 @@ PROMPT_FIELDS = frozenset({"num_virtual_tokens", "num_transformer_submodules", "
 P_TUNING_FIELDS = PROMPT_FIELDS | {"encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers",
                                    "encoder_dropout"}
 """P-tuning's encoder fields shape only its prompt encoder, whose output PEFT saves as ``prompt_embeddings``."""
+MULTITASK_FIELDS = PROMPT_FIELDS | {"num_tasks", "num_ranks", "prompt_tuning_init_state_dict_path",
+                                    "prompt_tuning_init_task"}
+MULTITASK_TENSORS = ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")
 PREFIX_FIELDS = PROMPT_FIELDS | {"prefix_projection", "encoder_hidden_size"}
 """Prefix tuning: with ``prefix_projection`` PEFT saves the projection's output (the key/value prefix itself)
 and runs that file without the projection, so both read the same; ``num_layers`` / ``token_dim`` /
@@ -338,7 +344,8 @@ class _Reader:
             raise af.UnsupportedError("the PEFT file does not name the input embedding; pass the base model "
                                       "(base= / --base)", path=self.path)
         found = [n.removesuffix(".weight") for n, s in self.shapes.items() if n.endswith(".weight") and len(s) == 2
-                 and s[1] == dim and n.removesuffix(".weight").rsplit(".", 1)[-1] in EMBEDDING_NAMES]
+                 and s[1] == dim and n.removesuffix(".weight").rsplit(".", 1)[-1] in EMBEDDING_NAMES
+                 and n.removesuffix(".weight").rsplit(".", 1)[-1] not in POSITION_NAMES]
         if len(found) != 1:
             raise af.UnsupportedError(f"cannot tell the input embedding among {found or 'no candidates'}; pass the "
                                       "live base model (base=)", path=self.path)
@@ -916,18 +923,40 @@ class _Reader:
         """Prompt tuning, and p-tuning: PEFT saves the prompt encoder's output (the virtual tokens' embeddings,
         all that acts at inference) as ``prompt_embeddings``; the encoder only reparameterises training and is
         not in the file, so p-tuning is stored as a ``prompt`` (written back as PEFT prompt tuning)."""
-        _check_fields(self.cfg, fields, self.path)
-        if self.cfg.get("num_transformer_submodules", 1) != 1:
-            raise af.UnsupportedError("prompt tuning with num_transformer_submodules != 1 (encoder-decoder) "
-                                      "cannot be represented", path=self.path)
-        if set(self.raw) != {"prompt_embeddings"}:
-            raise af.UnsupportedError(f"unexpected prompt-tuning tensors: {sorted(self.raw)}", path=self.path)
-        emb = self.raw["prompt_embeddings"]
-        module = self.input_embedding(emb.shape[1])
-        shape = self.base_shape(module, "prompt tuning")
+        emb, module, shape = self.prompt_embeddings(fields, ("prompt_embeddings",), "prompt tuning")
         self.add(module, {"kind": "prompt", "shape": shape, "params": {"position": "prefix"}}, {"embeddings": emb})
         return {}
 
+    def prompt_embeddings(self, fields: frozenset[str], names: tuple[str, ...],
+                          what: str) -> tuple[torch.Tensor, str, list[int]]:
+        """The checks every prompt type shares; ``(prompt_embeddings, input embedding path, its shape)``."""
+        _check_fields(self.cfg, fields, self.path)
+        if self.cfg.get("num_transformer_submodules", 1) != 1:
+            raise af.UnsupportedError(f"{what} with num_transformer_submodules != 1 (encoder-decoder) "
+                                      "cannot be represented", path=self.path)
+        if set(self.raw) != set(names):
+            raise af.UnsupportedError(f"unexpected {what} tensors: {sorted(self.raw)} (expected "
+                                      f"{', '.join(names)})", path=self.path)
+        emb = self.raw["prompt_embeddings"]
+        module = self.input_embedding(emb.shape[1])
+        return emb, module, self.base_shape(module, what)
+
+    def multitask(self) -> dict[str, Any]:
+        """Multitask prompt tuning: ``prompt_embeddings [n, dim]``, ``prefix_task_cols [tasks, n, r]``,
+        ``prefix_task_rows [tasks, r, dim]`` as kind ``multitask_prompt`` with every task (no task chosen:
+        PEFT takes ``task_ids`` at each call). ``prompt_tuning_init_state_dict_path`` / ``_task`` only chose
+        the initial values."""
+        emb, module, shape = self.prompt_embeddings(MULTITASK_FIELDS, MULTITASK_TENSORS, "multitask prompt tuning")
+        cols, rows = self.raw["prefix_task_cols"], self.raw["prefix_task_rows"]
+        tasks, n, r = cols.shape if cols.dim() == 3 else (None, None, None)
+        if (tasks, n, r) != (self.cfg.get("num_tasks", tasks), emb.shape[0], self.cfg.get("num_ranks", r)) \
+                or list(rows.shape) != [tasks, r, emb.shape[1]]:
+            raise af.FormatError(f"prefix_task_cols {list(cols.shape)} / prefix_task_rows {list(rows.shape)} do not "
+                                 f"fit prompt_embeddings {list(emb.shape)}, num_tasks={self.cfg.get('num_tasks')}, "
+                                 f"num_ranks={self.cfg.get('num_ranks')}", path=self.path)
+        self.add(module, {"kind": "multitask_prompt", "shape": shape, "params": {"position": "prefix"}},
+                 {"embeddings": emb, "task_cols": cols, "task_rows": rows})
+        return {"num_virtual_tokens": n, "num_tasks": tasks, "num_ranks": r}
 
     def decoder_stack(self) -> str:
         """The base's decoder stack: a live model's ``base_model_prefix``, or in a checkpoint the one module
@@ -975,7 +1004,8 @@ READERS.update({"SHIRA": ("shira", _Reader.shira), "LN_TUNING": ("ln_tuning", _R
                 "FOURIERFT": ("fourierft", _Reader.fourierft), "VBLORA": ("vblora", _Reader.vblora),
                 "RANDLORA": ("randlora", _Reader.randlora), "C3A": ("c3a", _Reader.c3a),
                 "MISS": ("miss", lambda r: r.miss("MISS")), "BONE": ("miss", lambda r: r.miss("BONE")),
-                "PREFIX_TUNING": ("prefix_tuning", _Reader.prefix)})
+                "PREFIX_TUNING": ("prefix_tuning", _Reader.prefix),
+                "MULTITASK_PROMPT_TUNING": ("multitask_prompt_tuning", _Reader.multitask)})
 
 
 def _modules_digest(modules: Mapping[str, Mapping[str, Any]]) -> str:
@@ -993,7 +1023,7 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False)
     if ptype not in READERS:
         raise af.UnsupportedError(f"PEFT type {ptype!r} is not supported (supported: {', '.join(READERS)})", path=path)
     raw = _load_tensors(path, allow_pickle)
-    reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "VERA", "VBLORA", "RANDLORA") else _strip(raw, path), base)
+    reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "VERA", "VBLORA", "RANDLORA") else _strip(raw, path), base)
     method, fn = READERS[ptype]
     method_cfg = fn(reader)
     fingerprint = af.base_fingerprint(base)
@@ -1452,21 +1482,28 @@ class _Writer:
                          "bias": "none", "miss_dropout": 0.0})
 
     # ----- prompt tuning ---------------------------------------------------------------------------------------
-    def prompt(self) -> None:
-        self.refuse({"prompt"}, "prompt tuning")
-        mods = self.by_kind.get("prompt", [])
+    def prompt(self, kind: str = "prompt") -> None:
+        """Kind ``prompt`` as PEFT prompt tuning; kind ``multitask_prompt`` as PEFT multitask prompt tuning
+        (every task; ``params.task``, the task an attach applies, has no place in PEFT, which takes
+        ``task_ids`` at each call)."""
+        what = "prompt tuning" if kind == "prompt" else "multitask prompt tuning"
+        self.refuse({kind}, what)
+        mods = self.by_kind.get(kind, [])
         if len(mods) != 1:
-            raise af.UnsupportedError("a PEFT prompt-tuning adapter holds exactly one prompt")
-        self.common("PROMPT_TUNING")
-        emb = self.adapter.module_tensors(mods[0])["embeddings"]
+            raise af.UnsupportedError(f"a PEFT {what} adapter holds exactly one prompt")
+        self.common("PROMPT_TUNING" if kind == "prompt" else "MULTITASK_PROMPT_TUNING")
+        t = self.adapter.module_tensors(mods[0])
+        emb = t["embeddings"]
         self.tensors["prompt_embeddings"] = emb
         self.cfg.update({"num_virtual_tokens": emb.shape[0], "token_dim": emb.shape[1],
                          "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM",
                          "task_type": self.src.get("task_type", "CAUSAL_LM")})
+        if kind == "multitask_prompt":
+            self.tensors.update({"prefix_task_cols": t["task_cols"], "prefix_task_rows": t["task_rows"]})
+            self.cfg.update({"num_tasks": t["task_cols"].shape[0], "num_ranks": t["task_cols"].shape[2]})
         for key in ("num_attention_heads", "num_layers"):
             if key in self.src:
                 self.cfg[key] = self.src[key]
-
 
     def prefix(self) -> None:
         """Kind ``prefix`` as PEFT prefix tuning without projection (the layout :meth:`_Reader.prefix` reads)."""
@@ -1497,7 +1534,8 @@ WRITERS = {"lora": _Writer.lora, "ia3": _Writer.ia3, "prompt_tuning": _Writer.pr
 
 WRITERS.update({"shira": _Writer.shira, "ln_tuning": _Writer.ln_tuning, "fourierft": _Writer.fourierft,
                 "vblora": _Writer.vblora, "randlora": _Writer.randlora, "c3a": _Writer.c3a, "miss": _Writer.miss,
-                "prefix_tuning": _Writer.prefix})
+                "prefix_tuning": _Writer.prefix,
+                "multitask_prompt_tuning": lambda w: w.prompt("multitask_prompt")})
 
 
 def lora_factors(entry: dict[str, Any], t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:

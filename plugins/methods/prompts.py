@@ -16,6 +16,15 @@ authors' code does (``PromptEmbeddingLoRA.scaling`` in DePT's ``peft/tuners/prom
 ``lora_alpha`` keeps its default 8); the applied scale is always the file's ``params.scale``. Neither kind
 merges into weights (attach unmerged).
 
+``multitask_prompt_tuning`` (Wang et al. 2023, as PEFT's ``MULTITASK_PROMPT_TUNING``) stores one shared prompt
+and per-task rank-``r`` factors, kind ``multitask_prompt`` (roles ``embeddings [n, dim]``, ``task_cols
+[tasks, n, r]``, ``task_rows [tasks, r, dim]``; ``params.task`` the task applied): task ``t``'s prompt is
+``embeddings * (task_cols[t] @ task_rows[t])`` (elementwise), exactly PEFT's ``MultitaskPromptEmbedding``.
+Every task stays in the file, so a PEFT file comes back out unchanged; :meth:`MultitaskPromptTuning.for_task`
+picks the task an attach applies, and attaching one adapter per task and passing per-row ``adapter_ids``
+gives each batch row its own task, as PEFT's ``task_ids``. Training fits one task (``config.task``) with
+PEFT's initialisation (all factors normal, std 0.02).
+
 The model's sequence grows by ``n`` positions: pass no attention mask, or one extended by ``n`` ones in
 front (``torch.cat([mask.new_ones(batch, n), mask], 1)``, which is what PEFT builds); outputs for the
 real tokens are the last ``T`` positions.
@@ -23,6 +32,7 @@ real tokens are the last ``T`` positions.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Collection
@@ -135,11 +145,101 @@ class DePT(PromptTuning):
         return af.TrainableDelta(entry, params)
 
 
+class MultitaskPromptKind(af.DeltaKind):
+    """Kind ``multitask_prompt``: a shared prompt scaled elementwise by a task's low-rank matrix (plugin docstring)."""
+
+    name = "multitask_prompt"
+    required_roles = ("embeddings", "task_cols", "task_rows")
+
+    def is_additive(self, entry: dict[str, Any], roles: Collection[str]) -> bool:
+        return False
+
+    def check(self, module: str, entry: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+        af.registry.get_kind("prompt").check(module, entry, shapes)
+        (n, dim), cols, rows = shapes["embeddings"], shapes["task_cols"], shapes["task_rows"]
+        if len(cols) != 3 or len(rows) != 3 or cols[0] != rows[0] or cols[1] != n or cols[2] != rows[1] \
+                or rows[2] != dim or cols[0] < 1:
+            raise af.FormatError(f"module {module!r}: multitask_prompt task_cols {list(cols)} and task_rows "
+                                 f"{list(rows)} must be [tasks, {n}, r] and [tasks, r, {dim}]")
+        task = entry.get("params", {}).get("task")
+        if task is not None and (type(task) is not int or not 0 <= task < cols[0]):
+            raise af.FormatError(f"module {module!r}: multitask_prompt params.task {task!r} is not a task id "
+                                 f"in [0, {cols[0]})")
+
+    @staticmethod
+    def prompt(entry: dict[str, Any], t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Task ``params.task``'s prompt ``[n, dim]`` (the only task when there is one)."""
+        tasks = t["task_cols"].shape[0]
+        task = entry.get("params", {}).get("task", 0 if tasks == 1 else None)
+        if task is None:
+            raise af.UnsupportedError(f"a multitask prompt of {tasks} tasks applies one: choose it with params.task "
+                                      "(MultitaskPromptTuning.for_task)")
+        return t["embeddings"] * (t["task_cols"][task] @ t["task_rows"][task])
+
+    def bind(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.prompt(entry, t)  # refuses at attach when no task is chosen
+        return t
+
+    def forward(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+        return af.registry.get_kind("prompt").forward(module, entry, {"embeddings": self.prompt(entry, t)}, x, y)
+
+    def forward_rows(self, module: nn.Module, present: list[tuple[int, Any]], x: torch.Tensor, y: torch.Tensor,
+                     ids: torch.Tensor) -> torch.Tensor:
+        """Per-row tasks (PEFT's ``task_ids``): row ``i`` gets the prompt of the adapter ``ids[i]`` names. Every
+        row needs a prompt of one length (a row without one would be shorter)."""
+        prompts = {i: self.prompt(b.entry, b.tensors) for i, b in present}
+        if y.dim() != 3 or not set(ids.tolist()) <= set(prompts) or len({p.shape for p in prompts.values()}) != 1:
+            raise af.UnsupportedError("per-row multitask prompts need a prompt of one length on every row of a "
+                                      "[batch, T] input")
+        return torch.cat([torch.stack([prompts[i] for i in ids.tolist()]).to(y.dtype), y], dim=1)
+
+    def merge(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> Any:
+        raise af.UnsupportedError("a multitask prompt cannot be merged into weights; attach it unmerged")
+
+
+class MultitaskPromptTuning(PromptTuning):
+    name = "multitask_prompt_tuning"
+    summary = "Multitask prompt tuning: a shared prompt times a per-task low-rank matrix (PEFT's MPT)"
+    kinds = ("multitask_prompt",)
+    config_schema = {"type": "object", "properties": {
+        **_PROMPT_SCHEMA, "num_tasks": {"type": "integer", "minimum": 1}, "num_ranks": {"type": "integer", "minimum": 1},
+        "task": {"type": "integer", "minimum": 0}}}
+    defaults = {**PromptTuning.defaults, "num_tasks": 1, "num_ranks": 1, "task": 0}
+
+    def layer(self, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
+        if cfg["task"] >= cfg["num_tasks"]:
+            raise af.FormatError(f"task {cfg['task']} is not below num_tasks {cfg['num_tasks']}")
+        n, (tasks, r), dim = cfg["num_virtual_tokens"], (cfg["num_tasks"], cfg["num_ranks"]), module.weight.shape[1]
+        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+        dtype = af.adapter_dtype(module)
+        params = {"embeddings": self.prompt(module, cfg),
+                  "task_cols": (0.02 * torch.randn(tasks, n, r, generator=gen)).to(dtype),
+                  "task_rows": (0.02 * torch.randn(tasks, r, dim, generator=gen)).to(dtype)}
+        entry = {"kind": "multitask_prompt", "shape": list(module.weight.shape),
+                 "params": {"position": "prefix", "task": cfg["task"]}}
+        return af.TrainableDelta(entry, params)
+
+    @staticmethod
+    def for_task(adapter: af.Adapter, task: int) -> af.Adapter:
+        """``adapter`` (in memory, tensors shared) with every ``multitask_prompt`` entry applying task ``task``;
+        checked like any entry (a task id out of range is refused)."""
+        manifest = copy.deepcopy(adapter.manifest)
+        entries = [e for e in manifest["modules"].values() if e["kind"] == "multitask_prompt"]
+        if not entries:
+            raise af.FormatError("the adapter has no multitask_prompt entry", path=adapter.source)
+        for e in entries:
+            e.setdefault("params", {})["task"] = task
+        out = af.Adapter(manifest, adapter.tensors())
+        af.validate(out)
+        return out
+
+
 @af.hookimpl
 def adapterfmt_delta_kinds() -> list[af.DeltaKind]:
-    return [DePTKind()]
+    return [DePTKind(), MultitaskPromptKind()]
 
 
 @af.hookimpl
 def adapterfmt_methods() -> list[af.Method]:
-    return [PromptTuning(), DePT()]
+    return [PromptTuning(), DePT(), MultitaskPromptTuning()]

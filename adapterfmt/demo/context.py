@@ -40,7 +40,8 @@ class DemoContext:
             session = get_method(method).train(self.model, config=config)
             opt = torch.optim.AdamW(session.parameters(), lr=lr)
             for _ in range(steps):
-                loss = F.cross_entropy(self.model(x).reshape(-1, vocab), y.reshape(-1))
+                logits = self.model(x)[:, -x.shape[1]:]  # a prompt adapter prepends positions
+                loss = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -79,18 +79,19 @@ def step_formats(ctx: DemoContext) -> None:
 
 def default_steps() -> list[Callable[[DemoContext], None]]:
     """The demo's steps in order: every kind saved and applied, then train (a loop of your own, then the
-    ``adapter train`` trainer), a multiplicative adapter (OFT),
+    ``adapter train`` trainer), a multiplicative adapter (OFT), a prompt-space adapter (prompt tuning),
     convert, merge + bake, compress, extract and port. Each capability's step lives beside that capability."""
     from .compress import step_compress
     from .convert import step_convert
     from .merge import step_merge
     from .port import step_extract, step_port
+    from .prompt import step_prompt
     from .rotation import step_rotation
     from .train import step_train
     from .trainer import step_train_cli
 
-    return [step_formats, step_train, step_train_cli, step_rotation, step_convert, step_merge, step_compress,
-            step_extract, step_port]
+    return [step_formats, step_train, step_train_cli, step_rotation, step_prompt, step_convert, step_merge,
+            step_compress, step_extract, step_port]
 
 
 def run_demo(workdir: Path | None = None, *, steps: list[Callable[[DemoContext], None]] | None = None) -> DemoContext:

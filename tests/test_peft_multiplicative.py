@@ -14,7 +14,7 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from helpers_peft import build, case, load_peft, logits
+from helpers_peft import build, case, load_peft, logits, randomize
 from helpers_spec import invoke
 from peft import BOFTConfig, HRAConfig, OFTConfig, get_peft_model
 from safetensors.torch import load_file
@@ -166,3 +166,59 @@ def test_writing_what_peft_cannot_hold_is_refused(tmp_path):
     with pytest.raises(af.UnsupportedError, match="one r for every module"):
         af.write_foreign(mixed, tmp_path / "q", "peft")
     assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
+# ----- stacking (spec 6.10.7) -------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: OFTConfig(r=0, oft_block_size=4, target_modules=["q_proj", "down_proj"]),
+    lambda: BOFTConfig(boft_block_size=4, target_modules=["q_proj", "down_proj"]),
+    lambda: HRAConfig(r=2, target_modules=["q_proj", "down_proj"]),
+], ids=["oft", "boft", "hra"])
+def test_stacked_rotations_compose_as_merged_in_order(tmp_path, make):
+    """Two rotations on one module: merged one after another they give PEFT's merged chain (x G2 G1, which is
+    also BOFT's and HRA's unmerged chain, while PEFT's unmerged OFT applies x G1 G2); unmerged, the second
+    input-side one is refused in one line; an additive adapter may follow the rotation unmerged."""
+    from peft import PeftModel
+
+    first = case(tmp_path / "1", "llama", make())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(build("llama"), make())
+        randomize(pm, 7)
+        pm.save_pretrained(tmp_path / "2b")
+        pm = PeftModel.from_pretrained(build("llama"), first.folder, adapter_name="a")
+        pm.load_adapter(tmp_path / "2b", adapter_name="b")
+        pm.base_model.set_adapter(["a", "b"])
+        unmerged = logits(pm.eval(), first.ids)
+        merged = logits(pm.merge_and_unload(adapter_names=["a", "b"]).eval(), first.ids)
+    ours = [af.read_foreign(first.folder, base=first.base), af.read_foreign(tmp_path / "2b", base=first.base)]
+    model = build("llama")
+    af.attach(model, ours[0], name="a")
+    af.attach(model, ours[1], name="b")
+    with pytest.raises(af.UnsupportedError, match=r"adapter 'b' \(kind \w+\) must be the first unmerged adapter"):
+        logits(model, first.ids)
+    af.merge_into(model, "a")
+    af.merge_into(model, "b")
+    torch.testing.assert_close(logits(model, first.ids), merged, atol=ATOL, rtol=0)
+    if isinstance(make(), OFTConfig):
+        assert (unmerged - merged).abs().max() > 1e-3  # PEFT's two OFT chains differ
+    else:
+        torch.testing.assert_close(unmerged, merged, atol=ATOL, rtol=0)
+    af.unmerge(model, "b")
+    af.detach(model)
+
+    # a rotation first, an additive adapter after it: unmerged equals merged in that order
+    lora = af.registry.get_method("lora").train(build("llama"), config={"target_modules": ["q_proj"], "r": 2})
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+    extra = lora.extract()
+    lora.remove()
+    model = build("llama")
+    af.attach(model, ours[0], name="a")
+    af.attach(model, extra, name="l")
+    got = logits(model, first.ids)
+    af.merge_into(model, "a")
+    af.merge_into(model, "l")
+    torch.testing.assert_close(logits(model, first.ids), got, atol=ATOL, rtol=0)
+    assert (got - logits(build("llama"), first.ids)).abs().max() > 1e-3

@@ -114,6 +114,11 @@ class DeltaKind:
         """Whether this entry, with tensors of these ``roles``, acts as ``W + dW`` (mergeable in delta space)."""
         return self.additive
 
+    def acts_first(self, entry: Entry) -> bool:
+        """Whether this entry's unmerged forward is defined only as the first active unmerged entry on its module
+        (it reads the module's bare output or input, e.g. a rotation of the input); attach refuses it after another."""
+        return False
+
     @staticmethod
     def transposed(entry: Entry) -> bool:
         """``params.transposed``: the target parameter is stored ``[in, out]`` (Conv1D, Embedding)."""

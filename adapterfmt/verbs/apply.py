@@ -86,11 +86,14 @@ class Slot:
         try:
             if ids is None:
                 y = output
-                for name in self.owner.active:
-                    b = self.bound.get(name)
-                    if b is not None and not b.merged:
-                        xb = nn.functional.dropout(x, b.dropout, training=True) if b.dropout else x
-                        y = b.kind.forward(module, b.entry, b.tensors, xb, y)
+                bounds = [(n, self.bound[n]) for n in self.owner.active if n in self.bound and not self.bound[n].merged]
+                for i, (name, b) in enumerate(bounds):
+                    if i and b.kind.acts_first(b.entry):
+                        raise UnsupportedError(f"module {self.path!r}: adapter {name!r} (kind {b.kind.name}) must be "
+                                               f"the first unmerged adapter on it, after {bounds[0][0]!r}; merge the "
+                                               "earlier ones first (spec 6.10.7)")
+                    xb = nn.functional.dropout(x, b.dropout, training=True) if b.dropout else x
+                    y = b.kind.forward(module, b.entry, b.tensors, xb, y)
                 return y
             return self._rows(module, x, output, ids)
         finally:

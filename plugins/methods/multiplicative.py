@@ -166,6 +166,11 @@ class MultiplicativeKind(af.DeltaKind):
             raise af.FormatError(f"module {path!r} is an embedding (token ids in): a {self.name} entry on it "
                                  "needs params.side 'output'")
 
+    def acts_first(self, entry: dict[str, Any]) -> bool:
+        """An input-side rotation acts on the input of the module the earlier adapters made, which an unmerged
+        forward given their summed output cannot compute (spec 6.10.7: refused, merge them first)."""
+        return self.side(entry) == "input"
+
     def bind(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {**t, ROTATION: self.rotation(entry, t)}
 

@@ -248,6 +248,9 @@ class BlockShare(af.WeightDeltaKind):
     def is_additive(self, entry: Entry, roles: Any) -> bool:
         return _mode(entry) == "tile"
 
+    def acts_first(self, entry: Entry) -> bool:
+        return _mode(entry) == "bat"  # it reads the module's own weight (spec 6.10.12)
+
     def check(self, module: str, entry: Entry, shapes: Shapes) -> None:
         out, n_in = _matrix(module, entry)
         b, mode = shapes["block"], _mode(entry)

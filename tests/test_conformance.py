@@ -37,7 +37,7 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
     "lofit": {"merge_verb", *NO_WEIGHT_MERGE},  # offsets merge into a bias; the tiny model has none
     "adalora": NO_TRAIN, "task_vector": NO_TRAIN, "portllm": NO_TRAIN,
     "trainable_tokens": {"merge_verb", *NO_TRAIN},  # rows are replaced, not added
-    "prompt_tuning": PREFIX, "dept": PREFIX, "multitask_prompt_tuning": PREFIX,
+    "prompt_tuning": PREFIX, "dept": PREFIX, "ept": PREFIX, "multitask_prompt_tuning": PREFIX,
     "prefix_tuning": {"merge_verb", "per_row_ids", *NO_WEIGHT_MERGE, *NO_TRAIN},  # one cache serves the batch
     "bottleneck": {"merge_verb", *NO_WEIGHT_MERGE, *NO_TRAIN},  # non-linear in the output; made by convert
     "example_kron": NO_TRAIN,  # tests/thirdparty_plugin, when installed

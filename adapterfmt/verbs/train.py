@@ -100,6 +100,11 @@ class TrainableDelta(nn.Module):
         fixed = (*self.shared_names, *self.frozen_roles, *self.derived_roles)
         return {**{r: getattr(self, r) for r in fixed}, **dict(self.weights.items())}
 
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The module's own roles as :meth:`TrainSession.extract` stores them: the trained and frozen roles
+        (a delta whose trained tensors are not its stored roles, e.g. blocks of a growing rank, overrides this)."""
+        return {**dict(self.weights.items()), **{r: getattr(self, r) for r in self.frozen_roles}}
+
     def forward(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.dropout_p:
             x = nn.functional.dropout(x, self.dropout_p, training=self.training or self.keep_dropout)
@@ -278,8 +283,7 @@ class TrainSession:
 
         for path, layer in self.layers.items():
             modules[path] = copy.deepcopy(layer.entry)
-            tensors.update({f"{path}.{role}": keep(p) for role, p in layer.weights.items()})
-            tensors.update({f"{path}.{role}": keep(getattr(layer, role)) for role in layer.frozen_roles})
+            tensors.update({f"{path}.{role}": keep(t) for role, t in layer.stored().items()})
             for role, name in layer.shared_names.items():
                 if name not in tensors:
                     tensors[name] = keep(getattr(layer, role))

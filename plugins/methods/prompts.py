@@ -16,6 +16,20 @@ authors' code does (``PromptEmbeddingLoRA.scaling`` in DePT's ``peft/tuners/prom
 ``lora_alpha`` keeps its default 8); the applied scale is always the file's ``params.scale``. Neither kind
 merges into weights (attach unmerged).
 
+``ept`` (Efficient Prompt Tuning, Lan et al., AAAI 2025: DePT plus prompt fusion and multi-space projection)
+trains DePT's short prompt ``P [n, dim]`` and offset ``A [max_length, r]``, ``B [r, dim]`` through a
+reparameterisation that depends on no input, so what acts at inference is a DePT adapter and is stored as
+one, exactly (kind ``dept``; the reparameterisation's own weights are not stored, as PEFT stores p-tuning's
+encoder output). With ``O = scale * A @ B`` and ``K = V = concat(P, O)``:
+prompt fusion ``F = P + softmax(P K^T / sqrt(dim)) V`` (the short prompt attends to itself and to the
+low-rank knowledge); multi-space projection ``E = F + sum_k g_k * F @ U_k @ W_k`` over ``num_spaces``
+rank-``space_rank`` subspaces, gated by ``g = softmax(mean_rows(F) @ G)``; ``E`` is the stored prompt.
+Deviations from the paper, stated because no reference code was found to follow (the authors' pages link
+the paper and its appendix only): fusion is one parameter-free attention head; each space is a residual
+low-rank map (``W_k`` and ``G`` start at zero, so training starts at the fused prompt); the gate weighs the
+spaces once per prompt (from its mean row), not per token. A saved EPT adapter cannot resume EPT training
+(only its result is stored); ``adapter train`` refuses checkpoints of it.
+
 ``multitask_prompt_tuning`` (Wang et al. 2023, as PEFT's ``MULTITASK_PROMPT_TUNING``) stores one shared prompt
 and per-task rank-``r`` factors, kind ``multitask_prompt`` (roles ``embeddings [n, dim]``, ``task_cols
 [tasks, n, r]``, ``task_rows [tasks, r, dim]``; ``params.task`` the task applied): task ``t``'s prompt is
@@ -145,6 +159,54 @@ class DePT(PromptTuning):
         return af.TrainableDelta(entry, params)
 
 
+class EPTDelta(af.TrainableDelta):
+    """EPT in training: its parameters are the short prompt, DePT's offset factors and the fusion / projection
+    weights; its roles (what the forward uses and :meth:`stored` gives) are kind ``dept``'s."""
+
+    def prompt(self) -> torch.Tensor:
+        """The fused, projected prompt ``E [n, dim]`` (plugin docstring)."""
+        w = dict(self.weights.items())
+        p, scale = w["prompt"], float(self.entry["params"]["scale"])
+        kv = torch.cat([p, scale * (w["offset_A"] @ w["offset_B"])])
+        fused = p + torch.softmax(p @ kv.T / math.sqrt(p.shape[1]), dim=-1) @ kv
+        gate = torch.softmax(fused.mean(0) @ w["gate"], dim=-1)
+        return fused + torch.einsum("k,nd,kdq,kqe->ne", gate, fused, w["space_U"], w["space_W"])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        w = dict(self.weights.items())
+        return {"embeddings": self.prompt(), "offset_A": w["offset_A"], "offset_B": w["offset_B"]}
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return self.tensors()
+
+
+class EPT(DePT):
+    name = "ept"
+    summary = "EPT: DePT with prompt fusion and a gated multi-space projection, stored as DePT"
+    config_schema = {"type": "object", "properties": {
+        **DePT.config_schema["properties"], "num_spaces": {"type": "integer", "minimum": 1},
+        "space_rank": {"type": "integer", "minimum": 1}}}
+    defaults = {**DePT.defaults, "num_spaces": 4, "space_rank": 4}
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
+        """DePT's injection with EPT's reparameterised prompt; see the plugin docstring."""
+        session = super().train(model, config=config, **options)
+        session.on_step(lambda optimizer: None)  # the reparameterisation is not in a checkpoint: no resuming
+        return session
+
+    def layer(self, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
+        dept = super().layer(module, cfg)
+        dim, spaces, q = module.weight.shape[1], cfg["num_spaces"], cfg["space_rank"]
+        w = dict(dept.weights.items())
+        gen = torch.Generator().manual_seed(cfg["seed"] + 2)
+        dtype = w["offset_A"].dtype
+        params = {"prompt": w["embeddings"].detach(), "offset_A": w["offset_A"].detach(),
+                  "offset_B": w["offset_B"].detach(),
+                  "space_U": (torch.randn(spaces, dim, q, generator=gen) / math.sqrt(dim)).to(dtype),
+                  "space_W": torch.zeros(spaces, q, dim, dtype=dtype), "gate": torch.zeros(dim, spaces, dtype=dtype)}
+        return EPTDelta(dept.entry, params)
+
+
 class MultitaskPromptKind(af.DeltaKind):
     """Kind ``multitask_prompt``: a shared prompt scaled elementwise by a task's low-rank matrix (plugin docstring)."""
 
@@ -242,4 +304,4 @@ def adapterfmt_delta_kinds() -> list[af.DeltaKind]:
 
 @af.hookimpl
 def adapterfmt_methods() -> list[af.Method]:
-    return [PromptTuning(), DePT(), MultitaskPromptTuning()]
+    return [PromptTuning(), DePT(), EPT(), MultitaskPromptTuning()]

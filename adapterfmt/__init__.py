@@ -67,7 +67,8 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".verbs.merge": ("merge_adapters",),
     ".verbs.method": ("Method",),
     ".verbs.port": ("port_adapter", "port_live", "record_base"),
-    ".verbs.targets": ("TARGETS_SCHEMA", "matches_targets", "pattern_value", "select_modules", "select_targets"),
+    ".verbs.targets": ("TARGETS_SCHEMA", "layer_index", "matches_targets", "pattern_value", "select_modules",
+                       "select_targets"),
     ".verbs.train": ("TrainableDelta", "TrainSession", "adapter_dtype", "inject", "module_entry"),
     ".verbs.trainer": ("TrainOptions", "train_adapter"),
 }
@@ -128,7 +129,7 @@ __all__ = [
     "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype",
     "recipe_factors", "recipe_writable", "derived_tensors", "ldu_rows", "pissa_factors", "olora_factors",
     "svd_bottom_factors",
-    "select_modules", "select_targets", "matches_targets", "pattern_value", "TARGETS_SCHEMA",
+    "select_modules", "select_targets", "matches_targets", "pattern_value", "TARGETS_SCHEMA", "layer_index",
     # writing a foreign-format codec
     "read_tensor_file", "read_pickle_tensors", "write_tensor_file", "read_json_object", "write_folder", "tensor_names",
     "base_shapes", "base_fingerprint", "one_value", "lora_scale", "alpha_for", "lowrank_factors", "lowrank_adapter",

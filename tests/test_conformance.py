@@ -46,14 +46,15 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
     "vblora": NO_TRAIN,  # its shared vector bank trains with the logits: made by convert
     "mixture": {"merge_verb", *NO_WEIGHT_MERGE, *NO_TRAIN},  # routes by input; made by mixture_adapter
     "pissa": set(), "olora": set(), "kasa": set(), "sorsa": set(), "nlora": set(), "slora": set(), "lamda": set(),
-    "ba_lora": set(),
+    "ba_lora": set(), "ist": set(), "greentrainer": set(),
+    "light_peft": {"merge_verb"},  # a mask is not W + dW
     "loldu": {"merge_verb"}, "inttune": {"merge_verb"},  # their factors are derived from the base (spec 6.2.1)
     "peqa": {"merge_verb"}, "l4q": {"merge_verb"},  # new scales re-quantise the base: not W + dW
 }
 """Per built-in method: the checks that are skipped. Every other check must pass."""
 REASONS = {
     "train": r"has no train verb", "train_extract": r"has no train verb",
-    "merge_verb": r"not W \+ dW.*\((lowrank|vector|rows|prompt|multitask_prompt|prefix|bottleneck|dept|dense|cayley|butterfly|householder|mixture|qscale)\)"
+    "merge_verb": r"not W \+ dW.*\((lowrank|vector|rows|prompt|multitask_prompt|prefix|bottleneck|dept|dense|cayley|butterfly|householder|mixture|qscale|mask)\)"
                   r"|derived base part is computed from the base",
     "merge_equals_unmerged": r"not mergeable into weights: .*(prompt|DePT|cannot be merged|without a bias)",
     "unmerge_restores": r"not mergeable into weights",

@@ -25,8 +25,9 @@ PUBLIC = {
     "make_explicit", "recipe_factors", "derived_tensors", "ldu_rows", "pissa_factors", "olora_factors",
     "svd_bottom_factors", "recipe_writable", "require_explicit",
     "multi_lora_rows", "block_apply", "compose", "Composition", "CompositionProcessor", "Sampling", "Term", "eft_terms",
-    "train_adapter", "TrainOptions", "port_live",
+    "train_adapter", "TrainOptions", "port_live", "layer_index",
     "QuantSpec", "Quantized", "quantize", "dequantize", "requantize", "fake_quantize", "fits_grid",
+    "function_weight", "held_quantized",
 }
 """``af.__all__`` as of the layered tree (0.1.x); a name may be added, never dropped within a major version."""
 

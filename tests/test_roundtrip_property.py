@@ -80,6 +80,15 @@ def vector(draw):
 
 
 @st.composite
+def mask(draw):
+    group, groups, other = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(dims)
+    side = draw(st.sampled_from(["input", "output"]))
+    shape = [other, group * groups] if side == "input" else [group * groups, other]
+    keep = torch.tensor(draw(st.lists(st.integers(0, 1), min_size=groups, max_size=groups)), dtype=torch.uint8)
+    return {"kind": "mask", "shape": shape, "params": {"side": side, "group": group}}, {"keep": keep}
+
+
+@st.composite
 def prompt(draw):
     vocab, dim = draw(dims), draw(dims)
     t = {"embeddings": draw(tensor((draw(st.integers(1, 4)), dim)))}
@@ -112,7 +121,7 @@ def encoded(draw):
     return entry, t
 
 
-KINDS = {"lowrank": lowrank(), "dense": dense(), "sparse": sparse(), "vector": vector(), "prompt": prompt(),
+KINDS = {"lowrank": lowrank(), "dense": dense(), "sparse": sparse(), "vector": vector(), "mask": mask(), "prompt": prompt(),
          "ternary": ternary(), "encoded": encoded()}
 module_path = st.from_regex(r"\A[A-Za-z0-9_][A-Za-z0-9_\-]{0,5}(\.[A-Za-z0-9_\-]{1,5}){0,3}\Z")
 hex64 = st.from_regex(r"\A[0-9a-f]{64}\Z")

@@ -224,6 +224,11 @@ def spec_merged(entry: dict, t: dict[str, np.ndarray], w: np.ndarray, b: np.ndar
         if op == "scale":
             return w * v[None, :], b
         return w, b + (v if side == "output" else w @ v)
+    if kind == "mask":  # 6.13: channel c kept iff keep[c // group] = 1
+        m = np.repeat(t["keep"].astype(np.float64), p.get("group", 1))
+        if p.get("side", "input") == "input":
+            return w * m[None, :], b
+        return w * m[:, None], (None if b is None else b * m)
     raise AssertionError(kind)
 
 

@@ -7,12 +7,13 @@ May import: ``adapterfmt.errors``, ``plugin``, ``format``, ``kernels``.
 from .base import DeltaKind
 from .dense import Dense
 from .lowrank import LowRank, function_shape, lowrank_entry
+from .mask import Mask
 from .prompt import Prompt
 from .sparse import Sparse
 from .ternary import Ternary
 from .vector import Vector
 
-BUILTIN_KINDS: tuple[DeltaKind, ...] = (LowRank(), Dense(), Sparse(), Vector(), Prompt(), Ternary())
+BUILTIN_KINDS: tuple[DeltaKind, ...] = (LowRank(), Dense(), Sparse(), Vector(), Prompt(), Ternary(), Mask())
 
-__all__ = ["DeltaKind", "LowRank", "Dense", "Sparse", "Ternary", "Vector", "Prompt", "BUILTIN_KINDS",
+__all__ = ["DeltaKind", "LowRank", "Dense", "Sparse", "Ternary", "Vector", "Prompt", "Mask", "BUILTIN_KINDS",
            "function_shape", "lowrank_entry"]

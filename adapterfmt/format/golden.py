@@ -143,6 +143,19 @@ def _vector() -> Built:
     return "ia3", {}, modules, t
 
 
+def _mask() -> Built:
+    """Structured pruning (spec 6.13): a head of q_proj's input removed, a group of v_proj's outputs (and their
+    bias) removed, one of down_proj's input groups of 3 removed."""
+    modules = {
+        Q: {"kind": "mask", "shape": [8, 8], "params": {"side": "input", "group": 4}},
+        V: {"kind": "mask", "shape": [4, 8], "params": {"side": "output", "group": 2}},
+        DOWN: {"kind": "mask", "shape": [8, 12], "params": {"side": "input", "group": 3}},
+    }
+    t = {f"{Q}.keep": torch.tensor([1, 0], dtype=torch.uint8), f"{V}.keep": torch.tensor([0, 1], dtype=torch.uint8),
+         f"{DOWN}.keep": torch.tensor([1, 1, 0, 1], dtype=torch.uint8)}
+    return "light_peft", {}, modules, t
+
+
 def _prompt() -> Built:
     """Three virtual tokens (bf16) prepended to the output of the input embedding."""
     modules = {EMBED: {"kind": "prompt", "shape": [16, 8], "params": {"position": "prefix"}}}
@@ -196,8 +209,9 @@ def _extensions() -> Built:
 
 
 EXAMPLES: dict[str, Callable[[], Built]] = {
-    "lowrank": _lowrank, "lowrank_svd": _lowrank_svd, "dense": _dense, "sparse": _sparse, "vector": _vector, "prompt": _prompt,
-    "ternary": _ternary, "encoded": _encoded, "codebook": _codebook, "extensions": _extensions,
+    "lowrank": _lowrank, "lowrank_svd": _lowrank_svd, "dense": _dense, "sparse": _sparse, "vector": _vector,
+    "mask": _mask, "prompt": _prompt, "ternary": _ternary, "encoded": _encoded, "codebook": _codebook,
+    "extensions": _extensions,
 }
 """Example name -> builder; each is written as ``<name>/`` (folder form) and ``<name>.safetensors``."""
 

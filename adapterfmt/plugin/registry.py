@@ -49,6 +49,7 @@ BUILTIN_PLUGINS = {
     "bottleneck": "adapterfmt.plugins.methods.bottleneck",
     "adapterhub_format": "adapterfmt.plugins.formats.adapterhub",
     "quant": "adapterfmt.plugins.methods.quant",
+    "selection": "adapterfmt.plugins.methods.selection",
 }
 """Built-in plugins: the name ``adapter plugins`` shows and ``ADAPTERFMT_BLOCK_PLUGINS`` takes -> module.
 They are loaded by module name, like entry points, so this layer imports none of them."""

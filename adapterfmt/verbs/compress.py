@@ -280,7 +280,8 @@ def module_error(old_entry: Mapping[str, Any], old: Mapping[str, torch.Tensor], 
 
 def module_effect(entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """What a module's tensors do, flat fp64: dW for additive entries, else the kind's stored effect
-    (for DoRA: scale * B @ A and the magnitude; otherwise the stored tensors in role order)."""
+    (for DoRA: scale * B @ A and the magnitude; otherwise the floating-point tensors in role order, or all of
+    them for a kind with integer roles only, e.g. ``mask``)."""
     kind = get_kind(entry["kind"])
     if kind.is_additive(entry, list(tensors)):
         try:
@@ -291,7 +292,8 @@ def module_effect(entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
         return torch.cat([kind.function_delta(entry, tensors).double().reshape(-1),
                           *(tensors[r].double().reshape(-1) for r in ("magnitude", "bias", "bias_value")
                             if r in tensors)])
-    return torch.cat([tensors[r].double().reshape(-1) for r in sorted(tensors) if tensors[r].is_floating_point()])
+    floats = [r for r in sorted(tensors) if tensors[r].is_floating_point()]
+    return torch.cat([tensors[r].double().reshape(-1) for r in floats or sorted(tensors)])
 
 
 def relative_error(new: torch.Tensor, old: torch.Tensor) -> float:

@@ -126,6 +126,7 @@ class TrainSession:
         self._step_hooks: list[Callable[[torch.optim.Optimizer | None], None]] = []
         self._grad_masks: list[GradMask] = []
         self._freezes: dict[str, int] = {}
+        self._skips: list[Callable[[str, int], bool]] = []
         self._rank_masks: dict[str, torch.Tensor] = {}
         self.steps = 0
         """Optimizer steps taken (:meth:`step` counts them; a resumed run sets it to the checkpoint's step)."""
@@ -179,6 +180,12 @@ class TrainSession:
                 raise AdapterError(f"freeze_after: no trained delta on module {path!r}")
             self._freezes[path] = step
 
+    def skip_gradients(self, fn: Callable[[str, int], bool]) -> None:
+        """At each step where ``fn(path, step)`` is true, module ``path``'s deltas get no gradient (``None``), as
+        for parameters with ``requires_grad`` off: the optimizer skips them (no momentum, no weight decay).
+        A per-step layer schedule (IST) calls it once; ``step`` counts optimizer steps taken."""
+        self._skips.append(fn)
+
     def prune_rank(self, path: str, rank: int) -> None:
         """Keep the ``rank`` most important components of module ``path``'s lowrank delta (importance
         ``||B[:, i]|| * ||A[i, :]||``, ties to the lower index) and zero the others for good: their factors
@@ -213,7 +220,8 @@ class TrainSession:
         """Call between the backward pass and the optimizer step: applies :meth:`freeze_after`,
         :meth:`prune_rank` and :meth:`mask_gradients` to the gradients."""
         for path, layer in self.layers.items():
-            frozen = path in self._freezes and self.steps >= self._freezes[path]
+            frozen = (path in self._freezes and self.steps >= self._freezes[path]) or any(
+                fn(path, self.steps) for fn in self._skips)
             mask = self._rank_masks.get(path)
             for role, p in layer.weights.items():
                 if frozen:
@@ -303,7 +311,7 @@ class TrainSession:
         for p, flag in self._grad.items():
             p.requires_grad_(flag)
         self._handles, self.layers, self._step_hooks = [], {}, []
-        self._grad_masks, self._freezes, self._rank_masks = [], {}, {}
+        self._grad_masks, self._freezes, self._rank_masks, self._skips = [], {}, {}, []
 
     def __enter__(self) -> TrainSession:
         return self

@@ -227,10 +227,13 @@ def _linear(module: nn.Module) -> bool:
 def tensor_importance(model: nn.Module, candidates: dict[str, nn.Module], loss_fn: LossFn, batch: Any,
                       lr: float) -> dict[str, float]:
     """GreenTrainer's ``I_k = -sum(g_1 * dw_0)`` per candidate weight, divided by the largest ``|I|``; the
-    weights, their ``requires_grad`` and gradients are as before afterwards."""
+    weights, every parameter's ``requires_grad`` and the model's gradients are as before afterwards."""
     weights = {p: m.weight for p, m in candidates.items()}
-    flags = {p: w.requires_grad for p, w in weights.items()}
+    flags = {q: q.requires_grad for q in model.parameters()}
+    grads = {q: q.grad for q in model.parameters()}
     before = {p: w.detach().clone() for p, w in weights.items()}
+    for q in model.parameters():
+        q.requires_grad_(False)
     for w in weights.values():
         w.requires_grad_(True)
         w.grad = None
@@ -246,8 +249,9 @@ def tensor_importance(model: nn.Module, candidates: dict[str, nn.Module], loss_f
         with torch.no_grad():
             for p, w in weights.items():
                 w.copy_(before[p])
-                w.grad = None
-                w.requires_grad_(flags[p])
+        for q, flag in flags.items():
+            q.grad = grads[q]
+            q.requires_grad_(flag)
     top = max(abs(v) for v in raw.values()) or 1.0
     return {p: v / top for p, v in raw.items()}
 

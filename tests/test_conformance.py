@@ -47,6 +47,7 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
     "mixture": {"merge_verb", *NO_WEIGHT_MERGE, *NO_TRAIN},  # routes by input; made by mixture_adapter
     "pissa": set(), "olora": set(), "kasa": set(), "sorsa": set(), "nlora": set(), "slora": set(), "lamda": set(),
     "ba_lora": set(), "ist": set(), "greentrainer": set(),
+    "triadaptlora": set(), "diffora": set(), "s2_lora": set(),  # tests/test_train_procedures.py: S2 shared by layers
     "light_peft": {"merge_verb"},  # a mask is not W + dW
     "loldu": {"merge_verb"}, "inttune": {"merge_verb"},  # their factors are derived from the base (spec 6.2.1)
     "peqa": {"merge_verb"}, "l4q": {"merge_verb"},  # new scales re-quantise the base: not W + dW

@@ -50,6 +50,7 @@ BUILTIN_PLUGINS = {
     "adapterhub_format": "adapterfmt.plugins.formats.adapterhub",
     "quant": "adapterfmt.plugins.methods.quant",
     "selection": "adapterfmt.plugins.methods.selection",
+    "procedures": "adapterfmt.plugins.methods.procedures",
 }
 """Built-in plugins: the name ``adapter plugins`` shows and ``ADAPTERFMT_BLOCK_PLUGINS`` takes -> module.
 They are loaded by module name, like entry points, so this layer imports none of them."""

@@ -69,7 +69,8 @@ class RoleParameters(nn.Module):
 class TrainableDelta(nn.Module):
     """One module's delta in training: a module entry of a delta kind, its trainable roles as parameters,
     ``frozen`` roles of this module stored as they are (e.g. a sparse delta's chosen ``indices``),
-    frozen ``shared`` roles (``{role: (tensor name, tensor)}``) stored once for the whole adapter, and
+    ``shared`` roles (``{role: (tensor name, tensor)}``) stored once for the whole adapter (frozen, or trained
+    when the tensor is an ``nn.Parameter``: pass the same one to every module that shares it), and
     ``derived`` roles the forward uses but :meth:`TrainSession.extract` does not store, because readers
     recompute them from the base (a lowrank derived base part, spec 6.2.1)."""
 
@@ -86,7 +87,10 @@ class TrainableDelta(nn.Module):
             self.register_buffer(role, t, persistent=False)
         self.shared_names = {role: name for role, (name, _) in (shared or {}).items()}
         for role, (_, t) in (shared or {}).items():
-            self.register_buffer(role, t, persistent=False)
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(role, t)
+            else:
+                self.register_buffer(role, t, persistent=False)
         if self.shared_names:
             self.entry.setdefault("params", {})["shared"] = dict(self.shared_names)
         self.derived_roles = tuple(derived or ())
@@ -119,7 +123,7 @@ class TrainSession:
         self.config = json.loads(json.dumps(dict(config), default=list))
         self.fingerprint = fingerprint_module(model)
         self.layers: dict[str, TrainableDelta] = {}
-        self._handles: list[Any] = []
+        self._handles: dict[str, Any] = {}
         self._grad = {p: p.requires_grad for p in model.parameters()}
         for p in self._grad:
             p.requires_grad_(False)
@@ -153,7 +157,7 @@ class TrainSession:
             finally:
                 busy = False
 
-        self._handles.append(module.register_forward_hook(hook))
+        self._handles[path] = module.register_forward_hook(hook)
 
     def on_step(self, fn: Callable[[torch.optim.Optimizer | None], None]) -> None:
         """Run ``fn(optimizer)`` at every :meth:`step` (a method's schedule, e.g. SpIEL's mask reselection)."""
@@ -205,6 +209,17 @@ class TrainSession:
             mask[order[:rank]] = True
             self._rank_masks[path] = mask & keep
             self._project(path)
+
+    def drop(self, path: str) -> None:
+        """Take module ``path``'s delta out of the session for good (a module-selection schedule); an optimizer
+        that holds its parameters skips them from now on (they get no gradient)."""
+        layer = self.layers.pop(path, None)
+        if layer is None:
+            raise AdapterError(f"drop: no trained delta on module {path!r}")
+        self._handles.pop(path).remove()
+        delattr(self.model.get_submodule(path), LAYER_ATTR)
+        self._freezes.pop(path, None)
+        self._rank_masks.pop(path, None)
 
     def ranks(self) -> dict[str, int]:
         """The rank each pruned module keeps."""
@@ -274,9 +289,18 @@ class TrainSession:
             yield p
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(module path.role, parameter)`` of each delta, then each trained shared tensor once, under its
+        tensor name."""
         for path, layer in self.layers.items():
             for role, p in layer.weights.items():
                 yield f"{path}.{role}", p
+        seen = set()
+        for layer in self.layers.values():
+            for role, name in layer.shared_names.items():
+                p = getattr(layer, role)
+                if isinstance(p, nn.Parameter) and name not in seen:
+                    seen.add(name)
+                    yield name, p
 
     def extract(self, *, dtype: torch.dtype | None = None, base_name: str | None = None) -> Adapter:
         """The adapter as trained so far (tensors copied; the session goes on training)."""
@@ -304,13 +328,13 @@ class TrainSession:
 
     def remove(self) -> None:
         """Take the injected deltas out and restore every parameter's ``requires_grad``."""
-        for h in self._handles:
+        for h in self._handles.values():
             h.remove()
         for path in self.layers:
             delattr(self.model.get_submodule(path), LAYER_ATTR)
         for p, flag in self._grad.items():
             p.requires_grad_(flag)
-        self._handles, self.layers, self._step_hooks = [], {}, []
+        self._handles, self.layers, self._step_hooks = {}, {}, []
         self._grad_masks, self._freezes, self._rank_masks, self._skips = [], {}, {}, []
 
     def __enter__(self) -> TrainSession:

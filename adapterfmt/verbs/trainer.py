@@ -393,6 +393,8 @@ def _restore(session: Any, ckpt: Path) -> None:
                 p.copy_(adapter.tensor(f"{path}.{role}"))
             for role in layer.frozen_roles:
                 getattr(layer, role).copy_(adapter.tensor(f"{path}.{role}"))
+            for role, name in layer.shared_names.items():  # trained shared factors (S2-LoRA) too
+                getattr(layer, role).copy_(adapter.tensor(name))
 
 
 # ----- the run -------------------------------------------------------------------------------------------
@@ -501,7 +503,6 @@ class Run:
         self._check_schedule()  # hooks may have been added since prepare()
         acc, s = self.acc, self.settings
         rank, world = acc.process_index, acc.num_processes
-        params = list(self.session.parameters())
         started, tokens, loss, written = time.perf_counter(), 0, None, []
         for step in range(self.start, s["max_steps"]):
             batch = self.stream.batch(step, rank, world)
@@ -511,7 +512,7 @@ class Run:
             acc.backward(loss_sum * world / count + self.session.regularization())
             self.session.after_backward()
             if s["max_grad_norm"]:
-                acc.clip_grad_norm_(params, s["max_grad_norm"])
+                acc.clip_grad_norm_(list(self.session.parameters()), s["max_grad_norm"])  # a schedule may add some
             self.accel_optimizer.step()
             if not self.accel_optimizer.step_was_skipped:
                 self.scheduler.step()

@@ -44,7 +44,7 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
     "shira": set(), "fourierft": set(), "randlora": set(), "c3a": set(), "miss": set(),
     "ln_tuning": {"merge_verb"},  # a dense replacement is not W + dW
     "vblora": NO_TRAIN,  # its shared vector bank trains with the logits: made by convert
-    "mixture": {"merge_verb", *NO_WEIGHT_MERGE, *NO_TRAIN},  # routes by input; made by mixture_adapter
+    "mixture": {"merge_verb", *NO_WEIGHT_MERGE},  # routes by input
     "pissa": set(), "olora": set(), "kasa": set(), "sorsa": set(), "nlora": set(), "slora": set(), "lamda": set(),
     "ba_lora": set(), "ist": set(), "greentrainer": set(),
     "triadaptlora": set(), "diffora": set(), "s2_lora": set(),  # tests/test_train_procedures.py: S2 shared by layers

@@ -138,6 +138,10 @@ class TrainSession:
         """The method's own optimizer class or factory (``factory(params, **kwargs)``), when it needs one."""
         self.base_quantization: dict[str, Any] | None = None
         """The quantisation record of the base the deltas train on (spec 6.12), written to ``base.quantization``."""
+        self.tasks: tuple[str, ...] | None = None
+        """The task names the method supervises per token (a mixture's experts: MeteoRA's gate labels), or None.
+        When set, ``adapter train`` reads each record's ``task`` and passes ``task_ids`` ``[B, T]`` (indices into
+        this tuple, -100 for none) to :meth:`regularization`."""
 
     def add(self, path: str, module: nn.Module, layer: TrainableDelta) -> None:
         ref = getattr(module, "weight", None)

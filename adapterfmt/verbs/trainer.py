@@ -14,7 +14,8 @@ What makes runs reproducible and comparable:
   global batch divided by its token count (counted across processes first), so one process and ``P``
   processes take the same steps up to float rounding. Dropout draws differ with the process count. The
   method's regularisation term (:meth:`TrainSession.regularization`: KaSA, SORSA ...) is added to what is
-  minimised; the loss reported is the task loss alone.
+  minimised; the loss reported is the task loss alone. A session with :attr:`TrainSession.tasks` (a mixture's
+  experts) gets the records' ``task`` labels as per-token ``task_ids`` there (MeteoRA's gate loss).
 - A checkpoint (``<checkpoints>/step-NNNNNNNN/``, written atomically by the main process) holds the adapter
   as trained so far (``adapter.safetensors``), the optimizer and scheduler states, every process's RNG
   states and ``state.json`` (the step, which fixes the data position, and the options). Resuming rebuilds
@@ -199,10 +200,12 @@ def load_tokenizer(base: Path | None, vocab_size: int, *, note: bool = True) -> 
 # ----- data ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Example:
-    """One sequence's token ids; positions before ``loss_from`` carry no loss (a prompt)."""
+    """One sequence's token ids; positions before ``loss_from`` carry no loss (a prompt); ``task``: the record's
+    optional task label (for methods that supervise routing, :attr:`TrainSession.tasks`)."""
 
     ids: tuple[int, ...]
     loss_from: int
+    task: str | None = None
 
 
 def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -239,9 +242,12 @@ def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def read_examples(path: Path, tokenizer: Tokenizer, max_length: int) -> list[Example]:
     """Tokenized examples of a data file: ``text`` (loss on every token) or ``prompt`` + ``completion`` (loss
-    on the completion and the EOS after it), cut to ``max_length`` tokens."""
+    on the completion and the EOS after it), cut to ``max_length`` tokens; an optional string ``task`` labels
+    the record."""
     out = []
     for where, rec in _records(path):
+        if "task" in rec and not isinstance(rec["task"], str):
+            raise FormatError("a record's 'task' must be a string", path=where)
         if isinstance(rec.get("text"), str) and not {"prompt", "completion"} & set(rec):
             ids = tokenizer.encode(rec["text"], first=True, where=where)
             loss_from = 1
@@ -256,9 +262,19 @@ def read_examples(path: Path, tokenizer: Tokenizer, max_length: int) -> list[Exa
         if len(ids) <= loss_from:
             raise FormatError(f"no token to learn within max_length {max_length} (the prompt fills it, or the "
                               "text is shorter than two tokens)", path=where)
-        out.append(Example(tuple(ids), loss_from))
+        out.append(Example(tuple(ids), loss_from, rec.get("task")))
     if not out:
         raise FormatError("no examples", path=path)
+    return out
+
+
+def task_ids(examples: Sequence[Example], width: int, tasks: Sequence[str]) -> torch.Tensor:
+    """``[B, width]``: each example's task as an index into ``tasks`` at its positions, ``IGNORE`` at padding
+    and for examples without a task."""
+    out = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        if e.task is not None:
+            out[i, : len(e.ids)] = tasks.index(e.task)
     return out
 
 
@@ -468,6 +484,7 @@ class Run:
         self.session = session = get_method(s["method"]).train(model, config=dict(s["config"]), loss_fn=mean_loss,
                                                                 batches=calib)
         self._check_schedule()
+        self._check_tasks()
         self.optimizer = session.optimizer(lr=s["lr"], weight_decay=s["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(s["schedule"], s["warmup_steps"], s["max_steps"]))
@@ -490,6 +507,18 @@ class Run:
             raise UnsupportedError(f"method {self.settings['method']!r}: the session has schedule state a checkpoint "
                                    "does not save (on_step hooks, rank pruning); run without checkpoints")
 
+    def _check_tasks(self) -> None:
+        tasks = self.session.tasks
+        examples = [*self.stream.examples, *(self.eval_examples or [])]
+        given = sorted({e.task for e in examples if e.task is not None})
+        if given and tasks is None:
+            raise UnsupportedError(f"records carry a 'task' ({given[0]!r}), which method "
+                                   f"{self.settings['method']!r} does not train on; remove it", path=self.data)
+        unknown = [t for t in given if t not in (tasks or ())]
+        if unknown:
+            raise FormatError(f"task {unknown[0]!r} is not one of the session's tasks ({', '.join(tasks or ())})",
+                              path=self.data)
+
     def _clear_checkpoints(self) -> None:
         old = [p for p in self.checkpoints.glob("step-*") if (p / "state.json").is_file()]
         if old and not self.opts.overwrite:
@@ -509,7 +538,9 @@ class Run:
             ids, labels = (t.to(acc.device) for t in collate(batch, self.tokenizer.pad_id))
             count = acc.reduce((labels[:, 1:] != IGNORE).sum(), reduction="sum")
             loss_sum = token_loss_sum(self.model, ids, labels)
-            acc.backward(loss_sum * world / count + self.session.regularization())
+            tasks = self.session.tasks
+            extra = {} if tasks is None else {"task_ids": task_ids(batch, ids.shape[1], tasks).to(acc.device)}
+            acc.backward(loss_sum * world / count + self.session.regularization(**extra))
             self.session.after_backward()
             if s["max_grad_norm"]:
                 acc.clip_grad_norm_(list(self.session.parameters()), s["max_grad_norm"])  # a schedule may add some

@@ -26,9 +26,12 @@ delta space (both refused).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import tempfile
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +49,14 @@ def _fail(module: str, msg: str) -> af.FormatError:
 
 def _linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and module.weight.dim() == 2)
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _number(v: Any) -> bool:
@@ -106,35 +117,17 @@ class Mixture(af.DeltaKind):
     def forward(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
         p = entry["params"]
-        n, k = len(p["experts"]), int(p["top_k"])
-        sequence = p.get("granularity", "token") == "sequence"
+        k, sequence = int(p["top_k"]), p.get("granularity", "token") == "sequence"
         if sequence and x.dim() < 3:
             raise af.UnsupportedError(f"a sequence-granularity mixture needs inputs [batch, positions, features], "
                                       f"got {list(x.shape)}")
+        if k > 1 and not x.is_cuda:  # the CPU: every expert in two GEMMs, gates zero off the top-k
+            return gemm_forward(p, t, x, y)[1]
+        n = len(p["experts"])
         units = x.reshape(-1, x.shape[-2], x.shape[-1]).mean(-2) if sequence else x.reshape(-1, x.shape[-1])
         scales = torch.tensor([float(s) for s in p.get("scales", [1.0] * n)], dtype=torch.float32, device=x.device)
         a, b = t["lora_A"].to(x.dtype), t["lora_B"].to(x.dtype)
-        temperature = float(p.get("temperature", 1.0))
-        if k > 1 and not x.is_cuda:  # the CPU: every expert in two GEMMs, gates zero off the top-k
-            x2, r = x.reshape(-1, x.shape[-1]), a.shape[1]
-            stack = t["_stack"].to(x.dtype)
-            if sequence or torch.promote_types(x.dtype, torch.float32) != x.dtype:
-                idx, w = route(units, t["router"], k, temperature)
-                mid = x2 @ stack[n:].t()
-            else:  # fp32 / fp64 tokens: the router's logits come out of the same GEMM
-                both = x2 @ stack.t()
-                idx, w = pick(both[:, :n], k, temperature)
-                mid = both[:, n:]
-            gates = torch.zeros(units.shape[0], n, dtype=torch.float32, device=x.device)
-            gates.scatter_(1, idx, w * scales[idx])
-            if sequence:
-                gates = gates.repeat_interleave(x.shape[-2], dim=0)
-            mid = (mid.reshape(-1, n, r) * gates.to(x.dtype).unsqueeze(-1)).view(-1, n * r)
-            b_cat, y2 = t["_b_cat"].to(x.dtype).t(), y.reshape(-1, y.shape[-1])
-            if y.requires_grad and torch.is_grad_enabled():
-                return torch.addmm(y2, mid, b_cat).reshape(y.shape)
-            return y2.addmm_(mid, b_cat).reshape(y.shape)  # in place, as the lowrank kind's inference path
-        idx, w = route(units, t["router"], k, temperature)
+        idx, w = route(units, t["router"], k, float(p.get("temperature", 1.0)))
         rows = x.reshape(-1, x.shape[-2], x.shape[-1]) if sequence else x.reshape(-1, x.shape[-1])
         out = y.reshape(*rows.shape[:-1], y.shape[-1])
         for j in range(k):  # one batched call per chosen slot; the gate weight scales that slot's input rows
@@ -145,6 +138,40 @@ class Mixture(af.DeltaKind):
     def merge(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> Any:
         raise af.UnsupportedError("a mixture routes each token by its input, so it cannot be merged into the "
                                   "weights; keep it unmerged, or take one expert (expert_adapter)")
+
+
+def gemm_forward(p: Mapping[str, Any], t: Mapping[str, torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(router logits [..., N] (sequence granularity: [batch, N]), y + the mixture's update)`` with every
+    expert in two GEMMs (``x @ A_all^T``, gated to zero off the top-k, then ``@ B_all^T``); differentiable in
+    the router and the factors (the training path). ``t`` may hold :meth:`Mixture.bind`'s stacked tensors."""
+    n, k, temperature = len(p["experts"]), int(p["top_k"]), float(p.get("temperature", 1.0))
+    sequence = p.get("granularity", "token") == "sequence"
+    scales = torch.tensor([float(s) for s in p.get("scales", [1.0] * n)], dtype=torch.float32, device=x.device)
+    a = t["lora_A"]
+    r = a.shape[1]
+    stack = (t["_stack"] if "_stack" in t else torch.cat([t["router"], a.reshape(n * r, -1)])).to(x.dtype)
+    b_cat = (t["_b_cat"] if "_b_cat" in t else t["lora_B"].permute(1, 0, 2).reshape(-1, n * r)).to(x.dtype).t()
+    x2 = x.reshape(-1, x.shape[-1])
+    if sequence or torch.promote_types(x.dtype, torch.float32) != x.dtype:
+        units = x.reshape(-1, x.shape[-2], x.shape[-1]).mean(-2) if sequence else x2
+        dt = torch.promote_types(x.dtype, torch.float32)
+        logits = units.to(dt) @ t["router"].to(device=x.device, dtype=dt).t()
+        mid = x2 @ stack[n:].t()
+    else:  # fp32 / fp64 tokens: the router's logits come out of the same GEMM
+        both = x2 @ stack.t()
+        logits, mid = both[:, :n], both[:, n:]
+    idx, w = pick(logits, k, temperature)
+    gates = torch.zeros(logits.shape[0], n, dtype=torch.float32, device=x.device).scatter(1, idx, w * scales[idx])
+    if sequence:
+        gates = gates.repeat_interleave(x.shape[-2], dim=0)
+    mid = (mid.reshape(-1, n, r) * gates.to(x.dtype).unsqueeze(-1)).view(-1, n * r)
+    y2 = y.reshape(-1, y.shape[-1])
+    if torch.is_grad_enabled() and (y.requires_grad or mid.requires_grad):
+        out = torch.addmm(y2, mid, b_cat)
+    else:
+        out = y2.addmm_(mid, b_cat)  # in place, as the lowrank kind's inference path
+    return logits.reshape(*(x.shape[:-2] if sequence else x.shape[:-1]), n), out.reshape(y.shape)
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +254,53 @@ def expert_adapter(adapter: af.Adapter, name: str) -> af.Adapter:
     return af.Adapter(af.new_manifest("lora", modules, base=dict(adapter.base)), tensors)
 
 
+class MixtureTrainable(af.TrainableDelta):
+    """One module's mixture in training: always :func:`gemm_forward` (differentiable), and it keeps the router
+    logits of its last forward pass in training mode for the gate loss (:func:`gate_loss`)."""
+
+    logits: torch.Tensor | None = None
+
+    def forward(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits, out = gemm_forward(self.entry["params"], self.tensors(), x, y)
+        self.logits = logits if self.training and torch.is_grad_enabled() else None
+        return out
+
+
+def gate_loss(logits: Sequence[torch.Tensor], task_ids: torch.Tensor) -> torch.Tensor:
+    """MeteoRA's gate loss (``lora_gate_loss_func``): the cross-entropy of every routed module's logits
+    ``[B, T, N]`` at position ``t`` against the task of token ``t + 1`` (``task_ids [B, T]``, -100: none),
+    pooled over modules and positions (one mean)."""
+    if not logits:
+        raise af.UnsupportedError("gate loss: no router logits recorded; compute it after a forward pass in "
+                                  "training mode with gradients on")
+    n = logits[0].shape[-1]
+    if any(l.dim() != 3 or l.shape[:2] != task_ids.shape for l in logits):
+        raise af.UnsupportedError(f"gate loss: router logits {[list(l.shape) for l in logits][:1]} do not match "
+                                  f"task ids {list(task_ids.shape)} (the gate loss needs granularity 'token' and "
+                                  "inputs [batch, positions, features])")
+    flat = torch.cat([l[:, :-1].reshape(-1, n).float() for l in logits])
+    targets = task_ids[:, 1:].reshape(-1).to(flat.device).repeat(len(logits))
+    if not bool((targets != -100).any()):
+        return flat.sum() * 0.0
+    return nn.functional.cross_entropy(flat, targets, ignore_index=-100)
+
+
+TRAIN_DEFAULTS: dict[str, Any] = {"top_k": 2, "temperature": 1.0, "granularity": "token", "train": "router",
+                                  "gate_loss_weight": 50.0}
+"""MeteoRA's settings: top-2, T = 1 in training, gate loss weight 50 (``moe_aux_loss_coef``); router only."""
+
+
 class MixtureMethod(af.Method):
+    """Training (:meth:`train`), MeteoRA's recipe: the base frozen, N trained LoRA experts loaded (config
+    ``expert_adapters``: ``{name: path}``, or ``experts=`` adapters), a router per module initialised
+    ``N(0, 1)`` as MeteoRA's gate. ``train: router`` (default) trains the routers alone on frozen experts (the
+    paper's recipe); ``train: joint`` trains the experts' factors too (what the repository's
+    ``meteora_train.py`` does: every ``moe_gate`` and ``lora_`` parameter). The loss is the language-model
+    loss plus ``gate_loss_weight`` times :func:`gate_loss` when the data names each record's ``task`` (an
+    expert name; ``adapter train`` hands them to :meth:`regularization` as ``task_ids``). Gradients reach the
+    router as in MeteoRA: through the softmax over the chosen logits for top-k >= 2, and for top-1 (gate
+    weight 1) only through the gate loss. Not done here: MeteoRA's lora dropout (0.1, on the experts' input)."""
+
     name = "mixture"
     summary = "Mixture of LoRA experts with a top-k router per module (MeteoRA; kind mixture)"
     kinds = ("mixture",)
@@ -238,8 +311,69 @@ class MixtureMethod(af.Method):
             "top_k": {"type": "integer", "minimum": 1},
             "temperature": {"type": "number", "exclusiveMinimum": 0},
             "granularity": {"enum": list(GRANULARITIES)},
+            "expert_adapters": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": NAME.pattern},
+                                "additionalProperties": {"type": "string", "minLength": 1}},
+            "train": {"enum": ["router", "joint"]},
+            "gate_loss_weight": {"type": "number", "minimum": 0},
         },
     }
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], experts: Mapping[str, af.Adapter] | None = None,
+              **options: Any) -> af.TrainSession:
+        """A session training the routers (and, ``train: joint``, the experts) of a mixture of ``experts`` (or
+        config ``expert_adapters``); see the class docstring. The session's ``tasks`` are the expert names."""
+        cfg = {**TRAIN_DEFAULTS, **config}
+        self.check_config(cfg)
+        paths = cfg.get("expert_adapters")
+        if (paths is None) == (experts is None):
+            raise af.FormatError("mixture training needs its experts: config expert_adapters ({name: path}) or "
+                                 "experts= (adapters by name), not both")
+        experts = {name: af.load(path) for name, path in paths.items()} if paths is not None else dict(experts or {})
+        names = list(experts)
+        if cfg.setdefault("experts", names) != names:
+            raise af.FormatError(f"mixture config experts {cfg['experts']} differ from the expert adapters' names "
+                                 f"{names}")
+        if not all(NAME.match(n) for n in names):
+            raise af.FormatError(f"mixture expert names must match {NAME.pattern}, got {names}")
+        if cfg["top_k"] > len(names):
+            raise af.FormatError(f"mixture config top_k {cfg['top_k']} exceeds the {len(names)} experts")
+        first = set(experts[names[0]].modules)
+        for name in names[1:]:
+            odd = sorted(first ^ set(experts[name].modules))
+            if odd:
+                raise af.UnsupportedError(f"experts {names[0]!r} and {name!r} target different modules (e.g. "
+                                          f"{odd[0]!r}); every expert must target the same modules",
+                                          path=experts[name].source)
+        missing = sorted(p for p in first if not _has_module(model, p))
+        if missing:
+            raise af.BaseMismatchError(f"the experts target module {missing[0]!r}, which the model does not have",
+                                       path=experts[names[0]].source)
+        routers = {p: torch.randn(len(names), af.function_shape(experts[names[0]].modules[p])[1]) for p in sorted(first)}
+        mix = mixture_adapter(experts, routers, top_k=cfg["top_k"], temperature=cfg["temperature"],
+                              granularity=cfg["granularity"])
+        joint = cfg["train"] == "joint"
+
+        def build(path: str, module: nn.Module) -> af.TrainableDelta:
+            entry, t = mix.modules[path], mix.module_tensors(path)
+            Mixture().check_module(path, entry, module)
+            dtype = af.adapter_dtype(module)
+            t = {role: v.to(dtype) for role, v in t.items()}
+            factors = {"lora_A": t["lora_A"], "lora_B": t["lora_B"]}
+            return MixtureTrainable(entry, {"router": t["router"], **(factors if joint else {})},
+                                    frozen=None if joint else factors)
+
+        session = af.inject(model, method=self.name, config=cfg, build=build, targets={"target_modules": sorted(first)})
+        session.tasks = tuple(names)
+        return session
+
+    def regularization(self, session: Any, *, task_ids: torch.Tensor | None = None, **outputs: Any) -> torch.Tensor:
+        """``gate_loss_weight *`` :func:`gate_loss` over the session's modules, given ``task_ids`` ``[B, T]``
+        (indices into the experts, -100: no label); 0 without them."""
+        weight = float(session.config.get("gate_loss_weight", TRAIN_DEFAULTS["gate_loss_weight"]))
+        if task_ids is None or weight == 0:
+            return torch.zeros(())
+        logits = [layer.logits for layer in session.layers.values() if layer.logits is not None]
+        return weight * gate_loss(logits, task_ids)
 
     def merge(self, adapters: Sequence[af.Adapter], *, weights: Sequence[float] | None = None,
               strategy: str = "linear", **options: Any) -> af.Adapter:
@@ -247,7 +381,8 @@ class MixtureMethod(af.Method):
                                   "their experts (expert_adapter) instead")
 
     def conformance_example(self) -> Any:
-        """Three random rank-4 experts, top-2, on two projections of the conformance kit's tiny model."""
+        """Three random rank-4 experts, top-2, on two projections of the conformance kit's tiny model; the
+        training config names the same experts, saved to a folder that lives as long as the process."""
         from adapterfmt.authoring.conformance import Example
         from adapterfmt.tiny import TinyConfig, build_tiny
 
@@ -264,7 +399,16 @@ class MixtureMethod(af.Method):
             experts[name] = af.Adapter(af.new_manifest("lora", modules), tensors)
         routers = {p: torch.randn(3, model.get_submodule(p).weight.shape[1], generator=gen) for p in modules}
         inputs = torch.randint(0, 32, (3, 5), generator=torch.Generator().manual_seed(1))
-        return Example(model, mixture_adapter(experts, routers, top_k=2), inputs)
+        folder = Path(_conformance_folder().name)
+        paths = {name: str(af.save(a, folder / f"{name}.safetensors", overwrite=True)) for name, a in experts.items()}
+        return Example(model, mixture_adapter(experts, routers, top_k=2), inputs,
+                       train_config={"expert_adapters": paths})
+
+
+@functools.cache
+def _conformance_folder() -> tempfile.TemporaryDirectory[str]:
+    """Where :meth:`MixtureMethod.conformance_example` saves its experts (removed when the process exits)."""
+    return tempfile.TemporaryDirectory(prefix="adapterfmt-mixture-conformance-")
 
 
 @af.hookimpl

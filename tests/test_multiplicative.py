@@ -202,6 +202,8 @@ REFUSED = {
     "skew_block_count": ("cayley", lambda m, t: t.update({"lin.skew": rnd(2, 1)})),
     "side": ("cayley", lambda m, t: m["lin"]["params"].update(side="both")),
     "not_2d": ("cayley", lambda m, t: m["lin"].update(shape=[4, 6, 1])),
+    "conv_output_side": ("householder", lambda m, t: m["lin"].update(shape=[4, 6, 1, 1],
+                                                                   params={"side": "output"})),
     "series_not_numbers": ("cayley", lambda m, t: m["lin"]["params"].update(series=["2"])),
     "butterfly_d": ("butterfly", lambda m, t: t.update({"c1d.blocks": rnd(1, 2, 2, 2)})),
     "butterfly_factors": ("butterfly", lambda m, t: t.update({"lin.blocks": rnd(3, 2, 4, 4)})),

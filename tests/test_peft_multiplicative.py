@@ -143,21 +143,12 @@ def test_unrepresentable_config_is_one_line_and_nothing_written(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_oft_on_a_convolution_is_refused(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(build("custom"), OFTConfig(r=0, oft_block_size=4, target_modules=["conv"]))
-        pm.save_pretrained(tmp_path / "peft")
-    with pytest.raises(af.UnsupportedError, match="OFT on the convolution 'conv'"):
-        af.read_foreign(tmp_path / "peft", base=build("custom"))
-
-
 def test_writing_what_peft_cannot_hold_is_refused(tmp_path):
     gpt2 = build("gpt2")
     session = af.registry.get_method("oft").train(gpt2, config={"target_modules": ["c_attn"]})
     adapter = session.extract()
     session.remove()
-    with pytest.raises(af.UnsupportedError, match="PEFT OFT multiplies the inputs of nn.Linear modules"):
+    with pytest.raises(af.UnsupportedError, match="PEFT OFT multiplies the inputs of nn.Linear / nn.Conv2d modules"):
         af.write_foreign(adapter, tmp_path / "p", "peft")
     mixed = af.Adapter(af.new_manifest("hra", {
         "a": {"kind": "householder", "shape": [4, 6], "params": {}},
@@ -222,3 +213,105 @@ def test_stacked_rotations_compose_as_merged_in_order(tmp_path, make):
     af.merge_into(model, "l")
     torch.testing.assert_close(logits(model, first.ids), got, atol=ATOL, rtol=0)
     assert (got - logits(build("llama"), first.ids)).abs().max() > 1e-3
+
+
+# ----- Conv2d ---------------------------------------------------------------------------------------------
+class ConvNet(torch.nn.Module):
+    """A 1x1 convolution, then a strided 3x3 one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pw = torch.nn.Conv2d(4, 8, 1)
+        self.conv = torch.nn.Conv2d(8, 6, 3, padding=1, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.nn.functional.gelu(self.pw(x)))
+
+
+CONV_CASES = {
+    "oft": lambda t: OFTConfig(r=0, oft_block_size=4, target_modules=t),
+    "oft-exact-shared": lambda t: OFTConfig(r=0, oft_block_size=4, use_cayley_neumann=False, block_share=True,
+                                           target_modules=t),
+    "boft": lambda t: BOFTConfig(boft_block_size=4, target_modules=t),
+    "hra": lambda t: HRAConfig(r=2, target_modules=t),
+    "hra-gram-schmidt": lambda t: HRAConfig(r=3, apply_GS=True, target_modules=t),
+}
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_rotations_on_conv2d(tmp_path, name):
+    """On a Conv2d the rotation acts on the flattened in * kh * kw weight axis: attached unmerged and merged,
+    the converted adapter gives PEFT's merged output; PEFT's unmerged forward agrees for BOFT and HRA, and for OFT
+    only on the 1x1 kernel (a note says so); --to peft gives the same tensors and output back."""
+    from safetensors.torch import save_model
+
+    make, x = CONV_CASES[name], torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(ConvNet(), make(["pw", "conv"]))
+        randomize(pm, 1)
+        pm.eval().save_pretrained(tmp_path / "peft")
+        with torch.no_grad():
+            unmerged = pm(x)
+            pm.merge_adapter()
+            merged = pm(x)
+    base = tmp_path / "base.safetensors"
+    save_model(ConvNet(), str(base))
+    res = invoke("convert", str(tmp_path / "peft"), str(tmp_path / "a.safetensors"), "--base", str(base))
+    assert res.exit_code == 0, res.stdout + res.stderr
+    adapter = af.load(tmp_path / "a.safetensors")
+    assert adapter.modules["conv"]["shape"] == [6, 8, 3, 3]
+    notes = adapter.manifest["provenance"][0].get("notes", [])
+    assert [n.split(":")[0] for n in notes if "unmerged forward" in n] == (["conv"] if name.startswith("oft") else [])
+
+    model = ConvNet().eval()
+    with torch.no_grad():
+        plain = model(x)
+        af.attach(model, adapter, name="a")
+        got = model(x)
+        torch.testing.assert_close(got, merged, atol=ATOL, rtol=0)
+        assert (got - plain).abs().max() > 1e-3
+        af.merge_into(model, "a")
+        torch.testing.assert_close(model(x), merged, atol=ATOL, rtol=0)
+        af.detach(model)
+        torch.testing.assert_close(model(x), plain, atol=0, rtol=0)
+    if name.startswith("oft"):
+        assert (unmerged - merged).abs().max() > 1e-3  # PEFT's unmerged OFT on the 3x3 kernel
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pw_only = get_peft_model(ConvNet(), make(["pw"]))
+            randomize(pw_only, 1)
+            with torch.no_grad():
+                want = pw_only.eval()(x)
+            pw_only.save_pretrained(tmp_path / "pw")
+        model = ConvNet().eval()
+        af.attach(model, af.read_foreign(tmp_path / "pw", base=ConvNet()))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want, atol=ATOL, rtol=0)
+    else:
+        torch.testing.assert_close(unmerged, merged, atol=ATOL, rtol=0)
+
+    res = invoke("convert", str(tmp_path / "a.safetensors"), str(tmp_path / "back"), "--to", "peft")
+    assert res.exit_code == 0, res.stdout + res.stderr
+    src, ours = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(tmp_path / "back" /
+                                                                                      "adapter_model.safetensors")
+    assert sorted(src) == sorted(ours) and all(torch.equal(ours[k], src[k]) for k in src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from peft import PeftModel
+
+        back = PeftModel.from_pretrained(ConvNet(), tmp_path / "back").eval()
+        back.merge_adapter()
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), merged, atol=ATOL, rtol=0)
+
+
+def test_non_square_convolution_kernel_cannot_go_to_peft(tmp_path):
+    entry = {"kind": "householder", "shape": [6, 8, 3, 1], "params": {"side": "input"}}
+    adapter = af.validate(af.Adapter(af.new_manifest("hra", {"conv": entry}),
+                                     {"conv.vectors": torch.randn(24, 2)}))
+    with pytest.raises(af.UnsupportedError, match=r"module 'conv': PEFT HRA sizes a convolution's rotation by "
+                                                  r"kernel_size\[0\]\^2; the kernel 3x1 is not square"):
+        af.to_peft(adapter, tmp_path / "never")
+    assert not (tmp_path / "never").exists()

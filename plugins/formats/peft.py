@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -626,7 +627,8 @@ class _Reader:
         """OFT -> ``cayley`` (``oft_R`` on a Linear's input, ``oft_embedding_R`` on an embedding's output; COFT's
         projection applied as PEFT applies it at every forward; ``use_cayley_neumann`` -> ``params.series``),
         BOFT -> ``butterfly`` (``boft_s`` -> ``output_scale``), HRA -> ``householder`` (``apply_GS`` ->
-        ``params.orthogonalize``)."""
+        ``params.orthogonalize``). On a Conv2d each rotates the flattened ``in * kh * kw`` weight axis, PEFT's
+        merged form (a note says where PEFT's unmerged OFT forward differs: kernels larger than 1x1)."""
         cfg = self.cfg
         _check_fields(cfg, MULTIPLICATIVE_FIELDS[ptype], self.path)
         if cfg.get("bias", "none") != "none":
@@ -651,9 +653,10 @@ class _Reader:
         for module, p in sorted(parts.items()):
             self.targeted(module)
             entry, roles = build(module, p)
-            if len(entry["shape"]) != 2:
-                raise af.UnsupportedError(f"{ptype} on the convolution {module!r} is not represented (PEFT's "
-                                          "unmerged and merged convolution forms differ)", path=self.path)
+            if ptype == "OFT" and len(entry["shape"]) == 4 and entry["shape"][2:] != [1, 1]:
+                self.notes.append(f"{module}: OFT on a {entry['shape'][2]}x{entry['shape'][3]} convolution is "
+                                  "PEFT's merged function (the flattened weight rotated); PEFT's unmerged forward "
+                                  "(patches unfolded, rotated and folded back, overlaps summed) differs from it")
             af.registry.get_kind(entry["kind"]).check(module, entry, {r: tuple(v.shape) for r, v in roles.items()})
             sizes.append(af.registry.get_kind(entry["kind"]).rank(entry, {r: tuple(v.shape) for r, v in roles.items()}))
             self.add(module, entry, roles)
@@ -1261,7 +1264,7 @@ class _Writer:
     # ----- OFT / BOFT / HRA ------------------------------------------------------------------------------------
     def multiplicative(self, ptype: str) -> None:
         """The reverse of :meth:`_Reader.multiplicative`; PEFT's config is global, so every module must share
-        the block size / rank and the series, and PEFT applies these types to Linear inputs (and, for OFT,
+        the block size / rank and the series, and PEFT applies these types to Linear and Conv2d inputs (and, for OFT,
         embedding outputs) only."""
         kind = MULTIPLICATIVE_KINDS[ptype]
         self.refuse({kind, "to_save"}, ptype)
@@ -1275,15 +1278,20 @@ class _Writer:
             side = p.get("side", "input")
             if (side, bool(p.get("transposed"))) != (("output", True) if embedding else ("input", False)) or (
                     embedding and ptype != "OFT"):
-                raise af.UnsupportedError(f"module {m!r}: PEFT {ptype} multiplies the inputs of nn.Linear modules"
-                                          + (" and the outputs of embeddings" if ptype == "OFT" else "")
+                raise af.UnsupportedError(f"module {m!r}: PEFT {ptype} multiplies the inputs of nn.Linear / "
+                                          "nn.Conv2d modules" + (" and the outputs of embeddings" if ptype == "OFT" else "")
                                           + f" only, not side={side!r} with transposed={bool(p.get('transposed'))}")
+            conv = len(e["shape"]) == 4
+            if conv and e["shape"][2] != e["shape"][3]:
+                raise af.UnsupportedError(f"module {m!r}: PEFT {ptype} sizes a convolution's rotation by kernel_size[0]"
+                                          f"^2; the kernel {e['shape'][2]}x{e['shape'][3]} is not square")
             if ptype == "OFT":
                 vec = t["skew"]
                 b = af.registry.get_kind("cayley").triangle_side(vec.shape[1])
-                d = e["shape"][1]
+                d = math.prod(e["shape"][1:])
                 shared.setdefault("oft_block_size", set()).add(b)
-                shared.setdefault("block_share", set()).add(vec.shape[0] == 1 and d // b > 1)
+                if d // b > 1:  # one block: shared or not is the same
+                    shared.setdefault("block_share", set()).add(vec.shape[0] == 1)
                 shared.setdefault("series", set()).add(json.dumps(p.get("series")))
                 suffix = "oft_embedding_R.weight" if embedding else "oft_R.weight"
                 self.tensors[f"{PREFIX}{m}.{suffix}"] = vec
@@ -1293,7 +1301,7 @@ class _Writer:
                 shared.setdefault("boft_n_butterfly_factor", set()).add(blocks.shape[0])
                 self.tensors[f"{PREFIX}{m}.boft_R"] = blocks
                 scale = t.get("output_scale", torch.ones(e["shape"][0], dtype=blocks.dtype))
-                self.tensors[f"{PREFIX}{m}.boft_s"] = scale.reshape(-1, 1)
+                self.tensors[f"{PREFIX}{m}.boft_s"] = scale.reshape(1, -1) if conv else scale.reshape(-1, 1)
             else:
                 shared.setdefault("r", set()).add(t["vectors"].shape[1])
                 shared.setdefault("apply_GS", set()).add(bool(p.get("orthogonalize", False)))
@@ -1306,6 +1314,7 @@ class _Writer:
         if ptype == "OFT":
             series = json.loads(one.pop("series", "null"))
             terms = af.registry.get_kind("cayley").series_terms(series)
+            one.setdefault("block_share", False)
             one.update({"r": 0, "use_cayley_neumann": terms is not None, "num_cayley_neumann_terms": terms or 5,
                         "coft": False, "eps": 6e-5, "module_dropout": 0.0})
         elif ptype == "BOFT":

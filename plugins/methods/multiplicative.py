@@ -9,6 +9,9 @@ layout (``W_f`` ``[out, n_in]``, ``params.transposed`` for GPT-2 ``Conv1D`` / ``
   each output row: ``W'_f = diag(s) @ W_f @ G^T``. The bias is unchanged.
 - ``params.side = "output"``: the module's output less its bias is multiplied, ``y' = (y - b) @ G + b``;
   merged ``W'_f = G^T @ W_f`` (``d = out``). PEFT's OFT on an ``nn.Embedding`` is this case.
+- A 4-D ``nn.Conv2d`` weight ``[out, c, kh, kw]`` (input side only): ``G`` acts on its flattened
+  ``c * kh * kw`` axis, ``W' = reshape(W.reshape(out, -1) @ G^T)``, and unmerged the module's own
+  convolution runs with ``W'``: ``y' = y + conv(x; W' - W)`` (PEFT's merged form for all three).
 
 Kinds:
 
@@ -146,15 +149,21 @@ class MultiplicativeKind(af.DeltaKind):
         return entry.get("params", {}).get("side", "input")
 
     def dim(self, entry: dict[str, Any]) -> int:
-        out, n_in = af.function_shape(entry)
-        return n_in if self.side(entry) == "input" else out
+        fshape = af.function_shape(entry)
+        return math.prod(fshape[1:]) if self.side(entry) == "input" else fshape[0]
+
+    @staticmethod
+    def is_conv(entry: dict[str, Any]) -> bool:
+        """A 4-D target: a Conv2d weight ``[out, c, kh, kw]``, rotated on its flattened ``c * kh * kw`` axis."""
+        return len(entry["shape"]) == 4
 
     def check(self, module: str, entry: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
         fshape = af.function_shape(entry)
-        if len(fshape) != 2:
-            raise _fail(module, f"kind {self.name} adapts 2-D weights, shape is {list(entry['shape'])}")
         if self.side(entry) not in SIDES:
             raise _fail(module, f"params.side must be 'input' or 'output', not {self.side(entry)!r}")
+        if len(fshape) != 2 and not (len(fshape) == 4 and self.side(entry) == "input" and not self.transposed(entry)):
+            raise _fail(module, f"kind {self.name} adapts 2-D weights, or a 4-D convolution weight on the input "
+                                f"side (not transposed); shape is {list(entry['shape'])}")
         if "output_scale" in shapes and (self.side(entry) != "input" or shapes["output_scale"] != (fshape[0],)):
             raise _fail(module, f"output_scale {list(shapes['output_scale'])} must be [{fshape[0]}] and needs "
                                 "side 'input'")
@@ -179,6 +188,9 @@ class MultiplicativeKind(af.DeltaKind):
 
     def forward(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
+        if self.is_conv(entry):  # the rotated weight, through the module's own convolution
+            w = module.weight
+            return y + af.weight_function(module, x, (self.merged_function_weight(entry, t, w) - w).to(y.dtype))
         g = self._rotation(entry, t).to(y.dtype)
         bias = getattr(module, "bias", None)
         b = bias.to(y.dtype) if isinstance(bias, torch.Tensor) else torch.zeros((), dtype=y.dtype, device=y.device)
@@ -192,13 +204,15 @@ class MultiplicativeKind(af.DeltaKind):
 
     def merged_function_weight(self, entry: dict[str, Any], t: dict[str, torch.Tensor],
                                w_f: torch.Tensor) -> torch.Tensor:
-        """``W'_f`` for the function-layout weight ``w_f`` (computed in ``w_f``'s dtype, at least float32)."""
+        """``W'_f`` for the function-layout weight ``w_f`` (computed in ``w_f``'s dtype, at least float32); a 4-D
+        weight is rotated as its ``[out, c * kh * kw]`` flattening."""
         w_f = _wide(w_f)
         g = self._rotation(entry, t).to(w_f.dtype)
         if self.side(entry) == "output":
             return g.t() @ w_f
-        new = w_f @ g.t()
-        return new * t["output_scale"].to(w_f.dtype)[:, None] if "output_scale" in t else new
+        new = w_f.reshape(w_f.shape[0], -1) @ g.t()
+        new = new * t["output_scale"].to(w_f.dtype)[:, None] if "output_scale" in t else new
+        return new.reshape(w_f.shape)
 
     def merge(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> Any:
         """Returns the old weight and a digest of the merged one, for :meth:`unmerge`."""

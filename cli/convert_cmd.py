@@ -32,6 +32,8 @@ def convert(
     n_kv_heads: int = typer.Option(None, "--n-kv-heads", help="Key/value heads (default: --n-heads)."),
     arch: str = typer.Option(None, "--arch", help="llama.cpp architecture for --to gguf (llama, qwen2, qwen3); "
                              "default: the source GGUF's, else from the base's config.json model_type."),
+    task_id: int = typer.Option(None, "--task-id", min=0, help="PEFT Poly: the task whose LoRA to read (Poly "
+                                "mixes its skills per task)."),
     overwrite: bool = OverwriteOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -44,7 +46,8 @@ def convert(
     options = {"base": base} if base is not None else {}
     if allow_pickle:
         options["allow_pickle"] = True
-    options.update({k: v for k, v in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("arch", arch))
+    options.update({k: v for k, v in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("arch", arch),
+                                                ("task_id", task_id))
                     if v is not None})
     report = af.convert(src, dst, to, overwrite=overwrite, single_file=single_file, **options)
     for note in report.notes:

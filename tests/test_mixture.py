@@ -184,7 +184,7 @@ def test_refusals(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("kind", "said"), [
     ("xlora", "PEFT type 'XLORA' is not supported"),
-    ("poly", "PEFT type 'POLY' is not supported"),
+    ("poly", "Poly mixes its skills' LoRA factors per task, so one task is read as a LoRA: no task given"),
     ("arrow", "PEFT config fields that change the function cannot be represented: arrow_config="),
 ])
 def test_peft_gated_mixtures_are_refused_in_one_line(kind: str, said: str, tmp_path: Path) -> None:

@@ -138,6 +138,8 @@ def write_foreign(adapter: Adapter, path: str | os.PathLike[str], fmt: str, *, o
     return path
 
 
+READ_OPTIONS = ("allow_pickle", "task_id")
+"""Options only the reading codec takes: reading pickles, and the task of a per-task adapter (PEFT Poly)."""
 SHARED_OPTIONS = ("base", "n_heads", "n_kv_heads")
 """Options :func:`convert` hands to both the reading and the writing codec (a codec ignores those it does
 not use): the base model, and attention head counts for formats that reorder q/k rows (GGUF, torchtune)."""
@@ -184,7 +186,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str | 
         to = ADAPTERFMT
     if to != ADAPTERFMT:
         get_format(to)
-    read_opts = {k: v for k, v in options.items() if k in ("allow_pickle", *SHARED_OPTIONS)}
+    read_opts = {k: v for k, v in options.items() if k in (*READ_OPTIONS, *SHARED_OPTIONS)}
     write_opts = {k: v for k, v in options.items() if k not in read_opts or k in SHARED_OPTIONS}
     adapter = read_foreign(src, source_format, **read_opts)
     if to == ADAPTERFMT:

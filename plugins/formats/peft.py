@@ -305,8 +305,9 @@ def _ia3_shape(ia3_l: torch.Tensor, side: str) -> list[int]:
 class _Reader:
     """One PEFT folder being turned into module entries and tensors."""
 
-    def __init__(self, path: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Any) -> None:
-        self.path, self.cfg, self.raw = path, cfg, tensors
+    def __init__(self, path: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], base: Any,
+                 task_id: int | None = None) -> None:
+        self.path, self.cfg, self.raw, self.task_id = path, cfg, tensors, task_id
         self.shapes = af.base_shapes(base) if base is not None else None
         self.base = base
         self.modules: dict[str, dict[str, Any]] = {}
@@ -1011,14 +1012,67 @@ READERS.update({"SHIRA": ("shira", _Reader.shira), "LN_TUNING": ("ln_tuning", _R
                 "MULTITASK_PROMPT_TUNING": ("multitask_prompt_tuning", _Reader.multitask)})
 
 
+POLY_FIELDS = frozenset({"r", "n_tasks", "n_skills", "n_splits", "poly_type", "modules_to_save"})
+POLY_ROLES = {".poly_lora_A": "A", ".poly_lora_B": "B", ".poly_router.module_logits": "logits"}
+
+
+def _read_poly(r: _Reader) -> dict[str, Any]:
+    """Poly / MHR: per module, skills' factors ``A [splits, skills, in/splits, rank]``, ``B [splits, skills, rank,
+    out/splits]`` and the router's ``module_logits [tasks, splits*skills]``. For task t (PEFT in eval mode) the
+    module adds ``x A_t B_t / rank``, ``A_t`` the concatenation over splits of ``sum_s w[q,s] A[q,s]``, ``B_t``
+    likewise along the output, ``w = sigmoid(logits[t])`` normalised over skills (+1e-12): one LoRA per task, as
+    PEFT computes it. The file mixes factors, not outputs, so no fixed-gate mixture holds it whole: one task
+    is read (``task_id``), as a ``lowrank`` adapter."""
+    cfg = r.cfg
+    _check_fields(cfg, POLY_FIELDS, r.path)
+    if cfg.get("poly_type", "poly") != "poly":
+        raise af.UnsupportedError(f"Poly poly_type={cfg['poly_type']!r} is not PEFT's 'poly'", path=r.path)
+    tasks = int(cfg.get("n_tasks", 1))
+    if r.task_id is None or not 0 <= r.task_id < tasks:
+        got = "no task" if r.task_id is None else f"task {r.task_id}"
+        raise af.UnsupportedError(f"Poly mixes its skills' LoRA factors per task, so one task is read as a LoRA: "
+                                  f"{got} given; choose one of 0..{tasks - 1} (task_id= / --task-id)", path=r.path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in r.raw.items():
+        suffix = next((s for s in POLY_ROLES if key.endswith(s)), None)
+        if suffix is None:
+            raise af.UnsupportedError(f"tensor {PREFIX + key!r} is not a Poly factor or router", path=r.path)
+        parts.setdefault(key[: -len(suffix)], {})[POLY_ROLES[suffix]] = t
+    splits, skills, rank = int(cfg.get("n_splits", 1)), int(cfg.get("n_skills", 4)), int(cfg.get("r", 8))
+    for module, p in sorted(parts.items()):
+        if len(p) != 3:
+            raise af.FormatError(f"module {module!r} lacks one of poly_lora_A, poly_lora_B, module_logits",
+                                 path=r.path)
+        a, b, logits = p["A"], p["B"], p["logits"]
+        if a.dim() != 4 or b.dim() != 4 or list(a.shape[:2]) != [splits, skills] or a.shape[3] != rank \
+                or list(b.shape[:3]) != [splits, skills, rank] or list(logits.shape) != [tasks, splits * skills]:
+            raise af.FormatError(f"module {module!r}: poly_lora_A {list(a.shape)}, poly_lora_B {list(b.shape)}, "
+                                 f"module_logits {list(logits.shape)} do not fit n_splits={splits}, "
+                                 f"n_skills={skills}, r={rank}, n_tasks={tasks}", path=r.path)
+        r.targeted(module)
+        w = torch.sigmoid(logits[r.task_id]).view(splits, skills)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-12)
+        a_t = torch.einsum("qs,qsdr->qdr", w, a).reshape(splits * a.shape[2], rank)
+        b_t = torch.einsum("qs,qsrd->qrd", w, b).transpose(0, 1).reshape(rank, splits * b.shape[3])
+        r.add(module, af.lowrank_entry([b_t.shape[1], a_t.shape[0]], 1.0 / rank),
+              {"lora_A": a_t.T.contiguous(), "lora_B": b_t.T.contiguous()})
+    r.notes.append(f"Poly: task {r.task_id} of {tasks} read as a LoRA (its skills mixed by that task's router)")
+    return {}
+
+
+READERS["POLY"] = ("lora", _read_poly)
+
+
 def _modules_digest(modules: Mapping[str, Mapping[str, Any]]) -> str:
     """Digest of the module set and kinds: writing back reuses the source's target rules only if it is unchanged."""
     text = json.dumps(sorted((m, e["kind"]) for m, e in modules.items()))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False) -> af.Adapter:
-    """Read a PEFT adapter folder (see the module docstring for the mapping)."""
+def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False,
+              task_id: int | None = None) -> af.Adapter:
+    """Read a PEFT adapter folder (see the module docstring for the mapping); ``task_id`` picks the task of a
+    Poly adapter."""
     path = Path(path)
     cfg = af.read_json_object(path / CONFIG_FILE)
     _check_types(cfg, path / CONFIG_FILE)
@@ -1026,7 +1080,7 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False)
     if ptype not in READERS:
         raise af.UnsupportedError(f"PEFT type {ptype!r} is not supported (supported: {', '.join(READERS)})", path=path)
     raw = _load_tensors(path, allow_pickle)
-    reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "VERA", "VBLORA", "RANDLORA") else _strip(raw, path), base)
+    reader = _Reader(path, cfg, raw if ptype in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "VERA", "VBLORA", "RANDLORA") else _strip(raw, path), base, task_id)
     method, fn = READERS[ptype]
     method_cfg = fn(reader)
     fingerprint = af.base_fingerprint(base)
@@ -1587,7 +1641,8 @@ class PeftFormat:
         return path.is_dir() and (path / CONFIG_FILE).is_file()
 
     def read(self, path: Path, **options: Any) -> af.Adapter:
-        return read_peft(path, base=options.get("base"), allow_pickle=options.get("allow_pickle", False))
+        return read_peft(path, base=options.get("base"), allow_pickle=options.get("allow_pickle", False),
+                         task_id=options.get("task_id"))
 
     def write(self, adapter: af.Adapter, path: Path, **options: Any) -> None:
         write_peft(adapter, path, base=options.get("base"))

@@ -11,6 +11,12 @@ the Triton interpreter to check the harness itself). All in fp16 by default (``-
    with skewed popularity plus base-only rows: base GEMM + Triton ``multi_lora_rows``, base + the torch path,
    and PEFT with ``adapter_names=``. Target: 16 adapters at least 3x PEFT's mixed-batch throughput.
 3. **sparse / ternary**: the CSR and bit-plane kernels against their torch paths at 1% / 10% density.
+4. **routed**: the ``mixture`` kind's per-token path (MeteoRA), 8 r=16 experts, top-2 per token, one router:
+   base GEMM + routing + ``multi_lora_rows`` once per chosen slot with the gate weights folded into the rows
+   (Triton, and the torch rows path), base + every expert as two GEMMs gated to zero off the top-2 (the CPU
+   path), base + the naive loop over experts (MeteoRA's ``_accelerated_forward_inner_loop``: each expert's
+   tokens gathered, ``index_add_``), against one unmerged r=16 LoRA (fused ``lora_linear``).
+   Target: the Triton mixture at most 1.5x the single LoRA.
 
 Prints one table per part and writes everything as JSON to ``--out``. Every timed kernel is first checked
 against the reference of :mod:`adapterfmt.kernels.reference`.
@@ -228,6 +234,70 @@ def part_compressed(shapes, batches, dtype, device, tol) -> list[dict]:
     return rows
 
 
+def part_routed(shapes, batches, dtype, device, tol, experts: int = 8, r: int = 16, top_k: int = 2) -> list[dict]:
+    from adapterfmt.kernels import lora_linear, multi_lora_rows
+    from adapterfmt.kernels.reference import multi_lora_rows_ref
+    from adapterfmt.plugins.methods.mixture import Mixture, gemm_forward, mixture_entry, route
+
+    kind, rows = Mixture(), []
+    for d_in, d_out in shapes:
+        if over_budget():
+            return rows
+        w = torch.randn(d_out, d_in, device=device, dtype=dtype) / d_in ** 0.5
+        entry = mixture_entry([d_out, d_in], [f"e{i}" for i in range(experts)], top_k=top_k,
+                              scales=[2.0] * experts)
+        p = entry["params"]
+        t = kind.bind(None, entry, {"router": torch.randn(experts, d_in, device=device, dtype=dtype) / d_in ** 0.5,
+                                    "lora_A": torch.randn(experts, r, d_in, device=device, dtype=dtype) / d_in ** 0.5,
+                                    "lora_B": torch.randn(experts, d_out, r, device=device, dtype=dtype) * 0.05})
+        scales = torch.full((experts,), 2.0, device=device)
+        for m in batches:
+            x = torch.randn(m, d_in, device=device, dtype=dtype)
+
+            def rows_path() -> torch.Tensor:  # what the kind runs on CUDA: one rows call per chosen slot
+                out, (idx, g) = F.linear(x, w), route(x, t["router"], top_k, 1.0)
+                for j in range(top_k):
+                    out = multi_lora_rows(x * g[:, j, None].to(dtype), out, t["lora_A"], t["lora_B"], scales, idx[:, j])
+                return out
+
+            def gemm() -> torch.Tensor:
+                return gemm_forward(p, t, x, F.linear(x, w))[1]
+
+            def expert_loop() -> torch.Tensor:
+                y = F.linear(x, w)
+                idx, g = route(x, t["router"], top_k, 1.0)
+                for e in range(experts):
+                    tok, slot = torch.where(idx == e)
+                    if tok.numel():
+                        part = F.linear(F.linear(x[tok], t["lora_A"][e]), t["lora_B"][e]) * 2.0
+                        y.index_add_(0, tok, part * g[tok, slot, None].to(dtype))
+                return y
+
+            idx, g = route(x, t["router"], top_k, 1.0)
+            ref = F.linear(x, w).float()
+            for j in range(top_k):  # the dense reference: token by token, slot by slot, in fp32
+                ref = multi_lora_rows_ref(x.float() * g[:, j, None], ref, t["lora_A"], t["lora_B"], scales, idx[:, j])
+            use("triton")
+            err = check(rows_path(), ref, "mixture (triton rows)", tol)
+            if device == "cuda":  # the kind itself takes this path on CUDA (on the CPU: the two GEMMs)
+                check(kind.forward(None, entry, t, x, F.linear(x, w)), ref, "mixture kind forward", tol)
+            check(expert_loop(), ref, "naive expert loop", tol)
+            check(gemm(), ref, "mixture (two GEMMs)", tol)
+            lone = (t["lora_A"][0], t["lora_B"][0])
+            tm = {"base_gemm": bench(lambda: F.linear(x, w), device),
+                  "single_lora": bench(lambda: lora_linear(x, w, *lone, 2.0), device),
+                  "mixture_triton": bench(rows_path, device), "mixture_gemm": bench(gemm, device),
+                  "expert_loop": bench(expert_loop, device)}
+            use("torch")
+            check(rows_path(), ref, "mixture (torch rows)", tol)
+            tm["mixture_torch_rows"] = bench(rows_path, device)
+            rows.append({"part": "routed", "shape": f"{d_in}->{d_out}", "experts": experts, "top_k": top_k,
+                         "batch": m, "err": err, **{f"{k}_ms": v for k, v in tm.items()},
+                         "triton_over_lora": tm["mixture_triton"] / tm["single_lora"],
+                         "loop_over_triton": tm["expert_loop"] / tm["mixture_triton"]})
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)"
@@ -238,7 +308,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def verdicts(single: list[dict], mixed: list[dict]) -> list[str]:
+def verdicts(single: list[dict], mixed: list[dict], routed: list[dict]) -> list[str]:
     out = []
     s = [r for r in single if r["r"] == 16 and r["batch"] <= 16]
     if s:
@@ -255,6 +325,11 @@ def verdicts(single: list[dict], mixed: list[dict]) -> list[str]:
         least = min(r["peft_over_triton"] for r in m)
         out.append(f"16-adapter mixed batch, PEFT time / ours: min {least:.2f}x "
                    f"(target >= 3x: {'MET' if least >= 3 else 'NOT MET'})")
+    if routed:
+        worst = max(r["triton_over_lora"] for r in routed)
+        out.append(f"mixture of {routed[0]['experts']} r=16 experts, top-{routed[0]['top_k']}, over one unmerged "
+                   f"LoRA: worst {worst:.2f}x (target <= 1.5x: {'MET' if worst <= 1.5 else 'NOT MET'}); naive "
+                   f"expert loop / ours: min {min(r['loop_over_triton'] for r in routed):.2f}x")
     return out
 
 
@@ -289,13 +364,16 @@ def main() -> None:
     print("\n## mixed batch\n" + table(mixed), flush=True)
     comp = part_compressed(shapes, [1, 16] if device == "cuda" else batches, dtype, device, tol)
     print("\n## sparse / ternary\n" + table(comp), flush=True)
-    verdict = verdicts(single, mixed)
+    routed = part_routed(shapes, [16, 256, 1024] if device == "cuda" else batches, dtype, device, tol)
+    print("\n## routed mixture (per-token ids and gate weights)\n" + table(routed), flush=True)
+    verdict = verdicts(single, mixed, routed)
     print("\n" + "\n".join(verdict))
     if over_budget():
         print(f"(stopped early: time budget of {BUDGET_S:.0f} s reached)")
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter check)",
             "torch": torch.__version__, "dtype": str(dtype), "wall_s": time.perf_counter() - _T0,
-            "verdicts": verdict, "single": single, "mixed": mixed, "compressed": comp}
+            "verdicts": verdict, "single": single, "mixed": mixed, "compressed": comp,
+            "routed": routed}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)

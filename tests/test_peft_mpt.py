@@ -86,7 +86,8 @@ def test_mpt_reads_applies_each_task_and_writes_back(tmp_path, model):
         warnings.simplefilter("ignore")
         back = PeftModel.from_pretrained(build(model), tmp_path / "back").eval()
     assert (peft_logits(back, [1, 2, 0]) - peft_logits(pm, [1, 2, 0])).abs().max() <= ATOL
-    src, new = load_file(folder / "adapter_model.safetensors"), load_file(tmp_path / "back" / "adapter_model.safetensors")
+    src = load_file(folder / "adapter_model.safetensors")
+    new = load_file(tmp_path / "back" / "adapter_model.safetensors")
     assert src.keys() == new.keys() and all(torch.equal(src[k], new[k]) for k in src)
 
 

@@ -50,7 +50,7 @@ import copy
 import math
 import re
 from collections.abc import Collection
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -82,8 +82,8 @@ class PromptTuning(af.Method):
     name = "prompt_tuning"
     summary = "Prompt tuning: virtual token embeddings prepended to the input embeddings"
     kinds = ("prompt",)
-    config_schema = {"type": "object", "properties": _PROMPT_SCHEMA}
-    defaults: dict[str, Any] = {"num_virtual_tokens": 8, "init": "random", "seed": 0}
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": _PROMPT_SCHEMA}
+    defaults: ClassVar[dict[str, Any]] = {"num_virtual_tokens": 8, "init": "random", "seed": 0}
 
     def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
         """Inject trainable virtual tokens on the input embedding; see the plugin docstring."""
@@ -143,10 +143,11 @@ class DePT(PromptTuning):
     name = "dept"
     summary = "DePT: a shorter prompt plus a low-rank per-position update of the input embeddings"
     kinds = ("dept",)
-    config_schema = {"type": "object", "properties": {
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
         **_PROMPT_SCHEMA, "r": {"type": "integer", "minimum": 1}, "alpha": {"type": "number"},
         "max_length": {"type": "integer", "minimum": 1}}}
-    defaults = {**PromptTuning.defaults, "num_virtual_tokens": 4, "r": 4, "alpha": 8, "max_length": 256}
+    defaults: ClassVar[dict[str, Any]] = {**PromptTuning.defaults, "num_virtual_tokens": 4, "r": 4, "alpha": 8,
+                                          "max_length": 256}
 
     def layer(self, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
         entry = {"kind": "dept", "shape": list(module.weight.shape),
@@ -183,10 +184,10 @@ class EPTDelta(af.TrainableDelta):
 class EPT(DePT):
     name = "ept"
     summary = "EPT: DePT with prompt fusion and a gated multi-space projection, stored as DePT"
-    config_schema = {"type": "object", "properties": {
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
         **DePT.config_schema["properties"], "num_spaces": {"type": "integer", "minimum": 1},
         "space_rank": {"type": "integer", "minimum": 1}}}
-    defaults = {**DePT.defaults, "num_spaces": 4, "space_rank": 4}
+    defaults: ClassVar[dict[str, Any]] = {**DePT.defaults, "num_spaces": 4, "space_rank": 4}
 
     def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
         """DePT's injection with EPT's reparameterised prompt; see the plugin docstring."""
@@ -264,10 +265,10 @@ class MultitaskPromptTuning(PromptTuning):
     name = "multitask_prompt_tuning"
     summary = "Multitask prompt tuning: a shared prompt times a per-task low-rank matrix (PEFT's MPT)"
     kinds = ("multitask_prompt",)
-    config_schema = {"type": "object", "properties": {
-        **_PROMPT_SCHEMA, "num_tasks": {"type": "integer", "minimum": 1}, "num_ranks": {"type": "integer", "minimum": 1},
-        "task": {"type": "integer", "minimum": 0}}}
-    defaults = {**PromptTuning.defaults, "num_tasks": 1, "num_ranks": 1, "task": 0}
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
+        **_PROMPT_SCHEMA, "num_tasks": {"type": "integer", "minimum": 1},
+        "num_ranks": {"type": "integer", "minimum": 1}, "task": {"type": "integer", "minimum": 0}}}
+    defaults: ClassVar[dict[str, Any]] = {**PromptTuning.defaults, "num_tasks": 1, "num_ranks": 1, "task": 0}
 
     def layer(self, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
         if cfg["task"] >= cfg["num_tasks"]:

@@ -183,7 +183,7 @@ def test_refusals(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("kind", "said"), [
-    ("xlora", "PEFT type 'XLORA' is not supported"),
+    ("xlora", "X-LoRA gates every layer's LoRAs per token from a first forward pass of the whole model"),
     ("poly", "Poly mixes its skills' LoRA factors per task, so one task is read as a LoRA: no task given"),
     ("arrow", "PEFT config fields that change the function cannot be represented: arrow_config="),
 ])

@@ -1077,6 +1077,10 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False,
     cfg = af.read_json_object(path / CONFIG_FILE)
     _check_types(cfg, path / CONFIG_FILE)
     ptype = cfg.get("peft_type")
+    if ptype == "XLORA":
+        raise af.UnsupportedError("X-LoRA gates every layer's LoRAs per token from a first forward pass of the whole "
+                                  "model (a classifier on its hidden states); a mixture routes each layer from that "
+                                  "layer's own input, so it cannot hold X-LoRA", path=path)
     if ptype not in READERS:
         raise af.UnsupportedError(f"PEFT type {ptype!r} is not supported (supported: {', '.join(READERS)})", path=path)
     raw = _load_tensors(path, allow_pickle)

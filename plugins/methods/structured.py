@@ -18,8 +18,8 @@ The kinds' math is in the spec (sections 6.10.8 to 6.10.12). All are defined in 
 (``params.transposed`` marks a target stored ``[in, out]``, as for the weight-delta kinds of 6.10) on a
 2-D weight ``[out, n_in]``. All but ``block_share`` mode ``bat`` are additive.
 
-Training: each method but ``vblora`` has a ``train`` verb (VB-LoRA trains its shared vector bank jointly
-with the logits, which a per-module trainable delta cannot express; its adapters come from ``convert``).
+Training: each method has a ``train`` verb (VB-LoRA's shared vector bank is one parameter trained with every
+module's logits).
 """
 
 from __future__ import annotations
@@ -410,9 +410,39 @@ class FourierFT(af.Method):
 
 class VBLoRA(af.Method):
     name = "vblora"
-    summary = "VB-LoRA: LoRA factors assembled from a shared vector bank by per-module top-k logits (read, apply)"
+    summary = "VB-LoRA: LoRA factors assembled from one trained vector bank by per-module top-k logits"
     kinds = ("vector_bank",)
-    config_schema = _schema({"r": _INT, "num_vectors": _INT, "vector_length": _INT, "topk": _INT})
+    config_schema = _schema({"r": _INT, "num_vectors": _INT, "vector_length": _INT, "topk": _INT,
+                             "init_vector_bank_bound": {"type": "number"}, "init_logits_std": {"type": "number"}})
+
+    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
+        """One ``[num_vectors, vector_length]`` bank shared by every targeted module and trained with each
+        module's logits (``[r, in / L, N]`` and ``[out / L, r, N]``), initialised as PEFT does: the bank uniform
+        in ``+-init_vector_bank_bound``, the logits normal with std ``init_logits_std``. The forward mixes the
+        top-k bank vectors by the softmax of their logits (spec 6.10.9), so gradients reach only those."""
+        cfg = {"r": 4, "num_vectors": 256, "vector_length": 256, "topk": 2, "init_vector_bank_bound": 0.02,
+               "init_logits_std": 0.1, **config}
+        self.check_config(cfg)
+        r, n, length, topk = cfg["r"], cfg["num_vectors"], cfg["vector_length"], cfg["topk"]
+        if topk > n:
+            raise af.UnsupportedError(f"vblora: topk={topk} exceeds num_vectors={n}")
+        chosen = af.select_targets(model, cfg)
+        dtype = af.adapter_dtype(next(iter(chosen.values()))) if chosen else torch.float32
+        bound = float(cfg["init_vector_bank_bound"])
+        bank = nn.Parameter(torch.empty(n, length, dtype=dtype).uniform_(-bound, bound))
+
+        def build(path: str, module: nn.Module) -> af.TrainableDelta:
+            out, n_in = _fshape(module)
+            if out % length or n_in % length:
+                raise af.UnsupportedError(f"module {path!r}: vector_length {length} must divide its {out} outputs "
+                                          f"and {n_in} inputs")
+            std = float(cfg["init_logits_std"])
+            logits = {"logits_A": torch.empty(r, n_in // length, n, dtype=dtype).normal_(0, std),
+                      "logits_B": torch.empty(out // length, r, n, dtype=dtype).normal_(0, std)}
+            entry = af.module_entry("vector_bank", module, {"topk": topk})
+            return af.TrainableDelta(entry, logits, shared={"vector_bank": ("vector_bank", bank)})
+
+        return af.inject(model, method=self.name, config=cfg, build=build)
 
 
 def randlora_bases(r: int, out_max: int, in_max: int, seed: int, *, sparse: bool = False,

@@ -8,7 +8,8 @@ run from :meth:`TrainSession.step`, so ``adapter train`` refuses to checkpoint T
 
 **TriAdaptLoRA** (arXiv 2501.08008). Source: the only implementation found, a PEFT fork's
 ``tuners/triadaptlora.py`` (``TriAdaptLoraConfig`` / ``RankAllocator``); the paper's text beyond its abstract
-was not available here. ``dW = alpha / (r + 1e-5) * B C A`` with ``r`` the current rank; ``A`` and ``B`` are
+was not available here. ``dW = alpha / (r + 1e-5) * B C A`` with ``r`` the current rank (``alpha <= 0``:
+``init_rank``, as the fork); ``A`` and ``B`` are
 block lists (``init_rank`` rows / columns first, ``incre_rank_num`` per growth) and ``C`` (r x r) the sum of a
 block-lower part (each growth's new rows ``[k, r]``) and a block-upper part (its new columns ``[r, k]``): the
 triangular split. Importance of a module: the change since the last evaluation of ``||C||_F / blocks`` (the
@@ -175,7 +176,8 @@ class TriAdaptLoRA(af.Method):
         session = TriangularSession(model, self.name, cfg)
         for path, module in chosen.items():
             entry = af.module_entry("lowrank", module, {"scale": 1.0})
-            session.add(path, module, TriangularDelta(entry, module, cfg["init_rank"], cfg["alpha"], cfg["dropout"]))
+            alpha = cfg["alpha"] if cfg["alpha"] > 0 else cfg["init_rank"]
+            session.add(path, module, TriangularDelta(entry, module, cfg["init_rank"], alpha, cfg["dropout"]))
         step_k = cfg["incre_rank_num"] or max(1, cfg["reference_rank"] // 2)
         target = cfg["target_total_rank"] or cfg["reference_rank"] * len(session.layers)
 

@@ -36,6 +36,15 @@ config so the kit (and a user) can train the same structure again without data.
   optimizer and keeps its state), one selection at the start (the reference re-selects every ``interval``
   epochs), only linear weights are candidates (not norms, biases, embeddings), and a ``rho`` whose backward
   budget is not positive is refused (the reference resets it to 0.05). The choice is recorded as ``tensors``.
+- **Light-PEFT** (Gu et al. 2024, "Light-PEFT: Lightening Parameter-Efficient Fine-Tuning via Early Pruning";
+  reference ``gccnlp/Light-PEFT`` ``NLU/estimate.py``, ``nlu_utils.py``, ``trainer_base.py``): an estimation
+  phase in ``train`` (LoRA with trainable head / FFN-channel gates under L1, rank and module importances
+  recorded), then the pruning the reference's second run does (:meth:`LightPEFT.estimate`); the session returned
+  trains the kept LoRA ranks from their estimated values on the pruned base: removed heads and channels are
+  ``mask`` entries (spec 6.13) on the inputs of ``o_proj`` / ``down_proj``, which therefore cannot also hold a
+  LoRA (refused). Nothing is scheduled after ``train``, so ``adapter train`` checkpoints and resumes it exactly.
+  The base's pruned weights stay in memory (masked, not sliced out), so this implementation saves no training
+  time or memory of the base; a reader may slice them out (spec 6.13).
 """
 
 from __future__ import annotations

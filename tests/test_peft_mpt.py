@@ -14,12 +14,13 @@ import torch
 
 pytest.importorskip("peft")
 from helpers_peft import VOCAB, build, randomize
-from helpers_spec import invoke
+from helpers_spec import EXAMPLES, invoke
 from peft import MultitaskPromptTuningConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import adapterfmt as af
 from adapterfmt.authoring.conformance import check_method
+from adapterfmt.format import golden
 
 ATOL = 1e-5
 TASKS = 3
@@ -105,23 +106,20 @@ def test_mpt_without_a_chosen_task_is_refused_in_one_line(tmp_path):
         af.registry.get_method("multitask_prompt_tuning").for_task(adapter, 3)
 
 
-def test_mpt_kind_is_the_spec_math(tmp_path):
-    """Spec 6.10.16 in numpy: P = embeddings * (task_cols[t] @ task_rows[t]); y' = concat(P, y)."""
-    gen = torch.Generator().manual_seed(3)
-    t = {"emb.embeddings": torch.randn(3, 6, generator=gen), "emb.task_cols": torch.randn(2, 3, 2, generator=gen),
-         "emb.task_rows": torch.randn(2, 2, 6, generator=gen)}
-    entry = {"kind": "multitask_prompt", "shape": [10, 6], "params": {"position": "prefix", "task": 1}}
-    af.save(af.Adapter(af.new_manifest("multitask_prompt_tuning", {"emb": entry}), t), tmp_path / "a")
-    adapter = af.load(tmp_path / "a")
-    model = torch.nn.Sequential()
-    model.add_module("emb", torch.nn.Embedding(10, 6))
-    ids = torch.tensor([[1, 4, 2]])
-    y = model(ids).detach().numpy()
-    n = {k: v.numpy() for k, v in t.items()}
-    prompt = n["emb.embeddings"] * (n["emb.task_cols"][1] @ n["emb.task_rows"][1])
-    want = np.concatenate([prompt[None], y], axis=1)
+def test_mpt_golden_example_is_the_spec_math():
+    """Spec 6.10.16 in numpy on spec/examples/multitask_prompt: P = embeddings * (task_cols[t] @ task_rows[t]),
+    t = params.task, prepended to the embedding output."""
+    adapter = af.load(EXAMPLES / "multitask_prompt.safetensors")
+    entry = adapter.modules["model.embed_tokens"]
+    n = {r: t.numpy() for r, t in adapter.module_tensors("model.embed_tokens").items()}
+    task = entry["params"]["task"]
+    model = golden.golden_base()
+    ids = torch.tensor([[1, 4, 2], [0, 3, 5]])
+    y = model.model.embed_tokens(ids).detach().numpy()
+    prompt = n["embeddings"] * (n["task_cols"][task] @ n["task_rows"][task])
+    want = np.concatenate([np.broadcast_to(prompt, (2, *prompt.shape)), y], axis=1)
     af.attach(model, adapter)
-    assert np.abs(model(ids).detach().numpy() - want).max() <= ATOL
+    assert np.abs(model.model.embed_tokens(ids).detach().numpy() - want).max() <= ATOL
     with pytest.raises(af.UnsupportedError, match="cannot be merged"):
         af.merge_into(model, "multitask_prompt_tuning")
 

@@ -162,6 +162,14 @@ def _prompt() -> Built:
     return "prompt_tuning", {"num_virtual_tokens": 3}, modules, {f"{EMBED}.embeddings": ramp(3, 8, seed=5, dtype=torch.bfloat16)}
 
 
+def _multitask_prompt() -> Built:
+    """A plugin kind (spec 6.10.16): a shared prompt of 3 tokens, 2 tasks of rank 2, task 1 applied."""
+    modules = {EMBED: {"kind": "multitask_prompt", "shape": [16, 8], "params": {"position": "prefix", "task": 1}}}
+    t = {f"{EMBED}.embeddings": ramp(3, 8, seed=10), f"{EMBED}.task_cols": ramp(2, 3, 2, seed=11),
+         f"{EMBED}.task_rows": ramp(2, 2, 8, seed=12)}
+    return "multitask_prompt_tuning", {"num_virtual_tokens": 3, "num_tasks": 2, "num_ranks": 2, "task": 1}, modules, t
+
+
 def _ternary() -> Built:
     """ComPEFT sign patterns: a bitmap mask with one scale per tensor, varint gaps with one scale per group."""
     flat = torch.arange(96)
@@ -210,7 +218,7 @@ def _extensions() -> Built:
 
 EXAMPLES: dict[str, Callable[[], Built]] = {
     "lowrank": _lowrank, "lowrank_svd": _lowrank_svd, "dense": _dense, "sparse": _sparse, "vector": _vector,
-    "mask": _mask, "prompt": _prompt, "ternary": _ternary, "encoded": _encoded, "codebook": _codebook,
+    "mask": _mask, "prompt": _prompt, "multitask_prompt": _multitask_prompt, "ternary": _ternary, "encoded": _encoded, "codebook": _codebook,
     "extensions": _extensions,
 }
 """Example name -> builder; each is written as ``<name>/`` (folder form) and ``<name>.safetensors``."""

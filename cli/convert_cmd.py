@@ -33,7 +33,8 @@ def convert(
     arch: str = typer.Option(None, "--arch", help="llama.cpp architecture for --to gguf (llama, qwen2, qwen3); "
                              "default: the source GGUF's, else from the base's config.json model_type."),
     task_id: int = typer.Option(None, "--task-id", min=0, help="PEFT Poly: the task whose LoRA to read (Poly "
-                                "mixes its skills per task)."),
+                                "mixes its skills per task); PEFT multitask prompt tuning: the task applied "
+                                "(every task is kept)."),
     overwrite: bool = OverwriteOpt,
     as_json: bool = JsonOpt,
 ) -> None:

@@ -97,8 +97,20 @@ def _save_base(tmp_path, model: str) -> str:
     return str(tmp_path / "base")
 
 
-def test_mpt_without_a_chosen_task_is_refused_in_one_line(tmp_path):
-    _, folder = peft_case(tmp_path, "llama")
+def test_mpt_task_id_and_refusals(tmp_path):
+    pm, folder = peft_case(tmp_path, "llama")
+    base = _save_base(tmp_path, "llama")
+    res = invoke("convert", str(folder), str(tmp_path / "t2.safetensors"), "--base", base, "--task-id", "2")
+    assert res.exit_code == 0, res.stderr
+    chosen = af.load(tmp_path / "t2.safetensors")
+    assert chosen.modules["model.embed_tokens"]["params"]["task"] == 2
+    assert chosen.shape("model.embed_tokens.task_cols")[0] == TASKS  # every task kept
+    m = build("llama")
+    af.attach(m, chosen)
+    assert (run(m) - peft_logits(pm, [2] * IDS.shape[0])).abs().max() <= ATOL
+    res = invoke("convert", str(folder), str(tmp_path / "t3.safetensors"), "--base", base, "--task-id", "3")
+    assert res.exit_code == 1 and "has 3 tasks; task 3 given" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "t3.safetensors").exists()
     adapter = af.read_foreign(folder, base=build("llama"))
     with pytest.raises(af.UnsupportedError, match="of 3 tasks applies one: choose it with params.task"):
         af.attach(build("llama"), adapter)

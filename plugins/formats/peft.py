@@ -947,9 +947,9 @@ class _Reader:
 
     def multitask(self) -> dict[str, Any]:
         """Multitask prompt tuning: ``prompt_embeddings [n, dim]``, ``prefix_task_cols [tasks, n, r]``,
-        ``prefix_task_rows [tasks, r, dim]`` as kind ``multitask_prompt`` with every task (no task chosen:
-        PEFT takes ``task_ids`` at each call). ``prompt_tuning_init_state_dict_path`` / ``_task`` only chose
-        the initial values."""
+        ``prefix_task_rows [tasks, r, dim]`` as kind ``multitask_prompt`` with every task; ``task_id``, when
+        given, becomes ``params.task`` (the task an attach applies; PEFT takes ``task_ids`` at each call).
+        ``prompt_tuning_init_state_dict_path`` / ``_task`` only chose the initial values."""
         emb, module, shape = self.prompt_embeddings(MULTITASK_FIELDS, MULTITASK_TENSORS, "multitask prompt tuning")
         cols, rows = self.raw["prefix_task_cols"], self.raw["prefix_task_rows"]
         tasks, n, r = cols.shape if cols.dim() == 3 else (None, None, None)
@@ -958,7 +958,11 @@ class _Reader:
             raise af.FormatError(f"prefix_task_cols {list(cols.shape)} / prefix_task_rows {list(rows.shape)} do not "
                                  f"fit prompt_embeddings {list(emb.shape)}, num_tasks={self.cfg.get('num_tasks')}, "
                                  f"num_ranks={self.cfg.get('num_ranks')}", path=self.path)
-        self.add(module, {"kind": "multitask_prompt", "shape": shape, "params": {"position": "prefix"}},
+        if self.task_id is not None and self.task_id >= tasks:
+            raise af.UnsupportedError(f"multitask prompt tuning has {tasks} tasks; task {self.task_id} given "
+                                      f"(task_id= / --task-id: 0..{tasks - 1})", path=self.path)
+        task = {} if self.task_id is None else {"task": self.task_id}
+        self.add(module, {"kind": "multitask_prompt", "shape": shape, "params": {"position": "prefix", **task}},
                  {"embeddings": emb, "task_cols": cols, "task_rows": rows})
         return {"num_virtual_tokens": n, "num_tasks": tasks, "num_ranks": r}
 

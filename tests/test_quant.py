@@ -386,11 +386,33 @@ def test_cli_compress_with_the_nf4_codec(tmp_path):
     assert not (tmp_path / "c.safetensors").exists()
 
 
-def test_other_kinds_refuse_a_base_held_quantised():
-    packed = _tiny()
-    quantize_model(packed, af.QuantSpec(4, 8), CFG, pack=True)
-    with pytest.raises(af.BaseMismatchError, match="down_proj' has no parameter 'weight'"):
-        af.attach(packed, _lora_on(_tiny(), None))
+def test_lora_attaches_and_trains_on_a_base_held_quantised():
+    """A LoRA over a QuantizedLinear computes on its dequantisation (the same model as on the dequantised
+    base); it trains there, never merges into the codes, and kinds that change the weight refuse the module."""
+    spec = af.QuantSpec(4, 8, "asymmetric")
+    base = _tiny()
+    deq, packed = quantize_model_copy(base, spec), copy.deepcopy(base)
+    quantize_model(packed, spec, CFG, pack=True)
+    x = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(3))
+    session = af.registry.get_method("lora").train(packed, config={**CFG, "r": 2})
+    assert sorted(session.layers) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        for p in session.parameters():
+            p.add_(0.1)
+    packed(x).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in session.parameters())
+    trained, adapter = session.model(x), session.extract()
+    session.remove()
+    af.attach(packed, adapter)
+    torch.testing.assert_close(packed(x), trained, rtol=0, atol=0)
+    af.attach(deq, adapter)
+    torch.testing.assert_close(deq(x), trained, rtol=1e-5, atol=1e-6)
+    with pytest.raises(af.UnsupportedError, match="QuantizedLinear, which holds its weight quantised"):
+        af.merge_into(packed, "lora")
+    torch.testing.assert_close(packed(x), trained, rtol=0, atol=0)  # nothing half-merged
+    ia3 = af.registry.get_method("ia3").train(_tiny(), config={"target_modules": ["down_proj"]})
+    with pytest.raises(af.BaseMismatchError, match="holds its weight quantised; kind 'vector'"):
+        af.attach(packed, ia3.extract())
 
 
 def test_base_quantization_is_a_must_understand_feature(tmp_path):

@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UnsupportedError
-from .modules import is_transposed
+from .modules import held_quantized, is_transposed, weight_shape
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +37,9 @@ class DeltaKind:
     """True when the kind's effect is ``W + dW`` (so merge strategies can combine it in delta space)."""
     layout_sensitive: bool = False
     """True when the kind's tensors are in function layout, so ``params.transposed`` must match the module."""
+    on_quantized: bool = False
+    """True when the kind attaches (unmerged) to a module that holds its weight quantised
+    (:func:`~adapterfmt.deltas.modules.held_quantized`), computing on the module's own dequantisation."""
 
     has_data_rules: bool = False
     """Whether :meth:`check_data` checks anything (worked out for each subclass): full validation reads a
@@ -99,12 +102,16 @@ class DeltaKind:
         import torch
 
         pname = entry.get("parameter", "weight")
-        param = getattr(module, pname, None)
-        if not isinstance(param, torch.Tensor):
+        if held_quantized(module):
+            if not (self.on_quantized and pname == "weight"):
+                raise UnsupportedError(f"module {path!r} ({type(module).__name__}) holds its weight quantised; "
+                                       f"kind {self.name!r} does not attach to a quantised {pname}")
+        elif not isinstance(getattr(module, pname, None), torch.Tensor):
             raise FormatError(f"module {path!r} has no parameter {pname!r}")
-        if not shape_fits(entry["shape"], param.shape):
+        shape = weight_shape(module, pname)
+        if not shape_fits(entry["shape"], shape):
             raise FormatError(f"module {path!r}: adapter expects {pname} of shape {list(entry['shape'])}, "
-                              f"the model has {list(param.shape)}")
+                              f"the model has {shape}")
         if self.layout_sensitive and self.transposed(entry) != is_transposed(module):
             raise FormatError(f"module {path!r} ({type(module).__name__}) stores its weight "
                               f"{'[in, out]' if is_transposed(module) else '[out, in]'} but the entry says "

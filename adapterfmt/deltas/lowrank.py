@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UnsupportedError
 from .base import ROWS_CACHE_ATTR, DeltaKind, Entry, Tensors, fail
 from .base_part import FACTOR_RECIPES, RECIPES, base_part, derived_tensors, is_derived, scale_columns
-from .modules import is_transposed, weight_function
+from .modules import function_weight, held_quantized, is_transposed, weight_function
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +36,7 @@ def channel_view(v: torch.Tensor, y: torch.Tensor, module: nn.Module | None) -> 
 class LowRank(DeltaKind):
     name = "lowrank"
     layout_sensitive = True
+    on_quantized = True
     required_roles = ("lora_A", "lora_B")
     optional_roles = ("lora_mid", "magnitude", "bias", "bias_value")
 
@@ -215,7 +216,8 @@ class LowRank(DeltaKind):
         if _is_linear(module) and len(t) == 2 and self.plain(entry, t) and x.dtype == y.dtype:
             # y + scale * (x A^T) B^T through the kernel dispatcher (Triton on CUDA, fused addmm on the CPU)
             a, b = t["lora_A"].to(x.dtype), t["lora_B"].to(x.dtype)
-            if y.requires_grad and torch.is_grad_enabled():
+            if torch.is_grad_enabled() and (y.requires_grad or a.requires_grad or b.requires_grad):
+                # out of place: in training ``y`` may be a view a custom autograd Function returned (bitsandbytes)
                 return y + kernels.lora_delta(x, a, b, self.scale(entry))
             return kernels.lora_delta(x, a, b, self.scale(entry), out=y)
         if "bias_value" in t:  # the module's bias b is replaced: y - b + bias_value
@@ -260,6 +262,8 @@ class LowRank(DeltaKind):
         return out
 
     def _function_weight(self, module: nn.Module, entry: Entry) -> torch.Tensor:
+        if held_quantized(module):
+            return function_weight(module)
         w = getattr(module, entry.get("parameter", "weight"))
         return w.t() if self.transposed(entry) else w
 
@@ -268,8 +272,13 @@ class LowRank(DeltaKind):
         return full.reshape(full.shape[0], -1).norm(p=2, dim=1)
 
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
-        """Returns ``(weight state, the replaced bias or None)`` for :meth:`unmerge`."""
+        """Returns ``(weight state, the replaced bias or None)`` for :meth:`unmerge`; refuses a module that holds its
+        weight quantised (re-quantising ``W + dW`` would lose the delta and unmerge could not restore ``W``)."""
         import torch
+
+        if held_quantized(module):
+            raise UnsupportedError(f"cannot merge into a {type(module).__name__}, which holds its weight quantised: "
+                                   "keep the adapter unmerged, or bake it into the quantised checkpoint")
 
         if "bias" in t and getattr(module, "bias", None) is None:
             raise UnsupportedError(f"cannot merge a LoRA bias into {type(module).__name__} without a bias; "
@@ -340,7 +349,7 @@ def wide(t: torch.Tensor) -> torch.Tensor:
 def _is_linear(module: nn.Module) -> bool:
     from torch import nn
 
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or held_quantized(module)
 
 
 def _pool(module: nn.Module, present: list[tuple[int, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

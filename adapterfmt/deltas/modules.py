@@ -28,7 +28,7 @@ def weight_function(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) ->
     import torch.nn.functional as F
     from torch import nn
 
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or held_quantized(module):
         return F.linear(x, weight)
     if isinstance(module, nn.Embedding):
         return F.embedding(x, weight.t(), module.padding_idx, module.max_norm, module.norm_type,
@@ -40,6 +40,43 @@ def weight_function(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) ->
     if isinstance(module, nn.Conv1d):
         return F.conv1d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
     raise UnsupportedError(f"cannot apply a weight delta to a module of type {type(module).__name__}")
+
+
+def held_quantized(module: nn.Module) -> bool:
+    """Whether the module holds its weight quantised, so that ``module.weight`` is not the weight: a
+    bitsandbytes ``Linear4bit`` (nf4 / fp4) or ``Linear8bitLt`` holding int8 codes, or a module with a
+    ``dequantized()`` method (adapterfmt's ``QuantizedLinear``)."""
+    if callable(getattr(module, "dequantized", None)):
+        return True
+    if not type(module).__module__.startswith("bitsandbytes."):
+        return False
+    w = getattr(module, "weight", None)
+    return getattr(w, "quant_state", None) is not None or getattr(w, "SCB", None) is not None
+
+
+def function_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight in function layout. A module that :func:`held_quantized` gives a new tensor, its
+    own dequantisation (bitsandbytes' ``dequantize_4bit`` / ``int8_vectorwise_dequant``, a ``dequantized()``)."""
+    if callable(getattr(module, "dequantized", None)):
+        return module.dequantized()
+    w = module.weight
+    if held_quantized(module):
+        import bitsandbytes.functional as bnbf
+
+        if getattr(w, "quant_state", None) is not None:
+            if getattr(w.quant_state, "packing_format_for_cpu", False):
+                raise UnsupportedError(f"this {type(module).__name__} was repacked by bitsandbytes for CPU inference "
+                                       "(bf16 block scales), which has no dequantisation; use the model in train mode")
+            return bnbf.dequantize_4bit(w.data, w.quant_state)
+        return bnbf.int8_vectorwise_dequant(w.data, w.SCB)
+    return w.t() if is_transposed(module) else w
+
+
+def weight_shape(module: nn.Module, parameter: str = "weight") -> list[int]:
+    """The shape of ``module.<parameter>`` as the layer stores it; a quantised weight's logical ``[out, in]``."""
+    if parameter == "weight" and held_quantized(module):
+        return [module.out_features, module.in_features]
+    return list(getattr(module, parameter).shape)
 
 
 def to_function_layout(param: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deltas.modules import is_transposed
+from ..deltas.modules import held_quantized, is_transposed, weight_shape
 from ..errors import AdapterError
 from ..format.adapter import Adapter
 from ..format.fingerprint import fingerprint_module
@@ -41,14 +41,14 @@ def module_entry(kind: str, module: nn.Module, params: Mapping[str, Any] | None 
     p = dict(params or {})
     if is_transposed(module):
         p["transposed"] = True
-    return {"kind": kind, "shape": list(getattr(module, parameter).shape), "params": p,
+    return {"kind": kind, "shape": weight_shape(module, parameter), "params": p,
             **({"parameter": parameter} if parameter != "weight" else {})}
 
 
 def adapter_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype new adapter parameters get: the module's, but fp32 for half-precision modules."""
+    """The dtype new adapter parameters get: the module's, but fp32 for half-precision and quantised modules."""
     ref = getattr(module, "weight", None)
-    if not isinstance(ref, torch.Tensor) or ref.dtype in (torch.float16, torch.bfloat16):
+    if not isinstance(ref, torch.Tensor) or ref.dtype in (torch.float16, torch.bfloat16) or held_quantized(module):
         return torch.float32
     return ref.dtype
 
@@ -359,6 +359,13 @@ def inject(model: nn.Module, *, method: str, config: Mapping[str, Any],
     fields (a prompt's embedding module); ``config`` is what the adapter records."""
     chosen = select_targets(model, config if targets is None else targets, supported=supported)
     session = TrainSession(model, method, config)
-    for path, module in chosen.items():
-        session.add(path, module, build(path, module))
+    try:
+        for path, module in chosen.items():
+            layer = build(path, module)
+            if held_quantized(module):  # only kinds that compute on the module's dequantisation train on it
+                get_kind(layer.entry["kind"]).check_module(path, layer.entry, module)
+            session.add(path, module, layer)
+    except BaseException:
+        session.remove()
+        raise
     return session

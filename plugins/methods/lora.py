@@ -19,7 +19,7 @@ from torch import nn
 
 import adapterfmt as af
 
-SUPPORTED = (nn.Linear, nn.Embedding, "Conv1D", nn.Conv2d)
+SUPPORTED = (nn.Linear, nn.Embedding, "Conv1D", nn.Conv2d, "QuantizedLinear")
 DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 8, "dropout": 0.0, "use_rslora": False, "lora_bias": False,
                             "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}
 
@@ -79,8 +79,7 @@ class LoRA(af.Method):
         if cfg["lora_bias"]:
             params["bias"] = torch.zeros(fshape[0], dtype=params["lora_A"].dtype)
         if cfg["use_dora"]:
-            w = module.weight.detach()
-            w = w.t() if entry["params"].get("transposed") else w
+            w = af.function_weight(module).detach()
             params["magnitude"] = w.float().reshape(w.shape[0], -1).norm(dim=1).to(params["lora_A"].dtype)
         return af.TrainableDelta(entry, params, dropout=0.0 if embedding else cfg["dropout"])
 

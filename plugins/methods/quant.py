@@ -44,13 +44,6 @@ DEFAULT_QUANT = {"bits": 4, "group_size": None, "zero_point": "asymmetric"}
 """PEQA's setting: 4 bits, one scale per output channel, a zero point."""
 
 
-def function_weight(module: nn.Module) -> torch.Tensor:
-    """The module's weight in function layout; a :class:`QuantizedLinear`'s dequantised one."""
-    if isinstance(module, QuantizedLinear):
-        return module.dequantized()
-    return module.weight.t() if af.is_transposed(module) else module.weight
-
-
 def quant_spec(module: str, entry: Mapping[str, Any]) -> af.QuantSpec:
     """The entry's ``params.quant``, refused naming the module."""
     return af.QuantSpec.from_json(entry.get("params", {}).get("quant"), what=f"module {module!r}: params.quant")
@@ -105,7 +98,7 @@ class QScale(af.DeltaKind):
         """``(codes, W', s', m')``: the new weight in function layout (float32, differentiable in the roles;
         straight-through rounding) on the grid of the new scales ``s'`` and offsets ``m'``; ``codes`` (float)
         when they were recomputed (L4Q), else None (PEQA keeps the base's)."""
-        w = function_weight(module).detach().float()
+        w = af.function_weight(module).detach().float()
         q = module.quantized() if isinstance(module, QuantizedLinear) else af.quantize(w, quant_spec("?", entry))
         ratio = t["ratio"].float()
         scale, offset = ratio * q.scale, None if q.offset is None else ratio * q.offset
@@ -158,8 +151,9 @@ class QScale(af.DeltaKind):
 
 class QuantizedLinear(nn.Module):
     """A linear layer held as RTN codes, scales and offsets (:func:`adapterfmt.quantize`), dequantised in each
-    forward: a quantised base that runs anywhere torch does. It has no ``weight`` parameter, so kinds other than
-    ``qscale`` refuse it (one error at attach) instead of changing a dequantised copy."""
+    forward: a quantised base that runs anywhere torch does. It has no ``weight`` parameter: ``lowrank`` attaches
+    to it unmerged (on :meth:`dequantized`) and refuses to merge, ``qscale`` changes its scales, other kinds refuse
+    it (one error at attach) instead of changing a dequantised copy."""
 
     def __init__(self, linear: nn.Linear, spec: af.QuantSpec) -> None:
         super().__init__()
@@ -227,7 +221,7 @@ class PEQA(af.Method):
 
         session = af.inject(model, method=self.name, config=cfg, build=build,
                             supported=(nn.Linear, "Conv1D", QuantizedLinear))
-        on_grid = all(af.fits_grid(function_weight(model.get_submodule(p)), spec) for p in session.layers)
+        on_grid = all(af.fits_grid(af.function_weight(model.get_submodule(p)), spec) for p in session.layers)
         session.base_quantization = spec.to_json() if on_grid else None
         return session
 
@@ -243,7 +237,7 @@ class PEQA(af.Method):
             if any(recorded.get(k) != actual[k] for k in ("algorithm", "structure", "values")):
                 for path, entry in sorted(adapter.modules.items()):
                     module = new_base.get_submodule(path)
-                    if not af.fits_grid(function_weight(module).detach(), quant_spec(path, entry)):
+                    if not af.fits_grid(af.function_weight(module).detach(), quant_spec(path, entry)):
                         raise af.BaseMismatchError(f"module {path!r}: qscale adapters port only onto a base on "
                                                    f"the same quantisation grid, and this weight is not on it",
                                                    path=adapter.source)

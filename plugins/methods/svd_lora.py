@@ -78,7 +78,7 @@ def _kaiming(*shape: int) -> torch.Tensor:
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
-    return module.weight.detach()
+    return af.function_weight(module).detach()  # a quantised base's dequantised weight
 
 
 class SvdMethod(af.Method):

@@ -1,139 +1,133 @@
-"""AdapterHub ``adapters`` bottleneck folders (Houlsby, Pfeiffer) built in adapters' own layout on a tiny
-transformers Llama: read by ``adapter convert``, applied as kind ``bottleneck`` and compared with a
-transcription of adapters' own forward; written back in that layout; refusals in one line.
-
-``adapters`` 1.3 pins transformers 4.57, so it cannot run here; the reference below transcribes, for
-``layer_norm = None`` (Llama), ``Adapter.pre_forward`` / ``Adapter.forward`` / ``Adapter.post_forward``
-(adapters/methods/modeling.py), ``BottleneckLayer.bottleneck_layer_forward`` (adapters/methods/bottleneck.py)
-and ``LlamaDecoderLayerWithAdapters.forward`` (adapters/models/llama/modeling_llama.py)."""
+"""AdapterHub ``adapters`` bottleneck folders made by the real ``adapters`` 1.3 (tests/fixtures/adapterhub, written by
+its ``make_fixtures.py`` in a side environment: adapters pins transformers 4.57): read by ``adapter convert``,
+applied as kinds ``bottleneck`` / ``parallel_bottleneck`` with adapters' recorded logits, written back
+tensor-identical in adapters' layout; refusals in one line."""
 
 from __future__ import annotations
 
 import json
-import types
+import shutil
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers_peft import build, logits
 from helpers_spec import invoke
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import adapterfmt as af
 from adapterfmt.verbs.conversion import detect_format
 
 ATOL = 1e-5
-NAME = "task"
-HOULSBY = {"mh_adapter": True, "output_adapter": True, "original_ln_before": False, "original_ln_after": True,
-           "residual_before_ln": True, "adapter_residual_before_ln": False, "ln_before": False, "ln_after": False,
-           "non_linearity": "swish", "reduction_factor": 4, "scaling": 1.0, "is_parallel": False,
-           "use_gating": False, "phm_layer": False, "inv_adapter": None, "cross_adapter": False, "dropout": 0.0}
-PFEIFFER = {**HOULSBY, "mh_adapter": False, "original_ln_before": True, "non_linearity": "relu", "scaling": 0.5}
-ACT = {"swish": F.silu, "relu": F.relu}
+FIX = Path(__file__).parent / "fixtures" / "adapterhub"
+CASES = ["llama-houlsby", "llama-pfeiffer", "llama-parallel", "llama-parallel-attn", "gpt2-houlsby", "gpt2-pfeiffer",
+         "gpt2-parallel", "gpt2-parallel-attn", "bert-houlsby", "bert-parallel", "bert-parallel-attn"]
+PLACES = {"llama-houlsby": "model.layers.1.self_attn.o_proj", "llama-pfeiffer": "model.layers.1",
+          "llama-parallel": "model.layers.1", "gpt2-houlsby": "transformer.h.1.attn", "gpt2-pfeiffer": "transformer.h.1",
+          "bert-houlsby": "bert.encoder.layer.1.output.dense", "bert-parallel-attn": "bert.encoder.layer.1"}
 
 
-def make_folder(tmp_path, cfg, seed=0):
-    """A folder as ``model.save_adapter(..., use_safetensors=True)`` writes it for LlamaForCausalLM."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors, locs = {}, [loc for loc, on in (("attention", cfg["mh_adapter"]), ("output", cfg["output_adapter"])) if on]
-    for n in range(2):
-        for loc in locs:
-            p = f"model.layers.{n}.{loc}_adapters.adapters.{NAME}"
-            tensors |= {f"{p}.adapter_down.0.weight": 0.3 * torch.randn(4, 16, generator=gen),
-                        f"{p}.adapter_down.0.bias": 0.3 * torch.randn(4, generator=gen),
-                        f"{p}.adapter_up.weight": 0.3 * torch.randn(16, 4, generator=gen),
-                        f"{p}.adapter_up.bias": 0.3 * torch.randn(16, generator=gen)}
-    folder = tmp_path / "hub"
-    folder.mkdir()
-    save_file(tensors, folder / "adapter.safetensors")
-    meta = {"config": cfg, "hidden_size": 16, "model_class": "LlamaForCausalLM", "model_name": None,
-            "model_type": "llama", "name": NAME, "version": "adapters.1.3.0"}
-    (folder / "adapter_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return folder, tensors
+def base(model: str) -> torch.nn.Module:
+    """The base ``make_fixtures.py`` saved (``save_pretrained``), loaded here (transformers 5)."""
+    from transformers import AutoModelForCausalLM, BertForSequenceClassification
+
+    cls = BertForSequenceClassification if model == "bert" else AutoModelForCausalLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls.from_pretrained(FIX / "base" / model).float().eval()
 
 
-def reference(cfg, tensors):
-    """A tiny Llama whose decoder layers run adapters' forward with these weights (module docstring)."""
-    model = build("llama")
-
-    def adapter_layer(n, loc, h, r):  # bottleneck_layer_forward(h, residual_input=r, layer_norm=None)
-        p = f"model.layers.{n}.{loc}_adapters.adapters.{NAME}"
-        if f"{p}.adapter_up.bias" not in tensors:
-            return h + r  # no adapter here: the residual only
-        x, residual = h, h  # pre_forward: residual_before_ln=True -> residual = hidden_states
-        if cfg["original_ln_before"]:
-            x = h + r  # no layer_norm: hidden_states = hidden_states + input_tensor
-        down = ACT[cfg["non_linearity"]](F.linear(x, tensors[f"{p}.adapter_down.0.weight"], tensors[f"{p}.adapter_down.0.bias"]))
-        up = F.linear(down, tensors[f"{p}.adapter_up.weight"], tensors[f"{p}.adapter_up.bias"]) * cfg["scaling"]
-        out = up + residual  # forward: adapter_residual_before_ln False, no ln_after
-        return out + r  # post_forward: original_ln_after, no layer_norm
-
-    def layer_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
-                      position_embeddings=None, **kwargs):
-        residual = hidden_states
-        h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-                              position_ids=position_ids, cache=cache, use_cache=use_cache,
-                              position_embeddings=position_embeddings, **kwargs)
-        h = adapter_layer(self.self_attn.layer_idx, "attention", h, residual)
-        residual = h
-        h = self.mlp(self.post_attention_layernorm(h))
-        return adapter_layer(self.self_attn.layer_idx, "output", h, residual)
-
-    for layer in model.model.layers:
-        layer.forward = types.MethodType(layer_forward, layer)
-    return model
+def run(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
 
 
-@pytest.mark.parametrize("cfg", [HOULSBY, PFEIFFER], ids=["houlsby", "pfeiffer"])
-def test_bottleneck_folder_reads_applies_as_adapters_does_and_writes_back(tmp_path, cfg):
-    folder, tensors = make_folder(tmp_path, cfg)
-    ids = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(0))
-    want = logits(reference(cfg, tensors), ids)
-    res = invoke("convert", str(folder), str(tmp_path / "a.safetensors"))
+def copy_case(tmp_path: Path, case: str = "llama-houlsby", **config: object) -> Path:
+    """A copy of a fixture folder, its config fields changed."""
+    folder = shutil.copytree(FIX / case, tmp_path / case)
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**meta, "config": {**meta["config"], **config}}))
+    return folder
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_adapters_folder_converts_gives_adapters_logits_and_writes_back(tmp_path, case):
+    model_type = case.split("-")[0]
+    expected = load_file(FIX / case / "expected.safetensors")
+    assert detect_format(FIX / case) == "adapterhub"
+    res = invoke("convert", str(FIX / case), str(tmp_path / "a.safetensors"), "--base", str(FIX / "base" / model_type))
     assert res.exit_code == 0, res.stderr
     adapter = af.load(tmp_path / "a.safetensors")
-    assert detect_format(folder) == "adapterhub"
-    expected = {"model.layers.1.mlp", "model.layers.1.self_attn.o_proj"} if cfg is HOULSBY else {"model.layers.1"}
-    assert expected <= set(adapter.modules) and {e["kind"] for e in adapter.modules.values()} == {"bottleneck"}
-    model = build("llama")
-    base_out = logits(model, ids)
+    kind = "parallel_bottleneck" if "parallel" in case else "bottleneck"
+    assert {e["kind"] for e in adapter.modules.values()} == {kind} and PLACES.get(case, "") in {"", *adapter.modules}
+    model = base(model_type)
+    base_out = run(model, expected["ids"])
     af.attach(model, adapter)
-    got = logits(model, ids)
-    assert (got - want).abs().max() <= ATOL < (base_out - want).abs().max()
+    got = run(model, expected["ids"])
+    assert (got - expected["logits"]).abs().max() <= ATOL < (base_out - expected["logits"]).abs().max()
+    af.detach(model, adapter.method)
+    assert torch.equal(run(model, expected["ids"]), base_out)  # the parallel form's per-call hooks are gone
 
-    base = build("llama")
-    af.write_foreign(adapter, tmp_path / "back", "adapterhub", base=base)
-    back = load_file(tmp_path / "back" / "adapter.safetensors")
-    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
-    meta = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
-    assert meta["version"] == "adapters.1.3.0" and meta["name"] == NAME and meta["hidden_size"] == 16
-    assert {k: meta["config"][k] for k in cfg} == {**cfg, "reduction_factor": 4.0}
-    res = invoke("convert", str(tmp_path / "a.safetensors"), str(tmp_path / "cli"), "--to", "adapterhub")
+    res = invoke("convert", str(tmp_path / "a.safetensors"), str(tmp_path / "back"), "--to", "adapterhub",
+                 "--base", str(FIX / "base" / model_type))
     assert res.exit_code == 0, res.stderr
-    assert load_file(tmp_path / "cli" / "adapter.safetensors").keys() == tensors.keys()
+    source, back = load_file(FIX / case / "adapter.safetensors"), load_file(tmp_path / "back" / "adapter.safetensors")
+    assert back.keys() == source.keys() and all(torch.equal(back[k], source[k]) for k in source)
+    meta, want = (json.loads((f / "adapter_config.json").read_text()) for f in (tmp_path / "back", FIX / case))
+    assert {k: meta[k] for k in ("model_type", "name", "hidden_size", "model_class")} == \
+        {k: want[k] for k in ("model_type", "name", "hidden_size", "model_class")}
+    fields = ("mh_adapter", "output_adapter", "original_ln_before", "is_parallel", "non_linearity", "scaling",
+              "reduction_factor", "leave_out")
+    assert {k: meta["config"][k] for k in fields} == {k: want["config"][k] for k in fields}
 
 
-@pytest.mark.parametrize(("change", "field"), [({"is_parallel": True}, "config.is_parallel=True"),
-                                               ({"use_gating": True}, "config.use_gating=True"),
-                                               ({"non_linearity": "mish"}, "config.non_linearity='mish'"),
-                                               ({"scaling": "learned"}, "config.scaling='learned'"),
-                                               ({"mh_adapter": False}, "mh_adapter=false"),
-                                               ({"architecture": "prefix_tuning"},
-                                                "config.architecture 'prefix_tuning' is not supported")])
-def test_unrepresentable_configs_are_refused_in_one_line(tmp_path, change, field):
-    folder, _ = make_folder(tmp_path, HOULSBY)
-    meta = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**meta, "config": {**HOULSBY, **change}}))
-    res = invoke("convert", str(folder), str(tmp_path / "o.safetensors"))
+@pytest.mark.parametrize(("case", "change", "field"), [
+    ("llama-houlsby", {"use_gating": True}, "config.use_gating=True"),
+    ("llama-houlsby", {"non_linearity": "mish"}, "config.non_linearity='mish'"),
+    ("llama-houlsby", {"scaling": "learned"}, "config.scaling='learned'"),
+    ("llama-houlsby", {"mh_adapter": False}, "mh_adapter=false"),
+    ("llama-houlsby", {"ln_after": True}, "config.ln_after=True"),
+    ("llama-houlsby", {"architecture": "lora"}, "config.architecture 'lora' is not supported"),
+    ("llama-pfeiffer", {"residual_before_ln": False}, "config.residual_before_ln=False with original_ln_before"),
+    ("llama-parallel", {"mh_adapter": True}, "config.is_parallel with mh_adapter and output_adapter both true"),
+    ("bert-pfeiffer", {}, "config.original_ln_before=true on bert"),
+    ("llama-prefix", {}, "config.architecture 'prefix_tuning' is not supported")])
+def test_unrepresentable_configs_are_refused_in_one_line(tmp_path, case, change, field):
+    folder = copy_case(tmp_path, case, **change)
+    res = invoke("convert", str(folder), str(tmp_path / "o.safetensors"), "--allow-pickle")
     assert res.exit_code == 1 and field in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.safetensors").exists()
 
 
+def test_other_model_types_are_refused(tmp_path):
+    folder = copy_case(tmp_path)
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**meta, "model_type": "t5"}))
+    with pytest.raises(af.UnsupportedError, match=r"model_type 't5' is not supported \(supported: llama, gpt2, bert\)"):
+        af.read_foreign(folder)
+
+
 def test_a_peft_folder_is_not_taken_for_an_adapters_folder(tmp_path):
-    folder, _ = make_folder(tmp_path, HOULSBY)
+    folder = copy_case(tmp_path)
     meta = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**meta, "version": None, "peft_type": "LORA"}))
     assert detect_format(folder) == "peft"
+
+
+def test_writer_refuses_what_one_adapters_config_cannot_hold(tmp_path):
+    adapter = af.read_foreign(FIX / "llama-houlsby")
+    one = {m: e for m, e in adapter.modules.items() if m != "model.layers.1.mlp"}  # layer 1 lacks its output site
+    tensors = {n: adapter.tensor(n) for n in adapter.tensor_names() if not n.startswith("model.layers.1.mlp.")}
+    with pytest.raises(af.UnsupportedError, match=r"the same locations in every layer"):
+        af.write_foreign(af.Adapter(af.new_manifest("bottleneck", one), tensors), tmp_path / "o", "adapterhub")
+    mixed = af.read_foreign(FIX / "llama-pfeiffer")
+    same = {m: {**e, "params": one["model.layers.0.mlp"]["params"]} for m, e in mixed.modules.items()}
+    both = af.Adapter(af.new_manifest("bottleneck", {**one, **same}),
+                      {**tensors, **{n: mixed.tensor(n) for n in mixed.tensor_names()}})
+    with pytest.raises(af.UnsupportedError, match=r"one form for all bottlenecks: the adapter mixes ln_before and "
+                                                  r"sequential"):
+        af.write_foreign(both, tmp_path / "o", "adapterhub")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "leaky_relu"])
@@ -163,7 +157,8 @@ def test_bottleneck_kind_is_the_spec_math(tmp_path, activation):
 
 
 def test_pickle_weights_need_allow_pickle(tmp_path):
-    folder, tensors = make_folder(tmp_path, HOULSBY)
+    folder = copy_case(tmp_path)
+    tensors = load_file(folder / "adapter.safetensors")
     (folder / "adapter.safetensors").unlink()
     torch.save(tensors, folder / "pytorch_adapter.bin")  # adapters' default weights file
     res = invoke("convert", str(folder), str(tmp_path / "o.safetensors"))
@@ -171,12 +166,11 @@ def test_pickle_weights_need_allow_pickle(tmp_path):
     res = invoke("convert", str(folder), str(tmp_path / "o.safetensors"), "--allow-pickle")
     assert res.exit_code == 0, res.stderr
     assert torch.equal(af.load(tmp_path / "o.safetensors").tensor("model.layers.0.mlp.up"),
-                       tensors[f"model.layers.0.output_adapters.adapters.{NAME}.adapter_up.weight"])
+                       tensors["model.layers.0.output_adapters.adapters.task.adapter_up.weight"])
 
 
 def test_per_layer_ranks_are_written_as_a_reduction_factor_mapping(tmp_path):
-    folder, _ = make_folder(tmp_path, HOULSBY)
-    adapter = af.read_foreign(folder)
+    adapter = af.read_foreign(FIX / "llama-houlsby")
     tensors = {n: adapter.tensor(n) for n in adapter.tensor_names()}
     for m in ("model.layers.1.mlp", "model.layers.1.self_attn.o_proj"):  # rank 2 in layer 1
         tensors[f"{m}.down"], tensors[f"{m}.down_bias"] = tensors[f"{m}.down"][:2], tensors[f"{m}.down_bias"][:2]

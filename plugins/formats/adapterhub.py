@@ -4,34 +4,41 @@ A folder holds ``adapter_config.json`` (``build_full_config`` in ``adapters/conf
 model_adapters_config.py``: ``{"config": {...}, "hidden_size", "model_class", "model_name", "model_type",
 "name", "version": "adapters.<v>"}``) and ``adapter.safetensors`` (``use_safetensors=True``) or
 ``pytorch_adapter.bin`` (a pickle, read only with ``allow_pickle``). Weights are named
-``<prefix>layers.<N>.<attention|output>_adapters.adapters.<name>.adapter_down.0.<weight|bias>`` and
-``....adapter_up.<weight|bias>``. ``detect`` needs the ``config`` object and an ``adapters.`` version, so
-PEFT folders (same config file name) are never taken for these.
+``<site>.adapters.<name>.adapter_down.0.<weight|bias>`` and ``....adapter_up.<weight|bias>``, ``<site>`` the
+adapters-only module of one location of one layer (:data:`LAYOUTS`). ``detect`` needs the ``config`` object and
+an ``adapters.`` version, so PEFT folders (same config file name) are never taken for these.
 
-Where the adapter acts, for Llama (``LlamaDecoderLayerWithAdapters.forward`` in ``adapters/models/llama/
-modeling_llama.py`` calls ``attention_adapters(h, residual, None)`` after the attention and
-``output_adapters(h, residual, None)`` after the MLP, so ``layer_norm`` is None in ``Adapter.pre_forward`` /
-``post_forward`` of ``adapters/methods/modeling.py``): with ``f`` the bottleneck and ``r`` the sub-block's
-residual input,
+Where the adapter acts (``bottleneck_layer_forward`` in ``adapters/methods/bottleneck.py``, ``Adapter`` /
+``ParallelAdapter`` in ``adapters/methods/modeling.py``, each model's ``modeling_*.py``): with ``f`` the
+bottleneck, ``h`` the sub-block's output (attention or MLP) and ``r`` its residual input, the layer norm ``LN``
+after the sum for BERT (post-norm) and none for Llama / GPT-2 (pre-norm),
 
-- ``original_ln_before = false`` (Houlsby, ``DoubleSeqBnConfig``): ``h + f(h) + r``, i.e. kind ``bottleneck``
-  on the sub-block's output module: ``self_attn.o_proj`` (attention) or ``mlp`` (output);
-- ``original_ln_before = true`` (Pfeiffer, ``SeqBnConfig``, output adapter only): ``f(h + r) + h + r``, i.e.
-  ``bottleneck`` on the decoder layer ``layers.<N>`` (whose output is ``h + r``).
+- sequential, ``original_ln_before = false`` (Houlsby, ``DoubleSeqBnConfig``): ``LN(h + f(h) + r)``, i.e. kind
+  ``bottleneck`` on the module whose output is ``h``;
+- sequential, ``original_ln_before = true`` (Pfeiffer, ``SeqBnConfig``, output location, pre-norm models):
+  ``f(h + r) + h + r``, i.e. ``bottleneck`` on the decoder layer (whose output is ``h + r``);
+- ``is_parallel`` (``ParBnConfig``): ``LN(h + f(r) + r)``, i.e. kind ``parallel_bottleneck`` on the layer,
+  reading the input of the submodule that receives ``r`` and adding to the output ``h``.
 
-Refused in one line, naming the field: other model types, other architectures (LoRA, prefix tuning ...),
-``is_parallel`` (``f`` reads ``r``, which no module of a pre-norm layer takes as its input),
-``original_ln_after = false``, ``residual_before_ln = false`` with ``original_ln_before``, ``ln_before`` /
-``ln_after``, ``use_gating``, ``phm_layer``, ``inv_adapter``, ``cross_adapter``, a non-number ``scaling``,
-an unknown ``non_linearity``, weights at a location the config turns off (``mh_adapter`` / ``output_adapter``).
-``dropout``, ``stochastic_depth``, ``init_weights*`` act only in training; ``reduction_factor``,
-``leave_out`` and ``hidden_size`` are what the weights' shapes and names already say (written back from them:
-one factor, or a per-layer mapping, from which adapters' ``int(hidden_size // factor)`` gives each rank).
+Refused in one line, naming the field: other model types, other architectures (LoRA, prefix tuning, unions
+...), ``original_ln_before`` on BERT (``f`` reads ``LN(h + r)`` and its sum re-enters that ``LN``) or at the
+attention location (``f(h + r)`` is added mid-layer, where no module output holds ``h + r``), ``is_parallel``
+at both locations (two parallel bottlenecks anchored on one layer), ``original_ln_after = false``,
+``residual_before_ln`` other than true with ``original_ln_before``, ``ln_before`` / ``ln_after``, ``use_gating``, ``phm_layer``, ``inv_adapter``, ``cross_adapter``, a non-number ``scaling``, an
+unknown ``non_linearity``, weights at a location the config turns off (``mh_adapter`` / ``output_adapter``).
+``dropout``, ``stochastic_depth``, ``init_weights*`` act only in training; ``adapter_residual_before_ln`` and
+``residual_before_ln`` (without ``original_ln_before``) change nothing without ``ln_after``; ``reduction_factor``, ``leave_out``
+and ``hidden_size`` are what the weights' shapes and names already say (written back from them: one factor, or
+a per-layer mapping, from which adapters' ``int(hidden_size // factor)`` gives each rank); the PHM fields
+(``phm_*``, ``hypercomplex_nonlinearity``, ``factorized_phm_*``, ``learn_phm``, ``shared_*``) are unused
+without ``phm_layer``. The head files ``save_adapter`` writes beside (``head_config.json``, ``model_head.*``,
+the model's own static head) are not read.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,45 +51,83 @@ CONFIG_FILE = "adapter_config.json"
 SAFE_FILE = "adapter.safetensors"
 PICKLE_FILE = "pytorch_adapter.bin"
 VERSION = "adapters.1.3.0"
-MODEL_TYPES = ("llama",)
-KEY = re.compile(r"^(?P<layer>(?:.+\.)?layers\.(?P<n>\d+))\.(?P<loc>attention|output)_adapters\.adapters\."
-                 r"(?P<name>[^.]+)\.(?P<part>adapter_down\.0|adapter_up)\.(?P<what>weight|bias)$")
+LOCATIONS = ("attention", "output")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where ``adapters`` puts a model type's bottlenecks, per location (``attention`` / ``output``)."""
+
+    layer: str
+    """A decoder (encoder) layer's path, as a regex."""
+    sites: tuple[str, str]
+    """The adapters-only module under the layer that holds the weights."""
+    outputs: tuple[str, str]
+    """The submodule whose output is ``h``."""
+    inputs: tuple[str, str]
+    """The submodule whose input is ``r`` (parallel adapters read it)."""
+    pre_norm: bool
+    """No layer norm after the sum (``original_ln_before`` then acts on the layer's output)."""
+
+
+LAYOUTS = {
+    "llama": Layout(r"(?:.+\.)?layers\.\d+", ("attention_adapters", "output_adapters"), ("self_attn.o_proj", "mlp"),
+                    ("input_layernorm", "post_attention_layernorm"), True),
+    "gpt2": Layout(r"(?:.+\.)?h\.\d+", ("attention_adapters", "output_adapters"), ("attn", "mlp"), ("ln_1", "ln_2"),
+                   True),
+    "bert": Layout(r"(?:.+\.)?encoder\.layer\.\d+", ("attention.output", "output"),
+                   ("attention.output.dense", "output.dense"), ("attention.self", "intermediate"), False),
+}
+"""Checked against ``adapters`` 1.3's own forward (tests/fixtures/adapterhub)."""
+TAIL = re.compile(r"^(?P<site>.+)\.adapters\.(?P<name>[^.]+)\.(?P<part>adapter_down\.0|adapter_up)\."
+                  r"(?P<what>weight|bias)$")
 ACTIVATIONS = {"relu": "relu", "swish": "silu", "silu": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                "gelu_pytorch_tanh": "gelu_tanh", "tanh": "tanh", "leakyrelu": "leaky_relu"}
 """``non_linearity`` (lower-cased, as ``Activation_Function_Class`` does) -> the ``bottleneck`` activation
 (transformers' ``ACT2FN``: ``swish`` is SiLU, ``gelu`` the erf form, ``gelu_new`` the tanh form)."""
-MUST = {"is_parallel": False, "original_ln_after": True, "ln_before": False, "ln_after": False,
+MUST = {"original_ln_after": True, "ln_before": False, "ln_after": False,
         "use_gating": False, "phm_layer": False, "inv_adapter": None, "cross_adapter": False}
-"""Config fields whose other values change the function in ways kind ``bottleneck`` does not hold."""
+"""Config fields whose other values change the function in ways the bottleneck kinds do not hold."""
 ROLE = {("adapter_down.0", "weight"): "down", ("adapter_down.0", "bias"): "down_bias",
         ("adapter_up", "weight"): "up", ("adapter_up", "bias"): "up_bias"}
 
 
-def _module(layer: str, loc: str, ln_before: bool) -> str:
-    if ln_before:
-        return layer
-    return f"{layer}.self_attn.o_proj" if loc == "attention" else f"{layer}.mlp"
+def _split(layout: Layout, site: str) -> tuple[str, str] | None:
+    """(layer, location) of an adapters site path, or None."""
+    for loc, tail in zip(LOCATIONS, layout.sites):
+        m = re.fullmatch(f"(?P<layer>{layout.layer})\\.{re.escape(tail)}", site)
+        if m:
+            return m["layer"], loc
+    return None
 
 
-def read_adapterhub(path: str | Path, *, allow_pickle: bool = False) -> af.Adapter:
-    """Read an ``adapters`` bottleneck folder (module docstring)."""
+def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = False) -> af.Adapter:
+    """Read an ``adapters`` bottleneck folder (module docstring); a ``base`` gives the fingerprint."""
     path = Path(path)
     meta = af.read_json_object(path / CONFIG_FILE)
     cfg, where = meta.get("config"), path / CONFIG_FILE
-    if meta.get("model_type") not in MODEL_TYPES:
+    layout = LAYOUTS.get(meta.get("model_type"))  # type: ignore[arg-type]
+    if layout is None:
         raise af.UnsupportedError(f"model_type {meta.get('model_type')!r} is not supported (supported: "
-                                  f"{', '.join(MODEL_TYPES)}): where its adapters act is model-specific", path=where)
+                                  f"{', '.join(LAYOUTS)}): where its adapters act is model-specific", path=where)
     if not isinstance(cfg, dict) or cfg.get("architecture") is not None:
         arch = cfg.get("architecture") if isinstance(cfg, dict) else cfg
         raise af.UnsupportedError(f"config.architecture {arch!r} is not supported (only bottleneck adapters)", path=where)
     for key, want in MUST.items():
         if cfg.get(key, want) != want:
-            raise af.UnsupportedError(f"config.{key}={cfg[key]!r} cannot be represented (kind bottleneck needs "
-                                      f"{want!r})", path=where)
-    ln_before = bool(cfg.get("original_ln_before", False))
-    if ln_before and cfg.get("residual_before_ln", True) is False:
-        raise af.UnsupportedError("config.residual_before_ln=false with original_ln_before=true cannot be "
-                                  "represented", path=where)
+            raise af.UnsupportedError(f"config.{key}={cfg[key]!r} cannot be represented (the bottleneck kinds "
+                                      f"need {want!r})", path=where)
+    parallel = bool(cfg.get("is_parallel", False))
+    ln_before = not parallel and bool(cfg.get("original_ln_before", False))
+    if ln_before and cfg.get("residual_before_ln", True) is not True:
+        raise af.UnsupportedError(f"config.residual_before_ln={cfg.get('residual_before_ln')!r} with "
+                                  "original_ln_before=true cannot be represented", path=where)
+    if ln_before and not layout.pre_norm:
+        raise af.UnsupportedError(f"config.original_ln_before=true on {meta['model_type']} cannot be represented: "
+                                  "the adapter reads LN(h + r) and its sum re-enters that layer norm", path=where)
+    if parallel and cfg.get("mh_adapter") and cfg.get("output_adapter", True):
+        raise af.UnsupportedError("config.is_parallel with mh_adapter and output_adapter both true cannot be "
+                                  "represented: two parallel bottlenecks would sit on one layer", path=where)
     scale, act = cfg.get("scaling", 1.0), str(cfg.get("non_linearity")).lower()
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise af.UnsupportedError(f"config.scaling={scale!r} cannot be represented (a number is)", path=where)
@@ -95,23 +140,31 @@ def read_adapterhub(path: str | Path, *, allow_pickle: bool = False) -> af.Adapt
         raw = af.read_pickle_tensors(path / PICKLE_FILE, allow_pickle=allow_pickle)
     else:
         raise af.MissingFileError(f"adapters folder has neither {SAFE_FILE} nor {PICKLE_FILE}", path=path)
+    params = {"activation": ACTIVATIONS[act], "scale": float(scale)}
     modules: dict[str, dict[str, Any]] = {}
     tensors: dict[str, torch.Tensor] = {}
     for key, t in sorted(raw.items()):
-        m = KEY.match(key)
-        if m is None or m["name"] != meta.get("name"):
+        m = TAIL.match(key)
+        found = _split(layout, m["site"]) if m is not None and m["name"] == meta.get("name") else None
+        if found is None:
             raise af.UnsupportedError(f"tensor {key!r} is not a weight of bottleneck adapter "
-                                      f"{meta.get('name')!r}", path=path)
-        flag = "mh_adapter" if m["loc"] == "attention" else "output_adapter"
+                                      f"{meta.get('name')!r} on {meta['model_type']}", path=path)
+        layer, loc = found
+        flag = "mh_adapter" if loc == "attention" else "output_adapter"
         if cfg.get(flag) is False:
             raise af.UnsupportedError(f"tensor {key!r} is at a location the config turns off ({flag}=false): "
                                       "adapters would not load it", path=path)
-        if ln_before and m["loc"] == "attention":
+        if ln_before and loc == "attention":
             raise af.UnsupportedError("an attention adapter with config.original_ln_before=true (f(h + r) in "
                                       "mid-layer) cannot be represented", path=where)
-        module = _module(m["layer"], m["loc"], ln_before)
-        modules[module] = {"kind": "bottleneck", "shape": [0],
-                           "params": {"activation": ACTIVATIONS[act], "scale": float(scale)}}
+        i = LOCATIONS.index(loc)
+        if parallel:
+            module, entry = layer, {"kind": "parallel_bottleneck", "shape": [0],
+                                    "params": {**params, "reads": layout.inputs[i], "adds": layout.outputs[i]}}
+        else:
+            module = layer if ln_before else f"{layer}.{layout.outputs[i]}"
+            entry = {"kind": "bottleneck", "shape": [0], "params": dict(params)}
+        modules[module] = entry
         tensors[f"{module}.{ROLE[m['part'], m['what']]}"] = t
     if not modules:
         raise af.FormatError("the adapters folder holds no bottleneck weights", path=path)
@@ -120,16 +173,47 @@ def read_adapterhub(path: str | Path, *, allow_pickle: bool = False) -> af.Adapt
         entry["shape"] = [up_bias.shape[0] if up_bias is not None and up_bias.dim() == 1 else 0]
     prov = {"tool": "adapters", "format": "adapterhub", "source": str(path), "config": meta}
     manifest = af.new_manifest("bottleneck", modules, config={}, provenance=[prov],
-                               base={"name": meta.get("model_name"), "revision": None, "fingerprint": None})
+                               base={"name": meta.get("model_name") or None, "revision": None,
+                                     "fingerprint": af.base_fingerprint(base)})
     return af.Adapter(manifest, tensors)
+
+
+def _place(layout: Layout, module: str, entry: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(layer, location, form) of a bottleneck entry in this layout, or None; form is ``sequential``,
+    ``ln_before`` (Pfeiffer on the layer) or ``parallel``."""
+    if not re.fullmatch(layout.layer, module):
+        for i, tail in enumerate(layout.outputs):
+            if entry["kind"] == "bottleneck" and module.endswith(f".{tail}") and \
+                    re.fullmatch(layout.layer, module[:-len(tail) - 1]):
+                return module[:-len(tail) - 1], LOCATIONS[i], "sequential"
+        return None
+    if entry["kind"] == "bottleneck":
+        return (module, "output", "ln_before") if layout.pre_norm else None
+    p = entry["params"]
+    i = next((i for i in range(2) if (p.get("reads"), p.get("adds")) == (layout.inputs[i], layout.outputs[i])), None)
+    return None if i is None else (module, LOCATIONS[i], "parallel")
+
+
+def _layout_of(adapter: af.Adapter, base: Any) -> tuple[str, Layout]:
+    """The model type: the base's, else the one the adapter was read from, else the one whose places fit."""
+    named = [af.base_config(base).get("model_type")]
+    named += [p["config"].get("model_type") for p in adapter.manifest.get("provenance", [])
+              if p.get("format") == "adapterhub" and isinstance(p.get("config"), dict)]
+    fits = [n for n in named if n in LAYOUTS] or [
+        n for n, lay in LAYOUTS.items() if all(_place(lay, m, e) for m, e in adapter.modules.items())]
+    if not fits:
+        raise af.UnsupportedError(f"no model type adapters supports ({', '.join(LAYOUTS)}) puts its bottlenecks "
+                                  f"at modules {sorted(adapter.modules)[:2]}")
+    return fits[0], LAYOUTS[fits[0]]
 
 
 def write_adapterhub(adapter: af.Adapter, path: str | Path, *, base: Any = None) -> Path:
     """Write a ``bottleneck`` adapter as an ``adapters`` folder (``adapter.safetensors``), the inverse of
     :func:`read_adapterhub`; the layout must be one the reader maps (module docstring)."""
     kinds = {e["kind"] for e in adapter.modules.values()}
-    if kinds != {"bottleneck"}:
-        raise af.UnsupportedError(f"an adapters bottleneck folder holds only kind bottleneck, not {sorted(kinds)}")
+    if not kinds <= {"bottleneck", "parallel_bottleneck"}:
+        raise af.UnsupportedError(f"an adapters bottleneck folder holds only kinds bottleneck and "
+                                  f"parallel_bottleneck, not {sorted(kinds)}")
     params = {(e["params"]["activation"], float(e["params"].get("scale", 1.0))) for e in adapter.modules.values()}
     if len(params) != 1:
         raise af.UnsupportedError(f"adapters' config has one non_linearity and one scaling for all modules: "
@@ -137,43 +221,55 @@ def write_adapterhub(adapter: af.Adapter, path: str | Path, *, base: Any = None)
     ((act, scale),) = params
     name = next((p["config"].get("name") for p in adapter.manifest.get("provenance", [])
                  if p.get("format") == "adapterhub"), None) or adapter.method
-    forms = {}
-    for module in adapter.modules:
-        m = re.fullmatch(r"(?P<layer>(?:.+\.)?layers\.\d+)(?P<rest>\.self_attn\.o_proj|\.mlp|)", module)
-        if m is None:
-            raise af.UnsupportedError(f"module {module!r} is not a place adapters puts a bottleneck (layers.N, "
-                                      "layers.N.self_attn.o_proj, layers.N.mlp)")
-        forms[module] = (m["layer"], "attention" if m["rest"] == ".self_attn.o_proj" else "output", m["rest"] == "")
-    if len({f[2] for f in forms.values()}) != 1:
-        raise af.UnsupportedError("adapters' config has one original_ln_before: the adapter mixes decoder-layer "
-                                  "and sub-block bottlenecks")
-    ln_before = next(iter(forms.values()))[2]
+    model_type, layout = _layout_of(adapter, base)
+    places = {}
+    for module, entry in adapter.modules.items():
+        place = _place(layout, module, entry)
+        if place is None:
+            raise af.UnsupportedError(f"module {module!r} ({entry['kind']}) is not a place adapters puts a "
+                                      f"bottleneck on {model_type}")
+        places[module] = place
+    forms = {f for _, _, f in places.values()}
+    if len(forms) != 1:
+        raise af.UnsupportedError(f"adapters' config has one form for all bottlenecks: the adapter mixes "
+                                  f"{' and '.join(sorted(forms))}")
+    (form,) = forms
+    layers: dict[str, set[str]] = {}
+    for layer, loc, _ in places.values():
+        layers.setdefault(layer, set()).add(loc)
+    locs = set().union(*layers.values())
+    if any(v != locs for v in layers.values()) or (form == "parallel" and len(locs) == 2):
+        raise af.UnsupportedError(f"adapters' config puts the same locations in every layer ({form}, at most one "
+                                  f"when parallel): the adapter has {sorted((k, sorted(v)) for k, v in layers.items())}")
     tensors: dict[str, torch.Tensor] = {}
-    for module, (layer, loc, _) in forms.items():
+    for module, (layer, loc, _) in places.items():
         t = adapter.module_tensors(module)
         for (part, what), role in ROLE.items():
-            tensors[f"{layer}.{loc}_adapters.adapters.{name}.{part}.{what}"] = t[role].contiguous()
+            site = layout.sites[LOCATIONS.index(loc)]
+            tensors[f"{layer}.{site}.adapters.{name}.{part}.{what}"] = t[role].contiguous()
     d = next(iter(adapter.modules.values()))["shape"][0]
     ranks: dict[str, set[int]] = {}
-    for key, t in tensors.items():
-        if key.endswith("adapter_down.0.weight"):
-            ranks.setdefault(re.search(r"layers\.(\d+)\.", key).group(1), set()).add(t.shape[0])
+    for module, (layer, _, _) in places.items():
+        n = re.search(r"\.(\d+)$", layer).group(1)  # type: ignore[union-attr]
+        ranks.setdefault(n, set()).add(adapter.module_tensors(module)["down"].shape[0])
     factors = {n: _reduction_factor(d, rs, n) for n, rs in sorted(ranks.items(), key=lambda kv: int(kv[0]))}
     first = next(iter(factors.values()))
     reduction = first if len(set(factors.values())) == 1 else {**factors, "default": first}
-    n_layers = getattr(getattr(base, "config", None), "num_hidden_layers", None) if isinstance(base, nn.Module) else None
-    present = {int(re.search(r"layers\.(\d+)$", f[0]).group(1)) for f in forms.values()}
+    base_cfg = af.base_config(base)
+    n_layers = base_cfg.get("num_hidden_layers") or base_cfg.get("n_layer")
+    present = {int(n) for n in ranks}
     leave_out = sorted(set(range(n_layers if n_layers else max(present) + 1)) - present)
     activation = {v: k for k, v in reversed(ACTIVATIONS.items())}[act]
-    cfg = {"architecture": None, "mh_adapter": any(f[1] == "attention" for f in forms.values()),
-           "output_adapter": any(f[1] == "output" for f in forms.values()), "original_ln_before": ln_before,
-           "original_ln_after": True, "residual_before_ln": True, "adapter_residual_before_ln": False,
-           "ln_before": False, "ln_after": False, "non_linearity": activation, "reduction_factor": reduction,
-           "scaling": scale, "is_parallel": False, "use_gating": False, "phm_layer": False, "inv_adapter": None,
-           "cross_adapter": False, "leave_out": leave_out, "dropout": 0.0, "init_weights": "bert"}
+    cfg = {"mh_adapter": "attention" in locs, "output_adapter": "output" in locs,
+           "original_ln_before": form == "ln_before", "original_ln_after": True, "residual_before_ln": True,
+           "adapter_residual_before_ln": False, "ln_before": False, "ln_after": False, "non_linearity": activation,
+           "reduction_factor": reduction, "scaling": scale, "is_parallel": form == "parallel", "use_gating": False,
+           "phm_layer": False, "inv_adapter": None, "inv_adapter_reduction_factor": None, "cross_adapter": False,
+           "leave_out": leave_out, "dropout": 0.0, "stochastic_depth": 0.0,
+           "init_weights": "mam_adapter" if form == "parallel" else "bert", "init_weights_seed": None}
     meta = {"config": cfg, "hidden_size": d, "model_class": type(base).__name__ if isinstance(base, nn.Module)
-            else None, "model_name": (adapter.base or {}).get("name"), "model_type": "llama", "name": name,
-            "version": VERSION}
+            else next(iter(base_cfg.get("architectures") or []), None), "model_name": (adapter.base or {}).get("name"),
+            "model_type": model_type, "name": name, "version": VERSION}
     return af.write_folder(path, SAFE_FILE, tensors, CONFIG_FILE, meta)
 
 
@@ -206,7 +302,7 @@ class AdapterHubFormat:
         return isinstance(meta.get("config"), dict) and str(meta.get("version", "")).startswith("adapters.")
 
     def read(self, path: Path, **options: Any) -> af.Adapter:
-        return read_adapterhub(path, allow_pickle=options.get("allow_pickle", False))
+        return read_adapterhub(path, base=options.get("base"), allow_pickle=options.get("allow_pickle", False))
 
     def write(self, adapter: af.Adapter, path: Path, **options: Any) -> None:
         write_adapterhub(adapter, path, base=options.get("base"))

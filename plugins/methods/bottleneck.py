@@ -1,11 +1,18 @@
-"""Bottleneck adapters (Houlsby et al. 2019, Pfeiffer et al. 2021), as AdapterHub's ``adapters`` stores them.
+"""Bottleneck adapters (Houlsby et al. 2019, Pfeiffer et al. 2021, He et al. 2022's parallel form), as
+AdapterHub's ``adapters`` stores them.
 
-Kind ``bottleneck`` (spec 6.10.15) on a module whose output ``y [..., d]`` stays in the residual stream:
-``y' = y + s * (up @ act(down @ y + down_bias) + up_bias)`` with roles ``down [r, d]``, ``down_bias [r]``,
-``up [d, r]``, ``up_bias [d]``, ``params.activation`` (one of :data:`ACTIVATIONS`) and ``params.scale`` ``s``
-(default 1). A tuple output (attention, decoder layers) is changed in its first element. Where the
-adapter sits is the module chosen: the ``adapterhub`` format maps ``adapters``' locations onto them. Not
-additive: no ``dW``, attach unmerged. The method has no train verb (its adapters come from ``adapter convert``).
+With roles ``down [r, d]``, ``down_bias [r]``, ``up [d, r]``, ``up_bias [d]``, ``params.activation`` (one of
+:data:`ACTIVATIONS`) and ``params.scale`` ``s`` (default 1), the bottleneck is
+``f(x) = s * (up @ act(down @ x + down_bias) + up_bias)`` (spec 6.10.15):
+
+- kind ``bottleneck`` on a module whose output ``y [..., d]`` stays in the residual stream: ``y' = y + f(y)``;
+- kind ``parallel_bottleneck`` on a block with submodules ``params.reads`` and ``params.adds``: during the
+  block's forward, ``f`` reads the input of ``reads`` (the sub-block's residual input) and is added to the output
+  of ``adds``.
+
+A tuple output (attention, decoder layers) is changed in its first element. Where the adapter sits is the
+module chosen: the ``adapterhub`` format maps ``adapters``' locations onto them. Not additive: no ``dW``, attach
+unmerged. The method has no train verb (its adapters come from ``adapter convert``).
 """
 
 from __future__ import annotations
@@ -62,23 +69,91 @@ class BottleneckKind(af.DeltaKind):
         if y.shape[-1] != t["up_bias"].shape[0]:
             raise af.FormatError(f"the bottleneck reads outputs of width {t['up_bias'].shape[0]}, the module "
                                  f"gives {y.shape[-1]}")
-        params = entry.get("params", {})
-        h = ACTIVATIONS[params["activation"]](F.linear(y, t["down"], t["down_bias"]))
-        return y + float(params.get("scale", 1.0)) * F.linear(h, t["up"], t["up_bias"])
+        return y + bottleneck(entry.get("params", {}), t, y)
 
     def merge(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> Any:
         raise af.UnsupportedError("a bottleneck adapter cannot be merged into weights; attach it unmerged")
 
 
-def bottleneck_entry(d: int, activation: str, scale: float = 1.0) -> dict[str, Any]:
-    """A ``bottleneck`` module entry on outputs of width ``d``."""
-    return {"kind": "bottleneck", "shape": [d], "params": {"activation": activation, "scale": float(scale)}}
+def bottleneck(params: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``f(x) = s * (up @ act(down @ x + down_bias) + up_bias)``."""
+    h = ACTIVATIONS[params["activation"]](F.linear(x, t["down"], t["down_bias"]))
+    return float(params.get("scale", 1.0)) * F.linear(h, t["up"], t["up_bias"])
+
+
+HOOKS_ATTR = "_adapterfmt_parallel_bottleneck_hooks"
+
+
+class ParallelBottleneckKind(BottleneckKind):
+    """Kind ``parallel_bottleneck``: ``f`` of submodule ``params.reads``' input, added to submodule
+    ``params.adds``' output, on the targeted block (module docstring)."""
+
+    name = "parallel_bottleneck"
+
+    def check(self, module: str, entry: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+        params = entry.get("params", {})
+        bad = [k for k in ("reads", "adds") if not isinstance(params.get(k), str) or not params.get(k)]
+        if bad:
+            raise af.FormatError(f"module {module!r}: parallel_bottleneck params.{bad[0]} must name a submodule, "
+                                 f"got {params.get(bad[0])!r}")
+        super().check(module, entry, shapes)
+
+    def check_module(self, path: str, entry: dict[str, Any], module: nn.Module) -> None:
+        for key in ("reads", "adds"):
+            try:
+                module.get_submodule(entry["params"][key])
+            except AttributeError:
+                raise af.FormatError(f"module {path!r} has no submodule {entry['params'][key]!r} "
+                                     f"(params.{key})") from None
+        super().check_module(path, entry, module.get_submodule(entry["params"]["adds"]))
+
+    def pre_forward(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor],
+                    args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Hooks for this call of the block: ``reads``' input goes through ``f``, the result onto ``adds``'
+        output; :meth:`forward` (the block's output) removes them."""
+        params, held = entry["params"], []
+        self._unhook(module)
+
+        def read(_: nn.Module, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            held.append(bottleneck(params, t, a[0] if a else kw["hidden_states"]))
+
+        def add(_: nn.Module, a: tuple[Any, ...], y: Any) -> Any:
+            if not held:
+                raise af.UnsupportedError(f"submodule {params['adds']!r} ran before {params['reads']!r}: the "
+                                          "parallel bottleneck has no input to read")
+            out = held.pop()
+            return (y[0] + out, *y[1:]) if isinstance(y, tuple) else y + out
+
+        module.__dict__[HOOKS_ATTR] = [
+            module.get_submodule(params["reads"]).register_forward_pre_hook(read, with_kwargs=True),
+            module.get_submodule(params["adds"]).register_forward_hook(add)]
+        return args, kwargs
+
+    def forward(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tensor,
+                y: Any) -> Any:
+        self._unhook(module)
+        return y
+
+    @staticmethod
+    def _unhook(module: nn.Module) -> None:
+        for handle in module.__dict__.pop(HOOKS_ATTR, ()):
+            handle.remove()
+
+
+def bottleneck_entry(d: int, activation: str, scale: float = 1.0, *, reads: str | None = None,
+                     adds: str | None = None) -> dict[str, Any]:
+    """A ``bottleneck`` module entry on outputs of width ``d``; with ``reads`` and ``adds``, a
+    ``parallel_bottleneck`` one."""
+    params: dict[str, Any] = {"activation": activation, "scale": float(scale)}
+    if reads is None and adds is None:
+        return {"kind": "bottleneck", "shape": [d], "params": params}
+    return {"kind": "parallel_bottleneck", "shape": [d], "params": {**params, "reads": reads, "adds": adds}}
 
 
 class Bottleneck(af.Method):
     name = "bottleneck"
-    summary = "Bottleneck adapters (Houlsby, Pfeiffer): a residual down/up projection on a sub-block's output"
-    kinds = ("bottleneck",)
+    summary = "Bottleneck adapters (Houlsby, Pfeiffer, parallel): a down/up projection beside a sub-block"
+    kinds = ("bottleneck", "parallel_bottleneck")
     config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {}}  # no options
 
     def port(self, adapter: af.Adapter, *, new_base: Any, **options: Any) -> af.Adapter:
@@ -103,7 +178,7 @@ class Bottleneck(af.Method):
 
 @af.hookimpl
 def adapterfmt_delta_kinds() -> list[af.DeltaKind]:
-    return [BottleneckKind()]
+    return [BottleneckKind(), ParallelBottleneckKind()]
 
 
 @af.hookimpl

@@ -81,6 +81,9 @@ def test_mpt_reads_applies_each_task_and_writes_back(tmp_path, model):
     with af.adapter_ids(m, ["t2", "t0", "t1"]):
         got = run(m)
     assert (got - peft_logits(pm, [2, 0, 1])).abs().max() <= ATOL
+    with pytest.raises(af.UnsupportedError, match="a prompt of one length on every row"), \
+            af.adapter_ids(m, ["t0", None, "t1"]):
+        run(m)  # a row without a prompt would be shorter than the others
 
     af.write_foreign(adapter, tmp_path / "back", "peft")
     with warnings.catch_warnings():

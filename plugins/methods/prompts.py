@@ -1,4 +1,4 @@
-"""Prompt tuning and DePT: learned virtual tokens prepended to the input embeddings.
+"""Prompt tuning, DePT, EPT and multitask prompt tuning: learned virtual tokens prepended to the input embeddings.
 
 ``prompt_tuning`` trains kind ``prompt`` on the model's input embedding module (``get_input_embeddings()``,
 or ``config.embedding_module``): ``num_virtual_tokens`` rows initialised at random (``init: random``,

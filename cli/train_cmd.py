@@ -65,7 +65,7 @@ def _launch(ctx: typer.Context, processes: int, mixed_precision: str | None) -> 
 
 
 class _Bar:
-    """The rich progress bar: steps, loss, tokens per second, time left (stderr)."""
+    """The rich progress bar: steps, loss, tokens per second, time left; a line per eval loss (stderr)."""
 
     def __init__(self, quiet: bool) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -75,6 +75,7 @@ class _Bar:
                                  TimeRemainingColumn(), console=err_console, transient=True,
                                  disable=quiet or not err_console.is_terminal)
         self.task: Any = None
+        self.quiet = quiet
 
     def __enter__(self) -> _Bar:
         self.progress.__enter__()
@@ -84,6 +85,8 @@ class _Bar:
         self.progress.__exit__(*exc)
 
     def __call__(self, report: Any) -> None:
+        if report.eval_loss is not None and not self.quiet:
+            self.progress.console.print(f"step {report.step}: eval loss {report.eval_loss:.4f}", highlight=False)
         if self.task is None:
             self.task = self.progress.add_task("train", total=report.max_steps, completed=report.step - 1,
                                                loss="-", speed="-")
@@ -118,7 +121,8 @@ def train(
     mixed_precision: str = typer.Option(None, "--mixed-precision", help="no, fp16 or bf16 (default no)."),
     calibration_batches: int = typer.Option(None, "--calibration-batches", min=0, help="Batches handed to methods "
                                             "that choose what to train from gradients (default 8)."),
-    eval_data: Path = typer.Option(None, "--eval", help="Held-out data (same formats) for an eval loss at the end."),
+    eval_data: Path = typer.Option(None, "--eval", help="Held-out data (same formats): its loss at each checkpoint "
+                                   "and at the end."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Write a resumable checkpoint every "
                                          "N steps (0: none)."),
     checkpoints: Path = typer.Option(None, "--checkpoints", help="Where checkpoints go (default OUT.checkpoints)."),
@@ -159,7 +163,8 @@ def train(
         return
     if as_json:
         print_json({"out": str(result.out), "steps": result.steps, "loss": result.loss, "eval_loss": result.eval_loss,
-                    "tokens": result.tokens, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+                    "evals": [{"step": k, "loss": v} for k, v in result.evals], "tokens": result.tokens,
+                    "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                     "processes": result.processes, "resumed_from": result.resumed_from,
                     "checkpoints": [str(p) for p in result.checkpoints], "data_sha256": result.data_sha256})
         return

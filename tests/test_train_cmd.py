@@ -81,43 +81,53 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
 
 
 KILLED = """
-import os, signal, sys
+import json, os, signal, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from adapterfmt.verbs.trainer import TrainOptions, train_adapter
-tmp = Path(sys.argv[1])
+tmp, kw = Path(sys.argv[1]), json.loads(sys.argv[2])
 def die(report):
     if report.step == 5:  # after the checkpoint of step 4, before the end
         os.kill(os.getpid(), signal.SIGKILL)
-train_adapter(TrainOptions(method="lora", data=tmp / "data.jsonl", out=tmp / "killed.safetensors",
-              config={"target_modules": "all-linear", "r": 4, "alpha": 8, "dropout": 0.1}, max_steps=6,
-              batch_size=4, lr=1e-2, warmup_steps=2, schedule="cosine", checkpoint_every=2), progress=die)
+train_adapter(TrainOptions(data=tmp / "data.jsonl", out=tmp / "killed.safetensors", batch_size=4, lr=1e-2,
+              warmup_steps=2, schedule="cosine", checkpoint_every=2, **kw), progress=die)
 """
+SPIEL = {"density": 0.05, "reselection_steps": 4, "selection_accumulation_steps": 2, "total_steps": 8}
 
 
-def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method, config, steps", [
+    ("lora", {**LORA, "dropout": 0.1}, 6),
+    # SpIEL's schedule: a selection phase (rigl: gradient candidates; sm3: row / column accumulators) runs across
+    # the step-4 checkpoint and ends, replacing entries, at step 6 after the resumption
+    ("spiel", {**SPIEL, "target_modules": "all-linear"}, 7),
+    ("spiel", {**SPIEL, "target_modules": "all-linear", "selection_algorithm": "sm3"}, 7),
+])
+def test_killed_run_resumes_exactly(tmp_path: Path, method: str, config: dict, steps: int) -> None:
     """SIGKILL after the step-4 checkpoint; resuming gives, bit for bit, the uninterrupted run's adapter
-    (dropout on: the RNG state is restored too; the data position, optimizer and scheduler as well)."""
+    (dropout on: the RNG state is restored too; the data position, optimizer, scheduler and the method's
+    schedule state as well)."""
     write_data(tmp_path / "data.jsonl", n=10)  # 6 steps of 4 cross an epoch boundary
-    run = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                         check=False)
+    kw = {"method": method, "config": config, "max_steps": steps}
+    run = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path), json.dumps(kw)], capture_output=True, text=True,
+                         timeout=300, check=False)
     assert run.returncode == -9, run.stderr[-2000:]
     ckpts = tmp_path / "killed.safetensors.checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
     assert not (tmp_path / "killed.safetensors").exists()
     resumed = train_adapter(TrainOptions(resume=ckpts))
     assert resumed.resumed_from == 4 and resumed.out == tmp_path / "killed.safetensors"
-    config = {**LORA, "dropout": 0.1}
-    whole = train_adapter(opts(tmp_path, "whole.safetensors", config=config, max_steps=6, warmup_steps=2,
-                               schedule="cosine"))
+    whole = train_adapter(opts(tmp_path, "whole.safetensors", warmup_steps=2, schedule="cosine", **kw))
     assert resumed.loss == whole.loss and resumed.tokens == whole.tokens
     a, b = tensors(whole.out), tensors(resumed.out)
-    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     prov = af.load(resumed.out).manifest["provenance"][-1]
-    assert prov["steps"] == 6 and prov["options"]["schedule"] == "cosine"
+    assert prov["steps"] == steps and prov["options"]["schedule"] == "cosine"
     assert prov["data"]["sha256"] == hashlib.sha256((tmp_path / "data.jsonl").read_bytes()).hexdigest()
-    assert af.load(resumed.out).manifest["method"]["config"]["dropout"] == 0.1
+    assert af.load(resumed.out).manifest["method"]["config"] == af.load(whole.out).manifest["method"]["config"]
+    if method == "spiel":  # the pattern moved after the resumption, so the schedule state mattered
+        first = tensors(ckpts / "step-00000004" / "adapter.safetensors")
+        assert any(not torch.equal(first[n], b[n]) for n in b if n.endswith(".indices"))
 
 
 def hf_base(folder: Path) -> Path:
@@ -180,6 +190,7 @@ def test_cli_train_and_refusals(tmp_path: Path) -> None:
     r = invoke(*common, "--out", str(tmp_path / "a.safetensors"), "--checkpoint-every", "1", "--eval", str(data))
     assert r.exit_code == 0, r.stderr
     assert "eval loss" in r.stdout and "checkpoint: " in r.stdout
+    assert "step 1: eval loss" in r.stderr and "step 2: eval loss" in r.stderr  # at the checkpoint and the end
     assert "byte-level tokenizer" in r.stderr  # the tiny model has no tokenizer: said once, as a note
     assert sorted(af.load(tmp_path / "a.safetensors").modules) == [
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
@@ -254,3 +265,31 @@ def test_the_methods_regulariser_is_minimised(tmp_path: Path) -> None:
             for w in (0.0, 100.0)}
     a, b = tensors(runs[0.0].out), tensors(runs[100.0].out)
     assert max((a[n] - b[n]).abs().max().item() for n in a) > 1e-4
+
+
+def test_eval_at_checkpoints(tmp_path: Path) -> None:
+    """--eval: the eval loss at each checkpoint is that of the adapter trained so far (a shorter run, constant
+    schedule), evaluating leaves the trajectory alone (dropout on), and the losses reach the checkpoints, a
+    resumed run, --json and the provenance."""
+    write_data(tmp_path / "data.jsonl", n=10)
+    held = write_data(tmp_path / "held.jsonl", n=6)
+    config = {**LORA, "dropout": 0.1}
+    common = {"config": config, "schedule": "constant", "eval_data": held}
+    full = train_adapter(opts(tmp_path, "full.safetensors", max_steps=4, checkpoint_every=2, **common))
+    short = train_adapter(opts(tmp_path, "short.safetensors", max_steps=2, **common))
+    plain = train_adapter(opts(tmp_path, "plain.safetensors", max_steps=4, config=config, schedule="constant"))
+    assert [s for s, _ in full.evals] == [2, 4] and full.eval_loss == full.evals[-1][1]
+    assert full.evals[0][1] == short.eval_loss and short.evals == [(2, short.eval_loss)]
+    assert full.evals[0][1] != full.evals[1][1] and plain.evals == [] and plain.eval_loss is None
+    a, b = tensors(full.out), tensors(plain.out)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    state = json.loads((tmp_path / "full.safetensors.checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["evals"] == [{"step": 2, "loss": full.evals[0][1]}]
+    prov = af.load(full.out).manifest["provenance"][-1]
+    assert prov["evals"] == [{"step": k, "loss": v} for k, v in full.evals] and prov["eval_loss"] == full.eval_loss
+    assert prov["eval_data"]["sha256"] == hashlib.sha256(held.read_bytes()).hexdigest()
+    r = invoke("train", "--resume", str(tmp_path / "full.safetensors.checkpoints" / "step-00000002"), "--out",
+               str(tmp_path / "resumed.safetensors"), "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["evals"] == [{"step": k, "loss": v} for k, v in full.evals] and report["resumed_from"] == 2

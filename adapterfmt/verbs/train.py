@@ -164,14 +164,35 @@ class TrainSession:
         self._handles[path] = module.register_forward_hook(hook)
 
     def on_step(self, fn: Callable[[torch.optim.Optimizer | None], None]) -> None:
-        """Run ``fn(optimizer)`` at every :meth:`step` (a method's schedule, e.g. SpIEL's mask reselection)."""
+        """Run ``fn(optimizer)`` at every :meth:`step` (a method's schedule, e.g. SpIEL's mask reselection). A
+        hook with ``state_dict()`` and ``load_state_dict(state)`` (tensors, numbers, strings, lists, dicts)
+        is checkpointed (:meth:`schedule_state`); the state of one without them cannot be."""
         self._step_hooks.append(fn)
 
     @property
     def has_schedule(self) -> bool:
-        """Whether the session holds schedule state a checkpoint of its adapter does not save (``on_step``
-        hooks, rank pruning); :meth:`freeze_after` and gradient masks are functions of :attr:`steps` and do not."""
-        return bool(self._step_hooks or self._rank_masks)
+        """Whether the session holds schedule state a checkpoint cannot save: an :meth:`on_step` hook without
+        ``state_dict`` / ``load_state_dict``. Pruned ranks are saved (:meth:`schedule_state`); :meth:`freeze_after`
+        and gradient masks are functions of :attr:`steps`."""
+        return any(not (hasattr(fn, "state_dict") and hasattr(fn, "load_state_dict")) for fn in self._step_hooks)
+
+    def schedule_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the adapter and the optimizer: the pruned ranks' masks and each
+        :meth:`on_step` hook's ``state_dict()`` (refused while :attr:`has_schedule`)."""
+        if self.has_schedule:
+            raise AdapterError("an on_step hook without state_dict / load_state_dict: its state cannot be saved")
+        return {"rank_masks": {p: m.cpu() for p, m in self._rank_masks.items()},
+                "hooks": [fn.state_dict() for fn in self._step_hooks]}  # type: ignore[attr-defined]
+
+    def load_schedule_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`schedule_state` into a session built the same way (the same hooks, in order)."""
+        if len(state["hooks"]) != len(self._step_hooks) or not set(state["rank_masks"]) <= set(self.layers):
+            raise AdapterError("the schedule state does not fit this session (other on_step hooks or modules)")
+        for path, m in state["rank_masks"].items():
+            self._rank_masks[path] = m.to(self.layers[path].weights.lora_A.device)
+            self._project(path)
+        for fn, st in zip(self._step_hooks, state["hooks"], strict=True):
+            fn.load_state_dict(st)  # type: ignore[attr-defined]
 
     def mask_gradients(self, fn: GradMask) -> None:
         """After each backward pass (:meth:`after_backward`), ``fn(name, parameter, step)`` gives a mask the

@@ -17,16 +17,19 @@ What makes runs reproducible and comparable:
   minimised; the loss reported is the task loss alone. A session with :attr:`TrainSession.tasks` (a mixture's
   experts) gets the records' ``task`` labels as per-token ``task_ids`` there (MeteoRA's gate loss).
 - A checkpoint (``<checkpoints>/step-NNNNNNNN/``, written atomically by the main process) holds the adapter
-  as trained so far (``adapter.safetensors``), the optimizer and scheduler states, every process's RNG
-  states and ``state.json`` (the step, which fixes the data position, and the options). Resuming rebuilds
-  the session with the method's ``train`` verb, loads all of that and continues exactly; options given
-  again must equal the recorded ones. A session with schedule state (``has_schedule``: ``on_step`` hooks,
-  rank pruning) cannot be checkpointed yet (that state is not saved), and is refused rather than resumed
-  inexactly; step-determined hooks (``freeze_after``, gradient masks) resume exactly.
+  as trained so far (``adapter.safetensors``), the optimizer and scheduler states, the session's schedule
+  state (``schedule.pt``: pruned ranks, ``on_step`` hooks' ``state_dict``, e.g. SpIEL's), every process's RNG
+  states and ``state.json`` (the step, which fixes the data position, the options and the eval losses so
+  far). Resuming rebuilds the session with the method's ``train`` verb, loads all of that and continues
+  exactly; options given again must equal the recorded ones. A session whose schedule state cannot be saved
+  (``has_schedule``: an ``on_step`` hook without ``state_dict`` / ``load_state_dict``) is refused with
+  checkpoints rather than resumed inexactly; step-determined hooks (``freeze_after``, gradient masks) resume
+  exactly.
 - Each step runs the session's hooks: ``after_backward`` (frozen deltas, pruned ranks, gradient masks)
   between the backward pass and the optimizer step, ``step`` after it.
 - The final adapter records the method's config (``method.config``) and, in its ``provenance`` entry, the
-  data's sha256, the steps, the loss and the trainer's options.
+  data's sha256, the steps, the loss, the trainer's options and, with eval data, its sha256 and the eval loss
+  at every checkpoint and at the end (``evals``).
 
 Tokenizer: the base folder's own (``transformers.AutoTokenizer``); a folder without tokenizer files (the
 tiny model) gets the byte-level fallback :class:`ByteTokenizer` (token id = UTF-8 byte), which refuses text
@@ -102,6 +105,7 @@ class TrainOptions:
     """The first global batches, handed to the method's ``train`` verb as ``batches=`` with ``loss_fn=`` (for
     methods that choose modules or entries from gradients, e.g. ``sparse_ft``, ``lt_sft``)."""
     eval_data: Path | None = None
+    """Held-out data (same formats): its loss at each checkpoint and at the end (a resumed run: the recorded one)."""
     checkpoint_every: int = 0
     """Write a checkpoint every this many steps (0: none)."""
     checkpoints: Path | None = None
@@ -116,7 +120,9 @@ class TrainOptions:
 @dataclass(frozen=True)
 class StepReport:
     """What the progress callback gets after each optimizer step: ``loss`` is the global batch's token mean;
-    ``tokens`` (all processes) and ``seconds`` count from the start of this run (or of its resumption)."""
+    ``tokens`` (all processes) and ``seconds`` count from the start of this run (or of its resumption);
+    ``eval_loss`` is the eval data's token-mean loss at a checkpoint step and at the last step (with eval
+    data), else ``None``."""
 
     step: int
     max_steps: int
@@ -124,16 +130,19 @@ class StepReport:
     lr: float
     tokens: int
     seconds: float
+    eval_loss: float | None = None
 
 
 @dataclass
 class TrainResult:
-    """A finished run: ``tokens`` trained on in all (before a resumption too), ``tokens_per_second`` in this run."""
+    """A finished run: ``tokens`` trained on in all (before a resumption too), ``tokens_per_second`` in this run;
+    ``evals`` the ``(step, eval loss)`` of every checkpoint and of the end (before a resumption too)."""
 
     out: Path
     steps: int
     loss: float | None
     eval_loss: float | None
+    evals: list[tuple[int, float]]
     tokens: int
     tokens_per_second: float
     seconds: float
@@ -341,11 +350,12 @@ def load_base(base: Path | None) -> nn.Module:
 
 def token_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies over the labelled positions (extra leading outputs, as a prompt
-    adapter adds, are dropped)."""
+    adapter adds, are dropped). The labels are shifted, not the logits: a slice of the ``[B, T, vocab]``
+    logits would be copied, and its gradient too (two more logits-sized buffers at the peak)."""
     out = model(ids)
     logits = getattr(out, "logits", out)[:, -ids.shape[1]:]
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def mean_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -423,6 +433,10 @@ class Run:
         recorded = json.loads((self.ckpt / "state.json").read_text()) if self.ckpt else None
         self.start = recorded["step"] if recorded else 0
         self.tokens = recorded["tokens"] if recorded else 0
+        self.evals: list[tuple[int, float]] = [(e["step"], e["loss"]) for e in (recorded or {}).get("evals", [])]
+        """``(step, eval loss)`` at each checkpoint and at the end; a resumed run continues the recorded list."""
+        old_eval = (recorded or {}).get("eval_data")
+        self.eval_data = opts.eval_data.resolve() if opts.eval_data else Path(old_eval) if old_eval else None
         self.settings = self._settings(recorded)
         s = self.settings
         if s["schedule"] not in SCHEDULES:
@@ -477,8 +491,8 @@ class Run:
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
         self.tokenizer = load_tokenizer(base, emb.num_embeddings, note=acc.is_main_process)
         self.stream = Stream(read_examples(self.data, self.tokenizer, s["max_length"]), s["batch_size"], s["seed"])
-        self.eval_examples = (read_examples(self.opts.eval_data, self.tokenizer, s["max_length"])
-                              if self.opts.eval_data else None)
+        self.eval_examples = (read_examples(self.eval_data, self.tokenizer, s["max_length"])
+                              if self.eval_data else None)
         model.to(acc.device).train()
         calib = [collate(self.stream.batch(i), self.tokenizer.pad_id) for i in range(s["calibration_batches"])]
         self.session = session = get_method(s["method"]).train(model, config=dict(s["config"]), loss_fn=mean_loss,
@@ -493,6 +507,7 @@ class Run:
             session.steps = self.start
             self.optimizer.load_state_dict(torch.load(self.ckpt / "optimizer.pt", weights_only=True))
             self.scheduler.load_state_dict(torch.load(self.ckpt / "scheduler.pt", weights_only=True))
+            session.load_schedule_state(torch.load(self.ckpt / "schedule.pt", weights_only=True))
             recorded = json.loads((self.ckpt / "state.json").read_text())
             if recorded["processes"] != acc.num_processes:
                 raise FormatError(f"the checkpoint was written by {recorded['processes']} process(es), this run has "
@@ -505,7 +520,8 @@ class Run:
     def _check_schedule(self) -> None:
         if self.opts.checkpoint_every and self.session.has_schedule:
             raise UnsupportedError(f"method {self.settings['method']!r}: the session has schedule state a checkpoint "
-                                   "does not save (on_step hooks, rank pruning); run without checkpoints")
+                                   "does not save (an on_step hook without state_dict / load_state_dict); run "
+                                   "without checkpoints")
 
     def _check_tasks(self) -> None:
         tasks = self.session.tasks
@@ -551,12 +567,19 @@ class Run:
             self.accel_optimizer.zero_grad(set_to_none=True)
             loss = (acc.reduce(loss_sum.detach(), reduction="sum") / count).item()
             tokens += int(acc.reduce(torch.tensor(sum(len(e.ids) for e in batch), device=acc.device), reduction="sum"))
+            every = self.opts.checkpoint_every
+            checkpoint = bool(every) and (step + 1) % every == 0 and step + 1 < s["max_steps"]
+            eval_loss = self.evaluate() if checkpoint or step + 1 == s["max_steps"] else None
+            if eval_loss is not None:
+                self.evals.append((step + 1, eval_loss))
             if progress is not None and acc.is_main_process:
                 progress(StepReport(step + 1, s["max_steps"], loss, self.scheduler.get_last_lr()[0], tokens,
-                                    time.perf_counter() - started))
-            if self.opts.checkpoint_every and (step + 1) % self.opts.checkpoint_every == 0 and step + 1 < s["max_steps"]:
+                                    time.perf_counter() - started, eval_loss))
+            if checkpoint:
                 written.append(self.save_checkpoint(step + 1, loss, self.tokens + tokens))
-        eval_loss = self.evaluate()
+        if self.eval_examples is not None and (not self.evals or self.evals[-1][0] != s["max_steps"]):
+            self.evals.append((s["max_steps"], self.evaluate()))  # resumed from the last step: nothing ran
+        eval_loss = self.evals[-1][1] if self.eval_examples is not None else None
         seconds = time.perf_counter() - started
         acc.wait_for_everyone()
         assert self.out is not None
@@ -564,11 +587,13 @@ class Run:
             adapter = self.final_adapter(loss, eval_loss, self.tokens + tokens)
             save(adapter, self.out, overwrite=self.opts.overwrite)
         acc.wait_for_everyone()
-        return TrainResult(self.out, s["max_steps"], loss, eval_loss, self.tokens + tokens,
+        return TrainResult(self.out, s["max_steps"], loss, eval_loss, list(self.evals), self.tokens + tokens,
                            tokens / max(seconds, 1e-9), seconds, world, self.start, written, self.sha256)
 
+    @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Token-mean loss over the eval examples (split over the processes), or None without eval data."""
+        """Token-mean loss over the eval examples (split over the processes), or None without eval data. It
+        draws no random numbers (eval mode), so evaluating does not change the training trajectory."""
         if self.eval_examples is None:
             return None
         acc, b = self.acc, self.settings["batch_size"] // self.acc.num_processes
@@ -576,11 +601,10 @@ class Run:
         total = torch.zeros((), device=acc.device)
         count = torch.zeros((), device=acc.device, dtype=torch.long)
         self.model.eval()
-        with torch.no_grad():
-            for i in range(0, len(mine), b):
-                ids, labels = (t.to(acc.device) for t in collate(mine[i:i + b], self.tokenizer.pad_id))
-                total += token_loss_sum(self.model, ids, labels)
-                count += (labels[:, 1:] != IGNORE).sum()
+        for i in range(0, len(mine), b):
+            ids, labels = (t.to(acc.device) for t in collate(mine[i:i + b], self.tokenizer.pad_id))
+            total += token_loss_sum(self.model, ids, labels)
+            count += (labels[:, 1:] != IGNORE).sum()
         self.model.train()
         return (acc.reduce(total, reduction="sum") / acc.reduce(count, reduction="sum")).item()
 
@@ -595,11 +619,14 @@ class Run:
                 save(self.session.extract(base_name=self._base_name()), tmp / "adapter.safetensors")
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(self.session.schedule_state(), tmp / "schedule.pt")
                 for rank, state in enumerate(states):
                     torch.save(state, tmp / f"rng-{rank}.pt")
                 (tmp / "state.json").write_text(json.dumps({
                     "step": step, "loss": loss, "tokens": tokens, "processes": self.acc.num_processes,
-                    "data_sha256": self.sha256, "out": str(self.out), "settings": self.settings}, indent=2, sort_keys=True))
+                    "data_sha256": self.sha256, "out": str(self.out), "settings": self.settings,
+                    "evals": [{"step": k, "loss": v} for k, v in self.evals],
+                    "eval_data": self.eval_data and str(self.eval_data)}, indent=2, sort_keys=True))
         self.acc.wait_for_everyone()
         return path
 
@@ -615,6 +642,8 @@ class Run:
             "data": {"name": self.data.name, "sha256": self.sha256, "examples": len(self.stream.examples)},
             "steps": s["max_steps"], "tokens": tokens, "processes": self.acc.num_processes,
             "loss": loss, "eval_loss": eval_loss,
+            **({"eval_data": {"name": self.eval_data.name, "sha256": data_sha256(self.eval_data)},
+                "evals": [{"step": k, "loss": v} for k, v in self.evals]} if self.eval_data else {}),
             "options": {k: s[k] for k in DEFAULTS},
         })
         return adapter

@@ -43,7 +43,7 @@ import math
 import warnings
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -481,6 +481,27 @@ class SpielSchedule:
             self.begin()
         if self.completed % r == a and self.completed <= self.cfg["total_steps"]:
             self.end(optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's progress and each module's pattern, phase flag and candidates (``adapter train``
+        checkpoints it; the values and the optimizer state are saved with the adapter and the optimizer)."""
+        return {"completed": self.completed, "replaced": [list(r) for r in self.replaced],
+                "modules": {path: {"indices": d.indices.cpu(), "collecting": d.collecting,
+                                   "candidates": None if d.candidates is None else {
+                                       f.name: getattr(d.candidates, f.name).cpu() for f in fields(Candidates)}}
+                            for path, d in self.deltas.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (install the saved patterns, resume the phase)."""
+        if set(state["modules"]) != set(self.deltas):
+            raise af.FormatError("spiel: the schedule state names other modules than this session's")
+        self.completed, self.replaced = state["completed"], [tuple(r) for r in state["replaced"]]
+        for path, d in self.deltas.items():
+            st = state["modules"][path]
+            d.set_indices(st["indices"])
+            d.collecting = st["collecting"]
+            c = st["candidates"]
+            d.candidates = None if c is None else Candidates(**{k: t.to(d.indices.device) for k, t in c.items()})
 
     def begin(self) -> None:
         if self.cfg["selection_algorithm"] == "rigl":

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from adapterfmt.plugins.methods.procedures import diffora_selection, growth_threshold
 from helpers_spec import invoke
 
 import adapterfmt as af
 from adapterfmt.authoring.conformance import Example, check_method
 from adapterfmt.plugin.registry import get_method
-from adapterfmt.plugins.methods.procedures import diffora_selection, growth_threshold
 from adapterfmt.tiny import TinyConfig, build_tiny
 from adapterfmt.verbs.trainer import TrainOptions, train_adapter
 
@@ -111,7 +110,7 @@ def test_triadaptlora_grows_by_threshold_and_extracts_what_it_computes(tmp_path:
     assert {p: l.rank for p, l in session.layers.items()} == ranks
     new_c = [p for n, p in session.named_parameters() if "_C_" in n.replace(".C_", "_C_") and not n.endswith("_0")]
     assert new_c and all(float(p.detach().abs().sum()) > 0 for p in new_c)  # grown blocks of C trained
-    for path, l in session.layers.items():  # the session computes the fork's formula on its blocks
+    for l in session.layers.values():  # the session computes the fork's formula on its blocks
         t = l.tensors()
         dw = l.entry["params"]["scale"] * t["lora_B"] @ t["lora_mid"] @ t["lora_A"]
         torch.testing.assert_close(dw, fork_delta(l.blocks_A, l.blocks_B, l.rows, l.cols, 4.0))

@@ -7,24 +7,23 @@ run from :meth:`TrainSession.step`, so ``adapter train`` refuses to checkpoint T
 (``has_schedule``); S2-LoRA has no schedule and resumes exactly.
 
 **TriAdaptLoRA** (arXiv 2501.08008). Source: the only implementation found, a PEFT fork's
-``tuners/triadaptlora.py`` (``TriAdaptLoraConfig`` / ``RankAllocator``); the paper's text beyond its abstract
-was not available here. ``dW = alpha / (r + 1e-5) * B C A`` with ``r`` the current rank (``alpha <= 0``:
-``init_rank``, as the fork); ``A`` and ``B`` are
-block lists (``init_rank`` rows / columns first, ``incre_rank_num`` per growth) and ``C`` (r x r) the sum of a
-block-lower part (each growth's new rows ``[k, r]``) and a block-upper part (its new columns ``[r, k]``): the
-triangular split. Importance of a module: the change since the last evaluation of ``||C||_F / blocks`` (the
-normalised Frobenius norm). After each optimizer step ``t`` with ``t > init_warmup``, ``t % incre_interval ==
-0`` and the total rank below ``target_total_rank`` (default ``reference_rank`` x modules), every module whose
-importance reaches the threshold grows by ``incre_rank_num`` (default ``reference_rank / 2``): the threshold
-is the n-th largest importance, ``n = int((target - total) * c)`` (``linear``) or ``int(exp(c * log(target -
-total)))`` (``non-linear``), ``c = (t - init_warmup) / (total_step - init_warmup)``, at least 1. New blocks join
-the optimizer's first parameter group, so the run's learning-rate schedule reaches them (the fork adds a group
-of its own, which a scheduler built before the growth does not follow, and torch 2.13's refuses). Regulariser: ``orth_reg_weight`` times the mean over modules
-of ``||A A^T - I||_F`` and ``||B^T B - I||_F``. **Deviation**: the fork initialises every block of A, B and C at
-zero (only A's first block N(0, 0.02)), so every gradient is zero and it never trains; here A and B blocks are
-N(0, 0.02) (the fork's commented-out lines; AdaLoRA's P and Q, from which it derives) and C blocks zero, so dW
-starts at 0 and C gets a gradient. Growth adds parameters after the model is wrapped, so it runs in one process
-only (data-parallel runs are refused).
+``tuners/triadaptlora.py`` (``TriAdaptLoraConfig`` / ``RankAllocator``); the paper's text beyond its abstract was
+not available here. ``dW = alpha / (r + 1e-5) * B C A`` with ``r`` the current rank (``alpha <= 0``: ``init_rank``,
+as the fork); ``A`` and ``B`` are block lists (``init_rank`` rows / columns first, ``incre_rank_num`` per growth)
+and ``C`` (r x r) the sum of a block-lower part (each growth's new rows ``[k, r]``) and a block-upper part (its new
+columns ``[r, k]``): the triangular split. Importance of a module: the change since the last evaluation of
+``||C||_F / blocks`` (the normalised Frobenius norm). After each optimizer step ``t`` with ``t > init_warmup``, ``t
+% incre_interval == 0`` and the total rank below ``target_total_rank`` (default ``reference_rank`` x modules),
+every module whose importance reaches the threshold grows by ``incre_rank_num`` (default ``reference_rank / 2``):
+the threshold is the n-th largest importance, ``n = int((target - total) * c)`` (``linear``) or ``int(exp(c *
+log(target - total)))`` (``non-linear``), ``c = (t - init_warmup) / (total_step - init_warmup)``, at least 1. New
+blocks join the optimizer's first parameter group, so the run's learning-rate schedule reaches them (the fork adds
+a group of its own, which a scheduler built before the growth does not follow, and torch 2.13's refuses).
+Regulariser: ``orth_reg_weight`` times the mean over modules of ``||A A^T - I||_F`` and ``||B^T B - I||_F``.
+**Deviation**: the fork initialises every block of A, B and C at zero (only A's first block N(0, 0.02)), so every
+gradient is zero and it never trains; here A and B blocks are N(0, 0.02) (the fork's commented-out lines; AdaLoRA's
+P and Q, from which it derives) and C blocks zero, so dW starts at 0 and C gets a gradient. Growth adds parameters
+after the model is wrapped, so it runs in one process only (data-parallel runs are refused).
 
 **DiffoRA** (arXiv 2502.08905). No code was found and only the abstract was readable: a differentiable
 adaption matrix (DAM) chooses the modules to fine-tune by continuous relaxation, then discretisation, with the
@@ -45,8 +44,7 @@ modules with the same name across layers (``layers.N`` replaced) and shape, one 
 from __future__ import annotations
 
 import math
-import re
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -153,11 +151,11 @@ class TriAdaptLoRA(af.Method):
     name = "triadaptlora"
     summary = "TriAdaptLoRA: dW = s B C A with C split into triangular blocks; rank grows by importance thresholds"
     kinds = ("lowrank",)
-    defaults: dict[str, Any] = {"alpha": 8, "dropout": 0.0, "init_rank": 1, "reference_rank": 8,
+    defaults: ClassVar[dict[str, Any]] = {"alpha": 8, "dropout": 0.0, "init_rank": 1, "reference_rank": 8,
                                 "incre_rank_num": None, "target_total_rank": None, "init_warmup": 0,
                                 "incre_interval": 1, "total_step": 1000, "rank_growth_model": "linear",
                                 "orth_reg_weight": 0.5}
-    config_schema = {"type": "object", "properties": {
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
         **BASE, "init_rank": {"type": "integer", "minimum": 1}, "reference_rank": {"type": "integer", "minimum": 1},
         "incre_rank_num": {"type": ["integer", "null"], "minimum": 1},
         "target_total_rank": {"type": ["integer", "null"], "minimum": 1},
@@ -258,8 +256,8 @@ class DiffoRA(af.Method):
     name = "diffora"
     summary = "DiffoRA: a differentiable choice of the modules to adapt (DARTS-like), then LoRA on the chosen ones"
     kinds = ("lowrank",)
-    defaults: dict[str, Any] = {"r": 8, "alpha": 8, "dropout": 0.0, "select_ratio": 0.5, "search_steps": 100}
-    config_schema = {"type": "object", "properties": {
+    defaults: ClassVar[dict[str, Any]] = {"r": 8, "alpha": 8, "dropout": 0.0, "select_ratio": 0.5, "search_steps": 100}
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
         **BASE, "r": {"type": "integer", "minimum": 1},
         "select_ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "search_steps": {"type": "integer", "minimum": 1}}}
@@ -314,8 +312,8 @@ class S2LoRA(af.Method):
     name = "s2_lora"
     summary = "S2-LoRA: A and B shared by a module's copies across layers, per-layer rank coefficients with L1"
     kinds = ("lowrank",)
-    defaults: dict[str, Any] = {"r": 8, "alpha": 8, "dropout": 0.0, "l1": 1e-3}
-    config_schema = {"type": "object", "properties": {
+    defaults: ClassVar[dict[str, Any]] = {"r": 8, "alpha": 8, "dropout": 0.0, "l1": 1e-3}
+    config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
         **BASE, "r": {"type": "integer", "minimum": 1}, "l1": {"type": "number", "minimum": 0}}}
 
     def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:

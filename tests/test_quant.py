@@ -56,12 +56,42 @@ def test_asymmetric_4_and_5_bit_groups_of_32_are_q4_1_and_q5_1(bits, qtype):
     assert torch.equal(af.dequantize(half).reshape(-1, 32), ref)
 
 
+def _gptq(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's reference asymmetric quantiser (IST-DASLab/gptq ``quant.py``: ``find_params`` on each group, then
+    ``quantize``), written out: ``(scale, zero, codes)``."""
+    x = w.reshape(-1, group)
+    maxq = 2 ** bits - 1
+    xmin = torch.minimum(x.min(1).values, torch.zeros(x.shape[0]))
+    xmax = torch.maximum(x.max(1).values, torch.zeros(x.shape[0]))
+    both = (xmin == 0) & (xmax == 0)
+    xmin[both], xmax[both] = -1, 1
+    scale = (xmax - xmin) / maxq
+    zero = torch.round(-xmin / scale)
+    codes = torch.clamp(torch.round(x / scale[:, None]) + zero[:, None], 0, maxq)
+    return scale, zero, codes
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_integer_zero_point_is_gptqs_grid_bit_for_bit(bits):
+    w = _weight(bits) * 0.1
+    w[1] = w[1].abs() + 0.05  # all positive: the range is widened to 0
+    w[2, :16] = 0  # a group of zeros: GPTQ's [-1, 1]
+    w[3, 16:32] = 2.5 * (2 ** bits - 1) / 2 ** bits  # ties for the rounding
+    q = af.quantize(w, af.QuantSpec(bits, 16, "integer"))
+    scale, zero, codes = _gptq(w, bits, 16)
+    assert torch.equal(q.scale.reshape(-1), scale) and torch.equal(q.offset.reshape(-1), zero)
+    assert torch.equal(q.codes.reshape(-1, 16).float(), codes) and q.codes.dtype == torch.uint8
+    assert torch.equal(af.dequantize(q).reshape(-1, 16), scale[:, None] * (codes - zero[:, None]))
+    _, again = af.requantize(af.dequantize(q), q.spec, q.scale, q.offset)
+    assert torch.equal(again, af.dequantize(q))
+
+
 def test_round_half_away_from_zero_is_exact():
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, -0.49999997, 3.0])
     assert round_half_away(x).tolist() == [1, 2, 3, -1, -3, 0, 0, 3]
 
 
-@pytest.mark.parametrize("zero_point", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("zero_point", ["symmetric", "asymmetric", "integer"])
 @pytest.mark.parametrize("group_size", [None, 16])
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_codes_in_range_error_within_half_a_step_and_on_grid(bits, group_size, zero_point):
@@ -143,7 +173,7 @@ def _peqa(model: torch.nn.Module, config: dict, seed: int = 0) -> tuple[af.Adapt
     return session.extract(), session.model
 
 
-@pytest.mark.parametrize("zero_point", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("zero_point", ["symmetric", "asymmetric", "integer"])
 def test_qscale_is_new_scales_on_the_base_grid(zero_point):
     spec = af.QuantSpec(3, 8, zero_point)
     cfg = {**CFG, **spec.to_json()}
@@ -158,7 +188,7 @@ def test_qscale_is_new_scales_on_the_base_grid(zero_point):
     # the paper's W' = s' (W_int - z), z = -m / s, written out from the codes
     q = af.quantize(w, spec)
     s_new = ratio * q.scale
-    z = torch.zeros_like(q.scale) if q.offset is None else -q.offset / q.scale
+    z = q.offset if spec.integer_zero else torch.zeros_like(q.scale) if q.offset is None else -q.offset / q.scale
     paper = (s_new[..., None] * (q.codes.reshape(16, 4, 8).float() - z[..., None])).reshape(16, 32)
     # on a dequantised base the new weight is ratio * W per group; swapping the scales gives the same
     merged = copy.deepcopy(q3)
@@ -303,7 +333,7 @@ def test_qscale_on_a_base_held_quantised_swaps_its_scales():
 
 
 # ----- L4Q ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("zero_point", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("zero_point", ["symmetric", "asymmetric", "integer"])
 def test_l4q_rounds_w_plus_dw_onto_the_learned_grid(zero_point):
     spec = af.QuantSpec(3, 8, zero_point)
     cfg = {**CFG, "bits": 3, "group_size": 8, "zero_point": zero_point, "r": 2, "alpha": 4}
@@ -333,6 +363,11 @@ def test_l4q_rounds_w_plus_dw_onto_the_learned_grid(zero_point):
     codes = (torch.sign(u) * (u.abs() + 0.5).floor()).clamp(-3, 3) if zero_point == "symmetric" else \
         (u + 0.5).floor().clamp(0, 7)
     expected = (codes * s_new[..., None] + m_new[..., None]).reshape(16, 32)
+    if zero_point == "integer":  # W' = s' (clamp(round(V / s') + z) - z), z fixed
+        z = q.offset[..., None]
+        v = (w + 2.0 * t["lora_B"] @ t["lora_A"]).reshape(16, 4, 8)
+        expected = ((torch.round(v / s_new[..., None]) + z).clamp(0, 7) - z) * s_new[..., None]
+        expected = expected.reshape(16, 32)
     merged = copy.deepcopy(base)
     af.attach(merged, adapter, merge=True)
     torch.testing.assert_close(merged.get_submodule(path).weight.detach(), expected, rtol=1e-6, atol=1e-6)

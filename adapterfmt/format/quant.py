@@ -9,6 +9,10 @@ gets a float32 scale ``s`` (and, asymmetric, an offset ``m``); every computation
 - ``asymmetric``, ``L = 2^bits - 1``: ``s = (max w - min w) / L``, ``m = min w``;
   ``q = clamp(floor((w - m) * (1/s) + 1/2), 0, L)``; ``w^ = q * s + m``. (bits 4 / 5, group 32: Q4_1 / Q5_1.)
   In PEQA's notation ``w^ = s (q - z)`` with ``z = -m / s``.
+- ``integer`` (GPTQ's asymmetric grid, an integer zero point), ``L = 2^bits - 1``: ``lo = min(min w, 0)``,
+  ``hi = max(max w, 0)`` (``-1`` and ``1`` when both are 0); ``s = (hi - lo) / L``, ``z = round(-lo / s)``;
+  ``q = clamp(round(w / s) + z, 0, L)``; ``w^ = s (q - z)``, ``round`` with ties to even and a true division,
+  as GPTQ's quantiser (and torchao's integer zero-point domain) computes them. ``offset`` holds ``z``.
 
 ``1/s`` is 0 where ``s`` is 0 (a constant group decodes to its value exactly).
 """
@@ -18,13 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import FormatError
 
-ZERO_POINTS = ("symmetric", "asymmetric")
+ZERO_POINTS = ("symmetric", "asymmetric", "integer")
 BITS = range(2, 9)
 GRID_TOLERANCE = 1e-2
 """A weight lies on a grid when re-quantising it moves no element by more than this fraction of its group's
@@ -38,6 +42,7 @@ class QuantSpec:
     bits: int
     group_size: int | None = None
     zero_point: str = "symmetric"
+    ZERO_POINTS: ClassVar[tuple[str, ...]] = ZERO_POINTS
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in BITS:
@@ -72,6 +77,11 @@ class QuantSpec:
         return self.zero_point == "symmetric"
 
     @property
+    def integer_zero(self) -> bool:
+        """GPTQ's convention: ``offset`` is the integer zero point ``z`` (``w^ = s (q - z)``), not the minimum."""
+        return self.zero_point == "integer"
+
+    @property
     def levels(self) -> tuple[int, int]:
         """The smallest and largest code."""
         q = 2 ** (self.bits - 1) - 1
@@ -92,7 +102,8 @@ class QuantSpec:
 @dataclass
 class Quantized:
     """A quantised weight: integer ``codes`` ``[out, n]``, float32 ``scale`` and ``offset`` ``[out, groups]``
-    (``offset`` None when symmetric), and the function ``shape`` it came from."""
+    (``offset`` None when symmetric; the minimum ``m``, or with ``integer`` the zero point ``z``), and the
+    function ``shape`` it came from."""
 
     spec: QuantSpec
     codes: torch.Tensor
@@ -121,6 +132,13 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> Quantized:
         scale = x.abs().amax(-1) / hi
         codes = round_half_away(x * _inverse(scale)[..., None]).clamp(lo, hi)
         offset = None
+    elif spec.integer_zero:
+        low, high = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+        empty = (low == 0) & (high == 0)
+        low, high = torch.where(empty, -1.0, low), torch.where(empty, 1.0, high)
+        scale = (high - low) / hi
+        offset = torch.round(-low / scale)
+        codes = (torch.round(x / scale[..., None]) + offset[..., None]).clamp(lo, hi)
     else:
         offset = x.amin(-1)
         scale = (x.amax(-1) - offset) / hi
@@ -134,6 +152,8 @@ def dequantize(q: Quantized, scale: torch.Tensor | None = None) -> torch.Tensor:
     scales with it, ``w^ = s' (q - z)`` with ``z`` fixed)."""
     out, groups, g = q.spec.groups(q.shape)
     s = q.scale if scale is None else scale
+    if q.spec.integer_zero:
+        return ((q.codes.reshape(out, groups, g).to(s.dtype) - q.offset[..., None]) * s[..., None]).reshape(q.shape)
     w = q.codes.reshape(out, groups, g).to(s.dtype) * s[..., None]
     if q.offset is not None:
         ratio = s / torch.where(q.scale == 0, 1, q.scale) if scale is not None else 1
@@ -145,11 +165,16 @@ def requantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, offset: to
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round ``x`` (function layout) onto the grid of the given per-group ``scale`` (and, asymmetric,
     ``offset``) by the rules of ``spec``: returns the codes (float, ``[out, n]``, no gradient) and the values
-    ``s * q (+ m)`` in ``x``'s shape. The rounding is straight-through (its gradient is the identity, as in
-    LSQ / L4Q training); clamping passes none outside the range; the values are exact either way."""
+    ``s * q (+ m)`` (``integer``: ``s (q - z)``) in ``x``'s shape. The rounding is straight-through (its gradient
+    is the identity, as in LSQ / L4Q training); clamping passes none outside the range; the values are exact
+    either way."""
     out, groups, g = spec.groups(x.shape)
     lo, hi = spec.levels
     v = x.float().reshape(out, groups, g)
+    if spec.integer_zero:
+        u = v / scale[..., None]
+        q = (u + (torch.round(u) - u).detach() + offset[..., None]).clamp(lo, hi)
+        return q.detach().reshape(out, -1), ((q - offset[..., None]) * scale[..., None]).reshape(x.shape)
     if offset is not None:
         v = v - offset[..., None]
     u = v * _inverse(scale)[..., None]

@@ -38,7 +38,7 @@ import adapterfmt as af
 QUANT_SCHEMA: dict[str, Any] = {
     "bits": {"type": "integer", "minimum": 2, "maximum": 8},
     "group_size": {"type": ["integer", "null"], "minimum": 1},
-    "zero_point": {"enum": ["symmetric", "asymmetric"]},
+    "zero_point": {"enum": list(af.QuantSpec.ZERO_POINTS)},
 }
 DEFAULT_QUANT = {"bits": 4, "group_size": None, "zero_point": "asymmetric"}
 """PEQA's setting: 4 bits, one scale per output channel, a zero point."""
@@ -101,7 +101,8 @@ class QScale(af.DeltaKind):
         w = af.function_weight(module).detach().float()
         q = module.quantized() if isinstance(module, QuantizedLinear) else af.quantize(w, quant_spec("?", entry))
         ratio = t["ratio"].float()
-        scale, offset = ratio * q.scale, None if q.offset is None else ratio * q.offset
+        scale = ratio * q.scale
+        offset = q.offset if q.offset is None or q.spec.integer_zero else ratio * q.offset  # an integer z stays
         if "lora_A" not in t:
             return None, af.dequantize(q, scale=scale), scale, offset
         dw = entry.get("params", {}).get("scale", 1) * (t["lora_B"].float() @ t["lora_A"].float())

@@ -103,7 +103,8 @@ def train(
                               "safetensors, tokenizer); default: the demo's tiny model. --model is an alias."),
     model: Path = hidden_alias("--model"),
     data: Path = typer.Option(None, "--data", help="JSONL ('text', or 'prompt' + 'completion': loss on the "
-                              "completion only), or a folder saved by `datasets` (needs it installed)."),
+                              "completion only; an optional 'task' names the record's expert for methods that "
+                              "route, e.g. mixture), or a folder saved by `datasets` (needs it installed)."),
     out: Path = out_option("Where to write the adapter (.safetensors: one file; else a folder)."),
     config: Path = typer.Option(None, "--config", help="The method's options as YAML or JSON (its config schema; "
                                 "unknown keys are refused)."),

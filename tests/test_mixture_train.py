@@ -241,3 +241,15 @@ def test_library_refusals() -> None:
     other = build_tiny(0, TinyConfig(vocab_size=128, hidden=32, layers=1, heads=4, intermediate=64))
     with pytest.raises(af.BaseMismatchError, match="'model.layers.1.self_attn.q_proj', which the model does not have"):
         train(other, config={}, experts=experts)
+
+
+def test_sequence_granularity_trains_on_the_lm_loss_and_refuses_the_gate_loss() -> None:
+    """One routing per sequence: top-2 sends the router LM gradients; MeteoRA's per-token gate loss does not apply."""
+    base = build_tiny(0, CFG)
+    model = copy.deepcopy(base)
+    session = af.registry.verb("mixture", "train")(model, config={"granularity": "sequence"}, experts=_experts(base))
+    ids = torch.randint(0, CFG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    mean_loss(model, (ids, ids)).backward()
+    assert all(float(p.grad.abs().max()) > 0 for p in session.parameters())
+    with pytest.raises(af.UnsupportedError, match="the gate loss needs granularity 'token'"):
+        session.regularization(task_ids=torch.zeros(2, 6, dtype=torch.long))

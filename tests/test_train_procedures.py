@@ -13,7 +13,7 @@ from helpers_spec import invoke
 
 import adapterfmt as af
 from adapterfmt.authoring.conformance import Example, check_method
-from adapterfmt.plugin.registry import get_method
+from adapterfmt.plugin.registry import get_kind, get_method
 from adapterfmt.tiny import TinyConfig, build_tiny
 from adapterfmt.verbs.trainer import TrainOptions, train_adapter
 
@@ -234,6 +234,28 @@ def test_s2_lora_shares_trained_factors_and_stores_them_once(tmp_path: Path):
     assert stored == sum(p.numel() for p in session.parameters())  # nothing stored twice
     torch.testing.assert_close(reloaded_output(adapter, tmp_path), want, rtol=1e-5, atol=1e-5)
 
+
+
+def test_compress_resize_of_shared_factors_writes_each_module_its_own(tmp_path: Path):
+    """Resizing refactors each module's dW (shared factors and lambda) into factors of its own: the shared
+    entries are dropped from params.shared (they used to stay, so the file read the old shared factors without
+    lambda, while the report described the new ones)."""
+    model = build_tiny(0, CFG)
+    session = get_method("s2_lora").train(model, config=dict(S2))
+    with torch.no_grad():
+        for p in session.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    adapter = session.extract()
+    out = af.load(af.save(af.compress_adapter(adapter, steps=[{"method": "resize", "rank": 2}]),
+                          tmp_path / "r.safetensors"))
+    kind = get_kind("lowrank")
+    for path, entry in adapter.modules.items():
+        assert "shared" not in out.modules[path]["params"]
+        want = kind.delta(entry, adapter.module_tensors(path))
+        torch.testing.assert_close(kind.delta(out.modules[path], out.module_tensors(path)), want,
+                                   rtol=1e-5, atol=1e-6)
+    assert not any(".N." in n for n in out.tensor_names())
+    assert out.manifest["compression"]["dW_rel_error_max"] < 1e-5
 
 def s2_example() -> Example:
     """S2-LoRA trained a little on a two-layer model, so each group is shared by two modules."""

@@ -68,6 +68,13 @@ class Work:
         """Roles read from tensors shared by several modules (``params.shared``): stored once, left as they are."""
         return shared_tensors(self.entry)
 
+    def unshare(self, *roles: str) -> None:
+        """``roles`` are now this module's own tensors (a step rewrote them): no longer read from shared ones."""
+        params = self.entry.get("params", {})
+        left = {r: n for r, n in params.get("shared", {}).items() if r not in roles}
+        if "shared" in params:
+            self.entry["params"] = {k: v for k, v in params.items() if k != "shared"} | ({"shared": left} if left else {})
+
     def float_roles(self) -> list[str]:
         """Roles a codec may encode: float tensors of 2+ dims not encoded yet (shared ones excluded)."""
         return [r for r, t in sorted(self.tensors.items())
@@ -124,6 +131,7 @@ def resize(works: dict[str, Work], *, rank: int | None = None, energy: float | N
         root = s[:k].sqrt()
         w.tensors["lora_B"] = (u[:, :k] * root).reshape(b.shape[0], k, *b.shape[2:]).to(b.dtype).contiguous()
         w.tensors["lora_A"] = (root[:, None] * vh[:k]).reshape(k, *a.shape[1:]).to(a.dtype).contiguous()
+        w.unshare("lora_A", "lora_B")
         w.encoded.pop("lora_A", None)
         w.encoded.pop("lora_B", None)
 
@@ -147,6 +155,7 @@ def _plain_lowrank(w: Work) -> None:
     w.tensors["lora_A"] = a.reshape(k, *shape[1:]).to(dtype).contiguous()
     tail = old_b.shape[2:] if old_b is not None else (1,) * (len(shape) - 2)
     w.tensors["lora_B"] = (b / scale).reshape(b.shape[0], k, *tail).to(dtype).contiguous()
+    w.unshare("lora_A", "lora_B")
 
 
 # ----- compeft ------------------------------------------------------------------------------------------

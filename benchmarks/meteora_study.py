@@ -36,9 +36,9 @@ import time
 from typing import Any
 
 import torch
+from adapterfmt.plugins.methods.mixture import mixture_adapter
 
 import adapterfmt as af
-from adapterfmt.plugins.methods.mixture import mixture_adapter
 from adapterfmt.tiny import build_tiny
 from adapterfmt.verbs.trainer import mean_loss
 
@@ -202,8 +202,8 @@ VARIANTS = {"meteora": "router on single-task sequences (MeteoRA)",
 
 def report(task_set: str, runs: list[dict[str, Any]]) -> str:
     names = list(TASKS[task_set])
-    lines = [f"### {task_set}", "", "Next-token accuracy on held-out single-task sequences (routed: the fraction of "
-             "(position, module) pairs whose top-1 expert is the task's):", "",
+    lines = [f"### {task_set}", "", ("Next-token accuracy on held-out single-task sequences (routed: the fraction of "
+                                     "(position, module) pairs whose top-1 expert is the task's):"), "",
              "| task | base | own LoRA | experts averaged | " + " | ".join(
                  f"mixture, {v} | routed, {v}" for v in VARIANTS) + " |", "|---|" + "---|" * (3 + 2 * len(VARIANTS))]
     for i, n in enumerate(names):
@@ -212,8 +212,8 @@ def report(task_set: str, runs: list[dict[str, Any]]) -> str:
             cells += [summary([r[v]["accuracy"][i] for r in runs]), summary([r[v]["routed"][i] for r in runs])]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "Switching inside one sequence (first half task A, second half task B, all 6 ordered pairs):", "",
-              "| router | routed right, first half | routed right, second half | accuracy, first half | "
-              "accuracy, second half |", "|---|---|---|---|---|"]
+              ("| router | routed right, first half | routed right, second half | accuracy, first half | "
+               "accuracy, second half |"), "|---|---|---|---|---|"]
     for v, label in VARIANTS.items():
         s = [r[v]["switch"] for r in runs]
         lines.append(f"| {label} | " + " | ".join(summary([x[k] for x in s]) for k in (

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from adapterfmt.plugins.methods.mixture import expert_adapter
 from helpers_spec import invoke
 
 import adapterfmt as af
-from adapterfmt.plugins.methods.mixture import expert_adapter
 from adapterfmt.tiny import TinyConfig, build_tiny
 from adapterfmt.verbs.trainer import mean_loss
 
@@ -181,9 +181,8 @@ def _cli_setup(tmp_path: Path, **config) -> tuple[Path, dict[str, af.Adapter]]:
     paths = {n: str(af.save(a, tmp_path / f"{n}.safetensors", overwrite=True)) for n, a in experts.items()}
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump({"expert_adapters": paths, **config}))
     with open(tmp_path / "data.jsonl", "w") as f:
-        for i in range(12):
-            f.write(json.dumps({"text": ["abc def ghi", "123 456 789", "ABC DEF GHI"][i % 3] * 2,
-                                "task": NAMES[i % 3]}) + "\n")
+        f.writelines(json.dumps({"text": ["abc def ghi", "123 456 789", "ABC DEF GHI"][i % 3] * 2,
+                                "task": NAMES[i % 3]}) + "\n" for i in range(12))
     return tmp_path / "mix.yaml", experts
 
 

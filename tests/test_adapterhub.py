@@ -1,7 +1,8 @@
-"""AdapterHub ``adapters`` bottleneck folders made by the real ``adapters`` 1.3 (tests/fixtures/adapterhub, written by
-its ``make_fixtures.py`` in a side environment: adapters pins transformers 4.57): read by ``adapter convert``,
-applied as kinds ``bottleneck`` / ``parallel_bottleneck`` with adapters' recorded logits, written back
-tensor-identical in adapters' layout; refusals in one line."""
+"""AdapterHub ``adapters`` bottleneck and prefix-tuning folders made by the real ``adapters`` 1.3
+(tests/fixtures/adapterhub, written by its ``make_fixtures.py`` in a side environment: adapters pins transformers
+4.57): read by ``adapter convert``, applied as kinds ``bottleneck`` / ``parallel_bottleneck`` / ``prefix`` with
+adapters' recorded logits, written back in adapters' layout (tensor-identical where the source is in that
+layout); refusals in one line."""
 
 from __future__ import annotations
 
@@ -91,12 +92,55 @@ def test_adapters_folder_converts_gives_adapters_logits_and_writes_back(tmp_path
     ("llama-pfeiffer", {"residual_before_ln": False}, "config.residual_before_ln=False with original_ln_before"),
     ("llama-parallel", {"mh_adapter": True}, "config.is_parallel with mh_adapter and output_adapter both true"),
     ("bert-pfeiffer", {}, "config.original_ln_before=true on bert"),
-    ("llama-prefix", {}, "config.architecture 'prefix_tuning' is not supported")])
+    ("bert-prefix", {}, "prefix tuning on bert cannot be represented"),
+    ("llama-prefix", {"use_gating": True}, "config.use_gating=True"),
+    ("llama-prefix", {"leave_out": [1]}, "config.leave_out=[1]"),
+    ("llama-prefix", {}, "pass --base")])
 def test_unrepresentable_configs_are_refused_in_one_line(tmp_path, case, change, field):
     folder = copy_case(tmp_path, case, **change)
     res = invoke("convert", str(folder), str(tmp_path / "o.safetensors"), "--allow-pickle")
     assert res.exit_code == 1 and field in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", ["llama-prefix", "gpt2-prefix", "gpt2-prefix-flat"])
+def test_adapters_prefix_converts_gives_adapters_logits_and_writes_back_flat(tmp_path, case):
+    """adapters' prefix (MLP form, or ejected flat) is kind prefix with positions from 0; written back flat."""
+    model_type = case.split("-")[0]
+    expected, where = load_file(FIX / case / "expected.safetensors"), str(FIX / "base" / model_type)
+    res = invoke("convert", str(FIX / case), str(tmp_path / "a.safetensors"), "--base", where, "--allow-pickle")
+    assert res.exit_code == 0, res.stderr
+    adapter = af.load(tmp_path / "a.safetensors")
+    ((stack, entry),) = adapter.modules.items()
+    assert (stack, entry["kind"], entry["params"]) == ({"llama": "model", "gpt2": "transformer"}[model_type], "prefix",
+                                                       {"positions": "from_zero"})
+    model = base(model_type)
+    base_out = run(model, expected["ids"])
+    af.attach(model, adapter)
+    with torch.no_grad():
+        masked = model(expected["ids"], attention_mask=torch.ones_like(expected["ids"])).logits
+    for got in (run(model, expected["ids"]), masked):
+        assert (got - expected["logits"]).abs().max() <= ATOL < (base_out - expected["logits"]).abs().max()
+
+    res = invoke("convert", str(tmp_path / "a.safetensors"), str(tmp_path / "back"), "--to", "adapterhub", "--base", where)
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["config"]["flat"] is True
+    again = af.read_foreign(tmp_path / "back", base=where)
+    assert all(torch.equal(again.tensor(n), adapter.tensor(n)) for n in adapter.tensor_names())
+    if case.endswith("flat"):  # adapters' own layout of an ejected prefix: tensor-identical
+        source = torch.load(FIX / case / "pytorch_adapter.bin", weights_only=True)
+        back = load_file(tmp_path / "back" / "adapter.safetensors")
+        assert back.keys() == source.keys() and all(torch.equal(back[k], source[k]) for k in source)
+
+
+def test_a_peft_form_prefix_is_not_written_as_an_adapters_prefix(tmp_path):
+    adapter = af.read_foreign(FIX / "gpt2-prefix", base=FIX / "base" / "gpt2", allow_pickle=True)
+    entry = {**adapter.modules["transformer"], "params": {}}  # PEFT's positions (after the prefix)
+    peft_form = af.Adapter(af.new_manifest("prefix_tuning", {"transformer": entry}),
+                           {n: adapter.tensor(n) for n in adapter.tensor_names()})
+    with pytest.raises(af.UnsupportedError, match=r"adapters numbers the real tokens from 0 .*'after_prefix'"):
+        af.write_foreign(peft_form, tmp_path / "o", "adapterhub")
+    assert not (tmp_path / "o").exists()
 
 
 def test_other_model_types_are_refused(tmp_path):

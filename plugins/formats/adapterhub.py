@@ -68,15 +68,19 @@ class Layout:
     """The submodule whose input is ``r`` (parallel adapters read it)."""
     pre_norm: bool
     """No layer norm after the sum (``original_ln_before`` then acts on the layer's output)."""
+    stack: str | None
+    """The decoder stack a prefix targets (kind ``prefix``); None: prefix tuning is refused."""
+    attention: str = ""
+    """Each layer's attention under the stack (``{}`` the layer), which holds a copy of the prefix pool."""
 
 
 LAYOUTS = {
     "llama": Layout(r"(?:.+\.)?layers\.\d+", ("attention_adapters", "output_adapters"), ("self_attn.o_proj", "mlp"),
-                    ("input_layernorm", "post_attention_layernorm"), True),
+                    ("input_layernorm", "post_attention_layernorm"), True, "model", "layers.{}.self_attn"),
     "gpt2": Layout(r"(?:.+\.)?h\.\d+", ("attention_adapters", "output_adapters"), ("attn", "mlp"), ("ln_1", "ln_2"),
-                   True),
+                   True, "transformer", "h.{}.attn"),
     "bert": Layout(r"(?:.+\.)?encoder\.layer\.\d+", ("attention.output", "output"),
-                   ("attention.output.dense", "output.dense"), ("attention.self", "intermediate"), False),
+                   ("attention.output.dense", "output.dense"), ("attention.self", "intermediate"), False, None),
 }
 """Checked against ``adapters`` 1.3's own forward (tests/fixtures/adapterhub)."""
 TAIL = re.compile(r"^(?P<site>.+)\.adapters\.(?P<name>[^.]+)\.(?P<part>adapter_down\.0|adapter_up)\."
@@ -110,9 +114,12 @@ def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = 
     if layout is None:
         raise af.UnsupportedError(f"model_type {meta.get('model_type')!r} is not supported (supported: "
                                   f"{', '.join(LAYOUTS)}): where its adapters act is model-specific", path=where)
+    if isinstance(cfg, dict) and cfg.get("architecture") == "prefix_tuning":
+        return _read_prefix(path, meta, layout, _weights(path, allow_pickle), base)
     if not isinstance(cfg, dict) or cfg.get("architecture") is not None:
         arch = cfg.get("architecture") if isinstance(cfg, dict) else cfg
-        raise af.UnsupportedError(f"config.architecture {arch!r} is not supported (only bottleneck adapters)", path=where)
+        raise af.UnsupportedError(f"config.architecture {arch!r} is not supported (bottleneck adapters and prefix "
+                                  "tuning are)", path=where)
     for key, want in MUST.items():
         if cfg.get(key, want) != want:
             raise af.UnsupportedError(f"config.{key}={cfg[key]!r} cannot be represented (the bottleneck kinds "
@@ -134,12 +141,7 @@ def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = 
     if act not in ACTIVATIONS:
         raise af.UnsupportedError(f"config.non_linearity={cfg.get('non_linearity')!r} is not supported "
                                   f"(supported: {', '.join(ACTIVATIONS)})", path=where)
-    if (path / SAFE_FILE).is_file():
-        raw = af.read_tensor_file(path / SAFE_FILE)[0]
-    elif (path / PICKLE_FILE).is_file():
-        raw = af.read_pickle_tensors(path / PICKLE_FILE, allow_pickle=allow_pickle)
-    else:
-        raise af.MissingFileError(f"adapters folder has neither {SAFE_FILE} nor {PICKLE_FILE}", path=path)
+    raw = _weights(path, allow_pickle)
     params = {"activation": ACTIVATIONS[act], "scale": float(scale)}
     modules: dict[str, dict[str, Any]] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -178,6 +180,103 @@ def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = 
     return af.Adapter(manifest, tensors)
 
 
+def _weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if (path / SAFE_FILE).is_file():
+        return af.read_tensor_file(path / SAFE_FILE)[0]
+    if (path / PICKLE_FILE).is_file():
+        return af.read_pickle_tensors(path / PICKLE_FILE, allow_pickle=allow_pickle)
+    raise af.MissingFileError(f"adapters folder has neither {SAFE_FILE} nor {PICKLE_FILE}", path=path)
+
+
+def _geometry(base: Any, meta: dict[str, Any], where: Path) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of the base, as adapters' ``PrefixTuningLayer.add_adapter`` takes them."""
+    cfg = af.base_config(base)
+    heads, layers = cfg.get("num_attention_heads") or cfg.get("n_head"), cfg.get("num_hidden_layers") or cfg.get("n_layer")
+    if not heads or not layers:
+        raise af.UnsupportedError("an adapters prefix is stored as one flat vector per adapter: its layers and "
+                                  "heads come from the base; pass --base (base= in Python)", path=where)
+    hidden = meta.get("hidden_size") or cfg.get("hidden_size") or cfg.get("n_embd")
+    return int(layers), int(cfg.get("num_key_value_heads") or heads), int(hidden) // int(heads)
+
+
+def _read_prefix(path: Path, meta: dict[str, Any], layout: Layout, raw: dict[str, torch.Tensor],
+                 base: Any) -> af.Adapter:
+    """An adapters prefix-tuning folder as kind ``prefix`` with ``positions = "from_zero"`` (module docstring)."""
+    cfg, where, name = meta["config"], path / CONFIG_FILE, meta.get("name")
+    if layout.stack is None:
+        raise af.UnsupportedError(f"prefix tuning on {meta['model_type']} cannot be represented: kind prefix "
+                                  "acts through a causal LM's attention cache", path=where)
+    for key, want in (("use_gating", False), ("leave_out", [])):
+        if cfg.get(key, want) != want:
+            raise af.UnsupportedError(f"config.{key}={cfg[key]!r} cannot be represented (kind prefix needs "
+                                      f"{want!r})", path=where)
+    pool = f"{layout.stack}.prefix_tuning.prefix_tunings.{name}.self_prefix."
+    own = {k[len(pool):]: t for k, t in raw.items() if k.startswith(pool)}
+    for key, t in raw.items():  # each layer's attention holds the same pool: equal copies
+        part = key.partition(f".prefix_tuning.pool.prefix_tunings.{name}.self_prefix.")[2]
+        if not key.startswith(pool) and not (part in own and torch.equal(t, own[part])):
+            raise af.UnsupportedError(f"tensor {key!r} is not a weight of prefix {name!r} (nor a copy of one)", path=path)
+    layers, heads, head_dim = _geometry(base, meta, where)
+    n = int(cfg.get("prefix_length", 0))
+    if cfg.get("flat") or set(own) == {"control_trans"}:  # eject_prefix_tuning saves flat weights, flat=false
+        flat = own.get("control_trans")
+    elif {"wte.weight", "control_trans.0.weight", "control_trans.0.bias", "control_trans.2.weight",
+          "control_trans.2.bias"} <= own.keys():
+        from transformers.activations import get_activation
+
+        act = str(cfg.get("non_linearity", "tanh")).lower()
+        f = torch.nn.functional.leaky_relu if act == "leakyrelu" else get_activation(act)  # Activation_Function_Class
+        with torch.no_grad():  # PrefixTuning.forward: control_trans(wte(0 ... n - 1)), what eject() stores
+            h = f(torch.nn.functional.linear(own["wte.weight"][:n], own["control_trans.0.weight"],
+                                             own["control_trans.0.bias"]))
+            flat = torch.nn.functional.linear(h, own["control_trans.2.weight"], own["control_trans.2.bias"])
+    else:
+        flat = None
+    if flat is None or flat.numel() != n * layers * 2 * heads * head_dim:
+        what = "flat control_trans" if cfg.get("flat") else "wte / control_trans"
+        raise af.UnsupportedError(f"prefix {name!r}: no {what} of {n} x {layers} layers x 2 x {heads} heads x "
+                                  f"{head_dim} values (config.prefix_length, the base's geometry)", path=path)
+    kv = flat.reshape(n, layers * 2, heads, head_dim).permute(1, 0, 2, 3)  # PrefixTuning.forward's view
+    entry = {"kind": "prefix", "shape": [layers, heads, head_dim], "params": {"positions": "from_zero"}}
+    tensors = {f"{layout.stack}.keys": kv[0::2].contiguous(), f"{layout.stack}.values": kv[1::2].contiguous()}
+    notes = [] if "wte.weight" not in own else [("the prefix MLP (wte, control_trans) is stored evaluated, as "
+                                                 "adapters' eject_prefix_tuning gives it")]
+    prov = {"tool": "adapters", "format": "adapterhub", "source": str(path), "config": meta, "notes": notes}
+    manifest = af.new_manifest("prefix_tuning", {layout.stack: entry}, config={"num_virtual_tokens": n},
+                               provenance=[prov], base={"name": meta.get("model_name") or None, "revision": None,
+                                                        "fingerprint": af.base_fingerprint(base)})
+    return af.Adapter(manifest, tensors)
+
+
+def _write_prefix(adapter: af.Adapter, path: Path, base: Any, name: str) -> Path:
+    """A ``prefix`` adapter (``positions = "from_zero"``) as adapters' flat prefix (``FlatPrefixTuning``)."""
+    ((stack, entry),) = adapter.modules.items()
+    if entry.get("params", {}).get("positions") != "from_zero":
+        raise af.UnsupportedError(f"module {stack!r}: adapters numbers the real tokens from 0 after a prefix; this "
+                                  f"one (params.positions {entry.get('params', {}).get('positions', 'after_prefix')!r}, "
+                                  "PEFT's) gives other logits there")
+    model_type = next((n for n, lay in LAYOUTS.items() if lay.stack == stack), None)
+    if model_type is None:
+        raise af.UnsupportedError(f"module {stack!r} is not a decoder stack adapters puts a prefix on "
+                                  f"({', '.join(str(lay.stack) for lay in LAYOUTS.values() if lay.stack)})")
+    t = adapter.module_tensors(stack)
+    layers, n, heads, head_dim = t["keys"].shape
+    kv = torch.stack([t["keys"], t["values"]], dim=1).reshape(layers * 2, n, heads, head_dim)
+    flat = kv.permute(1, 0, 2, 3).reshape(-1).contiguous()
+    cfg = {"architecture": "prefix_tuning", "flat": True, "prefix_length": n, "bottleneck_size": 512,
+           "non_linearity": "tanh", "dropout": 0.0, "encoder_prefix": True, "cross_prefix": True, "leave_out": [],
+           "use_gating": False, "shared_gating": True, "init_weights_seed": None}
+    base_cfg = af.base_config(base)
+    meta = {"config": cfg, "hidden_size": base_cfg.get("hidden_size") or base_cfg.get("n_embd"),
+            "model_class": type(base).__name__ if isinstance(base, nn.Module)
+            else next(iter(base_cfg.get("architectures") or []), None), "model_name": (adapter.base or {}).get("name"),
+            "model_type": model_type, "name": name, "version": VERSION}
+    tensors = {f"{stack}.prefix_tuning.prefix_tunings.{name}.self_prefix.control_trans": flat}
+    tensors |= {f"{stack}.{LAYOUTS[model_type].attention.format(i)}.prefix_tuning.pool.prefix_tunings.{name}."
+                "self_prefix.control_trans": flat.clone() for i in range(layers)}  # as save_adapter writes it
+    return af.write_folder(path, SAFE_FILE, tensors, CONFIG_FILE, meta)
+
+
 def _place(layout: Layout, module: str, entry: dict[str, Any]) -> tuple[str, str, str] | None:
     """(layer, location, form) of a bottleneck entry in this layout, or None; form is ``sequential``,
     ``ln_before`` (Pfeiffer on the layer) or ``parallel``."""
@@ -211,16 +310,18 @@ def write_adapterhub(adapter: af.Adapter, path: str | Path, *, base: Any = None)
     """Write a ``bottleneck`` adapter as an ``adapters`` folder (``adapter.safetensors``), the inverse of
     :func:`read_adapterhub`; the layout must be one the reader maps (module docstring)."""
     kinds = {e["kind"] for e in adapter.modules.values()}
+    name = next((p["config"].get("name") for p in adapter.manifest.get("provenance", [])
+                 if p.get("format") == "adapterhub"), None) or adapter.method
+    if kinds == {"prefix"}:
+        return _write_prefix(adapter, Path(path), base, name)
     if not kinds <= {"bottleneck", "parallel_bottleneck"}:
-        raise af.UnsupportedError(f"an adapters bottleneck folder holds only kinds bottleneck and "
-                                  f"parallel_bottleneck, not {sorted(kinds)}")
+        raise af.UnsupportedError(f"an adapters folder holds kinds bottleneck and parallel_bottleneck, or one "
+                                  f"prefix, not {sorted(kinds)}")
     params = {(e["params"]["activation"], float(e["params"].get("scale", 1.0))) for e in adapter.modules.values()}
     if len(params) != 1:
         raise af.UnsupportedError(f"adapters' config has one non_linearity and one scaling for all modules: "
                                   f"the adapter has {sorted(params)}")
     ((act, scale),) = params
-    name = next((p["config"].get("name") for p in adapter.manifest.get("provenance", [])
-                 if p.get("format") == "adapterhub"), None) or adapter.method
     model_type, layout = _layout_of(adapter, base)
     places = {}
     for module, entry in adapter.modules.items():

@@ -6,7 +6,9 @@ Kind ``prefix`` (spec 6.10.14) targets the decoder stack of a transformers causa
 Attached, a forward pre-hook on that module passes a ``DynamicCache`` holding, for layer ``l``, key
 ``keys[l]`` and value ``values[l]`` (as ``[batch, kv_heads, n, head_dim]``, the same for every row), prepends
 ``n`` ones to the attention mask and adds ``n`` to given ``position_ids`` — what PEFT's
-``PeftModelForCausalLM.forward`` does, so the logits are PEFT's. The model's positions then start at ``n``.
+``PeftModelForCausalLM.forward`` does, so the logits are PEFT's. The model's positions then start at ``n``;
+with ``params.positions = "from_zero"`` (AdapterHub's ``adapters``, which concatenates the prefix to the
+keys inside attention) they start at 0: given ``position_ids`` are kept, absent ones passed as ``0 ... T - 1``.
 A later call of cached generation brings a cache that starts with the prefix: it is passed on, the mask
 extended when it covers the real tokens only.
 
@@ -26,6 +28,8 @@ from torch import nn
 import adapterfmt as af
 
 ROLES = ("keys", "values")
+POSITIONS = ("after_prefix", "from_zero")
+"""``params.positions``: the real tokens' positions start after the prefix (PEFT, the default) or at 0."""
 
 
 def cache_geometry(module: nn.Module) -> list[int]:
@@ -51,6 +55,10 @@ class PrefixKind(af.DeltaKind):
         return False
 
     def check(self, module: str, entry: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+        positions = entry.get("params", {}).get("positions", "after_prefix")
+        if positions not in POSITIONS:
+            raise af.FormatError(f"module {module!r}: prefix params.positions must be one of {list(POSITIONS)}, "
+                                 f"got {positions!r}")
         geo = list(entry["shape"])
         k, v = list(shapes["keys"]), list(shapes["values"])
         if len(geo) != 3 or len(k) != 4 or k != v or [k[0], k[2], k[3]] != geo:
@@ -92,7 +100,11 @@ class PrefixKind(af.DeltaKind):
         mask = a.get("attention_mask")
         if mask is not None and mask.dim() == 2 and mask.shape[1] == max(past - n, 0) + steps:
             a["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
-        if a.get("position_ids") is not None:
+        if entry.get("params", {}).get("positions") == "from_zero":
+            if a.get("position_ids") is None:  # else the model would number the new positions after the cache
+                start = max(past - n, 0)
+                a["position_ids"] = torch.arange(start, start + steps, device=t["keys"].device).expand(batch, -1)
+        elif a.get("position_ids") is not None:
             a["position_ids"] = a["position_ids"] + n
         return args, a
 

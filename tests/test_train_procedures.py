@@ -191,6 +191,27 @@ def test_diffora_keeps_the_heaviest_modules_without_a_jump(tmp_path: Path):
     torch.testing.assert_close(reloaded_output(adapter, tmp_path), final, rtol=1e-5, atol=1e-5)
 
 
+
+def test_diffora_search_alternates_factors_and_gates():
+    """First-order DARTS: even steps move the factors only, odd steps the gates only (plain SGD, no momentum);
+    ``search: joint`` moves both at every step."""
+    def moved(search: str) -> list[tuple[bool, bool]]:
+        model = build_tiny(0, CFG)
+        torch.manual_seed(0)
+        session = get_method("diffora").train(model, config={**DIFFO, "search": search})
+        opt = torch.optim.SGD(session.parameters(), lr=0.5)
+        out = []
+        for _ in range(3):
+            gates = [l.gate.detach().clone() for l in session.layers.values()]
+            factors = [l.weights.lora_B.detach().clone() for l in session.layers.values()]
+            run(model, session, 1, opt)
+            out.append((any(not torch.equal(g, l.gate) for g, l in zip(gates, session.layers.values())),
+                        any(not torch.equal(f, l.weights.lora_B) for f, l in zip(factors, session.layers.values()))))
+        return out
+
+    assert moved("alternate") == [(False, True), (True, False), (False, True)]
+    assert moved("joint") == [(False, True), (True, True), (True, True)]  # B starts at 0: no gate gradient at first
+
 def test_diffora_selection_count_and_ties():
     model = build_tiny(0, CFG)
     session = get_method("diffora").train(model, config=dict(DIFFO))

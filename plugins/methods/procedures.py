@@ -29,8 +29,10 @@ after the model is wrapped, so it runs in one process only (data-parallel runs a
 adaption matrix (DAM) chooses the modules to fine-tune by continuous relaxation, then discretisation, with the
 weights shared. Our concrete reading, DARTS-style: each candidate module carries LoRA (A kaiming, B zero) and
 two logits over {no update, LoRA}; its update is ``softmax(logits)[1] * dW``. For the first ``search_steps``
-optimizer steps the logits train jointly with the factors (first-order, one level: a bi-level split of the data
-is not made); then the ``select_ratio`` share of modules with the largest LoRA weight keep their factors (the
+optimizer steps the search runs as first-order DARTS (``search: "alternate"``, the default): even steps update
+the factors, odd steps the logits, each on its own batch, so the logits learn on data the factors did not just
+fit (:meth:`TrainSession.after_backward` drops the other gradients; a loop that does not call it trains both
+together, as ``search: "joint"`` does); then the ``select_ratio`` share of modules with the largest LoRA weight keep their factors (the
 weight folded into B, so the function is unchanged) and train on; the others are dropped. An adapter extracted
 during the search stores every module with its weight folded in.
 
@@ -245,6 +247,18 @@ class GatedDelta(af.TrainableDelta):
 class GatedSession(af.TrainSession):
     """Parameters: every delta's factors, and its gate (``path.gate``) while the search runs."""
 
+    def after_backward(self) -> None:
+        """The session's hooks, then, in an alternating search, the gates' gradients dropped on even steps and
+        the factors' on odd ones."""
+        super().after_backward()
+        if self.config["search"] != "alternate":
+            return
+        arch = self.steps % 2 == 1
+        for layer in self.layers.values():
+            if layer.searching:
+                for p in [layer.gate] if not arch else [p for _, p in layer.weights.items()]:
+                    p.grad = None
+
     def named_parameters(self):  # type: ignore[override]
         yield from super().named_parameters()
         for path, layer in self.layers.items():
@@ -256,11 +270,12 @@ class DiffoRA(af.Method):
     name = "diffora"
     summary = "DiffoRA: a differentiable choice of the modules to adapt (DARTS-like), then LoRA on the chosen ones"
     kinds = ("lowrank",)
-    defaults: ClassVar[dict[str, Any]] = {"r": 8, "alpha": 8, "dropout": 0.0, "select_ratio": 0.5, "search_steps": 100}
+    defaults: ClassVar[dict[str, Any]] = {"r": 8, "alpha": 8, "dropout": 0.0, "select_ratio": 0.5, "search_steps": 100,
+                                          "search": "alternate"}
     config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
         **BASE, "r": {"type": "integer", "minimum": 1},
         "select_ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "search_steps": {"type": "integer", "minimum": 1}}}
+        "search_steps": {"type": "integer", "minimum": 1}, "search": {"enum": ["alternate", "joint"]}}}
 
     def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
         """LoRA with gates on every candidate; the selection after ``search_steps`` steps (module docstring)."""

@@ -24,8 +24,8 @@ FIX = Path(__file__).parent / "fixtures" / "adapterhub"
 CASES = ["llama-houlsby", "llama-pfeiffer", "llama-parallel", "llama-parallel-attn", "gpt2-houlsby", "gpt2-pfeiffer",
          "gpt2-parallel", "gpt2-parallel-attn", "bert-houlsby", "bert-parallel", "bert-parallel-attn"]
 PLACES = {"llama-houlsby": "model.layers.1.self_attn.o_proj", "llama-pfeiffer": "model.layers.1",
-          "llama-parallel": "model.layers.1", "gpt2-houlsby": "transformer.h.1.attn", "gpt2-pfeiffer": "transformer.h.1",
-          "bert-houlsby": "bert.encoder.layer.1.output.dense", "bert-parallel-attn": "bert.encoder.layer.1"}
+          "llama-parallel": "model.layers.1", "gpt2-houlsby": "transformer.h.1.attn",
+          "gpt2-pfeiffer": "transformer.h.1", "bert-houlsby": "bert.encoder.layer.1.output.dense", "bert-parallel-attn": "bert.encoder.layer.1"}
 
 
 def base(model: str) -> torch.nn.Module:
@@ -122,7 +122,8 @@ def test_adapters_prefix_converts_gives_adapters_logits_and_writes_back_flat(tmp
     for got in (run(model, expected["ids"]), masked):
         assert (got - expected["logits"]).abs().max() <= ATOL < (base_out - expected["logits"]).abs().max()
 
-    res = invoke("convert", str(tmp_path / "a.safetensors"), str(tmp_path / "back"), "--to", "adapterhub", "--base", where)
+    res = invoke("convert", str(tmp_path / "a.safetensors"), str(tmp_path / "back"), "--to", "adapterhub",
+                 "--base", where)
     assert res.exit_code == 0, res.stderr
     assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["config"]["flat"] is True
     again = af.read_foreign(tmp_path / "back", base=where)
@@ -227,3 +228,50 @@ def test_per_layer_ranks_are_written_as_a_reduction_factor_mapping(tmp_path):
     with pytest.raises(af.UnsupportedError, match=r"layer 1: adapters' config gives one rank per layer"):
         af.write_foreign(af.Adapter(adapter.manifest, tensors), tmp_path / "again", "adapterhub")
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_from_zero_prefix_in_cached_generation_equals_one_call_on_the_whole_sequence(model_type):
+    """Greedy generate with an adapters prefix (positions from 0) scores each step as one call on the whole
+    sequence does (that call is adapters', tested above)."""
+    case = f"{model_type}-prefix"
+    ids = load_file(FIX / case / "expected.safetensors")["ids"]
+    model = base(model_type)
+    af.attach(model, af.read_foreign(FIX / case, base=FIX / "base" / model_type, allow_pickle=True))
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                         pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    full = run(model, out.sequences)
+    assert len(out.scores) == 3
+    for i, scores in enumerate(out.scores):
+        assert (scores - full[:, ids.shape[1] - 1 + i]).abs().max() <= ATOL
+
+
+def test_parallel_bottleneck_kind_is_the_spec_math(tmp_path):
+    """Spec 6.10.15 written out in numpy: f of submodule reads' input is added to submodule adds' output."""
+    import numpy as np
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.sub = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.sub(torch.tanh(self.norm(x)))
+
+    gen = torch.Generator().manual_seed(4)
+    model = torch.nn.Sequential()
+    model.add_module("block", Block())
+    t = {"down": torch.randn(3, 6, generator=gen), "down_bias": torch.randn(3, generator=gen),
+         "up": torch.randn(6, 3, generator=gen), "up_bias": torch.randn(6, generator=gen)}
+    entry = {"kind": "parallel_bottleneck", "shape": [6],
+             "params": {"activation": "relu", "scale": 1.5, "reads": "norm", "adds": "sub"}}
+    af.save(af.Adapter(af.new_manifest("bottleneck", {"block": entry}), {f"block.{k}": v for k, v in t.items()}),
+            tmp_path / "p.safetensors")
+    x = torch.randn(4, 6, generator=gen)
+    with torch.no_grad():
+        y = model(x).numpy()
+    n = {k: v.numpy() for k, v in t.items()}
+    want = y + 1.5 * (np.maximum(x.numpy() @ n["down"].T + n["down_bias"], 0) @ n["up"].T + n["up_bias"])
+    af.attach(model, af.load(tmp_path / "p.safetensors"))
+    with torch.no_grad():
+        assert np.abs(model(x).numpy() - want).max() <= ATOL

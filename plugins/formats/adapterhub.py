@@ -1,14 +1,16 @@
-"""AdapterHub ``adapters`` 1.x bottleneck adapter folders (``save_adapter``), read and written back.
+"""AdapterHub ``adapters`` 1.x folders (``save_adapter``) of bottleneck adapters and prefix tuning, read and
+written back.
 
 A folder holds ``adapter_config.json`` (``build_full_config`` in ``adapters/configuration/
 model_adapters_config.py``: ``{"config": {...}, "hidden_size", "model_class", "model_name", "model_type",
 "name", "version": "adapters.<v>"}``) and ``adapter.safetensors`` (``use_safetensors=True``) or
-``pytorch_adapter.bin`` (a pickle, read only with ``allow_pickle``). Weights are named
-``<site>.adapters.<name>.adapter_down.0.<weight|bias>`` and ``....adapter_up.<weight|bias>``, ``<site>`` the
-adapters-only module of one location of one layer (:data:`LAYOUTS`). ``detect`` needs the ``config`` object and
-an ``adapters.`` version, so PEFT folders (same config file name) are never taken for these.
+``pytorch_adapter.bin`` (a pickle, read only with ``allow_pickle``; adapters 1.3 can save prefix tuning only
+so). Bottleneck weights are named ``<site>.adapters.<name>.adapter_down.0.<weight|bias>`` and
+``....adapter_up.<weight|bias>``, ``<site>`` the adapters-only module of one location of one layer
+(:data:`LAYOUTS`). ``detect`` needs the ``config`` object and an ``adapters.`` version, so PEFT folders (same
+config file name) are never taken for these.
 
-Where the adapter acts (``bottleneck_layer_forward`` in ``adapters/methods/bottleneck.py``, ``Adapter`` /
+Where a bottleneck acts (``bottleneck_layer_forward`` in ``adapters/methods/bottleneck.py``, ``Adapter`` /
 ``ParallelAdapter`` in ``adapters/methods/modeling.py``, each model's ``modeling_*.py``): with ``f`` the
 bottleneck, ``h`` the sub-block's output (attention or MLP) and ``r`` its residual input, the layer norm ``LN``
 after the sum for BERT (post-norm) and none for Llama / GPT-2 (pre-norm),
@@ -20,19 +22,35 @@ after the sum for BERT (post-norm) and none for Llama / GPT-2 (pre-norm),
 - ``is_parallel`` (``ParBnConfig``): ``LN(h + f(r) + r)``, i.e. kind ``parallel_bottleneck`` on the layer,
   reading the input of the submodule that receives ``r`` and adding to the output ``h``.
 
-Refused in one line, naming the field: other model types, other architectures (LoRA, prefix tuning, unions
-...), ``original_ln_before`` on BERT (``f`` reads ``LN(h + r)`` and its sum re-enters that ``LN``) or at the
+Refused in one line, naming the field: other model types, other architectures (LoRA, unions ...),
+``original_ln_before`` on BERT (``f`` reads ``LN(h + r)`` and its sum re-enters that ``LN``) or at the
 attention location (``f(h + r)`` is added mid-layer, where no module output holds ``h + r``), ``is_parallel``
 at both locations (two parallel bottlenecks anchored on one layer), ``original_ln_after = false``,
-``residual_before_ln`` other than true with ``original_ln_before``, ``ln_before`` / ``ln_after``, ``use_gating``, ``phm_layer``, ``inv_adapter``, ``cross_adapter``, a non-number ``scaling``, an
-unknown ``non_linearity``, weights at a location the config turns off (``mh_adapter`` / ``output_adapter``).
+``residual_before_ln`` other than true with ``original_ln_before``, ``ln_before`` / ``ln_after``,
+``use_gating``, ``phm_layer``, ``inv_adapter``, ``cross_adapter``, a non-number ``scaling``, an unknown
+``non_linearity``, weights at a location the config turns off (``mh_adapter`` / ``output_adapter``).
 ``dropout``, ``stochastic_depth``, ``init_weights*`` act only in training; ``adapter_residual_before_ln`` and
-``residual_before_ln`` (without ``original_ln_before``) change nothing without ``ln_after``; ``reduction_factor``, ``leave_out``
-and ``hidden_size`` are what the weights' shapes and names already say (written back from them: one factor, or
-a per-layer mapping, from which adapters' ``int(hidden_size // factor)`` gives each rank); the PHM fields
-(``phm_*``, ``hypercomplex_nonlinearity``, ``factorized_phm_*``, ``learn_phm``, ``shared_*``) are unused
-without ``phm_layer``. The head files ``save_adapter`` writes beside (``head_config.json``, ``model_head.*``,
-the model's own static head) are not read.
+``residual_before_ln`` (without ``original_ln_before``) change nothing without ``ln_after``;
+``reduction_factor``, ``leave_out`` and ``hidden_size`` are what the weights' shapes and names already say
+(written back from them: one factor, or a per-layer mapping, from which adapters' ``int(hidden_size //
+factor)`` gives each rank); the PHM fields (``phm_*``, ``hypercomplex_nonlinearity``, ``factorized_phm_*``,
+``learn_phm``, ``shared_*``) are unused without ``phm_layer``.
+
+Prefix tuning (``PrefixTuningConfig``; ``adapters/methods/prefix_tuning.py``) on Llama and GPT-2: the pool's
+``wte`` + ``control_trans`` MLP (``non_linearity``, ``bottleneck_size``) is evaluated once, as
+``eject_prefix_tuning`` does, or its ``flat`` vector taken (an ejected prefix is saved with ``flat = false``
+and flat weights: the weights decide), into kind ``prefix`` on the decoder stack with ``positions =
+"from_zero"``: adapters concatenates the unrotated prefix to each layer's keys after RoPE, and the real tokens
+keep positions ``0 ... T - 1``. Layers and heads come from the base (``--base``). The per-layer copies of the
+pool must equal it. Written back in adapters' flat form (``flat = true``). Refused: BERT (the kind acts through
+a causal LM's cache), ``use_gating``, a non-empty ``leave_out``. ``dropout`` acts only in training,
+``init_weights_seed`` only at init, ``shared_gating`` only with gating; ``encoder_prefix`` / ``cross_prefix``
+select encoder / cross-attention prefixes, which decoder-only models lack. Matched to adapters' eager attention:
+with SDPA and no 4-D mask, adapters 1.3 on transformers 4.57 aligns the causal mask top-left over prefix +
+sequence (query ``i`` sees keys ``0 ... i``), which is not prefix tuning.
+
+The head files ``save_adapter`` writes beside (``head_config.json``, ``model_head.*``, the model's own static
+head) are not read.
 """
 
 from __future__ import annotations
@@ -191,7 +209,8 @@ def _weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 def _geometry(base: Any, meta: dict[str, Any], where: Path) -> tuple[int, int, int]:
     """``(layers, kv_heads, head_dim)`` of the base, as adapters' ``PrefixTuningLayer.add_adapter`` takes them."""
     cfg = af.base_config(base)
-    heads, layers = cfg.get("num_attention_heads") or cfg.get("n_head"), cfg.get("num_hidden_layers") or cfg.get("n_layer")
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head")
+    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer")
     if not heads or not layers:
         raise af.UnsupportedError("an adapters prefix is stored as one flat vector per adapter: its layers and "
                                   "heads come from the base; pass --base (base= in Python)", path=where)
@@ -215,7 +234,8 @@ def _read_prefix(path: Path, meta: dict[str, Any], layout: Layout, raw: dict[str
     for key, t in raw.items():  # each layer's attention holds the same pool: equal copies
         part = key.partition(f".prefix_tuning.pool.prefix_tunings.{name}.self_prefix.")[2]
         if not key.startswith(pool) and not (part in own and torch.equal(t, own[part])):
-            raise af.UnsupportedError(f"tensor {key!r} is not a weight of prefix {name!r} (nor a copy of one)", path=path)
+            raise af.UnsupportedError(f"tensor {key!r} is not a weight of prefix {name!r} (nor a copy of one)",
+                                      path=path)
     layers, heads, head_dim = _geometry(base, meta, where)
     n = int(cfg.get("prefix_length", 0))
     if cfg.get("flat") or set(own) == {"control_trans"}:  # eject_prefix_tuning saves flat weights, flat=false
@@ -251,10 +271,10 @@ def _read_prefix(path: Path, meta: dict[str, Any], layout: Layout, raw: dict[str
 def _write_prefix(adapter: af.Adapter, path: Path, base: Any, name: str) -> Path:
     """A ``prefix`` adapter (``positions = "from_zero"``) as adapters' flat prefix (``FlatPrefixTuning``)."""
     ((stack, entry),) = adapter.modules.items()
-    if entry.get("params", {}).get("positions") != "from_zero":
+    positions = entry.get("params", {}).get("positions", "after_prefix")
+    if positions != "from_zero":
         raise af.UnsupportedError(f"module {stack!r}: adapters numbers the real tokens from 0 after a prefix; this "
-                                  f"one (params.positions {entry.get('params', {}).get('positions', 'after_prefix')!r}, "
-                                  "PEFT's) gives other logits there")
+                                  f"one (params.positions {positions!r}, PEFT's) gives other logits there")
     model_type = next((n for n, lay in LAYOUTS.items() if lay.stack == stack), None)
     if model_type is None:
         raise af.UnsupportedError(f"module {stack!r} is not a decoder stack adapters puts a prefix on "
@@ -340,8 +360,9 @@ def write_adapterhub(adapter: af.Adapter, path: str | Path, *, base: Any = None)
         layers.setdefault(layer, set()).add(loc)
     locs = set().union(*layers.values())
     if any(v != locs for v in layers.values()) or (form == "parallel" and len(locs) == 2):
+        have = sorted((k, sorted(v)) for k, v in layers.items())
         raise af.UnsupportedError(f"adapters' config puts the same locations in every layer ({form}, at most one "
-                                  f"when parallel): the adapter has {sorted((k, sorted(v)) for k, v in layers.items())}")
+                                  f"when parallel): the adapter has {have}")
     tensors: dict[str, torch.Tensor] = {}
     for module, (layer, loc, _) in places.items():
         t = adapter.module_tensors(module)

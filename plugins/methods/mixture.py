@@ -22,6 +22,10 @@ input rows; top-k >= 2 on the CPU runs every expert as two GEMMs (``x @ A_all^T`
 then ``@ B_all^T``), which costs ``N r (in + out)`` per token but beats gathering rows per expert there
 (benchmarks/mixture.py). A mixture depends on its input, so it is neither merged into weights nor combined in
 delta space (both refused).
+
+Training (:class:`MixtureMethod`, ``adapter train --method mixture``): MeteoRA's recipe, routers on frozen
+experts or experts and routers jointly, through :func:`gemm_forward` (differentiable in the gate weights and
+factors) and :func:`gate_loss`.
 """
 
 from __future__ import annotations

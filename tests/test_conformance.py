@@ -48,6 +48,7 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
     "pissa": set(), "olora": set(), "kasa": set(), "sorsa": set(), "nlora": set(), "slora": set(), "lamda": set(),
     "ba_lora": set(), "ist": set(), "greentrainer": set(),
     "triadaptlora": set(), "diffora": set(), "s2_lora": set(),  # tests/test_train_procedures.py: S2 shared by layers
+    "deft": set(),
     "light_peft": {"merge_verb"},  # a mask is not W + dW
     "loldu": {"merge_verb"}, "inttune": {"merge_verb"},  # their factors are derived from the base (spec 6.2.1)
     "peqa": {"merge_verb"}, "l4q": {"merge_verb"},  # new scales re-quantise the base: not W + dW
@@ -87,7 +88,10 @@ FACTORIES = {"example_kron": kron_example,
              "vblora": lambda: build_example("vblora", train_config={"target_modules": ["q_proj", "down_proj"], "r": 2,
                                                                      "num_vectors": 6, "vector_length": 8}),
              # SHiRA's r (PEFT's default 32) asks r * (out + in) weights, more than the tiny model's layers hold
-             "shira": lambda: build_example("shira", train_config={"target_modules": ["q_proj", "v_proj"], "r": 2})}
+             "shira": lambda: build_example("shira", train_config={"target_modules": ["q_proj", "v_proj"], "r": 2}),
+             # the tiny model applies its MLP activation as a function: DEFT watches the input of down_proj
+             "deft": lambda: build_example("deft", train_config={"target_modules": ["q_proj", "v_proj"], "r": 2,
+                                                                 "activations": "mlp.down_proj", "capture": "input"})}
 
 
 @pytest.mark.parametrize("method", sorted(registry.methods()))

@@ -163,6 +163,13 @@ class TrainSession:
 
         self._handles[path] = module.register_forward_hook(hook)
 
+    def keep_hook(self, name: str, handle: Any) -> None:
+        """Keep a hook ``handle`` a method registered on the model (e.g. to read activations for its loss term):
+        :meth:`remove` removes it with the deltas. ``name`` must not be a trained module's path."""
+        if name in self._handles:
+            raise AdapterError(f"keep_hook: {name!r} is taken")
+        self._handles[name] = handle
+
     def on_step(self, fn: Callable[[torch.optim.Optimizer | None], None]) -> None:
         """Run ``fn(optimizer)`` at every :meth:`step` (a method's schedule, e.g. SpIEL's mask reselection). A
         hook with ``state_dict()`` and ``load_state_dict(state)`` (tensors, numbers, strings, lists, dicts)

@@ -5,8 +5,8 @@ Setup, per seed (the seed drives the base, both tasks, the data order and every 
 1. Base: the tiny Llama of ``adapterfmt.tiny`` (4 blocks, hidden 64, 4 heads, FFN 128, vocabulary 128), fully
    trained ``PRETRAIN`` AdamW steps on task A: sequences of a random sparse Markov chain over 64 tokens.
 2. Target task B: another random chain over the same tokens. Every method trains ``STEPS`` steps (batches of
-   16 sequences of 16 predicted tokens, the same batches for every method), AdamW, constant lr (``LORA_LR`` for the
-   LoRA family, ``DENSE_LR`` for GreenTrainer's whole tensors; no sweep). Metric: mean next-token loss on 64
+   16 sequences of 16 predicted tokens, the same batches for every method), AdamW, constant lr ``LR`` for every
+   method (``--dense-lr`` sets GreenTrainer's whole tensors' apart; no sweep). Metric: mean next-token loss on 64
    held-out task-B sequences (lower is better; the chain's entropy is the floor).
 3. Studies (``--study``):
    - ``ist``: IST (LoRA r=8 on all linear layers, 25% of the blocks per step, score updates every 10 steps on
@@ -24,7 +24,7 @@ Setup, per seed (the seed drives the base, both tasks, the data order and every 
 
 Mean and sample standard deviation over the seeds.
 
-    python benchmarks/selection_study.py [--study all|ist|greentrainer|light_peft] [--seeds 0 1 2] [--json]
+    python benchmarks/selection_study.py [--study all|ist|greentrainer|light_peft] [--seeds 0 1 2] [--dense-lr X] [--json]
 """
 
 from __future__ import annotations
@@ -47,16 +47,18 @@ CONFIG = TinyConfig(vocab_size=128, hidden=64, layers=4, heads=4, intermediate=1
 TOKENS, SEQ, BATCH = 64, 17, 16
 PRETRAIN = {"steps": 150, "lr": 3e-3}
 STEPS, ESTIMATE, CALIBRATION = 120, 16, 4
-LORA_LR, DENSE_LR = 3e-3, 1e-3
+LR = 3e-3
 EVAL_ROWS = 64
 
 
 def chain(gen: torch.Generator) -> torch.Tensor:
-    """A random Markov chain over ``TOKENS`` tokens: 4 likely successors per token (Dirichlet weights)."""
+    """A random Markov chain over ``TOKENS`` tokens: 4 likely successors per token (Dirichlet(1) weights, drawn
+    as normalised exponentials from ``gen``)."""
     probs = torch.full((TOKENS, TOKENS), 1e-3)
     for t in range(TOKENS):
         nxt = torch.randperm(TOKENS, generator=gen)[:4]
-        probs[t, nxt] += torch.distributions.Dirichlet(torch.ones(4)).sample()
+        w = -torch.rand(4, generator=gen).log()
+        probs[t, nxt] += w / w.sum()
     return probs / probs.sum(1, keepdim=True)
 
 
@@ -151,17 +153,17 @@ def step_cost(base: torch.nn.Module, batch: torch.Tensor, chosen: list[str] | No
 def study_ist(seed: int, base, batches, held) -> dict[str, dict[str, Any]]:
     cfg = {"target_modules": "all-linear", "r": 8, "alpha": 16}
     calib = {"loss_fn": loss_fn, "batches": batches[:CALIBRATION]}
-    out = {"LoRA r=8": run("lora", base, cfg, batches, held, LORA_LR, seed),
-           "IST (25% of blocks/step)": run("ist", base, cfg, batches, held, LORA_LR, seed, **calib),
-           "RST (uniform draws)": run("ist", base, {**cfg, "update_interval": 0}, batches, held, LORA_LR, seed)}
+    out = {"LoRA r=8": run("lora", base, cfg, batches, held, LR, seed),
+           "IST (25% of blocks/step)": run("ist", base, cfg, batches, held, LR, seed, **calib),
+           "RST (uniform draws)": run("ist", base, {**cfg, "update_interval": 0}, batches, held, LR, seed)}
     return out
 
 
-def study_greentrainer(seed: int, base, batches, held) -> dict[str, dict[str, Any]]:
-    gt = run("greentrainer", base, {"rho": 0.5}, batches, held, DENSE_LR, seed, loss_fn=loss_fn, batches=batches[:1])
+def study_greentrainer(seed: int, base, batches, held, dense_lr: float = LR) -> dict[str, dict[str, Any]]:
+    gt = run("greentrainer", base, {"rho": 0.5}, batches, held, dense_lr, seed, loss_fn=loss_fn, batches=batches[:1])
     gt["cost"] = step_cost(base, batches[0], gt["adapter"].config["tensors"])
     r = lora_rank_for(base, "all-linear", gt["params"])
-    lora = run("lora", base, {"target_modules": "all-linear", "r": r, "alpha": 2 * r}, batches, held, LORA_LR, seed)
+    lora = run("lora", base, {"target_modules": "all-linear", "r": r, "alpha": 2 * r}, batches, held, LR, seed)
     lora["cost"] = step_cost(base, batches[0], None)
     return {"GreenTrainer rho=0.5": gt, f"LoRA all-linear r={r}": lora}
 
@@ -180,16 +182,16 @@ def removed_share(base: torch.nn.Module, adapter: af.Adapter) -> float:
 
 def study_light_peft(seed: int, base, batches, held) -> dict[str, dict[str, Any]]:
     qv = ["q_proj", "v_proj"]
-    cfg = {"target_modules": qv, "r": 8, "alpha": 16, "estimate_lr": LORA_LR}
-    lp = run("light_peft", base, cfg, batches[ESTIMATE:], held, LORA_LR, seed, loss_fn=loss_fn,
+    cfg = {"target_modules": qv, "r": 8, "alpha": 16, "estimate_lr": LR}
+    lp = run("light_peft", base, cfg, batches[ESTIMATE:], held, LR, seed, loss_fn=loss_fn,
              batches=batches[:ESTIMATE])
     lp["removed"] = removed_share(base, lp["adapter"])
     r = lora_rank_for(base, qv, lp["params"])
     return {"Light-PEFT": lp,
             f"LoRA q/v r={r} (same params)": run("lora", base, {"target_modules": qv, "r": r, "alpha": 2 * r},
-                                                 batches, held, LORA_LR, seed),
+                                                 batches, held, LR, seed),
             "LoRA q/v r=8 (unpruned)": run("lora", base, {"target_modules": qv, "r": 8, "alpha": 16}, batches, held,
-                                           LORA_LR, seed)}
+                                           LR, seed)}
 
 
 STUDIES = {"ist": study_ist, "greentrainer": study_greentrainer, "light_peft": study_light_peft}
@@ -212,6 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", choices=["all", *STUDIES], default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dense-lr", type=float, default=LR, help="GreenTrainer's lr (default: the others')")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -223,7 +226,8 @@ def main() -> None:
         floors.append(entropy)
         rows_base = {"base (no adapter)": {"loss": evaluate(base, held), "params": 0, "seconds": 0.0}}
         for s in chosen:
-            rows[s].append({**rows_base, **STUDIES[s](seed, base, batches, held)})
+            extra = {"dense_lr": args.dense_lr} if s == "greentrainer" else {}
+            rows[s].append({**rows_base, **STUDIES[s](seed, base, batches, held, **extra)})
     result = {s: summarise(r) for s, r in rows.items()}
     if args.json:
         print(json.dumps({"seeds": args.seeds, "entropy": floors, "studies": result}, indent=1))

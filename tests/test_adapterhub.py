@@ -275,3 +275,33 @@ def test_parallel_bottleneck_kind_is_the_spec_math(tmp_path):
     af.attach(model, af.load(tmp_path / "p.safetensors"))
     with torch.no_grad():
         assert np.abs(model(x).numpy() - want).max() <= ATOL
+
+
+def test_golden_bottleneck_example_is_the_spec_math():
+    """spec/examples/bottleneck in numpy (spec 6.10.15) on the golden base, its MLP run as relu(up) -> down."""
+    import numpy as np
+
+    from adapterfmt.format.golden import golden_base
+
+    model = golden_base()
+    layer = model.model.layers[0]
+    layer.mlp.forward = lambda x: layer.mlp.down_proj(torch.relu(layer.mlp.up_proj(x)))
+    adapter = af.load(Path(__file__).parent.parent / "spec" / "examples" / "bottleneck.safetensors")
+    t = {n: adapter.tensor(n).numpy() for n in adapter.tensor_names()}
+    x = torch.linspace(-1, 1, 24).reshape(3, 8)
+    with torch.no_grad():
+        q, mlp = layer.self_attn.q_proj(x).numpy(), layer.mlp(x).numpy()
+
+    def f(p: str, v: np.ndarray, act) -> np.ndarray:
+        return act(v @ t[f"{p}.down"].T + t[f"{p}.down_bias"]) @ t[f"{p}.up"].T + t[f"{p}.up_bias"]
+
+    def gelu_tanh(v):
+        return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
+
+    want_q = q + 0.5 * f("model.layers.0.self_attn.q_proj", q, gelu_tanh)
+    want_mlp = mlp + 2.0 * f("model.layers.0.mlp", x.numpy(), lambda v: np.maximum(v, 0))
+    af.attach(model, adapter)
+    with torch.no_grad():
+        assert np.abs(layer.self_attn.q_proj(x).numpy() - want_q).max() <= ATOL
+        assert np.abs(layer.mlp(x).numpy() - want_mlp).max() <= ATOL
+        assert np.abs(want_mlp - mlp).max() > 0.1 and np.abs(want_q - q).max() > 0.1

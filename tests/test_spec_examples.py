@@ -40,7 +40,7 @@ def test_every_core_kind_has_an_example_in_both_forms():
         assert (EXAMPLES / f"{name}.safetensors").is_file()
         kinds |= {e["kind"] for e in af.load(EXAMPLES / name).modules.values()}
     core = {k.name for k in BUILTIN_KINDS}
-    assert core <= kinds and kinds - core == {"multitask_prompt"}  # and one plugin kind's (spec 6.10.16)
+    assert core <= kinds and kinds - core == {"multitask_prompt", "bottleneck", "parallel_bottleneck"}  # plugins'
 
 
 def test_cli_validate_passes_on_every_example():
@@ -233,7 +233,7 @@ def spec_merged(entry: dict, t: dict[str, np.ndarray], w: np.ndarray, b: np.ndar
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("name", [n for n in golden.EXAMPLES if n not in ("prompt", "multitask_prompt")])
+@pytest.mark.parametrize("name", [n for n in golden.EXAMPLES if n not in ("prompt", "multitask_prompt", "bottleneck")])
 def test_merging_each_example_follows_the_spec_math(name):
     adapter = af.load(EXAMPLES / f"{name}.safetensors")
     # a derived base part is computed only on the recorded base (fp32; its fp64 copy is another fingerprint)

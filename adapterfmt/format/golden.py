@@ -170,6 +170,19 @@ def _multitask_prompt() -> Built:
     return "multitask_prompt_tuning", {"num_virtual_tokens": 3, "num_tasks": 2, "num_ranks": 2, "task": 1}, modules, t
 
 
+def _bottleneck() -> Built:
+    """Plugin kinds (spec 6.10.15): a bottleneck of rank 2 on q_proj's output (gelu_tanh, scale 0.5) and a
+    parallel one of rank 3 on the MLP, reading up_proj's input and adding to down_proj's output (relu, scale 2)."""
+    mlp = "model.layers.0.mlp"
+    modules = {Q: {"kind": "bottleneck", "shape": [8], "params": {"activation": "gelu_tanh", "scale": 0.5}},
+               mlp: {"kind": "parallel_bottleneck", "shape": [8],
+                     "params": {"activation": "relu", "scale": 2.0, "reads": "up_proj", "adds": "down_proj"}}}
+    t = {f"{Q}.down": ramp(2, 8, seed=1), f"{Q}.down_bias": ramp(2, seed=2), f"{Q}.up": ramp(8, 2, seed=3),
+         f"{Q}.up_bias": ramp(8, seed=4), f"{mlp}.down": ramp(3, 8, seed=5), f"{mlp}.down_bias": ramp(3, seed=6),
+         f"{mlp}.up": ramp(8, 3, seed=7), f"{mlp}.up_bias": ramp(8, seed=8)}
+    return "bottleneck", {}, modules, t
+
+
 def _ternary() -> Built:
     """ComPEFT sign patterns: a bitmap mask with one scale per tensor, varint gaps with one scale per group."""
     flat = torch.arange(96)
@@ -218,7 +231,7 @@ def _extensions() -> Built:
 
 EXAMPLES: dict[str, Callable[[], Built]] = {
     "lowrank": _lowrank, "lowrank_svd": _lowrank_svd, "dense": _dense, "sparse": _sparse, "vector": _vector,
-    "mask": _mask, "prompt": _prompt, "multitask_prompt": _multitask_prompt, "ternary": _ternary, "encoded": _encoded, "codebook": _codebook,
+    "mask": _mask, "prompt": _prompt, "multitask_prompt": _multitask_prompt, "bottleneck": _bottleneck, "ternary": _ternary, "encoded": _encoded, "codebook": _codebook,
     "extensions": _extensions,
 }
 """Example name -> builder; each is written as ``<name>/`` (folder form) and ``<name>.safetensors``."""

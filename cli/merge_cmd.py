@@ -146,6 +146,13 @@ def _print_bake(report: dict[str, Any], as_json: bool) -> None:
     if report["not_found"]:
         console.print(f"[yellow]not found in the checkpoint (not baked):[/] {', '.join(report['not_found'])}",
                       highlight=False)
+    requantized = sorted(report["requantized"].items(), key=lambda kv: -kv[1]["relative_error"])
+    if requantized:
+        print_table(("module", "format", "max |error|", "error / |dW|"),
+                    [(m, r["quant_type"], f"{r['max_abs_error']:.3e}", f"{r['relative_error']:.3f}")
+                     for m, r in requantized[:10]], "re-quantised with bitsandbytes (worst first)")
+        if len(requantized) > 10:
+            console.print(f"({len(requantized) - 10} more in --json)")
     for note in report["notes"]:
         console.print(f"note: {note}", highlight=False)
 

@@ -10,10 +10,13 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+from adapterfmt.cli.main import app
 from helpers_peft import logits, randomize
 from torch import nn
+from typer.testing import CliRunner
 
 import adapterfmt as af
+from adapterfmt.verbs.bake import bake
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 VOCAB = 48
@@ -144,3 +147,66 @@ def _random_lora(model: nn.Module, seed: int = 4) -> af.Adapter:
     adapter = session.extract()
     session.remove()
     return adapter
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_bake_into_a_bitsandbytes_checkpoint_is_pefts_merge(tmp_path, kind):
+    """``merge --base`` a checkpoint saved from a bitsandbytes model: the written codes and state are those of
+    PEFT's ``merge_and_unload`` on the live quantised model (dequantise, add, re-quantise with bitsandbytes), and
+    the reported error is that of the written weight against ``W + dW``."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    base = quantize_bnb(llama().train(), kind)
+    before = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(before, tmp_path / "base.safetensors")
+    exact = {p: af.function_weight(m).float() for p, m in base.named_modules() if p.endswith(TARGETS)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS)))
+        randomize(pm, 5)
+        pm.save_pretrained(tmp_path / "peft")
+        merged = pm.merge_and_unload()
+    adapter = af.load(tmp_path / "peft")
+    rep = bake([adapter], tmp_path / "base.safetensors", tmp_path / "out.safetensors")
+    out, expected = load_file(tmp_path / "out.safetensors"), merged.state_dict()
+    assert set(out) == set(expected) == set(before)
+    for k, v in expected.items():
+        assert torch.equal(out[k], v), k
+    assert sorted(rep.requantized) == sorted(exact)
+    res = CliRunner().invoke(app, ["merge", str(tmp_path / "peft"), "--base", str(tmp_path / "base.safetensors"),
+                                   "--out", str(tmp_path / "cli.safetensors")])
+    assert res.exit_code == 0 and "re-quantised with bitsandbytes" in res.output, res.output
+    assert (tmp_path / "cli.safetensors").read_bytes() == (tmp_path / "out.safetensors").read_bytes()
+    assert all(k.startswith(tuple(rep.requantized)) for k in out if not torch.equal(out[k], before[k]))
+    for path, r in rep.requantized.items():
+        t = adapter.module_tensors(path)
+        dw = adapter.modules[path]["params"]["scale"] * t["lora_B"].float() @ t["lora_A"].float()
+        err = af.function_weight(merged.get_submodule(path)).float() - (exact[path] + dw)
+        assert r["bits"] == (8 if kind == "int8" else 4) and r["quant_type"] == kind
+        assert r["max_abs_error"] == pytest.approx(float(err.abs().max()), rel=1e-4)
+        assert r["relative_error"] == pytest.approx(float(err.norm() / dw.norm()), rel=1e-4)
+
+
+def test_symmetric_8_bit_per_channel_is_bitsandbytes_int8_and_nf4_fp4_codecs_are_its_4_bit():
+    """The reference quantiser's symmetric 8-bit per-channel grid is LLM.int8()'s row-wise one: codes and row
+    absmax (``127 s``) bit for bit; the values to an ulp (bitsandbytes multiplies by a rounded 1/127). The nf4 /
+    fp4 codecs (spec 6.8) are ``quantize_4bit`` / ``dequantize_4bit`` (block 64, no nested scales) bit for bit,
+    fp4 up to the sign of a zero code."""
+    from adapterfmt.format.bitpack import unpack_nibbles
+    from adapterfmt.format.codecs import encode, get_codec
+
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    ours = af.quantize(w, af.QuantSpec(8, None, "symmetric"))
+    codes, absmax, _ = bnbf.int8_vectorwise_quant(w.clone())
+    assert torch.equal(ours.codes, codes) and torch.equal(ours.scale[:, 0], absmax / 127)
+    assert torch.equal(absmax, w.abs().amax(1))
+    torch.testing.assert_close(af.dequantize(ours), bnbf.int8_vectorwise_dequant(codes, absmax), rtol=2.4e-7, atol=0)
+    for codec in ("nf4", "fp4"):
+        parts, spec = encode(codec, 0.3 * w, block_size=64)
+        packed, state = bnbf.quantize_4bit(0.3 * w, blocksize=64, quant_type=codec, compress_statistics=False)
+        theirs = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).reshape(-1).long()  # high first
+        mine = unpack_nibbles(parts["q"], w.numel(), what="codes").long()
+        assert torch.equal(parts["absmax"], state.absmax)
+        assert torch.equal(mine, theirs) if codec == "nf4" else torch.equal(mine % 8, theirs % 8)
+        assert torch.equal(get_codec(codec).decode(parts, spec).reshape(w.shape), bnbf.dequantize_4bit(packed, state))

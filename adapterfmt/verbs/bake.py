@@ -8,6 +8,10 @@ Kinds that are not ``W + dW`` (DoRA, IA3 vectors, dense replace) are merged by t
 base tensor, in adapter order (linear strategy, weight 1). Peak memory is about one base tensor, one fp32
 ``dW`` for non-lowrank kinds, plus the adapters, whatever the model's size.
 
+A module stored in bitsandbytes' 4-bit or 8-bit format is dequantised, changed and re-quantised with
+bitsandbytes (:mod:`adapterfmt.verbs.bnb`; additive kinds only), before the output is written; the report
+gives each such module's re-quantisation error.
+
 The output is a folder (same shard layout as the base, or re-sharded to ``shard_size`` bytes with an
 index; config, tokenizer and other non-weight files copied) or one ``.safetensors`` file, written
 atomically: a failure leaves nothing behind.
@@ -31,14 +35,16 @@ from torch import nn
 from ..deltas.base import shape_fits
 from ..errors import BaseMismatchError, FormatError, UnsupportedError, first_few
 from ..format.adapter import Adapter, load
-from .explicit import make_explicit
 from ..format.atomic import atomic_dir, atomic_file, check_output
 from ..format.fingerprint import checkpoint_files, compare, fingerprint_checkpoint
 from ..format.jsontext import parse_json, read_json_bytes
 from ..format.limits import check_dense
 from ..format.quant import QuantSpec, fits_grid
-from ..format.safetensors_io import DTYPES, ITEMSIZE, Header, StreamWriter, TensorInfo, read_header, read_tensor
+from ..format.safetensors_io import (DTYPES, ITEMSIZE, Header, StreamWriter, TensorInfo, dtype_name, read_header,
+                                     read_tensor)
 from ..plugin.registry import get_kind
+from .bnb import BnbWeight, bnb_weights, requantize_module
+from .explicit import make_explicit
 from .merge import MergeOptions, Term, collect_terms, merge_module, resolve_weights
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,6 +76,8 @@ class BakeReport:
     bytes: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    requantized: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Modules stored in a bitsandbytes format: their re-quantisation error (see :mod:`adapterfmt.verbs.bnb`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {**vars(self), "out": str(self.out)}
@@ -130,6 +138,7 @@ class _Module:
     terms: list[Term]
     merged: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None
     ready: dict[str, torch.Tensor] = field(default_factory=dict)
+    bnb: BnbWeight | None = None
 
     @property
     def additive(self) -> bool:
@@ -218,15 +227,47 @@ def _changed(mod: _Module, name: str, where: dict[str, Header], buf: _Buffers, o
     return mod.ready.pop(name)
 
 
+def _requantize(mod: _Module, where: dict[str, Header], buf: _Buffers, opts: MergeOptions) -> dict[str, Any]:
+    """Compute a bitsandbytes module's new tensors (its codes, state and bias) into ``mod.ready``; its error."""
+    entry, t = merge_module(mod.path, mod.terms, opts)
+    q = mod.bnb
+
+    def add(w: torch.Tensor) -> None:
+        if not shape_fits(entry["shape"], w.shape):
+            raise BaseMismatchError(f"{mod.weight}: adapter expects {list(entry['shape'])}, the checkpoint's "
+                                    f"bitsandbytes weight is {list(w.shape)}")
+        _apply_merged(w, entry, t, buf)
+
+    new, report = requantize_module(q, where, add)
+    mod.ready.update(new)
+    if mod.bias:
+        bias = read_tensor(where[mod.bias], mod.bias)
+        _add_rows(bias.reshape(1, -1), None, _merged_bias(entry, t).float().reshape(1, -1), buf)
+        mod.ready[mod.bias] = bias
+    return report
+
+
 def _modules(terms: dict[str, list[Term]], where: dict[str, Header], opts: MergeOptions
              ) -> tuple[dict[str, _Module], list[str], list[str]]:
     """Checkpoint tensor name -> module to change; adapter modules not found; shape misfits."""
     touched: dict[str, _Module] = {}
     missing, misfit = [], []
+    quantized = bnb_weights(where)
     for path, ts in terms.items():
         entry = ts[0].entry
         weight = f"{path}.{entry.get('parameter', 'weight')}"
         additive = all(t.additive for t in ts)
+        if path in quantized and weight == quantized[path].names[0]:
+            if not additive:
+                raise UnsupportedError(f"module {path!r} is stored in bitsandbytes' format: only W + dW kinds bake "
+                                       f"into it, not {next(t.kind.name for t in ts if not t.additive)}")
+            bias = f"{path}.bias" if any(t.bias() is not None for t in ts) else None
+            if bias and bias not in where:
+                missing.append(bias)
+                continue
+            mod = _Module(path, weight, bias, ts, bnb=quantized[path])
+            touched.update({n: mod for n in (*quantized[path].names, *([bias] if bias else []))})
+            continue
         if not additive:
             bad = [t for t in ts if not t.additive and (t.weight != 1.0 or opts.strategy not in ("linear", "cat"))]
             if bad:
@@ -334,6 +375,8 @@ def bake(
     names = [n for _, names in plan for n in names]
     it: Iterator[str] = iter(progress(names, len(names)) if progress else names)
     buf = _Buffers(max((where[n].tensors[n].end - where[n].tensors[n].start for n in touched), default=0))
+    for mod in {id(m): m for m in touched.values() if m.bnb}.values():  # before writing: a state's size may change
+        report.requantized[mod.path] = _requantize(mod, where, buf, opts)
     fds = {h.path: os.open(h.path, os.O_RDONLY) for h in headers}
     try:
         if out.suffix == ".safetensors":
@@ -364,7 +407,9 @@ def _write_file(f: Any, names: list[str], where: dict[str, Header], fds: dict[Pa
                 touched: dict[str, _Module], buf: _Buffers, opts: MergeOptions, it: Iterator[str]) -> int:
     infos: dict[str, TensorInfo] = {n: where[n].tensors[n] for n in names}
     meta = {"format": "pt", **where[names[0]].metadata} if names else {"format": "pt"}
-    w = StreamWriter(f, {n: (i.dtype, i.shape) for n, i in infos.items()}, meta)
+    ready = {n: touched[n].ready[n] for n in names if n in touched and n in touched[n].ready}
+    w = StreamWriter(f, {n: (dtype_name(ready[n].dtype), list(ready[n].shape)) if n in ready else (i.dtype, i.shape)
+                         for n, i in infos.items()}, meta)
     for name in w.order:
         next(it)
         mod = touched.get(name)

@@ -305,3 +305,13 @@ def test_golden_bottleneck_example_is_the_spec_math():
         assert np.abs(layer.self_attn.q_proj(x).numpy() - want_q).max() <= ATOL
         assert np.abs(layer.mlp(x).numpy() - want_mlp).max() <= ATOL
         assert np.abs(want_mlp - mlp).max() > 0.1 and np.abs(want_q - q).max() > 0.1
+
+
+@pytest.mark.parametrize("case", ["llama-pfeiffer", "gpt2-parallel"])
+def test_layer_anchored_bottlenecks_follow_the_models_dtype(case):
+    """A bottleneck on a decoder layer (which holds no parameter of its own) runs in the model's dtype."""
+    expected = load_file(FIX / case / "expected.safetensors")
+    model = base(case.split("-")[0]).to(torch.bfloat16)
+    af.attach(model, af.read_foreign(FIX / case))
+    got = run(model, expected["ids"])
+    assert got.dtype == torch.bfloat16 and (got.float() - expected["logits"]).abs().max() < 0.1

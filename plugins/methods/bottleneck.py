@@ -56,6 +56,12 @@ class BottleneckKind(af.DeltaKind):
             raise af.FormatError(f"module {module!r}: bottleneck {bad[0]} {list(shapes[bad[0]])} does not fit "
                                  f"shape {list(entry['shape'])} = [d] (down [r, d], down_bias [r], up [d, r], up_bias [d])")
 
+    def bind(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """On the device and dtype of the module's first parameter, its submodules' included (a decoder layer
+        holds none of its own)."""
+        ref = next(module.parameters(), None)
+        return t if ref is None else {r: v.to(device=ref.device, dtype=ref.dtype) for r, v in t.items()}
+
     def check_module(self, path: str, entry: dict[str, Any], module: nn.Module) -> None:
         out = getattr(module, "out_features", None)
         if out is not None and out != entry["shape"][0]:
@@ -110,7 +116,7 @@ class ParallelBottleneckKind(BottleneckKind):
     def pre_forward(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor],
                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Hooks for this call of the block: ``reads``' input goes through ``f``, the result onto ``adds``'
-        output; :meth:`forward` (the block's output) removes them."""
+        output, once; :meth:`forward` (the block's output) removes any left."""
         params, held = entry["params"], []
         self._unhook(module)
 
@@ -122,6 +128,7 @@ class ParallelBottleneckKind(BottleneckKind):
                 raise af.UnsupportedError(f"submodule {params['adds']!r} ran before {params['reads']!r}: the "
                                           "parallel bottleneck has no input to read")
             out = held.pop()
+            self._unhook(module)
             return (y[0] + out, *y[1:]) if isinstance(y, tuple) else y + out
 
         module.__dict__[HOOKS_ATTR] = [

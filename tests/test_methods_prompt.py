@@ -64,8 +64,8 @@ def test_init_from_token_embeddings_repeats_ids_as_peft() -> None:
 def test_matches_peft_prompt_tuning_forward() -> None:
     """PEFT's PromptEmbedding prepends the virtual tokens to ``inputs_embeds``, extends the attention mask
     with ones in front and passes no position ids (Llama counts positions over the whole sequence). With
-    the same virtual token values, the same extended mask, and the prompt attached to ``embed_tokens``,
-    adapterfmt computes the very same operations: every logit matches, padded rows included."""
+    the same virtual token values and the prompt attached to ``embed_tokens``, adapterfmt does the same to the
+    model's inputs: every logit matches, padded rows included (an already extended mask is taken as it is)."""
     from peft import PromptTuningConfig, get_peft_model
 
     base = tiny_llama()
@@ -82,10 +82,12 @@ def test_matches_peft_prompt_tuning_forward() -> None:
     af.attach(base, adapter)
     with torch.no_grad():
         expected = peft_model(input_ids=ids, attention_mask=mask).logits
-        got = base(input_ids=ids, attention_mask=torch.cat([mask.new_ones(2, n), mask], 1)).logits
+        got = base(input_ids=ids, attention_mask=mask).logits
+        extended = base(input_ids=ids, attention_mask=torch.cat([mask.new_ones(2, n), mask], 1)).logits
         no_mask = base(input_ids=ids[:1]).logits
     assert got.shape == expected.shape == (2, n + 6, 64)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(extended, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(no_mask, expected[:1], atol=1e-6, rtol=1e-6)  # all-ones mask == no mask
 
 

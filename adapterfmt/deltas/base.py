@@ -80,6 +80,12 @@ class DeltaKind:
         """Output of ``module`` with the delta applied unmerged, given its input ``x`` and base output ``y``."""
         raise UnsupportedError(f"delta kind {self.name!r} cannot be applied unmerged")
 
+    def prepends(self, entry: Entry, t: Tensors) -> int:
+        """How many positions :meth:`forward` puts in front of its module's output sequence (a prompt), 0 for
+        none. On a model whose forward takes ``inputs_embeds``, such an entry acts on the model's inputs
+        (:func:`adapterfmt.deltas.prompt.prompted_call`)."""
+        return 0
+
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
         """Fold the delta into the module's parameters; returns what :meth:`unmerge` needs."""
         import torch

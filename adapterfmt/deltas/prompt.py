@@ -1,8 +1,15 @@
-"""``prompt``: virtual token embeddings prepended to the output of the input embedding module."""
+"""``prompt``: virtual token embeddings prepended to the output of the input embedding module.
+
+On a model whose forward takes ``inputs_embeds`` (a transformers model) the prompt acts on the model's inputs
+instead, as PEFT's prompt learning does: :func:`prompted_call` (used by :mod:`adapterfmt.verbs.apply` and the
+train sessions) embeds the ids, prepends the prompt and extends the mask, labels and token types, so ``model(ids)``
+and ``generate`` give PEFT's outputs ``[batch, n + T, ...]`` whatever the model does with the ids' shape.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import inspect
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
@@ -36,5 +43,70 @@ class Prompt(DeltaKind):
             return torch.cat([emb, y], dim=0)
         return torch.cat([emb.expand(y.shape[0], *emb.shape), y], dim=1)
 
+    def prepends(self, entry: Entry, t: Tensors) -> int:
+        return int(t["embeddings"].shape[0])
+
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
         raise UnsupportedError("a prompt adapter cannot be merged into weights; attach it unmerged")
+
+
+def takes_embeddings(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``inputs_embeds``: a prompt then acts through :func:`prompted_call`."""
+    return "inputs_embeds" in inspect.signature(model.forward).parameters
+
+
+def prompted_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], n: int,
+                  embed: Callable[[torch.Tensor], torch.Tensor],
+                  prepend: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor],
+                  ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The arguments of a call of ``model`` (a forward pre-hook's) with a prompt of ``n`` positions in front of
+    its input embeddings, as PEFT's prompt learning ``forward`` and ``generate`` pass them to the base model
+    (``PeftModelForCausalLM`` for a model that can generate, the encoder task classes otherwise):
+
+    - a call without a cache, or with an empty one, gets ``inputs_embeds = prepend(input_ids, E)`` with ``E``
+      the given ``inputs_embeds`` or ``embed(input_ids)``; a later call of cached generation keeps its inputs;
+    - a 2-D ``attention_mask`` gets ``n`` ones in front (on a later call, when it covers the real tokens only);
+      a mask of another rank is refused;
+    - a generating model's ``labels`` get ``n`` times -100 in front and its ``token_type_ids`` are dropped;
+      other models' ``token_type_ids`` get ``n`` zeros in front;
+    - ``position_ids`` are dropped: positions count from the first virtual token, left padding or not.
+
+    Returns None when the call has neither ``input_ids`` nor ``inputs_embeds``.
+    """
+    import torch
+
+    params = [p.name for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(params):
+        raise UnsupportedError(f"{type(model).__name__} called with {len(args)} positional arguments; a prompt "
+                               "adapter needs them by name")
+    a = {**dict(zip(params, args)), **kwargs}
+    ids, embeds = a.pop("input_ids", None), a.pop("inputs_embeds", None)
+    if ids is None and embeds is None:
+        return None
+    batch, steps = (ids if embeds is None else embeds).shape[:2]
+    cache = a.get("cache", a.get("past_key_values"))
+    past = cache.get_seq_length() if cache is not None else 0
+    generates = bool(getattr(model, "can_generate", lambda: False)())
+    if past == 0:
+        a["inputs_embeds"] = prepend(ids, embed(ids) if embeds is None else embeds)
+    elif embeds is None:
+        a["input_ids"] = ids
+    else:
+        a["inputs_embeds"] = embeds
+    mask = a.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            got = f"{mask.dim()}-D" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise UnsupportedError(f"a prompt adapter puts {n} ones in front of a 2-D attention mask; got {got}")
+        if mask.shape[1] == max(past - n, 0) + steps:
+            a["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+    labels = a.get("labels")
+    if generates and labels is not None and past == 0:
+        a["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+    types = a.pop("token_type_ids", None)
+    if types is not None and not generates:
+        a["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1) if past == 0 else types
+    a.pop("position_ids", None)
+    a.pop("cache_position", None)
+    return (), a

@@ -19,6 +19,7 @@ from torch import nn
 from ..deltas.base import ROWS_CACHE_ATTR
 from ..deltas.base_part import is_derived
 from ..deltas.modules import is_transposed
+from ..deltas.prompt import prompted_call, takes_embeddings
 from ..errors import AdapterError, BaseMismatchError, UnsupportedError
 from ..format.adapter import Adapter
 from ..format.fingerprint import compare, fingerprint_module
@@ -51,15 +52,43 @@ class Slot:
         self.handle = module.register_forward_hook(self._hook)
         self.pre_handle: Any = None
         """A forward pre-hook, registered once a bound kind has ``pre_forward`` (it changes the module's inputs)."""
+        self.model_handle: Any = None
+        """A forward pre-hook on the attached model, registered once a bound kind prepends positions (a prompt)
+        and the model takes ``inputs_embeds``: such entries then act on the model's inputs, not in :meth:`_hook`."""
 
     def watch_inputs(self) -> None:
         if self.pre_handle is None:
             self.pre_handle = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
+    def watch_model(self, model: nn.Module) -> None:
+        if self.model_handle is None:
+            self.model_handle = model.register_forward_pre_hook(self._model_hook, with_kwargs=True)
+
     def remove(self) -> None:
         self.handle.remove()
-        if self.pre_handle is not None:
-            self.pre_handle.remove()
+        for handle in (self.pre_handle, self.model_handle):
+            if handle is not None:
+                handle.remove()
+
+    def _at_model(self, b: Bound) -> bool:
+        return self.model_handle is not None and b.kind.prepends(b.entry, b.tensors) > 0
+
+    def _model_hook(self, model: nn.Module, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The model's call with the active prompts in front of its input embeddings (:func:`prompted_call`)."""
+        rows = self.owner.row_ids
+        names = self.owner.active if rows is None else self.owner.row_names
+        present = {i: self.bound[n] for i, n in enumerate(names) if n in self.bound and not self.bound[n].merged
+                   and self._at_model(self.bound[n])}
+        if self.busy or not present:
+            return None
+        lengths = {i: b.kind.prepends(b.entry, b.tensors) for i, b in present.items()}
+        if rows is not None and (len(set(lengths.values())) != 1 or not set(rows.tolist()) <= set(present)):
+            raise UnsupportedError(f"module {self.path!r}: per-row prompts need a prompt of one length on every "
+                                   "row of the batch (a row without one would be shorter)")
+        n = next(iter(lengths.values())) if rows is not None else sum(lengths.values())
+        return prompted_call(model, args, kwargs, n, self.module,
+                             lambda ids, y: self._apply(self.module, ids, y, at_model=True))
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -80,13 +109,17 @@ class Slot:
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         if self.busy or not args:
             return None
-        x = args[0]
+        return self._apply(module, args[0], output, at_model=False)
+
+    def _apply(self, module: nn.Module, x: Any, y: torch.Tensor, *, at_model: bool) -> torch.Tensor:
+        """The active unmerged entries' forward on ``y``: those that act on the model's inputs when ``at_model``,
+        the others otherwise."""
         ids = self.owner.row_ids
         self.busy = True
         try:
             if ids is None:
-                y = output
-                bounds = [(n, self.bound[n]) for n in self.owner.active if n in self.bound and not self.bound[n].merged]
+                bounds = [(n, self.bound[n]) for n in self.owner.active if n in self.bound and not self.bound[n].merged
+                          and self._at_model(self.bound[n]) == at_model]
                 for i, (name, b) in enumerate(bounds):
                     if i and b.kind.acts_first(b.entry):
                         raise UnsupportedError(f"module {self.path!r}: adapter {name!r} (kind {b.kind.name}) must be "
@@ -95,14 +128,16 @@ class Slot:
                     xb = nn.functional.dropout(x, b.dropout, training=True) if b.dropout else x
                     y = b.kind.forward(module, b.entry, b.tensors, xb, y)
                 return y
-            return self._rows(module, x, output, ids)
+            return self._rows(module, x, y, ids, at_model)
         finally:
             self.busy = False
 
-    def _rows(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _rows(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor,
+              at_model: bool) -> torch.Tensor:
         """Per-row adapters: row i of the batch gets adapter ``names[ids[i]]`` (-1: base only)."""
         names = self.owner.row_names
-        present = [(i, self.bound[n]) for i, n in enumerate(names) if n in self.bound]
+        present = [(i, self.bound[n]) for i, n in enumerate(names) if n in self.bound
+                   and self._at_model(self.bound[n]) == at_model]
         if not present:
             return y
         if any(b.dropout for _, b in present):
@@ -238,6 +273,8 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge
         slot.bound[name] = b
         if hasattr(b.kind, "pre_forward"):
             slot.watch_inputs()
+        if b.kind.prepends(b.entry, b.tensors) and takes_embeddings(model):
+            slot.watch_model(model)
         module.__dict__.pop(ROWS_CACHE_ATTR, None)
     st.adapters[name] = adapter
     if activate:

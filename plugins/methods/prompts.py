@@ -39,9 +39,12 @@ picks the task an attach applies, and attaching one adapter per task and passing
 gives each batch row its own task, as PEFT's ``task_ids``. Training fits one task (``config.task``) with
 PEFT's initialisation (all factors normal, std 0.02).
 
-The model's sequence grows by ``n`` positions: pass no attention mask, or one extended by ``n`` ones in
-front (``torch.cat([mask.new_ones(batch, n), mask], 1)``, which is what PEFT builds); outputs for the
-real tokens are the last ``T`` positions.
+The model's sequence grows by ``n`` positions; outputs for the real tokens are the last ``T`` positions. On a
+model whose forward takes ``inputs_embeds`` (transformers) all three kinds act on the model's inputs, as PEFT's
+prompt learning: ``model(input_ids, attention_mask=..., labels=...)`` and ``generate`` get the prompt in front of
+the embedded ids, the mask and labels extended by ``n`` (``adapterfmt.deltas.prompt.prompted_call``); given
+``position_ids`` are dropped (as PEFT). DePT's offset acts on the sequence of that first call (a cached
+``generate`` adds none to the tokens it decodes). On other models they act on the embedding module's output.
 """
 
 from __future__ import annotations
@@ -134,6 +137,9 @@ class DePTKind(af.DeltaKind):
         pad = y.new_zeros(y.shape[-2] - n, y.shape[-1])
         y = y + torch.cat([offset[:n], pad])
         return af.registry.get_kind("prompt").forward(module, entry, t, x, y)
+
+    def prepends(self, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> int:
+        return af.registry.get_kind("prompt").prepends(entry, t)
 
     def merge(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> Any:
         raise af.UnsupportedError("a DePT adapter cannot be merged into weights; attach it unmerged")
@@ -256,6 +262,9 @@ class MultitaskPromptKind(af.DeltaKind):
             raise af.UnsupportedError("per-row multitask prompts need a prompt of one length on every row of a "
                                       "[batch, T] input")
         return torch.cat([torch.stack([prompts[i] for i in ids.tolist()]).to(y.dtype), y], dim=1)
+
+    def prepends(self, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> int:
+        return af.registry.get_kind("prompt").prepends(entry, t)
 
     def merge(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> Any:
         raise af.UnsupportedError("a multitask prompt cannot be merged into weights; attach it unmerged")

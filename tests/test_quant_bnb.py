@@ -210,3 +210,21 @@ def test_symmetric_8_bit_per_channel_is_bitsandbytes_int8_and_nf4_fp4_codecs_are
         assert torch.equal(parts["absmax"], state.absmax)
         assert torch.equal(mine, theirs) if codec == "nf4" else torch.equal(mine % 8, theirs % 8)
         assert torch.equal(get_codec(codec).decode(parts, spec).reshape(w.shape), bnbf.dequantize_4bit(packed, state))
+
+
+def test_bake_into_a_bitsandbytes_checkpoint_refuses_what_it_cannot_requantise(tmp_path):
+    from safetensors.torch import save_file
+
+    model = quantize_bnb(llama().train())
+    ia3 = af.registry.get_method("ia3").train(llama(), config={"target_modules": ["down_proj"]}).extract()
+    lin = model.model.layers[0].self_attn.q_proj
+    wide = bnb.nn.Params4bit(llama().model.layers[0].self_attn.q_proj.weight.data, requires_grad=False,
+                             quant_type="nf4", blocksize=128).to("cpu")  # blocks of 128 span the 64-input rows
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "base.safetensors")
+    lin.weight = wide
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "wide.safetensors")
+    with pytest.raises(af.UnsupportedError, match="bitsandbytes' format: only W \\+ dW kinds bake into it, not vector"):
+        bake([ia3], tmp_path / "base.safetensors", tmp_path / "out.safetensors", force=True)
+    with pytest.raises(af.UnsupportedError, match="q_proj'.*blocks that span rows wrongly \\(block size 128 > 64"):
+        bake([_random_lora(llama())], tmp_path / "wide.safetensors", tmp_path / "out.safetensors", force=True)
+    assert not (tmp_path / "out.safetensors").exists()

@@ -6,7 +6,7 @@ The base is pretrained (full fine-tuning) on task A (next token = (x + 1) mod V)
 the session hooks (``after_backward``, ``step``) and each method's regulariser. Budgets (final adapter):
 LoRA r = 4 on all 8 maps (4096 numbers); TriAdaptLoRA rank 1 per map growing to 32 in all (reference rank 4:
 4096 in A and B, plus C); DiffoRA r = 8 on the 4 maps it keeps of 8 (4096; its search trains all 8 for the
-first third of the steps); S2-LoRA r = 8 (A and B shared by the two layers: 4 x 8 x 128 + 8 x 8 = 4160).
+first third of the steps, alternating factor and gate steps by default, or both at once with ``search: joint``); S2-LoRA r = 8 (A and B shared by the two layers: 4 x 8 x 128 + 8 x 8 = 4160).
 
     python benchmarks/train_methods_study.py [--seeds 3] [--steps 150]
 """
@@ -36,6 +36,8 @@ def methods(steps: int) -> dict[str, tuple[str, dict]]:
         "LoRA r4": ("lora", {"r": 4, "alpha": 8}),
         "TriAdaptLoRA 1->4": ("triadaptlora", {"init_rank": 1, "reference_rank": 4, "alpha": 8, "total_step": steps}),
         "DiffoRA r8, keep 1/2": ("diffora", {"r": 8, "alpha": 16, "select_ratio": 0.5, "search_steps": steps // 3}),
+        "DiffoRA r8, keep 1/2, joint search": ("diffora", {"r": 8, "alpha": 16, "select_ratio": 0.5,
+                                                           "search_steps": steps // 3, "search": "joint"}),
         "S2-LoRA r8": ("s2_lora", {"r": 8, "alpha": 16, "l1": 1e-4}),
     }
 

@@ -162,3 +162,27 @@ def test_prompt_refusals(tmp_path):
     with pytest.raises(af.UnsupportedError, match="a prompt of one length on every row"), \
             af.adapter_ids(m, ["prompt_tuning", None, "prompt_tuning"]):
         m(IDS)  # a row without the prompt would be shorter
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_training_a_prompt_sees_the_inputs_peft_trains_on(model):
+    """In a train session the prompt acts on the model's inputs as attached: PEFT's loss and prompt gradient."""
+    m = build(model)
+    session = af.registry.get_method("prompt_tuning").train(m, config={"num_virtual_tokens": N, "seed": 5})
+    (prompt,) = session.parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(build(model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N))
+    peft_prompt = pm.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        peft_prompt.copy_(prompt)
+    got = m(IDS, attention_mask=MASK, labels=IDS)
+    want = pm(input_ids=IDS, attention_mask=MASK, labels=IDS)
+    assert got.logits.shape == (3, N + 6, VOCAB)
+    assert abs(got.loss - want.loss) <= ATOL
+    got.loss.backward()
+    want.loss.backward()
+    assert (prompt.grad - peft_prompt.grad).abs().max() <= ATOL
+    session.remove()
+    with torch.no_grad():
+        assert m(IDS).logits.shape == (3, 6, VOCAB)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..deltas.modules import held_quantized, is_transposed, weight_shape
+from ..deltas.prompt import prompted_call, takes_embeddings
 from ..errors import AdapterError
 from ..format.adapter import Adapter
 from ..format.fingerprint import fingerprint_module
@@ -149,6 +150,12 @@ class TrainSession:
             layer.to(device=ref.device)
         module.add_module(LAYER_ATTR, layer)
         self.layers[path] = layer
+        n = layer.kind.prepends(layer.entry, layer.tensors())
+        if n and takes_embeddings(self.model):  # a prompt acts on the model's inputs, as attached (apply.Slot)
+            self._handles[path] = self.model.register_forward_pre_hook(
+                lambda model, args, kwargs: prompted_call(model, args, kwargs, n, module,
+                                                          lambda ids, y: layer(module, ids, y)), with_kwargs=True)
+            return
         busy = False
 
         def hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:

@@ -222,6 +222,8 @@ def test_bake_into_a_bitsandbytes_checkpoint_refuses_what_it_cannot_requantise(t
                              quant_type="nf4", blocksize=128).to("cpu")  # blocks of 128 span the 64-input rows
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "base.safetensors")
     lin.weight = wide
+    with pytest.raises(af.UnsupportedError, match="Linear4bit: bitsandbytes' CPU dequantize_4bit decodes blocks"):
+        af.function_weight(lin)  # what DoRA or a derived base part would read
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "wide.safetensors")
     with pytest.raises(af.UnsupportedError, match="bitsandbytes' format: only W \\+ dW kinds bake into it, not vector"):
         bake([ia3], tmp_path / "base.safetensors", tmp_path / "out.safetensors", force=True)

@@ -7,7 +7,7 @@ Delta kinds are defined on the *function layout* of a layer: a weight of shape `
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
 
@@ -61,15 +61,27 @@ def function_weight(module: nn.Module) -> torch.Tensor:
         return module.dequantized()
     w = module.weight
     if held_quantized(module):
+        if getattr(w, "quant_state", None) is not None:
+            return bnb_dequantize_4bit(w.data, w.quant_state, f"this {type(module).__name__}")
         import bitsandbytes.functional as bnbf
 
-        if getattr(w, "quant_state", None) is not None:
-            if getattr(w.quant_state, "packing_format_for_cpu", False):
-                raise UnsupportedError(f"this {type(module).__name__} was repacked by bitsandbytes for CPU inference "
-                                       "(bf16 block scales), which has no dequantisation; use the model in train mode")
-            return bnbf.dequantize_4bit(w.data, w.quant_state)
         return bnbf.int8_vectorwise_dequant(w.data, w.SCB)
     return w.t() if is_transposed(module) else w
+
+
+def bnb_dequantize_4bit(codes: torch.Tensor, state: Any, what: str) -> torch.Tensor:
+    """bitsandbytes' ``dequantize_4bit`` of packed ``codes`` with their ``QuantState``, refusing (naming ``what``)
+    the two states it does not decode right on the CPU: its CPU inference layout (bf16 block scales, repacked at
+    the first eval forward) and blocks that span rows (bitsandbytes 0.50 misplaces their scales)."""
+    import bitsandbytes.functional as bnbf
+
+    if getattr(state, "packing_format_for_cpu", False):
+        raise UnsupportedError(f"{what} was repacked by bitsandbytes for CPU inference (bf16 block scales), which "
+                               "has no dequantisation; use the model in train mode")
+    if codes.device.type == "cpu" and state.blocksize > state.shape[-1]:
+        raise UnsupportedError(f"{what}: bitsandbytes' CPU dequantize_4bit decodes blocks that span rows wrongly "
+                               f"(block size {state.blocksize} > {state.shape[-1]} inputs)")
+    return bnbf.dequantize_4bit(codes, state)
 
 
 def weight_shape(module: nn.Module, parameter: str = "weight") -> list[int]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..deltas.modules import bnb_dequantize_4bit
 from ..errors import UnsupportedError
 from ..format.safetensors_io import Header, read_tensor
 
@@ -72,17 +73,14 @@ def requantize_module(q: BnbWeight, where: Mapping[str, Header], add: Callable[[
     if q.bits == 4:
         state = bnbf.QuantState.from_dict({n[len(weight) + 1:]: v for n, v in t.items() if n != weight},
                                           torch.device("cpu"))
-        if state.blocksize > state.shape[-1]:
-            raise UnsupportedError(f"module {q.path!r}: bitsandbytes' CPU dequantize_4bit decodes blocks that span "
-                                   f"rows wrongly (block size {state.blocksize} > {state.shape[-1]} inputs); not baked")
-        base = bnbf.dequantize_4bit(t[weight], state).float()
+        base = bnb_dequantize_4bit(t[weight], state, f"module {q.path!r}").float()
         target = base.clone()
         add(target)
         codes, new_state = bnbf.quantize_4bit(target.to(state.dtype), blocksize=state.blocksize,
                                               compress_statistics=state.nested, quant_type=state.quant_type,
                                               quant_storage=t[weight].dtype)
         new = {weight: codes, **{f"{weight}.{k}": v for k, v in new_state.as_dict(packed=True).items()}}
-        written = bnbf.dequantize_4bit(codes, new_state).float()
+        written = bnb_dequantize_4bit(codes, new_state, f"module {q.path!r}").float()
         quant_type = state.quant_type
     else:
         base = bnbf.int8_vectorwise_dequant(t[weight], t[q.names[1]]).float()

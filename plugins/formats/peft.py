@@ -1081,6 +1081,8 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False,
     cfg = af.read_json_object(path / CONFIG_FILE)
     _check_types(cfg, path / CONFIG_FILE)
     ptype = cfg.get("peft_type")
+    if ptype == "LORA" and cfg.get("arrow_config") not in NEUTRAL:
+        return _read_arrow(path, cfg, base, allow_pickle)
     if ptype == "XLORA":
         raise af.UnsupportedError("X-LoRA gates every layer's LoRAs per token from a first forward pass of the whole "
                                   "model (a classifier on its hidden states); a mixture routes each layer from that "
@@ -1100,6 +1102,51 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False,
                                base={"name": cfg.get("base_model_name_or_path"), "revision": cfg.get("revision"),
                                      "fingerprint": fingerprint})
     return af.Adapter(manifest, reader.tensors)
+
+
+ARROW_FIELDS = frozenset({"top_k", "router_temperature", "use_gks", "task_adapter_names", "gks_adapter_names",
+                          "rng_seed"})
+
+
+def _read_arrow(path: Path, cfg: Mapping[str, Any], base: Any, allow_pickle: bool) -> af.Adapter:
+    """PEFT's Arrow router (``create_arrow_model`` then ``save_pretrained``): the folder of the ``arrow_router``
+    adapter, its ``arrow_config`` naming the task (and GenKnowSub) LoRAs saved in the sibling folders. Read as a
+    ``mixture`` with ``|x . prototype|`` logits (the mixture plugin's ``arrow``); the router adapter's own LoRA
+    tensors play no part in PEFT's forward and are dropped. With GenKnowSub, PEFT subtracts the general LoRAs'
+    mean from the task LoRAs in place at the first forward pass: a model saved after one holds subtracted task
+    LoRAs, which this reader (like PEFT's ``create_arrow_model`` on the saved folders) subtracts again."""
+    arrow = cfg["arrow_config"]
+    if not isinstance(arrow, dict) or set(arrow) - ARROW_FIELDS:
+        odd = sorted(set(arrow) - ARROW_FIELDS) if isinstance(arrow, dict) else [repr(arrow)]
+        raise af.UnsupportedError(f"arrow_config fields cannot be represented: {', '.join(odd)}", path=path)
+    names = list(arrow.get("task_adapter_names") or [])
+    if not names:
+        raise af.UnsupportedError("arrow_config.task_adapter_names is empty (PEFT's create_arrow_model fills it); read "
+                             "the arrow_router folder of a saved Arrow model, beside its task adapters", path=path)
+    general = list(arrow.get("gks_adapter_names") or []) if arrow.get("use_gks") else []
+
+    def sibling(name: str) -> af.Adapter:
+        folder = path.parent / name
+        if not (folder / CONFIG_FILE).is_file():
+            raise af.MissingFileError(f"Arrow names adapter {name!r}, but {folder} is not a PEFT folder", path=path)
+        adapter = read_peft(folder, base=base, allow_pickle=allow_pickle)
+        if adapter.method != "lora" or any(e["kind"] != "lowrank" for e in adapter.modules.values()):
+            raise af.UnsupportedError(f"Arrow adapter {name!r} is not a plain LoRA", path=folder)
+        return adapter
+
+    seed = arrow.get("rng_seed")
+    mix = af.registry.get_method("mixture").arrow(
+        {n: sibling(n) for n in names}, top_k=int(arrow.get("top_k", 3)),
+        temperature=float(arrow.get("router_temperature", 1.0)), general=[sibling(n) for n in general], seed=seed)
+    notes = [] if seed is not None else [
+        "Arrow without rng_seed: PEFT's prototypes come from 15 power iterations from a random start; the exact top "
+        "singular vectors (their limit) are stored"]
+    prov = {"tool": "peft", "format": "peft", "peft_type": "LORA", "arrow": True, "peft_version": cfg.get("peft_version"),
+            "source": str(path), "config": dict(cfg), **({"notes": notes} if notes else {})}
+    manifest = af.new_manifest("mixture", mix.modules, config=mix.config, provenance=[prov],
+                               base={"name": cfg.get("base_model_name_or_path"), "revision": cfg.get("revision"),
+                                     "fingerprint": af.base_fingerprint(base)})
+    return af.Adapter(manifest, mix.tensors())
 
 
 def _triangle(vec: torch.Tensor, module: str, path: Path) -> int:

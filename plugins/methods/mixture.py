@@ -44,6 +44,8 @@ from torch import nn
 import adapterfmt as af
 
 GRANULARITIES = ("token", "sequence")
+LOGITS = ("dot", "abs")
+"""Router logits: ``router @ x`` (MeteoRA), or its absolute value (Arrow: sign-free similarity to prototypes)."""
 NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -89,6 +91,8 @@ class Mixture(af.DeltaKind):
         t = p.get("temperature", 1.0)
         if not _number(t) or t <= 0:
             raise _fail(module, f"mixture params.temperature must be a finite number > 0, got {t!r}")
+        if p.get("logits", "dot") not in LOGITS:
+            raise _fail(module, f"mixture params.logits must be 'dot' or 'abs', got {p.get('logits')!r}")
         if p.get("granularity", "token") not in GRANULARITIES:
             raise _fail(module, f"mixture params.granularity must be 'token' or 'sequence', got {p.get('granularity')!r}")
         fshape = af.function_shape(entry)
@@ -131,7 +135,7 @@ class Mixture(af.DeltaKind):
         units = x.reshape(-1, x.shape[-2], x.shape[-1]).mean(-2) if sequence else x.reshape(-1, x.shape[-1])
         scales = torch.tensor([float(s) for s in p.get("scales", [1.0] * n)], dtype=torch.float32, device=x.device)
         a, b = t["lora_A"].to(x.dtype), t["lora_B"].to(x.dtype)
-        idx, w = route(units, t["router"], k, float(p.get("temperature", 1.0)))
+        idx, w = route(units, t["router"], k, float(p.get("temperature", 1.0)), absolute=p.get("logits") == "abs")
         rows = x.reshape(-1, x.shape[-2], x.shape[-1]) if sequence else x.reshape(-1, x.shape[-1])
         out = y.reshape(*rows.shape[:-1], y.shape[-1])
         for j in range(k):  # one batched call per chosen slot; the gate weight scales that slot's input rows
@@ -165,6 +169,8 @@ def gemm_forward(p: Mapping[str, Any], t: Mapping[str, torch.Tensor], x: torch.T
     else:  # fp32 / fp64 tokens: the router's logits come out of the same GEMM
         both = x2 @ stack.t()
         logits, mid = both[:, :n], both[:, n:]
+    if p.get("logits") == "abs":
+        logits = logits.abs()
     idx, w = pick(logits, k, temperature)
     gates = torch.zeros(logits.shape[0], n, dtype=torch.float32, device=x.device).scatter(1, idx, w * scales[idx])
     if sequence:
@@ -178,11 +184,13 @@ def gemm_forward(p: Mapping[str, Any], t: Mapping[str, torch.Tensor], x: torch.T
     return logits.reshape(*(x.shape[:-2] if sequence else x.shape[:-1]), n), out.reshape(y.shape)
 
 
-def route(x: torch.Tensor, router: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int, temperature: float, *,
+          absolute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(experts [T, top_k] int64, gate weights [T, top_k] fp32)`` for router inputs ``x [T, in]``: :func:`pick`
-    on the logits ``x @ router^T``, computed in at least fp32."""
+    on the logits ``x @ router^T`` (``absolute``: their absolute values), computed in at least fp32."""
     dt = torch.promote_types(x.dtype, torch.float32)
-    return pick(x.to(dt) @ router.to(device=x.device, dtype=dt).t(), top_k, temperature)
+    logits = x.to(dt) @ router.to(device=x.device, dtype=dt).t()
+    return pick(logits.abs() if absolute else logits, top_k, temperature)
 
 
 def pick(logits: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,17 +203,20 @@ def pick(logits: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Te
 
 
 def mixture_entry(shape: Sequence[int], experts: Sequence[str], *, top_k: int, scales: Sequence[float] | None = None,
-                  temperature: float = 1.0, granularity: str = "token", transposed: bool = False) -> dict[str, Any]:
+                  temperature: float = 1.0, granularity: str = "token", transposed: bool = False,
+                  logits: str = "dot") -> dict[str, Any]:
     """A module entry of kind ``mixture``."""
     p: dict[str, Any] = {"experts": list(experts), "scales": [float(s) for s in scales or [1.0] * len(experts)],
                          "top_k": int(top_k), "temperature": float(temperature), "granularity": granularity}
     if transposed:
         p["transposed"] = True
+    if logits != "dot":
+        p["logits"] = logits
     return {"kind": "mixture", "shape": list(shape), "params": p}
 
 
 def mixture_adapter(experts: Mapping[str, af.Adapter], routers: Mapping[str, torch.Tensor], *, top_k: int,
-                    temperature: float = 1.0, granularity: str = "token") -> af.Adapter:
+                    temperature: float = 1.0, granularity: str = "token", logits: str = "dot") -> af.Adapter:
     """A mixture of plain ``lowrank`` adapters (by expert name) with a router ``[N, in]`` per module; every
     expert must target every routed module. Experts of lower rank are zero-padded to the largest rank."""
     names = list(experts)
@@ -234,11 +245,75 @@ def mixture_adapter(experts: Mapping[str, af.Adapter], routers: Mapping[str, tor
             a[i, :ri], b[i, :, :ri] = t["lora_A"].reshape(ri, in_f), t["lora_B"].reshape(out_f, ri)
         modules[path] = mixture_entry(first["shape"], names, top_k=top_k, temperature=temperature,
                                       granularity=granularity, transposed=bool(first.get("params", {}).get("transposed")),
+                                      logits=logits,
                                       scales=[float(e.get("params", {}).get("scale", 1.0)) for e, _ in entries])
         tensors.update({f"{path}.router": router.to(dtype), f"{path}.lora_A": a, f"{path}.lora_B": b})
     config = {"experts": names, "top_k": int(top_k), "temperature": float(temperature), "granularity": granularity}
+    if logits != "dot":
+        config["logits"] = logits
     return af.Adapter(af.new_manifest("mixture", modules, config=config,
                                       base=dict(next(iter(experts.values())).base) if experts else None), tensors)
+
+
+def arrow_prototype(a: torch.Tensor, b: torch.Tensor, seed: int | None, iters: int = 15) -> torch.Tensor:
+    """The top right singular vector of ``B A`` (``A [r, in]``, ``B [out, r]``) as PEFT's Arrow computes it: ``iters``
+    power iterations on ``A^T (B^T B) A`` in fp32 from a unit Gaussian start drawn from a generator seeded with
+    ``seed``. Without a seed PEFT draws from the global generator (not reproducible); then the iteration's
+    limit, the exact singular vector from an SVD, is returned. The sign is arbitrary (Arrow uses ``|x . p|``)."""
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    if seed is None:
+        return torch.linalg.svd(b32 @ a32, full_matrices=False).Vh[0]
+    c = b32.T @ b32
+    v = torch.randn(a32.shape[1], dtype=torch.float32, generator=torch.Generator().manual_seed(int(seed)))
+    v = v / (v.norm() + 1e-8)
+    for _ in range(iters):
+        w = a32.T @ (c @ (a32 @ v))
+        v = w / (w.norm() + 1e-8)
+    return v
+
+
+def arrow_adapter(experts: Mapping[str, af.Adapter], *, top_k: int, temperature: float = 1.0,
+                  general: Sequence[af.Adapter] = (), seed: int | None = None) -> af.Adapter:
+    """Arrow routing over a library of LoRAs (Ostapenko et al. 2024, as PEFT 0.21's ``ArrowConfig``): per module,
+    each expert's prototype is the top right singular vector of its ``B A`` (:func:`arrow_prototype`), the router
+    logits are ``|x . prototype|`` (``params.logits = "abs"``), top-k with a softmax over the chosen logits /
+    ``temperature``. ``general`` LoRAs turn on GenKnowSub: their mean ``A`` and mean ``B`` are subtracted from every
+    expert's ``A`` and ``B`` (factor space, as PEFT) before the prototypes are taken. Every expert and general
+    LoRA must be plain ``lowrank`` of one rank on the same modules."""
+    experts = dict(experts)
+    if general:
+        experts = {name: _subtract_mean_factors(adapter, general) for name, adapter in experts.items()}
+    first = next(iter(experts.values()))
+    routers = {}
+    for path in sorted(first.modules):
+        protos = []
+        for name, adapter in experts.items():
+            if path not in adapter.modules:
+                raise af.UnsupportedError(f"Arrow expert {name!r} does not target module {path!r}; every expert must "
+                                          "target the same modules", path=adapter.source)
+            t = adapter.module_tensors(path)
+            r, fshape = t["lora_A"].shape[0], af.function_shape(adapter.modules[path])
+            protos.append(arrow_prototype(t["lora_A"].reshape(r, fshape[1]), t["lora_B"].reshape(fshape[0], r), seed))
+        routers[path] = torch.stack(protos)
+    return mixture_adapter(experts, routers, top_k=top_k, temperature=temperature, logits="abs")
+
+
+def _subtract_mean_factors(adapter: af.Adapter, general: Sequence[af.Adapter]) -> af.Adapter:
+    """``adapter`` with the mean ``lora_A`` and mean ``lora_B`` of the ``general`` LoRAs subtracted, per module."""
+    tensors = adapter.tensors()
+    for path in adapter.modules:
+        for role in ("lora_A", "lora_B"):
+            parts = []
+            for g in general:
+                if path not in g.modules or g.modules[path]["kind"] != "lowrank":
+                    raise af.UnsupportedError(f"general LoRA has no lowrank entry for module {path!r}", path=g.source)
+                parts.append(g.module_tensors(path)[role])
+            own = tensors[f"{path}.{role}"]
+            if any(p.shape != own.shape for p in parts):
+                raise af.UnsupportedError(f"module {path!r}: general LoRAs' {role} shapes differ from the expert's "
+                                          f"{list(own.shape)} (GenKnowSub needs one rank)", path=general[0].source)
+            tensors[f"{path}.{role}"] = own - torch.stack(parts).mean(0)
+    return af.Adapter(adapter.manifest, tensors, source=adapter.source)
 
 
 def expert_adapter(adapter: af.Adapter, name: str) -> af.Adapter:
@@ -315,6 +390,7 @@ class MixtureMethod(af.Method):
             "top_k": {"type": "integer", "minimum": 1},
             "temperature": {"type": "number", "exclusiveMinimum": 0},
             "granularity": {"enum": list(GRANULARITIES)},
+            "logits": {"enum": list(LOGITS)},
             "expert_adapters": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": NAME.pattern},
                                 "additionalProperties": {"type": "string", "minLength": 1}},
             "train": {"enum": ["router", "joint"]},
@@ -354,7 +430,7 @@ class MixtureMethod(af.Method):
                                        path=experts[names[0]].source)
         routers = {p: torch.randn(len(names), af.function_shape(experts[names[0]].modules[p])[1]) for p in sorted(first)}
         mix = mixture_adapter(experts, routers, top_k=cfg["top_k"], temperature=cfg["temperature"],
-                              granularity=cfg["granularity"])
+                              granularity=cfg["granularity"], logits=cfg.get("logits", "dot"))
         joint = cfg["train"] == "joint"
 
         def build(path: str, module: nn.Module) -> af.TrainableDelta:
@@ -378,6 +454,12 @@ class MixtureMethod(af.Method):
             return torch.zeros(())
         logits = [layer.logits for layer in session.layers.values() if layer.logits is not None]
         return weight * gate_loss(logits, task_ids)
+
+    def arrow(self, experts: Mapping[str, af.Adapter], *, top_k: int, temperature: float = 1.0,
+              general: Sequence[af.Adapter] = (), seed: int | None = None) -> af.Adapter:
+        """:func:`arrow_adapter`: Arrow routing over a library of LoRAs, as a mixture (for other plugins: the PEFT
+        codec reads PEFT's Arrow models through it)."""
+        return arrow_adapter(experts, top_k=top_k, temperature=temperature, general=general, seed=seed)
 
     def merge(self, adapters: Sequence[af.Adapter], *, weights: Sequence[float] | None = None,
               strategy: str = "linear", **options: Any) -> af.Adapter:

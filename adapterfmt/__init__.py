@@ -48,6 +48,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".deltas.base_part": ("derived_tensors", "ldu_rows", "olora_factors", "pissa_factors", "recipe_factors",
                           "recipe_writable", "svd_bottom_factors"),
     ".deltas.modules": ("function_weight", "held_quantized", "is_transposed", "weight_function"),
+    ".deltas.prefixed": ("PrefixedCall",),
     ".deltas.weight": ("WeightDeltaKind", "promoted"),
     ".format.codecs": ("BUILTIN_CODECS",),
     ".kernels": ("block_apply", "multi_lora_rows"),
@@ -122,7 +123,7 @@ __all__ = [
     "compose", "Composition", "CompositionProcessor", "Sampling", "Term", "eft_terms",
     # writing plugins: methods, delta kinds, codecs, backends
     "Method", "hookimpl", "DeltaKind", "WeightDeltaKind", "promoted", "function_shape", "lowrank_entry",
-    "weight_function", "is_transposed", "function_weight", "held_quantized",
+    "weight_function", "is_transposed", "function_weight", "held_quantized", "PrefixedCall",
     "multi_lora_rows", "block_apply",
     "ForeignFormat", "TensorCodec", "ApplyBackend", "BUILTIN_CODECS",
     # writing a method's train verb

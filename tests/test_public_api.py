@@ -27,7 +27,7 @@ PUBLIC = {
     "multi_lora_rows", "block_apply", "compose", "Composition", "CompositionProcessor", "Sampling", "Term", "eft_terms",
     "train_adapter", "TrainOptions", "port_live", "layer_index",
     "QuantSpec", "Quantized", "quantize", "dequantize", "requantize", "fake_quantize", "fits_grid",
-    "function_weight", "held_quantized",
+    "function_weight", "held_quantized", "PrefixedCall",
 }
 """``af.__all__`` as of the layered tree (0.1.x); a name may be added, never dropped within a major version."""
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
 from .base import DeltaKind, Entry, Tensors, fail
+from .prefixed import PrefixedCall
 
 if TYPE_CHECKING:
     import torch
@@ -75,38 +76,29 @@ def prompted_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     """
     import torch
 
-    params = [p.name for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(args) > len(params):
-        raise UnsupportedError(f"{type(model).__name__} called with {len(args)} positional arguments; a prompt "
-                               "adapter needs them by name")
-    a = {**dict(zip(params, args)), **kwargs}
-    ids, embeds = a.pop("input_ids", None), a.pop("inputs_embeds", None)
-    if ids is None and embeds is None:
+    call = PrefixedCall.of(model, args, kwargs, n)
+    if call is None:
         return None
-    batch, steps = (ids if embeds is None else embeds).shape[:2]
-    cache = a.get("cache", a.get("past_key_values"))
-    past = cache.get_seq_length() if cache is not None else 0
+    a = call.args
+    ids, embeds = a.pop("input_ids", None), a.pop("inputs_embeds", None)
     generates = bool(getattr(model, "can_generate", lambda: False)())
-    if past == 0:
+    if call.past == 0:
         a["inputs_embeds"] = prepend(ids, embed(ids) if embeds is None else embeds)
     elif embeds is None:
         a["input_ids"] = ids
     else:
         a["inputs_embeds"] = embeds
     mask = a.get("attention_mask")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            got = f"{mask.dim()}-D" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise UnsupportedError(f"a prompt adapter puts {n} ones in front of a 2-D attention mask; got {got}")
-        if mask.shape[1] == max(past - n, 0) + steps:
-            a["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+        got = f"{mask.dim()}-D" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise UnsupportedError(f"a prompt adapter puts {n} ones in front of a 2-D attention mask; got {got}")
+    call.extend_mask()
     labels = a.get("labels")
-    if generates and labels is not None and past == 0:
-        a["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+    if generates and labels is not None and call.past == 0:
+        a["labels"] = torch.cat([labels.new_full((call.batch, n), -100), labels], dim=1)
     types = a.pop("token_type_ids", None)
     if types is not None and not generates:
-        a["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1) if past == 0 else types
+        a["token_type_ids"] = torch.cat([types.new_zeros(call.batch, n), types], dim=1) if call.past == 0 else types
     a.pop("position_ids", None)
     a.pop("cache_position", None)
     return (), a

@@ -18,7 +18,6 @@ weights, and per-row adapter ids are refused (one cache serves the whole batch).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Collection
 from typing import Any, ClassVar
 
@@ -80,33 +79,25 @@ class PrefixKind(af.DeltaKind):
         """The module's call with the prefix cache, the extended mask and offset positions (spec 6.10.14)."""
         from transformers import DynamicCache
 
-        if len(args) > 1:
-            raise af.UnsupportedError(f"{type(module).__name__} called with {len(args)} positional arguments: a "
-                                      "prefix adapter takes only input_ids / inputs_embeds positionally")
-        a = dict(kwargs)
-        n = t["keys"].shape[1]
-        # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` deprecated)
-        arg = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-        x = args[0] if args else a.get("input_ids")
-        batch, steps = (x if x is not None else a["inputs_embeds"]).shape[:2]
-        cache = a.get(arg)
-        past = cache.get_seq_length() if cache is not None else 0
+        call = af.PrefixedCall.of(module, args, kwargs, t["keys"].shape[1])
+        if call is None:
+            return args, kwargs
+        a, n, batch, past, steps = call.args, call.n, call.batch, call.past, call.steps
         if past == 0:  # a later call (generation) brings the cache that already starts with the prefix
+            cache = a.get(call.cache_arg)
             cache = DynamicCache() if cache is None else cache
             for layer, (k, v) in enumerate(zip(t["keys"], t["values"])):
                 cache.update(k.transpose(0, 1).expand(batch, -1, -1, -1), v.transpose(0, 1).expand(batch, -1, -1, -1),
                              layer)
-            a[arg] = cache
-        mask = a.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and mask.shape[1] == max(past - n, 0) + steps:
-            a["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+            a[call.cache_arg] = cache
+        call.extend_mask()
         if entry.get("params", {}).get("positions") == "from_zero":
             if a.get("position_ids") is None:  # else the model would number the new positions after the cache
                 start = max(past - n, 0)
                 a["position_ids"] = torch.arange(start, start + steps, device=t["keys"].device).expand(batch, -1)
         elif a.get("position_ids") is not None:
             a["position_ids"] = a["position_ids"] + n
-        return args, a
+        return (), a
 
     def forward(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tensor,
                 y: Any) -> Any:

@@ -77,6 +77,30 @@ def test_lora_on_a_bitsandbytes_base_computes_peft_logits(tmp_path, kind):
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
 
 
+def test_dora_on_a_4_bit_base_computes_pefts_logits_and_is_refused_on_int8(tmp_path):
+    """DoRA rescales ``x W^T`` with the dequantised ``W``: PEFT's on nf4 (train mode, bitsandbytes' dequantising
+    matmul); refused on Linear8bitLt, whose product quantises the input too."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    for kind in ("nf4", "int8"):
+        base = quantize_bnb(llama().train(), kind)
+        ours = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), use_dora=True))
+            randomize(pm, 1)
+            pm.save_pretrained(tmp_path / kind)
+        if kind == "int8":
+            with pytest.raises(af.UnsupportedError, match="DoRA on a bitsandbytes Linear8bitLt"):
+                af.attach(ours, af.load(tmp_path / kind))
+            assert not af.attached(ours)
+            continue
+        expected = logits(pm, ids)
+        af.attach(ours, af.load(tmp_path / kind))
+        assert torch.allclose(logits(ours, ids), expected, atol=1e-5, rtol=0)
+
+
 def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = model(ids).logits
     return nn.functional.cross_entropy(out[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))

@@ -202,6 +202,7 @@ class LowRank(DeltaKind):
         if "bias_value" in t and getattr(module, "bias", None) is None:
             raise UnsupportedError(f"a lowrank bias_value replaces the module's bias, but this "
                                    f"{type(module).__name__} has none")
+        _check_dora_base(module, t)
         if not is_derived(entry):
             return t
         w = self._function_weight(module, entry).detach()
@@ -227,6 +228,7 @@ class LowRank(DeltaKind):
             out = out + channel_view(self.scale(entry) * t["bias"].to(y.dtype), y, module)
         if "magnitude" not in t:
             return y + out
+        _check_dora_base(module, t)
         w = self._function_weight(module, entry)
         norm = self._dora_norm(w, entry, t).detach()
         mns = channel_view((wide(t["magnitude"].reshape(-1)) / norm).to(y.dtype), y, module)
@@ -330,6 +332,13 @@ class LowRank(DeltaKind):
             scale = (wide(t["magnitude"].reshape(-1)) / state).reshape(-1, *([1] * (w_f.dim() - 1)))
             orig = w_f / scale - fw
             param.copy_((orig.t() if tr else orig).to(param.dtype))
+
+
+def _check_dora_base(module: nn.Module, t: Tensors) -> None:
+    """DoRA rescales ``x W^T``: refused on a quantised module whose product is not that of its dequantised weight."""
+    if "magnitude" in t and held_quantized(module) and getattr(getattr(module, "weight", None), "SCB", None) is not None:
+        raise UnsupportedError(f"DoRA on a bitsandbytes {type(module).__name__}: its int8 product also quantises the "
+                               "input, so it is not the x W^T that DoRA rescales")
 
 
 def _ones(pool_a: torch.Tensor) -> torch.Tensor:

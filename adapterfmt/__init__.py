@@ -70,7 +70,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".verbs.port": ("port_adapter", "port_live", "record_base"),
     ".verbs.targets": ("TARGETS_SCHEMA", "layer_index", "matches_targets", "pattern_value", "select_modules",
                        "select_targets"),
-    ".verbs.train": ("TrainableDelta", "TrainSession", "adapter_dtype", "inject", "module_entry"),
+    ".verbs.train": ("TrainableDelta", "TrainSession", "adapter_dtype", "inject", "module_entry", "orthonormality"),
     ".verbs.trainer": ("TrainOptions", "train_adapter"),
 }
 """Module -> the public names it defines that are imported on first use (they import torch)."""
@@ -127,7 +127,7 @@ __all__ = [
     "multi_lora_rows", "block_apply",
     "ForeignFormat", "TensorCodec", "ApplyBackend", "BUILTIN_CODECS",
     # writing a method's train verb
-    "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype",
+    "TrainSession", "TrainableDelta", "inject", "module_entry", "adapter_dtype", "orthonormality",
     "recipe_factors", "recipe_writable", "derived_tensors", "ldu_rows", "pissa_factors", "olora_factors",
     "svd_bottom_factors",
     "select_modules", "select_targets", "matches_targets", "pattern_value", "TARGETS_SCHEMA", "layer_index",

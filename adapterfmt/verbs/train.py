@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..deltas.modules import held_quantized, is_transposed, weight_shape
-from ..deltas.prompt import prompted_call, takes_embeddings
+from ..deltas.prompt import on_model_inputs, prompted_call
 from ..errors import AdapterError
 from ..format.adapter import Adapter
 from ..format.fingerprint import fingerprint_module
@@ -52,6 +52,16 @@ def adapter_dtype(module: nn.Module) -> torch.dtype:
     if not isinstance(ref, torch.Tensor) or ref.dtype in (torch.float16, torch.bfloat16) or held_quantized(module):
         return torch.float32
     return ref.dtype
+
+
+def orthonormality(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """A regulariser for low-rank factors: the mean over ``(A [r, in], B [out, r])`` pairs of ``||A A^T - I||_F``
+    and ``||B^T B - I||_F`` (SORSA's ``calc_ortho``, AdaLoRA's and TriAdaptLoRA's orthogonality term)."""
+    terms = []
+    for a, b in pairs:
+        terms.append(torch.linalg.norm(a @ a.t() - torch.eye(a.shape[0], device=a.device, dtype=a.dtype)))
+        terms.append(torch.linalg.norm(b.t() @ b - torch.eye(b.shape[1], device=b.device, dtype=b.dtype)))
+    return torch.stack(terms).mean()
 
 
 class RoleParameters(nn.Module):
@@ -151,7 +161,7 @@ class TrainSession:
         module.add_module(LAYER_ATTR, layer)
         self.layers[path] = layer
         n = layer.kind.prepends(layer.entry, layer.tensors())
-        if n and takes_embeddings(self.model):  # a prompt acts on the model's inputs, as attached (apply.Slot)
+        if n and on_model_inputs(self.model):  # a prompt acts on the model's inputs, as attached (apply.Slot)
             self._handles[path] = self.model.register_forward_pre_hook(
                 lambda model, args, kwargs: prompted_call(model, args, kwargs, n, module,
                                                           lambda ids, y: layer(module, ids, y)), with_kwargs=True)

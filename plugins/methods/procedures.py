@@ -75,15 +75,6 @@ def _single_process(name: str) -> None:
                                   "runs cannot follow: train it in one process")
 
 
-def orthonormality(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Mean over ``(A, B)`` pairs of ``||A A^T - I||_F`` and ``||B^T B - I||_F``."""
-    terms = []
-    for a, b in pairs:
-        terms.append(torch.linalg.norm(a @ a.t() - torch.eye(a.shape[0], device=a.device, dtype=a.dtype)))
-        terms.append(torch.linalg.norm(b.t() @ b - torch.eye(b.shape[1], device=b.device, dtype=b.dtype)))
-    return torch.stack(terms).mean()
-
-
 # ----- TriAdaptLoRA -------------------------------------------------------------------------------------------
 class TriangularDelta(af.TrainableDelta):
     """A lowrank delta whose rank grows: blocks of A, B and the two triangular parts of C (module docstring)."""
@@ -199,9 +190,9 @@ class TriAdaptLoRA(af.Method):
         return session
 
     def regularization(self, session: Any, **outputs: Any) -> torch.Tensor:
-        """``orth_reg_weight`` times :func:`orthonormality` of every module's assembled A and B."""
+        """``orth_reg_weight`` times ``af.orthonormality`` of every module's assembled A and B."""
         pairs = [(t["lora_A"], t["lora_B"]) for t in (layer.tensors() for layer in session.layers.values())]
-        return session.config["orth_reg_weight"] * orthonormality(pairs)
+        return session.config["orth_reg_weight"] * af.orthonormality(pairs)
 
 
 def growth_threshold(scores: list[float], step: int, total: int, target: int, cfg: dict[str, Any]) -> float:

@@ -209,13 +209,8 @@ class SORSA(SvdMethod):
     def regularization(self, session: Any, **outputs: Any) -> torch.Tensor:
         """``ortho_weight`` times ``sorsa.calc_ortho``: the mean over layers' A and B of ``||A A^T - I||_F``
         and ``||B^T B - I||_F``."""
-        terms = []
-        for layer in session.layers.values():
-            t = layer.tensors()
-            a, b = t["lora_A"], t["lora_B"]
-            terms.append(torch.linalg.norm(a @ a.t() - torch.eye(a.shape[0], device=a.device, dtype=a.dtype)))
-            terms.append(torch.linalg.norm(b.t() @ b - torch.eye(b.shape[1], device=b.device, dtype=b.dtype)))
-        return session.config["ortho_weight"] * torch.stack(terms).mean()
+        pairs = [(t["lora_A"], t["lora_B"]) for t in (layer.tensors() for layer in session.layers.values())]
+        return session.config["ortho_weight"] * af.orthonormality(pairs)
 
 
 class LoLDU(SvdMethod):

@@ -162,6 +162,18 @@ def test_prompt_refusals(tmp_path):
     with pytest.raises(af.UnsupportedError, match="a prompt of one length on every row"), \
             af.adapter_ids(m, ["prompt_tuning", None, "prompt_tuning"]):
         m(IDS)  # a row without the prompt would be shorter
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                                             vocab_size=VOCAB)).eval()
+    manifest = af.new_manifest("prompt_tuning", {"shared": {"kind": "prompt", "shape": [VOCAB, 16], "params": {}}},
+                               config={"num_virtual_tokens": N})
+    with pytest.raises(af.UnsupportedError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        af.attach(t5, af.Adapter(manifest, {"shared.embeddings": torch.randn(N, 16)}))
+    assert af.attached(t5) == [] and not t5._forward_pre_hooks
+    with pytest.raises(af.UnsupportedError, match="encoder-decoder"):
+        af.registry.get_method("prompt_tuning").train(t5, config={"num_virtual_tokens": N})
+    assert not t5._forward_pre_hooks and all(p.requires_grad for p in t5.parameters())
 
 
 @pytest.mark.parametrize("model", MODELS)

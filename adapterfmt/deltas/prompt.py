@@ -51,9 +51,15 @@ class Prompt(DeltaKind):
         raise UnsupportedError("a prompt adapter cannot be merged into weights; attach it unmerged")
 
 
-def takes_embeddings(model: nn.Module) -> bool:
-    """Whether ``model``'s forward takes ``inputs_embeds``: a prompt then acts through :func:`prompted_call`."""
-    return "inputs_embeds" in inspect.signature(model.forward).parameters
+def on_model_inputs(model: nn.Module, source: str | None = None) -> bool:
+    """Whether a prompt acts on ``model``'s inputs (:func:`prompted_call`): its forward takes ``inputs_embeds``.
+    An encoder-decoder model is refused (its labels and cache are the decoder's); ``source`` names the adapter."""
+    if "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        return False
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise UnsupportedError(f"{type(model).__name__} is an encoder-decoder model; a prompt adapter attaches to "
+                               "decoder-only and encoder-only models", path=source)
+    return True
 
 
 def prompted_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], n: int,

@@ -19,7 +19,7 @@ from torch import nn
 from ..deltas.base import ROWS_CACHE_ATTR
 from ..deltas.base_part import is_derived
 from ..deltas.modules import is_transposed
-from ..deltas.prompt import prompted_call, takes_embeddings
+from ..deltas.prompt import on_model_inputs, prompted_call
 from ..errors import AdapterError, BaseMismatchError, UnsupportedError
 from ..format.adapter import Adapter
 from ..format.fingerprint import compare, fingerprint_module
@@ -259,13 +259,14 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge
         except AttributeError:
             missing.append(path)
             continue
-        bound[path] = (module, _bind(module, path, adapter, entry))
+        b = _bind(module, path, adapter, entry)
+        bound[path] = (module, b, b.kind.prepends(b.entry, b.tensors) > 0 and on_model_inputs(model, adapter.source))
     if missing:
         raise BaseMismatchError(f"the model has no module {missing[0]!r}"
                                 + (f" (and {len(missing) - 1} more targeted modules)" if len(missing) > 1 else ""),
                                 path=adapter.source)
     st = _state(model, create=True)  # only once everything bound: a failed attach leaves the model untouched
-    for path, (module, b) in bound.items():
+    for path, (module, b, at_model) in bound.items():
         slot = st.slots.get(path)
         if slot is None:
             slot = st.slots[path] = Slot(st, path, module)
@@ -273,7 +274,7 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge
         slot.bound[name] = b
         if hasattr(b.kind, "pre_forward"):
             slot.watch_inputs()
-        if b.kind.prepends(b.entry, b.tensors) and takes_embeddings(model):
+        if at_model:
             slot.watch_model(model)
         module.__dict__.pop(ROWS_CACHE_ATTR, None)
     st.adapters[name] = adapter

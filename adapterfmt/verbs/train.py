@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..deltas.modules import held_quantized, is_transposed, weight_shape
-from ..deltas.prompt import prompted_call, takes_embeddings
+from ..deltas.prompt import on_model_inputs, prompted_call
 from ..errors import AdapterError
 from ..format.adapter import Adapter
 from ..format.fingerprint import fingerprint_module
@@ -161,7 +161,7 @@ class TrainSession:
         module.add_module(LAYER_ATTR, layer)
         self.layers[path] = layer
         n = layer.kind.prepends(layer.entry, layer.tensors())
-        if n and takes_embeddings(self.model):  # a prompt acts on the model's inputs, as attached (apply.Slot)
+        if n and on_model_inputs(self.model):  # a prompt acts on the model's inputs, as attached (apply.Slot)
             self._handles[path] = self.model.register_forward_pre_hook(
                 lambda model, args, kwargs: prompted_call(model, args, kwargs, n, module,
                                                           lambda ids, y: layer(module, ids, y)), with_kwargs=True)

@@ -254,3 +254,33 @@ def test_bake_into_a_bitsandbytes_checkpoint_refuses_what_it_cannot_requantise(t
     with pytest.raises(af.UnsupportedError, match="q_proj'.*blocks that span rows wrongly \\(block size 128 > 64"):
         bake([_random_lora(llama())], tmp_path / "wide.safetensors", tmp_path / "out.safetensors", force=True)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_bake_into_a_transformers_4_bit_folder_loads_back_with_pefts_merged_logits(tmp_path):
+    """The QLoRA flow end to end: a folder transformers saved with ``load_in_4bit`` (double-quantised nf4), a PEFT
+    LoRA over it, ``merge --base``; transformers loads the baked folder as a 4-bit model whose logits are those of
+    PEFT's ``merge_and_unload``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    llama().save_pretrained(tmp_path / "fp")
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                             bnb_4bit_use_double_quant=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg, device_map="cpu"
+                                             ).save_pretrained(tmp_path / "q4")
+        q4 = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu")
+        pm = get_peft_model(q4, LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS)))
+        randomize(pm, 7)
+        pm.save_pretrained(tmp_path / "peft")
+        expected = logits(pm.merge_and_unload().eval(), ids)
+    rep = bake([tmp_path / "peft"], tmp_path / "q4", tmp_path / "baked")
+    assert len(rep.requantized) == 3 and (tmp_path / "baked" / "config.json").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        baked = AutoModelForCausalLM.from_pretrained(tmp_path / "baked", device_map="cpu")
+        plain = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu").eval(), ids)
+    assert type(baked.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert torch.equal(logits(baked.eval(), ids), expected) and (expected - plain).abs().max() > 1e-2

@@ -44,7 +44,8 @@ model whose forward takes ``inputs_embeds`` (transformers) all three kinds act o
 prompt learning: ``model(input_ids, attention_mask=..., labels=...)`` and ``generate`` get the prompt in front of
 the embedded ids, the mask and labels extended by ``n`` (``adapterfmt.deltas.prompt.prompted_call``); given
 ``position_ids`` are dropped (as PEFT). DePT's offset acts on the sequence of that first call (a cached
-``generate`` adds none to the tokens it decodes). On other models they act on the embedding module's output.
+``generate`` adds none to the tokens it decodes); an encoder-decoder model is refused. On other models they act on
+the embedding module's output.
 """
 
 from __future__ import annotations

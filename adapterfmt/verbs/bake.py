@@ -389,7 +389,7 @@ def bake(
                     with open(tmp / rel, "wb") as f:
                         report.bytes += _write_file(f, names_, where, fds, touched, buf, opts, it)
                 if len(plan) > 1 or (base.is_dir() and (base / INDEX_FILE).is_file()):
-                    _write_index(tmp / INDEX_FILE, plan, where, base)
+                    _write_index(tmp / INDEX_FILE, plan, report.bytes, base)
                 if base.is_dir():
                     report.copied, report.skipped = _copy_extras(base, tmp)
         for _ in it:  # let a progress bar finish
@@ -408,8 +408,9 @@ def _write_file(f: Any, names: list[str], where: dict[str, Header], fds: dict[Pa
     infos: dict[str, TensorInfo] = {n: where[n].tensors[n] for n in names}
     meta = {"format": "pt", **where[names[0]].metadata} if names else {"format": "pt"}
     ready = {n: touched[n].ready[n] for n in names if n in touched and n in touched[n].ready}
-    w = StreamWriter(f, {n: (dtype_name(ready[n].dtype), list(ready[n].shape)) if n in ready else (i.dtype, i.shape)
-                         for n, i in infos.items()}, meta)
+    specs = {n: (dtype_name(ready[n].dtype), list(ready[n].shape)) if n in ready else (i.dtype, i.shape)
+             for n, i in infos.items()}  # a re-quantised state may change size
+    w = StreamWriter(f, specs, meta)
     for name in w.order:
         next(it)
         mod = touched.get(name)
@@ -418,10 +419,10 @@ def _write_file(f: Any, names: list[str], where: dict[str, Header], fds: dict[Pa
         else:
             w.write(name, _changed(mod, name, where, buf, opts))
     w.finish()
-    return sum(math.prod(i.shape) * ITEMSIZE[i.dtype] for i in infos.values())
+    return sum(math.prod(shape) * ITEMSIZE[dtype] for dtype, shape in specs.values())
 
 
-def _write_index(path: Path, plan: list[tuple[str, list[str]]], where: dict[str, Header], base: Path) -> None:
+def _write_index(path: Path, plan: list[tuple[str, list[str]]], total: int, base: Path) -> None:
     meta: dict[str, Any] = {}
     old = base / INDEX_FILE if base.is_dir() else None
     if old is not None and old.is_file():
@@ -429,7 +430,6 @@ def _write_index(path: Path, plan: list[tuple[str, list[str]]], where: dict[str,
             meta = dict(parse_json(read_json_bytes(old), INDEX_FILE, path=old).get("metadata") or {})
         except (ValueError, AttributeError, TypeError):  # an unreadable old index: its metadata is not carried over
             meta = {}
-    total = sum(where[n].tensors[n].end - where[n].tensors[n].start for _, names in plan for n in names)
     index = {"metadata": {**meta, "total_size": total},
              "weight_map": {n: rel for rel, names in plan for n in names}}
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")

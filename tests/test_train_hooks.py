@@ -140,6 +140,24 @@ def test_mc_dropout_in_the_session_and_on_attach():
         af.attach(model, adapter, dropout=0.5, merge=True)
 
 
+def test_mc_dropout_on_token_ids_is_refused():
+    """A delta on an embedding (a prompt here) sees token ids: dropout on them has no meaning, so attach refuses
+    in one line and leaves the model as it was."""
+    model = build_tiny(0)
+    emb = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding))
+    shape = list(model.get_submodule(emb).weight.shape)
+    dim = shape[1]
+    adapter = af.Adapter(af.new_manifest("prompt_tuning", {emb: {"kind": "prompt", "shape": shape}}),
+                         {f"{emb}.embeddings": torch.randn(4, dim)})
+    x = batch()
+    with torch.no_grad():
+        before = model(x)
+        with pytest.raises(af.UnsupportedError, match=f"module '{emb}' takes token ids; attach this adapter without"):
+            af.attach(model, adapter, dropout=0.5)
+        assert not af.attached(model)
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
 def write_data(path: Path) -> Path:
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it"]
     lines = [json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(4 + i % 5))}) for i in range(12)]

@@ -265,6 +265,10 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str | None = None, merge
         raise BaseMismatchError(f"the model has no module {missing[0]!r}"
                                 + (f" (and {len(missing) - 1} more targeted modules)" if len(missing) > 1 else ""),
                                 path=adapter.source)
+    ids = next((p for p, (m, _, _) in bound.items() if isinstance(m, nn.Embedding)), None) if dropout else None
+    if ids is not None:
+        raise UnsupportedError(f"attach: Monte-Carlo dropout drops a delta's inputs, and module {ids!r} takes token "
+                               "ids; attach this adapter without dropout", path=adapter.source)
     st = _state(model, create=True)  # only once everything bound: a failed attach leaves the model untouched
     for path, (module, b, at_model) in bound.items():
         slot = st.slots.get(path)

@@ -21,8 +21,8 @@ from adapterfmt.verbs.conversion import detect_format
 
 ATOL = 1e-5
 FIX = Path(__file__).parent / "fixtures" / "adapterhub"
-CASES = ["llama-houlsby", "llama-pfeiffer", "llama-parallel", "llama-parallel-attn", "gpt2-houlsby", "gpt2-pfeiffer",
-         "gpt2-parallel", "gpt2-parallel-attn", "bert-houlsby", "bert-parallel", "bert-parallel-attn"]
+CASES = [f"{m}-{c}" for m in ("llama", "gpt2", "bert")
+         for c in ("houlsby", "pfeiffer", "parallel", "parallel-attn", "parallel-both") if (m, c) != ("bert", "pfeiffer")]
 PLACES = {"llama-houlsby": "model.layers.1.self_attn.o_proj", "llama-pfeiffer": "model.layers.1",
           "llama-parallel": "model.layers.1", "gpt2-houlsby": "transformer.h.1.attn",
           "gpt2-pfeiffer": "transformer.h.1", "bert-houlsby": "bert.encoder.layer.1.output.dense", "bert-parallel-attn": "bert.encoder.layer.1"}
@@ -61,6 +61,9 @@ def test_adapters_folder_converts_gives_adapters_logits_and_writes_back(tmp_path
     adapter = af.load(tmp_path / "a.safetensors")
     kind = "parallel_bottleneck" if "parallel" in case else "bottleneck"
     assert {e["kind"] for e in adapter.modules.values()} == {kind} and PLACES.get(case, "") in {"", *adapter.modules}
+    if case.endswith("both"):  # one entry per layer holds both sites, stacked: attention first
+        assert all(len(e["params"]["reads"]) == 2 and adapter.tensor(f"{m}.down").shape[0] == 2
+                   for m, e in adapter.modules.items())
     model = base(model_type)
     base_out = run(model, expected["ids"])
     af.attach(model, adapter)
@@ -90,7 +93,7 @@ def test_adapters_folder_converts_gives_adapters_logits_and_writes_back(tmp_path
     ("llama-houlsby", {"ln_after": True}, "config.ln_after=True"),
     ("llama-houlsby", {"architecture": "lora"}, "config.architecture 'lora' is not supported"),
     ("llama-pfeiffer", {"residual_before_ln": False}, "config.residual_before_ln=False with original_ln_before"),
-    ("llama-parallel", {"mh_adapter": True}, "config.is_parallel with mh_adapter and output_adapter both true"),
+    ("llama-parallel", {"mh_adapter": True}, "config.mh_adapter=true but layer 'model.layers.0' has no weights"),
     ("bert-pfeiffer", {}, "config.original_ln_before=true on bert"),
     ("bert-prefix", {}, "prefix tuning on bert cannot be represented"),
     ("llama-prefix", {"use_gating": True}, "config.use_gating=True"),

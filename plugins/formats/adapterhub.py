@@ -20,15 +20,18 @@ after the sum for BERT (post-norm) and none for Llama / GPT-2 (pre-norm),
 - sequential, ``original_ln_before = true`` (Pfeiffer, ``SeqBnConfig``, output location, pre-norm models):
   ``f(h + r) + h + r``, i.e. ``bottleneck`` on the decoder layer (whose output is ``h + r``);
 - ``is_parallel`` (``ParBnConfig``): ``LN(h + f(r) + r)``, i.e. kind ``parallel_bottleneck`` on the layer,
-  reading the input of the submodule that receives ``r`` and adding to the output ``h``.
+  reading the input of the submodule that receives ``r`` and adding to the output ``h``; at both locations
+  (``mh_adapter`` and ``output_adapter``) one entry per layer holds both, stacked, attention first (adapters
+  gives both the same rank: ``reduction_factor`` is per layer).
 
 Refused in one line, naming the field: other model types, other architectures (LoRA, unions ...),
 ``original_ln_before`` on BERT (``f`` reads ``LN(h + r)`` and its sum re-enters that ``LN``) or at the
-attention location (``f(h + r)`` is added mid-layer, where no module output holds ``h + r``), ``is_parallel``
-at both locations (two parallel bottlenecks anchored on one layer), ``original_ln_after = false``,
+attention location (``f(h + r)`` is added mid-layer, where no module output holds ``h + r``),
+``original_ln_after = false``,
 ``residual_before_ln`` other than true with ``original_ln_before``, ``ln_before`` / ``ln_after``,
 ``use_gating``, ``phm_layer``, ``inv_adapter``, ``cross_adapter``, a non-number ``scaling``, an unknown
-``non_linearity``, weights at a location the config turns off (``mh_adapter`` / ``output_adapter``).
+``non_linearity``, weights at a location the config turns off (``mh_adapter`` / ``output_adapter``), a layer
+without weights at a location the config turns on (adapters would run it at its initial weights).
 ``dropout``, ``stochastic_depth``, ``init_weights*`` act only in training; ``adapter_residual_before_ln`` and
 ``residual_before_ln`` (without ``original_ln_before``) change nothing without ``ln_after``;
 ``reduction_factor``, ``leave_out`` and ``hidden_size`` are what the weights' shapes and names already say
@@ -150,9 +153,6 @@ def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = 
     if ln_before and not layout.pre_norm:
         raise af.UnsupportedError(f"config.original_ln_before=true on {meta['model_type']} cannot be represented: "
                                   "the adapter reads LN(h + r) and its sum re-enters that layer norm", path=where)
-    if parallel and cfg.get("mh_adapter") and cfg.get("output_adapter", True):
-        raise af.UnsupportedError("config.is_parallel with mh_adapter and output_adapter both true cannot be "
-                                  "represented: two parallel bottlenecks would sit on one layer", path=where)
     scale, act = cfg.get("scaling", 1.0), str(cfg.get("non_linearity")).lower()
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise af.UnsupportedError(f"config.scaling={scale!r} cannot be represented (a number is)", path=where)
@@ -163,6 +163,8 @@ def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = 
     params = {"activation": ACTIVATIONS[act], "scale": float(scale)}
     modules: dict[str, dict[str, Any]] = {}
     tensors: dict[str, torch.Tensor] = {}
+    stacked: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    seen: dict[str, set[str]] = {}
     for key, t in sorted(raw.items()):
         m = TAIL.match(key)
         found = _split(layout, m["site"]) if m is not None and m["name"] == meta.get("name") else None
@@ -170,6 +172,7 @@ def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = 
             raise af.UnsupportedError(f"tensor {key!r} is not a weight of bottleneck adapter "
                                       f"{meta.get('name')!r} on {meta['model_type']}", path=path)
         layer, loc = found
+        seen.setdefault(layer, set()).add(loc)
         flag = "mh_adapter" if loc == "attention" else "output_adapter"
         if cfg.get(flag) is False:
             raise af.UnsupportedError(f"tensor {key!r} is at a location the config turns off ({flag}=false): "
@@ -179,18 +182,33 @@ def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = 
                                       "mid-layer) cannot be represented", path=where)
         i = LOCATIONS.index(loc)
         if parallel:
-            module, entry = layer, {"kind": "parallel_bottleneck", "shape": [0],
-                                    "params": {**params, "reads": layout.inputs[i], "adds": layout.outputs[i]}}
-        else:
-            module = layer if ln_before else f"{layer}.{layout.outputs[i]}"
-            entry = {"kind": "bottleneck", "shape": [0], "params": dict(params)}
-        modules[module] = entry
+            stacked.setdefault(layer, {}).setdefault(i, {})[ROLE[m["part"], m["what"]]] = t
+            continue
+        module = layer if ln_before else f"{layer}.{layout.outputs[i]}"
+        modules[module] = {"kind": "bottleneck", "shape": [0], "params": dict(params)}
         tensors[f"{module}.{ROLE[m['part'], m['what']]}"] = t
+    for layer, locs in sorted(seen.items()):
+        off = [f for f, loc in (("mh_adapter", "attention"), ("output_adapter", "output"))
+               if cfg.get(f) and loc not in locs]
+        if off:
+            raise af.UnsupportedError(f"config.{off[0]}=true but layer {layer!r} has no weights there: adapters would "
+                                      "run that adapter at its initial weights", path=path)
+    for layer, by_site in stacked.items():  # one entry per layer: one site as is, both stacked (attention first)
+        idx = sorted(by_site)
+        for role in ROLE.values():
+            parts = [by_site[i].get(role) for i in idx]
+            if any(v is None for v in parts) or len({tuple(v.shape) for v in parts}) != 1:
+                raise af.UnsupportedError(f"layer {layer!r}: parallel bottleneck {role} missing or of different "
+                                          "shapes at its two locations (one entry holds them stacked)", path=path)
+            tensors[f"{layer}.{role}"] = parts[0] if len(idx) == 1 else torch.stack(parts)
+        reads, adds = [layout.inputs[i] for i in idx], [layout.outputs[i] for i in idx]
+        modules[layer] = {"kind": "parallel_bottleneck", "shape": [0], "params": {
+            **params, "reads": reads[0] if len(idx) == 1 else reads, "adds": adds[0] if len(idx) == 1 else adds}}
     if not modules:
         raise af.FormatError("the adapters folder holds no bottleneck weights", path=path)
     for module, entry in modules.items():  # the width is the up projection's (hidden_size may be absent)
         up_bias = tensors.get(f"{module}.up_bias")
-        entry["shape"] = [up_bias.shape[0] if up_bias is not None and up_bias.dim() == 1 else 0]
+        entry["shape"] = [up_bias.shape[-1] if up_bias is not None and up_bias.dim() >= 1 else 0]
     prov = {"tool": "adapters", "format": "adapterhub", "source": str(path), "config": meta}
     manifest = af.new_manifest("bottleneck", modules, config={}, provenance=[prov],
                                base={"name": meta.get("model_name") or None, "revision": None,
@@ -297,20 +315,30 @@ def _write_prefix(adapter: af.Adapter, path: Path, base: Any, name: str) -> Path
     return af.write_folder(path, SAFE_FILE, tensors, CONFIG_FILE, meta)
 
 
-def _place(layout: Layout, module: str, entry: dict[str, Any]) -> tuple[str, str, str] | None:
-    """(layer, location, form) of a bottleneck entry in this layout, or None; form is ``sequential``,
-    ``ln_before`` (Pfeiffer on the layer) or ``parallel``."""
+Place = tuple[str, str, str, int | None]
+"""(layer, location, form, index in the entry's stacked roles or None); form ``sequential``, ``ln_before``
+(Pfeiffer on the layer) or ``parallel``."""
+
+
+def _places(layout: Layout, module: str, entry: dict[str, Any]) -> list[Place] | None:
+    """Where adapters holds a bottleneck entry in this layout (two places for stacked parallel ones), or None."""
     if not re.fullmatch(layout.layer, module):
         for i, tail in enumerate(layout.outputs):
             if entry["kind"] == "bottleneck" and module.endswith(f".{tail}") and \
                     re.fullmatch(layout.layer, module[:-len(tail) - 1]):
-                return module[:-len(tail) - 1], LOCATIONS[i], "sequential"
+                return [(module[:-len(tail) - 1], LOCATIONS[i], "sequential", None)]
         return None
     if entry["kind"] == "bottleneck":
-        return (module, "output", "ln_before") if layout.pre_norm else None
-    p = entry["params"]
-    i = next((i for i in range(2) if (p.get("reads"), p.get("adds")) == (layout.inputs[i], layout.outputs[i])), None)
-    return None if i is None else (module, LOCATIONS[i], "parallel")
+        return [(module, "output", "ln_before", None)] if layout.pre_norm else None
+    reads, adds = entry["params"].get("reads"), entry["params"].get("adds")
+    stacked = isinstance(reads, list) and isinstance(adds, list)
+    out: list[Place] = []
+    for k, pair in enumerate(zip(reads, adds) if stacked else [(reads, adds)]):
+        i = next((i for i in range(2) if pair == (layout.inputs[i], layout.outputs[i])), None)
+        if i is None:
+            return None
+        out.append((module, LOCATIONS[i], "parallel", k if stacked else None))
+    return out
 
 
 def _layout_of(adapter: af.Adapter, base: Any) -> tuple[str, Layout]:
@@ -319,7 +347,7 @@ def _layout_of(adapter: af.Adapter, base: Any) -> tuple[str, Layout]:
     named += [p["config"].get("model_type") for p in adapter.manifest.get("provenance", [])
               if p.get("format") == "adapterhub" and isinstance(p.get("config"), dict)]
     fits = [n for n in named if n in LAYOUTS] or [
-        n for n, lay in LAYOUTS.items() if all(_place(lay, m, e) for m, e in adapter.modules.items())]
+        n for n, lay in LAYOUTS.items() if all(_places(lay, m, e) for m, e in adapter.modules.items())]
     if not fits:
         raise af.UnsupportedError(f"no model type adapters supports ({', '.join(LAYOUTS)}) puts its bottlenecks "
                                   f"at modules {sorted(adapter.modules)[:2]}")
@@ -343,37 +371,36 @@ def write_adapterhub(adapter: af.Adapter, path: str | Path, *, base: Any = None)
                                   f"the adapter has {sorted(params)}")
     ((act, scale),) = params
     model_type, layout = _layout_of(adapter, base)
-    places = {}
+    places: list[tuple[str, Place]] = []
     for module, entry in adapter.modules.items():
-        place = _place(layout, module, entry)
-        if place is None:
+        found = _places(layout, module, entry)
+        if found is None:
             raise af.UnsupportedError(f"module {module!r} ({entry['kind']}) is not a place adapters puts a "
                                       f"bottleneck on {model_type}")
-        places[module] = place
-    forms = {f for _, _, f in places.values()}
+        places += [(module, place) for place in found]
+    forms = {place[2] for _, place in places}
     if len(forms) != 1:
         raise af.UnsupportedError(f"adapters' config has one form for all bottlenecks: the adapter mixes "
                                   f"{' and '.join(sorted(forms))}")
     (form,) = forms
     layers: dict[str, set[str]] = {}
-    for layer, loc, _ in places.values():
+    for _, (layer, loc, _, _) in places:
         layers.setdefault(layer, set()).add(loc)
     locs = set().union(*layers.values())
-    if any(v != locs for v in layers.values()) or (form == "parallel" and len(locs) == 2):
+    if any(v != locs for v in layers.values()):
         have = sorted((k, sorted(v)) for k, v in layers.items())
-        raise af.UnsupportedError(f"adapters' config puts the same locations in every layer ({form}, at most one "
-                                  f"when parallel): the adapter has {have}")
+        raise af.UnsupportedError(f"adapters' config puts the same locations in every layer ({form}): the adapter "
+                                  f"has {have}")
     tensors: dict[str, torch.Tensor] = {}
-    for module, (layer, loc, _) in places.items():
-        t = adapter.module_tensors(module)
+    ranks: dict[str, set[int]] = {}
+    for module, (layer, loc, _, k) in places:
+        t = {r: v if k is None else v[k] for r, v in adapter.module_tensors(module).items()}
         for (part, what), role in ROLE.items():
             site = layout.sites[LOCATIONS.index(loc)]
             tensors[f"{layer}.{site}.adapters.{name}.{part}.{what}"] = t[role].contiguous()
-    d = next(iter(adapter.modules.values()))["shape"][0]
-    ranks: dict[str, set[int]] = {}
-    for module, (layer, _, _) in places.items():
         n = re.search(r"\.(\d+)$", layer).group(1)  # type: ignore[union-attr]
-        ranks.setdefault(n, set()).add(adapter.module_tensors(module)["down"].shape[0])
+        ranks.setdefault(n, set()).add(t["down"].shape[0])
+    d = next(iter(adapter.modules.values()))["shape"][0]
     factors = {n: _reduction_factor(d, rs, n) for n, rs in sorted(ranks.items(), key=lambda kv: int(kv[0]))}
     first = next(iter(factors.values()))
     reduction = first if len(set(factors.values())) == 1 else {**factors, "default": first}

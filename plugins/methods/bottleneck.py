@@ -8,7 +8,8 @@ With roles ``down [r, d]``, ``down_bias [r]``, ``up [d, r]``, ``up_bias [d]``, `
 - kind ``bottleneck`` on a module whose output ``y [..., d]`` stays in the residual stream: ``y' = y + f(y)``;
 - kind ``parallel_bottleneck`` on a block with submodules ``params.reads`` and ``params.adds``: during the
   block's forward, ``f`` reads the input of ``reads`` (the sub-block's residual input) and is added to the output
-  of ``adds``.
+  of ``adds``. With lists of as many ``reads`` and ``adds``, the entry holds one bottleneck per pair, its roles
+  stacked on a leading dimension (AdapterHub's parallel adapters at both sub-blocks of a layer).
 
 A tuple output (attention, decoder layers) is changed in its first element. Where the adapter sits is the
 module chosen: the ``adapterhub`` format maps ``adapters``' locations onto them. Not additive: no ``dW``, attach
@@ -90,56 +91,86 @@ def bottleneck(params: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tens
 HOOKS_ATTR = "_adapterfmt_parallel_bottleneck_hooks"
 
 
+def sites(params: dict[str, Any]) -> list[tuple[str, str]]:
+    """The ``(reads, adds)`` pairs of a ``parallel_bottleneck`` entry (one, or one per list item)."""
+    reads, adds = params.get("reads"), params.get("adds")
+    return list(zip(reads, adds)) if isinstance(reads, list) and isinstance(adds, list) else [(reads, adds)]
+
+
 class ParallelBottleneckKind(BottleneckKind):
     """Kind ``parallel_bottleneck``: ``f`` of submodule ``params.reads``' input, added to submodule
-    ``params.adds``' output, on the targeted block (module docstring)."""
+    ``params.adds``' output, on the targeted block; with lists, one bottleneck per pair, the roles' leading
+    dimension indexing them (module docstring)."""
 
     name = "parallel_bottleneck"
 
     def check(self, module: str, entry: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
         params = entry.get("params", {})
-        bad = [k for k in ("reads", "adds") if not isinstance(params.get(k), str) or not params.get(k)]
-        if bad:
-            raise af.FormatError(f"module {module!r}: parallel_bottleneck params.{bad[0]} must name a submodule, "
-                                 f"got {params.get(bad[0])!r}")
+        reads, adds = params.get("reads"), params.get("adds")
+        stacked = isinstance(reads, list)
+        pairs = sites(params)
+        if (stacked != isinstance(adds, list) or (stacked and (len(reads) != len(adds) or not reads))
+                or not all(isinstance(n, str) and n for pair in pairs for n in pair)):
+            raise af.FormatError(f"module {module!r}: parallel_bottleneck params.reads {reads!r} and params.adds "
+                                 f"{adds!r} must both name a submodule, or be lists of as many")
+        if stacked:
+            bad = [r for r, s in shapes.items() if not s or s[0] != len(pairs)]
+            if bad:
+                raise af.FormatError(f"module {module!r}: parallel_bottleneck {bad[0]} {list(shapes[bad[0]])} must "
+                                     f"lead with {len(pairs)}, one per params.reads / params.adds pair")
+            shapes = {r: tuple(s[1:]) for r, s in shapes.items()}
         super().check(module, entry, shapes)
 
     def check_module(self, path: str, entry: dict[str, Any], module: nn.Module) -> None:
-        for key in ("reads", "adds"):
-            try:
-                module.get_submodule(entry["params"][key])
-            except AttributeError:
-                raise af.FormatError(f"module {path!r} has no submodule {entry['params'][key]!r} "
-                                     f"(params.{key})") from None
-        super().check_module(path, entry, module.get_submodule(entry["params"]["adds"]))
+        for pair in sites(entry["params"]):
+            for key, name in zip(("reads", "adds"), pair):
+                try:
+                    module.get_submodule(name)
+                except AttributeError:
+                    raise af.FormatError(f"module {path!r} has no submodule {name!r} (params.{key})") from None
+            super().check_module(path, entry, module.get_submodule(pair[1]))
 
     def pre_forward(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor],
                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Hooks for this call of the block: ``reads``' input goes through ``f``, the result onto ``adds``'
-        output, once; :meth:`forward` (the block's output) removes any left."""
-        params, held = entry["params"], []
+        """Hooks for this call of the block: each ``reads``' input goes through its ``f``, the result onto its
+        ``adds``' output, once; :meth:`forward` (the block's output) removes any left."""
+        params, pairs = entry["params"], sites(entry["params"])
         self._unhook(module)
-
-        def read(_: nn.Module, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
-            held.append(bottleneck(params, t, a[0] if a else kw["hidden_states"]))
-
-        def add(_: nn.Module, a: tuple[Any, ...], y: Any) -> Any:
-            if not held:
-                raise af.UnsupportedError(f"submodule {params['adds']!r} ran before {params['reads']!r}: the "
-                                          "parallel bottleneck has no input to read")
-            out = held.pop()
-            self._unhook(module)
-            return (y[0] + out, *y[1:]) if isinstance(y, tuple) else y + out
-
-        module.__dict__[HOOKS_ATTR] = [
-            module.get_submodule(params["reads"]).register_forward_pre_hook(read, with_kwargs=True),
-            module.get_submodule(params["adds"]).register_forward_hook(add)]
+        handles: list[Any] = []
+        module.__dict__[HOOKS_ATTR] = handles
+        for i, (reads, adds) in enumerate(pairs):
+            ti = {r: v[i] for r, v in t.items()} if isinstance(params["reads"], list) else t
+            read, add = self._site_hooks(params, ti, (reads, adds), handles)
+            handles.extend([module.get_submodule(reads).register_forward_pre_hook(read, with_kwargs=True),
+                            module.get_submodule(adds).register_forward_hook(add)])
         return args, kwargs
 
     def forward(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tensor,
                 y: Any) -> Any:
         self._unhook(module)
         return y
+
+    @staticmethod
+    def _site_hooks(params: dict[str, Any], t: dict[str, torch.Tensor], names: tuple[str, str],
+                    handles: list[Any]) -> tuple[Callable[..., None], Callable[..., Any]]:
+        """The pre-hook on ``reads`` and the hook on ``adds`` of one site; the latter removes both (the last two
+        of ``handles`` once registered)."""
+        held: list[torch.Tensor] = []
+        mine = len(handles)
+
+        def read(_: nn.Module, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            held.append(bottleneck(params, t, a[0] if a else kw["hidden_states"]))
+
+        def add(_: nn.Module, a: tuple[Any, ...], y: Any) -> Any:
+            if not held:
+                raise af.UnsupportedError(f"submodule {names[1]!r} ran before {names[0]!r}: the parallel "
+                                          "bottleneck has no input to read")
+            out = held.pop()
+            for handle in handles[mine:mine + 2]:
+                handle.remove()
+            return (y[0] + out, *y[1:]) if isinstance(y, tuple) else y + out
+
+        return read, add
 
     @staticmethod
     def _unhook(module: nn.Module) -> None:

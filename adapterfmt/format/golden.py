@@ -183,6 +183,120 @@ def _bottleneck() -> Built:
     return "bottleneck", {}, modules, t
 
 
+def _lycoris() -> Built:
+    """Plugin kinds 6.10.1-6.10.4: LoHa (``hadamard``) on q_proj and on the conv (columns are ``[in, kh, kw]``
+    flattened), LoKr (``kronecker``, a whole first factor and a pair second) on up_proj, VeRA (``vera``, one
+    shared pair sliced per module) on v_proj and down_proj, replaced embedding ``rows``."""
+    shared = {"vera_A": "vera_A", "vera_B": "vera_B"}
+    modules = {Q: {"kind": "hadamard", "shape": [8, 8], "params": {"scale": 0.5}},
+               CONV: {"kind": "hadamard", "shape": [4, 3, 3, 3], "params": {}},
+               UP: {"kind": "kronecker", "shape": [12, 8], "params": {"scale": 0.25}},
+               V: {"kind": "vera", "shape": [4, 8], "params": {"shared": shared}},
+               DOWN: {"kind": "vera", "shape": [8, 12], "params": {"shared": shared}},
+               EMBED: {"kind": "rows", "shape": [16, 8], "params": {}}}
+    t = {f"{Q}.hada_w1_a": ramp(8, 2, seed=1), f"{Q}.hada_w1_b": ramp(2, 8, seed=2),
+         f"{Q}.hada_w2_a": ramp(8, 2, seed=3), f"{Q}.hada_w2_b": ramp(2, 8, seed=4),
+         f"{CONV}.hada_w1_a": ramp(4, 1, seed=5), f"{CONV}.hada_w1_b": ramp(1, 27, seed=6),
+         f"{CONV}.hada_w2_a": ramp(4, 1, seed=7), f"{CONV}.hada_w2_b": ramp(1, 27, seed=8),
+         f"{UP}.lokr_w1": ramp(3, 2, seed=9), f"{UP}.lokr_w2_a": ramp(4, 1, seed=10), f"{UP}.lokr_w2_b": ramp(1, 4, seed=11),
+         "vera_A": ramp(2, 12, seed=12), "vera_B": ramp(8, 2, seed=13),
+         f"{V}.lambda_b": ramp(4, seed=14), f"{V}.lambda_d": ramp(2, seed=15),
+         f"{DOWN}.lambda_b": ramp(8, seed=16), f"{DOWN}.lambda_d": ramp(2, seed=17),
+         f"{EMBED}.indices": torch.tensor([2, 5, 11], dtype=torch.int64), f"{EMBED}.values": ramp(3, 8, seed=18)}
+    return "lycoris", {}, modules, t
+
+
+def _rotation() -> Built:
+    """Multiplicative plugin kinds (6.10.7): OFT (``cayley``: exact, 2 blocks of 4, on q_proj's input; PEFT's
+    Neumann series, one shared block of 3, on the conv's flattened input), BOFT (``butterfly``: 2 factors of 4
+    blocks of 2, with ``output_scale``) on up_proj, HRA (``householder``) on down_proj's input and,
+    orthogonalised, on v_proj's output."""
+    modules = {Q: {"kind": "cayley", "shape": [8, 8], "params": {}},
+               CONV: {"kind": "cayley", "shape": [4, 3, 3, 3], "params": {"series": [2.0, 2.0, 1.0]}},
+               UP: {"kind": "butterfly", "shape": [12, 8], "params": {}},
+               DOWN: {"kind": "householder", "shape": [8, 12], "params": {}},
+               V: {"kind": "householder", "shape": [4, 8], "params": {"side": "output", "orthogonalize": True}}}
+    t = {f"{Q}.skew": ramp(2, 6, seed=1), f"{CONV}.skew": ramp(1, 3, seed=2),
+         f"{UP}.blocks": ramp(2, 4, 2, 2, seed=3), f"{UP}.output_scale": 1 + ramp(12, seed=4),
+         f"{DOWN}.vectors": ramp(12, 2, seed=5), f"{V}.vectors": ramp(4, 2, seed=6)}
+    return "rotation", {}, modules, t
+
+
+def _structured() -> Built:
+    """Structured additive plugin kinds (6.10.8-6.10.12): FourierFT (``fourier``) on q_proj, VB-LoRA
+    (``vector_bank``, a shared bank of 5 vectors of 4, top 2) on up_proj, RandLoRA (``randlora``, shared bases;
+    n_in > out, so the product is transposed) on down_proj, C3A (``circulant``, blocks of 2) on v_proj, MiSS
+    (``block_share`` tile) on the embedding (``transposed``)."""
+    modules = {Q: {"kind": "fourier", "shape": [8, 8], "params": {"scale": 4.0}},
+               UP: {"kind": "vector_bank", "shape": [12, 8], "params": {"topk": 2, "shared": {"vector_bank": "bank"}}},
+               DOWN: {"kind": "randlora", "shape": [8, 12],
+                      "params": {"scale": 0.5, "shared": {"basis_A": "basis_A", "basis_B": "basis_B"}}},
+               V: {"kind": "circulant", "shape": [4, 8], "params": {"scale": 0.125}},
+               EMBED: {"kind": "block_share", "shape": [16, 8], "params": {"mode": "tile", "transposed": True}}}
+    t = {f"{Q}.spectrum": ramp(5, seed=1), f"{Q}.indices": torch.tensor([9, 0, 35, 62, 17], dtype=torch.int64),
+         "bank": ramp(5, 4, seed=2), f"{UP}.logits_A": ramp(2, 2, 5, seed=3), f"{UP}.logits_B": ramp(3, 2, 5, seed=4),
+         "basis_A": ramp(2, 1, 8, seed=5), "basis_B": ramp(12, 2, 2, seed=6),
+         f"{DOWN}.lambda": ramp(2, 2, seed=7), f"{DOWN}.gamma": ramp(2, 8, seed=8),
+         f"{V}.kernel": ramp(2, 4, 2, seed=9), f"{EMBED}.block": ramp(3, 4, seed=10)}
+    return "structured", {}, modules, t
+
+
+def _blocks() -> Built:
+    """S2FT (``block``, 6.10.6): 2 rows of q_proj, 3 columns of down_proj, 2 rows (function layout) of the
+    transposed embedding; MiSS ``block_share`` mode ``bat`` (6.10.12, blocks of 4) on up_proj."""
+    modules = {Q: {"kind": "block", "shape": [8, 8], "params": {"axis": "rows", "scale": 0.5}},
+               DOWN: {"kind": "block", "shape": [8, 12], "params": {"axis": "columns"}},
+               EMBED: {"kind": "block", "shape": [16, 8], "params": {"axis": "rows", "transposed": True}},
+               UP: {"kind": "block_share", "shape": [12, 8], "params": {"mode": "bat"}}}
+    i64 = torch.int64
+    t = {f"{Q}.indices": torch.tensor([1, 6], dtype=i64), f"{Q}.block": ramp(2, 8, seed=1),
+         f"{DOWN}.indices": torch.tensor([0, 4, 11], dtype=i64), f"{DOWN}.block": ramp(8, 3, seed=2),
+         f"{EMBED}.indices": torch.tensor([3, 7], dtype=i64), f"{EMBED}.block": ramp(2, 16, seed=3),
+         f"{UP}.block": ramp(3, 4, 4, seed=4)}
+    return "s2ft", {}, modules, t
+
+
+def _prompt_space() -> Built:
+    """DePT (``dept``, 6.10.5) on the embedding: 2 virtual tokens and a rank-2 offset over 5 positions; prefix
+    tuning (``prefix``, 6.10.14) on ``model``: 2 key/value positions for 1 layer of 2 key/value heads of
+    dimension 2. The golden base has no decoder stack, so the ``prefix`` entry validates but attaches only to a
+    transformers stack of that geometry (the tests use a tiny Llama with the golden base's module shapes)."""
+    modules = {EMBED: {"kind": "dept", "shape": [16, 8], "params": {"position": "prefix", "scale": 0.5}},
+               "model": {"kind": "prefix", "shape": [1, 2, 2], "params": {}}}
+    t = {f"{EMBED}.embeddings": ramp(2, 8, seed=1), f"{EMBED}.offset_A": ramp(5, 2, seed=2),
+         f"{EMBED}.offset_B": ramp(2, 8, seed=3), "model.keys": ramp(1, 2, 2, 2, seed=4),
+         "model.values": ramp(1, 2, 2, 2, seed=5)}
+    return "prompt_space", {}, modules, t
+
+
+def _mixture() -> Built:
+    """MeteoRA (``mixture``, 6.10.13): 3 rank-2 experts routed per token (top 2, temperature 0.5, expert
+    scales) on up_proj; per sequence, top 1 of ``abs`` logits, on down_proj."""
+    experts = ["code", "math", "chat"]
+    modules = {UP: {"kind": "mixture", "shape": [12, 8],
+                    "params": {"experts": experts, "scales": [1.0, 0.5, 2.0], "top_k": 2, "temperature": 0.5}},
+               DOWN: {"kind": "mixture", "shape": [8, 12],
+                      "params": {"experts": experts, "top_k": 1, "granularity": "sequence", "logits": "abs"}}}
+    t = {f"{UP}.router": ramp(3, 8, seed=1), f"{UP}.lora_A": ramp(3, 2, 8, seed=2), f"{UP}.lora_B": ramp(3, 12, 2, seed=3),
+         f"{DOWN}.router": ramp(3, 12, seed=4), f"{DOWN}.lora_A": ramp(3, 2, 12, seed=5),
+         f"{DOWN}.lora_B": ramp(3, 8, 2, seed=6)}
+    return "mixture", {}, modules, t
+
+
+QSCALE_QUANT = {"method": "rtn", "bits": 4, "group_size": 2, "zero_point": "asymmetric"}
+"""The ``qscale`` example's grid; the golden base's weights lie on it (two values per group are min and max)."""
+
+
+def _qscale() -> Built:
+    """PEQA (``qscale``, 6.12): new scales (``ratio``) on q_proj; L4Q (``ratio`` with a LoRA, codes recomputed)
+    on up_proj; the base's quantisation record in ``base.quantization``."""
+    modules = {Q: {"kind": "qscale", "shape": [8, 8], "params": {"quant": QSCALE_QUANT}},
+               UP: {"kind": "qscale", "shape": [12, 8], "params": {"quant": QSCALE_QUANT, "scale": 0.5}}}
+    t = {f"{Q}.ratio": 1 + ramp(8, 4, seed=1) / 4, f"{UP}.ratio": 1 + ramp(12, 4, seed=2) / 4,
+         f"{UP}.lora_A": ramp(2, 8, seed=3), f"{UP}.lora_B": ramp(12, 2, seed=4)}
+    return "qscale", {}, modules, t
+
+
 def _ternary() -> Built:
     """ComPEFT sign patterns: a bitmap mask with one scale per tensor, varint gaps with one scale per group."""
     flat = torch.arange(96)
@@ -232,7 +346,8 @@ def _extensions() -> Built:
 EXAMPLES: dict[str, Callable[[], Built]] = {
     "lowrank": _lowrank, "lowrank_svd": _lowrank_svd, "dense": _dense, "sparse": _sparse, "vector": _vector,
     "mask": _mask, "prompt": _prompt, "multitask_prompt": _multitask_prompt, "bottleneck": _bottleneck, "ternary": _ternary, "encoded": _encoded, "codebook": _codebook,
-    "extensions": _extensions,
+    "extensions": _extensions, "lycoris": _lycoris, "rotation": _rotation, "structured": _structured, "blocks": _blocks,
+    "prompt_space": _prompt_space, "mixture": _mixture, "qscale": _qscale,
 }
 """Example name -> builder; each is written as ``<name>/`` (folder form) and ``<name>.safetensors``."""
 
@@ -247,6 +362,8 @@ def example(name: str) -> Adapter:
                                "acme.training": {"steps": 100, "lr": 0.0001}}
         provenance.insert(0, {"tool": "peft", "version": "0.21.2", "source": "hf://acme/q-proj-lora"})
     base = {"name": BASE_NAME, "revision": "1", "fingerprint": fingerprint_module(golden_base())}
+    if name == "qscale":
+        base["quantization"] = QSCALE_QUANT
     return Adapter(new_manifest(method, modules, config=config, base=base, provenance=provenance, **extra), tensors)
 
 

@@ -23,6 +23,7 @@ ATOL = 1e-5
 FIX = Path(__file__).parent / "fixtures" / "adapterhub"
 CASES = [f"{m}-{c}" for m in ("llama", "gpt2", "bert")
          for c in ("houlsby", "pfeiffer", "parallel", "parallel-attn", "parallel-both") if (m, c) != ("bert", "pfeiffer")]
+CASES += ["roberta-houlsby", "roberta-parallel-both"]
 PLACES = {"llama-houlsby": "model.layers.1.self_attn.o_proj", "llama-pfeiffer": "model.layers.1",
           "llama-parallel": "model.layers.1", "gpt2-houlsby": "transformer.h.1.attn",
           "gpt2-pfeiffer": "transformer.h.1", "bert-houlsby": "bert.encoder.layer.1.output.dense", "bert-parallel-attn": "bert.encoder.layer.1"}
@@ -30,9 +31,9 @@ PLACES = {"llama-houlsby": "model.layers.1.self_attn.o_proj", "llama-pfeiffer": 
 
 def base(model: str) -> torch.nn.Module:
     """The base ``make_fixtures.py`` saved (``save_pretrained``), loaded here (transformers 5)."""
-    from transformers import AutoModelForCausalLM, BertForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    cls = BertForSequenceClassification if model == "bert" else AutoModelForCausalLM
+    cls = AutoModelForSequenceClassification if model in ("bert", "roberta") else AutoModelForCausalLM
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cls.from_pretrained(FIX / "base" / model).float().eval()
@@ -151,7 +152,7 @@ def test_other_model_types_are_refused(tmp_path):
     folder = copy_case(tmp_path)
     meta = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**meta, "model_type": "t5"}))
-    with pytest.raises(af.UnsupportedError, match=r"model_type 't5' is not supported \(supported: llama, gpt2, bert\)"):
+    with pytest.raises(af.UnsupportedError, match=r"model_type 't5' is not supported \(supported: llama, gpt2, bert, roberta\)"):
         af.read_foreign(folder)
 
 

@@ -103,6 +103,7 @@ LAYOUTS = {
     "bert": Layout(r"(?:.+\.)?encoder\.layer\.\d+", ("attention.output", "output"),
                    ("attention.output.dense", "output.dense"), ("attention.self", "intermediate"), False, None),
 }
+LAYOUTS["roberta"] = LAYOUTS["bert"]  # adapters' RoBERTa layers are BERT's (the same mixins)
 """Checked against ``adapters`` 1.3's own forward (tests/fixtures/adapterhub)."""
 TAIL = re.compile(r"^(?P<site>.+)\.adapters\.(?P<name>[^.]+)\.(?P<part>adapter_down\.0|adapter_up)\."
                   r"(?P<what>weight|bias)$")

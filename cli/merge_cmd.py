@@ -26,6 +26,17 @@ def _floats(text: str) -> list[float]:
         raise UsageError(f"--weights must be comma-separated numbers, got {text!r}") from None
 
 
+def _gates(text: str) -> dict[str, float]:
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--gates must be name=weight pairs separated by commas, got {text!r}") from None
+    return out
+
+
 def _size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in UNITS:
@@ -51,6 +62,8 @@ def merge(
     seed: int = typer.Option(None, "--seed", help="dare: seed of the drop masks (default 0)."),
     sign: str = typer.Option(None, "--sign", help="ties: sign election by 'total' (default) or 'frequency'."),
     dtype: str = typer.Option(None, "--dtype", help="Stored dtype of a merged adapter (F32, BF16, F16)."),
+    gates: str = typer.Option(None, "--gates", help="Collapse one mixture adapter to a LoRA with these fixed gate "
+                              "weights: name=w,... per expert (experts left out weigh 0)."),
     recipe: Path = typer.Option(None, "--recipe", help="YAML/JSON recipe with the inputs, weights and options "
                                 "(command-line options win)."),
     base: Path = typer.Option(None, "--base", help="Bake into this base checkpoint (safetensors folder or file), "
@@ -85,6 +98,8 @@ def merge(
     force = force or r.force
     if base is None and shard_size is not None:
         raise UsageError("--shard-size applies to a bake (--base); a merged adapter is one file or folder")
+    if base is not None and gates is not None:
+        raise UsageError("--gates collapses a mixture into an adapter; a bake cannot take a mixture")
     if base is not None and "dtype" in options:
         raise UsageError("--dtype applies to merged adapters; a bake keeps the checkpoint's dtypes")
     check_output(out, overwrite)
@@ -96,6 +111,11 @@ def merge(
         return
     loaded = [af.load(p) for p in paths]
     methods = {a.method for a in loaded}
+    if gates is not None:
+        if methods != {"mixture"}:
+            raise UsageError("--gates collapses a mixture adapter (method mixture); the inputs are "
+                             + ", ".join(sorted(methods)))
+        options["gates"] = _gates(gates)
     one = next(iter(methods))
     verb = registry.verb(one, "merge") if len(methods) == 1 and one in registry.methods() else af.merge_adapters
     strategy_ = options.pop("strategy", "linear")

@@ -41,6 +41,12 @@ class DeltaKind:
     """True when the kind attaches (unmerged) to a module that holds its weight quantised
     (:func:`~adapterfmt.deltas.modules.held_quantized`), computing on the module's own dequantisation."""
 
+    exact_roles: tuple[str, ...] = ()
+    """Roles that compression keeps exactly as stored (never quantised or ternarised), e.g. a mixture's router."""
+    stacked_lowrank: bool = False
+    """True when ``lora_A`` ``[N, r, in]`` and ``lora_B`` ``[N, out, r]`` stack N low-rank pairs (a mixture's
+    experts): compress resizes each pair on its own and ComPEFT refuses the entry."""
+
     has_data_rules: bool = False
     """Whether :meth:`check_data` checks anything (worked out for each subclass): full validation reads a
     module's values only for a kind that has data rules, or an encoded entry."""

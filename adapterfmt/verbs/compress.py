@@ -7,7 +7,8 @@ Steps run in order on every module (each a dict ``{"method": name, **options}``)
   reaches it, as ``merge`` and ``extract`` count it), ``sv_ratio`` (keep s_i >= s_max / ratio), ``sv_fro``
   (kohya's: the same rule on the unsquared fraction sqrt(sum s_i^2 / sum s^2)), ``sv_cumulative`` (smallest rank whose
   sum s_i / sum s reaches it). With several, the smallest rank wins; ``params.scale`` is kept, the
-  factors are ``U sqrt(S)`` and ``sqrt(S) V^T``.
+  factors are ``U sqrt(S)`` and ``sqrt(S) V^T``. A kind of stacked pairs (``stacked_lowrank``: a mixture's
+  experts) has each pair resized on its own, zero-padded to the largest rank kept.
 - ``compeft``: ComPEFT (Yadav et al. 2023) as its reference code computes it (``get_compressed_lora_weights``
   in ``src/qlora/ties_utils.py``): the update tau is every stored factor of the adapter (lora_A, lora_B, a
   dense delta ...; float tensors of 2+ dims, concatenated in sorted name order); keep the magnitudes at or
@@ -15,17 +16,19 @@ Steps run in order on every module (each a dict ``{"method": name, **options}``)
   ONE scale ``factor * std(tau)`` (alpha; ``torch.std``) for all of them. Options: ``scope="tensor"``
   takes the top-k and the scale per tensor instead; ``scale="stc"`` (older spelling ``"mean"``) is the STC
   baseline, the mean kept magnitude (as STC defines it; the reference's STC branch averages signed
-  values); ``group_size`` gives one scale per that many elements of each tensor. ``target="params"``
+  values); ``group_size`` gives one scale per that many elements of each tensor. Refused for a kind of stacked
+  pairs behind a router (a mixture). ``target="params"``
   (default, as the reference: on the factors) encodes each factor with the ``ternary`` codec;
   ``target="delta"`` turns each additive module's dW into a ``ternary`` delta kind. 1-D roles (DoRA
   magnitude, biases, IA3 vectors) are left as stored and are not part of tau.
 - ``quantize``: ``bits=8`` (int8 per output channel) or ``bits=4`` (int4, ``group_size`` scales; or
   ``codec="nf4"`` / ``"fp4"``, ``group_size`` values per absmax) codecs on every stored float tensor of 2+ dims
-  not already encoded.
+  not already encoded, except the roles a kind keeps exact (``exact_roles``: a mixture's router).
 
 The record of what was done goes in the manifest's ``compression``: the steps, tensor bytes before and
 after, and the relative error of each module's dW, ``||dW' - dW|| / ||dW||`` (for modules without an
-additive dW, e.g. DoRA, the same over the kind's stored effect); with ``base`` also how far the model's
+additive dW, e.g. DoRA, the same over the kind's stored effect; for stacked pairs, the worst pair's, and each
+pair's in ``expert_errors``); with ``base`` also how far the model's
 outputs moved (see :func:`output_divergence`).
 """
 
@@ -76,9 +79,11 @@ class Work:
             self.entry["params"] = {k: v for k, v in params.items() if k != "shared"} | ({"shared": left} if left else {})
 
     def float_roles(self) -> list[str]:
-        """Roles a codec may encode: float tensors of 2+ dims not encoded yet (shared ones excluded)."""
-        return [r for r, t in sorted(self.tensors.items())
-                if t.is_floating_point() and t.dim() >= 2 and r not in self.encoded and r not in self.shared()]
+        """Roles a codec may encode: float tensors of 2+ dims not encoded yet (shared ones and the kind's
+        ``exact_roles`` excluded)."""
+        exact = get_kind(self.entry["kind"]).exact_roles
+        return [r for r, t in sorted(self.tensors.items()) if t.is_floating_point() and t.dim() >= 2
+                and r not in self.encoded and r not in self.shared() and r not in exact]
 
     def stored(self) -> dict[str, torch.Tensor]:
         """The module's own stored tensors by name suffix (shared tensors are stored under their own names)."""
@@ -115,7 +120,11 @@ def resize(works: dict[str, Work], *, rank: int | None = None, energy: float | N
            sv_ratio: float | None = None, sv_fro: float | None = None, sv_cumulative: float | None = None) -> None:
     if rank is None and energy is None and sv_ratio is None and sv_fro is None and sv_cumulative is None:
         raise UnsupportedError("resize needs rank, energy, sv_ratio, sv_fro or sv_cumulative")
+    thresholds = {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro, "sv_cumulative": sv_cumulative}
     for path, w in works.items():
+        if get_kind(w.entry["kind"]).stacked_lowrank:
+            _resize_stacked(w, thresholds)
+            continue
         if w.entry["kind"] != "lowrank":
             continue
         if not LowRank.plain(w.entry, w.tensors):
@@ -126,14 +135,34 @@ def resize(works: dict[str, Work], *, rank: int | None = None, energy: float | N
         a, b = w.tensors["lora_A"], w.tensors["lora_B"]
         r = a.shape[0]
         u, s, vh = factored_svd(b.reshape(b.shape[0], r), a.reshape(r, -1))  # never forms dW
-        k = min(r, resize_rank(s[:r], rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
-                               sv_cumulative=sv_cumulative))
+        k = min(r, resize_rank(s[:r], **thresholds))
         root = s[:k].sqrt()
         w.tensors["lora_B"] = (u[:, :k] * root).reshape(b.shape[0], k, *b.shape[2:]).to(b.dtype).contiguous()
         w.tensors["lora_A"] = (root[:, None] * vh[:k]).reshape(k, *a.shape[1:]).to(a.dtype).contiguous()
         w.unshare("lora_A", "lora_B")
         w.encoded.pop("lora_A", None)
         w.encoded.pop("lora_B", None)
+
+
+def _resize_stacked(w: Work, thresholds: Mapping[str, Any]) -> None:
+    """Resize each of the N pairs ``(lora_B[i], lora_A[i])`` of a stacked entry on its own (:func:`resize_rank`),
+    zero-padding every pair to the largest rank kept (zero rows and columns add nothing)."""
+    a, b = w.tensors["lora_A"], w.tensors["lora_B"]
+    n, r = a.shape[:2]
+    pairs = []
+    for i in range(n):
+        u, s, vh = factored_svd(b[i], a[i])
+        k = min(r, resize_rank(s[:r], **thresholds))
+        root = s[:k].sqrt()
+        pairs.append((u[:, :k] * root, root[:, None] * vh[:k]))
+    k = max(p[1].shape[0] for p in pairs)
+    new_a, new_b = a.new_zeros(n, k, a.shape[2]), b.new_zeros(n, b.shape[1], k)
+    for i, (bi, ai) in enumerate(pairs):
+        new_a[i, :ai.shape[0]], new_b[i, :, :ai.shape[0]] = ai.to(a.dtype), bi.to(b.dtype)
+    w.tensors["lora_A"], w.tensors["lora_B"] = new_a, new_b
+    w.unshare("lora_A", "lora_B")
+    w.encoded.pop("lora_A", None)
+    w.encoded.pop("lora_B", None)
 
 
 def _plain_lowrank(w: Work) -> None:
@@ -206,6 +235,11 @@ def compeft(works: dict[str, Work], *, density: float, scope: str = "adapter", s
     rule = SCALE_RULES.get(scale)
     if rule is None:
         raise UnsupportedError(f"compeft scale must be 'std' (ComPEFT) or 'stc' (alias 'mean'), got {scale!r}")
+    stacked = sorted(path for path, w in works.items() if get_kind(w.entry["kind"]).stacked_lowrank)
+    if stacked:
+        raise UnsupportedError(f"compeft does not apply to module {stacked[0]!r} (kind "
+                               f"{works[stacked[0]].entry['kind']}): its experts sit behind a router, and one "
+                               "ternary scale over every factor is not ComPEFT's update; use resize or quantize")
     opts = {"density": density, "scope": scope, "rule": rule, "factor": factor, "group_size": group_size}
     if target == "params":
         slots = sorted(((path, r) for path, w in works.items() for r in w.float_roles()),
@@ -279,12 +313,26 @@ def module_error(old_entry: Mapping[str, Any], old: Mapping[str, torch.Tensor], 
                  new: Mapping[str, torch.Tensor]) -> float:
     """``||effect' - effect|| / ||effect||`` of one module (:func:`module_effect`); between two plain LoRA
     entries through their stacked factors (:func:`factored_norm`), never forming dW."""
+    if get_kind(old_entry["kind"]).stacked_lowrank and new_entry["kind"] == old_entry["kind"]:
+        return max(stacked_errors(old, new), default=0.0)
     before, after = _plain_factors(old_entry, old), _plain_factors(new_entry, new)
     if before is None or after is None or before[1].shape[1:] != after[1].shape[1:]:
         return relative_error(module_effect(new_entry, new), module_effect(old_entry, old))
-    ref = factored_norm(*before)
-    diff = factored_norm(torch.cat([after[0], -before[0]], 1), torch.cat([after[1].double(), before[1].double()]))
+    return _factored_error(*before, *after)
+
+
+def _factored_error(b0: torch.Tensor, a0: torch.Tensor, b1: torch.Tensor, a1: torch.Tensor) -> float:
+    """``||b1 a1 - b0 a0|| / ||b0 a0||`` through stacked factors (:func:`factored_norm`), never forming either."""
+    ref = factored_norm(b0.double(), a0.double())
+    diff = factored_norm(torch.cat([b1.double(), -b0.double()], 1), torch.cat([a1.double(), a0.double()]))
     return diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def stacked_errors(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> list[float]:
+    """The relative dW error of each pair ``lora_B[i] @ lora_A[i]`` of a stacked entry (a mixture's experts, in
+    order; each expert's scale cancels out)."""
+    return [_factored_error(old["lora_B"][i], old["lora_A"][i], new["lora_B"][i], new["lora_A"][i])
+            for i in range(old["lora_A"].shape[0])]
 
 
 def module_effect(entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -378,6 +426,7 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
     manifest = copy_manifest(adapter.manifest)
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float | None] = {}
+    pair_errors: dict[str, list[float | None]] = {}
     for path, w in works.items():
         entry = dict(w.entry)
         if w.encoded:
@@ -386,6 +435,8 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
         tensors.update({f"{path}.{name}": t for name, t in w.stored().items()})
         tensors.update({name: adapter.tensor(name) for name in w.shared().values()})
         errors[path] = _finite(module_error(adapter.modules[path], originals[path], entry, w.tensors))
+        if get_kind(entry["kind"]).stacked_lowrank:
+            pair_errors[path] = [_finite(e) for e in stacked_errors(originals[path], w.tensors)]
     before = adapter.nbytes()
     after = tensor_bytes(tensors)
     finite = [e for e in errors.values() if e is not None]
@@ -397,6 +448,7 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
         "dW_rel_error_max": max(finite, default=0.0) if len(finite) == len(errors) else None,
         "dW_rel_error_mean": sum(finite) / len(finite) if finite else 0.0,
         "module_errors": errors,
+        **({"expert_errors": pair_errors} if pair_errors else {}),
     }
     manifest["compression"] = record
     manifest.setdefault("provenance", []).append({"tool": "adapterfmt compress", "steps": plan})

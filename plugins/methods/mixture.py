@@ -21,7 +21,9 @@ grouped torch path elsewhere), one call per chosen slot ``j < top_k`` with the g
 input rows; top-k >= 2 on the CPU runs every expert as two GEMMs (``x @ A_all^T``, gated to zero off the top-k,
 then ``@ B_all^T``), which costs ``N r (in + out)`` per token but beats gathering rows per expert there
 (benchmarks/mixture.py). A mixture depends on its input, so it is neither merged into weights nor combined in
-delta space (both refused).
+delta space (both refused); with fixed gates it is one LoRA (:func:`collapse`; ``adapter merge MIX --gates``).
+Compress resizes / quantises each expert and keeps the router exact (the kind's ``stacked_lowrank`` and
+``exact_roles``); port keeps every tensor (a mixture depends on no base weight).
 
 Training (:class:`MixtureMethod`, ``adapter train --method mixture``): MeteoRA's recipe, routers on frozen
 experts or experts and routers jointly, through :func:`gemm_forward` (differentiable in the gate weights and
@@ -73,6 +75,8 @@ class Mixture(af.DeltaKind):
     name = "mixture"
     required_roles = ("router", "lora_A", "lora_B")
     layout_sensitive = True
+    exact_roles = ("router",)
+    stacked_lowrank = True
 
     def check(self, module: str, entry: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
         p = entry.get("params", {})
@@ -145,7 +149,36 @@ class Mixture(af.DeltaKind):
 
     def merge(self, module: nn.Module, entry: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> Any:
         raise af.UnsupportedError("a mixture routes each token by its input, so it cannot be merged into the "
-                                  "weights; keep it unmerged, or take one expert (expert_adapter)")
+                                  f"weights; keep it unmerged, or collapse it with fixed gates first ({COLLAPSE})")
+
+
+COLLAPSE = "adapter merge MIX --gates name=w,... --out LORA"
+"""How to turn a mixture into one LoRA (:func:`collapse`), as refusals say it."""
+
+
+def collapse(adapter: af.Adapter, gates: Mapping[str, float], *, strategy: str = "cat",
+             **options: Any) -> af.Adapter:
+    """The mixture with its gate weights fixed to ``gates`` (``{expert: g}``, the same for every token and
+    module; experts left out weigh 0) as one ``lowrank`` adapter, ``sum_e g_e s_e B_e A_e``: the experts
+    (:func:`expert_adapter`) merged by ``af.merge_adapters`` with weights ``g_e``. ``cat`` (default) is exact, of
+    rank (experts used) x r; ``svd`` / ``rank`` / ``energy`` and the other ``options`` act as in that merge."""
+    names = list(dict.fromkeys(e for entry in adapter.modules.values()
+                               for e in entry.get("params", {}).get("experts", [])))
+    unknown = sorted(set(gates) - set(names))
+    if unknown:
+        raise af.FormatError(f"gates name no expert {unknown[0]!r} of this mixture (experts: {', '.join(names)})",
+                             path=adapter.source)
+    if not all(_number(g) for g in gates.values()):
+        raise af.FormatError(f"gates must be finite numbers, got {dict(gates)}", path=adapter.source)
+    used = {name: float(gates[name]) for name in names if gates.get(name, 0) != 0}
+    if not used:
+        raise af.FormatError("every gate is 0: the collapsed mixture would change nothing", path=adapter.source)
+    merged = af.merge_adapters([expert_adapter(adapter, name) for name in used], weights=list(used.values()),
+                               strategy=strategy, **options)
+    record = {**merged.manifest["provenance"][-1], "gates": used,
+              "mixture": str(adapter.source) if adapter.source else None}
+    merged.manifest["provenance"] = [*adapter.manifest.get("provenance", ()), record]
+    return merged
 
 
 def gemm_forward(p: Mapping[str, Any], t: Mapping[str, torch.Tensor], x: torch.Tensor,
@@ -462,9 +495,15 @@ class MixtureMethod(af.Method):
         return arrow_adapter(experts, top_k=top_k, temperature=temperature, general=general, seed=seed)
 
     def merge(self, adapters: Sequence[af.Adapter], *, weights: Sequence[float] | None = None,
-              strategy: str = "linear", **options: Any) -> af.Adapter:
-        raise af.UnsupportedError("mixture adapters route by input and cannot be combined in delta space; merge "
-                                  "their experts (expert_adapter) instead")
+              strategy: str = "linear", gates: Mapping[str, float] | None = None, **options: Any) -> af.Adapter:
+        """Only with ``gates`` (``{expert: weight}``): one mixture collapsed to a LoRA (:func:`collapse`)."""
+        if gates is None:
+            raise af.UnsupportedError("mixture adapters route by input and cannot be combined in delta space; "
+                                      f"collapse one with fixed gates ({COLLAPSE}) or take an expert (expert_adapter)")
+        if len(adapters) != 1 or weights is not None:
+            raise af.UnsupportedError(f"gates collapse one mixture, with no weights; got {len(adapters)} adapter(s)"
+                                      + (f" and weights {list(weights)}" if weights is not None else ""))
+        return collapse(adapters[0], gates, strategy=strategy, **options)
 
     def conformance_example(self) -> Any:
         """Three random rank-4 experts, top-2, on two projections of the conformance kit's tiny model; the

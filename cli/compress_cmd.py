@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,14 @@ def compress(
                   f"ratio [bold]{report['ratio']:.2f}x[/]", highlight=False)
     console.print(f"dW relative error: max {_num(record['dW_rel_error_max'])}, "
                   f"mean {_num(record['dW_rel_error_mean'])}", highlight=False)
+    worst: dict[str, float] = {}  # stacked pairs (a mixture's experts), by name, over the modules
+    for path, errs_ in record.get("expert_errors", {}).items():
+        names = small.modules[path].get("params", {}).get("experts") or [str(i) for i in range(len(errs_))]
+        for name, e in zip(names, errs_, strict=True):
+            worst[name] = max(worst.get(name, 0.0), math.inf if e is None else e)
+    if worst:
+        console.print("per expert (worst module): " + ", ".join(f"{n} {_num(e if math.isfinite(e) else None)}"
+                                                                for n, e in worst.items()), highlight=False)
     if "output" in record:
         o = record["output"]
         extra = f", KL {_num(o['kl'])}, top-1 agreement {o['top1_agreement']:.3f}" if "kl" in o else ""

@@ -159,6 +159,16 @@ def test_compress_acts_per_expert_and_keeps_the_router(steps: list[dict]) -> Non
     assert float(moved.max()) > 0
 
 
+def test_cli_compress_reports_each_expert(tmp_path: Path) -> None:
+    mix = mixture_adapter(_experts(), {"proj": torch.randn(len(RANKS), IN)}, top_k=2)
+    af.save(mix, tmp_path / "mix.safetensors")
+    res = invoke("compress", str(tmp_path / "mix.safetensors"), str(tmp_path / "small.safetensors"), "--rank", "2")
+    assert res.exit_code == 0, res.output
+    errors = af.load(tmp_path / "small.safetensors").manifest["compression"]["expert_errors"]["proj"]
+    assert "per expert (worst module): " + ", ".join(f"{n} {e:.3e}" for n, e in zip(RANKS, errors)) in res.stdout
+    assert errors[0] < 1e-6 < min(errors[1:])  # math has rank 2 already (SVD rounding only); the others lose some
+
+
 def test_compeft_on_a_mixture_is_refused_in_one_line(tmp_path: Path) -> None:
     mix = mixture_adapter(_experts(), {"proj": torch.randn(len(RANKS), IN)}, top_k=2)
     for target in ("params", "delta"):

@@ -356,3 +356,11 @@ def test_spec_states_the_golden_base_fingerprint():
     text = (SPEC / "adapterfmt-1.md").read_text("utf-8")
     assert re.search(rf"structure\W+{fp['structure']}", text), fp
     assert re.search(rf"values\W+{fp['values']}", text), fp
+
+
+def test_spec_lists_every_example():
+    """Section 13's table has one row per golden example, and no row for an example that does not exist."""
+    text = (SPEC / "adapterfmt-1.md").read_text("utf-8")
+    table = text[text.index("| example | contents |"):].split("\n\n")[0]
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \|", table, flags=re.MULTILINE)
+    assert sorted(rows) == sorted(golden.EXAMPLES)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -293,3 +294,32 @@ def test_eval_at_checkpoints(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["evals"] == [{"step": k, "loss": v} for k, v in full.evals] and report["resumed_from"] == 2
+
+
+RSS_PROBE = """
+import re, sys, torch
+from adapterfmt.verbs.trainer import return_freed_memory
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+took = return_freed_memory() if sys.argv[1] == "on" else None
+big = torch.ones(16 << 20, dtype=torch.uint8)
+del big  # glibc would now raise its mmap threshold to 16 MiB
+before = rss()
+bufs = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(16)]
+keep = torch.ones(1000)
+peak = rss()
+del bufs
+print(took, round(peak - before), round(rss() - before))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_cpu_runs_return_freed_memory() -> None:
+    """What a CPU run sets (trainer.return_freed_memory): 64 MiB of freed 4 MiB buffers go back to the OS at
+    once; without it they stay resident in glibc's heap (the gap to PEFT + Trainer's peak in benchmarks/train.py)."""
+    runs = {}
+    for mode in ("on", "off"):
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, mode], capture_output=True, text=True, check=True)
+        runs[mode] = out.stdout.split()
+    assert runs["on"][0] == "True" and int(runs["on"][1]) >= 60 and int(runs["on"][2]) <= 4
+    assert int(runs["off"][2]) >= 60

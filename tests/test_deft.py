@@ -17,6 +17,7 @@ from adapterfmt.plugin.registry import get_method
 from adapterfmt.plugins.methods.density import activation_density
 from adapterfmt.verbs.trainer import TrainOptions, train_adapter
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     n = torch.get_num_threads()

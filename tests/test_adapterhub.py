@@ -93,6 +93,7 @@ def test_adapters_folder_converts_gives_adapters_logits_and_writes_back(tmp_path
     ("llama-houlsby", {"mh_adapter": False}, "mh_adapter=false"),
     ("llama-houlsby", {"ln_after": True}, "config.ln_after=True"),
     ("llama-houlsby", {"architecture": "lora"}, "config.architecture 'lora' is not supported"),
+    ("llama-mam", {"configs": [{"architecture": "lora"}]}, "config.architecture 'lora' is not supported"),
     ("llama-pfeiffer", {"residual_before_ln": False}, "config.residual_before_ln=False with original_ln_before"),
     ("llama-parallel", {"mh_adapter": True}, "config.mh_adapter=true but layer 'model.layers.0' has no weights"),
     ("bert-pfeiffer", {}, "config.original_ln_before=true on bert"),
@@ -136,6 +137,35 @@ def test_adapters_prefix_converts_gives_adapters_logits_and_writes_back_flat(tmp
         source = torch.load(FIX / case / "pytorch_adapter.bin", weights_only=True)
         back = load_file(tmp_path / "back" / "adapter.safetensors")
         assert back.keys() == source.keys() and all(torch.equal(back[k], source[k]) for k in source)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_adapters_mam_union_converts_gives_adapters_logits_and_writes_back(tmp_path, model_type):
+    """MAMConfig (a union of prefix tuning and a parallel bottleneck): one adapter holding a prefix and
+    parallel_bottleneck entries; written back as a union whose bottleneck tensors are the source's."""
+    case, where = f"{model_type}-mam", str(FIX / "base" / model_type)
+    expected = load_file(FIX / case / "expected.safetensors")
+    res = invoke("convert", str(FIX / case), str(tmp_path / "a.safetensors"), "--base", where, "--allow-pickle")
+    assert res.exit_code == 0, res.stderr
+    adapter = af.load(tmp_path / "a.safetensors")
+    assert sorted({e["kind"] for e in adapter.modules.values()}) == ["parallel_bottleneck", "prefix"]
+    model = base(model_type)
+    base_out = run(model, expected["ids"])
+    af.attach(model, adapter)
+    got = run(model, expected["ids"])
+    assert (got - expected["logits"]).abs().max() <= ATOL < (base_out - expected["logits"]).abs().max()
+    res = invoke("convert", str(tmp_path / "a.safetensors"), str(tmp_path / "back"), "--to", "adapterhub",
+                 "--base", where)
+    assert res.exit_code == 0, res.stderr
+    meta = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert meta["config"]["architecture"] == "union"
+    assert [c.get("architecture") for c in meta["config"]["configs"]] == ["prefix_tuning", None]
+    source = torch.load(FIX / case / "pytorch_adapter.bin", weights_only=True)
+    back = load_file(tmp_path / "back" / "adapter.safetensors")
+    bottleneck = {k for k in source if ".prefix_tuning." not in k}
+    assert bottleneck <= back.keys() and all(torch.equal(back[k], source[k]) for k in bottleneck)
+    again = af.read_foreign(tmp_path / "back", base=where)
+    assert all(torch.equal(again.tensor(n), adapter.tensor(n)) for n in adapter.tensor_names())
 
 
 def test_a_peft_form_prefix_is_not_written_as_an_adapters_prefix(tmp_path):

@@ -1,5 +1,5 @@
-"""AdapterHub ``adapters`` 1.x folders (``save_adapter``) of bottleneck adapters and prefix tuning, read and
-written back.
+"""AdapterHub ``adapters`` 1.x folders (``save_adapter``) of bottleneck adapters, prefix tuning and unions of one
+of each (``ConfigUnion``, e.g. ``MAMConfig``: one adapter holding both kinds' entries), read and written back.
 
 A folder holds ``adapter_config.json`` (``build_full_config`` in ``adapters/configuration/
 model_adapters_config.py``: ``{"config": {...}, "hidden_size", "model_class", "model_name", "model_type",
@@ -24,7 +24,8 @@ after the sum for BERT (post-norm) and none for Llama / GPT-2 (pre-norm),
   (``mh_adapter`` and ``output_adapter``) one entry per layer holds both, stacked, attention first (adapters
   gives both the same rank: ``reduction_factor`` is per layer).
 
-Refused in one line, naming the field: other model types, other architectures (LoRA, unions ...),
+Refused in one line, naming the field: other model types, other architectures (LoRA, IA3, prompt tuning,
+ReFT, unions of other parts or of two of a kind ...),
 ``original_ln_before`` on BERT (``f`` reads ``LN(h + r)`` and its sum re-enters that ``LN``) or at the
 attention location (``f(h + r)`` is added mid-layer, where no module output holds ``h + r``),
 ``original_ln_after = false``,
@@ -128,7 +129,8 @@ def _split(layout: Layout, site: str) -> tuple[str, str] | None:
 
 
 def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = False) -> af.Adapter:
-    """Read an ``adapters`` bottleneck folder (module docstring); a ``base`` gives the fingerprint."""
+    """Read an ``adapters`` folder (module docstring); a ``base`` gives the fingerprint (and a prefix's
+    geometry)."""
     path = Path(path)
     meta = af.read_json_object(path / CONFIG_FILE)
     cfg, where = meta.get("config"), path / CONFIG_FILE
@@ -136,12 +138,40 @@ def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = 
     if layout is None:
         raise af.UnsupportedError(f"model_type {meta.get('model_type')!r} is not supported (supported: "
                                   f"{', '.join(LAYOUTS)}): where its adapters act is model-specific", path=where)
-    if isinstance(cfg, dict) and cfg.get("architecture") == "prefix_tuning":
-        return _read_prefix(path, meta, layout, _weights(path, allow_pickle), base)
-    if not isinstance(cfg, dict) or cfg.get("architecture") is not None:
-        arch = cfg.get("architecture") if isinstance(cfg, dict) else cfg
-        raise af.UnsupportedError(f"config.architecture {arch!r} is not supported (bottleneck adapters and prefix "
-                                  "tuning are)", path=where)
+    union = isinstance(cfg, dict) and cfg.get("architecture") == "union"
+    parts = cfg.get("configs") if union else [cfg]  # type: ignore[union-attr]
+    archs = [c.get("architecture") if isinstance(c, dict) else c for c in parts] if isinstance(parts, list) else [parts]
+    bad = [a for a in archs if a not in (None, "bottleneck", "prefix_tuning") or not isinstance(a, str | None)]
+    if bad or not archs or any(not isinstance(c, dict) for c in parts) or len({a or "bottleneck" for a in archs}) != len(archs):
+        raise af.UnsupportedError(f"config.architecture {bad[0] if bad else archs!r} is not supported (bottleneck "
+                                  "adapters and prefix tuning are, alone or one of each in a union)", path=where)
+    raw = _weights(path, allow_pickle)
+    both = len(parts) == 2
+    modules: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    config: dict[str, Any] = {}
+    notes: list[str] = []
+    for sub in parts:
+        prefix = sub.get("architecture") == "prefix_tuning"
+        mine = {k: t for k, t in raw.items() if not both or (".prefix_tuning." in k) == prefix}
+        if prefix:
+            m, t, config, notes = _read_prefix(path, {**meta, "config": sub}, layout, mine, base)
+        else:
+            m, t = _read_bottleneck(path, {**meta, "config": sub}, layout, mine)
+        modules |= m
+        tensors |= t
+    method = "prefix_tuning" if archs == ["prefix_tuning"] else "bottleneck"
+    prov = {"tool": "adapters", "format": "adapterhub", "source": str(path), "config": meta, "notes": notes}
+    manifest = af.new_manifest(method, modules, config=config, provenance=[prov],
+                               base={"name": meta.get("model_name") or None, "revision": None,
+                                     "fingerprint": af.base_fingerprint(base)})
+    return af.Adapter(manifest, tensors)
+
+
+def _read_bottleneck(path: Path, meta: dict[str, Any], layout: Layout,
+                     raw: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The ``bottleneck`` / ``parallel_bottleneck`` entries and tensors of a bottleneck config (module docstring)."""
+    cfg, where = meta["config"], path / CONFIG_FILE
     for key, want in MUST.items():
         if cfg.get(key, want) != want:
             raise af.UnsupportedError(f"config.{key}={cfg[key]!r} cannot be represented (the bottleneck kinds "
@@ -160,7 +190,6 @@ def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = 
     if act not in ACTIVATIONS:
         raise af.UnsupportedError(f"config.non_linearity={cfg.get('non_linearity')!r} is not supported "
                                   f"(supported: {', '.join(ACTIVATIONS)})", path=where)
-    raw = _weights(path, allow_pickle)
     params = {"activation": ACTIVATIONS[act], "scale": float(scale)}
     modules: dict[str, dict[str, Any]] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -210,11 +239,7 @@ def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = 
     for module, entry in modules.items():  # the width is the up projection's (hidden_size may be absent)
         up_bias = tensors.get(f"{module}.up_bias")
         entry["shape"] = [up_bias.shape[-1] if up_bias is not None and up_bias.dim() >= 1 else 0]
-    prov = {"tool": "adapters", "format": "adapterhub", "source": str(path), "config": meta}
-    manifest = af.new_manifest("bottleneck", modules, config={}, provenance=[prov],
-                               base={"name": meta.get("model_name") or None, "revision": None,
-                                     "fingerprint": af.base_fingerprint(base)})
-    return af.Adapter(manifest, tensors)
+    return modules, tensors
 
 
 def _weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -238,8 +263,9 @@ def _geometry(base: Any, meta: dict[str, Any], where: Path) -> tuple[int, int, i
 
 
 def _read_prefix(path: Path, meta: dict[str, Any], layout: Layout, raw: dict[str, torch.Tensor],
-                 base: Any) -> af.Adapter:
-    """An adapters prefix-tuning folder as kind ``prefix`` with ``positions = "from_zero"`` (module docstring)."""
+                 base: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """The ``prefix`` entry (``positions = "from_zero"``), its tensors, method config and notes of a prefix-tuning
+    config (module docstring)."""
     cfg, where, name = meta["config"], path / CONFIG_FILE, meta.get("name")
     if layout.stack is None:
         raise af.UnsupportedError(f"prefix tuning on {meta['model_type']} cannot be represented: kind prefix "
@@ -280,16 +306,15 @@ def _read_prefix(path: Path, meta: dict[str, Any], layout: Layout, raw: dict[str
     tensors = {f"{layout.stack}.keys": kv[0::2].contiguous(), f"{layout.stack}.values": kv[1::2].contiguous()}
     notes = [] if "wte.weight" not in own else [("the prefix MLP (wte, control_trans) is stored evaluated, as "
                                                  "adapters' eject_prefix_tuning gives it")]
-    prov = {"tool": "adapters", "format": "adapterhub", "source": str(path), "config": meta, "notes": notes}
-    manifest = af.new_manifest("prefix_tuning", {layout.stack: entry}, config={"num_virtual_tokens": n},
-                               provenance=[prov], base={"name": meta.get("model_name") or None, "revision": None,
-                                                        "fingerprint": af.base_fingerprint(base)})
-    return af.Adapter(manifest, tensors)
+    return {layout.stack: entry}, tensors, {"num_virtual_tokens": n}, notes
 
 
-def _write_prefix(adapter: af.Adapter, path: Path, base: Any, name: str) -> Path:
-    """A ``prefix`` adapter (``positions = "from_zero"``) as adapters' flat prefix (``FlatPrefixTuning``)."""
-    ((stack, entry),) = adapter.modules.items()
+Part = tuple[str, dict[str, Any], dict[str, torch.Tensor]]
+"""(model type, adapters config, tensors) of one adapters config."""
+
+
+def _prefix_part(stack: str, entry: dict[str, Any], t: dict[str, torch.Tensor], name: str) -> Part:
+    """A ``prefix`` entry (``positions = "from_zero"``) as adapters' flat prefix (``FlatPrefixTuning``)."""
     positions = entry.get("params", {}).get("positions", "after_prefix")
     if positions != "from_zero":
         raise af.UnsupportedError(f"module {stack!r}: adapters numbers the real tokens from 0 after a prefix; this "
@@ -298,22 +323,16 @@ def _write_prefix(adapter: af.Adapter, path: Path, base: Any, name: str) -> Path
     if model_type is None:
         raise af.UnsupportedError(f"module {stack!r} is not a decoder stack adapters puts a prefix on "
                                   f"({', '.join(str(lay.stack) for lay in LAYOUTS.values() if lay.stack)})")
-    t = adapter.module_tensors(stack)
     layers, n, heads, head_dim = t["keys"].shape
     kv = torch.stack([t["keys"], t["values"]], dim=1).reshape(layers * 2, n, heads, head_dim)
     flat = kv.permute(1, 0, 2, 3).reshape(-1).contiguous()
     cfg = {"architecture": "prefix_tuning", "flat": True, "prefix_length": n, "bottleneck_size": 512,
            "non_linearity": "tanh", "dropout": 0.0, "encoder_prefix": True, "cross_prefix": True, "leave_out": [],
            "use_gating": False, "shared_gating": True, "init_weights_seed": None}
-    base_cfg = af.base_config(base)
-    meta = {"config": cfg, "hidden_size": base_cfg.get("hidden_size") or base_cfg.get("n_embd"),
-            "model_class": type(base).__name__ if isinstance(base, nn.Module)
-            else next(iter(base_cfg.get("architectures") or []), None), "model_name": (adapter.base or {}).get("name"),
-            "model_type": model_type, "name": name, "version": VERSION}
     tensors = {f"{stack}.prefix_tuning.prefix_tunings.{name}.self_prefix.control_trans": flat}
     tensors |= {f"{stack}.{LAYOUTS[model_type].attention.format(i)}.prefix_tuning.pool.prefix_tunings.{name}."
                 "self_prefix.control_trans": flat.clone() for i in range(layers)}  # as save_adapter writes it
-    return af.write_folder(path, SAFE_FILE, tensors, CONFIG_FILE, meta)
+    return model_type, cfg, tensors
 
 
 Place = tuple[str, str, str, int | None]
@@ -356,16 +375,36 @@ def _layout_of(adapter: af.Adapter, base: Any) -> tuple[str, Layout]:
 
 
 def write_adapterhub(adapter: af.Adapter, path: str | Path, *, base: Any = None) -> Path:
-    """Write a ``bottleneck`` adapter as an ``adapters`` folder (``adapter.safetensors``), the inverse of
-    :func:`read_adapterhub`; the layout must be one the reader maps (module docstring)."""
+    """Write a ``bottleneck`` / ``prefix`` adapter (or one of each kind, as a union) as an ``adapters`` folder
+    (``adapter.safetensors``), the inverse of :func:`read_adapterhub` (module docstring)."""
     kinds = {e["kind"] for e in adapter.modules.values()}
     name = next((p["config"].get("name") for p in adapter.manifest.get("provenance", [])
                  if p.get("format") == "adapterhub"), None) or adapter.method
-    if kinds == {"prefix"}:
-        return _write_prefix(adapter, Path(path), base, name)
-    if not kinds <= {"bottleneck", "parallel_bottleneck"}:
-        raise af.UnsupportedError(f"an adapters folder holds kinds bottleneck and parallel_bottleneck, or one "
-                                  f"prefix, not {sorted(kinds)}")
+    prefixes = [m for m, e in adapter.modules.items() if e["kind"] == "prefix"]
+    if not kinds - {"prefix"} <= {"bottleneck", "parallel_bottleneck"} or len(prefixes) > 1:
+        raise af.UnsupportedError(f"an adapters folder holds kinds bottleneck and parallel_bottleneck, and one "
+                                  f"prefix, not {sorted(kinds)} ({len(prefixes)} prefixes)")
+    parts = [_prefix_part(m, adapter.modules[m], adapter.module_tensors(m), name) for m in prefixes]
+    rest = {m: e for m, e in adapter.modules.items() if e["kind"] != "prefix"}
+    if rest:
+        parts.append(_bottleneck_part(af.Adapter(af.new_manifest(adapter.method, rest), {
+            n: adapter.tensor(n) for m in rest for n in (f"{m}.{r}" for r in adapter.module_tensors(m))}), base, name))
+    types = {t for t, _, _ in parts}
+    if len(types) != 1:
+        raise af.UnsupportedError(f"the prefix and the bottlenecks are for different model types: {sorted(types)}")
+    base_cfg = af.base_config(base)
+    cfg = parts[0][1] if len(parts) == 1 else {"architecture": "union", "configs": [c for _, c, _ in parts]}
+    width = next((e["shape"][0] for e in rest.values()), None)  # a bottleneck's width is the hidden size
+    meta = {"config": cfg, "hidden_size": base_cfg.get("hidden_size") or base_cfg.get("n_embd") or width,
+            "model_class": type(base).__name__ if isinstance(base, nn.Module)
+            else next(iter(base_cfg.get("architectures") or []), None), "model_name": (adapter.base or {}).get("name"),
+            "model_type": types.pop(), "name": name, "version": VERSION}
+    tensors = {k: v for _, _, t in parts for k, v in t.items()}
+    return af.write_folder(path, SAFE_FILE, tensors, CONFIG_FILE, meta)
+
+
+def _bottleneck_part(adapter: af.Adapter, base: Any, name: str) -> Part:
+    """The bottleneck entries (all of ``adapter``) as one adapters bottleneck config."""
     params = {(e["params"]["activation"], float(e["params"].get("scale", 1.0))) for e in adapter.modules.values()}
     if len(params) != 1:
         raise af.UnsupportedError(f"adapters' config has one non_linearity and one scaling for all modules: "
@@ -417,10 +456,7 @@ def write_adapterhub(adapter: af.Adapter, path: str | Path, *, base: Any = None)
            "phm_layer": False, "inv_adapter": None, "inv_adapter_reduction_factor": None, "cross_adapter": False,
            "leave_out": leave_out, "dropout": 0.0, "stochastic_depth": 0.0,
            "init_weights": "mam_adapter" if form == "parallel" else "bert", "init_weights_seed": None}
-    meta = {"config": cfg, "hidden_size": d, "model_class": type(base).__name__ if isinstance(base, nn.Module)
-            else next(iter(base_cfg.get("architectures") or []), None), "model_name": (adapter.base or {}).get("name"),
-            "model_type": model_type, "name": name, "version": VERSION}
-    return af.write_folder(path, SAFE_FILE, tensors, CONFIG_FILE, meta)
+    return model_type, cfg, tensors
 
 
 def _reduction_factor(d: int, ranks: set[int], layer: str) -> float:

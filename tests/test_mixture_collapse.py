@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from adapterfmt.plugins.methods.mixture import (
+    COLLAPSE,
     collapse,
     expert_adapter,
+    gemm_forward,
     mixture_adapter,
+    pick,
     route,
 )
 from helpers_spec import invoke
@@ -108,6 +111,40 @@ def test_merge_refusals_say_how_to_collapse(tmp_path: Path) -> None:
     res = invoke("merge", str(tmp_path / "lora.safetensors"), "--gates", "math=1", "--out", str(tmp_path / "y"))
     assert res.exit_code == 2 and "--gates collapses a mixture adapter" in res.stderr
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y").exists()
+
+
+def test_merging_a_mixture_with_other_adapters_says_to_collapse_it_first(tmp_path: Path) -> None:
+    """A mixture among other adapters reaches the generic merge, which used to say "bake them into a base" (a
+    bake refuses a mixture too): the refusal names the collapse instead, in one line, in the API and the CLI."""
+    mix = mixture_adapter(_experts(), {"proj": torch.randn(len(RANKS), IN)}, top_k=2)
+    lora = _experts()["math"]
+    with pytest.raises(af.UnsupportedError) as err:
+        af.merge_adapters([mix, lora])
+    said = str(err.value)
+    assert "routed mixture" in said and COLLAPSE in said and "bake them" not in said and "\n" not in said
+    af.save(mix, tmp_path / "mix.safetensors")
+    af.save(lora, tmp_path / "lora.safetensors")
+    res = invoke("merge", str(tmp_path / "mix.safetensors"), str(tmp_path / "lora.safetensors"),
+                 "--out", str(tmp_path / "x.safetensors"))
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+    assert COLLAPSE in res.stderr and "bake them" not in res.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_gate_weights_of_fp64_logits_are_fp64() -> None:
+    """``pick`` takes the softmax in promote_types(logits, fp32): fp64 logits 1e-12 apart give fp64 gates that
+    tell them apart (fp32 gave 0.5 and 0.5); fp16 logits give fp32 gates."""
+    logits = torch.tensor([[0.0, 1e-12, -3.0]], dtype=torch.float64)
+    idx, w = pick(logits, 2, 1.0)
+    assert idx.tolist() == [[1, 0]] and w.dtype == torch.float64
+    assert torch.equal(w, torch.softmax(logits[:, [1, 0]], dim=-1)) and w[0, 0] > w[0, 1]
+    assert pick(logits, 1, 1.0)[1].dtype == torch.float64
+    assert pick(logits.half(), 2, 1.0)[1].dtype == torch.float32
+    mix = mixture_adapter(_experts(), {"proj": torch.randn(len(RANKS), IN)}, top_k=2)
+    t = {k: v.double() for k, v in mix.module_tensors("proj").items()}
+    x = torch.randn(6, IN, dtype=torch.float64)
+    logits, out = gemm_forward(mix.modules["proj"]["params"], t, x, torch.zeros(6, OUT, dtype=torch.float64))
+    assert logits.dtype == out.dtype == torch.float64
 
 
 def _update_bound(x: torch.Tensor, mix: af.Adapter, errors: list[float]) -> torch.Tensor:

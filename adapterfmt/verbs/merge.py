@@ -399,8 +399,10 @@ def merge_adapters(adapters: Sequence[Adapter], *, weights: Sequence[float] | No
     blocked = sorted(f"{m} ({', '.join([t.kind.name, *sorted(NOT_ADDITIVE_ROLES.intersection(t.tensors))])})"
                      for m, ts in terms.items() for t in ts if not t.additive)
     if blocked:
-        raise UnsupportedError("cannot merge in delta space: these modules are not W + dW "
-                               f"(bake them into a base instead): {', '.join(blocked)}")
+        hints = sorted({t.kind.merge_hint or "bake them into a base instead"
+                        for ts in terms.values() for t in ts if not t.additive})
+        raise UnsupportedError(f"cannot merge in delta space: these modules are not W + dW ({'; '.join(hints)}): "
+                               f"{', '.join(blocked)}")
     modules: dict[str, dict[str, Any]] = {}
     tensors: dict[str, torch.Tensor] = {}
     not_lowrank = []

@@ -71,12 +71,17 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+COLLAPSE = "adapter merge MIX --gates name=w,... --out LORA"
+"""How to turn a mixture into one LoRA (:func:`collapse`), as refusals say it."""
+
+
 class Mixture(af.DeltaKind):
     name = "mixture"
     required_roles = ("router", "lora_A", "lora_B")
     layout_sensitive = True
     exact_roles = ("router",)
     stacked_lowrank = True
+    merge_hint = f"a routed mixture is not merged or baked; collapse it first with fixed gates: {COLLAPSE}"
 
     def check(self, module: str, entry: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
         p = entry.get("params", {})
@@ -152,10 +157,6 @@ class Mixture(af.DeltaKind):
                                   f"weights; keep it unmerged, or collapse it with fixed gates first ({COLLAPSE})")
 
 
-COLLAPSE = "adapter merge MIX --gates name=w,... --out LORA"
-"""How to turn a mixture into one LoRA (:func:`collapse`), as refusals say it."""
-
-
 def collapse(adapter: af.Adapter, gates: Mapping[str, float], *, strategy: str = "cat",
              **options: Any) -> af.Adapter:
     """The mixture with its gate weights fixed to ``gates`` (``{expert: g}``, the same for every token and
@@ -205,7 +206,7 @@ def gemm_forward(p: Mapping[str, Any], t: Mapping[str, torch.Tensor], x: torch.T
     if p.get("logits") == "abs":
         logits = logits.abs()
     idx, w = pick(logits, k, temperature)
-    gates = torch.zeros(logits.shape[0], n, dtype=torch.float32, device=x.device).scatter(1, idx, w * scales[idx])
+    gates = torch.zeros(logits.shape[0], n, dtype=w.dtype, device=x.device).scatter(1, idx, w * scales[idx])
     if sequence:
         gates = gates.repeat_interleave(x.shape[-2], dim=0)
     mid = (mid.reshape(-1, n, r) * gates.to(x.dtype).unsqueeze(-1)).view(-1, n * r)
@@ -219,7 +220,7 @@ def gemm_forward(p: Mapping[str, Any], t: Mapping[str, torch.Tensor], x: torch.T
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, temperature: float, *,
           absolute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(experts [T, top_k] int64, gate weights [T, top_k] fp32)`` for router inputs ``x [T, in]``: :func:`pick`
+    """``(experts [T, top_k] int64, gate weights [T, top_k])`` for router inputs ``x [T, in]``: :func:`pick`
     on the logits ``x @ router^T`` (``absolute``: their absolute values), computed in at least fp32."""
     dt = torch.promote_types(x.dtype, torch.float32)
     logits = x.to(dt) @ router.to(device=x.device, dtype=dt).t()
@@ -228,11 +229,12 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, temperature: float,
 
 def pick(logits: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``top_k`` largest logits per row (ties to the lower index) and their gate weights: 1 for top-1,
-    else ``softmax(chosen logits / temperature)``."""
+    else ``softmax(chosen logits / temperature)``, in at least fp32 (fp64 logits: fp64)."""
     idx = torch.argsort(logits, dim=-1, descending=True, stable=True)[:, :top_k]
+    dt = torch.promote_types(logits.dtype, torch.float32)
     if top_k == 1:
-        return idx, torch.ones(idx.shape, dtype=torch.float32, device=logits.device)
-    return idx, torch.softmax(logits.gather(-1, idx).float() / temperature, dim=-1)
+        return idx, torch.ones(idx.shape, dtype=dt, device=logits.device)
+    return idx, torch.softmax(logits.gather(-1, idx).to(dt) / temperature, dim=-1)
 
 
 def mixture_entry(shape: Sequence[int], experts: Sequence[str], *, top_k: int, scales: Sequence[float] | None = None,

@@ -22,11 +22,13 @@ from adapterfmt.verbs.conversion import detect_format
 ATOL = 1e-5
 FIX = Path(__file__).parent / "fixtures" / "adapterhub"
 CASES = [f"{m}-{c}" for m in ("llama", "gpt2", "bert")
-         for c in ("houlsby", "pfeiffer", "parallel", "parallel-attn", "parallel-both") if (m, c) != ("bert", "pfeiffer")]
+         for c in ("houlsby", "pfeiffer", "parallel", "parallel-attn", "parallel-both")
+         if (m, c) != ("bert", "pfeiffer")]
 CASES += ["roberta-houlsby", "roberta-parallel-both"]
 PLACES = {"llama-houlsby": "model.layers.1.self_attn.o_proj", "llama-pfeiffer": "model.layers.1",
           "llama-parallel": "model.layers.1", "gpt2-houlsby": "transformer.h.1.attn",
-          "gpt2-pfeiffer": "transformer.h.1", "bert-houlsby": "bert.encoder.layer.1.output.dense", "bert-parallel-attn": "bert.encoder.layer.1"}
+          "gpt2-pfeiffer": "transformer.h.1", "bert-houlsby": "bert.encoder.layer.1.output.dense",
+          "bert-parallel-attn": "bert.encoder.layer.1"}
 
 
 def base(model: str) -> torch.nn.Module:
@@ -182,7 +184,8 @@ def test_other_model_types_are_refused(tmp_path):
     folder = copy_case(tmp_path)
     meta = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**meta, "model_type": "t5"}))
-    with pytest.raises(af.UnsupportedError, match=r"model_type 't5' is not supported \(supported: llama, gpt2, bert, roberta\)"):
+    with pytest.raises(af.UnsupportedError, match=r"model_type 't5' is not supported \(supported: llama, gpt2, bert, "
+                                                  r"roberta\)"):
         af.read_foreign(folder)
 
 

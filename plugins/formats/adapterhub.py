@@ -140,11 +140,15 @@ def read_adapterhub(path: str | Path, *, base: Any = None, allow_pickle: bool = 
                                   f"{', '.join(LAYOUTS)}): where its adapters act is model-specific", path=where)
     union = isinstance(cfg, dict) and cfg.get("architecture") == "union"
     parts = cfg.get("configs") if union else [cfg]  # type: ignore[union-attr]
-    archs = [c.get("architecture") if isinstance(c, dict) else c for c in parts] if isinstance(parts, list) else [parts]
-    bad = [a for a in archs if a not in (None, "bottleneck", "prefix_tuning") or not isinstance(a, str | None)]
-    if bad or not archs or any(not isinstance(c, dict) for c in parts) or len({a or "bottleneck" for a in archs}) != len(archs):
-        raise af.UnsupportedError(f"config.architecture {bad[0] if bad else archs!r} is not supported (bottleneck "
-                                  "adapters and prefix tuning are, alone or one of each in a union)", path=where)
+    if not isinstance(parts, list) or not parts or not all(isinstance(c, dict) for c in parts):
+        raise af.FormatError(f"config{'.configs' if union else ''} is not {'a list of ' if union else 'an '}"
+                             "adapters config object", path=where)
+    archs = [c.get("architecture") or "bottleneck" for c in parts]
+    bad = [a for a in archs if a not in ("bottleneck", "prefix_tuning")]
+    bad += [archs] if len(set(archs)) < len(archs) else []
+    if bad:
+        raise af.UnsupportedError(f"config.architecture {bad[0]!r} is not supported (bottleneck adapters and prefix "
+                                  "tuning are, alone or one of each in a union)", path=where)
     raw = _weights(path, allow_pickle)
     both = len(parts) == 2
     modules: dict[str, dict[str, Any]] = {}
@@ -313,13 +317,14 @@ Part = tuple[str, dict[str, Any], dict[str, torch.Tensor]]
 """(model type, adapters config, tensors) of one adapters config."""
 
 
-def _prefix_part(stack: str, entry: dict[str, Any], t: dict[str, torch.Tensor], name: str) -> Part:
+def _prefix_part(stack: str, entry: dict[str, Any], t: dict[str, torch.Tensor], name: str,
+                 base_type: str | None) -> Part:
     """A ``prefix`` entry (``positions = "from_zero"``) as adapters' flat prefix (``FlatPrefixTuning``)."""
     positions = entry.get("params", {}).get("positions", "after_prefix")
     if positions != "from_zero":
         raise af.UnsupportedError(f"module {stack!r}: adapters numbers the real tokens from 0 after a prefix; this "
                                   f"one (params.positions {positions!r}, PEFT's) gives other logits there")
-    model_type = next((n for n, lay in LAYOUTS.items() if lay.stack == stack), None)
+    model_type = next((n for n, lay in LAYOUTS.items() if lay.stack == stack and base_type in (None, n)), None)
     if model_type is None:
         raise af.UnsupportedError(f"module {stack!r} is not a decoder stack adapters puts a prefix on "
                                   f"({', '.join(str(lay.stack) for lay in LAYOUTS.values() if lay.stack)})")
@@ -361,9 +366,9 @@ def _places(layout: Layout, module: str, entry: dict[str, Any]) -> list[Place] |
     return out
 
 
-def _layout_of(adapter: af.Adapter, base: Any) -> tuple[str, Layout]:
+def _layout_of(adapter: af.Adapter, base_type: str | None) -> tuple[str, Layout]:
     """The model type: the base's, else the one the adapter was read from, else the one whose places fit."""
-    named = [af.base_config(base).get("model_type")]
+    named = [base_type]
     named += [p["config"].get("model_type") for p in adapter.manifest.get("provenance", [])
               if p.get("format") == "adapterhub" and isinstance(p.get("config"), dict)]
     fits = [n for n in named if n in LAYOUTS] or [
@@ -381,18 +386,23 @@ def write_adapterhub(adapter: af.Adapter, path: str | Path, *, base: Any = None)
     name = next((p["config"].get("name") for p in adapter.manifest.get("provenance", [])
                  if p.get("format") == "adapterhub"), None) or adapter.method
     prefixes = [m for m, e in adapter.modules.items() if e["kind"] == "prefix"]
+    base_cfg = af.base_config(base)
+    base_type = base_cfg.get("model_type")
+    if base_type is not None and base_type not in LAYOUTS:
+        raise af.UnsupportedError(f"the base's model_type {base_type!r} is not one whose adapters layout is known "
+                                  f"here ({', '.join(LAYOUTS)})")
     if not kinds - {"prefix"} <= {"bottleneck", "parallel_bottleneck"} or len(prefixes) > 1:
         raise af.UnsupportedError(f"an adapters folder holds kinds bottleneck and parallel_bottleneck, and one "
                                   f"prefix, not {sorted(kinds)} ({len(prefixes)} prefixes)")
-    parts = [_prefix_part(m, adapter.modules[m], adapter.module_tensors(m), name) for m in prefixes]
+    parts = [_prefix_part(m, adapter.modules[m], adapter.module_tensors(m), name, base_type) for m in prefixes]
     rest = {m: e for m, e in adapter.modules.items() if e["kind"] != "prefix"}
     if rest:
-        parts.append(_bottleneck_part(af.Adapter(af.new_manifest(adapter.method, rest), {
-            n: adapter.tensor(n) for m in rest for n in (f"{m}.{r}" for r in adapter.module_tensors(m))}), base, name))
+        tensors = {f"{m}.{r}": t for m in rest for r, t in adapter.module_tensors(m).items()}
+        sub = af.Adapter({**adapter.manifest, "modules": rest}, tensors)
+        parts.append(_bottleneck_part(sub, base_cfg, base_type, name))
     types = {t for t, _, _ in parts}
     if len(types) != 1:
         raise af.UnsupportedError(f"the prefix and the bottlenecks are for different model types: {sorted(types)}")
-    base_cfg = af.base_config(base)
     cfg = parts[0][1] if len(parts) == 1 else {"architecture": "union", "configs": [c for _, c, _ in parts]}
     width = next((e["shape"][0] for e in rest.values()), None)  # a bottleneck's width is the hidden size
     meta = {"config": cfg, "hidden_size": base_cfg.get("hidden_size") or base_cfg.get("n_embd") or width,
@@ -403,14 +413,14 @@ def write_adapterhub(adapter: af.Adapter, path: str | Path, *, base: Any = None)
     return af.write_folder(path, SAFE_FILE, tensors, CONFIG_FILE, meta)
 
 
-def _bottleneck_part(adapter: af.Adapter, base: Any, name: str) -> Part:
+def _bottleneck_part(adapter: af.Adapter, base_cfg: dict[str, Any], base_type: str | None, name: str) -> Part:
     """The bottleneck entries (all of ``adapter``) as one adapters bottleneck config."""
     params = {(e["params"]["activation"], float(e["params"].get("scale", 1.0))) for e in adapter.modules.values()}
     if len(params) != 1:
         raise af.UnsupportedError(f"adapters' config has one non_linearity and one scaling for all modules: "
                                   f"the adapter has {sorted(params)}")
     ((act, scale),) = params
-    model_type, layout = _layout_of(adapter, base)
+    model_type, layout = _layout_of(adapter, base_type)
     places: list[tuple[str, Place]] = []
     for module, entry in adapter.modules.items():
         found = _places(layout, module, entry)
@@ -444,7 +454,6 @@ def _bottleneck_part(adapter: af.Adapter, base: Any, name: str) -> Part:
     factors = {n: _reduction_factor(d, rs, n) for n, rs in sorted(ranks.items(), key=lambda kv: int(kv[0]))}
     first = next(iter(factors.values()))
     reduction = first if len(set(factors.values())) == 1 else {**factors, "default": first}
-    base_cfg = af.base_config(base)
     n_layers = base_cfg.get("num_hidden_layers") or base_cfg.get("n_layer")
     present = {int(n) for n in ranks}
     leave_out = sorted(set(range(n_layers if n_layers else max(present) + 1)) - present)

@@ -55,7 +55,8 @@ class BottleneckKind(af.DeltaKind):
         bad = [k for k, s in want.items() if tuple(shapes[k]) != s or min(s) < 1]
         if bad:
             raise af.FormatError(f"module {module!r}: bottleneck {bad[0]} {list(shapes[bad[0]])} does not fit "
-                                 f"shape {list(entry['shape'])} = [d] (down [r, d], down_bias [r], up [d, r], up_bias [d])")
+                                 f"shape {list(entry['shape'])} = [d] (down [r, d], down_bias [r], up [d, r], "
+                                 "up_bias [d])")
 
     def bind(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """On the device and dtype of the module's first parameter, its submodules' included (a decoder layer

@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UnsupportedError
-from .modules import held_quantized, is_transposed, weight_shape
+from .modules import held_quantized, is_transposed, to_function_layout, weight_shape
 
 if TYPE_CHECKING:
     import torch
@@ -144,6 +144,30 @@ class DeltaKind:
     def transposed(entry: Entry) -> bool:
         """``params.transposed``: the target parameter is stored ``[in, out]`` (Conv1D, Embedding)."""
         return bool(entry.get("params", {}).get("transposed", False))
+
+
+class RewritesWeight(DeltaKind):
+    """A kind whose merge rewrites the target weight (and the module's bias) in place: :meth:`original` copies
+    them for :meth:`merge` to return, and :meth:`unmerge` writes the copies back."""
+
+    def _weight(self, module: nn.Module, entry: Entry) -> torch.Tensor:
+        """The target parameter in function layout (a view: writing to it writes the module's)."""
+        return to_function_layout(getattr(module, entry.get("parameter", "weight")), self.transposed(entry))
+
+    def original(self, module: nn.Module, entry: Entry) -> dict[str, torch.Tensor | None]:
+        """Copies of the target weight (function layout) and of the module's bias (None without one)."""
+        bias = getattr(module, "bias", None)
+        return {"weight": self._weight(module, entry).detach().clone(),
+                "bias": None if bias is None else bias.detach().clone()}
+
+    def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
+        """Write back what :meth:`original` copied."""
+        import torch
+
+        with torch.no_grad():
+            self._weight(module, entry).copy_(state["weight"])
+            if state["bias"] is not None:
+                module.bias.copy_(state["bias"])
 
 
 def shape_fits(expected: Sequence[int], actual: Sequence[int]) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from .base import DeltaKind, Entry, Tensors, fail
+from .base import Entry, RewritesWeight, Tensors, fail
 from .lowrank import function_shape
 from .modules import weight_function
 
@@ -32,7 +32,7 @@ def channel_mask(entry: Entry, keep: torch.Tensor) -> torch.Tensor:
     return keep.float().repeat_interleave(group)
 
 
-class Mask(DeltaKind):
+class Mask(RewritesWeight):
     name = "mask"
     required_roles = ("keep",)
     layout_sensitive = True
@@ -73,16 +73,12 @@ class Mask(DeltaKind):
             return y * m
         return y - weight_function(module, x * (1 - m.to(x.dtype)), self._weight(module, entry).to(x.dtype))
 
-    def _weight(self, module: nn.Module, entry: Entry) -> torch.Tensor:
-        w = getattr(module, entry.get("parameter", "weight"))
-        return w.t() if self.transposed(entry) else w
-
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
         import torch
 
         side, _ = _side_group(entry)
         w, bias = self._weight(module, entry), getattr(module, "bias", None)
-        saved = {"weight": w.detach().clone(), "bias": None if bias is None else bias.detach().clone()}
+        saved = self.original(module, entry)
         m = channel_mask(entry, t["keep"]).to(w.device)
         with torch.no_grad():
             if side == "input":
@@ -92,11 +88,3 @@ class Mask(DeltaKind):
                 if bias is not None:
                     bias.mul_(m.to(bias.dtype))
         return saved
-
-    def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
-        import torch
-
-        with torch.no_grad():
-            self._weight(module, entry).copy_(state["weight"])
-            if state["bias"] is not None:
-                module.bias.copy_(state["bias"])

@@ -6,7 +6,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
-from .base import DeltaKind, Entry, Tensors, fail
+from .base import Entry, RewritesWeight, Tensors, fail
 from .lowrank import channel_view, function_shape
 from .modules import weight_function
 
@@ -23,7 +23,7 @@ def _op_side(entry: Entry) -> tuple[str, str]:
     return p.get("op", "scale"), p.get("side", "output")
 
 
-class Vector(DeltaKind):
+class Vector(RewritesWeight):
     name = "vector"
     required_roles = ("vector",)
     layout_sensitive = True
@@ -59,17 +59,13 @@ class Vector(DeltaKind):
         ones = torch.ones_like(x[..., :1]) if x.dim() > 1 else x.new_ones(1)
         return y + weight_function(module, ones * v, w.to(x.dtype))
 
-    def _weight(self, module: nn.Module, entry: Entry) -> torch.Tensor:
-        w = getattr(module, entry.get("parameter", "weight"))
-        return w.t() if self.transposed(entry) else w
-
     def merge(self, module: nn.Module, entry: Entry, t: Tensors) -> Any:
         import torch
 
         op, side = _op_side(entry)
         w = self._weight(module, entry)
         bias = getattr(module, "bias", None)
-        saved = {"weight": w.detach().clone(), "bias": None if bias is None else bias.detach().clone()}
+        saved = self.original(module, entry)
         v = t["vector"].float()
         with torch.no_grad():
             if op == "scale" and side == "output":
@@ -84,11 +80,3 @@ class Vector(DeltaKind):
                 add = v if side == "output" else w.float().reshape(w.shape[0], -1) @ v
                 bias.add_(add.to(bias.dtype))
         return saved
-
-    def unmerge(self, module: nn.Module, entry: Entry, t: Tensors, state: Any) -> None:
-        import torch
-
-        with torch.no_grad():
-            self._weight(module, entry).copy_(state["weight"])
-            if state["bias"] is not None:
-                module.bias.copy_(state["bias"])

@@ -16,18 +16,19 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-import adapterfmt as af
-from adapterfmt.plugin.registry import get_method
-from adapterfmt.tiny import TinyConfig, build_tiny
+sys.path.insert(0, str(Path(__file__).parent))
+from svd_lora_study import batch, loss_of, pretrained  # noqa: E402  (the same tasks, model and pretraining)
 
-CFG = TinyConfig(vocab_size=64, hidden=64, layers=2, heads=4, intermediate=128)
+import adapterfmt as af  # noqa: E402
+from adapterfmt.plugin.registry import get_method  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -40,30 +41,6 @@ def methods(steps: int) -> dict[str, tuple[str, dict]]:
                                                            "search_steps": steps // 3, "search": "joint"}),
         "S2-LoRA r8": ("s2_lora", {"r": 8, "alpha": 16, "l1": 1e-4}),
     }
-
-
-def batch(task: str, gen: torch.Generator, n: int = 32, t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randint(0, CFG.vocab_size, (n, t), generator=gen)
-    y = (x + 1) % CFG.vocab_size if task == "A" else (3 * x + 5) % CFG.vocab_size
-    return x, y
-
-
-def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    logits = out if isinstance(out, torch.Tensor) else out.logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
-def pretrained(seed: int, steps: int = 300) -> torch.nn.Module:
-    model = build_tiny(seed, CFG)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(1000 + seed)
-    for _ in range(steps):
-        x, y = batch("A", gen)
-        opt.zero_grad()
-        loss_of(model, x, y).backward()
-        opt.step()
-    return model
 
 
 def run(method: str, config: dict, base: torch.nn.Module, seed: int, steps: int, lr: float

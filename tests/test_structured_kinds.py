@@ -46,7 +46,7 @@ def vector_bank_dw(entry: dict, t: dict) -> np.ndarray:
     k, bank = entry["params"]["topk"], t["vector_bank"]
 
     def mix(z: np.ndarray) -> np.ndarray:
-        pos = np.argsort(-z, axis=-1)[..., :k]
+        pos = np.argsort(-z, axis=-1, kind="stable")[..., :k]  # ties: the lower position first
         top = np.take_along_axis(z, pos, -1)
         w = np.exp(top - top.max(-1, keepdims=True))
         w /= w.sum(-1, keepdims=True)
@@ -152,6 +152,22 @@ def test_kind_matches_spec(tmp_path, kind, layer_name):
         af.unmerge(module, "a")
         af.detach(module)
         torch.testing.assert_close(module(x), plain, atol=1e-6, rtol=0)
+
+
+def test_vector_bank_ties_go_to_the_lower_position():
+    """6.10.9: of equal logits the lower bank positions are taken (a stable descending sort). torch.topk on the
+    CPU takes e.g. positions 2 and 3 of four equal logits; the kind takes 0 and 1, as the spec's reference."""
+    bank = torch.arange(4 * 4, dtype=torch.float32).reshape(4, 4)
+    entry = {"kind": "vector_bank", "shape": [4, 4], "params": {"topk": 2, "shared": {"vector_bank": "bank"}}}
+    t = {"logits_A": torch.tensor([[[1.0, 1.0, 1.0, 1.0]]]), "logits_B": torch.tensor([[[0.0, 2.0, 2.0, 2.0]]]),
+         "vector_bank": bank}
+    got = af.registry.get_kind("vector_bank").function_delta(entry, t)
+    a = (bank[0] + bank[1]) / 2  # equal logits: equal softmax weights
+    b = (bank[1] + bank[2]) / 2
+    want = b.reshape(4, 1) @ a.reshape(1, 4)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    np.testing.assert_allclose(vector_bank_dw(entry, {k: v.double().numpy() for k, v in t.items()}),
+                               want.double().numpy(), rtol=1e-12)
 
 
 def test_block_share_bat_matches_spec():

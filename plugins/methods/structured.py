@@ -85,14 +85,16 @@ class Fourier(af.WeightDeltaKind):
 
 # ----- vector_bank (VB-LoRA) -------------------------------------------------------------------------------------
 def _mix(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
-    """Each logit row's top-k bank vectors, weighted by the softmax of their logits: ``[..., L]``."""
-    top, idx = logits.topk(topk, dim=-1)
-    return (torch.softmax(top, dim=-1).unsqueeze(-1) * bank[idx]).sum(-2)
+    """Each logit row's top-k bank vectors (ties to the lower position: a stable descending sort), weighted by
+    the softmax of their logits: ``[..., L]``."""
+    idx = torch.argsort(logits, dim=-1, descending=True, stable=True)[..., :topk]
+    return (torch.softmax(logits.gather(-1, idx), dim=-1).unsqueeze(-1) * bank[idx]).sum(-2)
 
 
 class VectorBank(af.WeightDeltaKind):
     """``A`` and ``B`` assembled from a shared vector bank by top-k logits (or the top-k positions and weights
-    those give); ``dW_f = B @ A`` (spec 6.10.9)."""
+    those give); ``dW_f = B @ A`` (spec 6.10.9). Equal logits go to the lower bank position, as the spec says;
+    PEFT's ``torch.topk`` leaves ties unspecified, so it may pick other vectors, only where logits tie exactly."""
 
     name = "vector_bank"
     TOPK_ROLES = ("topk_indices_A", "topk_weights_A", "topk_indices_B", "topk_weights_B")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_methods import one_thread  # noqa: F401 (fixture)
 from helpers_spec import invoke
 
 import adapterfmt as af
@@ -18,12 +19,7 @@ from adapterfmt.plugins.methods.density import activation_density
 from adapterfmt.verbs.trainer import TrainOptions, train_adapter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def relu_llama(vocab: int = 40) -> torch.nn.Module:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_methods import one_thread  # noqa: F401 (fixture)
 from torch import nn
 
 import adapterfmt as af
@@ -17,13 +18,7 @@ from adapterfmt.tiny import build_tiny
 LORA = af.registry.get_method("lora")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny training loops run faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def targets(model: nn.Module, spec, **kw) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from adapterfmt.plugins.methods.mixture import expert_adapter
+from helpers_methods import one_thread  # noqa: F401 (fixture)
 from helpers_spec import invoke
 
 import adapterfmt as af
@@ -24,12 +25,7 @@ PATHS = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj",
 NAMES = ("alpha", "beta", "gamma")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _experts(model: torch.nn.Module, seed: int = 0, names: tuple[str, ...] = NAMES) -> dict[str, af.Adapter]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from helpers_methods import one_thread  # noqa: F401 (fixture)
 
 import adapterfmt as af
 from adapterfmt.tiny import TinyConfig, build_tiny
@@ -24,12 +25,7 @@ from adapterfmt.verbs.trainer import Run, TrainOptions
 from adapterfmt.plugins.methods.selection import linear_flops, select_tensors, tensor_importance
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loss_fn(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_methods import one_thread  # noqa: F401 (fixture)
 from helpers_spec import invoke
 
 import adapterfmt as af
@@ -22,13 +23,7 @@ LORA = {"target_modules": "all-linear", "r": 4, "alpha": 8}
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it", "while", "birds", "sang"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny training loops run faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_data(path: Path, n: int = 16) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_methods import one_thread  # noqa: F401 (fixture)
 
 import adapterfmt as af
 from adapterfmt.plugin.registry import get_method
@@ -18,12 +19,7 @@ LORA = {"target_modules": ["q_proj", "v_proj"], "r": 4, "alpha": 8}
 Q0 = "model.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def session(config=LORA, seed: int = 0) -> tuple[torch.nn.Module, af.TrainSession]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from adapterfmt.plugins.methods.procedures import diffora_selection, growth_threshold
+from helpers_methods import one_thread  # noqa: F401 (fixture)
 from helpers_spec import invoke
 
 import adapterfmt as af
@@ -21,12 +22,7 @@ CFG = TinyConfig(vocab_size=32, hidden=16, layers=2, heads=2, intermediate=32)
 TARGETS = {"target_modules": ["q_proj", "v_proj"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids() -> torch.Tensor:

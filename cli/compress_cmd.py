@@ -14,8 +14,8 @@ from adapterfmt.format.atomic import check_output
 from adapterfmt.plugin import registry
 
 from .inspect_cmd import compression_text
-from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, deprecated, hidden_alias, human_bytes,
-                     out_option, print_json, print_table, renamed, require)
+from .common import (JsonOpt, OverwriteOpt, UsageError, cli_errors, console, deprecated, err_console, hidden_alias,
+                     human_bytes, out_option, print_json, print_table, renamed, require)
 
 
 def _steps(resize: dict[str, float | None], density: float | None, scope: str, scale: str, factor: float,
@@ -108,6 +108,8 @@ def compress(
     before, after = file_bytes(adapter), file_bytes(af.load(dst))
     report = {"src": str(src), "dst": str(dst), **record, "bytes_before": before, "bytes_after": after,
               "ratio": before / after if before and after else None}
+    for note in record.get("notes", []):
+        err_console.print(f"note: {note}", highlight=False)
     if as_json:
         print_json(report)
         return

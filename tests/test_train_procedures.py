@@ -274,6 +274,25 @@ def test_compress_resize_of_shared_factors_writes_each_module_its_own(tmp_path: 
     assert not any(".N." in n for n in out.tensor_names())
     assert out.manifest["compression"]["dW_rel_error_max"] < 1e-5
 
+@pytest.mark.parametrize("options", [["--codec", "int8"], ["--density", "0.5"]])
+def test_compress_codecs_that_find_nothing_to_encode_in_s2_lora_say_so(tmp_path: Path, options: list[str]):
+    """S2-LoRA's factors are shared (stored plain, spec section 5) and its coefficients 1-D (never encoded): int8
+    and ComPEFT encode nothing, so the file only grows by the record; the report and the CLI say why in one note."""
+    session = get_method("s2_lora").train(build_tiny(0, CFG), config=dict(S2))
+    src = af.save(session.extract(), tmp_path / "s2.safetensors")
+    res = invoke("compress", str(src), "--out", str(tmp_path / "q.safetensors"), *options)
+    assert res.exit_code == 0, res.output
+    notes = [line for line in res.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "encoded no tensor" in notes[0], res.output
+    assert "6 shared tensor(s) stay plain" in notes[0] and "6 tensor(s) 1-D" in notes[0] and "not smaller" in notes[0]
+    out = af.load(tmp_path / "q.safetensors")
+    assert out.manifest["compression"]["notes"] == [notes[0].removeprefix("note: ")]
+    assert not any("encoding" in e for e in out.modules.values())
+    lora = af.Adapter(af.new_manifest("lora", {"m": af.lowrank_entry([4, 4], 1.0)}),
+                      {"m.lora_A": torch.ones(2, 4), "m.lora_B": torch.ones(4, 2)})
+    assert "notes" not in af.compress_adapter(lora, steps=[{"method": "quantize", "bits": 8}]).manifest["compression"]
+
+
 def s2_example() -> Example:
     """S2-LoRA trained a little on a two-layer model, so each group is shared by two modules."""
     model = build_tiny(0, CFG)

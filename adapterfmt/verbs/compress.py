@@ -25,6 +25,10 @@ Steps run in order on every module (each a dict ``{"method": name, **options}``)
   ``codec="nf4"`` / ``"fp4"``, ``group_size`` values per absmax) codecs on every stored float tensor of 2+ dims
   not already encoded, except the roles a kind keeps exact (``exact_roles``: a mixture's router).
 
+A codec step (``quantize``, ``compeft`` on the factors) that finds no tensor it may encode (e.g. S2-LoRA: its
+factors are shared, which stay plain, and its coefficients are 1-D) leaves the adapter as it was and says why
+in one note (``compression.notes``): the output is then no smaller, only the compression record is added.
+
 The record of what was done goes in the manifest's ``compression``: the steps, tensor bytes before and
 after, and the relative error of each module's dW, ``||dW' - dW|| / ||dW||`` (for modules without an
 additive dW, e.g. DoRA, the same over the kind's stored effect; for stacked pairs, the worst pair's, and each
@@ -229,7 +233,7 @@ def _keep_and_scale(tensors: list[torch.Tensor], *, density: float, scope: str, 
 
 
 def compeft(works: dict[str, Work], *, density: float, scope: str = "adapter", scale: str = "std",
-            factor: float = 1.0, group_size: int | None = None, target: str = "params") -> None:
+            factor: float = 1.0, group_size: int | None = None, target: str = "params") -> list[str]:
     if not 0 <= density <= 1:
         raise UnsupportedError(f"compeft density must be in [0, 1], got {density}")
     rule = SCALE_RULES.get(scale)
@@ -244,6 +248,8 @@ def compeft(works: dict[str, Work], *, density: float, scope: str = "adapter", s
     if target == "params":
         slots = sorted(((path, r) for path, w in works.items() for r in w.float_roles()),
                        key=lambda pr: f"{pr[0]}.{pr[1]}")  # the order of the reference's sorted state dict
+        if not slots:
+            return [nothing_encoded(works, "compeft (ternary)")]
         picks = _keep_and_scale([works[p].tensors[r] for p, r in slots], **opts)
         for (path, role), (keep, how) in zip(slots, picks, strict=True):
             w = works[path]
@@ -251,7 +257,7 @@ def compeft(works: dict[str, Work], *, density: float, scope: str = "adapter", s
                                         group_size=group_size)
             w.encoded[role] = (parts, spec)
             w.tensors[role] = codecs.get_codec("ternary").decode(parts, spec)
-        return
+        return []
     if target != "delta":
         raise UnsupportedError(f"compeft target must be 'params' or 'delta', got {target!r}")
     deltas = {path: d for path, w in sorted(works.items()) if (d := _additive_delta(w)) is not None}
@@ -263,6 +269,7 @@ def compeft(works: dict[str, Work], *, density: float, scope: str = "adapter", s
         if "parameter" in w.entry:
             entry["parameter"] = w.entry["parameter"]
         works[path] = Work(entry, parts)
+    return []
 
 
 def _additive_delta(w: Work) -> torch.Tensor | None:
@@ -278,23 +285,46 @@ def _additive_delta(w: Work) -> torch.Tensor | None:
 
 # ----- quantize -----------------------------------------------------------------------------------------
 def quantize(works: dict[str, Work], *, bits: int | None = None, group_size: int | None = None,
-             codec: str | None = None) -> None:
+             codec: str | None = None) -> list[str]:
     name = codec or {None: "int8", 8: "int8", 4: "int4"}.get(bits)
     if name not in CODEC_BITS or bits not in (None, CODEC_BITS[name]):
         raise UnsupportedError(f"quantize supports bits=8 or bits=4 (codec int8; int4, nf4 or fp4), got bits={bits}"
                                + (f" with codec {codec!r}" if codec else ""))
     opts = {} if name == "int8" else {"block_size" if name in ("nf4", "fp4") else "group_size": group_size}
+    if not any(w.float_roles() for w in works.values()):
+        return [nothing_encoded(works, f"quantize ({name})")]
     for w in works.values():
         for role in w.float_roles():
             parts, spec = codecs.encode(name, w.tensors[role], **opts)
             w.encoded[role] = (parts, spec)
             w.tensors[role] = codecs.get_codec(name).decode(parts, spec)
+    return []
+
+
+def nothing_encoded(works: Mapping[str, Work], step: str) -> str:
+    """The note of a codec ``step`` that found no tensor it may encode: why each tensor stays as it is."""
+    shared = {name for w in works.values() for name in w.shared().values()}
+    why: dict[str, int] = {}
+    for w in works.values():
+        exact = get_kind(w.entry["kind"]).exact_roles
+        for role, t in w.tensors.items():
+            if role in w.shared():
+                continue
+            reason = ("already encoded" if role in w.encoded else "kept exact by their kind" if role in exact
+                      else "not floating point" if not t.is_floating_point() else "1-D (vectors are not encoded)")
+            why[reason] = why.get(reason, 0) + 1
+    reasons = ([f"{len(shared)} shared tensor(s) stay plain (params.shared, spec section 5)"] if shared else []) + \
+        [f"{n} tensor(s) {reason}" for reason, n in sorted(why.items())]
+    return (f"{step} encoded no tensor: {'; '.join(reasons) or 'the adapter has none'}; the output is not smaller "
+            "(only the compression record is added)")
 
 
 CODEC_BITS = {"int8": 8, "int4": 4, "nf4": 4, "fp4": 4}
 """The codecs the ``quantize`` step uses, by bits per value."""
-STEP_METHODS: dict[str, Callable[..., None]] = {"resize": resize, "compeft": compeft, "quantize": quantize}
-"""Compression step methods by name; each takes the modules being compressed and its options."""
+STEP_METHODS: dict[str, Callable[..., list[str] | None]] = {"resize": resize, "compeft": compeft,
+                                                            "quantize": quantize}
+"""Compression step methods by name; each takes the modules being compressed and its options, and may return
+notes (one line each) for the record."""
 
 
 # ----- errors -------------------------------------------------------------------------------------------
@@ -420,9 +450,10 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
             check_dense(entry["shape"], f"module {path!r}", itemsize=8, path=adapter.source)
     works = {path: Work({k: v for k, v in entry.items() if k != "encoding"}, dict(originals[path]))
              for path, entry in sorted(adapter.modules.items())}
+    notes: list[str] = []
     for step in plan:
         opts = {k: v for k, v in step.items() if k != "method"}
-        STEP_METHODS[step["method"]](works, **opts)
+        notes += STEP_METHODS[step["method"]](works, **opts) or []
     manifest = copy_manifest(adapter.manifest)
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float | None] = {}
@@ -449,6 +480,7 @@ def compress_adapter(adapter: Adapter, *, steps: Sequence[Mapping[str, Any]],
         "dW_rel_error_mean": sum(finite) / len(finite) if finite else 0.0,
         "module_errors": errors,
         **({"expert_errors": pair_errors} if pair_errors else {}),
+        **({"notes": notes} if notes else {}),
     }
     manifest["compression"] = record
     manifest.setdefault("provenance", []).append({"tool": "adapterfmt compress", "steps": plan})

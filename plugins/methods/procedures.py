@@ -46,6 +46,7 @@ modules with the same name across layers (``layers.N`` replaced) and shape, one 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -134,7 +135,7 @@ class TriangularDelta(af.TrainableDelta):
 class TriangularSession(af.TrainSession):
     """Parameters are the blocks of every module (``path.A_0``, ``path.C_rows_1`` ...)."""
 
-    def named_parameters(self):  # type: ignore[override]
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for path, layer in self.layers.items():
             for name, p in layer.block_parameters():
                 yield f"{path}.{name}", p
@@ -250,7 +251,7 @@ class GatedSession(af.TrainSession):
                 for p in [layer.gate] if not arch else [p for _, p in layer.weights.items()]:
                     p.grad = None
 
-    def named_parameters(self):  # type: ignore[override]
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield from super().named_parameters()
         for path, layer in self.layers.items():
             if layer.searching:

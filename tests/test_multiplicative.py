@@ -230,6 +230,13 @@ def test_input_side_on_an_embedding_is_refused():
         af.attach(tiny(), adapter)
 
 
+@pytest.mark.parametrize("key", ["coft", "eps"])
+def test_oft_training_refuses_constrained_oft(key):
+    """The oft train verb does not implement COFT's projection: its keys are refused, not ignored."""
+    with pytest.raises(af.FormatError, match=f"oft config has unknown key.*{key}"):
+        af.registry.get_method("oft").train(tiny(), config={"target_modules": ["q_proj"], key: 1e-4})
+
+
 def test_delta_space_merge_is_refused(tmp_path):
     from helpers_spec import invoke
 

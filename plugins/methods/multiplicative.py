@@ -367,8 +367,7 @@ class OFT(MultiplicativeMethod):
     kinds = ("cayley",)
     config_schema = _schema({"block_size": {"type": "integer", "minimum": 2},
                              "block_share": {"type": "boolean"},
-                             "neumann_terms": {"type": ["integer", "null"], "minimum": 1},
-                             "coft": {"type": "boolean"}, "eps": {"type": "number"}})
+                             "neumann_terms": {"type": ["integer", "null"], "minimum": 1}})
     defaults: ClassVar[dict[str, Any]] = {"block_size": 4, "block_share": False, "neumann_terms": None}
 
     def layer(self, path: str, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:

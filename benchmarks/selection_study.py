@@ -168,7 +168,7 @@ def study_greentrainer(seed: int, base, batches, held, dense_lr: float = LR) -> 
     return {"GreenTrainer rho=0.5": gt, f"LoRA all-linear r={r}": lora}
 
 
-def removed_share(base: torch.nn.Module, adapter: af.Adapter) -> float:
+def removed_share(adapter: af.Adapter) -> float:
     """Weights of the base made dead by the masks (rows/columns of o_proj and down_proj and what feeds only
     them: the head's q/k/v rows, the channel's gate/up rows) over all attention + FFN weights."""
     per_layer = 4 * CONFIG.hidden ** 2 + 3 * CONFIG.hidden * CONFIG.intermediate
@@ -185,7 +185,7 @@ def study_light_peft(seed: int, base, batches, held) -> dict[str, dict[str, Any]
     cfg = {"target_modules": qv, "r": 8, "alpha": 16, "estimate_lr": LR}
     lp = run("light_peft", base, cfg, batches[ESTIMATE:], held, LR, seed, loss_fn=loss_fn,
              batches=batches[:ESTIMATE])
-    lp["removed"] = removed_share(base, lp["adapter"])
+    lp["removed"] = removed_share(lp["adapter"])
     r = lora_rank_for(base, qv, lp["params"])
     return {"Light-PEFT": lp,
             f"LoRA q/v r={r} (same params)": run("lora", base, {"target_modules": qv, "r": r, "alpha": 2 * r},

@@ -107,7 +107,8 @@ def train(
                               "route, e.g. mixture), or a folder saved by `datasets` (needs it installed)."),
     out: Path = out_option("Where to write the adapter (.safetensors: one file; else a folder)."),
     config: Path = typer.Option(None, "--config", help="The method's options as YAML or JSON (its config schema; "
-                                "unknown keys are refused)."),
+                                "unknown keys are refused; relative file paths in it are relative to its "
+                                "folder)."),
     max_steps: int = typer.Option(None, "--max-steps", min=1, help="Optimizer steps (default 100)."),
     lr: float = typer.Option(None, "--lr", min=0.0, help="Peak learning rate (default 2e-4)."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Examples per step over all processes "
@@ -152,6 +153,7 @@ def train(
         raise UsageError("give --method, --data and --out (or --resume a checkpoint)")
 
     opts = TrainOptions(method=method, data=data, out=out, base=base, config=_read_config(config),
+                        config_dir=config.resolve().parent if config is not None else None,
                         max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
                         warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
                         max_grad_norm=max_grad_norm, seed=seed, mixed_precision=mixed_precision,

@@ -200,6 +200,37 @@ def test_cli_trains_a_mixture_from_named_experts(mode: str, tmp_path: Path) -> N
     assert one.modules[p]["params"]["scale"] == experts["beta"].modules[p]["params"]["scale"]
 
 
+def test_relative_expert_paths_resolve_against_the_config_folder_and_resume_from_anywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``expert_adapters: {name: relative path}`` in a --config file is relative to the file's folder (not the
+    working directory), and the run records absolute paths: a resume from another working directory finds the
+    experts (it used to load the recorded relative paths from there and fail)."""
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    for name, a in _experts(build_tiny(seed=0), seed=4).items():
+        af.save(a, folder / f"{name}.safetensors")
+    (folder / "mix.yaml").write_text(yaml.safe_dump({"expert_adapters": {n: f"{n}.safetensors" for n in NAMES}}))
+    with open(tmp_path / "data.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": "abc def ghi 123", "task": NAMES[i % 3]}) + "\n" for i in range(6))
+    for cwd in ("one", "two"):
+        (tmp_path / cwd).mkdir()
+    monkeypatch.chdir(tmp_path / "one")
+    res = invoke("train", "--method", "mixture", "--config", "../cfg/mix.yaml", "--data", "../data.jsonl",
+                 "--out", "../mix.safetensors", "--max-steps", "2", "--batch-size", "3", "--checkpoint-every", "1",
+                 "--quiet", "--cpu")
+    assert res.exit_code == 0, res.output
+    want = {n: str(folder / f"{n}.safetensors") for n in NAMES}
+    assert af.load(tmp_path / "mix.safetensors").manifest["method"]["config"]["expert_adapters"] == want
+    monkeypatch.chdir(tmp_path / "two")
+    res = invoke("train", "--resume", str(tmp_path / "mix.safetensors.checkpoints" / "step-00000001"), "--quiet",
+                 "--cpu", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert af.load(tmp_path / "mix.safetensors").manifest["method"]["config"]["expert_adapters"] == want
+    session = af.registry.get_method("mixture").train(build_tiny(seed=0), config={
+        "expert_adapters": {n: f"../cfg/{n}.safetensors" for n in NAMES}})  # the API: the working directory
+    assert session.config["expert_adapters"] == want
+
+
 def test_cli_refusals(tmp_path: Path) -> None:
     cfg, _ = _cli_setup(tmp_path, gate_loss_wieght=1.0)
     data, out = tmp_path / "data.jsonl", tmp_path / "o.safetensors"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import jsonschema
@@ -49,6 +50,11 @@ class Method:
         if err is not None:
             where = "/".join(map(str, err.absolute_path)) or "(top level)"
             raise FormatError(f"{self.name} config field {where}: {err.message}", path=path)
+
+    def resolve_paths(self, config: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """``config`` with the relative file paths it names made absolute against ``folder`` (a config file's
+        folder, or the working directory), so a run records where they are; default: ``config`` as it is."""
+        return config
 
     def regularization(self, session: Any, **outputs: Any) -> Any:
         """The method's regularisation term for :meth:`TrainSession.regularization` (0 by default): a 0-dim

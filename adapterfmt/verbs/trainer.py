@@ -90,6 +90,9 @@ class TrainOptions:
     """A local transformers causal-LM folder, or ``None`` for the tiny model (``adapterfmt.tiny``, seed 0)."""
     config: dict[str, Any] | None = None
     """The method's config (its ``config_schema``; unknown keys are refused by the method)."""
+    config_dir: Path | None = None
+    """Where relative file paths in ``config`` resolve (the method's ``resolve_paths``; the run records them
+    absolute): the config file's folder; default the working directory."""
     max_steps: int | None = None
     lr: float | None = None
     batch_size: int | None = None
@@ -481,8 +484,11 @@ class Run:
         return self.opts.out or (Path(self.settings["out"]) if self.settings.get("out") else None)
 
     def _settings(self, recorded: dict[str, Any] | None) -> dict[str, Any]:
+        config, method = self.opts.config, self.opts.method or (recorded or {}).get("settings", {}).get("method")
+        if config is not None and method is not None:
+            config = get_method(method).resolve_paths(dict(config), (self.opts.config_dir or Path.cwd()).resolve())
         given = {"method": self.opts.method, "data": self.opts.data and str(self.opts.data.resolve()),
-                 "base": self.opts.base and str(self.opts.base.resolve()), "config": self.opts.config,
+                 "base": self.opts.base and str(self.opts.base.resolve()), "config": config,
                  **{k: getattr(self.opts, k) for k in DEFAULTS}}
         if recorded is None:
             return {**given, "config": given["config"] or {},

@@ -406,7 +406,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {"top_k": 2, "temperature": 1.0, "granularity":
 
 class MixtureMethod(af.Method):
     """Training (:meth:`train`), MeteoRA's recipe: the base frozen, N trained LoRA experts loaded (config
-    ``expert_adapters``: ``{name: path}``, or ``experts=`` adapters), a router per module initialised
+    ``expert_adapters``: ``{name: path}``, a relative path taken from the config file's folder under ``adapter
+    train --config``, else from the working directory, and recorded absolute so a resumed run finds them from
+    anywhere; or ``experts=`` adapters), a router per module initialised
     ``N(0, 1)`` as MeteoRA's gate. ``train: router`` (default) trains the routers alone on frozen experts (the
     paper's recipe); ``train: joint`` trains the experts' factors too (what the repository's
     ``meteora_train.py`` does: every ``moe_gate`` and ``lora_`` parameter). The loss is the language-model
@@ -439,6 +441,7 @@ class MixtureMethod(af.Method):
         config ``expert_adapters``); see the class docstring. The session's ``tasks`` are the expert names."""
         cfg = {**TRAIN_DEFAULTS, **config}
         self.check_config(cfg)
+        cfg = self.resolve_paths(cfg, Path.cwd())
         paths = cfg.get("expert_adapters")
         if (paths is None) == (experts is None):
             raise af.FormatError("mixture training needs its experts: config expert_adapters ({name: path}) or "
@@ -480,6 +483,14 @@ class MixtureMethod(af.Method):
         session = af.inject(model, method=self.name, config=cfg, build=build, targets={"target_modules": sorted(first)})
         session.tasks = tuple(names)
         return session
+
+    def resolve_paths(self, config: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """``expert_adapters`` with each path made absolute against ``folder`` (absolute ones kept)."""
+        paths = config.get("expert_adapters")
+        if not isinstance(paths, Mapping):
+            return config
+        return {**config, "expert_adapters": {n: str((folder / p).resolve()) if isinstance(p, str) else p
+                                              for n, p in paths.items()}}
 
     def regularization(self, session: Any, *, task_ids: torch.Tensor | None = None, **outputs: Any) -> torch.Tensor:
         """``gate_loss_weight *`` :func:`gate_loss` over the session's modules, given ``task_ids`` ``[B, T]``

@@ -121,6 +121,10 @@ def train(
                                         "clipping) (default 1)."),
     seed: int = typer.Option(None, "--seed", help="Seed of the initialisation and the data order (default 0)."),
     mixed_precision: str = typer.Option(None, "--mixed-precision", help="no, fp16 or bf16 (default no)."),
+    quantize: str = typer.Option(None, "--quantize", help="Load --base quantised by bitsandbytes and train over it "
+                                 "(QLoRA): nf4 or fp4 (4-bit, double-quantised, computing in float32 or the "
+                                 "--mixed-precision dtype) or int8 (LLM.int8()). A base folder saved quantised is "
+                                 "detected from its config.json."),
     calibration_batches: int = typer.Option(None, "--calibration-batches", min=0, help="Batches handed to methods "
                                             "that choose what to train from gradients (default 8)."),
     eval_data: Path = typer.Option(None, "--eval", help="Held-out data (same formats): its loss at each checkpoint "
@@ -141,10 +145,10 @@ def train(
     mixed precision, data parallelism: `--processes N`, or run under `accelerate launch -m adapterfmt.cli.main
     train ...`), with resumable checkpoints; the adapter records the data's sha256, the steps and the options."""
     base = renamed(base, model, new="--base", old="--model", warn=False)
-    from adapterfmt.verbs.trainer import PRECISIONS, SCHEDULES, TrainOptions, train_adapter
+    from adapterfmt.verbs.trainer import PRECISIONS, QUANTIZE, SCHEDULES, TrainOptions, train_adapter
 
     for flag, value, allowed in (("--schedule", schedule, SCHEDULES), ("--mixed-precision", mixed_precision,
-                                                                          PRECISIONS)):
+                                                                          PRECISIONS), ("--quantize", quantize, QUANTIZE)):
         if value is not None and value not in allowed:
             raise UsageError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
     if processes is not None and processes > 1 and LAUNCHED_ENV not in os.environ:
@@ -156,7 +160,7 @@ def train(
                         config_dir=config.resolve().parent if config is not None else None,
                         max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
                         warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
-                        max_grad_norm=max_grad_norm, seed=seed, mixed_precision=mixed_precision,
+                        max_grad_norm=max_grad_norm, seed=seed, mixed_precision=mixed_precision, quantize=quantize,
                         calibration_batches=calibration_batches, eval_data=eval_data,
                         checkpoint_every=checkpoint_every, checkpoints=checkpoints, resume=resume, cpu=cpu,
                         overwrite=overwrite)

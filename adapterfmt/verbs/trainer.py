@@ -31,6 +31,17 @@ What makes runs reproducible and comparable:
   data's sha256, the steps, the loss, the trainer's options and, with eval data, its sha256 and the eval loss
   at every checkpoint and at the end (``evals``).
 
+Quantised bases (QLoRA): ``quantize`` (``nf4``, ``fp4``: bitsandbytes' 4-bit ``Linear4bit`` with double
+quantisation, as QLoRA; ``int8``: LLM.int8()'s ``Linear8bitLt``) loads a transformers base through
+``BitsAndBytesConfig``, computing in float32 (``mixed_precision`` fp16 / bf16: in that dtype); a base folder that
+transformers saved quantised by bitsandbytes (its ``config.json`` ``quantization_config``) is trained over as
+saved, with a note. The adapter's ``base.fingerprint`` is then the quantised model's (the same as that of the
+folder transformers would save from it) and its provenance entry says how the base was quantised
+(``base_quantization``). Only kinds that compute on a module's dequantised weight train there (the method's
+``train`` verb refuses the others); a resumed run rebuilds the quantised base the same way. bitsandbytes' CPU
+repacking of 4-bit weights for inference (at an eval-mode forward; block scales rounded to bf16) is turned off, so
+the eval loss is that of the weights trained on and training after an evaluation goes on over the same weights.
+
 Memory: on the CPU a run makes glibc return freed activation-sized buffers to the OS (:func:`return_freed_memory`).
 
 Tokenizer: the base folder's own (``transformers.AutoTokenizer``); a folder without tokenizer files (the
@@ -71,9 +82,14 @@ IGNORE = -100
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
+QUANTIZE = ("nf4", "fp4", "int8")
+"""The bitsandbytes formats ``quantize`` loads a base in."""
+COMPUTE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The dtype a 4-bit base's matmuls compute in, per mixed precision."""
 DEFAULTS: dict[str, Any] = {
     "max_steps": 100, "lr": 2e-4, "batch_size": 8, "max_length": 512, "warmup_steps": 0, "schedule": "linear",
     "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0, "mixed_precision": "no", "calibration_batches": 8,
+    "quantize": None,
 }
 """Defaults of the :class:`TrainOptions` fields that fix the training trajectory (recorded in checkpoints)."""
 
@@ -106,6 +122,8 @@ class TrainOptions:
     seed: int | None = None
     mixed_precision: str | None = None
     """``no``, ``fp16`` or ``bf16`` (Accelerate's autocast)."""
+    quantize: str | None = None
+    """Load the (transformers) base quantised by bitsandbytes: one of :data:`QUANTIZE` (see the module docstring)."""
     calibration_batches: int | None = None
     """The first global batches, handed to the method's ``train`` verb as ``batches=`` with ``loss_fn=`` (for
     methods that choose modules or entries from gradients, e.g. ``sparse_ft``, ``lt_sft``)."""
@@ -338,19 +356,69 @@ class Stream:
 
 
 # ----- model and loss ------------------------------------------------------------------------------------
-def load_base(base: Path | None) -> nn.Module:
-    """The model to train, in fp32: the tiny model (``None``, or a folder ``adapter demo`` saved), or a
-    transformers causal LM loaded by ``from_pretrained`` (streamed: one copy of the weights in memory)."""
-    if base is None:
-        return build_tiny(seed=0)
-    config = base / "config.json"
-    if config.is_file() and read_json_object(config).get("model_type") != "adapterfmt-tiny":
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise UnsupportedError("a transformers base model needs the 'transformers' extra", path=base) from None
-        return AutoModelForCausalLM.from_pretrained(base, local_files_only=True).float()
-    return load_live_model(base)
+def load_base(base: Path | None, quantize: str | None = None, compute_dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any] | None]:
+    """The model to train and, for a base held quantised by bitsandbytes, its :func:`bnb_record`. The tiny model
+    (``None``, or a folder ``adapter demo`` saved) or a transformers causal LM loaded by ``from_pretrained``
+    (streamed: one copy of the weights in memory), in fp32; ``quantize`` (one of :data:`QUANTIZE`) quantises the
+    latter's linear layers on loading (``compute_dtype``: their matmuls' dtype), and a folder saved quantised by
+    bitsandbytes loads as saved (with a note)."""
+    config = base / "config.json" if base is not None else None
+    cfg = read_json_object(config) if config is not None and config.is_file() else {}
+    if base is None or cfg.get("model_type") in (None, "adapterfmt-tiny"):
+        if quantize is not None:
+            raise UnsupportedError(f"--quantize {quantize} loads a transformers base through bitsandbytes; "
+                                   f"{base or 'the tiny model'} is not one", path=base)
+        return (build_tiny(seed=0) if base is None else load_live_model(base)), None
+    try:
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    except ImportError:
+        raise UnsupportedError("a transformers base model needs the 'transformers' extra", path=base) from None
+    saved = cfg.get("quantization_config")
+    if saved is None and quantize is None:
+        return AutoModelForCausalLM.from_pretrained(base, local_files_only=True).float(), None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UnsupportedError("a base quantised by bitsandbytes needs bitsandbytes (pip install bitsandbytes)",
+                               path=base) from None
+    kwargs: dict[str, Any] = {}
+    if saved is not None:
+        if not isinstance(saved, dict) or saved.get("quant_method") != "bitsandbytes":
+            method = saved.get("quant_method") if isinstance(saved, dict) else None
+            raise UnsupportedError(f"quantization_config.quant_method {method!r}: only bases quantised by "
+                                   "bitsandbytes train here", path=config)
+        held = bnb_record(saved)["format"]
+        if quantize not in (None, held):
+            raise FormatError(f"quantization_config: the base is saved quantised as {held}, not {quantize}; leave "
+                              "--quantize out", path=config)
+        warnings.warn(f"{base} is saved quantised by bitsandbytes ({held}, config.json quantization_config): "
+                      "training over it as saved", AdapterNote, stacklevel=2)
+    elif quantize == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32,
+                                                 device_map={"": device}, **kwargs)
+    for module in model.modules():  # eval forwards compute on the weights trained on (see the module docstring)
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return model, bnb_record(model.config.quantization_config.to_dict())
+
+
+def bnb_record(config: dict[str, Any]) -> dict[str, Any]:
+    """What the adapter's provenance says of a base quantised by bitsandbytes, from transformers' quantisation
+    config (a ``BitsAndBytesConfig`` as a dict): the format (``nf4``, ``fp4`` or ``int8``) and its settings."""
+    import bitsandbytes
+
+    if config.get("load_in_8bit"):
+        return {"library": "bitsandbytes", "version": bitsandbytes.__version__, "format": "int8",
+                "threshold": config.get("llm_int8_threshold")}
+    return {"library": "bitsandbytes", "version": bitsandbytes.__version__,
+            "format": config.get("bnb_4bit_quant_type"), "double_quant": config.get("bnb_4bit_use_double_quant"),
+            "compute_dtype": str(config.get("bnb_4bit_compute_dtype")).removeprefix("torch.")}
 
 
 def token_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -470,6 +538,8 @@ class Run:
             raise FormatError(f"schedule {s['schedule']!r} is not one of {', '.join(SCHEDULES)}")
         if s["mixed_precision"] not in PRECISIONS:
             raise FormatError(f"mixed precision {s['mixed_precision']!r} is not one of {', '.join(PRECISIONS)}")
+        if s["quantize"] not in (None, *QUANTIZE):
+            raise FormatError(f"quantize {s['quantize']!r} is not one of {', '.join(QUANTIZE)}")
         if s["method"] is None or s["data"] is None or self.out is None:
             raise FormatError("a training run needs a method, data and an output (or --resume)")
         self.data = Path(s["data"])
@@ -495,10 +565,10 @@ class Run:
                     **{k: DEFAULTS[k] if given[k] is None else given[k] for k in DEFAULTS}}
         old = recorded["settings"]
         for k, v in given.items():
-            if v is not None and v != old[k]:
+            if v is not None and v != old.get(k):
                 raise FormatError(f"{k} {v!r} differs from the checkpoint's {old[k]!r}; a resumed run continues "
                                   "the recorded one", path=self.ckpt)
-        return {**old, "out": recorded.get("out")}
+        return {"quantize": None, **old, "out": recorded.get("out")}
 
     def prepare(self) -> None:
         """Accelerator, model, tokenizer, data, the method's session, optimizer, scheduler (and the checkpoint)."""
@@ -519,7 +589,8 @@ class Run:
             self._clear_checkpoints()
         torch.manual_seed(s["seed"])
         base = Path(s["base"]) if s["base"] else None
-        model = load_base(base)
+        model, self.base_quantization = load_base(base, s["quantize"], COMPUTE_DTYPES[s["mixed_precision"]],
+                                                  acc.device)
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
         self.tokenizer = load_tokenizer(base, emb.num_embeddings, note=acc.is_main_process)
         self.stream = Stream(read_examples(self.data, self.tokenizer, s["max_length"]), s["batch_size"], s["seed"])
@@ -677,6 +748,7 @@ class Run:
             **({"eval_data": {"name": self.eval_data.name, "sha256": data_sha256(self.eval_data)},
                 "evals": [{"step": k, "loss": v} for k, v in self.evals]} if self.eval_data else {}),
             "options": {k: s[k] for k in DEFAULTS},
+            **({"base_quantization": self.base_quantization} if self.base_quantization else {}),
         })
         return adapter
 

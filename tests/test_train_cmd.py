@@ -311,10 +311,10 @@ print(took, round(peak - before), round(rss() - before))
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_cpu_runs_return_freed_memory() -> None:
     """What a CPU run sets (trainer.return_freed_memory): 64 MiB of freed 4 MiB buffers go back to the OS at
-    once; without it they stay resident in glibc's heap (the gap to PEFT + Trainer's peak in benchmarks/train.py)."""
-    runs = {}
-    for mode in ("on", "off"):
-        out = subprocess.run([sys.executable, "-c", RSS_PROBE, mode], capture_output=True, text=True, check=True)
-        runs[mode] = out.stdout.split()
-    assert runs["on"][0] == "True" and int(runs["on"][1]) >= 60 and int(runs["on"][2]) <= 4
-    assert int(runs["off"][2]) >= 60
+    once, every time. Without it glibc keeps them resident in its heap or trims them, as its trim threshold
+    happens to fall (measured: kept in 2 of 5 runs), which is the gap to PEFT + Trainer's peak in
+    benchmarks/train.py; so only the setting's side is asserted, three times over."""
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, "on"], capture_output=True, text=True, check=True)
+        took, peak, left = out.stdout.split()
+        assert took == "True" and int(peak) >= 60 and int(left) <= 4

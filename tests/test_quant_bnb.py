@@ -285,3 +285,22 @@ def test_bake_into_a_transformers_4_bit_folder_loads_back_with_pefts_merged_logi
         plain = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu").eval(), ids)
     assert type(baked.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert torch.equal(logits(baked.eval(), ids), expected) and (expected - plain).abs().max() > 1e-2
+
+
+def test_an_int8_module_stays_quantised_after_a_training_forward():
+    """bitsandbytes moves a Linear8bitLt's row scales from its weight to ``module.state`` at the first
+    training-mode forward: the module still holds its weight quantised, dequantises the same, and refuses DoRA."""
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = quantize_bnb(llama().train(), "int8")
+    q = model.model.layers[0].self_attn.q_proj
+    before = af.function_weight(q).clone()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(ids)
+    assert q.weight.SCB is None and q.state.SCB is not None  # where bitsandbytes keeps them now
+    assert af.held_quantized(q) and torch.equal(af.function_weight(q), before)
+    dora = af.registry.get_method("dora").train(model, config={"target_modules": ["q_proj"], "r": 2})
+    with pytest.raises(af.UnsupportedError, match="DoRA on a bitsandbytes Linear8bitLt"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(ids)
+    dora.remove()

@@ -130,6 +130,8 @@ def test_a_folder_saved_quantised_trains_as_saved(setup):
 @pytest.mark.parametrize(("args", "code", "message"), [
     (("--base", "fp", "--quantize", "nf4", "--method", "ia3", "--config", "ia3.yaml"), 1,
      "holds its weight quantised; kind 'vector'"),
+    (("--base", "fp", "--quantize", "int8", "--method", "dora", "--config", "lora.yaml"), 1,
+     "DoRA on a bitsandbytes Linear8bitLt: its int8 product also quantises the input"),
     (("--quantize", "nf4", "--method", "lora", "--config", "lora.yaml"), 1,
      "--quantize nf4 loads a transformers base through bitsandbytes; the tiny model is not one"),
     (("--base", "fp", "--quantize", "q3", "--method", "lora", "--config", "lora.yaml"), 2,

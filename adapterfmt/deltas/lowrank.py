@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UnsupportedError
 from .base import ROWS_CACHE_ATTR, DeltaKind, Entry, Tensors, fail
 from .base_part import FACTOR_RECIPES, RECIPES, base_part, derived_tensors, is_derived, scale_columns
-from .modules import function_weight, held_quantized, is_transposed, weight_function
+from .modules import function_weight, held_quantized, int8_scales, is_transposed, weight_function
 
 if TYPE_CHECKING:
     import torch
@@ -336,7 +336,7 @@ class LowRank(DeltaKind):
 
 def _check_dora_base(module: nn.Module, t: Tensors) -> None:
     """DoRA rescales ``x W^T``: refused on a quantised module whose product is not that of its dequantised weight."""
-    if "magnitude" in t and held_quantized(module) and getattr(getattr(module, "weight", None), "SCB", None) is not None:
+    if "magnitude" in t and held_quantized(module) and int8_scales(module) is not None:
         raise UnsupportedError(f"DoRA on a bitsandbytes {type(module).__name__}: its int8 product also quantises the "
                                "input, so it is not the x W^T that DoRA rescales")
 

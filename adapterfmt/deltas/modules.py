@@ -50,8 +50,14 @@ def held_quantized(module: nn.Module) -> bool:
         return True
     if not type(module).__module__.startswith("bitsandbytes."):
         return False
-    w = getattr(module, "weight", None)
-    return getattr(w, "quant_state", None) is not None or getattr(w, "SCB", None) is not None
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None or int8_scales(module) is not None
+
+
+def int8_scales(module: nn.Module) -> torch.Tensor | None:
+    """A bitsandbytes 8-bit module's row scales (``SCB``): on its weight, or, after its first training-mode
+    forward (``init_8bit_state``), on ``module.state``."""
+    scb = getattr(getattr(module, "weight", None), "SCB", None)
+    return scb if scb is not None else getattr(getattr(module, "state", None), "SCB", None)
 
 
 def function_weight(module: nn.Module) -> torch.Tensor:
@@ -65,7 +71,7 @@ def function_weight(module: nn.Module) -> torch.Tensor:
             return bnb_dequantize_4bit(w.data, w.quant_state, f"this {type(module).__name__}")
         import bitsandbytes.functional as bnbf
 
-        return bnbf.int8_vectorwise_dequant(w.data, w.SCB)
+        return bnbf.int8_vectorwise_dequant(w.data, int8_scales(module))
     return w.t() if is_transposed(module) else w
 
 

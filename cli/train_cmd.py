@@ -147,8 +147,9 @@ def train(
     base = renamed(base, model, new="--base", old="--model", warn=False)
     from adapterfmt.verbs.trainer import PRECISIONS, QUANTIZE, SCHEDULES, TrainOptions, train_adapter
 
-    for flag, value, allowed in (("--schedule", schedule, SCHEDULES), ("--mixed-precision", mixed_precision,
-                                                                          PRECISIONS), ("--quantize", quantize, QUANTIZE)):
+    for flag, value, allowed in (("--schedule", schedule, SCHEDULES),
+                                 ("--mixed-precision", mixed_precision, PRECISIONS),
+                                 ("--quantize", quantize, QUANTIZE)):
         if value is not None and value not in allowed:
             raise UsageError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
     if processes is not None and processes > 1 and LAUNCHED_ENV not in os.environ:

@@ -357,12 +357,12 @@ class Stream:
 
 # ----- model and loss ------------------------------------------------------------------------------------
 def load_base(base: Path | None, quantize: str | None = None, compute_dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any] | None]:
+              device: torch.device | str = "cpu", *, note: bool = True) -> tuple[nn.Module, dict[str, Any] | None]:
     """The model to train and, for a base held quantised by bitsandbytes, its :func:`bnb_record`. The tiny model
     (``None``, or a folder ``adapter demo`` saved) or a transformers causal LM loaded by ``from_pretrained``
     (streamed: one copy of the weights in memory), in fp32; ``quantize`` (one of :data:`QUANTIZE`) quantises the
     latter's linear layers on loading (``compute_dtype``: their matmuls' dtype), and a folder saved quantised by
-    bitsandbytes loads as saved (with a note)."""
+    bitsandbytes loads as saved (with a note, if ``note``)."""
     config = base / "config.json" if base is not None else None
     cfg = read_json_object(config) if config is not None and config.is_file() else {}
     if base is None or cfg.get("model_type") in (None, "adapterfmt-tiny"):
@@ -392,8 +392,9 @@ def load_base(base: Path | None, quantize: str | None = None, compute_dtype: tor
         if quantize not in (None, held):
             raise FormatError(f"quantization_config: the base is saved quantised as {held}, not {quantize}; leave "
                               "--quantize out", path=config)
-        warnings.warn(f"{base} is saved quantised by bitsandbytes ({held}, config.json quantization_config): "
-                      "training over it as saved", AdapterNote, stacklevel=2)
+        if note:
+            warnings.warn(f"{base} is saved quantised by bitsandbytes ({held}, config.json quantization_config): "
+                          "training over it as saved", AdapterNote, stacklevel=2)
     elif quantize == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -590,7 +591,7 @@ class Run:
         torch.manual_seed(s["seed"])
         base = Path(s["base"]) if s["base"] else None
         model, self.base_quantization = load_base(base, s["quantize"], COMPUTE_DTYPES[s["mixed_precision"]],
-                                                  acc.device)
+                                                  acc.device, note=acc.is_main_process)
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
         self.tokenizer = load_tokenizer(base, emb.num_embeddings, note=acc.is_main_process)
         self.stream = Stream(read_examples(self.data, self.tokenizer, s["max_length"]), s["batch_size"], s["seed"])

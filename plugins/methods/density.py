@@ -9,7 +9,8 @@ The loss, as the reference computes it (``compute_l0_penalty`` in ``GLUE/lora.py
 for each watched activation tensor ``a`` ``[batch, tokens, channels]`` of the last forward pass, per sample the
 mean over tokens and channels of ``a^2 / (a^2 + eps)`` (a smooth count of the non-zeros); the term is
 ``density_weight`` times the mean of that over samples and layers, added to the task loss. As in the reference
-the mean runs over every position of the batch, padding included. The watched activations are the outputs of
+the mean runs over every position of the batch, padding included (so with ``adapter train --processes N`` each
+process pads its own share, and the term differs slightly from one process's). The watched activations are the outputs of
 the modules named ``activations`` (the reference's ``intermediate_act_fn`` / ``DenseReluDense.act``; for
 Llama-style MLPs ``mlp.act_fn``), or their inputs with ``capture: input`` (e.g. ``mlp.down_proj``, for models
 that apply the activation as a function). :func:`activation_density` is the reference's evaluation metric:

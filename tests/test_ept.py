@@ -1,6 +1,6 @@
 """EPT (method ``ept``): trained through its prompt fusion and multi-space projection, stored exactly as the
 DePT adapter it computes (kind ``dept``); the stored prompt is the plugin docstring's formula recomputed in
-numpy from the trained parameters; strict config; refused checkpoints; the conformance kit."""
+numpy from the trained parameters; strict config; what a checkpoint saves besides the adapter; the conformance kit."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def test_ept_trains_and_stores_the_dept_adapter_it_computes(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert session.has_schedule  # the reparameterisation is not in a checkpoint: adapter train refuses them
+    assert not session.has_schedule  # a checkpoint saves the reparameterisation (TrainSession.unstored)
+    assert {role for role, _ in session.unstored(next(iter(session.layers.values())))} == {
+        "prompt", "space_U", "space_W", "gate"}
     (layer,) = session.layers.values()
     w = {role: p.detach().double().numpy() for role, p in layer.weights.items()}
     assert np.abs(w["space_W"]).min() > 0 and np.abs(w["gate"]).max() > 0

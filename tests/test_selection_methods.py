@@ -98,6 +98,38 @@ def test_ist_trains_the_drawn_blocks_and_learns_scores_as_the_reference():
     assert s.extract().method == "ist" and {e["kind"] for e in s.extract().modules.values()} == {"lowrank"}
 
 
+def test_ist_schedule_state_continues_the_draws_and_score_updates():
+    """IST's schedule state (scores, generator, drawn blocks) loaded into a fresh session continues the session
+    it came from, draw for draw and score for score; a schedule without it draws otherwise."""
+    cfg = {"target_modules": ["q_proj"], "r": 2, "update_interval": 2, "rl_steps": 2, "seed": 3}
+
+    def session() -> af.TrainSession:
+        torch.manual_seed(0)  # the same LoRA init in each
+        s = af.registry.get_method("ist").train(build_tiny(0, TinyConfig(layers=4)), config=cfg, loss_fn=loss_fn,
+                                                batches=data())
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # B off zero: the suppressed losses differ, so the scores move
+            for layer in s.layers.values():
+                layer.weights.lora_B.copy_(torch.randn(layer.weights.lora_B.shape, generator=gen))
+        return s
+
+    def run(s: af.TrainSession, n: int) -> list[tuple[list[str], list[float]]]:
+        out = []
+        for _ in range(n):
+            s.step(None)
+            st = s.schedule_state()["hooks"][0]
+            out.append((st["active"], st["scores"].tolist()))
+        return out
+
+    a, b, c = session(), session(), session()
+    run(a, 3)
+    b.load_schedule_state(a.schedule_state())
+    b.steps = c.steps = a.steps
+    ahead = run(a, 6)
+    assert run(b, 6) == ahead and run(c, 6) != ahead
+    assert len({tuple(active) for active, _ in ahead}) > 1 and any(x != 0 for x in ahead[-1][1])
+
+
 def test_ist_refuses_what_it_cannot_do():
     with pytest.raises(af.FormatError, match="calibration data"):
         af.registry.get_method("ist").train(build_tiny(0), config={"target_modules": ["q_proj"]})

@@ -98,6 +98,10 @@ SPIEL = {"density": 0.05, "reselection_steps": 4, "selection_accumulation_steps"
     # the step-4 checkpoint and ends, replacing entries, at step 6 after the resumption
     ("spiel", {**SPIEL, "target_modules": "all-linear"}, 7),
     ("spiel", {**SPIEL, "target_modules": "all-linear", "selection_algorithm": "sm3"}, 7),
+    # IST: score updates at steps 2, 4 and 6 and a block drawn per step (the scores and generator restored)
+    ("ist", {"target_modules": ["q_proj", "v_proj"], "r": 4, "update_interval": 2, "rl_steps": 2}, 7),
+    # EPT: the short prompt and fusion / projection weights are not in the adapter (the schedule state holds them)
+    ("ept", {"num_virtual_tokens": 3, "r": 2, "max_length": 16, "num_spaces": 2, "space_rank": 2}, 6),
 ])
 def test_killed_run_resumes_exactly(tmp_path: Path, method: str, config: dict, steps: int) -> None:
     """SIGKILL after the step-4 checkpoint; resuming gives, bit for bit, the uninterrupted run's adapter
@@ -124,6 +128,11 @@ def test_killed_run_resumes_exactly(tmp_path: Path, method: str, config: dict, s
     if method == "spiel":  # the pattern moved after the resumption, so the schedule state mattered
         first = tensors(ckpts / "step-00000004" / "adapter.safetensors")
         assert any(not torch.equal(first[n], b[n]) for n in b if n.endswith(".indices"))
+    state = torch.load(ckpts / "step-00000004" / "schedule.pt", weights_only=True)
+    if method == "ist":  # the scores had learned something by the checkpoint
+        assert bool((state["hooks"][0]["scores"] != 0).any())
+    if method == "ept":
+        assert {n.rsplit(".", 1)[1] for n in state["weights"]} == {"prompt", "space_U", "space_W", "gate"}
 
 
 def hf_base(folder: Path) -> Path:

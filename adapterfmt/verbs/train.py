@@ -201,12 +201,22 @@ class TrainSession:
         return any(not (hasattr(fn, "state_dict") and hasattr(fn, "load_state_dict")) for fn in self._step_hooks)
 
     def schedule_state(self) -> dict[str, Any]:
-        """What a checkpoint holds besides the adapter and the optimizer: the pruned ranks' masks and each
-        :meth:`on_step` hook's ``state_dict()`` (refused while :attr:`has_schedule`)."""
+        """What a checkpoint holds besides the adapter and the optimizer: the pruned ranks' masks, each
+        :meth:`on_step` hook's ``state_dict()`` (refused while :attr:`has_schedule`) and the trained tensors the
+        adapter does not store as themselves (:meth:`unstored`, e.g. EPT's reparameterisation)."""
         if self.has_schedule:
             raise AdapterError("an on_step hook without state_dict / load_state_dict: its state cannot be saved")
         return {"rank_masks": {p: m.cpu() for p, m in self._rank_masks.items()},
-                "hooks": [fn.state_dict() for fn in self._step_hooks]}  # type: ignore[attr-defined]
+                "hooks": [fn.state_dict() for fn in self._step_hooks],  # type: ignore[attr-defined]
+                "weights": {f"{path}.{role}": p.detach().cpu() for path, layer in self.layers.items()
+                            for role, p in self.unstored(layer)}}
+
+    @staticmethod
+    def unstored(layer: TrainableDelta) -> list[tuple[str, torch.Tensor]]:
+        """``layer``'s trained ``(role, parameter)`` pairs that its :meth:`~TrainableDelta.stored` roles do not
+        hold (a checkpoint's adapter cannot restore them; :meth:`schedule_state` saves them)."""
+        stored = layer.stored()
+        return [(role, p) for role, p in layer.weights.items() if role not in stored]
 
     def load_schedule_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`schedule_state` into a session built the same way (the same hooks, in order)."""
@@ -217,6 +227,13 @@ class TrainSession:
             self._project(path)
         for fn, st in zip(self._step_hooks, state["hooks"], strict=True):
             fn.load_state_dict(st)  # type: ignore[attr-defined]
+        want = {f"{path}.{role}": p for path, layer in self.layers.items() for role, p in self.unstored(layer)}
+        weights = state.get("weights", {})
+        if set(weights) != set(want):
+            raise AdapterError("the schedule state does not fit this session (other unstored trained tensors)")
+        with torch.no_grad():
+            for name, p in want.items():
+                p.copy_(weights[name])
 
     def mask_gradients(self, fn: GradMask) -> None:
         """After each backward pass (:meth:`after_backward`), ``fn(name, parameter, step)`` gives a mask the

@@ -18,7 +18,8 @@ What makes runs reproducible and comparable:
   experts) gets the records' ``task`` labels as per-token ``task_ids`` there (MeteoRA's gate loss).
 - A checkpoint (``<checkpoints>/step-NNNNNNNN/``, written atomically by the main process) holds the adapter
   as trained so far (``adapter.safetensors``), the optimizer and scheduler states, the session's schedule
-  state (``schedule.pt``: pruned ranks, ``on_step`` hooks' ``state_dict``, e.g. SpIEL's), every process's RNG
+  state (``schedule.pt``: pruned ranks, ``on_step`` hooks' ``state_dict``, e.g. SpIEL's and IST's, and trained
+  tensors the adapter does not store, e.g. EPT's reparameterisation: ``TrainSession.unstored``), every process's RNG
   states and ``state.json`` (the step, which fixes the data position, the options and the eval losses so
   far). Resuming rebuilds the session with the method's ``train`` verb, loads all of that and continues
   exactly; options given again must equal the recorded ones. A session whose schedule state cannot be saved
@@ -507,12 +508,15 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def _restore(session: Any, ckpt: Path) -> None:
-    """Copy the checkpoint adapter's tensors into the session's trainable and frozen roles."""
+    """Copy the checkpoint adapter's tensors into the session's trainable and frozen roles (trained tensors the
+    adapter does not store come from the schedule state: ``TrainSession.unstored``)."""
     adapter = load(ckpt / "adapter.safetensors")
     with torch.no_grad():
         for path, layer in session.layers.items():
+            unstored = {role for role, _ in session.unstored(layer)}
             for role, p in layer.weights.items():
-                p.copy_(adapter.tensor(f"{path}.{role}"))
+                if role not in unstored:
+                    p.copy_(adapter.tensor(f"{path}.{role}"))
             for role in layer.frozen_roles:
                 getattr(layer, role).copy_(adapter.tensor(f"{path}.{role}"))
             for role, name in layer.shared_names.items():  # trained shared factors (S2-LoRA) too

@@ -28,7 +28,8 @@ Deviations from the paper, stated because no reference code was found to follow 
 the paper and its appendix only): fusion is one parameter-free attention head; each space is a residual
 low-rank map (``W_k`` and ``G`` start at zero, so training starts at the fused prompt); the gate weighs the
 spaces once per prompt (from its mean row), not per token. A saved EPT adapter cannot resume EPT training
-(only its result is stored); ``adapter train`` refuses checkpoints of it.
+(only its result is stored); an ``adapter train`` checkpoint also holds the short prompt and the fusion /
+projection weights (``TrainSession.unstored``, in the schedule state), so a run resumes from it exactly.
 
 ``multitask_prompt_tuning`` (Wang et al. 2023, as PEFT's ``MULTITASK_PROMPT_TUNING``) stores one shared prompt
 and per-task rank-``r`` factors, kind ``multitask_prompt`` (roles ``embeddings [n, dim]``, ``task_cols
@@ -195,12 +196,6 @@ class EPT(DePT):
         **DePT.config_schema["properties"], "num_spaces": {"type": "integer", "minimum": 1},
         "space_rank": {"type": "integer", "minimum": 1}}}
     defaults: ClassVar[dict[str, Any]] = {**DePT.defaults, "num_spaces": 4, "space_rank": 4}
-
-    def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
-        """DePT's injection with EPT's reparameterised prompt; see the plugin docstring."""
-        session = super().train(model, config=config, **options)
-        session.on_step(lambda optimizer: None)  # the reparameterisation is not in a checkpoint: no resuming
-        return session
 
     def layer(self, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
         dept = super().layer(module, cfg)

@@ -22,6 +22,7 @@ config so the kit (and a user) can train the same structure again without data.
   reference draws one from a shuffled loader), the block counts are at least 1 (the reference's
   ``int(L * ratio)`` is 0 below 4 blocks), draws come from the method's own generator (``seed``), and
   ``update_interval: 0`` keeps the scores at 0 (uniform draws: the reference's RST). The adapter is a LoRA.
+  The schedule's state (scores, generator, drawn blocks) is checkpointed, so ``adapter train`` resumes it exactly.
 - **GreenTrainer** (Huang et al. 2023, "Towards Green AI in Fine-tuning LLMs via Adaptive Backpropagation";
   reference ``pittisl/GreenTrainer`` ``decoder_lm/tensor_selector.py``, ``train.py``): trains whole weight
   tensors (kind ``dense``), those of the targeted linear modules that maximise the summed importance under a
@@ -151,11 +152,26 @@ class ISTSchedule:
             for i in d.tolist():
                 self.scores[i] += (r - mean) * p[i] * (1 - p[i]) * self.cfg["rl_lr"]
 
-    def on_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+    def __call__(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """The session's step hook: a score update every ``update_interval`` steps, then the next draw."""
         interval = self.cfg["update_interval"]
         if interval and self.session.steps % interval == 0:
             self.update_scores()
         self.select()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scores, the generator's state, the update count and the blocks drawn for the coming step
+        (``adapter train`` checkpoints it)."""
+        return {"scores": self.scores.clone(), "generator": self.gen.get_state(), "updates": self.updates,
+                "active": sorted(self.active)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a schedule of the same blocks."""
+        if state["scores"].shape != self.scores.shape or not set(state["active"]) <= set(self.session.layers):
+            raise af.FormatError("ist: the schedule state names other blocks than this session's")
+        self.scores = state["scores"].clone()
+        self.gen.set_state(state["generator"])
+        self.updates, self.active = state["updates"], set(state["active"])
 
 
 class IST(af.Method):
@@ -185,7 +201,7 @@ class IST(af.Method):
                             supported=LINEAR)
         schedule = ISTSchedule(session, cfg, loss_fn, data)
         session.skip_gradients(schedule.skip)
-        session.on_step(schedule.on_step)
+        session.on_step(schedule)
         return session
 
     def conformance_example(self) -> Any:

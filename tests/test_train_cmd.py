@@ -102,6 +102,10 @@ SPIEL = {"density": 0.05, "reselection_steps": 4, "selection_accumulation_steps"
     ("ist", {"target_modules": ["q_proj", "v_proj"], "r": 4, "update_interval": 2, "rl_steps": 2}, 7),
     # EPT: the short prompt and fusion / projection weights are not in the adapter (the schedule state holds them)
     ("ept", {"num_virtual_tokens": 3, "r": 2, "max_length": 16, "num_spaces": 2, "space_rank": 2}, 6),
+    # DiffoRA: checkpointed during the search (gates and unscaled B saved), the selection at step 5 after the
+    # resumption; and after it (the dropped modules dropped again, the rest settled)
+    ("diffora", {"target_modules": ["q_proj", "v_proj"], "r": 4, "search_steps": 5}, 7),
+    ("diffora", {"target_modules": ["q_proj", "v_proj"], "r": 4, "search_steps": 3}, 6),
 ])
 def test_killed_run_resumes_exactly(tmp_path: Path, method: str, config: dict, steps: int) -> None:
     """SIGKILL after the step-4 checkpoint; resuming gives, bit for bit, the uninterrupted run's adapter
@@ -133,6 +137,10 @@ def test_killed_run_resumes_exactly(tmp_path: Path, method: str, config: dict, s
         assert bool((state["hooks"][0]["scores"] != 0).any())
     if method == "ept":
         assert {n.rsplit(".", 1)[1] for n in state["weights"]} == {"prompt", "space_U", "space_W", "gate"}
+    if method == "diffora":  # 2 of 4 modules kept, the others dropped before or after the checkpoint
+        searching = config["search_steps"] == 5
+        assert len(state["hooks"][0]["dropped"]) == (0 if searching else 2) and len(b) == 4
+        assert len(tensors(ckpts / "step-00000004" / "adapter.safetensors")) == (8 if searching else 4)
 
 
 def hf_base(folder: Path) -> Path:

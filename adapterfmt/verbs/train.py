@@ -214,9 +214,10 @@ class TrainSession:
     @staticmethod
     def unstored(layer: TrainableDelta) -> list[tuple[str, torch.Tensor]]:
         """``layer``'s trained ``(role, parameter)`` pairs that its :meth:`~TrainableDelta.stored` roles do not
-        hold (a checkpoint's adapter cannot restore them; :meth:`schedule_state` saves them)."""
+        hold as themselves (a role computed from them, e.g. EPT's prompt, or none): a checkpoint's adapter cannot
+        restore them, so :meth:`schedule_state` saves them."""
         stored = layer.stored()
-        return [(role, p) for role, p in layer.weights.items() if role not in stored]
+        return [(role, p) for role, p in layer.weights.items() if stored.get(role) is not p]
 
     def load_schedule_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`schedule_state` into a session built the same way (the same hooks, in order)."""

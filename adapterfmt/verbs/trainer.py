@@ -18,7 +18,7 @@ What makes runs reproducible and comparable:
   experts) gets the records' ``task`` labels as per-token ``task_ids`` there (MeteoRA's gate loss).
 - A checkpoint (``<checkpoints>/step-NNNNNNNN/``, written atomically by the main process) holds the adapter
   as trained so far (``adapter.safetensors``), the optimizer and scheduler states, the session's schedule
-  state (``schedule.pt``: pruned ranks, ``on_step`` hooks' ``state_dict``, e.g. SpIEL's and IST's, and trained
+  state (``schedule.pt``: pruned ranks, ``on_step`` hooks' ``state_dict``, e.g. SpIEL's, IST's, DiffoRA's, and trained
   tensors the adapter does not store, e.g. EPT's reparameterisation: ``TrainSession.unstored``), every process's RNG
   states and ``state.json`` (the step, which fixes the data position, the options and the eval losses so
   far). Resuming rebuilds the session with the method's ``train`` verb, loads all of that and continues
@@ -611,11 +611,11 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(s["schedule"], s["warmup_steps"], s["max_steps"]))
         if self.ckpt is not None:
-            _restore(session, self.ckpt)
             session.steps = self.start
+            session.load_schedule_state(torch.load(self.ckpt / "schedule.pt", weights_only=True))  # first: drops modules
+            _restore(session, self.ckpt)
             self.optimizer.load_state_dict(torch.load(self.ckpt / "optimizer.pt", weights_only=True))
             self.scheduler.load_state_dict(torch.load(self.ckpt / "scheduler.pt", weights_only=True))
-            session.load_schedule_state(torch.load(self.ckpt / "schedule.pt", weights_only=True))
             recorded = json.loads((self.ckpt / "state.json").read_text())
             if recorded["processes"] != acc.num_processes:
                 raise FormatError(f"the checkpoint was written by {recorded['processes']} process(es), this run has "

@@ -3,8 +3,9 @@ S2-LoRA (factors shared across layers, sparse per-layer coefficients).
 
 All three are stored as kind ``lowrank`` (spec 6.2), so apply / merge / compress / port are the kind's generic
 verbs; this plugin supplies ``train`` (``nn.Linear`` and GPT-2 ``Conv1D``) and the regularisers. Their schedules
-run from :meth:`TrainSession.step`, so ``adapter train`` refuses to checkpoint TriAdaptLoRA and DiffoRA
-(``has_schedule``); S2-LoRA has no schedule and resumes exactly.
+run from :meth:`TrainSession.step`. ``adapter train`` checkpoints DiffoRA's (:class:`DiffoRASelection`) and
+S2-LoRA has none, so both resume exactly; it refuses to checkpoint TriAdaptLoRA (``has_schedule``: its grown
+blocks and the optimizer's parameter list would have to be rebuilt in growth order).
 
 **TriAdaptLoRA** (arXiv 2501.08008). Source: the only implementation found, a PEFT fork's
 ``tuners/triadaptlora.py`` (``TriAdaptLoraConfig`` / ``RankAllocator``); the paper's text beyond its abstract was
@@ -284,16 +285,46 @@ class DiffoRA(af.Method):
             params = {"lora_A": _kaiming(r, n_in).to(dtype), "lora_B": torch.zeros(out, r, dtype=dtype)}
             session.add(path, module, GatedDelta(entry, params, cfg["dropout"]))
 
-        def select(optimizer: torch.optim.Optimizer | None) -> None:
-            if session.steps != cfg["search_steps"]:
-                return
-            for path in diffora_selection(session, cfg["select_ratio"])[1]:
-                session.drop(path)
-            for layer in session.layers.values():
-                layer.settle()
-
-        session.on_step(select)
+        session.on_step(DiffoRASelection(session, cfg))
         return session
+
+
+class DiffoRASelection:
+    """DiffoRA's step hook: the selection after ``search_steps`` steps; its state (the gates, the modules
+    dropped, whether the search runs) is checkpointed, the factors B a search scales are saved by the session
+    (``TrainSession.unstored``)."""
+
+    def __init__(self, session: af.TrainSession, cfg: dict[str, Any]) -> None:
+        self.session, self.cfg = session, cfg
+        self.candidates: dict[str, GatedDelta] = dict(session.layers)  # type: ignore[arg-type]
+
+    def __call__(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if self.session.steps != self.cfg["search_steps"]:
+            return
+        for path in diffora_selection(self.session, self.cfg["select_ratio"])[1]:
+            self.session.drop(path)
+        for layer in self.session.layers.values():
+            layer.settle()
+
+    def state_dict(self) -> dict[str, Any]:
+        kept = self.session.layers
+        return {"dropped": [p for p in self.candidates if p not in kept],
+                "searching": all(layer.searching for layer in kept.values()),
+                "gates": {p: layer.gate.detach().cpu() for p, layer in self.candidates.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a fresh session of the same candidates (before its factors are
+        restored: the dropped modules are not in the checkpoint's adapter)."""
+        if set(state["gates"]) != set(self.candidates) or not set(state["dropped"]) <= set(self.session.layers):
+            raise af.FormatError("diffora: the schedule state names other modules than this session's")
+        for path in state["dropped"]:
+            self.session.drop(path)
+        with torch.no_grad():
+            for path, layer in self.candidates.items():
+                layer.gate.copy_(state["gates"][path])
+                if not state["searching"]:
+                    layer.searching = False
+                    layer.gate.requires_grad_(False)
 
 
 def diffora_selection(session: af.TrainSession, ratio: float) -> tuple[list[str], list[str]]:

@@ -106,6 +106,9 @@ SPIEL = {"density": 0.05, "reselection_steps": 4, "selection_accumulation_steps"
     # resumption; and after it (the dropped modules dropped again, the rest settled)
     ("diffora", {"target_modules": ["q_proj", "v_proj"], "r": 4, "search_steps": 5}, 7),
     ("diffora", {"target_modules": ["q_proj", "v_proj"], "r": 4, "search_steps": 3}, 6),
+    # TriAdaptLoRA: ranks grown before the checkpoint regrown in order (the optimizer's parameter list), and after
+    ("triadaptlora", {"target_modules": ["q_proj", "v_proj"], "reference_rank": 8, "incre_rank_num": 1,
+                      "init_warmup": 2, "total_step": 8}, 7),
 ])
 def test_killed_run_resumes_exactly(tmp_path: Path, method: str, config: dict, steps: int) -> None:
     """SIGKILL after the step-4 checkpoint; resuming gives, bit for bit, the uninterrupted run's adapter
@@ -141,6 +144,10 @@ def test_killed_run_resumes_exactly(tmp_path: Path, method: str, config: dict, s
         searching = config["search_steps"] == 5
         assert len(state["hooks"][0]["dropped"]) == (0 if searching else 2) and len(b) == 4
         assert len(tensors(ckpts / "step-00000004" / "adapter.safetensors")) == (8 if searching else 4)
+    if method == "triadaptlora":  # grown before the checkpoint and after it
+        first = tensors(ckpts / "step-00000004" / "adapter.safetensors")
+        ranks = [(first[n].shape[0], b[n].shape[0]) for n in b if n.endswith(".lora_A")]
+        assert sum(r for r, _ in ranks) > 4 and any(r < s for r, s in ranks)
 
 
 def hf_base(folder: Path) -> Path:

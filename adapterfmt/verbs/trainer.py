@@ -18,8 +18,9 @@ What makes runs reproducible and comparable:
   experts) gets the records' ``task`` labels as per-token ``task_ids`` there (MeteoRA's gate loss).
 - A checkpoint (``<checkpoints>/step-NNNNNNNN/``, written atomically by the main process) holds the adapter
   as trained so far (``adapter.safetensors``), the optimizer and scheduler states, the session's schedule
-  state (``schedule.pt``: pruned ranks, ``on_step`` hooks' ``state_dict``, e.g. SpIEL's, IST's, DiffoRA's, and trained
-  tensors the adapter does not store, e.g. EPT's reparameterisation: ``TrainSession.unstored``), every process's RNG
+  state (``schedule.pt``: pruned ranks, ``on_step`` hooks' ``state_dict``, e.g. SpIEL's, IST's, DiffoRA's,
+  TriAdaptLoRA's, and trained tensors the adapter does not store, e.g. EPT's reparameterisation:
+  ``TrainSession.unstored``), every process's RNG
   states and ``state.json`` (the step, which fixes the data position, the options and the eval losses so
   far). Resuming rebuilds the session with the method's ``train`` verb, loads all of that and continues
   exactly; options given again must equal the recorded ones. A session whose schedule state cannot be saved

@@ -3,9 +3,8 @@ S2-LoRA (factors shared across layers, sparse per-layer coefficients).
 
 All three are stored as kind ``lowrank`` (spec 6.2), so apply / merge / compress / port are the kind's generic
 verbs; this plugin supplies ``train`` (``nn.Linear`` and GPT-2 ``Conv1D``) and the regularisers. Their schedules
-run from :meth:`TrainSession.step`. ``adapter train`` checkpoints DiffoRA's (:class:`DiffoRASelection`) and
-S2-LoRA has none, so both resume exactly; it refuses to checkpoint TriAdaptLoRA (``has_schedule``: its grown
-blocks and the optimizer's parameter list would have to be rebuilt in growth order).
+run from :meth:`TrainSession.step` and ``adapter train`` checkpoints them (:class:`RankGrowth`,
+:class:`DiffoRASelection`); S2-LoRA has none. All three resume exactly.
 
 **TriAdaptLoRA** (arXiv 2501.08008). Source: the only implementation found, a PEFT fork's
 ``tuners/triadaptlora.py`` (``TriAdaptLoraConfig`` / ``RankAllocator``); the paper's text beyond its abstract was
@@ -136,6 +135,13 @@ class TriangularDelta(af.TrainableDelta):
 class TriangularSession(af.TrainSession):
     """Parameters are the blocks of every module (``path.A_0``, ``path.C_rows_1`` ...)."""
 
+    built: torch.optim.Optimizer | None = None
+    """The last optimizer :meth:`optimizer` built: a restored schedule adds the blocks it regrows to it."""
+
+    def optimizer(self, **kwargs: Any) -> torch.optim.Optimizer:
+        self.built = super().optimizer(**kwargs)
+        return self.built
+
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for path, layer in self.layers.items():
             for name, p in layer.block_parameters():
@@ -171,30 +177,63 @@ class TriAdaptLoRA(af.Method):
             entry = af.module_entry("lowrank", module, {"scale": 1.0})
             alpha = cfg["alpha"] if cfg["alpha"] > 0 else cfg["init_rank"]
             session.add(path, module, TriangularDelta(entry, module, cfg["init_rank"], alpha, cfg["dropout"]))
-        step_k = cfg["incre_rank_num"] or max(1, cfg["reference_rank"] // 2)
-        target = cfg["target_total_rank"] or cfg["reference_rank"] * len(session.layers)
-
-        def grow(optimizer: torch.optim.Optimizer | None) -> None:
-            t = session.steps
-            total = sum(layer.rank for layer in session.layers.values())
-            if total >= target or t <= cfg["init_warmup"] or t % cfg["incre_interval"]:
-                return
-            scores = {path: layer.importance() for path, layer in session.layers.items()}
-            threshold = growth_threshold(list(scores.values()), t, total, target, cfg)
-            new = []
-            for path, layer in session.layers.items():
-                if scores[path] >= threshold:
-                    new += layer.grow(step_k)
-            if optimizer is not None:
-                optimizer.param_groups[0]["params"].extend(new)
-
-        session.on_step(grow)
+        session.on_step(RankGrowth(session, cfg))
         return session
 
     def regularization(self, session: Any, **outputs: Any) -> torch.Tensor:
         """``orth_reg_weight`` times ``af.orthonormality`` of every module's assembled A and B."""
         pairs = [(t["lora_A"], t["lora_B"]) for t in (layer.tensors() for layer in session.layers.values())]
         return session.config["orth_reg_weight"] * af.orthonormality(pairs)
+
+
+class RankGrowth:
+    """TriAdaptLoRA's step hook: the rank growth (module docstring). Its state (the growths in order, every
+    block, the last importances) is checkpointed; restoring it regrows the blocks in the same order, adding
+    them to the session's optimizer (:attr:`TriangularSession.built`) as the run did."""
+
+    def __init__(self, session: TriangularSession, cfg: dict[str, Any]) -> None:
+        self.session, self.cfg = session, cfg
+        self.step_k = cfg["incre_rank_num"] or max(1, cfg["reference_rank"] // 2)
+        self.target = cfg["target_total_rank"] or cfg["reference_rank"] * len(session.layers)
+        self.growths: list[list[str]] = []
+
+    @property
+    def layers(self) -> dict[str, TriangularDelta]:
+        return self.session.layers  # type: ignore[return-value]
+
+    def __call__(self, optimizer: torch.optim.Optimizer | None) -> None:
+        t, cfg = self.session.steps, self.cfg
+        total = sum(layer.rank for layer in self.layers.values())
+        if total >= self.target or t <= cfg["init_warmup"] or t % cfg["incre_interval"]:
+            return
+        scores = {path: layer.importance() for path, layer in self.layers.items()}
+        threshold = growth_threshold(list(scores.values()), t, total, self.target, cfg)
+        self.grow([path for path in self.layers if scores[path] >= threshold], optimizer)
+
+    def grow(self, paths: list[str], optimizer: torch.optim.Optimizer | None) -> None:
+        new = [p for path in paths for p in self.layers[path].grow(self.step_k)]
+        self.growths.append(paths)
+        if optimizer is not None:
+            optimizer.param_groups[0]["params"].extend(new)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"growths": [list(g) for g in self.growths],
+                "previous": {path: layer.previous for path, layer in self.layers.items()},
+                "blocks": {path: [p.detach().cpu() for _, p in layer.block_parameters()]
+                           for path, layer in self.layers.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a fresh session of the same modules, before its optimizer's state."""
+        if set(state["blocks"]) != set(self.layers) or self.growths:
+            raise af.FormatError("triadaptlora: the schedule state does not fit this session (other modules, or "
+                                 "grown already)")
+        for paths in state["growths"]:
+            self.grow(paths, self.session.built)  # type: ignore[attr-defined]
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                for (_, p), saved in zip(layer.block_parameters(), state["blocks"][path], strict=True):
+                    p.copy_(saved)
+                layer.previous = state["previous"][path]
 
 
 def growth_threshold(scores: list[float], step: int, total: int, target: int, cfg: dict[str, Any]) -> float:

@@ -218,8 +218,10 @@ class LowRank(DeltaKind):
             # y + scale * (x A^T) B^T through the kernel dispatcher (Triton on CUDA, fused addmm on the CPU)
             a, b = t["lora_A"].to(x.dtype), t["lora_B"].to(x.dtype)
             if torch.is_grad_enabled() and (y.requires_grad or a.requires_grad or b.requires_grad):
-                # out of place: in training ``y`` may be a view a custom autograd Function returned (bitsandbytes)
-                return y + kernels.lora_delta(x, a, b, self.scale(entry))
+                # out of place: in training ``y`` may be a view a custom autograd Function returned (bitsandbytes);
+                # one addmm: no delta-sized intermediates (PEFT's lora.Linear: two in the forward, one in the backward)
+                y2, x2 = y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
+                return torch.addmm(y2, x2 @ a.t(), b.t(), alpha=self.scale(entry)).view(y.shape)
             return kernels.lora_delta(x, a, b, self.scale(entry), out=y)
         if "bias_value" in t:  # the module's bias b is replaced: y - b + bias_value
             y = y + channel_view((t["bias_value"] - module.bias).to(y.dtype), y, module)

@@ -44,7 +44,7 @@ folder transformers would save from it) and its provenance entry says how the ba
 repacking of 4-bit weights for inference (at an eval-mode forward; block scales rounded to bf16) is turned off, so
 the eval loss is that of the weights trained on and training after an evaluation goes on over the same weights.
 
-Memory: on the CPU a run makes glibc return freed activation-sized buffers to the OS (:func:`return_freed_memory`).
+Memory: on the CPU a run makes glibc map logits-sized buffers apart from its heap (:func:`return_freed_memory`).
 
 Tokenizer: the base folder's own (``transformers.AutoTokenizer``); a folder without tokenizer files (the
 tiny model) gets the byte-level fallback :class:`ByteTokenizer` (token id = UTF-8 byte), which refuses text
@@ -457,16 +457,18 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 16 << 20
 """Host blocks of this many bytes and more are mapped and unmapped one by one (see :func:`return_freed_memory`)."""
 
 
 def return_freed_memory() -> bool:
-    """Have glibc's malloc give blocks of :data:`MMAP_THRESHOLD` bytes and more back to the OS when freed (a fixed
-    ``M_MMAP_THRESHOLD``), for this process from now on. By default glibc raises that threshold to 32 MiB after
-    the first large free, and activation-sized buffers then pile up in its heap: on the CPU a step's live
-    tensors were the same as PEFT + Trainer's (377 vs 378 MiB for ``benchmarks/train.py``'s model) while the
-    resident peak was 60-170 MiB higher. Returns whether it took effect (False off glibc)."""
+    """Have glibc's malloc map blocks of :data:`MMAP_THRESHOLD` bytes and more apart from its heap and give them
+    back to the OS when freed (a fixed ``M_MMAP_THRESHOLD``), for this process from now on. By default glibc
+    raises that threshold to 32 MiB after the first large free, and the few logits-sized buffers of a step
+    (``[batch, length, vocab]``) then leave holes in its heap that later steps fragment: 30-40 MiB more resident
+    for ``benchmarks/train.py``'s model. Smaller thresholds return more (1 MiB: every activation buffer) but
+    fault each buffer in afresh every step (1.5x the step time there). Returns whether it took effect (False off
+    glibc)."""
     import ctypes
     import ctypes.util
 

@@ -109,15 +109,28 @@ SPIEL = {"density": 0.05, "reselection_steps": 4, "selection_accumulation_steps"
     # TriAdaptLoRA: ranks grown before the checkpoint regrown in order (the optimizer's parameter list), and after
     ("triadaptlora", {"target_modules": ["q_proj", "v_proj"], "reference_rank": 8, "incre_rank_num": 1,
                       "init_warmup": 2, "total_step": 8}, 7),
+    # static patterns, no schedule: the rebuilt session's pattern (gradient / random selection, LT-SFT's phase 1,
+    # S2FT's draw) and the lean sparse path's CSR structures agree with the checkpoint's indices
+    ("sparse_ft", {"target_modules": "all-linear", "density": 0.05}, 6),
+    ("sparse_ft", {"target_modules": "all-linear", "density": 0.05, "selection": "random"}, 6),
+    ("lt_sft", {"target_modules": "all-linear", "density": 0.05, "full_ft_steps": 2}, 6),
+    ("s2ft", {"v_ratio": 0.5, "o_ratio": 0.5, "d_ratio": 0.25}, 6),
+    ("hft", {}, 6),
+    # grafting's graft learned from a LoRA adapter (trained first, in the run's folder) and trained on
+    ("grafting", {"target_modules": "all-linear", "density": 0.05, "epochs": 2, "finetuned_from": "ft.safetensors"}, 6),
 ])
-def test_killed_run_resumes_exactly(tmp_path: Path, method: str, config: dict, steps: int) -> None:
+def test_killed_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, config: dict,
+                                    steps: int) -> None:
     """SIGKILL after the step-4 checkpoint; resuming gives, bit for bit, the uninterrupted run's adapter
     (dropout on: the RNG state is restored too; the data position, optimizer, scheduler and the method's
     schedule state as well)."""
     write_data(tmp_path / "data.jsonl", n=10)  # 6 steps of 4 cross an epoch boundary
+    monkeypatch.chdir(tmp_path)
+    if "finetuned_from" in config:
+        train_adapter(opts(tmp_path, config["finetuned_from"]))
     kw = {"method": method, "config": config, "max_steps": steps}
     run = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path), json.dumps(kw)], capture_output=True, text=True,
-                         timeout=300, check=False)
+                         timeout=300, check=False, cwd=tmp_path)
     assert run.returncode == -9, run.stderr[-2000:]
     ckpts = tmp_path / "killed.safetensors.checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
@@ -135,6 +148,10 @@ def test_killed_run_resumes_exactly(tmp_path: Path, method: str, config: dict, s
     if method == "spiel":  # the pattern moved after the resumption, so the schedule state mattered
         first = tensors(ckpts / "step-00000004" / "adapter.safetensors")
         assert any(not torch.equal(first[n], b[n]) for n in b if n.endswith(".indices"))
+    if method in ("sparse_ft", "lt_sft", "grafting", "s2ft"):  # static: the checkpoint's pattern is the final one
+        first = tensors(ckpts / "step-00000004" / "adapter.safetensors")
+        idx = [n for n in b if n.endswith(".indices")]
+        assert idx and all(torch.equal(first[n], b[n]) for n in idx)
     state = torch.load(ckpts / "step-00000004" / "schedule.pt", weights_only=True)
     if method == "ist":  # the scores had learned something by the checkpoint
         assert bool((state["hooks"][0]["scores"] != 0).any())

@@ -167,6 +167,40 @@ def test_killed_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert sum(r for r, _ in ranks) > 4 and any(r < s for r, s in ranks)
 
 
+@pytest.mark.parametrize("method, key, source", [
+    # LT-SFT's mask from another adapter, redrawn: as many entries per module, at other positions
+    ("lt_sft", "mask_from", {"method": "sparse_ft", "config": {"target_modules": "all-linear", "density": 0.05,
+                                                             "selection": "random"}, "max_steps": 1}),
+    # grafting's base patch of a fine-tuned adapter, retrained: other numbers of entries per module
+    ("grafting", "finetuned_from", {}),
+])
+def test_resumes_the_checkpoints_sparse_pattern(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+                                               key: str, source: dict) -> None:
+    """A resumed run trains the checkpoint's sparse pattern although the rebuilt session chose another (the
+    adapter the method reads changed meanwhile): the restored indices, values and config are the checkpoint's
+    and the lean path's structures follow them, so the result is the uninterrupted run's, bit for bit."""
+    write_data(tmp_path / "data.jsonl", n=10)
+    monkeypatch.chdir(tmp_path)
+    train_adapter(opts(tmp_path, "src.safetensors", **source))
+    config = {key: "src.safetensors"} if method == "lt_sft" else \
+        {key: "src.safetensors", "target_modules": "all-linear", "density": 0.05, "epochs": 0}
+    kw = {"method": method, "config": config, "max_steps": 6}
+    run = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path), json.dumps(kw)], capture_output=True, text=True,
+                         timeout=300, check=False, cwd=tmp_path)
+    assert run.returncode == -9, run.stderr[-2000:]
+    whole = train_adapter(opts(tmp_path, "whole.safetensors", warmup_steps=2, schedule="cosine", **kw))
+    redrawn = {"config": {**source["config"], "seed": 1}} if source else {"lr": 3e-2}
+    train_adapter(opts(tmp_path, "src.safetensors", overwrite=True, **{**source, **redrawn}))
+    other = train_adapter(opts(tmp_path, "other.safetensors", warmup_steps=2, schedule="cosine", **kw))
+    resumed = train_adapter(TrainOptions(resume=tmp_path / "killed.safetensors.checkpoints"))
+    a, b, c = tensors(whole.out), tensors(resumed.out), tensors(other.out)
+    assert any(not torch.equal(a[n], c[n]) for n in a if n.endswith(".indices"))
+    if method == "lt_sft":
+        assert all(a[n].shape == c[n].shape for n in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert af.load(resumed.out).manifest["method"]["config"] == af.load(whole.out).manifest["method"]["config"]
+
+
 def hf_base(folder: Path) -> Path:
     """A tiny transformers Llama with a word-level tokenizer of its own (BOS, EOS, pad), saved as a folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -120,6 +120,9 @@ class TrainableDelta(nn.Module):
         (a delta whose trained tensors are not its stored roles, e.g. blocks of a growing rank, overrides this)."""
         return {**dict(self.weights.items()), **{r: getattr(self, r) for r in self.frozen_roles}}
 
+    def restored(self) -> None:
+        """Rebuild what the delta derives from its roles after a checkpoint replaced them (none by default)."""
+
     def forward(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.dropout_p:
             x = nn.functional.dropout(x, self.dropout_p, training=self.training or self.keep_dropout)

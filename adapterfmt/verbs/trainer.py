@@ -511,19 +511,25 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def _restore(session: Any, ckpt: Path) -> None:
-    """Copy the checkpoint adapter's tensors into the session's trainable and frozen roles (trained tensors the
-    adapter does not store come from the schedule state: ``TrainSession.unstored``)."""
+    """Put the checkpoint adapter's tensors, shapes included, into the session's trainable and frozen roles (a
+    pattern the rebuilt session chose otherwise, e.g. from a changed input, yields to the checkpoint's), then
+    let each delta rebuild what it derives from them (``TrainableDelta.restored``); the method config is the
+    checkpoint's too. Trained tensors the adapter does not store come from the schedule state
+    (``TrainSession.unstored``)."""
     adapter = load(ckpt / "adapter.safetensors")
+    session.config = adapter.manifest["method"]["config"]
     with torch.no_grad():
         for path, layer in session.layers.items():
             unstored = {role for role, _ in session.unstored(layer)}
             for role, p in layer.weights.items():
                 if role not in unstored:
-                    p.copy_(adapter.tensor(f"{path}.{role}"))
+                    p.data = adapter.tensor(f"{path}.{role}").to(device=p.device, dtype=p.dtype, copy=True)
             for role in layer.frozen_roles:
-                getattr(layer, role).copy_(adapter.tensor(f"{path}.{role}"))
+                old = getattr(layer, role)
+                setattr(layer, role, adapter.tensor(f"{path}.{role}").to(device=old.device, dtype=old.dtype, copy=True))
             for role, name in layer.shared_names.items():  # trained shared factors (S2-LoRA) too
                 getattr(layer, role).copy_(adapter.tensor(name))
+            layer.restored()
 
 
 # ----- the run -------------------------------------------------------------------------------------------

@@ -244,6 +244,10 @@ class LeanSparseDelta(af.TrainableDelta):
         self.t_colptr = torch.searchsorted(self.cols[self.t_perm], torch.arange(in_f + 1, device=idx.device))
         self.t_rows = self.rows[self.t_perm]
 
+    def restored(self) -> None:
+        """The CSR structures of the restored ``indices``."""
+        self.set_indices(self.indices)
+
     def function_values(self) -> torch.Tensor:
         v = self.weights.values
         return v if self.order is None else v[self.order]

@@ -101,6 +101,10 @@ def test_missing_sibling_and_unseeded_prototypes(tmp_path: Path) -> None:
     a, b = t["lora_A"][0], t["lora_B"][0]
     top = torch.linalg.svd(b @ a).Vh[0]
     assert float(torch.abs(t["router"][0] @ top)) >= 1 - 1e-5  # the exact top right singular vector
+    build("llama").save_pretrained(tmp_path / "base")  # with --base, the mixture records its fingerprint
+    res = invoke("convert", str(router), "--out", str(tmp_path / "c.safetensors"), "--base", str(tmp_path / "base"))
+    assert res.exit_code == 0, res.stderr
+    assert af.load(tmp_path / "c.safetensors").base["fingerprint"] == af.base_fingerprint(tmp_path / "base")
     shutil.rmtree(router.parent / "task_1")
     bad = invoke("convert", str(router), "--out", str(tmp_path / "b.safetensors"))
     assert bad.exit_code == 1 and bad.stderr.count("\n") == 1

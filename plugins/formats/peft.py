@@ -1099,9 +1099,13 @@ def read_peft(path: str | Path, *, base: Any = None, allow_pickle: bool = False,
     if reader.notes:
         prov["notes"] = reader.notes
     manifest = af.new_manifest(method, reader.modules, config=method_cfg, provenance=[prov],
-                               base={"name": cfg.get("base_model_name_or_path"), "revision": cfg.get("revision"),
-                                     "fingerprint": fingerprint})
+                               base=_base_record(cfg, fingerprint))
     return af.Adapter(manifest, reader.tensors)
+
+
+def _base_record(cfg: Mapping[str, Any], fingerprint: Any) -> dict[str, Any]:
+    """The manifest's ``base``: the PEFT config's base name and revision, and the fingerprint taken of ``--base``."""
+    return {"name": cfg.get("base_model_name_or_path"), "revision": cfg.get("revision"), "fingerprint": fingerprint}
 
 
 ARROW_FIELDS = frozenset({"top_k", "router_temperature", "use_gks", "task_adapter_names", "gks_adapter_names",
@@ -1143,9 +1147,9 @@ def _read_arrow(path: Path, cfg: Mapping[str, Any], base: Any, allow_pickle: boo
         "singular vectors (their limit) are stored"]
     prov = {"tool": "peft", "format": "peft", "peft_type": "LORA", "arrow": True, "peft_version": cfg.get("peft_version"),
             "source": str(path), "config": dict(cfg), **({"notes": notes} if notes else {})}
+    # the experts' reads fingerprinted the base already (mixture_adapter keeps the first one's record)
     manifest = af.new_manifest("mixture", mix.modules, config=mix.config, provenance=[prov],
-                               base={"name": cfg.get("base_model_name_or_path"), "revision": cfg.get("revision"),
-                                     "fingerprint": af.base_fingerprint(base)})
+                               base=_base_record(cfg, mix.base.get("fingerprint")))
     return af.Adapter(manifest, mix.tensors())
 
 

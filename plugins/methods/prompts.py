@@ -115,14 +115,28 @@ class PromptTuning(af.Method):
         return torch.randn(n, module.weight.shape[1], generator=gen).to(dtype)
 
 
-class DePTKind(af.DeltaKind):
-    """Kind ``dept``: a prompt plus a low-rank per-position update of the embedded input (plugin docstring)."""
+class PromptLikeKind(af.DeltaKind):
+    """What the plugin's prompt kinds share with kind ``prompt``: they prepend its number of positions, are not
+    additive and cannot be merged into weights (``label`` names the adapter in that refusal)."""
 
-    name = "dept"
-    required_roles = ("embeddings", "offset_A", "offset_B")
+    label = "prompt adapter"
 
     def is_additive(self, entry: dict[str, Any], roles: Collection[str]) -> bool:
         return False
+
+    def prepends(self, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> int:
+        return af.registry.get_kind("prompt").prepends(entry, t)
+
+    def merge(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> Any:
+        raise af.UnsupportedError(f"a {self.label} cannot be merged into weights; attach it unmerged")
+
+
+class DePTKind(PromptLikeKind):
+    """Kind ``dept``: a prompt plus a low-rank per-position update of the embedded input (plugin docstring)."""
+
+    name = "dept"
+    label = "DePT adapter"
+    required_roles = ("embeddings", "offset_A", "offset_B")
 
     def check(self, module: str, entry: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
         af.registry.get_kind("prompt").check(module, entry, shapes)
@@ -140,11 +154,6 @@ class DePTKind(af.DeltaKind):
         y = y + torch.cat([offset[:n], pad])
         return af.registry.get_kind("prompt").forward(module, entry, t, x, y)
 
-    def prepends(self, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> int:
-        return af.registry.get_kind("prompt").prepends(entry, t)
-
-    def merge(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> Any:
-        raise af.UnsupportedError("a DePT adapter cannot be merged into weights; attach it unmerged")
 
 
 class DePT(PromptTuning):
@@ -210,14 +219,12 @@ class EPT(DePT):
         return EPTDelta(dept.entry, params)
 
 
-class MultitaskPromptKind(af.DeltaKind):
+class MultitaskPromptKind(PromptLikeKind):
     """Kind ``multitask_prompt``: a shared prompt scaled elementwise by a task's low-rank matrix (plugin docstring)."""
 
     name = "multitask_prompt"
+    label = "multitask prompt"
     required_roles = ("embeddings", "task_cols", "task_rows")
-
-    def is_additive(self, entry: dict[str, Any], roles: Collection[str]) -> bool:
-        return False
 
     def check(self, module: str, entry: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
         af.registry.get_kind("prompt").check(module, entry, shapes)
@@ -259,11 +266,6 @@ class MultitaskPromptKind(af.DeltaKind):
                                       "[batch, T] input")
         return torch.cat([torch.stack([prompts[i] for i in ids.tolist()]).to(y.dtype), y], dim=1)
 
-    def prepends(self, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> int:
-        return af.registry.get_kind("prompt").prepends(entry, t)
-
-    def merge(self, module: nn.Module, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> Any:
-        raise af.UnsupportedError("a multitask prompt cannot be merged into weights; attach it unmerged")
 
 
 class MultitaskPromptTuning(PromptTuning):

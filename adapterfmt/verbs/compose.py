@@ -100,11 +100,12 @@ class Sampling:
 
 @contextlib.contextmanager
 def _seeded(seed: int | None) -> Iterator[None]:
-    """Run with torch's global generator seeded (``generate`` draws from it), restoring its state after."""
+    """Run with torch's global generators seeded (``generate`` draws from the one of the model's device),
+    restoring their states (CPU and every CUDA device) after."""
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(seed)
         yield
 

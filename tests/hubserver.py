@@ -80,6 +80,9 @@ class Repo:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+CLIENT_WORKER = "adapterfmt-hub"
+"""The name of the worker threads ``adapterfmt.hub.client`` runs its bounded transfers in."""
+
 STREAM_CAP_S = 30.0
 """An endless or dripping body stops after this many seconds, whatever the client does."""
 
@@ -128,8 +131,11 @@ class FakeHub:
         self.lock = threading.RLock()
         self._counter = itertools.count()
         self.connections: set[Any] = set()
+        self.threads: list[threading.Thread] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+        """Set by :meth:`stop`: stalled and streaming answers end at once instead of outliving the test."""
 
     # ----- lifecycle ------------------------------------------------------------------------------
     @property
@@ -146,21 +152,37 @@ class FakeHub:
 
         Handler.hub = hub
         self._server = _Server(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
                                         name="fake-hub", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving and drop open keep-alive connections (the Hub becomes unreachable)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        for sock in list(self.connections):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        """Stop serving, drop open keep-alive connections (the Hub becomes unreachable) and wait (up to 10 s)
+        for every request thread to end, so nothing of this server outlives the test that started it."""
+        if self._server is None:
+            return
+        self.stopping.set()  # stalled answers go out now, dripping ones end
+        # A pull that gave up at its deadline leaves its worker thread running a request of huggingface_hub's;
+        # were the server gone, that request's retry would meet a refused connection, and huggingface_hub then
+        # closes its shared HTTP client under whatever the next test is sending (EBADF). Let them end first.
+        for t in threading.enumerate():
+            if t.name == CLIENT_WORKER:
+                t.join(10)
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self.lock:
+                live = [t for t in self.threads if t.is_alive()]
+                socks = list(self.connections)
+            if not live:
+                break
+            for sock in socks:  # again each round: a connection accepted just before the shutdown joins late
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            live[0].join(0.05)
 
     # ----- test helpers -----------------------------------------------------------------------------
     def fail(self, pattern: str, mode: str = "500", *, method: str = "GET", times: int = -1, value: str = "",
@@ -281,10 +303,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.hub.connections.add(self.connection)
+        with self.hub.lock:
+            self.hub.connections.add(self.connection)
+            self.hub.threads.append(threading.current_thread())
 
     def finish(self) -> None:
-        self.hub.connections.discard(self.connection)
+        with self.hub.lock:
+            self.hub.connections.discard(self.connection)
         with contextlib.suppress(OSError):
             super().finish()
 
@@ -364,7 +389,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(raw.query).items()}
         fault = self._fault(method, unquote(raw.path))
         if fault is not None and fault.mode == "stall":
-            time.sleep(fault.delay)
+            self.hub.stopping.wait(fault.delay)
         if fault is not None and fault.mode == "500":
             self._body()
             self._send_json(500, {"error": "Internal Error - injected fault"})
@@ -653,12 +678,12 @@ class _Handler(BaseHTTPRequestHandler):
         deadline = time.monotonic() + STREAM_CAP_S
         with contextlib.suppress(OSError):
             for chunk in chunks:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self.hub.stopping.is_set():
                     break
                 self.wfile.write(chunk)
                 self.wfile.flush()
                 if fault.delay:
-                    time.sleep(fault.delay)
+                    self.hub.stopping.wait(fault.delay)
 
     def _send_cut(self, status: int, data: bytes, headers: dict[str, str], *, declare_length: bool) -> None:
         """Send half the body and drop the connection."""

@@ -7,6 +7,7 @@ test takes seconds."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import adapterfmt as af
 from adapterfmt.hub import client as hub
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hubserver import FakeHub  # noqa: E402
+from hubserver import CLIENT_WORKER, FakeHub  # noqa: E402
 from test_hub import assert_one_line_error, fake_hub, hub_env, make_adapter, run_cli  # noqa: E402, F401
 
 TENSORS = "/alice/*/resolve/*/adapter.safetensors"
@@ -174,6 +175,10 @@ def test_stalled_api_answer_hits_the_deadline(hub_env: FakeHub, pushed, tmp_path
     assert time.monotonic() - t0 < 4
     assert_nothing_new_outside_store(tmp_path, before)
     assert_recovers(hub_env, src, tmp_path)
+    # The given-up request must end while the server is still up: a retry of huggingface_hub's that met a
+    # refused connection would close its shared HTTP client under the next test's requests (EBADF).
+    hub_env.stop()
+    assert not [t for t in threading.enumerate() if t.name == CLIENT_WORKER]
 
 
 def test_slow_but_within_the_deadline_succeeds(hub_env: FakeHub, pushed, tmp_path: Path) -> None:

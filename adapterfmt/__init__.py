@@ -54,6 +54,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ".kernels": ("block_apply", "multi_lora_rows"),
     ".format.fingerprint": ("fingerprint_checkpoint", "fingerprint_module"),
     ".format.quant": ("QuantSpec", "Quantized", "dequantize", "fake_quantize", "fits_grid", "quantize", "requantize"),
+    ".verbs.acquire": ("Acquisition", "acquire", "answer_uncertainty", "star_scores"),
     ".verbs.apply": ("activate", "adapter_ids", "attach", "attached", "detach", "merge_into", "unmerge"),
     ".verbs.compress": ("compress_adapter",),
     ".verbs.compose": ("Composition", "CompositionProcessor", "Sampling", "Term", "compose", "eft_terms"),
@@ -113,7 +114,7 @@ __all__ = [
     "attach", "attached", "detach", "activate", "merge_into", "unmerge", "adapter_ids",
     # the verbs
     "convert", "read_foreign", "write_foreign", "to_peft",
-    "train_adapter", "TrainOptions",
+    "train_adapter", "TrainOptions", "acquire", "Acquisition", "answer_uncertainty", "star_scores",
     "merge_adapters", "compress_adapter", "extract_adapter", "port_adapter", "record_base", "make_explicit",
     "require_explicit", "port_live",
     "fingerprint_module", "fingerprint_checkpoint",

@@ -25,6 +25,7 @@ app = App(
 COMMAND_MODULES = (
     "demo_cmd",
     "train_cmd",
+    "acquire_cmd",
     "inspect_cmd",
     "convert_cmd",
     "merge_cmd",

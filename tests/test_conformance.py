@@ -48,7 +48,7 @@ EXPECTED_SKIPS: dict[str, set[str]] = {
     "pissa": set(), "olora": set(), "kasa": set(), "sorsa": set(), "nlora": set(), "slora": set(), "lamda": set(),
     "ba_lora": set(), "ist": set(), "greentrainer": set(),
     "triadaptlora": set(), "diffora": set(), "s2_lora": set(),  # tests/test_train_procedures.py: S2 shared by layers
-    "deft": set(),
+    "deft": set(), "star": set(),
     "light_peft": {"merge_verb"},  # a mask is not W + dW
     "loldu": {"merge_verb"}, "inttune": {"merge_verb"},  # their factors are derived from the base (spec 6.2.1)
     "peqa": {"merge_verb"}, "l4q": {"merge_verb"},  # new scales re-quantise the base: not W + dW

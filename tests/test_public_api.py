@@ -29,6 +29,7 @@ PUBLIC = {
     "train_adapter", "TrainOptions", "port_live", "layer_index",
     "QuantSpec", "Quantized", "quantize", "dequantize", "requantize", "fake_quantize", "fits_grid",
     "function_weight", "held_quantized", "PrefixedCall",
+    "acquire", "Acquisition", "answer_uncertainty", "star_scores",
 }
 """``af.__all__`` as of the layered tree (0.1.x); a name may be added, never dropped within a major version."""
 

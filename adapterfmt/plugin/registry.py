@@ -52,6 +52,7 @@ BUILTIN_PLUGINS = {
     "selection": "adapterfmt.plugins.methods.selection",
     "procedures": "adapterfmt.plugins.methods.procedures",
     "density": "adapterfmt.plugins.methods.density",
+    "star": "adapterfmt.plugins.methods.star",
 }
 """Built-in plugins: the name ``adapter plugins`` shows and ``ADAPTERFMT_BLOCK_PLUGINS`` takes -> module.
 They are loaded by module name, like entry points, so this layer imports none of them."""

@@ -52,28 +52,42 @@ def opts(tmp: Path, out: str, **kw) -> TrainOptions:
     return TrainOptions(**{**base, **kw})
 
 
-def test_two_processes_equal_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method, config, steps", [
+    ("lora", LORA, 3),
+    # rank growth at every step (blocks added to the optimizer; the growth decided from the averaged gradients)
+    ("triadaptlora", {"target_modules": ["q_proj", "v_proj"], "reference_rank": 4, "incre_rank_num": 1,
+                      "total_step": 4}, 3),
+    # the selection at step 2 drops two of four modules; the others train on
+    ("diffora", {"target_modules": ["q_proj", "v_proj"], "r": 4, "search_steps": 2}, 4),
+])
+def test_two_processes_equal_one(tmp_path: Path, method: str, config: dict, steps: int) -> None:
     """A two-process gloo run (accelerate launch, via --processes 2) gives the adapter of one process with the
-    same global batch, although the processes' halves hold different numbers of tokens."""
+    same global batch, although the processes' halves hold different numbers of tokens; also for sessions that
+    add and drop parameters as they train."""
     write_data(tmp_path / "data.jsonl")
-    (tmp_path / "cfg.yaml").write_text("target_modules: all-linear\nr: 4\nalpha: 8\n")
-    one = train_adapter(opts(tmp_path, "one.safetensors"))
+    (tmp_path / "cfg.yaml").write_text(json.dumps(config))
+    one = train_adapter(opts(tmp_path, "one.safetensors", method=method, config=config, max_steps=steps))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "adapterfmt.cli.main", "train", "--method", "lora", "--data",
+    run = subprocess.run([sys.executable, "-m", "adapterfmt.cli.main", "train", "--method", method, "--data",
                           str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "two.safetensors"), "--config",
-                          str(tmp_path / "cfg.yaml"), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2",
+                          str(tmp_path / "cfg.yaml"), "--max-steps", str(steps), "--batch-size", "4", "--lr", "1e-2",
                           "--processes", "2", "--cpu", "--json"], capture_output=True, text=True, env=env,
                          timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
-    assert report["processes"] == 2 and report["steps"] == 3
+    assert report["processes"] == 2 and report["steps"] == steps
     assert report["loss"] == pytest.approx(one.loss, rel=1e-5)
     a, b = tensors(one.out), tensors(tmp_path / "two.safetensors")
     assert a.keys() == b.keys()
     assert max(t.abs().max().item() for n, t in a.items() if n.endswith("lora_B")) > 1e-3  # it trained
     for n in a:
+        assert a[n].shape == b[n].shape, n
         torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-5)
     assert af.load(tmp_path / "two.safetensors").manifest["provenance"][-1]["processes"] == 2
+    if method == "triadaptlora":  # grown: ranks above init_rank 1
+        assert sum(a[n].shape[0] for n in a if n.endswith(".lora_A")) > 4
+    if method == "diffora":  # two of the four candidates kept
+        assert len({n.rsplit(".", 1)[0] for n in a}) == 2
 
 
 KILLED = """

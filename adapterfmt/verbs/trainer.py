@@ -3,8 +3,17 @@
 :func:`train_adapter` loads a base (a local transformers causal-LM folder, or the tiny model of
 :mod:`adapterfmt.tiny`), reads the data (JSONL lines with ``text``, or ``prompt`` + ``completion`` with the
 loss on the completion only; or a folder saved by ``datasets``, when that package is installed), calls the
-method's ``train`` verb, and runs the loop. Accelerate supplies the device, mixed precision and data
-parallelism (DDP): run it under ``accelerate launch`` (or ``adapter train --processes N``).
+method's ``train`` verb, and runs the loop. Accelerate supplies the device, mixed precision and the processes of
+a data-parallel run: run it under ``accelerate launch`` (or ``adapter train --processes N``).
+
+Data parallelism is Accelerate's process group without DDP's wrapper: after each backward pass the trainable
+parameters' gradients are averaged over the processes by hand (:func:`all_reduce_gradients`, in buckets), and the
+trainable parameters are broadcast from the main process once at the start. DDP fixes the parameters it reduces,
+and their buckets, when it wraps the model, while sessions change them as they train (TriAdaptLoRA's rank growth
+adds blocks, DiffoRA's selection drops modules); rewrapping after each change would broadcast the whole base again. Every process takes the same decisions because they are functions
+of the averaged gradients, the parameters and the step, all equal across processes (a schedule that draws random
+numbers draws them from a generator of its own, not the dropout stream, which differs per process). Adapter
+gradients are small, so reducing them after the backward pass costs little of what DDP's overlap would save.
 
 What makes runs reproducible and comparable:
 
@@ -481,6 +490,51 @@ def return_freed_memory() -> bool:
     return bool(mallopt and mallopt(m_mmap_threshold, MMAP_THRESHOLD))
 
 
+# ----- data parallelism ----------------------------------------------------------------------------------
+REDUCE_BUCKET = 25 << 20
+"""Bytes of gradients flattened into one all-reduce (DDP's default bucket size)."""
+
+
+def all_reduce_gradients(params: Sequence[nn.Parameter]) -> None:
+    """Average ``params``' gradients over the processes of the default group, in place, as DDP does: a parameter
+    without a gradient here gets zeros when another process has one (it stays without one where no process
+    has), so every process holds the same gradients and steps the same parameters. Gradients of one dtype and
+    device go flattened, :data:`REDUCE_BUCKET` bytes per call."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    device = params[0].device if params else torch.device("cpu")
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    live = [p for p, h in zip(params, has.tolist(), strict=True) if h]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for p in live:
+        groups.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in groups.values():
+        for bucket in _buckets(grads):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= world
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                g.copy_(part.view_as(g))
+
+
+def _buckets(grads: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """``grads`` in consecutive runs of about :data:`REDUCE_BUCKET` bytes (one larger tensor alone)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for g in grads:
+        if bucket and size + g.numel() * g.element_size() > REDUCE_BUCKET:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+    if bucket:
+        yield bucket
+
+
 # ----- checkpoints ---------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (torch CPU and CUDA, Python, NumPy)."""
@@ -595,8 +649,8 @@ class Run:
             return_freed_memory()
         self.acc = acc = Accelerator(cpu=cpu, mixed_precision=s["mixed_precision"])
         if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-            raise UnsupportedError(f"adapter train runs data-parallel (DDP); {acc.distributed_type.value} is not "
-                                   "supported yet")
+            raise UnsupportedError(f"adapter train runs data-parallel (one copy of the model per process); "
+                                   f"{acc.distributed_type.value} is not supported yet")
         if s["batch_size"] % acc.num_processes:
             raise FormatError(f"batch size {s['batch_size']} is not a multiple of the {acc.num_processes} processes")
         if self.start == 0 and acc.is_main_process:
@@ -632,7 +686,12 @@ class Run:
             set_rng_state(torch.load(self.ckpt / f"rng-{acc.process_index}.pt", weights_only=True))
         else:
             torch.manual_seed(s["seed"] + 1 + acc.process_index)  # dropout: a stream per process
-        self.model, self.accel_optimizer = acc.prepare(model, self.optimizer)
+        self.model = model  # not wrapped by DDP: see the module docstring
+        if acc.num_processes > 1:
+            with torch.no_grad():
+                for p in session.parameters():
+                    torch.distributed.broadcast(p.data, 0)
+        self.accel_optimizer = acc.prepare(self.optimizer)
 
     def _check_schedule(self) -> None:
         if self.opts.checkpoint_every and self.session.has_schedule:
@@ -670,10 +729,13 @@ class Run:
             batch = self.stream.batch(step, rank, world)
             ids, labels = (t.to(acc.device) for t in collate(batch, self.tokenizer.pad_id))
             count = acc.reduce((labels[:, 1:] != IGNORE).sum(), reduction="sum")
-            loss_sum = token_loss_sum(self.model, ids, labels)
+            with acc.autocast():
+                loss_sum = token_loss_sum(self.model, ids, labels)
             tasks = self.session.tasks
             extra = {} if tasks is None else {"task_ids": task_ids(batch, ids.shape[1], tasks).to(acc.device)}
             acc.backward(loss_sum * world / count + self.session.regularization(**extra))
+            if world > 1:
+                all_reduce_gradients(list(self.session.parameters()))
             self.session.after_backward()
             if s["max_grad_norm"]:
                 acc.clip_grad_norm_(list(self.session.parameters()), s["max_grad_norm"])  # a schedule may add some
@@ -720,7 +782,8 @@ class Run:
         self.model.eval()
         for i in range(0, len(mine), b):
             ids, labels = (t.to(acc.device) for t in collate(mine[i:i + b], self.tokenizer.pad_id))
-            total += token_loss_sum(self.model, ids, labels)
+            with acc.autocast():
+                total += token_loss_sum(self.model, ids, labels)
             count += (labels[:, 1:] != IGNORE).sum()
         self.model.train()
         return (acc.reduce(total, reduction="sum") / acc.reduce(count, reduction="sum")).item()

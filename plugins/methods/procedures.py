@@ -22,8 +22,9 @@ a group of its own, which a scheduler built before the growth does not follow, a
 Regulariser: ``orth_reg_weight`` times the mean over modules of ``||A A^T - I||_F`` and ``||B^T B - I||_F``.
 **Deviation**: the fork initialises every block of A, B and C at zero (only A's first block N(0, 0.02)), so every
 gradient is zero and it never trains; here A and B blocks are N(0, 0.02) (the fork's commented-out lines; AdaLoRA's
-P and Q, from which it derives) and C blocks zero, so dW starts at 0 and C gets a gradient. Growth adds parameters
-after the model is wrapped, so it runs in one process only (data-parallel runs are refused).
+P and Q, from which it derives) and C blocks zero, so dW starts at 0 and C gets a gradient. A and B blocks are drawn
+from the session's own generator (:attr:`TriangularSession.generator`), so growth is the same in every process of a
+data-parallel run, and in one process, whatever dropout draws.
 
 **DiffoRA** (arXiv 2502.08905). No code was found and only the abstract was readable: a differentiable
 adaption matrix (DAM) chooses the modules to fine-tune by continuous relaxation, then discretisation, with the
@@ -70,19 +71,14 @@ def _fshape(module: nn.Module) -> tuple[int, int]:
     return out, n_in
 
 
-def _single_process(name: str) -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        raise af.UnsupportedError(f"method {name!r} adds or drops parameters during training, which data-parallel "
-                                  "runs cannot follow: train it in one process")
-
-
 # ----- TriAdaptLoRA -------------------------------------------------------------------------------------------
 class TriangularDelta(af.TrainableDelta):
     """A lowrank delta whose rank grows: blocks of A, B and the two triangular parts of C (module docstring)."""
 
-    def __init__(self, entry: dict[str, Any], module: nn.Module, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(self, entry: dict[str, Any], module: nn.Module, rank: int, alpha: float, dropout: float,
+                 generator: torch.Generator) -> None:
         super().__init__(entry, {}, dropout=dropout)
-        self.shape, self.alpha = _fshape(module), alpha
+        self.shape, self.alpha, self.generator = _fshape(module), alpha, generator
         self.dtype, self.device = af.adapter_dtype(module), module.weight.device
         self.blocks_A, self.blocks_B = nn.ParameterList(), nn.ParameterList()
         self.rows, self.cols = nn.ParameterList(), nn.ParameterList()
@@ -98,8 +94,10 @@ class TriangularDelta(af.TrainableDelta):
         """Add ``k`` ranks (new blocks); returns the new parameters."""
         out, n_in = self.shape
         size = self.rank + k
+        gen = self.generator
         new = [nn.Parameter(t.to(device=self.device, dtype=self.dtype)) for t in (
-            torch.randn(k, n_in) * 0.02, torch.randn(out, k) * 0.02, torch.zeros(k, size), torch.zeros(size, k))]
+            torch.randn(k, n_in, generator=gen) * 0.02, torch.randn(out, k, generator=gen) * 0.02,
+            torch.zeros(k, size), torch.zeros(size, k))]
         for plist, p in zip((self.blocks_A, self.blocks_B, self.rows, self.cols), new):
             plist.append(p)
         self.entry["params"]["scale"] = self.alpha / (size + 1e-5)
@@ -137,6 +135,9 @@ class TriangularSession(af.TrainSession):
 
     built: torch.optim.Optimizer | None = None
     """The last optimizer :meth:`optimizer` built: a restored schedule adds the blocks it regrows to it."""
+    generator: torch.Generator
+    """Draws every block of A and B (seeded from torch's global generator when the session is built), so the
+    blocks a growth adds do not depend on the dropout draws, which differ between the processes of a run."""
 
     def optimizer(self, **kwargs: Any) -> torch.optim.Optimizer:
         self.built = super().optimizer(**kwargs)
@@ -170,13 +171,14 @@ class TriAdaptLoRA(af.Method):
         self.check_config(cfg)
         if cfg["total_step"] <= cfg["init_warmup"]:
             raise af.FormatError(f"{self.name} config field total_step: must exceed init_warmup ({cfg['init_warmup']})")
-        _single_process(self.name)
         chosen = af.select_targets(model, cfg, supported=SUPPORTED)
         session = TriangularSession(model, self.name, cfg)
+        session.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
         for path, module in chosen.items():
             entry = af.module_entry("lowrank", module, {"scale": 1.0})
             alpha = cfg["alpha"] if cfg["alpha"] > 0 else cfg["init_rank"]
-            session.add(path, module, TriangularDelta(entry, module, cfg["init_rank"], alpha, cfg["dropout"]))
+            session.add(path, module, TriangularDelta(entry, module, cfg["init_rank"], alpha, cfg["dropout"],
+                                                      session.generator))
         session.on_step(RankGrowth(session, cfg))
         return session
 
@@ -188,7 +190,7 @@ class TriAdaptLoRA(af.Method):
 
 class RankGrowth:
     """TriAdaptLoRA's step hook: the rank growth (module docstring). Its state (the growths in order, every
-    block, the last importances) is checkpointed; restoring it regrows the blocks in the same order, adding
+    block, the last importances, the blocks' generator) is checkpointed; restoring it regrows the blocks in the same order, adding
     them to the session's optimizer (:attr:`TriangularSession.built`) as the run did."""
 
     def __init__(self, session: TriangularSession, cfg: dict[str, Any]) -> None:
@@ -217,7 +219,7 @@ class RankGrowth:
             optimizer.param_groups[0]["params"].extend(new)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"growths": [list(g) for g in self.growths],
+        return {"growths": [list(g) for g in self.growths], "generator": self.session.generator.get_state(),
                 "previous": {path: layer.previous for path, layer in self.layers.items()},
                 "blocks": {path: [p.detach().cpu() for _, p in layer.block_parameters()]
                            for path, layer in self.layers.items()}}
@@ -234,6 +236,7 @@ class RankGrowth:
                 for (_, p), saved in zip(layer.block_parameters(), state["blocks"][path], strict=True):
                     p.copy_(saved)
                 layer.previous = state["previous"][path]
+        self.session.generator.set_state(state["generator"])
 
 
 def growth_threshold(scores: list[float], step: int, total: int, target: int, cfg: dict[str, Any]) -> float:
@@ -313,7 +316,6 @@ class DiffoRA(af.Method):
         """LoRA with gates on every candidate; the selection after ``search_steps`` steps (module docstring)."""
         cfg = {**self.defaults, **config}
         self.check_config(cfg)
-        _single_process(self.name)
         chosen = af.select_targets(model, cfg, supported=SUPPORTED)
         session = GatedSession(model, self.name, cfg)
         r = cfg["r"]

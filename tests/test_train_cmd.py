@@ -190,9 +190,10 @@ def test_killed_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 ])
 def test_resumes_the_checkpoints_sparse_pattern(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
                                                key: str, source: dict) -> None:
-    """A resumed run trains the checkpoint's sparse pattern although the rebuilt session chose another (the
-    adapter the method reads changed meanwhile): the restored indices, values and config are the checkpoint's
-    and the lean path's structures follow them, so the result is the uninterrupted run's, bit for bit."""
+    """The adapter the method reads changed since the checkpoint: the resumption is refused naming the config
+    field and the file; forced, it trains the checkpoint's sparse pattern although the rebuilt session chose
+    another: the restored indices, values and config are the checkpoint's and the lean path's structures follow
+    them, so the result is the uninterrupted run's, bit for bit."""
     write_data(tmp_path / "data.jsonl", n=10)
     monkeypatch.chdir(tmp_path)
     train_adapter(opts(tmp_path, "src.safetensors", **source))
@@ -206,7 +207,11 @@ def test_resumes_the_checkpoints_sparse_pattern(tmp_path: Path, monkeypatch: pyt
     redrawn = {"config": {**source["config"], "seed": 1}} if source else {"lr": 3e-2}
     train_adapter(opts(tmp_path, "src.safetensors", overwrite=True, **{**source, **redrawn}))
     other = train_adapter(opts(tmp_path, "other.safetensors", warmup_steps=2, schedule="cosine", **kw))
-    resumed = train_adapter(TrainOptions(resume=tmp_path / "killed.safetensors.checkpoints"))
+    with pytest.raises(af.FormatError, match=f"the config {key} changed since the checkpoint .*pass --force") as e:
+        train_adapter(TrainOptions(resume=tmp_path / "killed.safetensors.checkpoints"))
+    assert e.value.path == str(tmp_path / "src.safetensors")
+    with pytest.warns(af.AdapterNote, match=f"config {key} changed .*continuing"):
+        resumed = train_adapter(TrainOptions(resume=tmp_path / "killed.safetensors.checkpoints", force=True))
     a, b, c = tensors(whole.out), tensors(resumed.out), tensors(other.out)
     assert any(not torch.equal(a[n], c[n]) for n in a if n.endswith(".indices"))
     if method == "lt_sft":
@@ -231,6 +236,48 @@ def hf_base(folder: Path) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+def test_resume_refuses_changed_inputs(tmp_path: Path) -> None:
+    """A resumption whose data, base weights or tokenizer changed since the checkpoint is refused in one line
+    naming it (CLI: exit 1), as is another method config; --force continues with a note."""
+    base, data = hf_base(tmp_path / "base"), write_data(tmp_path / "data.jsonl", n=8)
+    first = train_adapter(opts(tmp_path, "a.safetensors", base=base, max_steps=2, batch_size=2, checkpoint_every=1))
+    ckpt = first.checkpoints[0]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert set(state["inputs"]) == {"data", "base model", "tokenizer"}
+
+    def resume(**kw):
+        return train_adapter(TrainOptions(resume=ckpt, overwrite=True, **kw))
+
+    text = data.read_text()
+    data.write_text(text + '{"text": "a cat"}\n')
+    r = invoke("train", "--resume", str(ckpt), "--overwrite")
+    assert r.exit_code == 1 and "the data changed since the checkpoint" in r.stderr and str(data) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    data.write_text(text)
+    with pytest.raises(af.FormatError, match="config {'target_modules': .*} differs from the checkpoint's"):
+        resume(config={**LORA, "r": 2})
+    tok = json.loads((base / "tokenizer.json").read_text())  # two words swap ids: the data tokenizes otherwise
+    vocab = tok["model"]["vocab"]
+    vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+    (base / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(af.FormatError, match="the data as the base's tokenizer reads it changed since the checkpoint"):
+        resume()
+    vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+    (base / "tokenizer.json").write_text(json.dumps(tok))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    model.save_pretrained(base)
+    with pytest.raises(af.FormatError, match=r"the base model \(its weights' fingerprint\) changed") as e:
+        resume()
+    assert e.value.path == str(base)
+    with pytest.warns(af.AdapterNote, match="base model .* changed .*continuing"):
+        forced = resume(force=True)
+    assert forced.resumed_from == 1 and forced.steps == 2
 
 
 def test_prompt_tokens_carry_no_loss(tmp_path: Path) -> None:

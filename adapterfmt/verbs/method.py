@@ -7,7 +7,7 @@ only the verbs whose math differs from the generic delta-kind behaviour it inher
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -51,10 +51,31 @@ class Method:
             where = "/".join(map(str, err.absolute_path)) or "(top level)"
             raise FormatError(f"{self.name} config field {where}: {err.message}", path=path)
 
+    file_fields: ClassVar[tuple[str, ...]] = ()
+    """Config fields naming files the ``train`` verb reads (a path, or a mapping of names to paths), e.g. a source
+    adapter: :meth:`resolve_paths` makes them absolute, and ``adapter train`` records their sha256 in its
+    checkpoints and refuses a resumed run whose files changed (:meth:`input_files`)."""
+
     def resolve_paths(self, config: dict[str, Any], folder: Path) -> dict[str, Any]:
-        """``config`` with the relative file paths it names made absolute against ``folder`` (a config file's
-        folder, or the working directory), so a run records where they are; default: ``config`` as it is."""
-        return config
+        """``config`` with the relative paths of its :attr:`file_fields` made absolute against ``folder`` (a config
+        file's folder, or the working directory), so a run records where they are."""
+        out = dict(config)
+        for field in self.file_fields:
+            value = out.get(field)
+            if isinstance(value, str):
+                out[field] = str((folder / value).resolve())
+            elif isinstance(value, Mapping):
+                out[field] = {n: str((folder / v).resolve()) if isinstance(v, str) else v for n, v in value.items()}
+        return out
+
+    def input_files(self, config: dict[str, Any]) -> dict[str, Path]:
+        """The files ``config``'s :attr:`file_fields` name, by field (``field.name`` for a mapping's entries)."""
+        files = {}
+        for field in self.file_fields:
+            value = config.get(field)
+            items = value.items() if isinstance(value, Mapping) else [(None, value)]
+            files.update({field if n is None else f"{field}.{n}": Path(v) for n, v in items if isinstance(v, str)})
+        return files
 
     def regularization(self, session: Any, **outputs: Any) -> Any:
         """The method's regularisation term for :meth:`TrainSession.regularization` (0 by default): a 0-dim

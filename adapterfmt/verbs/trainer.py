@@ -31,8 +31,11 @@ What makes runs reproducible and comparable:
   TriAdaptLoRA's, and trained tensors the adapter does not store, e.g. EPT's reparameterisation:
   ``TrainSession.unstored``), every process's RNG
   states and ``state.json`` (the step, which fixes the data position, the options and the eval losses so
-  far). Resuming rebuilds the session with the method's ``train`` verb, loads all of that and continues
-  exactly; options given again must equal the recorded ones. A session whose schedule state cannot be saved
+  far; ``inputs``: the sha256 of the data, the eval data, the files the method's config names such as source
+  adapters (``Method.file_fields``), the base model's fingerprint and the data's tokens). Resuming rebuilds the
+  session with the method's ``train`` verb, loads all of that and continues exactly; options given again must
+  equal the recorded ones, and a changed input is refused naming it (``force``: continued with a note, the
+  checkpoint's state winning where the method derived it from that input). A session whose schedule state cannot be saved
   (``has_schedule``: an ``on_step`` hook without ``state_dict`` / ``load_state_dict``) is refused with
   checkpoints rather than resumed inexactly; step-determined hooks (``freeze_after``, gradient masks) resume
   exactly.
@@ -83,6 +86,7 @@ from .._version import __version__
 from ..errors import AdapterNote, FormatError, MissingFileError, OutputExistsError, UnsupportedError
 from ..format.adapter import Adapter, load, save
 from ..format.atomic import atomic_dir, check_output
+from ..format.fingerprint import fingerprint_module
 from ..format.jsontext import read_json_object
 from ..plugin.registry import get_method
 from ..tiny import build_tiny
@@ -97,6 +101,9 @@ QUANTIZE = ("nf4", "fp4", "int8")
 """The bitsandbytes formats ``quantize`` loads a base in."""
 COMPUTE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """The dtype a 4-bit base's matmuls compute in, per mixed precision."""
+INPUT_LABELS = {"base model": "the base model (its weights' fingerprint)",
+                "tokenizer": "the data as the base's tokenizer reads it"}
+"""How a refused resumption names an input whose name alone does not say it (see ``Run._check_inputs``)."""
 DEFAULTS: dict[str, Any] = {
     "max_steps": 100, "lr": 2e-4, "batch_size": 8, "max_length": 512, "warmup_steps": 0, "schedule": "linear",
     "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0, "mixed_precision": "no", "calibration_batches": 8,
@@ -148,6 +155,8 @@ class TrainOptions:
     """A checkpoint folder (``step-N``) or the folder of checkpoints (its latest one is taken)."""
     cpu: bool = False
     """Train on the CPU even when an accelerator is available."""
+    force: bool = False
+    """Resume although an input changed since the checkpoint (a note names it) instead of refusing."""
     overwrite: bool = False
 
 
@@ -332,6 +341,10 @@ def data_sha256(path: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -612,9 +625,14 @@ class Run:
             raise FormatError("a training run needs a method, data and an output (or --resume)")
         self.data = Path(s["data"])
         self.sha256 = data_sha256(self.data)
-        if recorded and recorded["data_sha256"] != self.sha256:
-            raise FormatError(f"the data changed since the checkpoint (sha256 {self.sha256[:12]}..., recorded "
-                              f"{recorded['data_sha256'][:12]}...)", path=self.data)
+        files = {**({"eval data": self.eval_data} if self.eval_data else {}),
+                 **{f"config {k}": v for k, v in get_method(s["method"]).input_files(s["config"]).items()}}
+        self.inputs: dict[str, str] = {}
+        """sha256 of what the run reads, by what it is (see :meth:`_check_inputs`)."""
+        self.recorded_inputs: dict[str, str] = recorded.get("inputs", {"data": recorded["data_sha256"]}) if recorded \
+            else {}
+        self._check_inputs({"data": (self.data, self.sha256),
+                            **{k: (path, data_sha256(path)) for k, path in files.items() if path.exists()}})
         self.checkpoints = Path(opts.checkpoints or (self.ckpt.parent if self.ckpt else f"{self.out}.checkpoints"))
 
     @property
@@ -662,6 +680,9 @@ class Run:
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
         self.tokenizer = load_tokenizer(base, emb.num_embeddings, note=acc.is_main_process)
         self.stream = Stream(read_examples(self.data, self.tokenizer, s["max_length"]), s["batch_size"], s["seed"])
+        where = base or Path("adapterfmt-tiny")
+        self._check_inputs({"base model": (where, _sha256_json(fingerprint_module(model))),
+                            "tokenizer": (where, _sha256_json([[e.ids, e.loss_from] for e in self.stream.examples]))})
         self.eval_examples = (read_examples(self.eval_data, self.tokenizer, s["max_length"])
                               if self.eval_data else None)
         model.to(acc.device).train()
@@ -692,6 +713,23 @@ class Run:
                 for p in session.parameters():
                     torch.distributed.broadcast(p.data, 0)
         self.accel_optimizer = acc.prepare(self.optimizer)
+
+    def _check_inputs(self, current: dict[str, tuple[Path, str]]) -> None:
+        """Add ``{what: (path, sha256)}`` to :attr:`inputs`; refuse (unless ``force``: a note) a resumed run where
+        one differs from the checkpoint's record: the data, the eval data, the files the method's config names
+        (``Method.file_fields``: source adapters), the base model's fingerprint and the data's tokens (the base's
+        tokenizer). The method's config and the options are checked against the recorded ones (:meth:`_settings`)."""
+        for what, (path, sha) in current.items():
+            self.inputs[what] = sha
+            old = self.recorded_inputs.get(what)
+            if old is None or old == sha:
+                continue
+            message = (f"{INPUT_LABELS.get(what, 'the ' + what)} changed since the checkpoint (sha256 {sha[:12]}..., "
+                       f"recorded {old[:12]}...)")
+            if not self.opts.force:
+                raise FormatError(f"{message}; resume with the recorded inputs, or pass --force to continue on "
+                                  "these", path=path)
+            warnings.warn(f"{path}: {message}; continuing (--force)", AdapterNote, stacklevel=3)
 
     def _check_schedule(self) -> None:
         if self.opts.checkpoint_every and self.session.has_schedule:
@@ -804,7 +842,7 @@ class Run:
                     torch.save(state, tmp / f"rng-{rank}.pt")
                 (tmp / "state.json").write_text(json.dumps({
                     "step": step, "loss": loss, "tokens": tokens, "processes": self.acc.num_processes,
-                    "data_sha256": self.sha256, "out": str(self.out), "settings": self.settings,
+                    "data_sha256": self.sha256, "inputs": self.inputs, "out": str(self.out), "settings": self.settings,
                     "evals": [{"step": k, "loss": v} for k, v in self.evals],
                     "eval_data": self.eval_data and str(self.eval_data)}, indent=2, sort_keys=True))
         self.acc.wait_for_everyone()

@@ -38,7 +38,7 @@ import re
 import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -420,7 +420,8 @@ class MixtureMethod(af.Method):
     name = "mixture"
     summary = "Mixture of LoRA experts with a top-k router per module (MeteoRA; kind mixture)"
     kinds = ("mixture",)
-    config_schema = {
+    file_fields = ("expert_adapters",)
+    config_schema: ClassVar[dict[str, Any]] = {
         "type": "object",
         "properties": {
             "experts": {"type": "array", "items": {"type": "string", "pattern": NAME.pattern}, "minItems": 1},
@@ -483,14 +484,6 @@ class MixtureMethod(af.Method):
         session = af.inject(model, method=self.name, config=cfg, build=build, targets={"target_modules": sorted(first)})
         session.tasks = tuple(names)
         return session
-
-    def resolve_paths(self, config: dict[str, Any], folder: Path) -> dict[str, Any]:
-        """``expert_adapters`` with each path made absolute against ``folder`` (absolute ones kept)."""
-        paths = config.get("expert_adapters")
-        if not isinstance(paths, Mapping):
-            return config
-        return {**config, "expert_adapters": {n: str((folder / p).resolve()) if isinstance(p, str) else p
-                                              for n, p in paths.items()}}
 
     def regularization(self, session: Any, *, task_ids: torch.Tensor | None = None, **outputs: Any) -> torch.Tensor:
         """``gate_loss_weight *`` :func:`gate_loss` over the session's modules, given ``task_ids`` ``[B, T]``

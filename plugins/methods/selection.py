@@ -432,6 +432,7 @@ class LightPEFT(af.Method):
     name = "light_peft"
     summary = "Light-PEFT: early pruning of the base's heads / FFN channels (kind mask) and of LoRA modules and ranks"
     kinds = ("lowrank", "mask")
+    file_fields = ("structure_from",)
     defaults: ClassVar[dict[str, Any]] = {
         "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "head_module": "o_proj",
         "channel_module": "down_proj", "attn_pruning_ratio": 1 / 3, "ffn_pruning_ratio": 1 / 3,

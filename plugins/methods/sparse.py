@@ -698,6 +698,7 @@ class LTSFT(af.Method):
     name = "lt_sft"
     summary = "LT-SFT (composable sparse fine-tuning): full FT, the K most-changed entries over the model, reset, train those"
     kinds = ("sparse",)
+    file_fields = ("mask_from",)
     config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
         **BUDGET, "mask_from": {"type": "string", "minLength": 1}, "full_ft_steps": {"type": "integer", "minimum": 1},
         "full_ft_lr": {"type": "number", "exclusiveMinimum": 0}, "threshold": {"type": "number", "minimum": 0},
@@ -804,6 +805,7 @@ class Grafting(af.Method):
     name = "grafting"
     summary = "Skill localisation by grafting: a learned tiny mask over (theta_ft - theta_pre), stored as sparse"
     kinds = ("sparse",)
+    file_fields = ("finetuned_from",)
     config_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {
         "density": BUDGET["density"], "mask_lr": {"type": "number", "exclusiveMinimum": 0},
         "epochs": {"type": "integer", "minimum": 0}, "sigmoid_bias": {"type": "number"},

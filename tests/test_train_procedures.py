@@ -1,6 +1,6 @@
 """Training procedures on the session hooks (plugins/methods/procedures.py): TriAdaptLoRA's triangular C and
 threshold rank growth, DiffoRA's module selection, S2-LoRA's shared factors stored once; each through
-``adapter train`` (checkpoints refused for the scheduled ones, S2-LoRA resumed exactly)."""
+``adapter train`` (TriAdaptLoRA resumed with its last importances, S2-LoRA exactly)."""
 
 from __future__ import annotations
 
@@ -347,5 +347,26 @@ def test_s2_lora_resumes_exactly(tmp_path: Path):
     resumed = train_adapter(TrainOptions(resume=whole.checkpoints[0], out=tmp_path / "resumed.safetensors"))
     assert resumed.resumed_from == 2
     a, b = af.load(whole.out), af.load(resumed.out)
+    assert sorted(a.tensor_names()) == sorted(b.tensor_names())
+    assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in a.tensor_names())
+
+
+def test_triadaptlora_resumes_with_the_last_importances(tmp_path: Path):
+    """A growth right after the resumption scores each module by the change of its normalised ||C||_F since the
+    growth before the checkpoint: the checkpoint's last norms are restored, so the resumed run grows the modules
+    the uninterrupted one grows (starting them from zero instead picks others here)."""
+    data = write_data(tmp_path / "data.jsonl")
+    config = {"target_modules": "all-linear", "reference_rank": 4, "incre_rank_num": 1, "total_step": 100,
+              "incre_interval": 2}
+    base = {"method": "triadaptlora", "data": data, "config": config, "max_steps": 8, "batch_size": 4, "lr": 1e-2,
+            "cpu": True}
+    whole = train_adapter(TrainOptions(**base, out=tmp_path / "whole.safetensors", checkpoint_every=4))
+    state = torch.load(whole.checkpoints[0] / "schedule.pt", weights_only=True)["hooks"][0]
+    assert len(state["growths"]) == 2 and all(v > 0 for v in state["previous"].values())
+    resumed = train_adapter(TrainOptions(resume=whole.checkpoints[0], out=tmp_path / "resumed.safetensors"))
+    a, b = af.load(whole.out), af.load(resumed.out)
+    first = af.load(whole.checkpoints[0] / "adapter.safetensors")
+    ranks = {p: (first.tensor(f"{p}.lora_A").shape[0], a.tensor(f"{p}.lora_A").shape[0]) for p in a.modules}
+    assert any(r < s for r, s in ranks.values()) and any(r == s for r, s in ranks.values())  # some grew after it
     assert sorted(a.tensor_names()) == sorted(b.tensor_names())
     assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in a.tensor_names())

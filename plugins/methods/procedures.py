@@ -190,8 +190,10 @@ class TriAdaptLoRA(af.Method):
 
 class RankGrowth:
     """TriAdaptLoRA's step hook: the rank growth (module docstring). Its state (the growths in order, every
-    block, the last importances, the blocks' generator) is checkpointed; restoring it regrows the blocks in the same order, adding
-    them to the session's optimizer (:attr:`TriangularSession.built`) as the run did."""
+    block, the last importances) is checkpointed; restoring it regrows the blocks in the same order, adding
+    them to the session's optimizer (:attr:`TriangularSession.built`) as the run did and drawing what the run drew
+    from the session's generator, which then goes on as the run's. The last importances decide the next growth
+    (each module's change since them)."""
 
     def __init__(self, session: TriangularSession, cfg: dict[str, Any]) -> None:
         self.session, self.cfg = session, cfg
@@ -219,7 +221,7 @@ class RankGrowth:
             optimizer.param_groups[0]["params"].extend(new)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"growths": [list(g) for g in self.growths], "generator": self.session.generator.get_state(),
+        return {"growths": [list(g) for g in self.growths],
                 "previous": {path: layer.previous for path, layer in self.layers.items()},
                 "blocks": {path: [p.detach().cpu() for _, p in layer.block_parameters()]
                            for path, layer in self.layers.items()}}
@@ -236,7 +238,6 @@ class RankGrowth:
                 for (_, p), saved in zip(layer.block_parameters(), state["blocks"][path], strict=True):
                     p.copy_(saved)
                 layer.previous = state["previous"][path]
-        self.session.generator.set_state(state["generator"])
 
 
 def growth_threshold(scores: list[float], step: int, total: int, target: int, cfg: dict[str, Any]) -> float:

@@ -132,6 +132,8 @@ class FakeHub:
         self._counter = itertools.count()
         self.connections: set[Any] = set()
         self.threads: list[threading.Thread] = []
+        self.tree_page: int | None = None
+        """Entries per page of a tree listing (None: all in one page)."""
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.stopping = threading.Event()
@@ -432,7 +434,8 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and rest[0] == "revision" and len(rest) == 2:
                 return self._model_info(repo_id, rest[1], fault)
             if method == "GET" and rest[0] == "tree" and len(rest) >= 2:
-                return self._tree(repo_id, rest[1], "/".join(rest[2:]), query.get("recursive") in ("True", "true", "1"))
+                return self._tree(repo_id, rest[1], "/".join(rest[2:]), query.get("recursive") in ("True", "true", "1"),
+                                  int(query.get("cursor", 0)))
             if method == "GET" and rest == ["refs"]:
                 return self._refs(repo_id)
             if method == "POST" and rest[0] == "preupload" and len(rest) == 2:
@@ -504,7 +507,7 @@ class _Handler(BaseHTTPRequestHandler):
             "siblings": [{"rfilename": p} for p in sorted(commit.files)],
         })
 
-    def _tree(self, repo_id: str, rev: str, prefix: str, recursive: bool) -> None:
+    def _tree(self, repo_id: str, rev: str, prefix: str, recursive: bool, cursor: int) -> None:
         repo = self._repo(repo_id)
         commit = self.hub.commits[self.hub.resolve(repo, rev)]
         prefix = prefix.strip("/")
@@ -529,7 +532,14 @@ class _Handler(BaseHTTPRequestHandler):
             entries[path] = item
         if prefix and not entries:
             raise HubHTTPError(404, f"Entry not found: {prefix}", "EntryNotFound")
-        self._send_json(200, list(entries.values()))
+        items = list(entries.values())
+        size = self.hub.tree_page or len(items) or 1
+        headers = {}
+        if cursor + size < len(items):  # the Hub's paging: a Link header to the next page
+            raw = urlsplit(self.path)
+            query = "&".join(kv for kv in raw.query.split("&") if kv and not kv.startswith("cursor="))
+            headers["Link"] = f'<{self.hub.url}{raw.path}?{query}&cursor={cursor + size}>; rel="next"'
+        self._send_json(200, items[cursor:cursor + size], headers)
 
     def _refs(self, repo_id: str) -> None:
         repo = self._repo(repo_id)

@@ -108,6 +108,20 @@ def test_push_pull_roundtrip_folder_byte_for_byte(hub_env: FakeHub, tmp_path: Pa
     assert snapshot_bytes(pulled.path) == snapshot_bytes(src)
 
 
+def test_a_listing_in_pages_is_followed_to_its_end(hub_env: FakeHub, tmp_path: Path) -> None:
+    """The Hub pages long tree listings (``Link: rel=next``); a file on the last page is still found."""
+    src = make_adapter(tmp_path / "a")
+    hub.push(src, "alice/paged")
+    hub_env.tree_page = 1  # .gitattributes, README.md, adapter.json, adapter.safetensors: one per page
+    listed = len(hub_env.requests("GET", "/api/models/alice/paged/tree/"))  # the push's listing
+    pulled = hub.pull("alice/paged", out=tmp_path / "out")
+    assert (pulled.path / "adapter.safetensors").read_bytes() == (src / "adapter.safetensors").read_bytes()
+    pages = hub_env.requests("GET", "/api/models/alice/paged/tree/")[listed:]
+    assert len(pages) == len(hub_env.files("alice/paged")) and sum("cursor=" in p for _, p, _ in pages) == len(pages) - 1
+    hub.push(make_adapter(tmp_path / "b", seed=1), "alice/paged")  # push reads the listing too
+    assert hub_env.files("alice/paged")["adapter.safetensors"] == (tmp_path / "b" / "adapter.safetensors").read_bytes()
+
+
 def test_push_pull_single_file(hub_env: FakeHub, tmp_path: Path) -> None:
     src = make_adapter(tmp_path / "a.safetensors", single_file=True)
     res = hub.push(src, "alice/single")

@@ -12,7 +12,7 @@
 server says: the ``ETag`` becomes ``blobs/<etag>`` and ``X-Repo-Commit`` becomes ``snapshots/<commit>``,
 unchecked, and it writes there before returning; a check of the metadata beforehand (a ``HEAD``) cannot help,
 since the download makes its own request, which may be answered differently. So pulls do not use it:
-``huggingface_hub`` is used for the API calls (``repo_info``, ``list_repo_tree``, its HTTP session and auth
+``huggingface_hub`` is used for the API calls (``repo_info``, the tree listing on its HTTP session, auth
 headers) and the files are streamed by :func:`_download` into a temp folder this module makes inside the
 store, then moved into place once verified. Nothing the server says becomes a path: a commit id must be 40
 lowercase hex digits before it names a folder; ``ETag`` is ignored; ``X-Repo-Commit``, when sent, must equal
@@ -332,7 +332,7 @@ def push(path: str | os.PathLike[str], repo_id: str, *, revision: str | None = N
                         api.create_branch(ref.repo_id, branch=branch, revision=DEFAULT_BRANCH, exist_ok=True)
                 parent = _check_commit(api.repo_info(ref.repo_id, revision=branch).sha, f"push {ref.repo_id}",
                                        "commit id")
-            listing = _tree(api, ref, parent, "push", tok, seconds)
+            listing = _tree(ref, parent, "push", tok, seconds)
             existing = set(listing)
             ours = {MANIFEST_FILE, TENSOR_FILE, *PEFT_FILES}
             old_manifest_files: set[str] = set()
@@ -526,28 +526,55 @@ class _RemoteFile:
     git_oid: str  # regular files: the git blob id (SHA-1 of "blob <size>\0" + content)
 
 
-def _tree(api: Any, ref: HubRef, sha: str, action: str, tok: str | None, seconds: float) -> dict[str, Any]:
-    """Repo path -> the listing's file object, at commit ``sha`` (checked only when a file is fetched)."""
+def _tree(ref: HubRef, sha: str, action: str, tok: str | None, seconds: float) -> dict[str, dict[str, Any]]:
+    """Repo path -> the listing's entry for each file, at commit ``sha`` (checked only when a file is fetched)."""
     with _translated(ref, action):
         try:
-            entries = _bounded(lambda _: list(api.list_repo_tree(ref.repo_id, revision=sha, recursive=True,
-                                                                 token=tok or False)),
-                               seconds, _late(_what(ref, action), seconds, "listing the files"))
-            return {f.path: f for f in entries if type(f).__name__ == "RepoFile"}
-        except (KeyError, TypeError, ValueError) as e:
+            entries = _bounded(lambda stop: _list_files(ref, sha, tok, stop), seconds,
+                               _late(_what(ref, action), seconds, "listing the files"))
+            return {f["path"]: f for f in entries if isinstance(f, dict) and f.get("type") == "file"
+                    and isinstance(f.get("path"), str)}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise HubError(f"{action} {ref.repo_id}: malformed file listing from the server ({type(e).__name__})") from None
 
 
-def _remote_file(listing: dict[str, Any], path: str, what: str) -> _RemoteFile:
+def _list_files(ref: HubRef, sha: str, tok: str | None, stop: threading.Event) -> list[Any]:
+    """The recursive tree listing of commit ``sha``, page by page (the ``Link: rel=next`` header).
+
+    Plain requests on huggingface_hub's shared client, not ``HfApi.list_repo_tree``: that retries through
+    ``http_backoff``, which closes the shared client when a retry meets a refused connection; a listing given up
+    at its deadline would keep retrying in its worker thread and could close the client under the caller's
+    later requests."""
+    from urllib.parse import quote
+
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    headers = build_hf_headers(token=tok or False, library_name="adapterfmt")
+    url: str | None = f"{hub_endpoint()}/api/models/{ref.repo_id}/tree/{quote(sha, safe='')}"
+    params: dict[str, str] | None = {"recursive": "true", "expand": "false"}
+    entries: list[Any] = []
+    while url is not None and not stop.is_set():
+        r = get_session().get(url, headers=headers, params=params)
+        hf_raise_for_status(r)
+        page = r.json()
+        if not isinstance(page, list):
+            raise TypeError("the listing is not a list")
+        entries.extend(page)
+        url, params = r.links.get("next", {}).get("url"), None
+    return entries
+
+
+def _remote_file(listing: dict[str, dict[str, Any]], path: str, what: str) -> _RemoteFile:
     f = listing[path]
-    lfs = getattr(f, "lfs", None)
-    size = lfs.size if lfs is not None else f.size
-    sha256 = lfs.sha256 if lfs is not None else None
-    if (not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(f.blob_id, str)
-            or not _COMMIT_RE.match(f.blob_id)
+    lfs = f.get("lfs")
+    size = lfs.get("size") if isinstance(lfs, dict) else f.get("size")
+    sha256 = lfs.get("oid") if isinstance(lfs, dict) else None
+    blob_id = f.get("oid")
+    if (not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(blob_id, str)
+            or not _COMMIT_RE.match(blob_id) or (lfs is not None and not isinstance(lfs, dict))
             or (sha256 is not None and not (isinstance(sha256, str) and _SHA256_RE.match(sha256)))):
         raise HubError(f"{what}: the listing gives {path} an invalid size or hash; refused")
-    return _RemoteFile(path, size, sha256, f.blob_id)
+    return _RemoteFile(path, size, sha256, blob_id)
 
 
 class _Hasher:
@@ -728,7 +755,7 @@ def fetch(ref: HubRef, *, token: str | None = None, timeout: float | None = None
                               cache_path=target, files=files, form=form)
     if offline:
         raise HubError(f"{what}: commit {sha[:12]} is not in the local cache and HF_HUB_OFFLINE=1")
-    listing = _tree(api, ref, sha, "pull", tok, seconds)
+    listing = _tree(ref, sha, "pull", tok, seconds)
     form, first = _detect(set(listing), ref.path, what)
     repo_dir = _repo_store(ref.repo_id)
     repo_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,16 @@ from helpers_methods import one_thread  # noqa: F401 (fixture)
 from helpers_spec import invoke
 
 import adapterfmt as af
-from adapterfmt.verbs.trainer import TrainOptions, train_adapter
+from adapterfmt.tiny import build_tiny
+from adapterfmt.verbs.trainer import (
+    ByteTokenizer,
+    Stream,
+    TrainOptions,
+    collate,
+    read_examples,
+    token_loss_sum,
+    train_adapter,
+)
 
 LORA = {"target_modules": "all-linear", "r": 4, "alpha": 8}
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it", "while", "birds", "sang"]
@@ -386,6 +395,28 @@ def test_demo_step_trains_through_the_trainer(tmp_path: Path) -> None:
     (row,) = run_demo(tmp_path, steps=[step_train_cli]).report
     assert row["resumed_equal"] is True and row["resumed_from"] == 10
     assert row["loss_last"] < row["loss_first"] - 1.0
+
+
+def test_mixed_precision_computes_under_autocast(tmp_path: Path) -> None:
+    """--mixed-precision bf16 runs the forward under Accelerate's autocast (the model is not wrapped): the first
+    step's loss, on the base itself (LoRA's B is zero), is the one bf16 autocast computes, not the fp32 one."""
+    data = write_data(tmp_path / "data.jsonl")
+    code = ("import sys, json; from pathlib import Path; from adapterfmt.verbs.trainer import TrainOptions, "
+            "train_adapter; r = train_adapter(TrainOptions(method='lora', data=Path(sys.argv[1]), out=Path(sys.argv[2]), "
+            "config={'target_modules': 'all-linear'}, max_steps=1, batch_size=4, mixed_precision='bf16', cpu=True)); "
+            "print(json.dumps(r.loss))")
+    run = subprocess.run([sys.executable, "-c", code, str(data), str(tmp_path / "bf16.safetensors")],
+                         capture_output=True, text=True, timeout=300, check=False)  # own process: Accelerate's state
+    assert run.returncode == 0, run.stderr[-2000:]
+    model = build_tiny(seed=0)
+    ids, labels = collate(Stream(read_examples(data, ByteTokenizer(128), 512), 4, 0).batch(0), 0)
+    count = (labels[:, 1:] != -100).sum()
+    with torch.no_grad():
+        fp32 = float(token_loss_sum(model, ids, labels) / count)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = float(token_loss_sum(model, ids, labels) / count)
+    assert abs(bf16 - fp32) > 1e-4
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == pytest.approx(bf16, rel=1e-6)
 
 
 def test_the_methods_regulariser_is_minimised(tmp_path: Path) -> None:

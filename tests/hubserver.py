@@ -98,7 +98,8 @@ class Fault:
     - ``endless``: the file's bytes, then zeros forever, with no ``Content-Length``;
     - ``huge``: ``Content-Length: value`` (a huge number) and zeros trickling out every ``delay`` seconds;
     - ``drip``: the true headers, then the body one byte every ``delay`` seconds;
-    - ``stall``: the answer only after ``delay`` seconds.
+    - ``stall``: the answer only after ``delay`` seconds;
+    - ``drop``: the connection closes without an answer.
     """
 
     method: str
@@ -392,6 +393,9 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self._fault(method, unquote(raw.path))
         if fault is not None and fault.mode == "stall":
             self.hub.stopping.wait(fault.delay)
+        if fault is not None and fault.mode == "drop":
+            self.close_connection = True  # no answer at all: the client sees the connection close
+            return
         if fault is not None and fault.mode == "500":
             self._body()
             self._send_json(500, {"error": "Internal Error - injected fault"})

@@ -547,6 +547,7 @@ def _list_files(ref: HubRef, sha: str, tok: str | None, stop: threading.Event) -
     later requests."""
     from urllib.parse import quote
 
+    import httpx2
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     headers = build_hf_headers(token=tok or False, library_name="adapterfmt")
@@ -554,7 +555,14 @@ def _list_files(ref: HubRef, sha: str, tok: str | None, stop: threading.Event) -
     params: dict[str, str] | None = {"recursive": "true", "expand": "false"}
     entries: list[Any] = []
     while url is not None and not stop.is_set():
-        r = get_session().get(url, headers=headers, params=params)
+        for attempt in range(1, _RETRIES + 1):  # a dropped connection is tried again, as the download does
+            try:
+                r = get_session().get(url, headers=headers, params=params)
+                break
+            except (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError):
+                if attempt == _RETRIES or stop.is_set():
+                    raise
+                time.sleep(0.2)
         hf_raise_for_status(r)
         page = r.json()
         if not isinstance(page, list):

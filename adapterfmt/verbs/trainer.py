@@ -347,6 +347,14 @@ def _sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
+def tokens_sha256(examples: Sequence[Example]) -> str:
+    """sha256 of the examples' token ids and loss starts (what the tokenizer made of the data)."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(np.array([len(e.ids), e.loss_from, *e.ids], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
 def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``ids`` and ``labels`` ``[B, T]`` padded on the right; labels are ``IGNORE`` where there is no loss."""
     width = max(len(e.ids) for e in examples)
@@ -682,7 +690,7 @@ class Run:
         self.stream = Stream(read_examples(self.data, self.tokenizer, s["max_length"]), s["batch_size"], s["seed"])
         where = base or Path("adapterfmt-tiny")
         self._check_inputs({"base model": (where, _sha256_json(fingerprint_module(model))),
-                            "tokenizer": (where, _sha256_json([[e.ids, e.loss_from] for e in self.stream.examples]))})
+                            "tokenizer": (where, tokens_sha256(self.stream.examples))})
         self.eval_examples = (read_examples(self.eval_data, self.tokenizer, s["max_length"])
                               if self.eval_data else None)
         model.to(acc.device).train()

@@ -216,7 +216,7 @@ def test_resumes_the_checkpoints_sparse_pattern(tmp_path: Path, monkeypatch: pyt
     redrawn = {"config": {**source["config"], "seed": 1}} if source else {"lr": 3e-2}
     train_adapter(opts(tmp_path, "src.safetensors", overwrite=True, **{**source, **redrawn}))
     other = train_adapter(opts(tmp_path, "other.safetensors", warmup_steps=2, schedule="cosine", **kw))
-    with pytest.raises(af.FormatError, match=f"the config {key} changed since the checkpoint .*pass --force") as e:
+    with pytest.raises(af.FormatError, match=f"the config {key} changed since the checkpoint .*--force") as e:
         train_adapter(TrainOptions(resume=tmp_path / "killed.safetensors.checkpoints"))
     assert e.value.path == str(tmp_path / "src.safetensors")
     with pytest.warns(af.AdapterNote, match=f"config {key} changed .*continuing"):
@@ -402,9 +402,9 @@ def test_mixed_precision_computes_under_autocast(tmp_path: Path) -> None:
     step's loss, on the base itself (LoRA's B is zero), is the one bf16 autocast computes, not the fp32 one."""
     data = write_data(tmp_path / "data.jsonl")
     code = ("import sys, json; from pathlib import Path; from adapterfmt.verbs.trainer import TrainOptions, "
-            "train_adapter; r = train_adapter(TrainOptions(method='lora', data=Path(sys.argv[1]), out=Path(sys.argv[2]), "
-            "config={'target_modules': 'all-linear'}, max_steps=1, batch_size=4, mixed_precision='bf16', cpu=True)); "
-            "print(json.dumps(r.loss))")
+            "train_adapter; r = train_adapter(TrainOptions(method='lora', data=Path(sys.argv[1]), "
+            "out=Path(sys.argv[2]), config={'target_modules': 'all-linear'}, max_steps=1, batch_size=4, "
+            "mixed_precision='bf16', cpu=True)); print(json.dumps(r.loss))")
     run = subprocess.run([sys.executable, "-c", code, str(data), str(tmp_path / "bf16.safetensors")],
                          capture_output=True, text=True, timeout=300, check=False)  # own process: Accelerate's state
     assert run.returncode == 0, run.stderr[-2000:]

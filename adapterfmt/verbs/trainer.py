@@ -10,10 +10,11 @@ Data parallelism is Accelerate's process group without DDP's wrapper: after each
 parameters' gradients are averaged over the processes by hand (:func:`all_reduce_gradients`, in buckets), and the
 trainable parameters are broadcast from the main process once at the start. DDP fixes the parameters it reduces,
 and their buckets, when it wraps the model, while sessions change them as they train (TriAdaptLoRA's rank growth
-adds blocks, DiffoRA's selection drops modules); rewrapping after each change would broadcast the whole base again. Every process takes the same decisions because they are functions
-of the averaged gradients, the parameters and the step, all equal across processes (a schedule that draws random
-numbers draws them from a generator of its own, not the dropout stream, which differs per process). Adapter
-gradients are small, so reducing them after the backward pass costs little of what DDP's overlap would save.
+adds blocks, DiffoRA's selection drops modules); rewrapping after each change would broadcast the whole base
+again. Every process takes the same decisions because they are functions of the averaged gradients, the
+parameters and the step, all equal across processes (a schedule that draws random numbers draws them from a
+generator of its own, not the dropout stream, which differs per process). Adapter gradients are small, so reducing
+them after the backward pass costs little of what DDP's overlap would save.
 
 What makes runs reproducible and comparable:
 
@@ -35,10 +36,10 @@ What makes runs reproducible and comparable:
   adapters (``Method.file_fields``), the base model's fingerprint and the data's tokens). Resuming rebuilds the
   session with the method's ``train`` verb, loads all of that and continues exactly; options given again must
   equal the recorded ones, and a changed input is refused naming it (``force``: continued with a note, the
-  checkpoint's state winning where the method derived it from that input). A session whose schedule state cannot be saved
-  (``has_schedule``: an ``on_step`` hook without ``state_dict`` / ``load_state_dict``) is refused with
-  checkpoints rather than resumed inexactly; step-determined hooks (``freeze_after``, gradient masks) resume
-  exactly.
+  checkpoint's state winning where the method derived it from that input). A session whose schedule state
+  cannot be saved (``has_schedule``: an ``on_step`` hook without ``state_dict`` / ``load_state_dict``) is
+  refused with checkpoints rather than resumed inexactly; step-determined hooks (``freeze_after``, gradient
+  masks) resume exactly.
 - Each step runs the session's hooks: ``after_backward`` (frozen deltas, pruned ranks, gradient masks)
   between the backward pass and the optimizer step, ``step`` after it.
 - The final adapter records the method's config (``method.config``) and, in its ``provenance`` entry, the
@@ -637,8 +638,9 @@ class Run:
                  **{f"config {k}": v for k, v in get_method(s["method"]).input_files(s["config"]).items()}}
         self.inputs: dict[str, str] = {}
         """sha256 of what the run reads, by what it is (see :meth:`_check_inputs`)."""
-        self.recorded_inputs: dict[str, str] = recorded.get("inputs", {"data": recorded["data_sha256"]}) if recorded \
-            else {}
+        self.recorded_inputs: dict[str, str] = {}
+        if recorded is not None:
+            self.recorded_inputs = recorded.get("inputs", {"data": recorded["data_sha256"]})
         self._check_inputs({"data": (self.data, self.sha256),
                             **{k: (path, data_sha256(path)) for k, path in files.items() if path.exists()}})
         self.checkpoints = Path(opts.checkpoints or (self.ckpt.parent if self.ckpt else f"{self.out}.checkpoints"))
@@ -735,8 +737,8 @@ class Run:
             message = (f"{INPUT_LABELS.get(what, 'the ' + what)} changed since the checkpoint (sha256 {sha[:12]}..., "
                        f"recorded {old[:12]}...)")
             if not self.opts.force:
-                raise FormatError(f"{message}; resume with the recorded inputs, or pass --force to continue on "
-                                  "these", path=path)
+                raise FormatError(f"{message}; resume with the recorded inputs, or pass force=True (CLI: --force) "
+                                  "to continue on these", path=path)
             warnings.warn(f"{path}: {message}; continuing (--force)", AdapterNote, stacklevel=3)
 
     def _check_schedule(self) -> None:

@@ -123,15 +123,15 @@ def test_a_listing_in_pages_is_followed_to_its_end(hub_env: FakeHub, tmp_path: P
 
 
 def test_a_listing_whose_connection_drops_is_asked_again(hub_env: FakeHub, tmp_path: Path) -> None:
-    src = make_adapter(tmp_path / "a")
-    hub.push(src, "alice/dropped")
+    hub.push(make_adapter(tmp_path / "a"), "alice/dropped")
+    always = hub_env.fail("/api/models/alice/dropped/tree/*", "drop")
+    with pytest.raises(af.HubTransferError, match="pull alice/dropped: connection failed"):
+        hub.pull("alice/dropped", out=tmp_path / "out")
+    assert always.hits == 3 and not (tmp_path / "out").exists()
+    always.times = 0
     once = hub_env.fail("/api/models/alice/dropped/tree/*", "drop", times=1)
     assert (hub.pull("alice/dropped", out=tmp_path / "out").path / "adapter.json").is_file()
     assert once.hits == 1
-    always = hub_env.fail("/api/models/alice/dropped/tree/*", "drop")
-    with pytest.raises(af.HubTransferError, match="pull alice/dropped: connection failed"):
-        hub.pull("alice/dropped", out=tmp_path / "out2")
-    assert always.hits == 3 and not (tmp_path / "out2").exists()
 
 
 def test_push_pull_single_file(hub_env: FakeHub, tmp_path: Path) -> None:

@@ -99,6 +99,43 @@ def test_two_processes_equal_one(tmp_path: Path, method: str, config: dict, step
         assert len({n.rsplit(".", 1)[0] for n in a}) == 2
 
 
+def _reduce_in(rank: int, tmp: Path) -> None:
+    """Process ``rank`` of two: gradients that only one process, or neither, has; two dtypes; tiny buckets."""
+    import torch.distributed as dist
+
+    from adapterfmt.verbs import trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
+    trainer.REDUCE_BUCKET = 64
+    ps = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 20, 5, 7)] + [torch.nn.Parameter(torch.zeros(2).double())]
+    for i, p in enumerate(ps):
+        if (i, rank) not in {(1, 0), (3, 1)} and i != 2:  # 1: rank 1's alone, 3: rank 0's alone, 2: none
+            p.grad = torch.arange(p.numel(), dtype=p.dtype) * (rank + 1) + i
+    trainer.all_reduce_gradients(ps)
+    torch.save([p.grad for p in ps], tmp / f"grads-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gradients_average_over_processes_like_ddp(tmp_path: Path) -> None:
+    """all_reduce_gradients averages each gradient over the processes, a missing one counting as zeros where
+    another process has it and staying missing where none has (as DDP), over buckets and dtypes."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # no re-import: a fraction of a second
+    procs = [ctx.Process(target=_reduce_in, args=(rank, tmp_path)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    want = [torch.arange(3.0) * 1.5, (torch.arange(20.0) * 2 + 1) / 2, None, (torch.arange(7.0) + 3) / 2,
+            torch.tensor([4.0, 5.5], dtype=torch.float64)]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"grads-{rank}.pt", weights_only=True)
+        for g, w in zip(got, want, strict=True):
+            assert (g is None) if w is None else torch.equal(g, w)
+
+
 KILLED = """
 import json, os, signal, sys
 from pathlib import Path

@@ -161,8 +161,7 @@ def test_top_is_stable_and_minmax_handles_ties():
     (['{"prompt": "a", "completion": "b"}'], ["--n", "2"], "n 2 exceeds the 1 unlabelled records of the pool"),
     (['{"prompt": "a", "completion": "b"}'], ["--n", "1", "--iteration", "10"],
      "iteration 10: the current model's weight 0.1 * (10 + 1) = 1.1 is outside (0, 1]"),
-    (['{"prompt": "a", "completion": "b"}'], ["--n", "1", "--labelled", "LAB"], "this labelled record is not in the "
-                                                                                 "pool"),
+    (['{"prompt": "a", "completion": "b"}'], ["--n", "1", "--labelled", "LAB"], "labelled record is not in the pool"),
     (['{"prompt": "a", "completion": ""}'], ["--n", "1"], "line 1: no completion token within max_length"),
 ])
 def test_cli_refuses_bad_input_in_one_line_writing_nothing(tmp_path: Path, lines, args, message):
@@ -232,3 +231,12 @@ def test_config_is_strict():
         with pytest.raises(af.FormatError, match=message.replace("(", r"\(").replace(")", r"\)")):
             get_method("star").train(model, config=config)
     assert not any(n.endswith("adapterfmt_delta") for n, _ in model.named_modules())
+
+
+def test_a_labelled_record_labels_its_duplicates_in_the_pool(tmp_path: Path):
+    pool = tmp_path / "pool.jsonl"
+    rec, other = '{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": "d"}'
+    pool.write_text(f"{rec}\n{other}\n{rec}\n")
+    (tmp_path / "lab.jsonl").write_text(rec + "\n")
+    got = af.acquire(str(pool), n=1, labelled=str(tmp_path / "lab.jsonl"), dynamic=False)
+    assert got.candidates == 1 and got.selected == [1] and got.scores == [0.0]

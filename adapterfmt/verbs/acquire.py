@@ -35,18 +35,19 @@ Differences from the reference, on purpose:
   attached), not read from a file written at iteration 0; the result is the same for the same base.
 - Tokenization: prompt with the tokenizer's special tokens, completion without, no EOS (the reference's
   ``tokenizer(question + answer)`` on a Llama tokenizer: BOS, no EOS); cut to ``max_length``.
-- Records are identified by ``(prompt, completion)``; every labelled record must be in the pool.
+- Records are identified by ``(prompt, completion)`` (the reference: by question); every labelled record must be
+  in the pool, and its duplicates there are labelled with it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError, FormatError, MissingFileError
@@ -56,6 +57,7 @@ from .apply import attach
 from .trainer import IGNORE, Example, Tokenizer, collate, load_base, load_tokenizer
 
 MEASURES = ("pe", "entropy")
+PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: forward batches done of all this call runs."""
 
@@ -166,10 +168,10 @@ def top(scores: torch.Tensor, n: int) -> list[int]:
     return torch.argsort(-scores, stable=True)[:n].tolist()
 
 
-def acquire(pool: Path, *, n: int, base: Path | None = None, adapter: Path | Adapter | None = None,
-            labelled: Path | None = None, iteration: int = 0, measure: str = "pe", dynamic: bool = True,
+def acquire(pool: PathLike, *, n: int, base: Path | None = None, adapter: PathLike | Adapter | None = None,
+            labelled: PathLike | None = None, iteration: int = 0, measure: str = "pe", dynamic: bool = True,
             mc_passes: int = 3, dropout: float | None = None, weight_step: float = 0.1, batch_size: int = 8,
-            max_length: int = 512, seed: int = 0, out: Path | None = None, overwrite: bool = False,
+            max_length: int = 512, seed: int = 0, out: PathLike | None = None, overwrite: bool = False,
             progress: Progress | None = None) -> Acquisition:
     """Score the pool's records not in ``labelled`` with ``base`` (a model folder, or the tiny model) and
     ``adapter`` attached (the model trained at ``iteration``; ``None``: the bare base), pick the ``n`` most
@@ -187,17 +189,19 @@ def acquire(pool: Path, *, n: int, base: Path | None = None, adapter: Path | Ada
         raise AdapterError(f"dropout {dropout} is outside [0, 1)")
     if out is not None:
         check_output(out, overwrite)
-    records = read_pool(pool)
-    index = {(r.prompt, r.completion): i for i, r in enumerate(records)}
+    records = read_pool(Path(pool))
+    index: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(records):
+        index.setdefault((r.prompt, r.completion), []).append(i)
     done: set[int] = set()
-    for r in read_pool(labelled) if labelled is not None else []:
+    for r in read_pool(Path(labelled)) if labelled is not None else []:
         if (r.prompt, r.completion) not in index:
             raise FormatError(f"this labelled record is not in the pool {pool}", path=r.where)
-        done.add(index[(r.prompt, r.completion)])
+        done.update(index[(r.prompt, r.completion)])
     candidates = [i for i in range(len(records)) if i not in done]
     if n > len(candidates):
         raise FormatError(f"n {n} exceeds the {len(candidates)} unlabelled records of the pool", path=pool)
-    if isinstance(adapter, Path):
+    if adapter is not None and not isinstance(adapter, Adapter):
         adapter = load(adapter)
     passes = mc_passes if dynamic else 1
     p = 0.0 if not dynamic or adapter is None else dropout if dropout is not None else float(

@@ -73,6 +73,7 @@ def acquire(
     seed: int = typer.Option(0, "--seed", help="Seed of the dropout draws."),
     out: Path = out_option("Where to write the selected records (JSONL, their lines as given, most uncertain "
                            "first)."),
+    cpu: bool = typer.Option(False, "--cpu", help="Score on the CPU even when a GPU is available."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     overwrite: bool = OverwriteOpt,
     as_json: bool = JsonOpt,
@@ -92,7 +93,7 @@ def acquire(
         result = run(pool, n=n, base=base, adapter=adapter, labelled=labelled, iteration=iteration, measure=measure,
                      dynamic=not static, mc_passes=mc_passes, dropout=dropout, weight_step=weight_step,
                      batch_size=batch_size, max_length=max_length, seed=seed, out=out, overwrite=overwrite,
-                     progress=bar)
+                     device="cpu" if cpu else None, progress=bar)
     lines = [result.records[i].number for i in result.selected]
     if as_json:
         print_json({"out": str(out), "measure": measure, "dynamic": not static, "weight": result.weight,

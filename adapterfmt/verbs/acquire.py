@@ -172,11 +172,12 @@ def acquire(pool: PathLike, *, n: int, base: Path | None = None, adapter: PathLi
             labelled: PathLike | None = None, iteration: int = 0, measure: str = "pe", dynamic: bool = True,
             mc_passes: int = 3, dropout: float | None = None, weight_step: float = 0.1, batch_size: int = 8,
             max_length: int = 512, seed: int = 0, out: PathLike | None = None, overwrite: bool = False,
-            progress: Progress | None = None) -> Acquisition:
+            device: str | torch.device | None = None, progress: Progress | None = None) -> Acquisition:
     """Score the pool's records not in ``labelled`` with ``base`` (a model folder, or the tiny model) and
     ``adapter`` attached (the model trained at ``iteration``; ``None``: the bare base), pick the ``n`` most
     uncertain, and write them (their JSONL lines as given, best first) atomically to ``out``. See the module
-    docstring for the measures, ``dynamic`` and Monte-Carlo dropout (``mc_passes``, ``dropout``)."""
+    docstring for the measures, ``dynamic`` and Monte-Carlo dropout (``mc_passes``, ``dropout``). ``device``: where
+    the forward passes run (default: CUDA when available, else the CPU)."""
     if measure not in MEASURES:
         raise AdapterError(f"measure {measure!r} is not one of {', '.join(MEASURES)}")
     if n < 1 or mc_passes < 1 or iteration < 0 or batch_size < 1:
@@ -207,8 +208,9 @@ def acquire(pool: PathLike, *, n: int, base: Path | None = None, adapter: PathLi
     p = 0.0 if not dynamic or adapter is None else dropout if dropout is not None else float(
         ((adapter.manifest.get("method") or {}).get("config") or {}).get("dropout", 0.0))
 
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _ = load_base(base)
-    model.eval()
+    model.to(dev).eval()
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
     tokenizer = load_tokenizer(base, emb.num_embeddings)
     examples = encode(records, tokenizer, max_length)
@@ -226,7 +228,7 @@ def acquire(pool: PathLike, *, n: int, base: Path | None = None, adapter: PathLi
     base_u = minmax(answer_uncertainty(model, examples, **kw))[candidates] if dynamic else None
     if adapter is not None:
         attach(model, adapter, dropout=p)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         current = torch.stack([answer_uncertainty(model, mine, **kw) for _ in range(passes)])
     scores = star_scores(current, base_u, weight or 1.0)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,38 +62,85 @@ def opts(tmp: Path, out: str, **kw) -> TrainOptions:
     return TrainOptions(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method, config, steps", [
-    ("lora", LORA, 3),
-    # rank growth at every step (blocks added to the optimizer; the growth decided from the averaged gradients)
-    ("triadaptlora", {"target_modules": ["q_proj", "v_proj"], "reference_rank": 4, "incre_rank_num": 1,
-                      "total_step": 4}, 3),
-    # the selection at step 2 drops two of four modules; the others train on
-    ("diffora", {"target_modules": ["q_proj", "v_proj"], "r": 4, "search_steps": 2}, 4),
-])
-def test_two_processes_equal_one(tmp_path: Path, method: str, config: dict, steps: int) -> None:
+def test_two_processes_equal_one(tmp_path: Path) -> None:
     """A two-process gloo run (accelerate launch, via --processes 2) gives the adapter of one process with the
-    same global batch, although the processes' halves hold different numbers of tokens; also for sessions that
-    add and drop parameters as they train."""
+    same global batch, although the processes' halves hold different numbers of tokens."""
     write_data(tmp_path / "data.jsonl")
-    (tmp_path / "cfg.yaml").write_text(json.dumps(config))
-    one = train_adapter(opts(tmp_path, "one.safetensors", method=method, config=config, max_steps=steps))
+    (tmp_path / "cfg.yaml").write_text("target_modules: all-linear\nr: 4\nalpha: 8\n")
+    one = train_adapter(opts(tmp_path, "one.safetensors"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "adapterfmt.cli.main", "train", "--method", method, "--data",
+    run = subprocess.run([sys.executable, "-m", "adapterfmt.cli.main", "train", "--method", "lora", "--data",
                           str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "two.safetensors"), "--config",
-                          str(tmp_path / "cfg.yaml"), "--max-steps", str(steps), "--batch-size", "4", "--lr", "1e-2",
+                          str(tmp_path / "cfg.yaml"), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2",
                           "--processes", "2", "--cpu", "--json"], capture_output=True, text=True, env=env,
                          timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
-    assert report["processes"] == 2 and report["steps"] == steps
+    assert report["processes"] == 2 and report["steps"] == 3
     assert report["loss"] == pytest.approx(one.loss, rel=1e-5)
-    a, b = tensors(one.out), tensors(tmp_path / "two.safetensors")
+    assert_same_adapter(one.out, tmp_path / "two.safetensors")
+    assert af.load(tmp_path / "two.safetensors").manifest["provenance"][-1]["processes"] == 2
+
+
+def assert_same_adapter(one: Path, two: Path) -> None:
+    """The same tensors (1e-5), and trained."""
+    a, b = tensors(one), tensors(two)
     assert a.keys() == b.keys()
     assert max(t.abs().max().item() for n, t in a.items() if n.endswith("lora_B")) > 1e-3  # it trained
     for n in a:
         assert a[n].shape == b[n].shape, n
         torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-5)
-    assert af.load(tmp_path / "two.safetensors").manifest["provenance"][-1]["processes"] == 2
+
+
+CHANGING = {
+    # rank growth at every step (blocks added to the optimizer; the growth decided from the averaged gradients)
+    "triadaptlora": {"config": {"target_modules": ["q_proj", "v_proj"], "reference_rank": 4, "incre_rank_num": 1,
+                                "total_step": 4}, "max_steps": 3},
+    # the selection at step 2 drops two of four modules; the others train on
+    "diffora": {"config": {"target_modules": ["q_proj", "v_proj"], "r": 4, "search_steps": 2}, "max_steps": 4},
+}
+"""Sessions that add or drop parameters as they train: each with its method's options."""
+TWO = """
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from adapterfmt.verbs.trainer import TrainOptions, train_adapter
+tmp, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
+for method, kw in runs.items():
+    train_adapter(TrainOptions(method=method, data=tmp / "data.jsonl", out=tmp / f"{method}.safetensors",
+                               batch_size=4, lr=1e-2, cpu=True, **kw))
+"""
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The :data:`CHANGING` runs, trained in one `accelerate launch` of two gloo processes (one start for all)."""
+    tmp = tmp_path_factory.mktemp("two")
+    write_data(tmp / "data.jsonl")
+    (tmp / "two.py").write_text(TWO)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--num_cpu_threads_per_process", "1", "--main_process_port", str(port), str(tmp / "two.py"),
+                          str(tmp), json.dumps(CHANGING)], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return tmp
+
+
+@pytest.mark.parametrize("method", list(CHANGING))
+def test_two_processes_equal_one_while_parameters_change(tmp_path: Path, two_process_runs: Path, method: str) -> None:
+    """Two processes equal one (1e-5) for sessions whose parameters change as they train: TriAdaptLoRA's growth
+    and DiffoRA's selection decide the same in every process (averaged gradients; blocks from the session's own
+    generator) and the gradients of the grown blocks, and of the kept modules only, are averaged."""
+    write_data(tmp_path / "data.jsonl")
+    one = train_adapter(opts(tmp_path, "one.safetensors", method=method, **CHANGING[method]))
+    two = two_process_runs / f"{method}.safetensors"
+    assert af.load(two).manifest["provenance"][-1]["processes"] == 2
+    assert_same_adapter(one.out, two)
+    a = tensors(one.out)
     if method == "triadaptlora":  # grown: ranks above init_rank 1
         assert sum(a[n].shape[0] for n in a if n.endswith(".lora_A")) > 4
     if method == "diffora":  # two of the four candidates kept

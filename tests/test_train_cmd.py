@@ -1,5 +1,6 @@
-"""``adapter train`` (adapterfmt.verbs.trainer): two processes equal one, a killed run resumes exactly, the
-prompt's tokens carry no loss, the base's tokenizer is used, provenance, and one-line refusals."""
+"""``adapter train`` (adapterfmt.verbs.trainer): two processes equal one (sessions that grow or drop parameters
+too), a killed run resumes exactly and one whose inputs changed is refused, the prompt's tokens carry no loss,
+the base's tokenizer is used, mixed precision autocasts, provenance, and one-line refusals."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ Differences from the reference, on purpose:
   in ``eval()`` mode, so PEFT's LoRA dropout is off and the passes are identical; the paper says MC dropout.
   Here the adapter is attached with ``attach(dropout=p)`` (``p`` default: the adapter's recorded ``dropout``), so
   each pass drops the LoRA inputs, as in training; the base model's own dropout stays off (eval mode). ``dropout
-  0`` or ``mc_passes 1`` gives the reference's deterministic score.
+  0`` gives the reference's score (its passes are identical).
 - **Entropy is computed from log-probabilities.** The reference's dynamic entropy clips probabilities at 1e-6
   before ``-p log p`` (a guard against numpy's ``0 * log 0``), which adds up to ``1.4e-5`` nats per clipped
   vocabulary entry; here ``-sum p log p`` is exact and needs no guard (its static entropy has no clip either).

@@ -168,7 +168,7 @@ def top(scores: torch.Tensor, n: int) -> list[int]:
     return torch.argsort(-scores, stable=True)[:n].tolist()
 
 
-def acquire(pool: PathLike, *, n: int, base: Path | None = None, adapter: PathLike | Adapter | None = None,
+def acquire(pool: PathLike, *, n: int, base: PathLike | None = None, adapter: PathLike | Adapter | None = None,
             labelled: PathLike | None = None, iteration: int = 0, measure: str = "pe", dynamic: bool = True,
             mc_passes: int = 3, dropout: float | None = None, weight_step: float = 0.1, batch_size: int = 8,
             max_length: int = 512, seed: int = 0, out: PathLike | None = None, overwrite: bool = False,
@@ -209,6 +209,7 @@ def acquire(pool: PathLike, *, n: int, base: Path | None = None, adapter: PathLi
         ((adapter.manifest.get("method") or {}).get("config") or {}).get("dropout", 0.0))
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = Path(base) if base is not None else None
     model, _ = load_base(base)
     model.to(dev).eval()
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens

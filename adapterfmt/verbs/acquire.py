@@ -209,11 +209,11 @@ def acquire(pool: PathLike, *, n: int, base: PathLike | None = None, adapter: Pa
         ((adapter.manifest.get("method") or {}).get("config") or {}).get("dropout", 0.0))
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    base = Path(base) if base is not None else None
-    model, _ = load_base(base)
+    folder = Path(base) if base is not None else None
+    model, _ = load_base(folder)
     model.to(dev).eval()
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
-    tokenizer = load_tokenizer(base, emb.num_embeddings)
+    tokenizer = load_tokenizer(folder, emb.num_embeddings)
     examples = encode(records, tokenizer, max_length)
     mine = [examples[i] for i in candidates]
     steps = -(-len(mine) // batch_size) * passes + (-(-len(examples) // batch_size) if dynamic else 0)

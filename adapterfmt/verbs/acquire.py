@@ -41,7 +41,6 @@ Differences from the reference, on purpose:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,11 +49,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import AdapterError, FormatError, MissingFileError
+from ..errors import AdapterError, FormatError
 from ..format.adapter import Adapter, load
 from ..format.atomic import atomic_file, check_output
 from .apply import attach
-from .trainer import IGNORE, Example, Tokenizer, collate, load_base, load_tokenizer
+from .trainer import IGNORE, Example, Tokenizer, collate, jsonl_records, load_base, load_tokenizer
 
 MEASURES = ("pe", "entropy")
 PathLike = str | os.PathLike[str]
@@ -89,21 +88,11 @@ class Acquisition:
 def read_pool(path: Path) -> list[PoolRecord]:
     """The records of a JSONL file, each an object with string ``prompt`` and ``completion`` (one
     ``FormatError`` naming the line otherwise)."""
-    if not path.is_file():
-        raise MissingFileError("pool file not found", path=path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FormatError(f"not JSON ({e.msg})", path=where) from None
-            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "completion")):
-                raise FormatError("a record needs string 'prompt' and 'completion' fields", path=where)
-            out.append(PoolRecord(where, n, line.rstrip("\n"), rec["prompt"], rec["completion"]))
+    for where, n, line, rec in jsonl_records(path, "pool file"):
+        if not all(isinstance(rec.get(k), str) for k in ("prompt", "completion")):
+            raise FormatError("a record needs string 'prompt' and 'completion' fields", path=where)
+        out.append(PoolRecord(where, n, line, rec["prompt"], rec["completion"]))
     if not out:
         raise FormatError("no records", path=path)
     return out

@@ -277,8 +277,15 @@ def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         for i, row in enumerate(ds):
             yield f"{path}: row {i}", row
         return
+    for where, _, _, record in jsonl_records(path, "data file"):
+        yield where, record
+
+
+def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, int, str, dict[str, Any]]]:
+    """``(where, line number, line text, record)`` for each non-blank line of a JSONL file of objects; one
+    :class:`FormatError` naming the line otherwise (``what`` names the file in the missing-file error)."""
     if not path.is_file():
-        raise MissingFileError("data file not found", path=path)
+        raise MissingFileError(f"{what} not found", path=path)
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -290,7 +297,7 @@ def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise FormatError(f"not JSON ({e.msg})", path=where) from None
             if not isinstance(record, dict):
                 raise FormatError("a JSONL record must be an object", path=where)
-            yield where, record
+            yield where, n, line.rstrip("\n"), record
 
 
 def read_examples(path: Path, tokenizer: Tokenizer, max_length: int) -> list[Example]:

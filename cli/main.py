@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import warnings
 
 import typer
@@ -13,6 +14,10 @@ from adapterfmt.plugin import registry
 from .common import App, console, show_warning
 
 warnings.showwarning = show_warning  # a broken plugin's warning, say: one line on stderr
+# bitsandbytes (imported by peft and transformers whenever installed) logs at import, on CPUs with AVX512-BF16,
+# that an optional kernel package is missing; it changes no result, so the command line does not show it
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage())
 
 app = App(
     name="adapter",
@@ -38,7 +43,6 @@ COMMAND_MODULES = (
     "plugin_cmd",
 )
 """Modules of ``adapterfmt.cli`` that each define ``register(app)``; listed in the order of ``--help``."""
-
 
 
 def _version(value: bool) -> None:

@@ -81,3 +81,11 @@ def test_wrong_architecture_is_one_short_line(other_arch, tmp_path, command):
     assert n > 6 and f"{n} " in lines[0] and f"and {n - 3} more" in lines[0]
     assert len(lines[0]) < 700, len(lines[0])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_hides_bitsandbytes_missing_kernel_line():
+    """bitsandbytes logs, on import on AVX512-BF16 CPUs, that an optional kernel package is missing; `adapter`
+    commands that import peft (demo, convert) do not show it (on other CPUs the line never appears)."""
+    code = "import adapterfmt.cli.main, bitsandbytes, peft"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "kernels-community" not in r.stderr, r.stderr

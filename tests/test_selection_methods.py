@@ -22,7 +22,7 @@ from helpers_methods import one_thread  # noqa: F401 (fixture)
 import adapterfmt as af
 from adapterfmt.tiny import TinyConfig, build_tiny
 from adapterfmt.verbs.trainer import Run, TrainOptions
-from adapterfmt.plugins.methods.selection import linear_flops, select_tensors, tensor_importance
+from adapterfmt.plugins.methods.selection import ISTSchedule, linear_flops, select_tensors, tensor_importance
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,6 +96,52 @@ def test_ist_trains_the_drawn_blocks_and_learns_scores_as_the_reference():
         active = draw(-scores, 1)
     assert bool((scores != 0).any())
     assert s.extract().method == "ist" and {e["kind"] for e in s.extract().modules.values()} == {"lowrank"}
+
+
+def test_ist_runs_no_backward_for_undrawn_blocks_and_trains_as_dropping_their_gradients():
+    """The undrawn blocks' deltas do not require grad in the step's forward: they get no gradient and nothing below
+    the lowest drawn block enters the autograd graph. The run equals, bit for bit, a LoRA trained by the same
+    schedule whose undrawn blocks' gradients are computed and dropped after backward (IST before it saved
+    anything): the same draws, score updates and parameters at every step, dropout on; the flags are back on
+    between steps."""
+    cfg = {"target_modules": ["q_proj", "v_proj", "down_proj"], "r": 2, "dropout": 0.1, "update_ratio": 0.34,
+           "rl_steps": 2, "update_interval": 2, "seed": 3}
+    base, batches = build_tiny(0, TinyConfig(layers=6)), data()
+    torch.manual_seed(0)
+    s = af.registry.get_method("ist").train(copy.deepcopy(base), config=cfg, loss_fn=loss_fn, batches=batches)
+    torch.manual_seed(0)  # the same LoRA init; the old behaviour: the schedule's draws, gradients dropped
+    ref = af.registry.get_method("lora").train(copy.deepcopy(base), config={k: cfg[k] for k in (
+        "target_modules", "r", "dropout")} | {"alpha": 8})
+    schedule = ISTSchedule(ref, {**af.registry.get_method("ist").defaults, **cfg}, loss_fn, batches)
+    ref.on_step(schedule)
+    opts = [torch.optim.AdamW(x.parameters(), lr=1e-2) for x in (s, ref)]
+    grad_out: dict[int, bool] = {}
+    for i, block in enumerate(s.model.model.layers):
+        block.register_forward_hook(lambda m, a, out, i=i: grad_out.__setitem__(i, out.requires_grad))
+    for step in range(7):
+        drawn = sorted({af.layer_index(p) for p in s.schedule_state()["hooks"][0]["active"]})
+        assert drawn == sorted({af.layer_index(p) for p in schedule.active}) and len(drawn) == 2
+        for x, opt in zip((s, ref), opts):
+            torch.manual_seed(100 + step)  # the same dropout masks
+            loss_fn(x.model, batches[step % 2]).backward()
+            if x is ref:
+                for path, layer in ref.layers.items():
+                    for _, p in layer.weights.items():
+                        assert p.grad is not None
+                        if schedule.skip(path, ref.steps):
+                            p.grad = None
+            else:
+                assert grad_out == {i: i >= drawn[0] for i in range(6)}
+                assert all((p.grad is None) == (af.layer_index(n) not in drawn) for n, p in s.named_parameters())
+            x.after_backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            x.step(opt)
+        assert all(p.requires_grad for p in s.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(s.parameters(), ref.parameters(), strict=True)), step
+    assert torch.equal(s.schedule_state()["hooks"][0]["scores"], schedule.scores) and bool(schedule.scores.any())
+    a, b = s.extract(), ref.extract()
+    assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in b.tensor_names())
 
 
 def test_ist_schedule_state_continues_the_draws_and_score_updates():

@@ -99,6 +99,10 @@ CHANGING = {
                                 "total_step": 4}, "max_steps": 3},
     # the selection at step 2 drops two of four modules; the others train on
     "diffora": {"config": {"target_modules": ["q_proj", "v_proj"], "r": 4, "search_steps": 2}, "max_steps": 4},
+    # IST: the undrawn blocks' deltas do not require grad in a step, so no process has their gradients (a score
+    # update at step 2 from each process's own forward)
+    "ist": {"config": {"target_modules": ["q_proj", "v_proj"], "r": 4, "update_interval": 2, "rl_steps": 2},
+            "max_steps": 4},
 }
 """Sessions that add or drop parameters as they train: each with its method's options."""
 TWO = """

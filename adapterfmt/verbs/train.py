@@ -145,6 +145,7 @@ class TrainSession:
         self._grad_masks: list[GradMask] = []
         self._freezes: dict[str, int] = {}
         self._skips: list[Callable[[str, int], bool]] = []
+        self._unarmed: dict[int, nn.Parameter] = {}
         self._rank_masks: dict[str, torch.Tensor] = {}
         self.steps = 0
         """Optimizer steps taken (:meth:`step` counts them; a resumed run sets it to the checkpoint's step)."""
@@ -165,9 +166,11 @@ class TrainSession:
         self.layers[path] = layer
         n = layer.kind.prepends(layer.entry, layer.tensors())
         if n and on_model_inputs(self.model):  # a prompt acts on the model's inputs, as attached (apply.Slot)
-            self._handles[path] = self.model.register_forward_pre_hook(
-                lambda model, args, kwargs: prompted_call(model, args, kwargs, n, module,
-                                                          lambda ids, y: layer(module, ids, y)), with_kwargs=True)
+            def pre_hook(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                self._arm(path, layer)
+                return prompted_call(model, args, kwargs, n, module, lambda ids, y: layer(module, ids, y))
+
+            self._handles[path] = self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
             return
         busy = False
 
@@ -177,6 +180,7 @@ class TrainSession:
                 return None
             busy = True
             try:
+                self._arm(path, layer)
                 return layer(m, args[0], out)
             finally:
                 busy = False
@@ -255,10 +259,29 @@ class TrainSession:
             self._freezes[path] = step
 
     def skip_gradients(self, fn: Callable[[str, int], bool]) -> None:
-        """At each step where ``fn(path, step)`` is true, module ``path``'s deltas get no gradient (``None``), as
-        for parameters with ``requires_grad`` off: the optimizer skips them (no momentum, no weight decay).
-        A per-step layer schedule (IST) calls it once; ``step`` counts optimizer steps taken."""
+        """At each step where ``fn(path, step)`` is true, module ``path``'s deltas get no gradient (``None``): the
+        optimizer skips them (no momentum, no weight decay). Their trained roles do not require grad in that step's
+        forward passes (set as each delta runs, with grad enabled; :meth:`after_backward` turns the flags back on),
+        so autograd computes no gradient for them and, below the lowest delta that trains, no backward at all.
+        A step must train some parameter (else its loss has no gradient). A per-step layer schedule (IST) calls
+        this once; ``step`` counts optimizer steps taken."""
         self._skips.append(fn)
+
+    def _skipped(self, path: str) -> bool:
+        return any(fn(path, self.steps) for fn in self._skips)
+
+    def _arm(self, path: str, layer: TrainableDelta) -> None:
+        """Before ``layer``'s forward with grad enabled: turn off ``requires_grad`` of its trained roles where
+        :meth:`skip_gradients` skips ``path`` at this step, back on where it no longer does."""
+        if not self._skips or not torch.is_grad_enabled():
+            return
+        skip = self._skipped(path)
+        for _, p in layer.weights.items():
+            if skip and p.requires_grad:
+                p.requires_grad_(False)
+                self._unarmed[id(p)] = p
+            elif not skip and self._unarmed.pop(id(p), None) is not None:
+                p.requires_grad_(True)
 
     def prune_rank(self, path: str, rank: int) -> None:
         """Keep the ``rank`` most important components of module ``path``'s lowrank delta (importance
@@ -303,10 +326,13 @@ class TrainSession:
 
     def after_backward(self) -> None:
         """Call between the backward pass and the optimizer step: applies :meth:`freeze_after`,
-        :meth:`prune_rank` and :meth:`mask_gradients` to the gradients."""
+        :meth:`skip_gradients` (and turns its ``requires_grad`` flags back on), :meth:`prune_rank` and
+        :meth:`mask_gradients` to the gradients."""
+        for p in self._unarmed.values():
+            p.requires_grad_(True)
+        self._unarmed = {}
         for path, layer in self.layers.items():
-            frozen = (path in self._freezes and self.steps >= self._freezes[path]) or any(
-                fn(path, self.steps) for fn in self._skips)
+            frozen = (path in self._freezes and self.steps >= self._freezes[path]) or self._skipped(path)
             mask = self._rank_masks.get(path)
             for role, p in layer.weights.items():
                 if frozen:
@@ -405,7 +431,7 @@ class TrainSession:
         for p, flag in self._grad.items():
             p.requires_grad_(flag)
         self._handles, self.layers, self._step_hooks = {}, {}, []
-        self._grad_masks, self._freezes, self._rank_masks, self._skips = [], {}, {}, []
+        self._grad_masks, self._freezes, self._rank_masks, self._skips, self._unarmed = [], {}, {}, [], {}
 
     def __enter__(self) -> TrainSession:
         return self

@@ -17,8 +17,10 @@ config so the kit (and a user) can train the same structure again without data.
   REINFORCE-like update: ``rl_steps`` distinct draws of ``suppress_ratio`` of the blocks (probability
   ``sigmoid(score)``) have their LoRA scale multiplied by ``suppression`` for one eval-mode loss on a batch;
   reward ``exp(-loss)`` minus the draws' mean, and ``score[i] += reward * p_i (1 - p_i) * rl_lr`` for each
-  block of the draw (``p`` before the update). As the reference: blocks at the step get gradients only, the
-  others ``None`` (AdamW skips them); differences: the update's batch is the next calibration batch (the
+  block of the draw (``p`` before the update). As the reference: only the blocks drawn for a step train; the
+  others' deltas do not require grad in that step's forward (``TrainSession.skip_gradients``), so their
+  gradients are ``None`` (AdamW skips them) and autograd runs no backward below the lowest drawn block (the
+  time and memory the paper saves); differences: the update's batch is the next calibration batch (the
   reference draws one from a shuffled loader), the block counts are at least 1 (the reference's
   ``int(L * ratio)`` is 0 below 4 blocks), draws come from the method's own generator (``seed``), and
   ``update_interval: 0`` keeps the scores at 0 (uniform draws: the reference's RST). The adapter is a LoRA.

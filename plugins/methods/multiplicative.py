@@ -11,7 +11,12 @@ layout (``W_f`` ``[out, n_in]``, ``params.transposed`` for GPT-2 ``Conv1D`` / ``
   merged ``W'_f = G^T @ W_f`` (``d = out``). PEFT's OFT on an ``nn.Embedding`` is this case.
 - A 4-D ``nn.Conv2d`` weight ``[out, c, kh, kw]`` (input side only): ``G`` acts on its flattened
   ``c * kh * kw`` axis, ``W' = reshape(W.reshape(out, -1) @ G^T)``, and unmerged the module's own
-  convolution runs with ``W'``: ``y' = y + conv(x; W' - W)`` (PEFT's merged form for all three).
+  convolution runs with ``W'``: ``y' = y + conv(x; W' - W)`` (PEFT's merged form for all three). Training on a
+  Conv2d goes through this form too, so it follows PEFT's BOFT and HRA training (their unmerged forward is their
+  merge for dilation 1) and PEFT's OFT training on 1x1 kernels; on larger kernels PEFT's unmerged OFT
+  (stride-1 patches rotated and folded back) is another function than its own merge, and ours is the merge.
+  Grouped and dilated convolutions train the same way (``G`` on the ``c / groups * kh * kw`` axis, the module's own
+  convolution); PEFT refuses grouped ones. A ``padding_mode`` other than zeros is refused.
 
 Kinds:
 
@@ -342,20 +347,34 @@ def _schema(extra: dict[str, Any]) -> dict[str, Any]:
 
 def _divisor(n: int, size: int, path: str, what: str) -> int:
     if n % size:
-        raise af.UnsupportedError(f"module {path!r}: {what} {size} does not divide its {n} inputs")
+        raise af.UnsupportedError(f"module {path!r}: {what} {size} does not divide its {n} inputs "
+                                  "(in_channels * kh * kw on a Conv2d)")
     return n // size
 
 
+def _target(kind: str, path: str, module: nn.Module,
+            params: dict[str, Any] | None = None) -> tuple[dict[str, Any], int]:
+    """The module entry of ``kind`` for a training target, and ``d``, the length of the axis ``G`` rotates
+    (``n_in``; ``c * kh * kw`` for a Conv2d)."""
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        raise af.UnsupportedError(f"module {path!r}: a Conv2d with padding_mode={module.padding_mode!r} cannot be "
+                                  "trained (the rotated weight runs through a zero-padded convolution)")
+    entry = af.module_entry(kind, module, params)
+    return entry, math.prod(af.function_shape(entry)[1:])
+
+
 class MultiplicativeMethod(af.Method):
-    """The train verb shared by the three methods: one trainable entry per targeted Linear / Conv1D,
+    """The train verb shared by the three methods: one trainable entry per targeted Linear / Conv1D / Conv2d,
     initialised so that ``G = I`` (training starts at the base model)."""
 
     defaults: ClassVar[dict[str, Any]] = {}
+    supported: ClassVar[tuple[type | str, ...]] = (nn.Linear, "Conv1D", nn.Conv2d)
 
     def train(self, model: nn.Module, *, config: dict[str, Any], **options: Any) -> af.TrainSession:
         cfg = {**self.defaults, **config}
         self.check_config(cfg)
-        return af.inject(model, method=self.name, config=cfg, build=lambda p, m: self.layer(p, m, cfg))
+        return af.inject(model, method=self.name, config=cfg, build=lambda p, m: self.layer(p, m, cfg),
+                         supported=self.supported)
 
     def layer(self, path: str, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
         raise NotImplementedError
@@ -372,8 +391,9 @@ class OFT(MultiplicativeMethod):
 
     def layer(self, path: str, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
         b, terms = cfg["block_size"], cfg["neumann_terms"]
-        entry = af.module_entry("cayley", module, {} if terms is None else {"series": neumann_series(terms)})
-        k = 1 if cfg["block_share"] else _divisor(af.function_shape(entry)[1], b, path, "block_size")
+        entry, d = _target("cayley", path, module, {} if terms is None else {"series": neumann_series(terms)})
+        blocks = _divisor(d, b, path, "block_size")
+        k = 1 if cfg["block_share"] else blocks
         return af.TrainableDelta(entry, {"skew": torch.zeros(k, b * (b - 1) // 2, dtype=af.adapter_dtype(module))})
 
 
@@ -386,9 +406,9 @@ class BOFT(MultiplicativeMethod):
     defaults: ClassVar[dict[str, Any]] = {"block_size": 4, "butterfly_factor": 1}
 
     def layer(self, path: str, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
-        entry = af.module_entry("butterfly", module)
-        (out, n_in), h, n = af.function_shape(entry), cfg["block_size"], cfg["butterfly_factor"]
-        blocks = _divisor(n_in, h, path, "block_size")
+        entry, d = _target("butterfly", path, module)
+        out, h, n = af.function_shape(entry)[0], cfg["block_size"], cfg["butterfly_factor"]
+        blocks = _divisor(d, h, path, "block_size")
         dtype = af.adapter_dtype(module)
         params = {"blocks": torch.zeros(n, blocks, h, h, dtype=dtype), "output_scale": torch.ones(out, dtype=dtype)}
         td = af.TrainableDelta(entry, params)
@@ -405,11 +425,13 @@ class HRA(MultiplicativeMethod):
 
     def layer(self, path: str, module: nn.Module, cfg: dict[str, Any]) -> af.TrainableDelta:
         """As HRA initialises: for even r each vector twice in a row, so the reflections cancel (G = I)."""
-        entry = af.module_entry("householder", module, {"orthogonalize": cfg["orthogonalize"]})
-        n_in, r = af.function_shape(entry)[1], cfg["r"]
+        entry, d = _target("householder", path, module, {"orthogonalize": cfg["orthogonalize"]})
+        r = cfg["r"]
         if cfg["orthogonalize"] or r % 2:
             raise af.UnsupportedError("hra training starts at G = I only with an even r and orthogonalize false")
-        half = torch.empty(n_in, r // 2, dtype=af.adapter_dtype(module))
+        if r > d:
+            raise af.UnsupportedError(f"module {path!r}: hra r {r} exceeds the {d} inputs it reflects")
+        half = torch.empty(d, r // 2, dtype=af.adapter_dtype(module))
         nn.init.kaiming_uniform_(half, a=math.sqrt(5))
         return af.TrainableDelta(entry, {"vectors": torch.repeat_interleave(half, 2, dim=1)})
 

@@ -22,7 +22,8 @@ from helpers_methods import one_thread  # noqa: F401 (fixture)
 import adapterfmt as af
 from adapterfmt.tiny import TinyConfig, build_tiny
 from adapterfmt.verbs.trainer import Run, TrainOptions
-from adapterfmt.plugins.methods.selection import ISTSchedule, linear_flops, select_tensors, tensor_importance
+from adapterfmt.plugins.methods.selection import (ISTSchedule, linear_flops, select_tensors,
+                                                   tensor_importance)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,7 +127,7 @@ def test_ist_runs_no_backward_for_undrawn_blocks_and_trains_as_dropping_their_gr
             loss_fn(x.model, batches[step % 2]).backward()
             if x is ref:
                 for path, layer in ref.layers.items():
-                    for _, p in layer.weights.items():
+                    for p in layer.weights.parameters():
                         assert p.grad is not None
                         if schedule.skip(path, ref.steps):
                             p.grad = None

@@ -276,7 +276,7 @@ class TrainSession:
         if not self._skips or not torch.is_grad_enabled():
             return
         skip = self._skipped(path)
-        for _, p in layer.weights.items():
+        for p in layer.weights.parameters():
             if skip and p.requires_grad:
                 p.requires_grad_(False)
                 self._unarmed[id(p)] = p

@@ -20,10 +20,13 @@ config so the kit (and a user) can train the same structure again without data.
   block of the draw (``p`` before the update). As the reference: only the blocks drawn for a step train; the
   others' deltas do not require grad in that step's forward (``TrainSession.skip_gradients``), so their
   gradients are ``None`` (AdamW skips them) and autograd runs no backward below the lowest drawn block (the
-  time and memory the paper saves); differences: the update's batch is the next calibration batch (the
-  reference draws one from a shuffled loader), the block counts are at least 1 (the reference's
-  ``int(L * ratio)`` is 0 below 4 blocks), draws come from the method's own generator (``seed``), and
-  ``update_interval: 0`` keeps the scores at 0 (uniform draws: the reference's RST). The adapter is a LoRA.
+  time and memory the paper saves; the updates are those of computing every gradient and dropping the undrawn
+  ones, bit for bit on the CPU; on CUDA with Triton the deltas below the lowest drawn block run the inference
+  kernel, the same function rounded otherwise, unless ``ADAPTERFMT_KERNELS=torch``); differences: the
+  update's batch is the next calibration batch (the reference draws one from a shuffled loader), the block
+  counts are at least 1 (the reference's ``int(L * ratio)`` is 0 below 4 blocks), draws come from the
+  method's own generator (``seed``), and ``update_interval: 0`` keeps the scores at 0 (uniform draws: the
+  reference's RST). The adapter is a LoRA.
   The schedule's state (scores, generator, drawn blocks) is checkpointed, so ``adapter train`` resumes it exactly.
 - **GreenTrainer** (Huang et al. 2023, "Towards Green AI in Fine-tuning LLMs via Adaptive Backpropagation";
   reference ``pittisl/GreenTrainer`` ``decoder_lm/tensor_selector.py``, ``train.py``): trains whole weight

@@ -7,6 +7,8 @@ what cannot be represented is refused in one line with nothing written.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import warnings
 from pathlib import Path
 
@@ -86,6 +88,8 @@ def test_peft_multiplicative_round_trip(tmp_path, name):
         assert res.exit_code == 0, res.stdout + res.stderr
     pm, missing, unexpected = load_peft(model_name, back)
     assert missing == [] and unexpected == []
+    written = json.loads((back / "adapter_config.json").read_text())
+    assert set(written) <= {f.name for f in dataclasses.fields(type(config()))}, "keys PEFT's config does not take"
     assert (logits(pm, c.ids) - c.expected).abs().max() <= ATOL
     src, ours = load_file(c.folder / "adapter_model.safetensors"), load_file(back / "adapter_model.safetensors")
     assert set(src) - set(ours) <= {k for k in src if k.endswith(".base_layer.weight")}  # PEFT's saved embeddings

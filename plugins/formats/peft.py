@@ -1432,7 +1432,8 @@ class _Writer:
                         "coft": False, "eps": 6e-5, "module_dropout": 0.0})
         elif ptype == "BOFT":
             one.update({"boft_block_num": 0, "boft_dropout": 0.0})
-        self.cfg.update({**one, "fan_in_fan_out": False, "bias": "none", "init_weights": True})
+        self.cfg.update({**one, **({} if ptype == "HRA" else {"fan_in_fan_out": False}), "bias": "none",
+                         "init_weights": True})  # HRAConfig has no fan_in_fan_out (PEFT warns at load)
         self.cfg["target_modules"] = self.targets(mods)
         self.aux()
 

@@ -8,6 +8,8 @@ the tests compare against: PEFT's own logits on fixed inputs.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +125,9 @@ def load_peft(model_name: str, folder: Path, seed: int = 0) -> tuple[nn.Module, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = PeftConfig.from_pretrained(folder)
+        written = json.loads((folder / "adapter_config.json").read_text())
+        stray = set(written) - {f.name for f in dataclasses.fields(type(config))}
+        assert not stray, f"adapter_config.json keys {type(config).__name__} does not take: {sorted(stray)}"
         pm = PeftModel.from_pretrained(build(model_name, seed), folder, config=config)
         result = set_peft_model_state_dict(pm, load_file(folder / "adapter_model.safetensors"))
     # PEFT's own rule: adapter keys are those naming the adapter; the prompt encoder is not part of a checkpoint

@@ -137,6 +137,9 @@ def train(
     processes: int = typer.Option(None, "--processes", min=1, help="Start this many data-parallel processes "
                                   "(`accelerate launch`)."),
     cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is available."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="With several processes: shard the base's weights over them "
+                              "(PyTorch FSDP2; the adapter stays whole and comes out the same). Not for methods "
+                              "whose trained parameters change while training, nor bitsandbytes bases."),
     force: bool = typer.Option(False, "--force", help="With --resume: continue although an input (data, base, "
                                "tokenizer, a source adapter the config names) changed since the checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -166,7 +169,7 @@ def train(
                         max_grad_norm=max_grad_norm, seed=seed, mixed_precision=mixed_precision, quantize=quantize,
                         calibration_batches=calibration_batches, eval_data=eval_data,
                         checkpoint_every=checkpoint_every, checkpoints=checkpoints, resume=resume, cpu=cpu,
-                        force=force, overwrite=overwrite)
+                        fsdp=fsdp, force=force, overwrite=overwrite)
     with _Bar(quiet or as_json) as bar:
         result = train_adapter(opts, progress=bar)
     if os.environ.get("RANK", "0") != "0":

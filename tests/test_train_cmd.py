@@ -105,16 +105,35 @@ CHANGING = {
             "max_steps": 4},
 }
 """Sessions that add or drop parameters as they train: each with its method's options."""
+FSDP = {
+    # the base sharded over the two processes; DoRA's forward reads module.weight (the gathered weight)
+    "lora-fsdp": {"method": "lora", "config": LORA, "max_steps": 3, "fsdp": True},
+    "dora-fsdp": {"method": "dora", "config": {"target_modules": "all-linear", "r": 4}, "max_steps": 3, "fsdp": True},
+    # dropout on, a checkpoint at step 2, then a run resumed from it (sharded again)
+    "lora-fsdp-whole": {"method": "lora", "config": {**LORA, "dropout": 0.1}, "max_steps": 4, "checkpoint_every": 2,
+                        "fsdp": True},
+    "lora-fsdp-resumed": {"method": "lora", "resume": "lora-fsdp-whole.safetensors.checkpoints/step-00000002",
+                          "fsdp": True},
+}
+"""``--fsdp`` runs: ``name: options`` (a ``resume`` relative to the runs' folder)."""
 TWO = """
 import json, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from adapterfmt.verbs.trainer import TrainOptions, train_adapter
+from torch.distributed.tensor import DTensor
+from adapterfmt.verbs.trainer import Run, TrainOptions
 tmp, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
-for method, kw in runs.items():
-    train_adapter(TrainOptions(method=method, data=tmp / "data.jsonl", out=tmp / f"{method}.safetensors",
-                               batch_size=4, lr=1e-2, cpu=True, **kw))
+for name, kw in runs.items():
+    kw = {"method": name, **kw, **({"resume": tmp / kw["resume"]} if "resume" in kw else {})}
+    run = Run(TrainOptions(data=tmp / "data.jsonl", out=tmp / f"{name}.safetensors", batch_size=4, lr=1e-2, cpu=True,
+                           **kw))
+    run.prepare()
+    adapter = set(run.session.parameters())
+    base = [p for p in run.model.parameters() if p not in adapter]
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in base)
+    (tmp / f"{name}-{run.acc.process_index}.json").write_text(json.dumps([held, sum(p.numel() for p in base)]))
+    run.loop()
 """
 
 
@@ -130,7 +149,8 @@ def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "--num_cpu_threads_per_process", "1", "--main_process_port", str(port), str(tmp / "two.py"),
-                          str(tmp), json.dumps(CHANGING)], capture_output=True, text=True, timeout=300, check=False)
+                          str(tmp), json.dumps({**CHANGING, **FSDP})], capture_output=True, text=True, timeout=300,
+                         check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     return tmp
 
@@ -150,6 +170,53 @@ def test_two_processes_equal_one_while_parameters_change(tmp_path: Path, two_pro
         assert sum(a[n].shape[0] for n in a if n.endswith(".lora_A")) > 4
     if method == "diffora":  # two of the four candidates kept
         assert len({n.rsplit(".", 1)[0] for n in a}) == 2
+
+
+@pytest.mark.parametrize("name", ["lora-fsdp", "dora-fsdp"])
+def test_fsdp_shards_the_base_and_equals_one_process(tmp_path: Path, two_process_runs: Path, name: str) -> None:
+    """--fsdp: each of the two processes holds half of the base's weights (plus padding of odd rows), the adapter
+    stays whole, and the result is one unsharded process's (1e-5); the unsharded runs hold the whole base."""
+    write_data(tmp_path / "data.jsonl")
+    kw = {k: v for k, v in FSDP[name].items() if k != "fsdp"}
+    one = train_adapter(opts(tmp_path, "one.safetensors", **kw))
+    two = two_process_runs / f"{name}.safetensors"
+    assert af.load(two).manifest["provenance"][-1]["processes"] == 2
+    assert af.load(two).manifest["provenance"][-1]["fsdp"] is True
+    assert_same_adapter(one.out, two)
+    for rank in range(2):
+        held, full = json.loads((two_process_runs / f"{name}-{rank}.json").read_text())
+        assert full == sum(p.numel() for p in build_tiny().parameters())
+        assert full // 2 <= held < full // 2 + 1000
+        assert json.loads((two_process_runs / f"triadaptlora-{rank}.json").read_text()) == [full, full]
+
+
+def test_fsdp_run_resumes_exactly(two_process_runs: Path) -> None:
+    """A sharded run resumed from its step-2 checkpoint (written from the whole adapter) equals the run that went
+    on, bit for bit (dropout on: the RNG states restored)."""
+    a, b = (tensors(two_process_runs / f"lora-fsdp-{k}.safetensors") for k in ("whole", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert max(t.abs().max().item() for n, t in a.items() if n.endswith("lora_B")) > 1e-3
+
+
+def test_fsdp_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--fsdp refuses a session whose trained parameters change while training, and an Accelerate FSDP launch is
+    refused naming --fsdp (on the CPU Accelerate would ignore it and shard nothing): one line each, exit 1."""
+    data = write_data(tmp_path / "data.jsonl", n=8)
+    (tmp_path / "diffora.yaml").write_text("target_modules: [q_proj, v_proj]\nr: 2\nsearch_steps: 1\n")
+    (tmp_path / "lora.yaml").write_text("target_modules: [q_proj, v_proj]\nr: 2\n")
+    common = ["train", "--data", str(data), "--max-steps", "1", "--batch-size", "2", "--cpu"]
+    r = invoke(*common, "--method", "diffora", "--config", str(tmp_path / "diffora.yaml"), "--out",
+               str(tmp_path / "a"), "--fsdp")
+    assert r.exit_code == 1 and "method 'diffora' changes what trains as it trains" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2 and not (tmp_path / "a").exists()
+    r = invoke(*common, "--method", "lora", "--config", str(tmp_path / "lora.yaml"), "--out", str(tmp_path / "b"),
+               "--fsdp")  # one process: nothing to shard
+    assert r.exit_code == 0, r.stderr
+    assert "fsdp" not in af.load(tmp_path / "b").manifest["provenance"][-1]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    r = invoke(*common, "--method", "lora", "--config", str(tmp_path / "lora.yaml"), "--out", str(tmp_path / "c"))
+    assert r.exit_code == 1 and "launch without --use_fsdp and pass --fsdp" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2
 
 
 def _reduce_in(rank: int, tmp: Path) -> None:

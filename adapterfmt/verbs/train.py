@@ -138,8 +138,8 @@ class TrainSession:
         self.fingerprint = fingerprint_module(model)
         self.layers: dict[str, TrainableDelta] = {}
         self._handles: dict[str, Any] = {}
-        self._grad = {p: p.requires_grad for p in model.parameters()}
-        for p in self._grad:
+        self._grad = {name: p.requires_grad for name, p in model.named_parameters()}  # by name: holds no weight
+        for p in model.parameters():
             p.requires_grad_(False)
         self._step_hooks: list[Callable[[torch.optim.Optimizer | None], None]] = []
         self._grad_masks: list[GradMask] = []
@@ -206,6 +206,12 @@ class TrainSession:
         ``state_dict`` / ``load_state_dict``. Pruned ranks are saved (:meth:`schedule_state`); :meth:`freeze_after`
         and gradient masks are functions of :attr:`steps`."""
         return any(not (hasattr(fn, "state_dict") and hasattr(fn, "load_state_dict")) for fn in self._step_hooks)
+
+    @property
+    def static(self) -> bool:
+        """Whether what trains is fixed while training: no :meth:`on_step` schedule (which may grow, drop or prune
+        deltas) and no :meth:`skip_gradients`; :meth:`freeze_after` and gradient masks only drop gradients."""
+        return not self._step_hooks and not self._skips
 
     def schedule_state(self) -> dict[str, Any]:
         """What a checkpoint holds besides the adapter and the optimizer: the pruned ranks' masks, each
@@ -428,8 +434,8 @@ class TrainSession:
             h.remove()
         for path in self.layers:
             delattr(self.model.get_submodule(path), LAYER_ATTR)
-        for p, flag in self._grad.items():
-            p.requires_grad_(flag)
+        for name, flag in self._grad.items():
+            self.model.get_parameter(name).requires_grad_(flag)
         self._handles, self.layers, self._step_hooks = {}, {}, []
         self._grad_masks, self._freezes, self._rank_masks, self._skips, self._unarmed = [], {}, {}, [], {}
 

@@ -16,6 +16,18 @@ parameters and the step, all equal across processes (a schedule that draws rando
 generator of its own, not the dropout stream, which differs per process). Adapter gradients are small, so reducing
 them after the backward pass costs little of what DDP's overlap would save.
 
+``fsdp`` (CLI ``--fsdp``) shards the frozen base's weights over the processes with PyTorch's FSDP2
+(``fully_shard``: one unit per decoder layer and the rest at the root, :func:`shard_base`), after the method's
+``train`` verb has read the whole base (initialisation, calibration): each process holds a ``1/P`` shard and
+gathers one unit's weights for its forward and backward passes. The adapter's parameters stay whole on every
+process (FSDP's ``ignored_params``), averaged as above, so checkpoints and the final adapter are written from full
+tensors and the run computes what an unsharded one does. A delta's forward that reads ``module.weight`` (DoRA,
+rotations) runs inside its unit's forward and sees the gathered weight. Sessions whose parameters or trained
+modules change while training (an ``on_step`` schedule, skipped gradients: :attr:`TrainSession.static`) and bases
+quantised by bitsandbytes are refused. Accelerate's own FSDP plugin is not used: it shards the model it
+prepares, adapter included (on a GPU), and on the CPU Accelerate ignores it; an ``accelerate launch --use_fsdp``
+run is refused, naming ``--fsdp``.
+
 What makes runs reproducible and comparable:
 
 - ``batch_size`` is the *global* batch: each optimizer step takes the next ``batch_size`` examples of one
@@ -69,11 +81,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -92,12 +105,15 @@ from ..format.jsontext import read_json_object
 from ..plugin.registry import get_method
 from ..tiny import build_tiny
 from .compress import load_live_model
+from .train import LAYER_ATTR
 
 IGNORE = -100
 """Label of a position without loss (prompt tokens, padding)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
+ACCELERATE_FSDP = "ACCELERATE_USE_FSDP"
+"""Set by ``accelerate launch --use_fsdp`` (see :meth:`Run.prepare`)."""
 QUANTIZE = ("nf4", "fp4", "int8")
 """The bitsandbytes formats ``quantize`` loads a base in."""
 COMPUTE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -156,6 +172,8 @@ class TrainOptions:
     """A checkpoint folder (``step-N``) or the folder of checkpoints (its latest one is taken)."""
     cpu: bool = False
     """Train on the CPU even when an accelerator is available."""
+    fsdp: bool = False
+    """Shard the base's weights over the processes (FSDP2; see the module docstring); the adapter is the same."""
     force: bool = False
     """Resume although an input changed since the checkpoint (a note names it) instead of refusing."""
     overwrite: bool = False
@@ -564,14 +582,39 @@ def _buckets(grads: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
         yield bucket
 
 
+def shard_base(model: nn.Module, keep: Iterable[nn.Parameter], device: torch.device) -> int:
+    """Shard ``model``'s parameters other than ``keep`` over the processes of the default group with FSDP2
+    (``fully_shard`` on ``device``'s type): one unit per decoder layer (the classes ``model._no_split_modules``
+    names, as transformers' models declare them, or else each item of the model's ``nn.ModuleList`` s), innermost
+    first, one each for the input embedding and the output head unless they share their weight, and the rest at
+    the root. ``keep`` (the adapter's) stay whole on every process. Returns the units' number, the root's included."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    ignored = set(keep)
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    base = [(path, m) for path, m in model.named_modules() if LAYER_ATTR not in path.split(".")]
+    units = ([m for _, m in base if type(m).__name__ in names] if names else
+             [item for _, m in base if isinstance(m, nn.ModuleList) for item in m])
+    ends = [m for m in (getattr(model, f"get_{end}_embeddings", lambda: None)() for end in ("input", "output"))
+            if isinstance(m, nn.Module)]
+    if len(ends) < 2 or not {id(p) for p in ends[0].parameters()} & {id(p) for p in ends[1].parameters()}:
+        units += [m for m in ends if m not in units]
+    for unit in [*reversed(units), model]:
+        fully_shard(unit, mesh=mesh, ignored_params=ignored)
+    return len(units) + 1
+
+
 # ----- checkpoints ---------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU and CUDA, Python, NumPy)."""
+    """This process's RNG states (torch CPU and CUDA, Python, NumPy; NumPy's uint32 keys as int64, which
+    ``all_gather_object`` can send: torch 2.13 cannot unpickle a uint32 tensor's storage there)."""
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python": random.getstate(),
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -580,7 +623,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -683,9 +726,13 @@ class Run:
         if cpu:
             return_freed_memory()
         self.acc = acc = Accelerator(cpu=cpu, mixed_precision=s["mixed_precision"])
+        if acc.distributed_type == DistributedType.FSDP or os.environ.get(ACCELERATE_FSDP, "").lower() == "true":
+            raise UnsupportedError("Accelerate's FSDP plugin would shard the adapter with the base (on a GPU; on the "
+                                   "CPU it is ignored and nothing is sharded): launch without --use_fsdp and pass "
+                                   "--fsdp, which shards the base only")
         if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-            raise UnsupportedError(f"adapter train runs data-parallel (one copy of the model per process); "
-                                   f"{acc.distributed_type.value} is not supported yet")
+            raise UnsupportedError(f"adapter train runs data-parallel (a copy of the model per process, or of the "
+                                   f"adapter with --fsdp); {acc.distributed_type.value} is not supported yet")
         if s["batch_size"] % acc.num_processes:
             raise FormatError(f"batch size {s['batch_size']} is not a multiple of the {acc.num_processes} processes")
         if self.start == 0 and acc.is_main_process:
@@ -708,6 +755,7 @@ class Run:
                                                                 batches=calib)
         self._check_schedule()
         self._check_tasks()
+        self._check_fsdp()
         self.optimizer = session.optimizer(lr=s["lr"], weight_decay=s["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(s["schedule"], s["warmup_steps"], s["max_steps"]))
@@ -729,6 +777,9 @@ class Run:
             with torch.no_grad():
                 for p in session.parameters():
                     torch.distributed.broadcast(p.data, 0)
+        self.sharded = self.opts.fsdp and acc.num_processes > 1
+        if self.sharded:
+            shard_base(model, session.parameters(), acc.device)
         self.accel_optimizer = acc.prepare(self.optimizer)
 
     def _check_inputs(self, current: dict[str, tuple[Path, str]]) -> None:
@@ -753,6 +804,17 @@ class Run:
             raise UnsupportedError(f"method {self.settings['method']!r}: the session has schedule state a checkpoint "
                                    "does not save (an on_step hook without state_dict / load_state_dict); run "
                                    "without checkpoints")
+
+    def _check_fsdp(self) -> None:
+        if not self.opts.fsdp:
+            return
+        if self.base_quantization is not None:
+            raise UnsupportedError(f"--fsdp shards float weights; a base quantised by bitsandbytes "
+                                   f"({self.base_quantization['format']}) is not sharded: run without --fsdp")
+        if not self.session.static:
+            raise UnsupportedError(f"method {self.settings['method']!r} changes what trains as it trains (an on_step "
+                                   "schedule or skipped gradients), which --fsdp does not support (the adapter's "
+                                   "parameters are fixed when the base is sharded): run it without --fsdp")
 
     def _check_tasks(self) -> None:
         tasks = self.session.tasks
@@ -876,6 +938,7 @@ class Run:
             "version": __version__,
             "data": {"name": self.data.name, "sha256": self.sha256, "examples": len(self.stream.examples)},
             "steps": s["max_steps"], "tokens": tokens, "processes": self.acc.num_processes,
+            **({"fsdp": True} if self.sharded else {}),
             "loss": loss, "eval_loss": eval_loss,
             **({"eval_data": {"name": self.eval_data.name, "sha256": data_sha256(self.eval_data)},
                 "evals": [{"step": k, "loss": v} for k, v in self.evals]} if self.eval_data else {}),

@@ -26,7 +26,10 @@ rotations) runs inside its unit's forward and sees the gathered weight. Sessions
 modules change while training (an ``on_step`` schedule, skipped gradients: :attr:`TrainSession.static`) and bases
 quantised by bitsandbytes are refused. Accelerate's own FSDP plugin is not used: it shards the model it
 prepares, adapter included (on a GPU), and on the CPU Accelerate ignores it; an ``accelerate launch --use_fsdp``
-run is refused, naming ``--fsdp``.
+run is refused, naming ``--fsdp``. Memory: each process still loads the whole base first, so the peak of loading
+is unchanged; sharding then frees half the base (two processes; glibc's heap trimmed, :func:`trim_heap`), and a
+step gathers a unit at a time (about three units' size in transient buffers), so the training peak drops only
+where the base is large against a few layers (``benchmarks/fsdp_memory.py``).
 
 What makes runs reproducible and comparable:
 
@@ -525,16 +528,27 @@ def return_freed_memory() -> bool:
     for ``benchmarks/train.py``'s model. Smaller thresholds return more (1 MiB: every activation buffer) but
     fault each buffer in afresh every step (1.5x the step time there). Returns whether it took effect (False off
     glibc)."""
+    mallopt = _glibc("mallopt")
+    m_mmap_threshold = -3
+    return bool(mallopt and mallopt(m_mmap_threshold, MMAP_THRESHOLD))
+
+
+def trim_heap() -> bool:
+    """Give the free pages of glibc's heap back to the OS (``malloc_trim``): the whole weights that sharding the
+    base frees lie there (blocks under :data:`MMAP_THRESHOLD`). Returns whether it released any (False off glibc)."""
+    malloc_trim = _glibc("malloc_trim")
+    return bool(malloc_trim and malloc_trim(0))
+
+
+def _glibc(function: str) -> Any:
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
+        return getattr(ctypes.CDLL(name), function) if name else None
     except (OSError, AttributeError):
-        mallopt = None
-    m_mmap_threshold = -3
-    return bool(mallopt and mallopt(m_mmap_threshold, MMAP_THRESHOLD))
+        return None
 
 
 # ----- data parallelism ----------------------------------------------------------------------------------
@@ -780,6 +794,7 @@ class Run:
         self.sharded = self.opts.fsdp and acc.num_processes > 1
         if self.sharded:
             shard_base(model, session.parameters(), acc.device)
+            trim_heap()
         self.accel_optimizer = acc.prepare(self.optimizer)
 
     def _check_inputs(self, current: dict[str, tuple[Path, str]]) -> None:

@@ -136,6 +136,8 @@ def test_a_folder_saved_quantised_trains_as_saved(setup):
      "--quantize nf4 loads a transformers base through bitsandbytes; the tiny model is not one"),
     (("--base", "fp", "--quantize", "q3", "--method", "lora", "--config", "lora.yaml"), 2,
      "--quantize 'q3' is not one of nf4, fp4, int8"),
+    (("--base", "fp", "--quantize", "nf4", "--method", "lora", "--config", "lora.yaml", "--fsdp"), 1,
+     "--fsdp shards float weights; a base quantised by bitsandbytes (nf4) is not sharded"),
 ])
 def test_refusals_are_one_line(setup, args, code, message):
     args = tuple(setup / a if a in ("fp", "ia3.yaml", "lora.yaml") else a for a in args)

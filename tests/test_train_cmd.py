@@ -405,13 +405,15 @@ def hf_base(folder: Path) -> Path:
 
 
 def test_resume_refuses_changed_inputs(tmp_path: Path) -> None:
-    """A resumption whose data, base weights or tokenizer changed since the checkpoint is refused in one line
-    naming it (CLI: exit 1), as is another method config; --force continues with a note."""
+    """A resumption whose data, eval data, base weights or tokenizer changed since the checkpoint is refused in
+    one line naming it (CLI: exit 1), as is another method config; --force continues with a note."""
     base, data = hf_base(tmp_path / "base"), write_data(tmp_path / "data.jsonl", n=8)
-    first = train_adapter(opts(tmp_path, "a.safetensors", base=base, max_steps=2, batch_size=2, checkpoint_every=1))
+    held_out = write_data(tmp_path / "eval.jsonl", n=4)
+    first = train_adapter(opts(tmp_path, "a.safetensors", base=base, max_steps=2, batch_size=2, checkpoint_every=1,
+                               eval_data=held_out))
     ckpt = first.checkpoints[0]
     state = json.loads((ckpt / "state.json").read_text())
-    assert set(state["inputs"]) == {"data", "base model", "tokenizer"}
+    assert set(state["inputs"]) == {"data", "eval data", "base model", "tokenizer"}
 
     def resume(**kw):
         return train_adapter(TrainOptions(resume=ckpt, overwrite=True, **kw))
@@ -422,6 +424,12 @@ def test_resume_refuses_changed_inputs(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "the data changed since the checkpoint" in r.stderr and str(data) in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     data.write_text(text)
+    held_text = held_out.read_text()
+    held_out.write_text(held_text + '{"text": "a dog"}\n')
+    with pytest.raises(af.FormatError, match="the eval data changed since the checkpoint") as e:
+        resume()
+    assert e.value.path == str(held_out)
+    held_out.write_text(held_text)
     with pytest.raises(af.FormatError, match="config {'target_modules': .*} differs from the checkpoint's"):
         resume(config={**LORA, "r": 2})
     tok = json.loads((base / "tokenizer.json").read_text())  # two words swap ids: the data tokenizes otherwise

@@ -454,6 +454,19 @@ def test_resume_refuses_changed_inputs(tmp_path: Path) -> None:
     assert forced.resumed_from == 1 and forced.steps == 2
 
 
+def test_file_fields_resolve_relative_paths_and_keep_urls(tmp_path: Path) -> None:
+    """Method.resolve_paths makes a file field's relative path absolute against the folder, keeps an hf:// source
+    (af.load reads it through the Hub), and adds no field the config lacks."""
+    light, mixture = af.registry.get_method("light_peft"), af.registry.get_method("mixture")
+    got = light.resolve_paths({"structure_from": "a/s.safetensors", "r": 4}, tmp_path)
+    assert got == {"structure_from": str(tmp_path / "a" / "s.safetensors"), "r": 4}
+    assert light.resolve_paths({"structure_from": "hf://org/light@main"}, tmp_path) == {
+        "structure_from": "hf://org/light@main"}
+    assert light.resolve_paths({"r": 4}, tmp_path) == {"r": 4}
+    got = mixture.resolve_paths({"expert_adapters": {"a": "hf://org/a", "b": "b.safetensors"}}, tmp_path)
+    assert got == {"expert_adapters": {"a": "hf://org/a", "b": str(tmp_path / "b.safetensors")}}
+
+
 def test_prompt_tokens_carry_no_loss(tmp_path: Path) -> None:
     """With the base's own tokenizer: the loss the run reports (lr 0: the base's) is the mean over the
     completion tokens and the EOS after them, computed here from the model and tokenizer directly."""

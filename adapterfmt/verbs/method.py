@@ -58,14 +58,16 @@ class Method:
 
     def resolve_paths(self, config: dict[str, Any], folder: Path) -> dict[str, Any]:
         """``config`` with the relative paths of its :attr:`file_fields` made absolute against ``folder`` (a config
-        file's folder, or the working directory), so a run records where they are."""
+        file's folder, or the working directory), so a run records where they are; a URL (``hf://...``) is kept."""
+
+        def resolved(v: Any) -> Any:
+            return str((folder / v).resolve()) if isinstance(v, str) and "://" not in v else v
+
         out = dict(config)
-        for field in self.file_fields:
-            value = out.get(field)
-            if isinstance(value, str):
-                out[field] = str((folder / value).resolve())
-            elif isinstance(value, Mapping):
-                out[field] = {n: str((folder / v).resolve()) if isinstance(v, str) else v for n, v in value.items()}
+        for field in set(self.file_fields) & set(out):
+            value = out[field]
+            out[field] = ({n: resolved(v) for n, v in value.items()} if isinstance(value, Mapping)
+                          else resolved(value))
         return out
 
     def input_files(self, config: dict[str, Any]) -> dict[str, Path]:

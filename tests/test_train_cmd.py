@@ -256,6 +256,42 @@ def test_gradients_average_over_processes_like_ddp(tmp_path: Path) -> None:
             assert (g is None) if w is None else torch.equal(g, w)
 
 
+def _spiel_in(rank: int, tmp: Path) -> None:
+    """Process ``rank`` of two: SpIEL's train verb with each selection algorithm; what it said, to a file."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
+    said = {}
+    for algorithm in ("rigl", "sm3"):
+        try:
+            af.registry.get_method("spiel").train(build_tiny(seed=0), config={
+                **SPIEL, "target_modules": ["q_proj"], "selection_algorithm": algorithm}).remove()
+            said[algorithm] = "trained"
+        except af.UnsupportedError as e:
+            said[algorithm] = str(e)
+    (tmp / f"spiel-{rank}.json").write_text(json.dumps(said))
+    dist.destroy_process_group()
+
+
+def test_spiel_rigl_is_refused_in_several_processes(tmp_path: Path) -> None:
+    """SpIEL's rigl regrows from candidates each process collects from its own dense gradient (not averaged), so
+    two processes would each regrow other entries (measured: nearly every index differs from one process's run):
+    refused in one line; sm3 regrows from the averaged gradients' optimizer state and equals one process."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_spiel_in, args=(rank, tmp_path)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    for rank in range(2):
+        said = json.loads((tmp_path / f"spiel-{rank}.json").read_text())
+        assert said["sm3"] == "trained"
+        assert "selection_algorithm: rigl regrows from each process's own gradients" in said["rigl"]
+
+
 KILLED = """
 import json, os, signal, sys
 from pathlib import Path

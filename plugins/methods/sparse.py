@@ -625,6 +625,12 @@ class Spiel(af.Method):
         cfg = {**SPIEL_DEFAULTS, **config}
         if cfg["selection_accumulation_steps"] >= cfg["reselection_steps"]:
             raise af.FormatError("spiel: selection_accumulation_steps must be below reselection_steps")
+        dist = torch.distributed
+        if cfg["selection_algorithm"] == "rigl" and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:  # its candidates come from each process's own dense gradient
+            raise af.UnsupportedError("spiel config field selection_algorithm: rigl regrows from each process's own "
+                                      "gradients, so data-parallel processes would diverge; train it in one process "
+                                      "or use sm3")
         chosen = af.select_targets(model, cfg, supported=(nn.Linear, "Conv1D"))
         ks = spiel_budget(model, chosen, cfg)
 

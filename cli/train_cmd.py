@@ -138,8 +138,9 @@ def train(
                                   "(`accelerate launch`)."),
     cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is available."),
     fsdp: bool = typer.Option(False, "--fsdp", help="With several processes: shard the base's weights over them "
-                              "(PyTorch FSDP2; the adapter stays whole and comes out the same). Not for methods "
-                              "whose trained parameters change while training, nor bitsandbytes bases."),
+                              "(PyTorch FSDP2; the adapter stays whole and comes out the same). Refused for methods "
+                              "with a training schedule (IST, DiffoRA, TriAdaptLoRA, SpIEL, LaMDA) and for "
+                              "bitsandbytes bases; use it instead of `accelerate launch --use_fsdp` (refused)."),
     force: bool = typer.Option(False, "--force", help="With --resume: continue although an input (data, base, "
                                "tokenizer, a source adapter the config names) changed since the checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

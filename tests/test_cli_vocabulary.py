@@ -1,10 +1,11 @@
 """One vocabulary across commands (docs/CLI.md): --base, --out/-o, --to (convert), --energy; the old spellings
 are hidden aliases printing one deprecation line; usage errors exit 2, data errors 1; an option given twice
-is refused."""
+is refused; docs/CLI.md's table matches the commands."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,44 @@ def test_deprecated_aliases_are_hidden_everywhere():
         for old in ("--into", "--sv-fro", "--dir"):
             assert old not in text, (command, old)
     assert "--dir" not in _help("plugin", "new") and "--out" in _help("plugin", "new")
+
+
+def _commands(group, prefix: str = "") -> dict:
+    """Every command of the ``adapter`` app by name ("merge", "plugin new")."""
+    out = {}
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            out.update(_commands(command, f"{prefix}{name} "))
+        else:
+            out[prefix + name] = command
+    return out
+
+
+def _table_rows() -> list[list[str]]:
+    """docs/CLI.md's vocabulary table: one list of cells per concept."""
+    text = (Path(__file__).parents[1] / "docs" / "CLI.md").read_text(encoding="utf-8")
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in text.splitlines() if ln.startswith("| ")]
+    assert rows[0][0] == "concept" and len(rows) > 5
+    return rows[1:]
+
+
+def test_cli_md_vocabulary_table_matches_the_commands():
+    """The commands docs/CLI.md lists under a spelling are the ones that take that option (all of them where it says
+    "every command"), and every hidden deprecated spelling it lists is one the command accepts without showing it."""
+    commands_ = _commands(typer.main.get_command(app))
+    checked = 0
+    for concept, spelling, commands, old in _table_rows():
+        flags = re.findall(r"`(--?[a-z][\w-]*)", spelling)
+        names = [re.sub(r"\s*\(.*", "", c).removesuffix(" only").strip()
+                 for c in re.split(r",\s*(?![^()]*\))", commands)]
+        shown = {n: {o for p in c.params if not p.hidden for o in p.opts} for n, c in commands_.items()}
+        taking = {n for n, opts in shown.items() if set(flags) <= opts}
+        if names != ["every command that writes"]:  # which commands write is not in their parameters
+            want = set(commands_) if names == ["every command"] else set(names)
+            assert taking == want, (concept, taking ^ want)
+        checked += len(taking)
+        for name, flag in re.findall(r"`([a-z ]+?) (--[\w-]+)`", old):
+            (param,) = [p for p in commands_[name].params if flag in p.opts]
+            assert param.hidden, (name, flag)
+            checked += 1
+    assert checked > 30

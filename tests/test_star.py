@@ -160,7 +160,10 @@ def test_top_is_stable_and_minmax_handles_ties():
     (['{"prompt": "a", "completion": "b"}', "{"], ["--n", "1"], "line 2: not JSON"),
     (['{"prompt": "a", "completion": "b"}'], ["--n", "2"], "n 2 exceeds the 1 unlabelled records of the pool"),
     (['{"prompt": "a", "completion": "b"}'], ["--n", "1", "--iteration", "10"],
-     "iteration 10: the current model's weight 0.1 * (10 + 1) = 1.1 is outside (0, 1]"),
+     "iteration 10: the current model's weight 0.1 * (10 + 1) = 1.1 is outside (0, 1]; pass a weight_step in "
+     "(0, 0.0909091]"),
+    (['{"prompt": "a", "completion": "b"}'], ["--n", "1", "--weight-step", "0"],
+     "weight 0.0 * (0 + 1) = 0 is outside (0, 1]; pass a weight_step in (0, 1]"),
     (['{"prompt": "a", "completion": "b"}'], ["--n", "1", "--labelled", "LAB"], "labelled record is not in the pool"),
     (['{"prompt": "a", "completion": ""}'], ["--n", "1"], "line 1: no completion token within max_length"),
 ])

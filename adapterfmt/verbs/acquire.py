@@ -174,7 +174,7 @@ def acquire(pool: PathLike, *, n: int, base: PathLike | None = None, adapter: Pa
     weight = weight_step * (iteration + 1) if dynamic else None
     if weight is not None and not 0 < weight <= 1:
         raise AdapterError(f"iteration {iteration}: the current model's weight {weight_step} * ({iteration} + 1) = "
-                           f"{weight:g} is outside (0, 1]; pass a smaller weight_step")
+                           f"{weight:g} is outside (0, 1]; pass a weight_step in (0, {1 / (iteration + 1):g}]")
     if dropout is not None and not 0 <= dropout < 1:
         raise AdapterError(f"dropout {dropout} is outside [0, 1)")
     if out is not None:

@@ -155,6 +155,16 @@ def test_top_is_stable_and_minmax_handles_ties():
     torch.testing.assert_close(s, torch.tensor([0.0, 1.0, 0.5]))  # 1.0, 1.5, 1.25 normalised
 
 
+def test_no_examples_score_nothing_and_batch_size_0_is_refused(tmp_path: Path):
+    model = build_tiny(seed=0).eval()
+    none = af.answer_uncertainty(model, [], measure="entropy")
+    assert none.shape == (0,) and none.dtype == torch.float64
+    assert af.star_scores(torch.zeros(3, 0), torch.zeros(0), 0.5).shape == (0,)
+    examples = encode(read_pool(write_pool(tmp_path / "pool.jsonl", n=2)), ByteTokenizer(128), 512)
+    with pytest.raises(af.AdapterError, match="batch_size 0 must be at least 1"):
+        af.answer_uncertainty(model, examples, measure="pe", batch_size=0)
+
+
 @pytest.mark.parametrize("lines, args, message", [
     (['{"prompt": "a"}'], ["--n", "1"], "line 1: a record needs string 'prompt' and 'completion' fields"),
     (['{"prompt": "a", "completion": "b"}', "{"], ["--n", "1"], "line 2: not JSON"),

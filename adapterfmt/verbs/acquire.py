@@ -119,8 +119,10 @@ def answer_uncertainty(model: nn.Module, examples: Sequence[Example], *, measure
     pass. ``progress()`` is called after each pass."""
     if measure not in MEASURES:
         raise AdapterError(f"measure {measure!r} is not one of {', '.join(MEASURES)}")
+    if batch_size < 1:
+        raise AdapterError(f"batch_size {batch_size} must be at least 1")
     device = next(model.parameters()).device
-    out = []
+    out = [torch.zeros(0, dtype=torch.float64)]  # no examples: no scores
     for i in range(0, len(examples), batch_size):
         ids, labels = (t.to(device) for t in collate(examples[i:i + batch_size], pad_id))
         logits = model(ids)
@@ -140,6 +142,8 @@ def answer_uncertainty(model: nn.Module, examples: Sequence[Example], *, measure
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
     """``(x - min) / (max - min)``; all zeros when ``x`` is constant (the reference divides by zero there)."""
+    if not x.numel():
+        return x
     lo, hi = x.min(), x.max()
     return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 

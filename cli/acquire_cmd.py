@@ -58,7 +58,7 @@ def acquire(
     n: int = typer.Option(None, "--n", min=1, help="How many records to select."),
     iteration: int = typer.Option(0, "--iteration", min=0, help="The active-learning iteration (0: the model "
                                   "trained on the initial subset); the current model's weight is "
-                                  "--weight-step * (iteration + 1)."),
+                                  "--weight-step * (iteration + 1), which must not exceed 1."),
     measure: str = typer.Option("pe", "--measure", help="pe (the completion's negative log-likelihood) or entropy "
                                 "(of each next-token distribution), summed over the completion."),
     static: bool = typer.Option(False, "--static", help="Plain uncertainty of the current model (one pass), not "

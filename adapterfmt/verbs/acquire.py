@@ -63,7 +63,8 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class PoolRecord:
-    """One JSONL line of a pool: its line number (1-based), its text as written, its prompt and completion."""
+    """One JSONL line of a pool: where it is (file and line, for errors), its line number (1-based), its text as
+    written, its prompt and completion."""
 
     where: str
     number: int
@@ -75,8 +76,8 @@ class PoolRecord:
 @dataclass
 class Acquisition:
     """A scoring step's result: ``selected`` pool indices (0-based, best first) with their normalised
-    ``scores``; ``candidates`` the unlabelled records scored; ``weight`` the current model's weight ``w``
-    (``None`` for static scoring)."""
+    ``scores``; ``candidates`` the number of unlabelled records scored; ``weight`` the current model's weight ``w``
+    (``None`` for static scoring); ``records`` the whole pool, which ``selected`` indexes."""
 
     selected: list[int]
     scores: list[float]

@@ -5,6 +5,7 @@ terminal, progress bars. The conventions are written down in docs/CLI.md."""
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -180,7 +181,13 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Cell]], title: s
 # ----- the command classes ---------------------------------------------------------------------------------
 class _Conventions:
     """Mixed into typer's command and group classes: boolean flags read as flags in ``--help`` (typer shows
-    ``<bool>``), and an option given twice is a usage error instead of "the last one wins"."""
+    ``<bool>``), an option given twice is a usage error instead of "the last one wins", and a command list shows
+    each command's first paragraph unbroken (typer's rich mode keeps the docstring's line breaks there)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        if self.help and not self.short_help:
+            self.short_help = " ".join(inspect.cleandoc(self.help).split("\n\n")[0].split())
 
     def get_params(self, ctx: typer.Context) -> list[Any]:
         params = super().get_params(ctx)  # type: ignore[misc]

@@ -4,11 +4,13 @@ per line; --json unchanged)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import typer
 from adapterfmt.cli.main import app
 from helpers_cli import cli
 from helpers_spec import run_adapter
@@ -78,3 +80,19 @@ def test_json_is_not_wrapped(wide: Path):
     info = json.loads(r.stdout)
     assert info["path"] == str(wide) and sorted(m["module"] for m in info["modules"]) == sorted(LONG)
     assert json.loads(cli("inspect", str(wide), "--json").stdout) == info
+
+
+@pytest.mark.parametrize("group", [[], ["plugin"]])
+def test_command_lists_show_first_paragraphs_unbroken(group, monkeypatch):
+    """A command list shows each command's first docstring paragraph as one text, rich wrapping it only at the
+    width (typer's rich mode kept the docstring's line breaks: train's `adapterfmt.cli.main train` split in two)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    r = cli(*group, "--help")
+    assert r.exit_code == 0, r.output
+    root = typer.main.get_command(app)
+    for name in group:
+        root = root.commands[name]
+    lines = r.stdout.splitlines()
+    for name, command in root.commands.items():
+        first = " ".join(inspect.cleandoc(command.help).split("\n\n")[0].split())
+        assert any(ln.strip("│ ").startswith(name) and first in ln for ln in lines), (name, first)

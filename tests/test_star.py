@@ -175,13 +175,15 @@ def test_no_examples_score_nothing_and_batch_size_0_is_refused(tmp_path: Path):
     (['{"prompt": "a", "completion": "b"}'], ["--n", "1", "--weight-step", "0"],
      "weight 0.0 * (0 + 1) = 0 is outside (0, 1]; pass a weight_step in (0, 1]"),
     (['{"prompt": "a", "completion": "b"}'], ["--n", "1", "--labelled", "LAB"], "labelled record is not in the pool"),
+    (['{"prompt": "a", "completion": "b"}'], ["--n", "1", "--labelled", "NONE"], "none.jsonl: labelled file not found"),
     (['{"prompt": "a", "completion": ""}'], ["--n", "1"], "line 1: no completion token within max_length"),
 ])
 def test_cli_refuses_bad_input_in_one_line_writing_nothing(tmp_path: Path, lines, args, message):
     pool = tmp_path / "pool.jsonl"
     pool.write_text("\n".join(lines) + "\n")
     (tmp_path / "lab.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
-    args = [str(tmp_path / "lab.jsonl") if a == "LAB" else a for a in args]
+    args = [str(tmp_path / "lab.jsonl") if a == "LAB" else str(tmp_path / "none.jsonl") if a == "NONE" else a
+            for a in args]
     r = invoke("acquire", "--pool", str(pool), "--out", str(tmp_path / "sel.jsonl"), *args)
     assert r.exit_code == 1 and message in r.stderr, r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error")]) == 1

@@ -86,11 +86,11 @@ class Acquisition:
     records: list[PoolRecord]
 
 
-def read_pool(path: Path) -> list[PoolRecord]:
+def read_pool(path: Path, what: str = "pool file") -> list[PoolRecord]:
     """The records of a JSONL file, each an object with string ``prompt`` and ``completion`` (one
-    ``FormatError`` naming the line otherwise)."""
+    ``FormatError`` naming the line otherwise; ``what`` names the file when it is missing)."""
     out = []
-    for where, n, line, rec in jsonl_records(path, "pool file"):
+    for where, n, line, rec in jsonl_records(path, what):
         if not all(isinstance(rec.get(k), str) for k in ("prompt", "completion")):
             raise FormatError("a record needs string 'prompt' and 'completion' fields", path=where)
         out.append(PoolRecord(where, n, line, rec["prompt"], rec["completion"]))
@@ -189,7 +189,7 @@ def acquire(pool: PathLike, *, n: int, base: PathLike | None = None, adapter: Pa
     for i, r in enumerate(records):
         index.setdefault((r.prompt, r.completion), []).append(i)
     done: set[int] = set()
-    for r in read_pool(Path(labelled)) if labelled is not None else []:
+    for r in read_pool(Path(labelled), "labelled file") if labelled is not None else []:
         if (r.prompt, r.completion) not in index:
             raise FormatError(f"this labelled record is not in the pool {pool}", path=r.where)
         done.update(index[(r.prompt, r.completion)])

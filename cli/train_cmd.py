@@ -139,7 +139,7 @@ def train(
     cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is available."),
     fsdp: bool = typer.Option(False, "--fsdp", help="With several processes: shard the base's weights over them "
                               "(PyTorch FSDP2; the adapter stays whole and comes out the same). Refused for methods "
-                              "with a training schedule (IST, DiffoRA, TriAdaptLoRA, SpIEL, LaMDA) and for "
+                              "with a training schedule (IST, DiffoRA, TriAdaptLoRA, SpIEL) and for "
                               "bitsandbytes bases; use it instead of `accelerate launch --use_fsdp` (refused)."),
     force: bool = typer.Option(False, "--force", help="With --resume: continue although an input (data, base, "
                                "tokenizer, a source adapter the config names) changed since the checkpoint."),

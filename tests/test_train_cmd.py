@@ -332,6 +332,8 @@ SPIEL = {"density": 0.05, "reselection_steps": 4, "selection_accumulation_steps"
     ("lt_sft", {"target_modules": "all-linear", "density": 0.05, "full_ft_steps": 2}, 6),
     ("s2ft", {"v_ratio": 0.5, "o_ratio": 0.5, "d_ratio": 0.25}, 6),
     ("hft", {}, 6),
+    # LaMDA: B's columns freeze one per step from step 2 on (its schedule reads the session's step count)
+    ("lamda", {"target_modules": ["q_proj", "v_proj"], "r": 4, "max_steps": 10, "eta": 0.1}, 6),
     # grafting's graft learned from a LoRA adapter (trained first, in the run's folder) and trained on
     ("grafting", {"target_modules": "all-linear", "density": 0.05, "epochs": 2, "finetuned_from": "ft.safetensors"}, 6),
 ])

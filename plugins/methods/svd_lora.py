@@ -269,11 +269,12 @@ class LaMDA(SvdMethod):
 
     def schedule(self, session: af.TrainSession, cfg: dict[str, Any]) -> None:
         """``gradual_freeze_B``: after step ``n``, columns ``[:t]`` of every B get no gradient,
-        ``t = min(r, floor(n / (eta * max_steps)))`` (one optimizer step per batch)."""
-        steps = [0]
+        ``t = min(r, floor(n / (eta * max_steps)))`` (one optimizer step per batch). ``n`` is the session's step
+        count, so the schedule needs no state of its own: a resumed run continues it, and it is no ``on_step``
+        schedule (checkpoints and ``--fsdp`` take it)."""
 
         def frozen_columns(grad: torch.Tensor) -> torch.Tensor:
-            t = lamda_frozen_columns(steps[0], cfg["max_steps"], grad.shape[1], cfg["eta"])
+            t = lamda_frozen_columns(session.steps, cfg["max_steps"], grad.shape[1], cfg["eta"])
             if t == 0:
                 return grad
             grad = grad.clone()
@@ -282,11 +283,6 @@ class LaMDA(SvdMethod):
 
         for layer in session.layers.values():
             layer.weights.lora_B.register_hook(frozen_columns)
-
-        def advance(optimizer: Any) -> None:
-            steps[0] += 1
-
-        session.on_step(advance)
 
 
 def lamda_frozen_columns(step: int, max_steps: int, rank: int, eta: float = 0.3) -> int:

@@ -50,6 +50,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -1399,6 +1400,11 @@ class _Writer:
                 raise af.UnsupportedError(f"module {m!r}: PEFT {ptype} sizes a convolution's rotation by kernel_size[0]"
                                           f"^2; the kernel {e['shape'][2]}x{e['shape'][3]} is not square")
             if ptype == "OFT":
+                if conv and e["shape"][2] > 1:  # as the reader notes it (_Reader.multiplicative)
+                    warnings.warn(af.AdapterNote(
+                        f"{m}: OFT on a {e['shape'][2]}x{e['shape'][3]} convolution is PEFT's merged function; "
+                        "PEFT 0.21's unmerged forward of it computes another one: merge it (merge_and_unload) "
+                        "after loading"), stacklevel=2)
                 vec = t["skew"]
                 b = af.registry.get_kind("cayley").triangle_side(vec.shape[1])
                 d = math.prod(e["shape"][1:])

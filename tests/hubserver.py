@@ -135,6 +135,8 @@ class FakeHub:
         self.threads: list[threading.Thread] = []
         self.tree_page: int | None = None
         """Entries per page of a tree listing (None: all in one page)."""
+        self.tree_loop = False
+        """A hostile listing: every page's ``Link: rel=next`` points back at the page itself."""
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.stopping = threading.Event()
@@ -543,6 +545,8 @@ class _Handler(BaseHTTPRequestHandler):
             raw = urlsplit(self.path)
             query = "&".join(kv for kv in raw.query.split("&") if kv and not kv.startswith("cursor="))
             headers["Link"] = f'<{self.hub.url}{raw.path}?{query}&cursor={cursor + size}>; rel="next"'
+        if self.hub.tree_loop:
+            headers["Link"] = f'<{self.hub.url}{self.path}>; rel="next"'
         self._send_json(200, items[cursor:cursor + size], headers)
 
     def _refs(self, repo_id: str) -> None:

@@ -165,6 +165,20 @@ def test_slow_drip_hits_the_deadline(hub_env: FakeHub, pushed, tmp_path: Path, m
     assert_recovers(hub_env, src, tmp_path)
 
 
+def test_a_listing_whose_pages_loop_is_refused(hub_env: FakeHub, pushed, tmp_path: Path) -> None:
+    """A server whose next-page link points back at a page it gave would keep a pull listing forever (no deadline
+    is set by default): the repeat is refused in one line."""
+    src, before = pushed
+    hub_env.tree_loop = True
+    r = run_cli("pull", "alice/x", "--out", str(tmp_path / "out"))
+    assert_one_line_error(r, "the server's file listing links back to a page it gave")
+    assert len(hub_env.requests("GET", "/api/models/alice/x/tree/")) <= 3  # the push's listing, then two pages
+    assert not (tmp_path / "out").exists()
+    assert_nothing_new_outside_store(tmp_path, before)
+    hub_env.tree_loop = False
+    assert_recovers(hub_env, src, tmp_path)
+
+
 @pytest.mark.parametrize("api", ["revision/*", "tree/*"])
 def test_stalled_api_answer_hits_the_deadline(hub_env: FakeHub, pushed, tmp_path: Path, api: str) -> None:
     src, before = pushed

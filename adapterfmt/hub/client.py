@@ -554,7 +554,11 @@ def _list_files(ref: HubRef, sha: str, tok: str | None, stop: threading.Event) -
     url: str | None = f"{hub_endpoint()}/api/models/{ref.repo_id}/tree/{quote(sha, safe='')}"
     params: dict[str, str] | None = {"recursive": "true", "expand": "false"}
     entries: list[Any] = []
+    asked: set[str] = set()
     while url is not None and not stop.is_set():
+        if url in asked:
+            raise HubError(f"{_what(ref, 'list')}: the server's file listing links back to a page it gave; refused")
+        asked.add(url)
         for attempt in range(1, _RETRIES + 1):  # a dropped connection is tried again, as the download does
             try:
                 r = get_session().get(url, headers=headers, params=params)

@@ -11,6 +11,7 @@ import platform
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -490,6 +491,12 @@ def test_resume_refuses_changed_inputs(tmp_path: Path) -> None:
     with pytest.warns(af.AdapterNote, match="base model .* changed .*continuing"):
         forced = resume(force=True)
     assert forced.resumed_from == 1 and forced.steps == 2
+    data.write_text(text + '{"text": "a cat"}\n')  # the data's tokens change with it: one note, for the data
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        resume(force=True)
+    notes = [str(w.message) for w in seen if issubclass(w.category, af.AdapterNote)]
+    assert sum("the data changed" in n for n in notes) == 1 and not any("tokenizer reads" in n for n in notes), notes
 
 
 def test_file_fields_resolve_relative_paths_and_keep_urls(tmp_path: Path) -> None:

@@ -805,14 +805,18 @@ class Run:
         for what, (path, sha) in current.items():
             self.inputs[what] = sha
             old = self.recorded_inputs.get(what)
-            if old is None or old == sha:
-                continue
+            if old is None or old == sha or (what == "tokenizer" and self._changed("data")):
+                continue  # the data's tokens differ because the data does: that was said
             message = (f"{INPUT_LABELS.get(what, 'the ' + what)} changed since the checkpoint (sha256 {sha[:12]}..., "
                        f"recorded {old[:12]}...)")
             if not self.opts.force:
                 raise FormatError(f"{message}; resume with the recorded inputs, or pass force=True (CLI: --force) "
                                   "to continue on these", path=path)
             warnings.warn(f"{path}: {message}; continuing (--force)", AdapterNote, stacklevel=3)
+
+    def _changed(self, what: str) -> bool:
+        old = self.recorded_inputs.get(what)
+        return old is not None and self.inputs.get(what) not in (None, old)
 
     def _check_schedule(self) -> None:
         if self.opts.checkpoint_every and self.session.has_schedule:

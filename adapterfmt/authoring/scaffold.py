@@ -254,7 +254,7 @@ def new_plugin(name: str, folder: str | os.PathLike[str] | None = None, *, kind:
         raise PluginError(f"a method named {name!r} is already installed; pick another name")
     folder = Path(folder) if folder is not None else Path(dist_name(name))
     if folder.exists():
-        raise OutputExistsError("exists; `plugin new` never writes over anything: choose another --dir", path=folder)
+        raise OutputExistsError("exists; `plugin new` never writes over anything: choose another --out", path=folder)
     with atomic_dir(folder) as tmp:
         for rel, text in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -179,6 +179,20 @@ def test_a_listing_whose_pages_loop_is_refused(hub_env: FakeHub, pushed, tmp_pat
     assert_recovers(hub_env, src, tmp_path)
 
 
+def test_a_listing_past_the_page_limit_is_refused(hub_env: FakeHub, pushed, tmp_path: Path, monkeypatch) -> None:
+    """New pages without end (each link new) stop at ``MAX_LISTING_PAGES`` (here 2; the repo lists 4 files a page
+    each)."""
+    src, before = pushed
+    hub_env.tree_page = 1
+    monkeypatch.setattr(hub, "MAX_LISTING_PAGES", 2)
+    with pytest.raises(af.HubError, match="the server's file listing runs past 2 pages"):
+        hub.pull("alice/x", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert_nothing_new_outside_store(tmp_path, before)
+    monkeypatch.setattr(hub, "MAX_LISTING_PAGES", 4)
+    assert_recovers(hub_env, src, tmp_path)
+
+
 @pytest.mark.parametrize("api", ["revision/*", "tree/*"])
 def test_stalled_api_answer_hits_the_deadline(hub_env: FakeHub, pushed, tmp_path: Path, api: str) -> None:
     src, before = pushed

@@ -538,6 +538,11 @@ def _tree(ref: HubRef, sha: str, action: str, tok: str | None, seconds: float) -
             raise HubError(f"{action} {ref.repo_id}: malformed file listing from the server ({type(e).__name__})") from None
 
 
+MAX_LISTING_PAGES = 10_000
+"""Pages of a tree listing followed at most (the Hub gives 1000 entries a page): a server that keeps linking to
+new pages ends there, deadline or not."""
+
+
 def _list_files(ref: HubRef, sha: str, tok: str | None, stop: threading.Event) -> list[Any]:
     """The recursive tree listing of commit ``sha``, page by page (the ``Link: rel=next`` header).
 
@@ -558,6 +563,9 @@ def _list_files(ref: HubRef, sha: str, tok: str | None, stop: threading.Event) -
     while url is not None and not stop.is_set():
         if url in asked:
             raise HubError(f"{_what(ref, 'list')}: the server's file listing links back to a page it gave; refused")
+        if len(asked) == MAX_LISTING_PAGES:
+            raise HubError(f"{_what(ref, 'list')}: the server's file listing runs past {MAX_LISTING_PAGES} pages; "
+                           "refused")
         asked.add(url)
         for attempt in range(1, _RETRIES + 1):  # a dropped connection is tried again, as the download does
             try:

@@ -165,6 +165,16 @@ def test_no_examples_score_nothing_and_batch_size_0_is_refused(tmp_path: Path):
         af.answer_uncertainty(model, examples, measure="pe", batch_size=0)
 
 
+def test_a_device_that_is_not_one_is_refused_in_one_line(tmp_path: Path):
+    pool = write_pool(tmp_path / "pool.jsonl", n=2)
+    with pytest.raises(af.AdapterError, match="device 'tpu' is not a torch device"):
+        af.acquire(pool, n=1, device="tpu", out=tmp_path / "out.jsonl")
+    if not torch.cuda.is_available():
+        with pytest.raises(af.AdapterError, match="device 'cuda': no CUDA device is available here"):
+            af.acquire(pool, n=1, device="cuda", out=tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.parametrize("lines, args, message", [
     (['{"prompt": "a"}'], ["--n", "1"], "line 1: a record needs string 'prompt' and 'completion' fields"),
     (['{"prompt": "a", "completion": "b"}', "{"], ["--n", "1"], "line 2: not JSON"),

@@ -202,7 +202,12 @@ def acquire(pool: PathLike, *, n: int, base: PathLike | None = None, adapter: Pa
     p = 0.0 if not dynamic or adapter is None else dropout if dropout is not None else float(
         ((adapter.manifest.get("method") or {}).get("config") or {}).get("dropout", 0.0))
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise AdapterError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AdapterError(f"device {device!r}: no CUDA device is available here")
     folder = Path(base) if base is not None else None
     model, _ = load_base(folder)
     model.to(dev).eval()

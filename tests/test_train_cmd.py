@@ -254,18 +254,23 @@ def _reduce_in(rank: int, tmp: Path) -> None:
     dist.destroy_process_group()
 
 
-def test_gradients_average_over_processes_like_ddp(tmp_path: Path) -> None:
-    """all_reduce_gradients averages each gradient over the processes, a missing one counting as zeros where
-    another process has it and staying missing where none has (as DDP), over buckets and dtypes."""
+def forked_pair(target: Any, tmp: Path) -> None:
+    """``target(rank, tmp)`` in two forked processes (no re-import: a fraction of a second); both must exit 0."""
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")  # no re-import: a fraction of a second
-    procs = [ctx.Process(target=_reduce_in, args=(rank, tmp_path)) for rank in range(2)]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=target, args=(rank, tmp)) for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+
+
+def test_gradients_average_over_processes_like_ddp(tmp_path: Path) -> None:
+    """all_reduce_gradients averages each gradient over the processes, a missing one counting as zeros where
+    another process has it and staying missing where none has (as DDP), over buckets and dtypes."""
+    forked_pair(_reduce_in, tmp_path)
     want = [torch.arange(3.0) * 1.5, (torch.arange(20.0) * 2 + 1) / 2, None, (torch.arange(7.0) + 3) / 2,
             torch.tensor([4.0, 5.5], dtype=torch.float64)]
     for rank in range(2):
@@ -295,15 +300,7 @@ def test_spiel_rigl_is_refused_in_several_processes(tmp_path: Path) -> None:
     """SpIEL's rigl regrows from candidates each process collects from its own dense gradient (not averaged), so
     two processes would each regrow other entries (measured: nearly every index differs from one process's run):
     refused in one line; sm3 regrows from the averaged gradients' optimizer state and equals one process."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_spiel_in, args=(rank, tmp_path)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    forked_pair(_spiel_in, tmp_path)
     for rank in range(2):
         said = json.loads((tmp_path / f"spiel-{rank}.json").read_text())
         assert said["sm3"] == "trained"

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from .common import (
+    CallbackBar,
     JsonOpt,
     OverwriteOpt,
     UsageError,
     cli_errors,
     console,
-    err_console,
     hidden_alias,
     out_option,
     print_json,
@@ -21,27 +20,14 @@ from .common import (
 )
 
 
-class _Bar:
+class _Bar(CallbackBar):
     """Forward passes done, on stderr (hidden with --quiet / --json or off a terminal)."""
 
     def __init__(self, quiet: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("score"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 console=err_console, transient=True, disable=quiet or not err_console.is_terminal)
-        self.task: Any = None
-
-    def __enter__(self) -> _Bar:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+        super().__init__("score", quiet)
 
     def __call__(self, done: int, total: int) -> None:
-        if self.task is None:
-            self.task = self.progress.add_task("score", total=total)
-        self.progress.update(self.task, completed=done)
+        self.update(done, total)
 
 
 @cli_errors

@@ -95,6 +95,29 @@ def progress(items: Iterable[T], description: str, total: int | None = None, *, 
             bar.advance(task)
 
 
+class CallbackBar:
+    """A progress bar on stderr driven by a callback (hidden when ``quiet`` or not a terminal): ``label``, a bar,
+    done / total, ``columns`` (rich columns reading ``task.fields``), time left. :meth:`update` sets the counts."""
+
+    def __init__(self, label: str, quiet: bool, *columns: Any) -> None:
+        self.progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), *columns, TimeRemainingColumn(),
+                                 console=err_console, transient=True, disable=quiet or not err_console.is_terminal)
+        self.task: Any = None
+
+    def __enter__(self) -> CallbackBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, completed: int, total: int, *, start: int = 0, **fields: Any) -> None:
+        """``completed`` of ``total`` done (a bar first shown at ``start``), with the columns' ``fields``."""
+        if self.task is None:
+            self.task = self.progress.add_task("", total=total, completed=start, **fields)
+        self.progress.update(self.task, completed=completed, **fields)
+
+
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the output if it exists.")
 

@@ -12,12 +12,12 @@ from typing import Any
 import typer
 
 from .common import (
+    CallbackBar,
     JsonOpt,
     OverwriteOpt,
     UsageError,
     cli_errors,
     console,
-    err_console,
     hidden_alias,
     out_option,
     print_json,
@@ -64,34 +64,21 @@ def _launch(ctx: typer.Context, processes: int, mixed_precision: str | None) -> 
     return subprocess.run(cmd, check=False).returncode
 
 
-class _Bar:
+class _Bar(CallbackBar):
     """The rich progress bar: steps, loss, tokens per second, time left; a line per eval loss (stderr)."""
 
     def __init__(self, quiet: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import TextColumn
 
-        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-                                 TimeRemainingColumn(), console=err_console, transient=True,
-                                 disable=quiet or not err_console.is_terminal)
-        self.task: Any = None
+        super().__init__("train", quiet, TextColumn("loss {task.fields[loss]}"),
+                         TextColumn("{task.fields[speed]} tok/s"))
         self.quiet = quiet
-
-    def __enter__(self) -> _Bar:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
 
     def __call__(self, report: Any) -> None:
         if report.eval_loss is not None and not self.quiet:
             self.progress.console.print(f"step {report.step}: eval loss {report.eval_loss:.4f}", highlight=False)
-        if self.task is None:
-            self.task = self.progress.add_task("train", total=report.max_steps, completed=report.step - 1,
-                                               loss="-", speed="-")
-        self.progress.update(self.task, completed=report.step, loss=f"{report.loss:.4f}",
-                             speed=f"{report.tokens / max(report.seconds, 1e-9):.0f}")
+        self.update(report.step, report.max_steps, start=report.step - 1, loss=f"{report.loss:.4f}",
+                    speed=f"{report.tokens / max(report.seconds, 1e-9):.0f}")
 
 
 @cli_errors
